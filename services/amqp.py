@@ -1,0 +1,151 @@
+"""Thin AMQP adapter shared by every service: connect, publish with confirms, consume strictly.
+
+Consumers never crash on bad input: a payload that fails to decode is rejected
+without requeue (so RabbitMQ dead-letters it through the queue's DLX) and, when the
+message names a ``reply_to``, the producer gets an error :class:`FinalAnswer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from services import messages as m
+from services.logs import get_logger
+from services.settings import Settings
+
+log = get_logger(__name__)
+
+CONTENT_TYPE = "application/msgpack"
+
+M = TypeVar("M", bound=m.Message)
+
+
+async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
+    """A robust connection (reconnects and re-declares by itself) with AMQP heartbeats."""
+    return await aio_pika.connect_robust(
+        settings.amqp_url,
+        heartbeat=settings.amqp_heartbeat_s,
+        client_properties={"connection_name": f"{name}:{settings.instance_id}"},
+    )
+
+
+def to_amqp(msg: m.Message, *, reply_to: str | None = None, user_id: str | None = None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=m.encode(msg),
+        content_type=CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=msg.request_id or None,
+        type=msg.TYPE,
+        reply_to=reply_to,
+        user_id=user_id,
+    )
+
+
+async def publish(
+    exchange: AbstractExchange,
+    msg: m.Message,
+    routing_key: str,
+    *,
+    reply_to: str | None = None,
+    mandatory: bool = False,
+) -> None:
+    """Publish and wait for the broker's confirm (channels are opened with confirms on)."""
+    await exchange.publish(
+        to_amqp(msg, reply_to=reply_to), routing_key=routing_key, mandatory=mandatory
+    )
+
+
+async def reply(channel: AbstractChannel, reply_to: str, msg: m.Message) -> None:
+    """Send a token or terminal message to a caller's own reply queue (default exchange).
+
+    Not mandatory: a caller whose reply queue is gone has left, and its answer is dropped.
+    """
+    if reply_to:
+        await channel.default_exchange.publish(to_amqp(msg), routing_key=reply_to)
+
+
+def error_answer(request_id: str, message: str, *, status: int = 400,
+                 type_: str = "invalid_request_error", code: str | None = None,
+                 seq: int = 0) -> m.FinalAnswer:
+    return m.FinalAnswer(
+        request_id=request_id,
+        seq=seq,
+        finish_reason="error",
+        error=m.ErrorInfo(message=message, type=type_, code=code, status=status),
+    )
+
+
+async def consume(
+    channel: AbstractChannel,
+    queue: AbstractQueue,
+    expected: type[M],
+    handler: Callable[[M, AbstractIncomingMessage], Awaitable[None]],
+    *,
+    service: str,
+    on_invalid: Callable[[], None] | None = None,
+) -> str:
+    """Consume ``queue`` with decoding and failure handling around ``handler``.
+
+    The handler acks (or rejects) the message itself once its work is durable. A
+    :class:`MessageError` dead-letters the message; any other exception requeues it, and
+    the queue's delivery limit stops a message that fails forever.
+    """
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        try:
+            msg = m.decode(message.body, expected)
+        except m.MessageError as exc:
+            log.warning("message_rejected", service=service, queue=queue.name, error=str(exc))
+            if on_invalid is not None:
+                on_invalid()
+            request_id = m.peek_request_id(message.body) or message.message_id or ""
+            if message.reply_to:
+                try:
+                    await reply(channel, message.reply_to,
+                                error_answer(request_id, f"invalid message: {exc}", code="invalid_message"))
+                except Exception as send_exc:  # the reject below must still happen
+                    log.warning("error_reply_failed", error=str(send_exc))
+            await message.reject(requeue=False)
+            return
+        try:
+            await handler(msg, message)
+        except asyncio.CancelledError:
+            if not message.processed:
+                await message.nack(requeue=True)
+            raise
+        except Exception:
+            log.exception("handler_failed", service=service, queue=queue.name,
+                          request_id=msg.request_id)
+            if not message.processed:
+                await message.nack(requeue=True)
+
+    return await queue.consume(on_message)
+
+
+async def run_until_signalled(
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+) -> None:
+    """Run a service: ``start`` it, wait for SIGTERM/SIGINT, then ``stop`` it gracefully."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await start()
+        await stopping.wait()
+        log.info("shutdown_requested")
+    finally:
+        await stop()

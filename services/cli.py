@@ -1,0 +1,191 @@
+"""The ``fairway`` command: run one service, the whole system, or the tools.
+
+Imports are lazy so ``fairway gateway`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+SERVICES = ("gateway", "scorer", "scheduler", "gpu-worker", "cpu-worker")
+
+
+def _settings():
+    from services.logs import configure
+    from services.settings import get_settings
+
+    settings = get_settings()
+    return settings, configure
+
+
+def run_service(name: str) -> int:
+    settings, configure = _settings()
+    configure(settings.log_level, settings.log_format, service=name)
+    if name == "gateway":
+        from services.gateway.app import serve
+
+        asyncio.run(serve(settings))
+    elif name == "scorer":
+        from services.scorer.service import main
+
+        asyncio.run(main(settings))
+    elif name == "scheduler":
+        from services.scheduler.service import main
+
+        asyncio.run(main(settings))
+    elif name == "cpu-worker":
+        from services.cpu_worker.service import main
+
+        asyncio.run(main(settings))
+    elif name == "gpu-worker":
+        from services.gpu_worker.service import main
+
+        asyncio.run(main(settings))
+    return 0
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or default_port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def ensure_infra(settings) -> list:
+    """Start Redis and RabbitMQ on loopback when nothing answers at the configured URLs."""
+    from services.localinfra import RabbitServer, RedisServer
+
+    started = []
+    base = Path(settings.cache_dir) / "infra"
+    if not _reachable(settings.redis_url, 6379):
+        port = urlparse(settings.redis_url).port or 6379
+        redis = RedisServer(workdir=base / "redis", port=port)
+        redis.start()
+        started.append(redis)
+        print(f"fairway: started redis-server on 127.0.0.1:{port}", file=sys.stderr)
+    if not _reachable(settings.amqp_url, 5672):
+        port = urlparse(settings.amqp_url).port or 5672
+        rabbit = RabbitServer(workdir=base / "rabbitmq", port=port)
+        rabbit.start()
+        started.append(rabbit)
+        print(f"fairway: started rabbitmq-server on 127.0.0.1:{port}", file=sys.stderr)
+    return started
+
+
+def up(args: argparse.Namespace) -> int:
+    """All services as local processes; Ctrl-C or SIGTERM stops them all gracefully."""
+    settings, configure = _settings()
+    configure(settings.log_level, settings.log_format, service="up")
+    infra = [] if args.no_infra else ensure_infra(settings)
+    env = dict(os.environ)
+    if args.engine:
+        env["FAIRWAY_ENGINE"] = args.engine
+    if not settings.api_keys and not settings.api_keys_file:
+        env["FAIRWAY_API_KEYS"] = "default:sk-fairway-dev"
+        print("fairway: no API keys configured; using tenant 'default' with key sk-fairway-dev",
+              file=sys.stderr)
+    # Build the default model once, before workers and scorer race to do it.
+    from services.models import resolve_model_path
+
+    resolve_model_path(settings.model_path, settings.cache_dir)
+    plan = ["scheduler", "scorer"] + ["cpu-worker"] * args.cpu_workers
+    plan += ["gpu-worker"] * args.gpu_workers + ["gateway"]
+    procs: list[subprocess.Popen] = []
+    for name in plan:
+        procs.append(subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env))
+    print(f"fairway: gateway on http://{settings.host}:{settings.port}", file=sys.stderr)
+
+    stop = {"now": False}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        while not stop["now"]:
+            for proc, name in zip(procs, plan):
+                if proc.poll() is not None:
+                    print(f"fairway: {name} exited with {proc.returncode}", file=sys.stderr)
+                    stop["now"] = True
+                    code = 1
+            time.sleep(0.5)
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for server in infra:
+            server.stop()
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fairway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="run every service as local processes")
+    p_up.add_argument("--cpu-workers", type=int, default=1)
+    p_up.add_argument("--gpu-workers", type=int, default=0)
+    p_up.add_argument("--engine", choices=["model", "echo"], default=None)
+    p_up.add_argument("--no-infra", action="store_true",
+                      help="do not start Redis/RabbitMQ when they are not reachable")
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service")
+
+    p_pred = sub.add_parser("predictor", help="train and evaluate the output-length predictor")
+    pred_sub = p_pred.add_subparsers(dest="predictor_command", required=True)
+    from services.scorer import evaluate
+
+    evaluate.add_arguments(pred_sub.add_parser("eval", help="evaluate on a test JSONL"))
+    evaluate.add_train_arguments(pred_sub.add_parser("train", help="train an artifact from JSONL"))
+
+    from services.scheduler import sim_cli
+
+    sim_cli.add_arguments(sub.add_parser("simulate", help="replay a trace through the policy"))
+
+    from services.engine import profile
+
+    profile.add_arguments(sub.add_parser("profile-engine", help="measure engine speed constants"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVICES:  # fast path: no tool imports for a service
+        return run_service(argv[0])
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        return up(args)
+    if args.command == "predictor":
+        from services.scorer import evaluate
+
+        return evaluate.run(args) if args.predictor_command == "eval" else evaluate.run_train(args)
+    if args.command == "simulate":
+        from services.scheduler import sim_cli
+
+        return sim_cli.run(args)
+    if args.command == "profile-engine":
+        from services.engine import profile
+
+        return profile.run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

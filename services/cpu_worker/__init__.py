@@ -1,0 +1,1 @@
+"""CPU worker: the shared engine on the CPU, for offloaded requests."""

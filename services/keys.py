@@ -1,0 +1,65 @@
+"""Every Redis key Fairway uses, in one place (as ``arq/constants.py`` does).
+
+Services and tests build keys only through these names and functions.
+"""
+
+from __future__ import annotations
+
+PREFIX = "fairway"
+
+# --- scheduler (source of truth for queues, fairness counters and in-flight work) ---
+SCHED_LEASE = f"{PREFIX}:sched:lease"
+"""Leader lease of the active scheduler replica (value: replica id, with TTL)."""
+SCHED_FENCE = f"{PREFIX}:sched:fence"
+"""Monotonic counter, bumped on every lease takeover; fences out stale leaders."""
+SCHED_QUEUED = f"{PREFIX}:sched:queued"
+"""Hash request_id -> msgpack ScoredRequest waiting to be dispatched."""
+SCHED_ARRIVAL = f"{PREFIX}:sched:arrival"
+"""Hash request_id -> arrival time (float seconds) used for aging."""
+SCHED_INFLIGHT = f"{PREFIX}:sched:inflight"
+"""Hash request_id -> msgpack in-flight record (pool, charge, dispatch time)."""
+SCHED_COUNTERS = f"{PREFIX}:sched:vtc"
+"""Hash tenant -> VTC virtual token counter (float)."""
+SCHED_SERVED = f"{PREFIX}:sched:served"
+"""Hash tenant -> tokens actually served (input + output), for fairness reports."""
+SCHED_POOL_RESERVED = f"{PREFIX}:sched:pool_reserved"
+"""Hash pool -> requests dispatched but not yet seen running by a worker heartbeat."""
+
+
+def sched_done(request_id: str) -> str:
+    """Marker that a request reached its terminal answer (idempotency on redelivery)."""
+    return f"{PREFIX}:sched:done:{request_id}"
+
+
+def sched_cancelled(request_id: str) -> str:
+    """Marker that a request was cancelled; workers and the scheduler check it."""
+    return f"{PREFIX}:sched:cancelled:{request_id}"
+
+
+DONE_TTL_S = 24 * 3600
+
+# --- workers ---
+WORKERS = f"{PREFIX}:workers"
+"""Hash worker_id -> msgpack WorkerHeartbeat (latest)."""
+WORKERS_SEEN = f"{PREFIX}:workers:seen"
+"""Sorted set worker_id -> last heartbeat unix time."""
+
+# --- scorer ---
+
+
+def predictor_state(model: str) -> str:
+    """Hash of the online length predictor's learned state for one served model."""
+    return f"{PREFIX}:predictor:{model}"
+
+
+# --- gateway ---
+
+
+def tenant_inflight(tenant: str) -> str:
+    """Counter of a tenant's accepted, unfinished requests (admission limit)."""
+    return f"{PREFIX}:tenant:{tenant}:inflight"
+
+
+def request_owner(request_id: str) -> str:
+    """Tenant that owns a request, so cancels from other tenants are refused."""
+    return f"{PREFIX}:req:{request_id}:owner"

@@ -1,0 +1,378 @@
+"""Wire messages: every type that crosses AMQP, typed and versioned in one place.
+
+Each message is a frozen-ish dataclass encoded as a msgpack map with two envelope
+fields: ``v`` (schema version) and ``t`` (type tag). Decoding is size-capped and
+strict: unknown types, wrong versions, missing or ill-typed fields raise
+:class:`MessageError`, which consumers turn into a dead-letter plus an error reply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
+
+import msgpack
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Hard cap on an encoded message; larger payloads are rejected before unpacking."""
+
+_MAX_CONTAINER_LEN = 1_000_000
+
+
+class MessageError(ValueError):
+    """A payload that is not a valid Fairway message (malformed, oversized, unknown)."""
+
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+RequestKind = Literal["completion", "chat"]
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to decode one request; mirrors the OpenAI fields plus vLLM's extensions."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass(slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class LengthScore:
+    """The scorer's view of a request: uncertainty and a predicted output-length distribution."""
+
+    uncertainty: float
+    p10: float
+    p50: float
+    p90: float
+    predictor: str = "heuristic"
+    features: list[float] = field(default_factory=list)
+
+
+@dataclass(slots=True, kw_only=True)
+class Message:
+    """Base class: subclasses set ``TYPE`` and are registered for decoding."""
+
+    TYPE: ClassVar[str] = ""
+    request_id: str
+
+
+@dataclass(slots=True, kw_only=True)
+class CompletionRequest(Message):
+    """A request as submitted by the gateway or an AMQP producer.
+
+    ``tenant`` is never trusted from a producer: the gateway sets it from the API key,
+    and for direct AMQP producers the scorer overwrites it from the broker-validated
+    ``user_id`` message property.
+    """
+
+    TYPE: ClassVar[str] = "completion_request"
+    tenant: str = ""
+    model: str
+    kind: RequestKind = "completion"
+    prompt: str = ""
+    messages: list[ChatMessage] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    created: float = 0.0
+    deadline: float | None = None
+    """Absolute unix time by which the request should finish (extension)."""
+    fail_if_late: bool = False
+    """Answer with an error instead of running once the deadline cannot be met."""
+    reply_to: str = ""
+
+    def prompt_text(self) -> str:
+        """The text a length predictor sees: the prompt, or the chat's user turns."""
+        if self.kind == "chat":
+            return "\n".join(msg.content for msg in self.messages if msg.role == "user")
+        return self.prompt
+
+
+@dataclass(slots=True, kw_only=True)
+class ScoredRequest(Message):
+    """A request after the scorer: tokenized and with a length prediction."""
+
+    TYPE: ClassVar[str] = "scored_request"
+    request: CompletionRequest
+    prompt_token_ids: list[int]
+    score: LengthScore
+
+
+@dataclass(slots=True, kw_only=True)
+class WorkItem(Message):
+    """A scheduled request, sent to a worker pool."""
+
+    TYPE: ClassVar[str] = "work_item"
+    scored: ScoredRequest
+    pool: str
+    dispatched_at: float
+    attempt: int = 1
+
+
+@dataclass(slots=True, kw_only=True)
+class TokenChunk(Message):
+    """Streamed output: ``seq`` counts chunks from 0 so receivers drop repeats and see gaps."""
+
+    TYPE: ClassVar[str] = "token_chunk"
+    seq: int
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(slots=True)
+class ErrorInfo:
+    """An OpenAI-style error body carried on AMQP."""
+
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    status: int = 400
+
+
+@dataclass(slots=True, kw_only=True)
+class FinalAnswer(Message):
+    """The one terminal answer of a request: done (stop/length), error or cancelled."""
+
+    TYPE: ClassVar[str] = "final_answer"
+    seq: int
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: ErrorInfo | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class CancelRequest(Message):
+    """Stop a request wherever it is (queued or running); only the owning tenant's counts."""
+
+    TYPE: ClassVar[str] = "cancel_request"
+    tenant: str
+    reason: str = "client_disconnected"
+
+
+@dataclass(slots=True, kw_only=True)
+class RequestProgress(Message):
+    """Worker event: ``new_tokens`` generated since the last report (charged by VTC)."""
+
+    TYPE: ClassVar[str] = "request_progress"
+    tenant: str
+    worker_id: str
+    new_tokens: int
+    total_tokens: int
+
+
+@dataclass(slots=True, kw_only=True)
+class RequestFinished(Message):
+    """Worker event: a request reached its terminal answer; carries the real output length."""
+
+    TYPE: ClassVar[str] = "request_finished"
+    tenant: str
+    worker_id: str
+    model: str
+    pool: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    output_tokens: int
+    score: LengthScore
+    prompt: str = ""
+    """The prompt text (truncated), so the scorer can learn from the real length."""
+    requeue: bool = False
+    """True when the worker handed the request back (preempted, shutting down)."""
+
+
+@dataclass(slots=True)
+class SpeedReport:
+    """Measured engine speed, for placement and for the simulator's latency model."""
+
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    decode_step_ms: float = 0.0
+
+
+@dataclass(slots=True, kw_only=True)
+class WorkerHeartbeat(Message):
+    """Worker event: alive, with free capacity and measured speed. ``request_id`` is unused."""
+
+    TYPE: ClassVar[str] = "worker_heartbeat"
+    request_id: str = ""
+    worker_id: str
+    pool: str
+    model: str
+    max_running: int
+    running: int
+    waiting: int
+    free_kv_tokens: int
+    total_kv_tokens: int
+    speed: SpeedReport = field(default_factory=SpeedReport)
+    sent_at: float = 0.0
+    running_ids: list[str] = field(default_factory=list)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        CompletionRequest,
+        ScoredRequest,
+        WorkItem,
+        TokenChunk,
+        FinalAnswer,
+        CancelRequest,
+        RequestProgress,
+        RequestFinished,
+        WorkerHeartbeat,
+    )
+}
+
+M = TypeVar("M", bound=Message)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    """Plain dict with the envelope fields, as it goes on the wire."""
+    body = _to_plain(msg)
+    body["v"] = SCHEMA_VERSION
+    body["t"] = msg.TYPE
+    return body
+
+
+def encode(msg: Message) -> bytes:
+    data = msgpack.packb(to_dict(msg), use_bin_type=True)
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return data
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    """Validate and convert a decoded value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _check(value, arm, where)
+            except MessageError as exc:
+                errors.append(str(exc))
+        raise MessageError(f"{where}: {errors[-1] if errors else 'no matching type'}")
+    if tp is type(None):
+        if value is not None:
+            raise MessageError(f"{where}: expected null")
+        return None
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise MessageError(f"{where}: {value!r} not one of {typing.get_args(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list) or len(value) > _MAX_CONTAINER_LEN:
+            raise MessageError(f"{where}: expected a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_check(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MessageError(f"{where}: expected a map")
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MessageError(f"{where}: expected a number")
+        value = float(value)
+        if math.isnan(value):
+            raise MessageError(f"{where}: NaN is not allowed")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MessageError(f"{where}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MessageError(f"{where}: expected a boolean")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise MessageError(f"{where}: expected a string")
+        return value
+    raise MessageError(f"{where}: unsupported type {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _check(data[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise MessageError(f"{where}: missing field {f.name!r}")
+    return cls(**kwargs)
+
+
+def decode(data: bytes, expected: type[M] | None = None) -> M:
+    """Decode and validate one message; raises :class:`MessageError` on anything wrong."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_buffer_size=MAX_MESSAGE_BYTES,
+            max_str_len=MAX_MESSAGE_BYTES,
+            max_bin_len=MAX_MESSAGE_BYTES,
+            max_array_len=_MAX_CONTAINER_LEN,
+            max_map_len=_MAX_CONTAINER_LEN,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MessageError(f"not valid msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise MessageError("message is not a map")
+    if body.get("v") != SCHEMA_VERSION:
+        raise MessageError(f"unsupported schema version {body.get('v')!r}")
+    cls = MESSAGE_TYPES.get(body.get("t"))  # type: ignore[arg-type]
+    if cls is None:
+        raise MessageError(f"unknown message type {body.get('t')!r}")
+    if expected is not None and not issubclass(cls, expected):
+        raise MessageError(f"expected {expected.TYPE}, got {cls.TYPE}")
+    try:
+        return _build(cls, body, cls.TYPE)  # type: ignore[return-value]
+    except TypeError as exc:
+        raise MessageError(str(exc)) from None
+
+
+def peek_request_id(data: bytes) -> str | None:
+    """Best-effort request id from a payload that failed to decode, for error replies."""
+    try:
+        body = msgpack.unpackb(data[:MAX_MESSAGE_BYTES], raw=False, max_buffer_size=MAX_MESSAGE_BYTES)
+    except Exception:
+        return None
+    if isinstance(body, dict) and isinstance(body.get("request_id"), str):
+        return body["request_id"][:200]
+    return None

@@ -1,0 +1,1 @@
+"""Scheduler: fair, uncertainty-aware queues in Redis and dispatch to worker pools."""

@@ -1,0 +1,362 @@
+"""Scheduler service: the I/O around :class:`SchedulerPolicy`.
+
+Story: connect to Redis and RabbitMQ, wait for the leader lease, rebuild the policy
+from Redis, then consume scored requests, worker events and cancels; each step asks
+the policy for decisions, writes the resulting transition to Redis in one fenced
+atomic step, and only then acks or publishes. On SIGTERM (or a lost lease) it stops
+consuming, so unacked messages return to their queues for the next leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractIncomingMessage
+
+from services import amqp, topology
+from services import messages as m
+from services.latency_model import LatencyModel
+from services.logs import get_logger
+from services.scheduler.policy import (
+    PolicyConfig,
+    PoolView,
+    QueuedRequest,
+    SchedulerPolicy,
+)
+from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerStore
+from services.settings import Settings
+
+log = get_logger(__name__)
+
+SCHEDULE_INTERVAL_S = 0.05
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """``"acme:2,globex:1"`` -> ``{"acme": 2.0, "globex": 1.0}``."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, weight = item.rpartition(":")
+        weights[name] = float(weight)
+    return weights
+
+
+def queued_view(scored: m.ScoredRequest, arrival: float) -> QueuedRequest:
+    """What the policy needs to know about a request."""
+    req = scored.request
+    return QueuedRequest(
+        request_id=scored.request_id,
+        tenant=req.tenant,
+        input_tokens=len(scored.prompt_token_ids),
+        max_tokens=req.sampling.max_tokens,
+        predicted_p50=scored.score.p50,
+        predicted_p90=scored.score.p90,
+        arrival=arrival,
+        deadline=req.deadline,
+        fail_if_late=req.fail_if_late,
+        uncertainty=scored.score.uncertainty,
+    )
+
+
+def kv_reservation(scored: m.ScoredRequest) -> int:
+    """KV tokens a dispatched request is expected to hold: prompt + predicted p90 output."""
+    return len(scored.prompt_token_ids) + int(min(scored.score.p90, scored.request.sampling.max_tokens))
+
+
+def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRecord]) -> list[PoolView]:
+    """Free capacity per pool: what live workers advertise minus what is dispatched to it."""
+    views = []
+    for pool in topology.POOLS:
+        members = [w for w in workers if w.pool == pool]
+        if not members:
+            continue
+        used = [r for r in inflight.values() if r.pool == pool]
+        slots = sum(w.max_running for w in members)
+        kv_total = sum(w.total_kv_tokens for w in members)
+        speeds = [w.speed for w in members if w.speed.decode_step_ms > 0]
+        latency = LatencyModel(max_batch=slots, kv_tokens=kv_total, name=pool)
+        if speeds:
+            step_ms = sum(s.decode_step_ms for s in speeds) / len(speeds)
+            prefill = [s.prefill_tokens_per_s for s in speeds if s.prefill_tokens_per_s > 0]
+            latency = LatencyModel(
+                prefill_ms_per_token=1000.0 / (sum(prefill) / len(prefill)) if prefill else 0.05,
+                decode_base_ms=step_ms / len(members),
+                decode_per_seq_ms=0.0,
+                max_batch=slots,
+                kv_tokens=kv_total,
+                name=pool,
+            )
+        views.append(PoolView(
+            name=pool,
+            free_slots=max(slots - len(used), 0),
+            free_kv_tokens=max(kv_total - sum(kv_reservation(r.scored) for r in used), 0),
+            running=len(used),
+            latency=latency,
+        ))
+    return views
+
+
+class SchedulerService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.config = PolicyConfig(
+            name=settings.policy,
+            w_in=settings.vtc_w_in,
+            w_out=settings.vtc_w_out,
+            tenant_weights=parse_weights(settings.tenant_weights),
+        )
+        self.stopping = asyncio.Event()
+        self.lost = asyncio.Event()
+        self.wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._runner: asyncio.Task | None = None
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.redis = aioredis.from_url(self.settings.redis_url)
+        self.store = SchedulerStore(self.redis, self.settings.instance_id, self.settings.lease_ttl_s)
+        self.connection = await amqp.connect(self.settings, "scheduler")
+        self._runner = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        self.lost.set()
+        if self._runner:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._runner, 10)
+        with contextlib.suppress(Exception):
+            await self.store.release()
+        await self.connection.close()
+        await self.redis.aclose()
+
+    async def _run(self) -> None:
+        """Stand by until this replica holds the lease, lead until it is lost, repeat."""
+        while not self.stopping.is_set():
+            try:
+                if await self.store.try_acquire():
+                    await self._lead()
+            except Exception:
+                log.exception("scheduler_cycle_failed")
+            if not self.stopping.is_set():
+                await asyncio.sleep(self.settings.lease_ttl_s / 3)
+
+    async def _lead(self) -> None:
+        log.info("leader_acquired", replica=self.settings.instance_id, fence=self.store.fence)
+        self.lost.clear()
+        state = await self.store.load()
+        self.policy = SchedulerPolicy(self.config)
+        self.queued = state.queued
+        self.inflight = state.inflight
+        self.policy.restore(
+            state.counters,
+            state.served,
+            [queued_view(s, state.arrival[rid]) for rid, s in state.queued.items()],
+            [queued_view(r.scored, r.dispatched_at) for r in state.inflight.values()],
+        )
+        self.channel = await self.connection.channel()
+        await self.channel.set_qos(prefetch_count=256)
+        topo = await topology.declare(self.channel)
+        self.work_exchange = topo.exchange(topology.WORK_EXCHANGE)
+        # Dispatches whose publish may not have happened before the last leader died.
+        await self._publish_unconfirmed()
+        tags = [
+            (topo.queues[topology.SCHEDULER_QUEUE], await amqp.consume(
+                self.channel, topo.queues[topology.SCHEDULER_QUEUE], m.ScoredRequest,
+                self.on_scored, service="scheduler")),
+            (topo.queues[topology.SCHEDULER_EVENTS_QUEUE], await amqp.consume(
+                self.channel, topo.queues[topology.SCHEDULER_EVENTS_QUEUE], m.Message,
+                self.on_event, service="scheduler")),
+        ]
+        control = await topology.declare_control_queue(self.channel)
+        tags.append((control, await amqp.consume(
+            self.channel, control, m.CancelRequest, self.on_cancel, service="scheduler")))
+        tasks = [asyncio.create_task(self._renew_loop()), asyncio.create_task(self._schedule_loop())]
+        try:
+            await self.lost.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for queue, tag in tags:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
+            with contextlib.suppress(Exception):
+                await self.channel.close()
+            log.info("leader_released", replica=self.settings.instance_id)
+
+    async def _renew_loop(self) -> None:
+        while not self.lost.is_set():
+            await asyncio.sleep(self.settings.lease_ttl_s / 3)
+            try:
+                if not await self.store.renew():
+                    log.warning("lease_lost", replica=self.settings.instance_id)
+                    self.lost.set()
+            except Exception as exc:
+                log.warning("lease_renew_failed", error=str(exc))
+
+    async def _apply(self, ops: Ops) -> None:
+        try:
+            await self.store.apply(ops)
+        except NotLeader:
+            self.lost.set()
+            raise
+
+    # --- inputs ----------------------------------------------------------------
+
+    async def on_scored(self, scored: m.ScoredRequest, message: AbstractIncomingMessage) -> None:
+        rid = scored.request_id
+        async with self._lock:
+            known = rid in self.queued or rid in self.inflight
+            if not known and not (await self.store.already_done([rid]))[0]:
+                arrival = time.time()
+                tenant = scored.request.tenant
+                self.policy.add(queued_view(scored, arrival), arrival)
+                self.queued[rid] = scored
+                ops = Ops()
+                ops.enqueue(scored, arrival)
+                ops.counters(self.policy.counters, self.policy.served, {tenant})
+                await self._apply(ops)
+        await message.ack()
+        self.wake.set()
+
+    async def on_event(self, event: m.Message, message: AbstractIncomingMessage) -> None:
+        async with self._lock:
+            if isinstance(event, m.RequestProgress):
+                await self._progress(event.request_id, event.tenant, event.total_tokens)
+            elif isinstance(event, m.RequestFinished):
+                await self._finished(event)
+        await message.ack()
+        self.wake.set()
+
+    async def _progress(self, rid: str, tenant: str, total_tokens: int, ops: Ops | None = None) -> None:
+        """Charge output tokens not charged yet: idempotent under redelivery."""
+        record = self.inflight.get(rid)
+        if record is None or total_tokens <= record.charged_output:
+            return
+        self.policy.on_progress(tenant, total_tokens - record.charged_output, time.time())
+        record.charged_output = total_tokens
+        own = ops is None
+        ops = ops or Ops()
+        ops.put_inflight(record)
+        ops.counters(self.policy.counters, self.policy.served, {tenant})
+        if own:
+            await self._apply(ops)
+
+    async def _finished(self, event: m.RequestFinished) -> None:
+        rid = event.request_id
+        record = self.inflight.get(rid)
+        if record is None:
+            return
+        now = time.time()
+        ops = Ops()
+        await self._progress(rid, event.tenant, event.output_tokens, ops)
+        self.inflight.pop(rid)
+        ops.drop_inflight(rid)
+        if event.requeue:
+            view = queued_view(record.scored, record.dispatched_at)
+            self.policy.requeue(view, now)
+            self.queued[rid] = record.scored
+            ops.enqueue(record.scored, record.dispatched_at)
+        else:
+            self.policy.on_finished(rid, event.tenant, event.output_tokens, now)
+            ops.mark_done(rid)
+        ops.counters(self.policy.counters, self.policy.served, {event.tenant})
+        await self._apply(ops)
+
+    async def on_cancel(self, cancel: m.CancelRequest, message: AbstractIncomingMessage) -> None:
+        rid = cancel.request_id
+        async with self._lock:
+            scored = self.queued.get(rid)
+            if scored is not None and scored.request.tenant == cancel.tenant:
+                self.policy.cancel(rid)
+                self.queued.pop(rid)
+                ops = Ops()
+                ops.unqueue(rid)
+                ops.mark_done(rid)
+                await self._apply(ops)
+                await amqp.reply(self.channel, scored.request.reply_to, m.FinalAnswer(
+                    request_id=rid, seq=0, finish_reason="cancelled",
+                    prompt_tokens=len(scored.prompt_token_ids)))
+            elif rid in self.inflight and self.inflight[rid].scored.request.tenant == cancel.tenant:
+                ops = Ops()
+                ops.mark_cancelled(rid)
+                await self._apply(ops)
+        await message.ack()
+
+    # --- dispatch --------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while not self.lost.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), SCHEDULE_INTERVAL_S)
+            self.wake.clear()
+            try:
+                await self.schedule_once()
+            except NotLeader:
+                return
+            except Exception:
+                log.exception("schedule_failed")
+                await asyncio.sleep(0.5)
+
+    async def schedule_once(self) -> int:
+        if not self.queued:
+            return 0
+        now = time.time()
+        workers = await self.store.live_workers(now, self.settings.worker_timeout_s)
+        async with self._lock:
+            result = self.policy.schedule(now, pool_views(workers, self.inflight))
+            if not result.dispatches and not result.expired:
+                return 0
+            ops = Ops()
+            records = []
+            tenants = set()
+            for d in result.dispatches:
+                scored = self.queued.pop(d.request_id)
+                record = InflightRecord(scored=scored, pool=d.pool, dispatched_at=now)
+                self.inflight[d.request_id] = record
+                records.append(record)
+                tenants.add(scored.request.tenant)
+                ops.unqueue(d.request_id)
+                ops.put_inflight(record)
+            expired = []
+            for e in result.expired:
+                scored = self.queued.pop(e.request_id)
+                expired.append((scored, e.reason))
+                tenants.add(scored.request.tenant)
+                ops.unqueue(e.request_id)
+                ops.mark_done(e.request_id)
+            ops.counters(self.policy.counters, self.policy.served, tenants)
+            await self._apply(ops)
+            await self._publish(records)
+        for scored, reason in expired:
+            await amqp.reply(self.channel, scored.request.reply_to, amqp.error_answer(
+                scored.request_id, f"deadline cannot be met: {reason}", status=504,
+                type_="timeout", code="deadline_exceeded"))
+        if records:
+            log.debug("dispatched", n=len(records), pools=[r.pool for r in records])
+        return len(records)
+
+    async def _publish(self, records: list[InflightRecord]) -> None:
+        """Publish work items, then record that they were confirmed by the broker."""
+        for record in records:
+            item = m.WorkItem(request_id=record.scored.request_id, scored=record.scored,
+                              pool=record.pool, dispatched_at=record.dispatched_at)
+            await amqp.publish(self.work_exchange, item, record.pool)
+            record.published = True
+        ops = Ops()
+        for record in records:
+            ops.put_inflight(record)
+        await self._apply(ops)
+
+    async def _publish_unconfirmed(self) -> None:
+        pending = [r for r in self.inflight.values() if not r.published]
+        if pending:
+            log.info("republishing_unconfirmed", n=len(pending))
+            await self._publish(pending)
+
+
+async def main(settings: Settings) -> None:
+    service = SchedulerService(settings)
+    await amqp.run_until_signalled(service.start, service.stop)

@@ -1,0 +1,214 @@
+"""Redis state of the scheduler: leader lease, fenced atomic writes, and state loading.
+
+Redis is the source of truth. One replica at a time holds the lease and runs the
+policy in memory; every state transition it makes is written by one Lua script that
+first checks the lease is still its own, so a replica that lost the lease (paused,
+partitioned) can never write, and two replicas never dispatch the same request. A
+restarted or standby replica rebuilds the policy from what this module loads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+import redis.asyncio as aioredis
+
+from services import keys
+from services import messages as m
+
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Applies a batch of writes only while the caller still holds the lease.
+_FENCED_APPLY = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER')
+end
+local ops = cmsgpack.unpack(ARGV[2])
+local allowed = {HSET=true, HDEL=true, SET=true, DEL=true}
+for _, op in ipairs(ops) do
+  if not allowed[op[1]] then
+    return redis.error_reply('BADOP ' .. tostring(op[1]))
+  end
+  redis.call(unpack(op))
+end
+return #ops
+"""
+
+
+class NotLeader(RuntimeError):
+    """The lease was lost: this replica must stop acting as the scheduler."""
+
+
+@dataclass(slots=True)
+class InflightRecord:
+    """A dispatched request: where it went and how much of its output is charged."""
+
+    scored: m.ScoredRequest
+    pool: str
+    dispatched_at: float
+    charged_output: int = 0
+    published: bool = False
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "scored": m.encode(self.scored),
+                "pool": self.pool,
+                "dispatched_at": self.dispatched_at,
+                "charged_output": self.charged_output,
+                "published": self.published,
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> InflightRecord:
+        body = msgpack.unpackb(data, raw=False)
+        return cls(
+            scored=m.decode(body["scored"], m.ScoredRequest),
+            pool=body["pool"],
+            dispatched_at=float(body["dispatched_at"]),
+            charged_output=int(body["charged_output"]),
+            published=bool(body["published"]),
+        )
+
+
+@dataclass
+class SchedulerState:
+    queued: dict[str, m.ScoredRequest] = field(default_factory=dict)
+    arrival: dict[str, float] = field(default_factory=dict)
+    inflight: dict[str, InflightRecord] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+    served: dict[str, float] = field(default_factory=dict)
+
+
+class Ops:
+    """A batch of Redis writes applied atomically by :meth:`SchedulerStore.apply`."""
+
+    def __init__(self) -> None:
+        self.ops: list[list[str | bytes | int | float]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def enqueue(self, scored: m.ScoredRequest, arrival: float) -> None:
+        self.ops.append(["HSET", keys.SCHED_QUEUED, scored.request_id, m.encode(scored)])
+        self.ops.append(["HSET", keys.SCHED_ARRIVAL, scored.request_id, repr(arrival)])
+
+    def unqueue(self, request_id: str) -> None:
+        self.ops.append(["HDEL", keys.SCHED_QUEUED, request_id])
+        self.ops.append(["HDEL", keys.SCHED_ARRIVAL, request_id])
+
+    def put_inflight(self, record: InflightRecord) -> None:
+        self.ops.append(["HSET", keys.SCHED_INFLIGHT, record.scored.request_id, record.to_bytes()])
+
+    def drop_inflight(self, request_id: str) -> None:
+        self.ops.append(["HDEL", keys.SCHED_INFLIGHT, request_id])
+
+    def mark_done(self, request_id: str) -> None:
+        self.ops.append(["SET", keys.sched_done(request_id), "1", "EX", str(keys.DONE_TTL_S)])
+
+    def mark_cancelled(self, request_id: str) -> None:
+        self.ops.append(["SET", keys.sched_cancelled(request_id), "1", "EX", str(keys.DONE_TTL_S)])
+
+    def counters(self, counters: dict[str, float], served: dict[str, float], tenants: set[str]) -> None:
+        for tenant in tenants:
+            self.ops.append(["HSET", keys.SCHED_COUNTERS, tenant, repr(counters.get(tenant, 0.0))])
+            self.ops.append(["HSET", keys.SCHED_SERVED, tenant, repr(served.get(tenant, 0.0))])
+
+
+class SchedulerStore:
+    def __init__(self, redis: aioredis.Redis, replica_id: str, lease_ttl_s: float) -> None:
+        self.redis = redis
+        self.replica_id = replica_id
+        self.lease_ms = int(lease_ttl_s * 1000)
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self._apply = redis.register_script(_FENCED_APPLY)
+        self.fence = 0
+
+    async def try_acquire(self) -> bool:
+        fence = int(await self._acquire(keys=[keys.SCHED_LEASE, keys.SCHED_FENCE],
+                                        args=[self.replica_id, self.lease_ms]))
+        if fence:
+            self.fence = fence
+        return bool(fence)
+
+    async def renew(self) -> bool:
+        return bool(await self._renew(keys=[keys.SCHED_LEASE], args=[self.replica_id, self.lease_ms]))
+
+    async def release(self) -> None:
+        await self._release(keys=[keys.SCHED_LEASE], args=[self.replica_id])
+
+    async def apply(self, ops: Ops) -> None:
+        if not ops:
+            return
+        try:
+            await self._apply(keys=[keys.SCHED_LEASE],
+                              args=[self.replica_id, msgpack.packb(ops.ops, use_bin_type=True)])
+        except aioredis.ResponseError as exc:
+            if "NOTLEADER" in str(exc):
+                raise NotLeader(self.replica_id) from None
+            raise
+
+    async def load(self) -> SchedulerState:
+        pipe = self.redis.pipeline(transaction=True)
+        for key in (keys.SCHED_QUEUED, keys.SCHED_ARRIVAL, keys.SCHED_INFLIGHT,
+                    keys.SCHED_COUNTERS, keys.SCHED_SERVED):
+            pipe.hgetall(key)
+        queued, arrival, inflight, counters, served = await pipe.execute()
+        state = SchedulerState()
+        for rid, blob in queued.items():
+            scored = m.decode(blob, m.ScoredRequest)
+            state.queued[scored.request_id] = scored
+            state.arrival[scored.request_id] = float(arrival.get(rid, time.time()))
+        for blob in inflight.values():
+            record = InflightRecord.from_bytes(blob)
+            state.inflight[record.scored.request_id] = record
+        state.counters = {k.decode(): float(v) for k, v in counters.items()}
+        state.served = {k.decode(): float(v) for k, v in served.items()}
+        return state
+
+    async def already_done(self, request_ids: list[str]) -> list[bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in request_ids:
+            pipe.exists(keys.sched_done(rid))
+        return [bool(x) for x in await pipe.execute()]
+
+    async def live_workers(self, now: float, timeout_s: float) -> list[m.WorkerHeartbeat]:
+        """Latest heartbeat of every worker seen within ``timeout_s``."""
+        ids = await self.redis.zrangebyscore(keys.WORKERS_SEEN, now - timeout_s, "+inf")
+        if not ids:
+            return []
+        blobs = await self.redis.hmget(keys.WORKERS, ids)
+        out = []
+        for blob in blobs:
+            if blob:
+                try:
+                    out.append(m.decode(blob, m.WorkerHeartbeat))
+                except m.MessageError:
+                    continue
+        return out

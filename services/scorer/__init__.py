@@ -1,0 +1,1 @@
+"""Scorer: tokenizes requests and attaches uncertainty and a predicted output length."""

@@ -1,0 +1,176 @@
+"""Scorer service: tokenize, score uncertainty, predict output length, forward to the scheduler.
+
+Story: connect to RabbitMQ and Redis, load the served model's tokenizer and the
+length predictor (its online state shared through Redis), consume submitted requests,
+publish scored ones, learn from the completion events that workers report, and stop
+cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aio_pika.abc import AbstractIncomingMessage
+import redis.asyncio as aioredis
+
+from services import amqp, topology
+from services import messages as m
+from services.logs import get_logger
+from services.models import load_tokenizer, resolve_model_path
+from services.scorer.online import OnlinePredictor
+from services.scorer.predictor import LengthPredictor
+from services.settings import Settings
+
+log = get_logger(__name__)
+
+FEEDBACK_PROMPT_CHARS = 4000
+REFRESH_INTERVAL_S = 5.0
+
+
+class RequestRejected(Exception):
+    """A request that cannot be served as given; becomes a 4xx error answer."""
+
+    def __init__(self, message: str, code: str = "invalid_request", status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def tokenize(tokenizer, request: m.CompletionRequest) -> list[int]:
+    if request.kind == "chat":
+        ids = tokenizer.apply_chat_template(
+            [{"role": msg.role, "content": msg.content} for msg in request.messages],
+            add_generation_prompt=True,
+            tokenize=True,
+        )
+        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer.encode(request.prompt, add_special_tokens=True))
+
+
+def resolve_tenant(request: m.CompletionRequest, user_id: str | None, trusted: set[str]) -> str:
+    """A tenant comes from authentication: the gateway's word, or the AMQP user itself."""
+    if user_id and user_id not in trusted:
+        return user_id
+    if user_id in trusted and request.tenant:
+        return request.tenant
+    raise RequestRejected(
+        "the publisher is not authenticated: set the AMQP user_id property", "unauthenticated", 401
+    )
+
+
+class Scorer:
+    """Pure scoring step: request in, scored request out (or :class:`RequestRejected`)."""
+
+    def __init__(self, tokenizer, predictor: OnlinePredictor, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.predictor = predictor
+        self.max_model_len = max_model_len
+
+    def score(self, request: m.CompletionRequest) -> m.ScoredRequest:
+        if request.kind == "chat" and not request.messages:
+            raise RequestRejected("messages must not be empty")
+        if request.kind == "completion" and not request.prompt:
+            raise RequestRejected("prompt must not be empty")
+        ids = tokenize(self.tokenizer, request)
+        max_tokens = request.sampling.max_tokens
+        if len(ids) + max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
+                f"{max_tokens} for the completion).",
+                "context_length_exceeded",
+            )
+        pred = self.predictor.predict(request.prompt_text(), input_tokens=len(ids))
+        clamp = lambda x: float(min(max(x, 1.0), max_tokens))  # noqa: E731
+        score = m.LengthScore(
+            uncertainty=float(pred.uncertainty),
+            p10=clamp(pred.p10),
+            p50=clamp(pred.p50),
+            p90=clamp(pred.p90),
+            predictor="fairway",
+            features=[float(x) for x in pred.features],
+        )
+        return m.ScoredRequest(
+            request_id=request.request_id, request=request, prompt_token_ids=ids, score=score
+        )
+
+
+class ScorerService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.trusted = {u for u in settings.trusted_amqp_users.split(",") if u}
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        s = self.settings
+        self.redis = aioredis.from_url(s.redis_url)
+        path = resolve_model_path(s.model_path, s.cache_dir)
+        tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        base = (
+            LengthPredictor.load(s.predictor_artifact) if s.predictor_artifact
+            else LengthPredictor.default()
+        )
+        online = OnlinePredictor(base, self.redis, s.model_name)
+        await online.start()
+        self.scorer = Scorer(tokenizer, online, s.max_model_len)
+
+        self.connection = await amqp.connect(s, "scorer")
+        self.channel = await self.connection.channel()
+        await self.channel.set_qos(prefetch_count=64)
+        topo = await topology.declare(self.channel)
+        self.scored_exchange = topo.exchange(topology.SCORED_EXCHANGE)
+        await amqp.consume(self.channel, topo.queues[topology.SCORER_QUEUE],
+                           m.CompletionRequest, self.on_request, service="scorer")
+        await amqp.consume(self.channel, topo.queues[topology.SCORER_FEEDBACK_QUEUE],
+                           m.RequestFinished, self.on_finished, service="scorer")
+        self._tasks.append(asyncio.create_task(self._refresh_loop()))
+        log.info("scorer_started", model=s.model_name, model_path=path)
+
+    async def on_request(self, request: m.CompletionRequest, message: AbstractIncomingMessage) -> None:
+        request.reply_to = message.reply_to or request.reply_to
+        try:
+            request.tenant = resolve_tenant(request, message.user_id, self.trusted)
+            if request.model != self.settings.model_name:
+                raise RequestRejected(f"The model `{request.model}` does not exist.",
+                                      "model_not_found", 404)
+            if not request.created:
+                request.created = time.time()
+            scored = self.scorer.score(request)
+        except RequestRejected as exc:
+            log.info("request_rejected", request_id=request.request_id, reason=str(exc))
+            await amqp.reply(self.channel, request.reply_to, amqp.error_answer(
+                request.request_id, str(exc), status=exc.status, code=exc.code))
+            await message.reject(requeue=False)
+            return
+        await amqp.publish(self.scored_exchange, scored, topology.SUBMIT_ROUTING_KEY)
+        await message.ack()
+
+    async def on_finished(self, event: m.RequestFinished, message: AbstractIncomingMessage) -> None:
+        if event.model == self.settings.model_name and not event.requeue and event.prompt \
+                and event.finish_reason in ("stop", "length"):
+            await self.scorer.predictor.observe(event.prompt, event.output_tokens)
+        await message.ack()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL_S)
+            try:
+                await self.scorer.predictor.refresh()
+            except Exception as exc:  # Redis blips must not kill the loop
+                log.warning("predictor_refresh_failed", error=str(exc))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if getattr(self, "connection", None):
+            await self.connection.close()
+        if getattr(self, "redis", None):
+            await self.redis.aclose()
+
+
+async def main(settings: Settings) -> None:
+    service = ScorerService(settings)
+    await amqp.run_until_signalled(service.start, service.stop)

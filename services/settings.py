@@ -1,0 +1,87 @@
+"""Typed settings, parsed once from ``FAIRWAY_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "fairway-tiny-llama"
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Every knob of every service. Each service reads the fields it needs."""
+
+    model_config = SettingsConfigDict(env_prefix="FAIRWAY_", extra="ignore")
+
+    # Infrastructure
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    amqp_heartbeat_s: int = 10
+    instance_id: str = Field(default_factory=_default_instance_id)
+
+    # Model
+    model_name: str = DEFAULT_MODEL_NAME
+    """Name clients send in the ``model`` field."""
+    model_path: str | None = None
+    """Local path or hub id; unset means the built-in tiny random-weight model."""
+    cache_dir: Path = Path(os.path.expanduser("~/.cache/fairway"))
+    max_model_len: int = 2048
+
+    # Logging
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    # Gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: str = ""
+    """Comma-separated ``tenant:key`` pairs (development); keys are hashed at load."""
+    api_keys_file: Path | None = None
+    """JSON file ``{"tenants": {"name": {"key_sha256": "...", "weight": 1.0}}}``."""
+    admin_key: str = ""
+    max_body_bytes: int = 1_000_000
+    max_queued_per_tenant: int = 256
+    request_timeout_s: float = 600.0
+    worker_alive_s: float = 10.0
+
+    # Scorer
+    predictor_artifact: Path | None = None
+    trusted_amqp_users: str = "guest,fairway-gateway"
+    """AMQP users allowed to set ``tenant`` on a request (the gateway's); for any other
+    publisher the tenant is the broker-validated ``user_id`` of the message."""
+
+    # Scheduler
+    policy: Literal["fcfs", "vtc", "rtlm", "fairway"] = "fairway"
+    vtc_w_in: float = 1.0
+    vtc_w_out: float = 2.0
+    lease_ttl_s: float = 3.0
+    worker_timeout_s: float = 6.0
+    tenant_weights: str = ""
+    """Comma-separated ``tenant:weight`` pairs for VTC."""
+
+    # Workers
+    pool: Literal["gpu", "cpu"] = "cpu"
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_running: int = 16
+    kv_tokens: int = 65536
+    heartbeat_interval_s: float = 1.0
+    engine: Literal["model", "echo"] = "model"
+    echo_tokens_per_s: float = 1000.0
+    threads: int = 0
+    """torch intra-op threads for CPU workers; 0 lets torch decide."""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,123 @@
+"""The AMQP topology: every exchange, queue, binding and queue argument, in one place.
+
+All queues that carry work are durable quorum queues with a dead-letter exchange and
+an explicit ``x-delivery-limit`` (RabbitMQ 3.10 sets none by default), so a poison
+message is dead-lettered after a bounded number of redeliveries instead of looping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+DELIVERY_LIMIT = 5
+
+# Exchanges
+REQUESTS_EXCHANGE = "fairway.requests"
+"""Direct exchange where the gateway and AMQP producers publish CompletionRequest."""
+SUBMIT_ROUTING_KEY = "submit"
+SCORED_EXCHANGE = "fairway.scored"
+"""Direct exchange: scorer -> scheduler (ScoredRequest)."""
+WORK_EXCHANGE = "fairway.work"
+"""Direct exchange: scheduler -> worker pools (WorkItem), routing key = pool name."""
+EVENTS_EXCHANGE = "fairway.events"
+"""Topic exchange: worker events (progress, finished)."""
+CONTROL_EXCHANGE = "fairway.control"
+"""Fanout exchange: CancelRequest to every worker and scheduler."""
+DEAD_LETTER_EXCHANGE = "fairway.dlx"
+
+# Routing keys on EVENTS_EXCHANGE (worker heartbeats go to Redis, not AMQP)
+PROGRESS_KEY = "request.progress"
+FINISHED_KEY = "request.finished"
+
+# Queues
+SCORER_QUEUE = "fairway.scorer"
+SCHEDULER_QUEUE = "fairway.scheduler"
+SCHEDULER_EVENTS_QUEUE = "fairway.scheduler.events"
+SCORER_FEEDBACK_QUEUE = "fairway.scorer.feedback"
+DEAD_LETTER_QUEUE = "fairway.dead-letter"
+
+POOLS = ("gpu", "cpu")
+
+
+def work_queue(pool: str) -> str:
+    """Shared queue of one worker pool; any live worker of the pool may take an item."""
+    return f"fairway.work.{pool}"
+
+
+def reply_queue(owner: str) -> str:
+    """Name of a gateway instance's exclusive reply queue."""
+    return f"fairway.replies.{owner}"
+
+
+def quorum_arguments() -> dict[str, object]:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+
+
+@dataclass
+class Topology:
+    """Declared exchanges and queues of one channel."""
+
+    exchanges: dict[str, AbstractExchange] = field(default_factory=dict)
+    queues: dict[str, AbstractQueue] = field(default_factory=dict)
+
+    def exchange(self, name: str) -> AbstractExchange:
+        return self.exchanges[name]
+
+
+async def declare(channel: AbstractChannel) -> Topology:
+    """Declare the whole shared topology (idempotent; every service calls it at start)."""
+    topo = Topology()
+    ex = topo.exchanges
+    ex[DEAD_LETTER_EXCHANGE] = await channel.declare_exchange(
+        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    ex[REQUESTS_EXCHANGE] = await channel.declare_exchange(
+        REQUESTS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    ex[SCORED_EXCHANGE] = await channel.declare_exchange(
+        SCORED_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    ex[WORK_EXCHANGE] = await channel.declare_exchange(
+        WORK_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    ex[EVENTS_EXCHANGE] = await channel.declare_exchange(
+        EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    ex[CONTROL_EXCHANGE] = await channel.declare_exchange(
+        CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+
+    q = topo.queues
+    q[DEAD_LETTER_QUEUE] = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await q[DEAD_LETTER_QUEUE].bind(ex[DEAD_LETTER_EXCHANGE])
+
+    bindings: list[tuple[str, str, list[str]]] = [
+        (SCORER_QUEUE, REQUESTS_EXCHANGE, [SUBMIT_ROUTING_KEY]),
+        (SCHEDULER_QUEUE, SCORED_EXCHANGE, [SUBMIT_ROUTING_KEY]),
+        (SCHEDULER_EVENTS_QUEUE, EVENTS_EXCHANGE, [PROGRESS_KEY, FINISHED_KEY]),
+        (SCORER_FEEDBACK_QUEUE, EVENTS_EXCHANGE, [FINISHED_KEY]),
+        *[(work_queue(pool), WORK_EXCHANGE, [pool]) for pool in POOLS],
+    ]
+    for queue_name, exchange_name, keys in bindings:
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=quorum_arguments())
+        for key in keys:
+            await queue.bind(ex[exchange_name], routing_key=key)
+        q[queue_name] = queue
+    return topo
+
+
+async def declare_control_queue(channel: AbstractChannel) -> AbstractQueue:
+    """An exclusive, auto-deleted queue of this process that receives every CancelRequest."""
+    exchange = await channel.get_exchange(CONTROL_EXCHANGE)
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange)
+    return queue

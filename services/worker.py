@@ -1,0 +1,315 @@
+"""Worker runtime shared by ``cpu_worker`` and ``gpu_worker``: AMQP around the engine.
+
+Story: load the engine, connect, take work items from the pool's queue (prefetch =
+engine slots, so the broker only hands over what the engine can run), feed them to
+the engine's step loop on its own thread, stream every token to the caller's
+``reply_to`` in order, report progress and completion, heartbeat capacity and speed
+into Redis, and on SIGTERM stop taking work, finish what runs within a grace period
+and hand the rest back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractIncomingMessage
+
+from services import amqp, keys, topology
+from services import messages as m
+from services.engine import EngineConfig, EngineError, EngineRequest, EngineStats, LLMEngine, RequestOutput
+from services.logs import get_logger
+from services.settings import Settings
+
+log = get_logger(__name__)
+
+PROGRESS_INTERVAL_S = 0.5
+SHUTDOWN_GRACE_S = 20.0
+FEEDBACK_PROMPT_CHARS = 4000
+
+
+class EngineThread(threading.Thread):
+    """Runs the engine's step loop; the engine is only ever touched from this thread."""
+
+    def __init__(self, engine: LLMEngine, on_outputs) -> None:
+        super().__init__(name="engine", daemon=True)
+        self.engine = engine
+        self.on_outputs = on_outputs
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.stats: EngineStats = engine.stats()
+        self.live: set[str] = set()
+        self._stop = threading.Event()
+
+    def add(self, request: EngineRequest) -> concurrent.futures.Future:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self.commands.put(("add", request, done))
+        return done
+
+    def abort(self, request_id: str) -> None:
+        self.commands.put(("abort", request_id, None))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.commands.put(("wake", None, None))
+
+    def _handle(self, command: tuple) -> None:
+        kind, arg, done = command
+        if kind == "add":
+            try:
+                self.engine.add_request(arg)
+                self.live.add(arg.request_id)
+                done.set_result(None)
+            except Exception as exc:  # EngineError and anything unexpected go back to the caller
+                done.set_exception(exc)
+        elif kind == "abort":
+            self.engine.abort_request(arg)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_unfinished_requests():
+                self._handle(self.commands.get())  # idle: sleep until a command arrives
+            while not self.commands.empty():
+                self._handle(self.commands.get_nowait())
+            if self.engine.has_unfinished_requests():
+                try:
+                    outputs = self.engine.step()
+                except Exception:
+                    log.exception("engine_step_failed")
+                    outputs = self._fail_all()
+                self.live.difference_update(o.request_id for o in outputs if o.finished)
+                if outputs:
+                    self.on_outputs(outputs)
+            self.stats = self.engine.stats()
+
+    def _fail_all(self) -> list[RequestOutput]:
+        """A broken step must not hang callers: end every live request with an error."""
+        outputs = []
+        for rid in self.live:
+            with contextlib.suppress(Exception):
+                self.engine.abort_request(rid)
+            outputs.append(RequestOutput(request_id=rid, new_token_ids=[], new_text="", finished=True,
+                                         finish_reason="error", num_prompt_tokens=0,
+                                         num_output_tokens=0, error="engine step failed"))
+        with contextlib.suppress(Exception):
+            self.engine.step()  # collect the aborts so the engine frees their blocks
+        return outputs
+
+
+@dataclass
+class Active:
+    """A request this worker is running."""
+
+    item: m.WorkItem
+    message: AbstractIncomingMessage
+    seq: int = 0
+    output_tokens: int = 0
+    reported_tokens: int = 0
+
+    @property
+    def request(self) -> m.CompletionRequest:
+        return self.item.scored.request
+
+
+class WorkerService:
+    def __init__(self, settings: Settings, pool: str, device: str) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.device = device
+        self.worker_id = f"{pool}-{settings.instance_id}"
+        self.active: dict[str, Active] = {}
+        self.outputs: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._consumer_tag: str | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        from services.models import resolve_model_path
+
+        path = resolve_model_path(s.model_path, s.cache_dir)
+        if s.threads and self.device == "cpu":
+            import torch
+
+            torch.set_num_threads(s.threads)
+        config = EngineConfig(max_num_seqs=s.max_running, kv_cache_tokens=s.kv_tokens,
+                              max_model_len=s.max_model_len)
+        engine = await asyncio.to_thread(LLMEngine.from_pretrained, path, self.device, s.dtype, config)
+        loop = asyncio.get_running_loop()
+        self.engine = EngineThread(engine, lambda outs: loop.call_soon_threadsafe(self.outputs.put_nowait, outs))
+        self.engine.start()
+
+        self.redis = aioredis.from_url(s.redis_url)
+        self.connection = await amqp.connect(s, self.worker_id)
+        self.channel = await self.connection.channel()
+        await self.channel.set_qos(prefetch_count=s.max_running)
+        topo = await topology.declare(self.channel)
+        self.events = topo.exchange(topology.EVENTS_EXCHANGE)
+        await self._heartbeat()
+        self.work_queue = topo.queues[topology.work_queue(self.pool)]
+        self._consumer_tag = await amqp.consume(self.channel, self.work_queue, m.WorkItem,
+                                                self.on_work, service=self.worker_id)
+        control = await topology.declare_control_queue(self.channel)
+        await amqp.consume(self.channel, control, m.CancelRequest, self.on_cancel, service=self.worker_id)
+        self._tasks = [
+            asyncio.create_task(self._output_loop()),
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._progress_loop()),
+        ]
+        log.info("worker_started", worker_id=self.worker_id, pool=self.pool, device=self.device,
+                 model=s.model_name, model_path=path)
+
+    # --- inputs ----------------------------------------------------------------
+
+    async def on_work(self, item: m.WorkItem, message: AbstractIncomingMessage) -> None:
+        rid = item.request_id
+        req = item.scored.request
+        if rid in self.active:  # a duplicate delivery while the first one runs
+            await message.ack()
+            return
+        if await self.redis.exists(keys.sched_cancelled(rid), keys.sched_done(rid)):
+            await self._finish_early(item, message, "cancelled")
+            return
+        active = Active(item=item, message=message)
+        self.active[rid] = active
+        engine_req = EngineRequest(request_id=rid, prompt_token_ids=item.scored.prompt_token_ids,
+                                   sampling=req.sampling)
+        try:
+            await asyncio.wrap_future(self.engine.add(engine_req))
+        except EngineError as exc:
+            self.active.pop(rid, None)
+            await self._finish_early(item, message, "error", str(exc))
+
+    async def _finish_early(self, item: m.WorkItem, message: AbstractIncomingMessage,
+                            reason: m.FinishReason, error: str | None = None) -> None:
+        active = Active(item=item, message=message)
+        output = RequestOutput(request_id=item.request_id, new_token_ids=[], new_text="", finished=True,
+                               finish_reason=reason, num_prompt_tokens=len(item.scored.prompt_token_ids),
+                               num_output_tokens=0, error=error)
+        await self._finish(active, output)
+
+    async def on_cancel(self, cancel: m.CancelRequest, message: AbstractIncomingMessage) -> None:
+        active = self.active.get(cancel.request_id)
+        if active is not None and active.request.tenant == cancel.tenant:
+            self.engine.abort(cancel.request_id)
+        await message.ack()
+
+    # --- outputs ---------------------------------------------------------------
+
+    async def _output_loop(self) -> None:
+        while True:
+            outputs = await self.outputs.get()
+            for out in outputs:
+                active = self.active.get(out.request_id)
+                if active is None:
+                    continue
+                try:
+                    await self._emit(active, out)
+                except Exception:
+                    log.exception("emit_failed", request_id=out.request_id)
+
+    async def _emit(self, active: Active, out: RequestOutput) -> None:
+        active.output_tokens = out.num_output_tokens
+        if out.new_token_ids or out.new_text:
+            await amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
+                request_id=out.request_id, seq=active.seq, text=out.new_text,
+                token_ids=list(out.new_token_ids)))
+            active.seq += 1
+        if out.finished:
+            await self._finish(active, out)
+
+    async def _finish(self, active: Active, out: RequestOutput) -> None:
+        """Terminal answer, completion event, then ack: in that order, so nothing is lost."""
+        rid = out.request_id
+        req = active.request
+        reason: m.FinishReason = out.finish_reason or "stop"  # type: ignore[assignment]
+        error = None
+        if reason == "error":
+            error = m.ErrorInfo(message=out.error or "generation failed", type="invalid_request_error",
+                                code="engine_error", status=400)
+        await amqp.reply(self.channel, req.reply_to, m.FinalAnswer(
+            request_id=rid, seq=active.seq, finish_reason=reason,
+            prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens, error=error))
+        await amqp.publish(self.events, m.RequestFinished(
+            request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
+            pool=self.pool, finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
+            output_tokens=out.num_output_tokens, score=active.item.scored.score,
+            prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS]), topology.FINISHED_KEY)
+        await active.message.ack()
+        self.active.pop(rid, None)
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            for active in list(self.active.values()):
+                if active.output_tokens > active.reported_tokens:
+                    new = active.output_tokens - active.reported_tokens
+                    active.reported_tokens = active.output_tokens
+                    with contextlib.suppress(Exception):
+                        await amqp.publish(self.events, m.RequestProgress(
+                            request_id=active.item.request_id, tenant=active.request.tenant,
+                            worker_id=self.worker_id, new_tokens=new,
+                            total_tokens=active.output_tokens), topology.PROGRESS_KEY)
+
+    # --- capacity --------------------------------------------------------------
+
+    def heartbeat(self) -> m.WorkerHeartbeat:
+        st = self.engine.stats
+        decode_tps = 1000.0 * max(st.num_running, 1) / st.decode_step_ms if st.decode_step_ms else 0.0
+        return m.WorkerHeartbeat(
+            worker_id=self.worker_id, pool=self.pool, model=self.settings.model_name,
+            max_running=st.max_num_seqs, running=st.num_running, waiting=st.num_waiting,
+            free_kv_tokens=st.num_free_kv_tokens, total_kv_tokens=st.num_total_kv_tokens,
+            speed=m.SpeedReport(prefill_tokens_per_s=st.prefill_tokens_per_s,
+                                decode_tokens_per_s=decode_tps, decode_step_ms=st.decode_step_ms),
+            sent_at=time.time(), running_ids=sorted(self.active),
+        )
+
+    async def _heartbeat(self) -> None:
+        beat = self.heartbeat()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.WORKERS, self.worker_id, m.encode(beat))
+        pipe.zadd(keys.WORKERS_SEEN, {self.worker_id: beat.sent_at})
+        await pipe.execute()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            try:
+                await self._heartbeat()
+            except Exception as exc:
+                log.warning("heartbeat_failed", error=str(exc))
+
+    # --- shutdown --------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self._consumer_tag:
+            with contextlib.suppress(Exception):
+                await self.work_queue.cancel(self._consumer_tag)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for rid, active in list(self.active.items()):
+            # Hand back: the broker redelivers to another worker of the pool, which
+            # regenerates with the same seed; the caller drops chunks it already has.
+            self.engine.abort(rid)
+            with contextlib.suppress(Exception):
+                await active.message.nack(requeue=True)
+        self.active.clear()
+        for task in self._tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.redis.zrem(keys.WORKERS_SEEN, self.worker_id)
+            await self.redis.hdel(keys.WORKERS, self.worker_id)
+        self.engine.stop()
+        await self.connection.close()
+        await self.redis.aclose()
+
+
+async def main(settings: Settings, pool: str, device: str) -> None:
+    service = WorkerService(settings, pool, device)
+    await amqp.run_until_signalled(service.start, service.stop)
