@@ -344,7 +344,6 @@ def decode(data: bytes, expected: type[M] | None = None) -> M:
             data,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=MAX_MESSAGE_BYTES,
             max_str_len=MAX_MESSAGE_BYTES,
             max_bin_len=MAX_MESSAGE_BYTES,
             max_array_len=_MAX_CONTAINER_LEN,
@@ -370,7 +369,7 @@ def decode(data: bytes, expected: type[M] | None = None) -> M:
 def peek_request_id(data: bytes) -> str | None:
     """Best-effort request id from a payload that failed to decode, for error replies."""
     try:
-        body = msgpack.unpackb(data[:MAX_MESSAGE_BYTES], raw=False, max_buffer_size=MAX_MESSAGE_BYTES)
+        body = msgpack.unpackb(data[:MAX_MESSAGE_BYTES], raw=False)
     except Exception:
         return None
     if isinstance(body, dict) and isinstance(body.get("request_id"), str):

@@ -47,10 +47,13 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 local ops = cmsgpack.unpack(ARGV[2])
 local allowed = {HSET=true, HDEL=true, SET=true, DEL=true}
+-- Redis does not roll back a failed script: check every op before the first write.
 for _, op in ipairs(ops) do
   if not allowed[op[1]] then
     return redis.error_reply('BADOP ' .. tostring(op[1]))
   end
+end
+for _, op in ipairs(ops) do
   redis.call(unpack(op))
 end
 return #ops
@@ -168,7 +171,8 @@ class SchedulerStore:
             return
         try:
             await self._apply(keys=[keys.SCHED_LEASE],
-                              args=[self.replica_id, msgpack.packb(ops.ops, use_bin_type=True)])
+                              # Redis' Lua cmsgpack predates the bin type: pack bytes as raw.
+                              args=[self.replica_id, msgpack.packb(ops.ops, use_bin_type=False)])
         except aioredis.ResponseError as exc:
             if "NOTLEADER" in str(exc):
                 raise NotLeader(self.replica_id) from None

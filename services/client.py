@@ -1,0 +1,58 @@
+"""A small AMQP client for programs that submit requests without the gateway.
+
+The tenant is the RabbitMQ user the client connects as: every request carries that
+user in the ``user_id`` property, which RabbitMQ verifies against the connection.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import unquote, urlparse
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+
+from services import amqp, topology
+from services import messages as m
+from services.replies import Reply, ReplyRouter
+
+
+class AmqpClient:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.user = unquote(urlparse(url).username or "guest")
+        self.router = ReplyRouter()
+
+    async def __aenter__(self) -> AmqpClient:
+        self.connection: AbstractRobustConnection = await aio_pika.connect_robust(self.url)
+        self.channel: AbstractChannel = await self.connection.channel()
+        self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)
+        self.reply_queue: AbstractQueue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        await self.reply_queue.consume(self.router.on_message, no_ack=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.connection.close()
+
+    def completion(self, model: str, prompt: str, **sampling: object) -> m.CompletionRequest:
+        params = m.SamplingParams(**sampling)  # type: ignore[arg-type]
+        if params.seed is None:
+            params.seed = random.getrandbits(31)
+        return m.CompletionRequest(request_id=f"amqp-{uuid.uuid4().hex}", model=model,
+                                   prompt=prompt, sampling=params, created=time.time())
+
+    async def submit(self, request: m.CompletionRequest) -> AsyncIterator[Reply]:
+        """Publish (with a broker confirm) and yield token chunks, then the final answer."""
+        stream = self.router.open(request.request_id)
+        try:
+            await self.exchange.publish(
+                amqp.to_amqp(request, reply_to=self.reply_queue.name, user_id=self.user),
+                routing_key=topology.SUBMIT_ROUTING_KEY,
+            )
+            async for reply in stream:
+                yield reply
+        finally:
+            self.router.close(request.request_id)

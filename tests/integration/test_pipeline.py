@@ -1,0 +1,222 @@
+"""End to end through real RabbitMQ, Redis, every service and the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aio_pika
+import httpx
+import msgpack
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from services import keys, topology
+from services import messages as m
+from services.client import AmqpClient
+from services.localinfra import rabbitmqctl
+from services.models import load_tokenizer, resolve_model_path
+from services.settings import DEFAULT_MODEL_NAME
+
+pytestmark = pytest.mark.integration
+
+MODEL = DEFAULT_MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def tokenizer(system):
+    return load_tokenizer(resolve_model_path(None, system.cache_dir))
+
+
+@pytest.fixture(scope="module")
+def client(system, acme_key):
+    return openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=acme_key, max_retries=0)
+
+
+def test_models_lists_the_served_model(client):
+    assert [model.id for model in client.models.list().data] == [MODEL]
+
+
+def test_completion_with_usage(client, tokenizer):
+    prompt = "The quick brown fox"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 12
+    assert out.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 12
+    assert isinstance(out.choices[0].text, str) and out.choices[0].text
+
+
+def test_completion_stream_with_include_usage(client, tokenizer):
+    prompt = "Streaming works"
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=10, stream=True, seed=7,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(usage) == 1 and usage[0].completion_tokens == 10
+    assert usage[0].prompt_tokens == len(tokenizer.encode(prompt))
+    # The same seed reproduces the same text without streaming.
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, seed=7,
+                                      extra_body={"ignore_eos": True})
+    assert again.choices[0].text == text
+
+
+def test_chat_counts_the_chat_template(client, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                         extra_body={"ignore_eos": True})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == 8
+    assert out.choices[0].message.role == "assistant"
+
+
+def test_chat_stream(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to three"}], max_tokens=6,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_two_tenants_and_bad_key(system, acme_key, globex_key):
+    for key in (acme_key, globex_key):
+        r = httpx.post(f"{system.gateway_url}/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                       json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+    bad = openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b'{"model": "fairway-tiny-llama", "prompt": "hi", "max_tokens": 0}', "application/json", 400),
+        (b'{"model": "fairway-tiny-llama", "prompt": "hi", "max_tokens": 100000}', "application/json", 400),
+        (b'{"model": "fairway-tiny-llama", "prompt": "hi", "temperature": NaN}', "application/json", 400),
+        (b'{"model": "fairway-tiny-llama", "prompt": "hi", ', "application/json", 400),
+        (b'{"model": "no-such-model", "prompt": "hi"}', "application/json", 404),
+        (b'model=fairway-tiny-llama&prompt=hi', "application/x-www-form-urlencoded", None),
+    ],
+)
+def test_bad_input_gets_openai_error(system, acme_key, body, content_type, status):
+    r = httpx.post(f"{system.gateway_url}/v1/completions", content=body, timeout=30,
+                   headers={"Authorization": f"Bearer {acme_key}", "Content-Type": content_type})
+    assert 400 <= r.status_code < 500
+    if status is not None:
+        assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+
+
+def test_prompt_longer_than_context_is_rejected_by_the_scorer(system, acme_key):
+    # The gateway cannot count tokens; the scorer does and answers with a 400.
+    r = httpx.post(f"{system.gateway_url}/v1/completions", timeout=60,
+                   headers={"Authorization": f"Bearer {acme_key}"},
+                   json={"model": MODEL, "prompt": "word " * 2000, "max_tokens": 16})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_system_keeps_serving_after_bad_input(client):
+    out = client.completions.create(model=MODEL, prompt="still here", max_tokens=3)
+    assert out.usage.completion_tokens >= 1
+
+
+async def _worker_running(redis_url: str) -> int:
+    client = aioredis.from_url(redis_url)
+    try:
+        beats = [m.decode(b, m.WorkerHeartbeat) for b in (await client.hgetall(keys.WORKERS)).values()]
+        return sum(b.running for b in beats)
+    finally:
+        await client.aclose()
+
+
+async def test_client_disconnect_frees_the_worker_slot(system, acme_key):
+    async with httpx.AsyncClient(timeout=60) as http:
+        async with http.stream("POST", f"{system.gateway_url}/v1/completions",
+                               headers={"Authorization": f"Bearer {acme_key}"},
+                               json={"model": MODEL, "prompt": "a long story", "max_tokens": 900,
+                                     "stream": True, "ignore_eos": True}) as response:
+            assert response.status_code == 200
+            lines = 0
+            async for line in response.aiter_lines():
+                lines += line.startswith("data:")
+                if lines >= 3:
+                    break
+        assert await _worker_running(system.redis_url) >= 1
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if await _worker_running(system.redis_url) == 0:
+            return
+        await asyncio.sleep(0.2)
+    pytest.fail("the worker still runs the request of a client that left")
+
+
+async def test_amqp_producer_round_trip_without_gateway(system, rabbit_server, tokenizer):
+    rabbitmqctl(rabbit_server, "add_user", "amqp-tenant", "secret")
+    rabbitmqctl(rabbit_server, "set_permissions", "-p", "/", "amqp-tenant", "^amq\\.gen.*",
+                "^(amq\\.gen.*|fairway\\.requests)$", "^amq\\.gen.*")
+    url = f"amqp://amqp-tenant:secret@127.0.0.1:{rabbit_server.port}/"
+    async with AmqpClient(url) as client:
+        request = client.completion(MODEL, "over the wire", max_tokens=5, ignore_eos=True)
+        replies = [r async for r in client.submit(request)]
+    chunks, final = replies[:-1], replies[-1]
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert isinstance(final, m.FinalAnswer) and final.finish_reason == "length"
+    assert final.completion_tokens == 5 == sum(len(c.token_ids) for c in chunks)
+    assert final.prompt_tokens == len(tokenizer.encode("over the wire"))
+    # The tenant is the authenticated AMQP user, so VTC charged that user.
+    redis = aioredis.from_url(system.redis_url)
+    try:
+        assert float(await redis.hget(keys.SCHED_SERVED, "amqp-tenant") or 0) > 0
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("payload", [
+    b"\xc1 not msgpack",
+    msgpack.packb({"v": 1, "t": "completion_request", "request_id": "x-1"}),  # missing fields
+    msgpack.packb({"v": 99, "t": "completion_request"}),
+    b"\x00" * (m.MAX_MESSAGE_BYTES + 1),
+])
+async def test_malformed_message_is_dead_lettered_with_an_error_reply(system, amqp_url, payload):
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        before = dead.declaration_result.message_count
+        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+        exchange = await channel.get_exchange(topology.REQUESTS_EXCHANGE)
+        await exchange.publish(aio_pika.Message(payload, reply_to=replies.name, message_id="x-1"),
+                               routing_key=topology.SUBMIT_ROUTING_KEY)
+        message = await _get_one(replies, timeout=15)
+        answer = m.decode(message.body, m.FinalAnswer)
+        assert answer.finish_reason == "error" and answer.error.status == 400
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+            if dead.declaration_result.message_count > before:
+                break
+            await asyncio.sleep(0.2)
+        assert dead.declaration_result.message_count > before
+    finally:
+        await connection.close()
+
+
+async def _get_one(queue, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is not None:
+            return message
+        await asyncio.sleep(0.1)
+    raise TimeoutError("no reply")

@@ -1,0 +1,91 @@
+"""Wire messages: round trips, strict validation, size caps, and a decoder fuzz."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services import messages as m
+
+
+def _request(**kw) -> m.CompletionRequest:
+    base = dict(request_id="r1", tenant="acme", model="tiny", kind="chat",
+                messages=[m.ChatMessage(role="user", content="héllo 👋")],
+                sampling=m.SamplingParams(max_tokens=5, temperature=0.5, stop=["\n"], seed=3))
+    base.update(kw)
+    return m.CompletionRequest(**base)
+
+
+def test_round_trip_preserves_every_field():
+    scored = m.ScoredRequest(request_id="r1", request=_request(), prompt_token_ids=[1, 2, 3],
+                             score=m.LengthScore(uncertainty=0.3, p10=2, p50=5, p90=9, features=[0.1]))
+    item = m.WorkItem(request_id="r1", scored=scored, pool="cpu", dispatched_at=12.5)
+    assert m.decode(m.encode(item)) == item
+    assert m.decode(m.encode(item), m.WorkItem) == item
+
+
+def test_envelope_carries_version_and_type():
+    body = msgpack.unpackb(m.encode(_request()))
+    assert body["v"] == m.SCHEMA_VERSION and body["t"] == "completion_request"
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda b: b.update(v=2), "version"),
+    (lambda b: b.update(t="nope"), "unknown message type"),
+    (lambda b: b.pop("model"), "missing field"),
+    (lambda b: b["sampling"].update(temperature=float("nan")), "NaN"),
+    (lambda b: b["sampling"].update(max_tokens="5"), "integer"),
+    (lambda b: b.update(kind="essay"), "not one of"),
+    (lambda b: b["messages"][0].update(role=3), "string"),
+])
+def test_invalid_fields_raise_message_error(mutate, match):
+    body = m.to_dict(_request())
+    mutate(body)
+    with pytest.raises(m.MessageError, match=match):
+        m.decode(msgpack.packb(body))
+
+
+def test_expected_type_is_enforced():
+    with pytest.raises(m.MessageError, match="expected"):
+        m.decode(m.encode(_request()), m.FinalAnswer)
+
+
+def test_oversized_payload_is_rejected_before_unpacking():
+    with pytest.raises(m.MessageError, match="exceeds"):
+        m.decode(b"\x00" * (m.MAX_MESSAGE_BYTES + 1))
+    huge = _request(prompt="x" * m.MAX_MESSAGE_BYTES, kind="completion", messages=[])
+    with pytest.raises(m.MessageError, match="exceeds"):
+        m.encode(huge)
+
+
+def test_peek_request_id_of_an_invalid_message():
+    assert m.peek_request_id(msgpack.packb({"request_id": "abc"})) == "abc"
+    assert m.peek_request_id(b"\xc1garbage") is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=512))
+def test_decoding_arbitrary_bytes_only_raises_message_error(data):
+    try:
+        m.decode(data)
+    except m.MessageError:
+        pass
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(m.MESSAGE_TYPES)), st.dictionaries(st.text(max_size=15), _json, max_size=8))
+def test_decoding_arbitrary_maps_only_raises_message_error(type_tag, body):
+    body.update(v=1, t=type_tag)
+    try:
+        m.decode(msgpack.packb(body))
+    except m.MessageError:
+        pass
