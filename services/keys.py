@@ -39,6 +39,14 @@ def sched_cancelled(request_id: str) -> str:
 DONE_TTL_S = 24 * 3600
 
 # --- workers ---
+
+
+def work_claim(request_id: str) -> str:
+    """Set (NX) by the worker that starts a request, so a second publish of the same
+    work item (a scheduler republishing after a crash) is dropped, not run twice."""
+    return f"{PREFIX}:req:{request_id}:claim"
+
+
 WORKERS = f"{PREFIX}:workers"
 """Hash worker_id -> msgpack WorkerHeartbeat (latest)."""
 WORKERS_SEEN = f"{PREFIX}:workers:seen"

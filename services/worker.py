@@ -171,8 +171,20 @@ class WorkerService:
         if rid in self.active:  # a duplicate delivery while the first one runs
             await message.ack()
             return
-        if await self.redis.exists(keys.sched_cancelled(rid), keys.sched_done(rid)):
+        cancelled, done = await self.redis.mget(keys.sched_cancelled(rid), keys.sched_done(rid))
+        if done:  # already answered; a late copy must not produce a second answer
+            await message.ack()
+            return
+        if cancelled:
             await self._finish_early(item, message, "cancelled")
+            return
+        claimed = await self.redis.set(keys.work_claim(rid), self.worker_id, nx=True,
+                                       ex=keys.DONE_TTL_S)
+        if not claimed and not message.redelivered:
+            # A republished copy while the original runs (or ran) elsewhere. A broker
+            # redelivery (the first worker died) is the one case that must run again.
+            log.info("duplicate_work_dropped", request_id=rid)
+            await message.ack()
             return
         active = Active(item=item, message=message)
         self.active[rid] = active

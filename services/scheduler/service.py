@@ -235,7 +235,7 @@ class SchedulerService:
         record = self.inflight.get(rid)
         if record is None or total_tokens <= record.charged_output:
             return
-        self.policy.on_progress(tenant, total_tokens - record.charged_output, time.time())
+        self.policy.on_progress(tenant, total_tokens - record.charged_output, time.time(), request_id=rid)
         record.charged_output = total_tokens
         own = ops is None
         ops = ops or Ops()
