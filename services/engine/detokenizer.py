@@ -1,0 +1,104 @@
+"""Incremental detokenization and stop-string handling for streamed output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+REPLACEMENT_CHAR = "\ufffd"
+_PROMPT_CONTEXT_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    """Turns output tokens into text deltas with the prefix-offset method (vLLM, TGI).
+
+    Decoding a short window that starts a few tokens back gives the tokenizer its
+    context (leading spaces, merges), and text ending in U+FFFD is held back because
+    the token so far ends in the middle of a UTF-8 character.
+    """
+
+    def __init__(
+        self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True
+    ):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self.read_offset = len(self.ids)
+        self.prefix_offset = max(self.read_offset - (_PROMPT_CONTEXT_TOKENS - 1), 0)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the text it completes (possibly empty)."""
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
+            return ""
+        delta = new_text[len(prefix_text) :]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        if self.prefix_offset > 64:  # keep the window short
+            drop = self.prefix_offset
+            self.ids = self.ids[drop:]
+            self.prefix_offset -= drop
+            self.read_offset -= drop
+        return delta
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the very end), at finish."""
+        if self.read_offset == len(self.ids):
+            return ""
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+
+
+class StopStringBuffer:
+    """Accumulates output text, cuts it at the first stop string, and holds back a tail
+    that could still become a stop string so that none of it is ever streamed."""
+
+    def __init__(self, stop: list[str]):
+        self.stop = [s for s in stop if s]
+        self.max_stop_len = max((len(s) for s in self.stop), default=0)
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def append(self, delta: str) -> tuple[str, bool]:
+        """Add decoded text; return (text safe to stream now, whether a stop string matched)."""
+        if self.stopped:
+            return "", True
+        previous = len(self.text)
+        self.text += delta
+        if not self.stop:
+            return self._emit(len(self.text)), False
+        start = max(previous - self.max_stop_len + 1, 0)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return self._emit(len(self.text)), True
+        return self._emit(len(self.text) - self._held_back()), False
+
+    def flush(self) -> str:
+        """Everything not yet streamed (at a finish that is not a stop string)."""
+        return self._emit(len(self.text))
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        for n in range(min(self.max_stop_len - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def _emit(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out

@@ -1,0 +1,352 @@
+"""LLMEngine: continuous batching over a transformers causal LM with a paged KV cache.
+
+One ``step()`` = schedule (pure) -> one forward over the flattened ragged batch ->
+sample -> detokenize and check stops -> outputs. The model runs unchanged; only its
+attention is swapped for the paged hook in :mod:`services.engine.attention`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from services.engine.attention import (
+    PagedAttentionFn,
+    PagedAttentionMetadata,
+    forward_context,
+    paged_attention_reference,
+    use_paged_attention,
+)
+from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
+from services.engine.interface import (
+    EngineConfig,
+    EngineError,
+    EngineRequest,
+    EngineStats,
+    RequestOutput,
+)
+from services.engine.kv_cache import BlockAllocator, KVCacheSpec, allocate_kv_cache
+from services.engine.sampling import make_generator, sample_tokens, validate_sampling
+from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput, Sequence
+from services.logs import get_logger
+from services.messages import SamplingParams
+
+log = get_logger(__name__)
+
+EWMA_ALPHA = 0.2
+
+
+@dataclass
+class _RequestState:
+    seq: Sequence
+    sampling: SamplingParams
+    stop_token_ids: frozenset[int]
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
+    text: StopStringBuffer
+
+
+def _ewma(old: float, sample: float) -> float:
+    return sample if old == 0.0 else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * sample
+
+
+def _as_id_set(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+class LLMEngine:
+    """Continuous-batching engine. All methods are called from one thread."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: EngineConfig,
+        device: str,
+        attention_fn: PagedAttentionFn = paged_attention_reference,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.config = config
+        model_config = model.config
+        text_config = (
+            model_config.get_text_config()
+            if hasattr(model_config, "get_text_config")
+            else model_config
+        )
+        max_positions = getattr(text_config, "max_position_embeddings", None)
+        self.max_model_len = min(config.max_model_len, max_positions or config.max_model_len)
+        self.vocab_size = int(text_config.vocab_size)
+
+        use_paged_attention(model)
+        self.attention_fn = attention_fn
+        self.dtype = next(model.parameters()).dtype
+        spec = KVCacheSpec.from_model_config(model_config)
+        self.allocator = BlockAllocator(config.num_blocks, config.block_size)
+        self.kv_caches = allocate_kv_cache(
+            spec, config.num_blocks, config.block_size, self.dtype, self.device
+        )
+        self.scheduler = Scheduler(
+            config.max_num_seqs, config.max_num_batched_tokens, self.allocator
+        )
+
+        eos = _as_id_set(getattr(model_config, "eos_token_id", None))
+        eos |= _as_id_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+        eos |= _as_id_set(getattr(tokenizer, "eos_token_id", None))
+        self.eos_token_ids = frozenset(eos)
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+        self._requests: dict[str, _RequestState] = {}
+        self._pending: list[RequestOutput] = []
+        self._prefill_tokens_per_s = 0.0
+        self._decode_step_ms = 0.0
+        log.info(
+            "engine_ready",
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            kv_blocks=config.num_blocks,
+            block_size=config.block_size,
+            kv_cache_mib=round(
+                spec.bytes_per_token(self.dtype) * config.num_blocks * config.block_size / 2**20, 1
+            ),
+            max_model_len=self.max_model_len,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, device: str = "cpu", dtype: str = "auto", config: EngineConfig | None = None
+    ) -> LLMEngine:
+        from services.models import load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, device, dtype)
+        return cls(model, tokenizer, config or EngineConfig(), device)
+
+    # ---- requests -------------------------------------------------------------------
+
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request; raises EngineError when it can never be served."""
+        prompt = list(req.prompt_token_ids)
+        params = req.sampling
+        if req.request_id in self._requests:
+            raise EngineError(f"request id {req.request_id!r} is already in the engine")
+        if not prompt:
+            raise EngineError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size})")
+        problem = validate_sampling(params)
+        if problem:
+            raise EngineError(problem)
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise EngineError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the maximum context length of {self.max_model_len} tokens"
+            )
+        pool = self.allocator.num_blocks * self.allocator.block_size
+        if total > pool:
+            raise EngineError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the KV cache of this worker ({pool} tokens)"
+            )
+        seq = Sequence(
+            request_id=req.request_id,
+            token_ids=prompt,
+            num_prompt_tokens=len(prompt),
+            max_tokens=params.max_tokens,
+            priority=req.priority,
+        )
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        self._requests[req.request_id] = _RequestState(
+            seq=seq,
+            sampling=params,
+            stop_token_ids=frozenset(stop_ids),
+            generator=make_generator(params.seed, self.device),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt),
+            text=StopStringBuffer(params.stop),
+        )
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel a request: blocks are freed now, its final output comes with the next step."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return
+        self.scheduler.finish(state.seq)
+        self._pending.append(self._final(state, [], "", "cancelled"))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests or self._pending)
+
+    def stats(self) -> EngineStats:
+        bs = self.allocator.block_size
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_kv_tokens=self.allocator.num_free_blocks * bs,
+            num_total_kv_tokens=self.allocator.num_blocks * bs,
+            max_num_seqs=self.config.max_num_seqs,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefill_tokens_per_s=self._prefill_tokens_per_s,
+            decode_step_ms=self._decode_step_ms,
+        )
+
+    # ---- the step -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: an output for every request that produced tokens or finished."""
+        outputs, self._pending = self._pending, []
+        if not self.scheduler.has_unfinished():
+            return outputs
+        sched = self.scheduler.schedule()
+        if sched.preempted:
+            log.debug("preempted", request_ids=sched.preempted)
+        if sched.is_empty:
+            return outputs
+        decode_tokens = sum(
+            1
+            for item in sched.scheduled
+            if item.num_new_tokens == 1 and item.seq.num_computed_tokens == item.seq.num_tokens - 1
+        )
+        start = time.perf_counter()
+        try:
+            samplers = [item for item in sched.scheduled if item.samples]
+            tokens = self._execute(sched, samplers)
+        except Exception as exc:  # a failed forward must not take the worker down
+            log.exception("engine_step_failed", num_seqs=len(sched.scheduled))
+            for item in sched.scheduled:
+                state = self._requests.pop(item.seq.request_id)
+                self.scheduler.finish(state.seq)
+                outputs.append(
+                    self._final(state, [], "", "error", error=f"{type(exc).__name__}: {exc}")
+                )
+            return outputs
+        self.scheduler.commit(sched)
+        for item, token in zip(samplers, tokens, strict=True):
+            output = self._append_token(self._requests[item.seq.request_id], token)
+            outputs.append(output)
+        self._record_timing(
+            sched.num_batched_tokens - decode_tokens, decode_tokens, time.perf_counter() - start
+        )
+        return outputs
+
+    def _execute(self, sched: SchedulerOutput, samplers: list[ScheduledSeq]) -> list[int]:
+        """Run the model over the scheduled tokens and sample for requests at their end."""
+        bs = self.allocator.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        starts = [0]
+        logit_rows: list[int] = []
+        max_blocks = max(len(item.seq.block_ids) for item in sched.scheduled)
+        tables = torch.zeros((len(sched.scheduled), max_blocks), dtype=torch.int32)
+        for i, item in enumerate(sched.scheduled):
+            seq, n = item.seq, item.num_new_tokens
+            c = seq.num_computed_tokens
+            blocks = seq.block_ids
+            input_ids.extend(seq.token_ids[c : c + n])
+            positions.extend(range(c, c + n))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(c, c + n))
+            seq_lens.append(c + n)
+            starts.append(starts[-1] + n)
+            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            if item.samples:
+                logit_rows.append(starts[-1] - 1)
+
+        dev = self.device
+        meta = PagedAttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            block_tables=tables.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True),
+            kv_caches=self.kv_caches,
+            attention_fn=self.attention_fn,
+        )
+        ids = torch.tensor([input_ids], dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor([positions], dtype=torch.long).to(dev, non_blocking=True)
+        rows = torch.tensor(logit_rows, dtype=torch.long).to(dev, non_blocking=True)
+        kwargs: dict[str, Any] = {"input_ids": ids, "position_ids": pos, "use_cache": False}
+        if self._takes_logits_to_keep:
+            # No request samples during a pure prefill chunk: keep one row, not all.
+            kwargs["logits_to_keep"] = rows if logit_rows else 1
+        with torch.inference_mode(), forward_context(meta):
+            logits = self.model(**kwargs).logits[0]
+            if not samplers:
+                return []
+            if logits.shape[0] != len(logit_rows):
+                logits = logits[rows]
+            states = [self._requests[item.seq.request_id] for item in samplers]
+            return sample_tokens(
+                logits, [s.sampling for s in states], [s.generator for s in states]
+            )
+
+    def _append_token(self, state: _RequestState, token: int) -> RequestOutput:
+        seq = state.seq
+        seq.token_ids.append(token)
+        reason: str | None = None
+        text = ""
+        if token in state.stop_token_ids:
+            reason = "stop"  # the stop token itself is not detokenized
+        else:
+            text, hit = state.text.append(state.detokenizer.add(token))
+            if hit:
+                reason = "stop"
+        if reason is None and seq.num_output_tokens >= seq.max_tokens:
+            reason = "length"
+        if reason is None:
+            return RequestOutput(
+                seq.request_id,
+                [token],
+                text,
+                False,
+                None,
+                seq.num_prompt_tokens,
+                seq.num_output_tokens,
+            )
+        if not state.text.stopped:
+            text += state.text.append(state.detokenizer.flush())[0]
+            text += state.text.flush()
+        del self._requests[seq.request_id]
+        self.scheduler.finish(seq)
+        return self._final(state, [token], text, reason)
+
+    @staticmethod
+    def _final(
+        state: _RequestState, tokens: list[int], text: str, reason: str, error: str | None = None
+    ) -> RequestOutput:
+        seq = state.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=tokens,
+            new_text=text,
+            finished=True,
+            finish_reason=reason,  # type: ignore[arg-type]
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            error=error,
+        )
+
+    def _record_timing(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
+        """Update the EWMAs. In a mixed step the decode share is taken off using the
+        decode-step estimate, so prefill speed is not understated by riding decodes."""
+        if prefill_tokens > 0:
+            prefill_s = seconds
+            if decode_tokens and self._decode_step_ms:
+                prefill_s = max(seconds - self._decode_step_ms / 1000.0, 0.1 * seconds)
+            self._prefill_tokens_per_s = _ewma(
+                self._prefill_tokens_per_s, prefill_tokens / prefill_s
+            )
+        else:
+            self._decode_step_ms = _ewma(self._decode_step_ms, seconds * 1000.0)

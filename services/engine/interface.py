@@ -1,0 +1,78 @@
+"""Engine API types: configuration, requests in, outputs and stats out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.messages import FinishReason, SamplingParams
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take (too long, empty, duplicate id, bad sampling)."""
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16
+    """Most requests running (holding KV blocks) at once."""
+    kv_cache_tokens: int = 65536
+    """Size of the paged KV pool in tokens (rounded down to whole blocks)."""
+    block_size: int = 16
+    max_num_batched_tokens: int = 512
+    """Per-step token budget: one per decoding request plus prefill chunks."""
+    max_model_len: int = 2048
+    """Longest prompt + output a request may have."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_num_seqs",
+            "kv_cache_tokens",
+            "block_size",
+            "max_num_batched_tokens",
+            "max_model_len",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EngineConfig.{name} must be positive")
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError("EngineConfig.kv_cache_tokens must hold at least one block")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache_tokens // self.block_size
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    priority: float = 0.0
+    """Lower is more important; preemption picks the highest value, ties the latest arrival."""
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: new tokens and text, and whether it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_kv_tokens: int
+    num_total_kv_tokens: int
+    max_num_seqs: int
+    num_preemptions: int
+    prefill_tokens_per_s: float
+    """EWMA over steps that carried prefill tokens (whole step time, so a lower bound)."""
+    decode_step_ms: float
+    """EWMA of the time of steps that only decoded."""

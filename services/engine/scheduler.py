@@ -1,0 +1,177 @@
+"""Step scheduler (vLLM v1 style): pure bookkeeping, no model and no tensors.
+
+Each step it picks which requests run and how many of their tokens are computed, within
+``max_num_seqs``, the token budget and the free KV blocks. A request's state is just
+``num_computed_tokens`` against its ``token_ids`` (prompt + output so far): decode,
+prefill, chunked prefill and recompute after preemption are the same rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from services.engine.kv_cache import BlockAllocator
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """Scheduling state of one request."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    max_tokens: int
+    priority: float = 0.0
+    arrival: int = 0
+    """Order of arrival, set by the scheduler; breaks priority ties (earlier first)."""
+    num_computed_tokens: int = 0
+    """Tokens whose K/V are in this request's blocks."""
+    block_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def sort_key(self) -> tuple[float, int]:
+        """Most important first: lower priority value, then earlier arrival."""
+        return (self.priority, self.arrival)
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    """Tokens computed this step, starting at ``seq.num_computed_tokens``."""
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so a token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    preempted: list[str]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Admission, chunked prefill and preemption by recompute over a block allocator."""
+
+    def __init__(
+        self, max_num_seqs: int, max_num_batched_tokens: int, allocator: BlockAllocator
+    ) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.allocator = allocator
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._arrivals = itertools.count()
+
+    def add(self, seq: Sequence) -> None:
+        seq.arrival = next(self._arrivals)
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[str] = []
+
+        # Running requests first, most important first; victims come from the tail.
+        queue = sorted(self.running, key=lambda s: s.sort_key)
+        kept: list[Sequence] = []
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                kept.append(seq)
+                continue
+            need = self._blocks_needed(seq, num_new)
+            while not self.allocator.can_allocate(need) and queue:
+                victim = queue.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+            if not self.allocator.can_allocate(need):
+                self._preempt(seq)
+                preempted.append(seq.request_id)
+                break
+            seq.block_ids.extend(self.allocator.allocate(need))
+            scheduled.append(ScheduledSeq(seq, num_new))
+            kept.append(seq)
+            budget -= num_new
+        kept.extend(queue)  # not reached: budget ran out
+        self.running = kept
+
+        # Admit waiting requests, unless this step had to preempt (memory is short).
+        if not preempted:
+            self.waiting.sort(key=lambda s: s.sort_key)
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                need = self._blocks_needed(seq, num_new)
+                if not self.allocator.can_allocate(need):
+                    break
+                self.waiting.pop(0)
+                seq.block_ids.extend(self.allocator.allocate(need))
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+                scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
+
+        return SchedulerOutput(scheduled, preempted, self.max_num_batched_tokens - budget)
+
+    def commit(self, output: SchedulerOutput) -> None:
+        """Mark the scheduled tokens as computed once the forward pass ran."""
+        for item in output.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a request wherever it is and free its blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.block_ids)
+        seq.block_ids = []
+        seq.status = SeqStatus.FINISHED
+
+    def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
+        total = self.allocator.blocks_for(seq.num_computed_tokens + num_new)
+        return max(total - len(seq.block_ids), 0)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free all blocks and send back to waiting; its tokens are recomputed on return."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.allocator.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(seq)

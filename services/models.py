@@ -1,0 +1,285 @@
+"""Model loading and the built-in tiny random-weight model.
+
+The default model (``DEFAULT_MODEL_NAME``) exists so that every machine can run the
+whole serving path without downloading weights, like vLLM's dummy load format: a small
+Llama with seeded random weights and an offline byte-level BPE tokenizer trained on a
+corpus embedded below. It is built once into the cache directory and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.logs import get_logger
+from services.settings import DEFAULT_MODEL_NAME
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "ensure_default_model",
+    "resolve_model_path",
+    "load_tokenizer",
+    "load_model",
+    "resolve_dtype",
+]
+
+log = get_logger(__name__)
+
+DEFAULT_MODEL_SEED = 20240601
+DEFAULT_VOCAB_SIZE = 4096
+BUILD_VERSION = 1
+"""Bump when the recipe changes so caches built by an older recipe are rebuilt."""
+_MARKER = "fairway_build.json"
+
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+PAD_TOKEN = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IM_START, IM_END]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A large language model reads a prompt and
+writes an answer one token at a time. Serving many tenants at once means that the
+scheduler must be fair: every client gets its share of the machine, and nobody waits
+forever while others are served. Short jobs first lowers the average response time, but
+it can starve the long ones, so we age the waiting requests and keep deadlines.
+What is the capital of France? Paris is the capital of France. How many days are there
+in a week? There are seven days in a week: Monday, Tuesday, Wednesday, Thursday, Friday,
+Saturday and Sunday. Please write a short poem about the sea. The sea is wide and deep,
+the waves roll in and out, and the gulls cry above the water.
+Explain how a hash table works. A hash table maps keys to values by computing a hash of
+the key and using it as an index into an array of buckets. Collisions are handled by
+chaining or by open addressing.
+def fibonacci(n):
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+for i in range(10):
+    print(i, fibonacci(i))
+class Queue:
+    def __init__(self):
+        self.items = []
+    def push(self, item):
+        self.items.append(item)
+    def pop(self):
+        return self.items.pop(0)
+import numpy as np
+x = np.zeros((3, 4), dtype=np.float32)
+{"name": "fairway", "version": "0.1.0", "tenants": ["alpha", "beta", "gamma"], "ok": true}
+SELECT id, name, created_at FROM users WHERE active = 1 ORDER BY created_at DESC LIMIT 10;
+Translate to German: Good morning, how are you? Guten Morgen, wie geht es dir?
+Translate to French: Thank you very much. Merci beaucoup. Où est la gare? C'est ici.
+Translate to Spanish: The weather is nice today. El tiempo está bueno hoy. ¿Qué tal?
+Summarize the following article in three sentences. The article describes a new method
+for training neural networks with less memory. The authors show that their method
+matches the accuracy of the baseline while using half of the memory. They release code.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 20 25 32 50 64 100 128 256 512 1024
+2048 4096 65536 3.14159 2.71828 1e-5 0.001 42 1999 2023 2024 2025 -1 +1 = < > <= >= != ==
+Punctuation and symbols: ( ) [ ] { } < > , . ; : ! ? ' " ` ~ @ # $ % ^ & * - _ + = / \\ |
+User: Can you help me plan a trip to Japan? Assistant: Of course! Tokyo, Kyoto and Osaka
+are popular cities. You could visit temples, gardens and museums, and try sushi, ramen
+and tempura. Spring is cherry blossom season, and autumn has beautiful red leaves.
+User: Why is the sky blue? Assistant: Sunlight is scattered by the molecules of the air,
+and blue light is scattered more than red light because it has a shorter wavelength.
+Once upon a time there was a little girl who lived in a village near the forest. Every
+day she walked to her grandmother's house with a basket of bread and apples.
+The mitochondria is the powerhouse of the cell. Water boils at one hundred degrees
+Celsius at sea level. The Earth orbits the Sun once a year, and the Moon orbits the
+Earth about once a month. Light travels at about three hundred thousand kilometres per
+second. Photosynthesis turns carbon dioxide and water into sugar and oxygen.
+Unicode: café naïve résumé Zürich São Paulo Kraków Ελληνικά русский 中文 日本語 한국어 العربية
+emoji 😀 🚀 ✨ 👍 — “quotes” ‘single’ … • → ← ✓ ×
+Error: connection refused. Retrying in 5 seconds. Warning: the queue is full (429).
+INFO request_id=abc123 tenant=alpha tokens=17 latency_ms=42.5 status=200
+"""
+
+
+def _training_corpus() -> list[str]:
+    """Deterministic training text: the corpus lines, repeated with seeded word shuffles so
+    that common words merge into single tokens."""
+    import random
+
+    rng = random.Random(DEFAULT_MODEL_SEED)
+    lines = [line for line in _CORPUS.splitlines() if line.strip()]
+    words = _CORPUS.split()
+    out = list(lines) * 4
+    for _ in range(400):
+        out.append(" ".join(rng.choice(words) for _ in range(12)))
+    return out
+
+
+def build_default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerBase:
+    """Byte-level BPE (GPT-2 style) trained on the embedded corpus, with BOS prepended,
+    special tokens for chat, and a ChatML-like template. Fully offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    bos_id = tok.token_to_id(BOS_TOKEN)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+        special_tokens=[(BOS_TOKEN, bos_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[IM_START, IM_END],
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _build_default_model(vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        # A wider init than the usual 0.02 makes logits decisive, so greedy decoding is
+        # not decided by float rounding between attention implementations.
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(DEFAULT_MODEL_SEED)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    return model.eval()
+
+
+def _is_complete(path: Path) -> bool:
+    marker = path / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("build_version") == BUILD_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_default_model(cache_dir: Path) -> Path:
+    """Build the tiny default model into ``cache_dir/<name>/`` once and return its path.
+
+    Idempotent and safe under concurrency: the model is written to a temporary directory
+    next to the target and renamed into place; a process that loses the race discards its
+    copy and uses the winner's (both are identical: seeded weights, deterministic BPE).
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    target = cache_dir / DEFAULT_MODEL_NAME
+    if _is_complete(target):
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=cache_dir))
+    try:
+        tokenizer = build_default_tokenizer()
+        model = _build_default_model(len(tokenizer), tokenizer)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(
+            json.dumps({"build_version": BUILD_VERSION, "seed": DEFAULT_MODEL_SEED})
+        )
+        if target.exists() and not _is_complete(target):
+            # A stale or half-written build from an older recipe: move it aside first.
+            stale = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-stale-", dir=cache_dir))
+            try:
+                os.replace(target, stale / "old")
+            except OSError:
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process renamed its complete copy into place first.
+            if not _is_complete(target):
+                raise
+        else:
+            log.info("default_model_built", path=str(target), vocab_size=len(tokenizer))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model_path: str | None, cache_dir: Path) -> str:
+    """A configured path or hub id as given; ``None`` means the built-in default model."""
+    if model_path:
+        return model_path
+    return str(ensure_default_model(cache_dir))
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def resolve_dtype(dtype: str, device: str):
+    """``auto`` is fp32 on CPU (fast and exact there) and bf16 on CUDA."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def load_model(path: str, device: str, dtype: str, **kwargs: object) -> PreTrainedModel:
+    """Load a causal LM for inference on ``device``; extra kwargs go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    except TypeError:
+        # Older transformers spell the argument ``torch_dtype``.
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype, **kwargs)
+    return model.to(device).eval()

@@ -1,0 +1,320 @@
+"""LLMEngine end to end on the real tiny model (fp32, CPU): exactness against
+``model.generate``, chunked prefill, preemption, abort, stops, seeds and errors."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.engine import EngineConfig, EngineError, EngineRequest, LLMEngine, RequestOutput
+from services.messages import SamplingParams
+from services.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer
+
+PROMPTS = [
+    "Hello world, what is the capital of France?",
+    "Once upon a time",
+    "def fibonacci(n):\n    if n < 2:\n        return n",
+    "Translate to German: Good morning, how are you? " * 3,
+    "x",
+]
+OUTPUT_LENS = [20, 7, 33, 12, 25]
+
+
+@pytest.fixture(scope="module")
+def model_path(model_cache: Path) -> str:
+    return str(model_cache / DEFAULT_MODEL_NAME)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path: str):
+    return load_tokenizer(model_path)
+
+
+@pytest.fixture(scope="module")
+def ref_model(model_path: str):
+    return load_model(model_path, "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(ref_model, prompt_ids) -> list[list[int]]:
+    """Greedy continuations from transformers' own generate, EOS disabled."""
+    return [greedy_reference(ref_model, ids, n) for ids, n in zip(prompt_ids, OUTPUT_LENS)]
+
+
+def greedy_reference(model, ids: list[int], n: int) -> list[int]:
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    config.do_sample = False
+    config.max_new_tokens = n
+    out = model.generate(torch.tensor([ids]), generation_config=config)
+    return out[0, len(ids) :].tolist()
+
+
+def make_engine(model_path: str, **overrides) -> LLMEngine:
+    return LLMEngine.from_pretrained(model_path, "cpu", "float32", EngineConfig(**overrides))
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+@dataclass
+class Run:
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)
+    deltas: dict[str, list[str]] = field(default_factory=dict)
+    final: dict[str, RequestOutput] = field(default_factory=dict)
+    steps: int = 0
+
+
+def drain(engine: LLMEngine, run: Run | None = None, max_steps: int = 10_000) -> Run:
+    """Step until idle; checks that each request finishes exactly once and then goes quiet."""
+    run = run or Run()
+    while engine.has_unfinished_requests():
+        assert run.steps < max_steps, "engine did not finish"
+        step_into(engine, run)
+    return run
+
+
+def step_into(engine: LLMEngine, run: Run) -> list[RequestOutput]:
+    run.steps += 1
+    outs = engine.step()
+    for out in outs:
+        assert out.request_id not in run.final, "output after the final one"
+        run.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        run.text[out.request_id] = run.text.get(out.request_id, "") + out.new_text
+        run.deltas.setdefault(out.request_id, []).append(out.new_text)
+        assert out.num_output_tokens == len(run.tokens[out.request_id])
+        if out.finished:
+            run.final[out.request_id] = out
+    return outs
+
+
+def add_all(engine: LLMEngine, prompt_ids, lens, **kw) -> None:
+    for i, (ids, n) in enumerate(zip(prompt_ids, lens)):
+        engine.add_request(EngineRequest(f"r{i}", ids, greedy(n, **kw)))
+
+
+def test_greedy_matches_generate_for_concurrent_requests(
+    model_path, prompt_ids, reference, tokenizer
+):
+    engine = make_engine(model_path, kv_cache_tokens=4096)
+    add_all(engine, prompt_ids, OUTPUT_LENS)
+    run = drain(engine)
+    for i, expected in enumerate(reference):
+        rid = f"r{i}"
+        assert run.tokens[rid] == expected
+        assert run.final[rid].finish_reason == "length"
+        assert run.final[rid].num_prompt_tokens == len(prompt_ids[i])
+        assert run.text[rid] == tokenizer.decode(expected, skip_special_tokens=True)
+    stats = engine.stats()
+    assert stats.num_free_kv_tokens == stats.num_total_kv_tokens
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.prefill_tokens_per_s > 0 and stats.decode_step_ms > 0
+
+
+def test_requests_added_while_running_match_generate(model_path, prompt_ids, reference):
+    engine = make_engine(model_path, kv_cache_tokens=4096)
+    run = Run()
+    pending = list(enumerate(zip(prompt_ids, OUTPUT_LENS)))
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 3 == 0:
+            i, (ids, n) = pending.pop(0)
+            engine.add_request(EngineRequest(f"r{i}", ids, greedy(n)))
+        for out in engine.step():
+            run.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+    assert [run.tokens[f"r{i}"] for i in range(len(reference))] == reference
+
+
+def test_chunked_prefill_gives_the_same_tokens(model_path, prompt_ids, reference):
+    # A 10-token budget splits every prompt longer than that over several steps.
+    engine = make_engine(model_path, kv_cache_tokens=4096, max_num_batched_tokens=10)
+    add_all(engine, prompt_ids, OUTPUT_LENS)
+    run = drain(engine)
+    assert [run.tokens[f"r{i}"] for i in range(len(reference))] == reference
+
+
+def test_preemption_recomputes_without_duplicates(model_path, prompt_ids, reference):
+    # 7 blocks of 8 tokens cannot hold all five requests at once.
+    engine = make_engine(model_path, kv_cache_tokens=56, block_size=8)
+    add_all(engine, prompt_ids, OUTPUT_LENS)
+    run = drain(engine)
+    assert engine.stats().num_preemptions > 0
+    for i, expected in enumerate(reference):
+        assert run.tokens[f"r{i}"] == expected
+    assert engine.stats().num_free_kv_tokens == 56
+
+
+def test_low_priority_requests_are_preempted_first(model_path, prompt_ids):
+    engine = make_engine(model_path, kv_cache_tokens=64, block_size=8)
+    engine.add_request(EngineRequest("vip", prompt_ids[0], greedy(30), priority=0.0))
+    engine.add_request(EngineRequest("bulk", prompt_ids[1], greedy(30), priority=5.0))
+    preempted_first = None
+    while engine.has_unfinished_requests():
+        before = engine.stats().num_preemptions
+        outs = engine.step()
+        if engine.stats().num_preemptions > before and preempted_first is None:
+            preempted_first = [s.request_id for s in engine.scheduler.waiting]
+        assert all(o.finish_reason in (None, "length") for o in outs)
+    assert preempted_first == ["bulk"]
+
+
+def test_abort_frees_blocks_and_yields_one_cancelled_output(model_path, prompt_ids):
+    engine = make_engine(model_path, kv_cache_tokens=1024)
+    engine.add_request(EngineRequest("keep", prompt_ids[0], greedy(10)))
+    engine.add_request(EngineRequest("drop", prompt_ids[2], greedy(50)))
+    engine.add_request(EngineRequest("queued", prompt_ids[1], greedy(5)))
+    run = Run()
+    for _ in range(3):
+        step_into(engine, run)
+    total = engine.stats().num_total_kv_tokens
+    engine.abort_request("drop")
+    engine.abort_request("queued")
+    engine.abort_request("never-existed")  # ignored
+    keep_blocks = len(engine._requests["keep"].seq.block_ids)
+    assert engine.stats().num_free_kv_tokens == total - keep_blocks * 16
+    drain(engine, run)
+    assert run.final["drop"].finish_reason == "cancelled"
+    assert run.final["drop"].new_token_ids == []
+    assert run.final["queued"].finish_reason == "cancelled"
+    assert run.final["keep"].finish_reason == "length"
+    assert engine.stats().num_free_kv_tokens == total
+
+
+def test_max_tokens_finishes_with_length(model_path, prompt_ids):
+    engine = make_engine(model_path, kv_cache_tokens=1024)
+    engine.add_request(EngineRequest("a", prompt_ids[0], greedy(1)))
+    run = drain(engine)
+    assert len(run.tokens["a"]) == 1 and run.final["a"].finish_reason == "length"
+    assert run.steps == 1
+
+
+def test_stop_token_ids_finish_with_stop(model_path, prompt_ids, reference):
+    engine = make_engine(model_path, kv_cache_tokens=1024)
+    expected = reference[2]
+    stop_at = 5
+    stop_token = expected[stop_at]
+    assert stop_token not in expected[:stop_at]
+    engine.add_request(EngineRequest("s", prompt_ids[2], greedy(33, stop_token_ids=[stop_token])))
+    run = drain(engine)
+    assert run.tokens["s"] == expected[: stop_at + 1]  # the stop token is reported, once
+    assert run.final["s"].finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(model_path, prompt_ids, reference):
+    engine = make_engine(model_path, kv_cache_tokens=1024)
+    expected = reference[0]
+    engine.eos_token_ids = frozenset({expected[3]})  # pretend this token is EOS
+    engine.add_request(
+        EngineRequest("eos", prompt_ids[0], SamplingParams(max_tokens=20, temperature=0))
+    )
+    engine.add_request(EngineRequest("ign", prompt_ids[0], greedy(20)))
+    run = drain(engine)
+    assert run.tokens["eos"] == expected[:4] and run.final["eos"].finish_reason == "stop"
+    assert run.tokens["ign"] == expected and run.final["ign"].finish_reason == "length"
+
+
+def test_stop_string_split_across_tokens(model_path, prompt_ids, reference, tokenizer):
+    full = tokenizer.decode(reference[2], skip_special_tokens=True)
+    pieces = [tokenizer.decode(reference[2][: k + 1], skip_special_tokens=True) for k in range(33)]
+    # A stop string made of the last 2 chars of one token's text and the first 2 of the next.
+    stop = None
+    for k in range(3, 32):
+        a, b = pieces[k - 1], pieces[k]
+        candidate = b[len(a) - 2 : len(a) + 2]
+        if (
+            len(b) - len(a) >= 2
+            and len(a) >= 2
+            and "\ufffd" not in b
+            and full.find(candidate) == len(a) - 2
+        ):
+            stop = candidate
+            break
+    assert stop is not None, "no suitable token boundary in the reference output"
+    engine = make_engine(model_path, kv_cache_tokens=1024)
+    engine.add_request(EngineRequest("s", prompt_ids[2], greedy(33, stop=["never-appears", stop])))
+    run = drain(engine)
+    assert run.final["s"].finish_reason == "stop"
+    assert run.text["s"] == full[: full.find(stop)]
+    assert stop not in run.text["s"]
+    assert run.tokens["s"] == reference[2][: k + 1]
+
+
+def test_seeded_sampling_is_reproducible_across_batches(model_path, prompt_ids):
+    params = SamplingParams(
+        max_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=1234, ignore_eos=True
+    )
+    engine = make_engine(model_path, kv_cache_tokens=2048)
+    engine.add_request(EngineRequest("alone", prompt_ids[0], params))
+    alone = drain(engine).tokens["alone"]
+    engine.add_request(
+        EngineRequest("other", prompt_ids[1], SamplingParams(max_tokens=9, temperature=0.7))
+    )
+    engine.add_request(EngineRequest("again", prompt_ids[0], params))
+    engine.add_request(EngineRequest("seed2", prompt_ids[0], dataclasses.replace(params, seed=99)))
+    run = drain(engine)
+    assert run.tokens["again"] == alone
+    assert run.tokens["seed2"] != alone
+
+
+def test_top_k_one_is_greedy(model_path, prompt_ids, reference):
+    engine = make_engine(model_path, kv_cache_tokens=1024)
+    hot = SamplingParams(max_tokens=20, temperature=5.0, ignore_eos=True)
+    engine.add_request(EngineRequest("k1", prompt_ids[0], dataclasses.replace(hot, top_k=1)))
+    engine.add_request(EngineRequest("p0", prompt_ids[0], dataclasses.replace(hot, top_p=1e-6)))
+    run = drain(engine)
+    assert run.tokens["k1"] == reference[0]
+    assert run.tokens["p0"] == reference[0]
+
+
+@pytest.mark.parametrize(
+    ("ids", "params", "message"),
+    [
+        ([], greedy(4), "empty"),
+        ([1] * 2000, greedy(100), "maximum context length"),
+        ([1] * 300, greedy(10), "KV cache"),
+        ([1, 10**9], greedy(4), "token ids"),
+        ([1, 2], greedy(0), "max_tokens"),
+        ([1, 2], SamplingParams(max_tokens=4, top_p=0.0), "top_p"),
+    ],
+)
+def test_bad_requests_raise_and_engine_keeps_working(
+    model_path, prompt_ids, reference, ids, params, message
+):
+    engine = make_engine(model_path, kv_cache_tokens=256)
+    with pytest.raises(EngineError, match=message):
+        engine.add_request(EngineRequest("bad", ids, params))
+    engine.add_request(EngineRequest("good", prompt_ids[1], greedy(7)))
+    with pytest.raises(EngineError, match="already"):
+        engine.add_request(EngineRequest("good", prompt_ids[1], greedy(7)))
+    assert drain(engine).tokens["good"] == reference[1]
+
+
+def test_failed_forward_errors_its_requests_and_engine_recovers(model_path, prompt_ids, reference):
+    engine = make_engine(model_path, kv_cache_tokens=1024)
+    good_fn = engine.attention_fn
+
+    def broken(*args):
+        raise RuntimeError("kernel exploded")
+
+    engine.attention_fn = broken
+    engine.add_request(EngineRequest("a", prompt_ids[0], greedy(5)))
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "error")]
+    assert "kernel exploded" in outs[0].error
+    assert engine.stats().num_free_kv_tokens == engine.stats().num_total_kv_tokens
+    engine.attention_fn = good_fn
+    engine.add_request(EngineRequest("b", prompt_ids[1], greedy(7)))
+    assert drain(engine).tokens["b"] == reference[1]

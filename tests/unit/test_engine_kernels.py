@@ -1,0 +1,198 @@
+"""Pure pieces of the engine: paged attention reference, sampling, detokenizer, stops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.engine.attention import paged_attention_reference, write_kv_cache
+from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
+from services.engine.sampling import (
+    apply_top_k_top_p,
+    make_generator,
+    sample_tokens,
+    validate_sampling,
+)
+from services.messages import SamplingParams
+from services.models import DEFAULT_MODEL_NAME, load_tokenizer
+
+
+def dense_causal_attention(q, k, v, scale):
+    """q [n, H, D] are the last n positions of k/v [L, KVH, D]."""
+    n, heads, _ = q.shape
+    length, kv_heads, _ = k.shape
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    v = v.repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    q_pos = torch.arange(length - n, length)[:, None]
+    scores = scores.masked_fill(torch.arange(length)[None, :] > q_pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_paged_attention_matches_dense_for_ragged_batch(block_size):
+    torch.manual_seed(0)
+    heads, kv_heads, dim, num_blocks = 4, 2, 8, 128
+    # (context length, new tokens): decodes, a full prefill, a prefill chunk with context.
+    shapes = [(1, 1), (9, 1), (17, 17), (30, 6), (5, 1), (33, 2)]
+    key_cache = torch.zeros(num_blocks, block_size, kv_heads, dim)
+    value_cache = torch.zeros_like(key_cache)
+    free = torch.randperm(num_blocks).tolist()  # scattered blocks
+    tables, dense, queries, slots, starts = [], [], [], [], [0]
+    for length, n in shapes:
+        blocks = [free.pop() for _ in range(-(-length // block_size))]
+        tables.append(blocks)
+        k, v = torch.randn(length, kv_heads, dim), torch.randn(length, kv_heads, dim)
+        dense.append((k, v))
+        # Cached context goes in first; the last n tokens are written like a step would.
+        old = [blocks[p // block_size] * block_size + p % block_size for p in range(length - n)]
+        if old:
+            write_kv_cache(
+                k[: length - n], v[: length - n], key_cache, value_cache, torch.tensor(old)
+            )
+        slots += [
+            blocks[p // block_size] * block_size + p % block_size for p in range(length - n, length)
+        ]
+        queries.append(torch.randn(n, heads, dim))
+        starts.append(starts[-1] + n)
+    new_k = torch.cat([k[len(k) - n :] for (k, _), (_, n) in zip(dense, shapes)])
+    new_v = torch.cat([v[len(v) - n :] for (_, v), (_, n) in zip(dense, shapes)])
+    write_kv_cache(new_k, new_v, key_cache, value_cache, torch.tensor(slots))
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    out = paged_attention_reference(
+        torch.cat(queries),
+        key_cache,
+        value_cache,
+        block_tables,
+        torch.tensor([s[0] for s in shapes], dtype=torch.int32),
+        torch.tensor(starts, dtype=torch.int32),
+        dim**-0.5,
+    )
+    for i, ((k, v), q) in enumerate(zip(dense, queries)):
+        expected = dense_causal_attention(q, k, v, dim**-0.5)
+        torch.testing.assert_close(out[starts[i] : starts[i + 1]], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_seed():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, seed=7),
+        SamplingParams(temperature=1.0, seed=7),
+    ]
+    first = sample_tokens(
+        logits, params, [None, make_generator(7, "cpu"), make_generator(7, "cpu")]
+    )
+    assert first[0] == int(logits[0].argmax())
+    again = sample_tokens(logits[1:2], params[1:2], [make_generator(7, "cpu")])
+    assert again[0] == first[1]
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
+    out = apply_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.75]))
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]  # top-2
+    assert torch.isfinite(out[1]).tolist() == [True, True, False, False]  # 0.5 + 0.3 >= 0.75
+    tiny = apply_top_k_top_p(logits[:1], torch.tensor([0]), torch.tensor([1e-9]))
+    assert torch.isfinite(tiny[0]).tolist() == [True, False, False, False]  # never empty
+
+
+def test_sampling_draws_follow_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(1, 1)
+    gen = make_generator(3, "cpu")
+    counts = [0, 0, 0]
+    for _ in range(2000):
+        counts[sample_tokens(logits, [SamplingParams(temperature=1.0)], [gen])[0]] += 1
+    assert counts[0] > counts[1] > counts[2] > 0
+    assert abs(counts[0] / 2000 - 0.7) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [
+        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(temperature=-1), "temperature"),
+        (SamplingParams(top_p=1.5), "top_p"),
+        (SamplingParams(top_k=-2), "top_k"),
+        (SamplingParams(stop=[""]), "stop"),
+        (SamplingParams(), None),
+    ],
+)
+def test_validate_sampling(params, problem):
+    result = validate_sampling(params)
+    assert (result is None) if problem is None else (problem in result)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_cache: Path):
+    return load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello world, this is plain text.",
+        " café naïve 😀🚀 中文 日本語 한국어 ✓",
+        "😀😀😀 emoji 🛰️ x",
+    ],
+)
+def test_incremental_detokenizer_never_emits_broken_characters(tokenizer, text):
+    prompt = tokenizer("Prompt:")["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.add(t) for t in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_detokenizer_holds_back_a_split_character(tokenizer):
+    ids = tokenizer("🛰", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1, "the test needs a character spread over several tokens"
+    detok = IncrementalDetokenizer(tokenizer, [tokenizer.bos_token_id])
+    deltas = [detok.add(t) for t in ids]
+    assert deltas[:-1] == [""] * (len(ids) - 1) and deltas[-1] == "🛰"
+
+
+def test_detokenizer_flushes_an_unfinished_character_at_the_end(tokenizer):
+    ids = tokenizer("ab🛰", add_special_tokens=False)["input_ids"][:-1]
+    detok = IncrementalDetokenizer(tokenizer, [tokenizer.bos_token_id])
+    text = "".join(detok.add(t) for t in ids) + detok.flush()
+    assert text == tokenizer.decode(ids)
+
+
+def test_stop_string_split_over_deltas_is_cut_and_never_streamed():
+    buf = StopStringBuffer(["END!"])
+    streamed = []
+    for delta in ["Hello E", "N", "D", "? and E", "ND", "!", " tail"]:
+        text, stopped = buf.append(delta)
+        streamed.append(text)
+        if stopped:
+            break
+    assert "".join(streamed) == "Hello END? and "
+    assert stopped
+    assert streamed[1] == "" and streamed[2] == ""  # "EN", "END" held back as possible stops
+
+
+def test_stop_buffer_releases_held_text_when_it_cannot_be_a_stop():
+    buf = StopStringBuffer(["abc", "xyz"])
+    assert buf.append("12a") == ("12", False)
+    assert buf.append("b") == ("", False)
+    assert buf.append("d") == ("abd", False)
+    assert buf.append("xy") == ("", False)
+    assert buf.flush() == "xy"
+
+
+def test_earliest_stop_string_wins():
+    buf = StopStringBuffer(["later", "ear"])
+    assert buf.append("an earlier one") == ("an ", True)
+    assert buf.append("more") == ("", True)
+
+
+def test_no_stop_strings_streams_everything():
+    buf = StopStringBuffer([])
+    assert buf.append("abc") == ("abc", False) and buf.flush() == ""

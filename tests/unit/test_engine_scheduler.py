@@ -1,0 +1,160 @@
+"""The engine's step scheduler and block allocator, without a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.engine.kv_cache import BlockAllocator
+from services.engine.scheduler import Scheduler, SchedulerOutput, SeqStatus, Sequence
+
+
+def seq(rid: str, prompt_len: int, max_tokens: int = 8, priority: float = 0.0) -> Sequence:
+    return Sequence(rid, list(range(prompt_len)), prompt_len, max_tokens, priority=priority)
+
+
+def make(
+    num_blocks: int = 64, block_size: int = 4, max_seqs: int = 8, budget: int = 64
+) -> Scheduler:
+    return Scheduler(max_seqs, budget, BlockAllocator(num_blocks, block_size))
+
+
+def run_step(s: Scheduler, sampled_token: int = 7) -> SchedulerOutput:
+    """Schedule, pretend the model ran, append a token to every sampling request."""
+    out = s.schedule()
+    sampling = [item.seq for item in out.scheduled if item.samples]
+    s.commit(out)
+    for q in sampling:
+        q.token_ids.append(sampled_token)
+    return out
+
+
+def test_allocator_hands_out_and_takes_back_blocks():
+    a = BlockAllocator(4, 16)
+    assert (
+        a.blocks_for(0) == 0
+        and a.blocks_for(1) == 1
+        and a.blocks_for(16) == 1
+        and a.blocks_for(17) == 2
+    )
+    got = a.allocate(3)
+    assert len(set(got)) == 3 and a.num_free_blocks == 1
+    with pytest.raises(RuntimeError):
+        a.allocate(2)
+    a.free(got)
+    assert a.num_free_blocks == 4
+
+
+def test_admission_respects_token_budget_with_chunked_prefill():
+    s = make(budget=32)
+    for rid in "abc":
+        s.add(seq(rid, 20))
+    out = s.schedule()
+    assert [(i.seq.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 20), ("b", 12)]
+    assert out.num_batched_tokens == 32
+    assert [i.samples for i in out.scheduled] == [True, False]
+    assert [q.request_id for q in s.waiting] == ["c"]
+    s.commit(out)
+    s.running[0].token_ids.append(1)
+    # Next step: a decodes one token, b finishes its prompt, c starts.
+    out = s.schedule()
+    assert [(i.seq.request_id, i.num_new_tokens) for i in out.scheduled] == [
+        ("a", 1),
+        ("b", 8),
+        ("c", 20),
+    ]
+
+
+def test_admission_respects_max_num_seqs():
+    s = make(max_seqs=2)
+    for rid in "abc":
+        s.add(seq(rid, 3))
+    out = s.schedule()
+    assert [i.seq.request_id for i in out.scheduled] == ["a", "b"]
+    assert len(s.running) == 2 and [q.request_id for q in s.waiting] == ["c"]
+
+
+def test_admission_stops_when_blocks_run_out():
+    s = make(num_blocks=5, block_size=4)
+    s.add(seq("a", 12))  # 3 blocks
+    s.add(seq("b", 12))  # 3 more: only 2 left
+    out = s.schedule()
+    assert [i.seq.request_id for i in out.scheduled] == ["a"]
+    assert s.allocator.num_free_blocks == 2
+
+
+def test_waiting_order_is_priority_then_arrival():
+    s = make(max_seqs=1)
+    s.add(seq("late-low", 3, priority=5))
+    s.add(seq("first", 3, priority=1))
+    s.add(seq("second", 3, priority=1))
+    assert [i.seq.request_id for i in s.schedule().scheduled] == ["first"]
+    assert [q.request_id for q in s.waiting] == ["second", "late-low"]
+
+
+def test_preemption_victim_is_highest_priority_value_then_latest():
+    # Three requests each fill exactly one block; the pool has one spare block.
+    s = make(num_blocks=4, block_size=4, budget=64)
+    for rid, prio in (("vip", 0.0), ("old-bulk", 3.0), ("new-bulk", 3.0)):
+        s.add(seq(rid, 4, priority=prio))
+    run_step(s)  # prefill 4 tokens each (one block), one token sampled each
+    assert s.allocator.num_free_blocks == 1
+    out = run_step(s)  # each needs a second block for position 4: only one is free
+    assert out.preempted == ["new-bulk"]
+    assert [i.seq.request_id for i in out.scheduled] == ["vip", "old-bulk"]
+    victim = s.waiting[0]
+    assert victim.request_id == "new-bulk"
+    assert (
+        victim.status is SeqStatus.WAITING
+        and victim.num_computed_tokens == 0
+        and not victim.block_ids
+    )
+    assert victim.num_output_tokens == 1  # generated tokens are kept, recomputed on return
+    assert s.num_preemptions == 1 and victim.num_preemptions == 1
+
+
+def test_least_important_running_request_preempts_itself():
+    s = make(num_blocks=3, block_size=4, budget=64)
+    s.add(seq("a", 4, priority=0))
+    s.add(seq("b", 4, priority=9))
+    run_step(s)  # one block each, one free
+    s.add(seq("c", 1))
+    out = run_step(s)  # a takes the free block; b finds none and yields its own
+    assert out.preempted == ["b"]
+    assert [i.seq.request_id for i in out.scheduled] == ["a"]  # and c is not admitted
+    assert {q.request_id for q in s.waiting} == {"b", "c"}
+    assert s.allocator.num_free_blocks == 1
+
+
+def test_preempted_request_recomputes_prompt_and_outputs():
+    s = make(num_blocks=3, block_size=4, budget=64)
+    a, b = seq("a", 4, priority=0), seq("b", 4, priority=1)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    assert run_step(s).preempted == ["b"]
+    s.finish(a)
+    out = s.schedule()
+    (item,) = out.scheduled
+    assert item.seq is b and item.num_new_tokens == 5 and item.samples  # 4 prompt + 1 output
+
+
+def test_decode_tokens_come_before_new_prefills_in_the_budget():
+    s = make(budget=8)
+    s.add(seq("a", 8))
+    run_step(s)
+    s.add(seq("b", 20))
+    out = run_step(s)
+    assert [(i.seq.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 7)]
+
+
+def test_finish_frees_blocks_from_running_and_waiting():
+    s = make(num_blocks=8, block_size=4, max_seqs=1)
+    a, b = seq("a", 8), seq("b", 8)
+    s.add(a)
+    s.add(b)
+    s.schedule()
+    assert s.allocator.num_free_blocks == 6
+    s.finish(a)
+    s.finish(b)
+    assert s.allocator.num_free_blocks == 8 and not s.has_unfinished()
+    assert a.status is SeqStatus.FINISHED

@@ -1,0 +1,87 @@
+"""The built-in tiny model: offline, deterministic, built once, safe to build concurrently."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from services.models import (
+    DEFAULT_MODEL_NAME,
+    ensure_default_model,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_path,
+)
+
+
+def test_default_model_is_built_once(model_cache: Path):
+    path = ensure_default_model(model_cache)
+    assert path == model_cache / DEFAULT_MODEL_NAME
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_default_model(model_cache) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert resolve_model_path(None, model_cache) == str(path)
+    assert resolve_model_path("/some/other/model", model_cache) == "/some/other/model"
+
+
+def test_concurrent_builds_are_identical_and_complete(tmp_path: Path, model_cache: Path):
+    """Two processes racing on an empty cache both succeed and agree with a third build."""
+    code = (
+        "import sys; from pathlib import Path; from services.models import ensure_default_model; "
+        "print(ensure_default_model(Path(sys.argv[1])))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    built = tmp_path / DEFAULT_MODEL_NAME
+    assert {out.strip().splitlines()[-1] for out, _ in results} == {str(built)}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    reference = model_cache / DEFAULT_MODEL_NAME
+    assert (built / "tokenizer.json").read_text() == (reference / "tokenizer.json").read_text()
+    a, b = load_file(built / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokenizer_specials_and_chat_template(model_cache: Path):
+    tok = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
+    ids = tok("Hello world, café 😀")["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello world, café 😀"
+    chat = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert chat == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_model_shape_and_dtype(model_cache: Path):
+    path = str(model_cache / DEFAULT_MODEL_NAME)
+    model = load_model(path, "cpu", "auto")
+    tok = load_tokenizer(path)
+    assert model.dtype == torch.float32 and not model.training
+    assert model.config.vocab_size == len(tok)
+    assert model.config.max_position_embeddings == 2048
+    assert 1_000_000 < sum(p.numel() for p in model.parameters()) < 20_000_000
+    eos = model.generation_config.eos_token_id
+    assert tok.eos_token_id in (eos if isinstance(eos, list) else [eos])
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
