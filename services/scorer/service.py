@@ -110,7 +110,8 @@ class ScorerService:
         path = resolve_model_path(s.model_path, s.cache_dir)
         tokenizer = await asyncio.to_thread(load_tokenizer, path)
         base = (
-            LengthPredictor.load(s.predictor_artifact) if s.predictor_artifact
+            LengthPredictor.load(s.predictor_artifact)
+            if s.predictor_artifact
             else LengthPredictor.default()
         )
         online = OnlinePredictor(base, self.redis, s.model_name)
@@ -122,35 +123,55 @@ class ScorerService:
         await self.channel.set_qos(prefetch_count=64)
         topo = await topology.declare(self.channel)
         self.scored_exchange = topo.exchange(topology.SCORED_EXCHANGE)
-        await amqp.consume(self.channel, topo.queues[topology.SCORER_QUEUE],
-                           m.CompletionRequest, self.on_request, service="scorer")
-        await amqp.consume(self.channel, topo.queues[topology.SCORER_FEEDBACK_QUEUE],
-                           m.RequestFinished, self.on_finished, service="scorer")
+        await amqp.consume(
+            self.channel,
+            topo.queues[topology.SCORER_QUEUE],
+            m.CompletionRequest,
+            self.on_request,
+            service="scorer",
+        )
+        await amqp.consume(
+            self.channel,
+            topo.queues[topology.SCORER_FEEDBACK_QUEUE],
+            m.RequestFinished,
+            self.on_finished,
+            service="scorer",
+        )
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
         log.info("scorer_started", model=s.model_name, model_path=path)
 
-    async def on_request(self, request: m.CompletionRequest, message: AbstractIncomingMessage) -> None:
+    async def on_request(
+        self, request: m.CompletionRequest, message: AbstractIncomingMessage
+    ) -> None:
         request.reply_to = message.reply_to or request.reply_to
         try:
             request.tenant = resolve_tenant(request, message.user_id, self.trusted)
             if request.model != self.settings.model_name:
-                raise RequestRejected(f"The model `{request.model}` does not exist.",
-                                      "model_not_found", 404)
+                raise RequestRejected(
+                    f"The model `{request.model}` does not exist.", "model_not_found", 404
+                )
             if not request.created:
                 request.created = time.time()
             scored = self.scorer.score(request)
         except RequestRejected as exc:
             log.info("request_rejected", request_id=request.request_id, reason=str(exc))
-            await amqp.reply(self.channel, request.reply_to, amqp.error_answer(
-                request.request_id, str(exc), status=exc.status, code=exc.code))
+            await amqp.reply(
+                self.channel,
+                request.reply_to,
+                amqp.error_answer(request.request_id, str(exc), status=exc.status, code=exc.code),
+            )
             await message.reject(requeue=False)
             return
         await amqp.publish(self.scored_exchange, scored, topology.SUBMIT_ROUTING_KEY)
         await message.ack()
 
     async def on_finished(self, event: m.RequestFinished, message: AbstractIncomingMessage) -> None:
-        if event.model == self.settings.model_name and not event.requeue and event.prompt \
-                and event.finish_reason in ("stop", "length"):
+        if (
+            event.model == self.settings.model_name
+            and not event.requeue
+            and event.prompt
+            and event.finish_reason in ("stop", "length")
+        ):
             await self.scorer.predictor.observe(event.prompt, event.output_tokens)
         await message.ack()
 
