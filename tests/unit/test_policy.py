@@ -1,0 +1,381 @@
+"""SchedulerPolicy: VTC counters and lift, ordering, deadlines, admission, placement, state."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.latency_model import LatencyModel
+from services.scheduler.policy import (
+    UNLIMITED_KV,
+    PolicyConfig,
+    PoolView,
+    QueuedRequest,
+    SchedulerPolicy,
+)
+
+GPU = LatencyModel(
+    prefill_ms_per_token=0.1, decode_base_ms=10.0, decode_per_seq_ms=0.0, max_batch=4
+)
+CPU = LatencyModel(
+    prefill_ms_per_token=1.0, decode_base_ms=50.0, decode_per_seq_ms=0.0, max_batch=4
+)
+
+
+def req(
+    rid: str,
+    tenant: str = "a",
+    *,
+    inp: int = 10,
+    out: float = 10,
+    arrival: float = 0.0,
+    max_tokens: int = 100,
+    **kw,
+) -> QueuedRequest:
+    return QueuedRequest(rid, tenant, inp, max_tokens, out, kw.pop("p90", out), arrival, **kw)
+
+
+def pool(
+    name: str = "gpu",
+    slots: int = 1,
+    kv: int = UNLIMITED_KV,
+    latency: LatencyModel = GPU,
+    running: int = 0,
+    backlog: float = 0.0,
+    **kw,
+) -> PoolView:
+    return PoolView(name, slots, kv, running, latency, backlog, **kw)
+
+
+def policy(name: str, **kw) -> SchedulerPolicy:
+    kw.setdefault("latency", GPU)
+    return SchedulerPolicy(PolicyConfig(name=name, **kw))
+
+
+def order(p: SchedulerPolicy, now: float = 0.0, n: int | None = None) -> list[str]:
+    """Dispatch one at a time (``n`` times, or until the queue is empty); the ids in order."""
+    out = []
+    while p.num_queued() and (n is None or len(out) < n):
+        result = p.schedule(now, [pool()])
+        assert len(result.dispatches) == 1
+        out.append(result.dispatches[0].request_id)
+    return out
+
+
+def test_unknown_policy_name_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown policy"):
+        PolicyConfig(name="sjf")
+
+
+def test_named_policies_switch_their_parts() -> None:
+    parts = {
+        n: (c.fair, c.cost_order, c.consolidate, c.offload)
+        for n in ("fcfs", "vtc", "rtlm", "fairway")
+        for c in [PolicyConfig(name=n)]
+    }
+    assert parts == {
+        "fcfs": (False, False, False, False),
+        "vtc": (True, False, False, False),
+        "rtlm": (False, True, True, True),
+        "fairway": (True, True, True, True),
+    }
+
+
+def test_fcfs_dispatches_in_arrival_order_whatever_the_cost() -> None:
+    p = policy("fcfs")
+    p.add(req("long", out=90, arrival=1.0), 1.0)
+    p.add(req("short", out=1, arrival=2.0), 2.0)
+    assert order(p, 3.0) == ["long", "short"]
+
+
+def test_cost_order_runs_the_cheaper_predicted_request_first() -> None:
+    p = policy("rtlm", tail_slack=10.0)
+    # "busy" arrived to an empty queue: FCFS would start it at once, so it is not delayed.
+    p.add(req("busy", out=5), 0.0)
+    p.add(req("long", out=90), 0.0)
+    p.add(req("short", out=1), 0.0)
+    assert order(p, 0.0) == ["busy", "short", "long"]
+
+
+def test_vtc_charges_input_at_dispatch_divided_by_weight() -> None:
+    p = policy("vtc", tenant_weights={"b": 2.0})
+    p.add(req("a1", "a", inp=30), 0.0)
+    p.add(req("b1", "b", inp=30), 0.0)
+    result = p.schedule(0.0, [pool(slots=2)])
+    charges = {d.request_id: d.charge for d in result.dispatches}
+    assert charges == {"a1": 30.0, "b1": 15.0}
+    assert p.counters == {"a": 30.0, "b": 15.0}
+    assert p.served == {"a": 30.0, "b": 30.0}
+
+
+def test_vtc_serves_the_backlogged_tenant_with_the_smallest_counter() -> None:
+    p = policy("vtc")
+    p.restore({"a": 100.0, "b": 10.0}, {}, [], [])
+    p.add(req("b1", "b", arrival=0.0), 0.0)
+    p.add(req("b2", "b", arrival=1.0), 1.0)
+    p.add(req("a1", "a", arrival=2.0), 2.0)
+    # b's counter (10, +10 per dispatch) stays below a's (100) until b is charged past it.
+    assert order(p, 3.0) == ["b1", "b2", "a1"]
+
+
+def test_progress_charges_w_out_per_token() -> None:
+    p = policy("vtc", w_out=2.0, tenant_weights={"a": 4.0})
+    assert p.on_progress("a", 10, 0.0) == pytest.approx(5.0)
+    assert p.counters["a"] == pytest.approx(5.0)
+    assert p.served["a"] == pytest.approx(20.0)
+
+
+def test_newly_backlogged_tenant_is_lifted_to_the_smallest_backlogged_counter() -> None:
+    p = policy("vtc")
+    p.restore({"a": 500.0, "b": 800.0, "idle": 0.0}, {}, [], [])
+    p.add(req("a1", "a"), 0.0)
+    p.add(req("b1", "b"), 0.0)
+    p.add(req("i1", "idle"), 0.0)
+    # Lifted to min(500, 800): an idle tenant cannot bank credit while others wait.
+    assert p.counters["idle"] == 500.0
+    # A tenant already above the minimum keeps its counter.
+    p2 = policy("vtc")
+    p2.restore({"a": 10.0, "b": 300.0}, {}, [], [])
+    p2.add(req("a1", "a"), 0.0)
+    p2.add(req("b1", "b"), 0.0)
+    assert p2.counters["b"] == 300.0
+
+
+def test_lift_only_when_the_tenant_becomes_backlogged() -> None:
+    p = policy("vtc")
+    p.restore({"a": 0.0, "b": 100.0}, {}, [], [])
+    p.add(req("a1", "a"), 0.0)
+    p.add(req("b1", "b"), 0.0)
+    p.counters["a"] = 50.0
+    p.add(req("a2", "a"), 0.0)  # a was already backlogged: no lift to b's 100
+    assert p.counters["a"] == 50.0
+
+
+def test_no_lift_without_fairness() -> None:
+    p = policy("fcfs")
+    p.restore({"a": 0.0, "b": 100.0}, {}, [], [])
+    p.add(req("b1", "b"), 0.0)
+    p.add(req("a1", "a"), 0.0)
+    assert p.counters["a"] == 0.0
+
+
+def test_add_is_idempotent_for_queued_and_inflight_requests() -> None:
+    p = policy("vtc")
+    p.add(req("x"), 0.0)
+    p.add(req("x"), 0.0)
+    assert p.num_queued() == 1
+    assert [d.request_id for d in p.schedule(0.0, [pool(slots=4)]).dispatches] == ["x"]
+    p.add(req("x"), 1.0)  # redelivered after dispatch
+    assert p.num_queued() == 0
+    assert p.schedule(1.0, [pool(slots=4)]).dispatches == []
+    assert p.counters["a"] == 10.0
+
+
+def test_requeue_does_not_charge_the_input_twice() -> None:
+    p = policy("vtc")
+    p.add(req("x", inp=40), 0.0)
+    first = p.schedule(0.0, [pool()]).dispatches
+    assert first[0].charge == 40.0
+    p.on_progress("a", 3, 1.0)
+    p.requeue(req("x", inp=40, generated=3), 2.0)
+    assert p.num_queued("a") == 1
+    again = p.schedule(2.0, [pool()]).dispatches
+    assert [d.request_id for d in again] == ["x"] and again[0].charge == 0.0
+    assert p.counters["a"] == pytest.approx(40.0 + 2 * 3)
+    assert p.served["a"] == pytest.approx(40.0 + 2 * 3)
+
+
+def test_requeue_of_a_request_unknown_to_this_replica_is_not_charged_either() -> None:
+    p = policy("vtc")
+    p.requeue(req("x", inp=40), 0.0)
+    assert p.schedule(0.0, [pool()]).dispatches[0].charge == 0.0
+    assert p.counters["a"] == 0.0
+
+
+def test_cancel_drops_a_queued_request_only() -> None:
+    p = policy("vtc")
+    p.add(req("x"), 0.0)
+    p.add(req("y"), 0.0)
+    assert p.cancel("x").request_id == "x"
+    assert p.cancel("x") is None
+    assert p.num_queued() == 1 and p.num_queued("a") == 1
+    p.schedule(0.0, [pool()])
+    assert p.cancel("y") is None  # in flight: the worker's business
+
+
+def test_predicted_charging_prepays_the_p50_and_settles_at_finish() -> None:
+    p = policy("vtc", charge_predicted=True, w_out=2.0)
+    p.add(req("x", inp=10, out=30), 0.0)
+    d = p.schedule(0.0, [pool()]).dispatches[0]
+    assert d.charge == pytest.approx(10 + 2 * 30)
+    assert p.on_progress("a", 5, 1.0) == 0.0  # output already prepaid
+    assert p.served["a"] == pytest.approx(10 + 2 * 5)
+    assert p.on_finished("x", "a", 50, 2.0) == pytest.approx(2 * 20)
+    assert p.counters["a"] == pytest.approx(10 + 2 * 50)
+    assert p.on_finished("x", "a", 50, 3.0) == 0.0  # a repeated finish settles nothing
+
+
+def test_actual_charging_does_not_charge_again_at_finish() -> None:
+    p = policy("vtc")
+    p.add(req("x", inp=10), 0.0)
+    p.schedule(0.0, [pool()])
+    p.on_progress("a", 7, 1.0)
+    assert p.on_finished("x", "a", 7, 2.0) == 0.0
+    assert p.counters["a"] == pytest.approx(10 + 14)
+
+
+def test_restore_rebuilds_queues_without_lift_or_charge() -> None:
+    p = policy("vtc", charge_predicted=True)
+    queued = [req("q2", "b", arrival=2.0), req("q1", "b", arrival=1.0)]
+    inflight = [req("f1", "a", inp=10, out=20)]
+    p.restore({"a": 5.0, "b": 900.0}, {"a": 5.0, "b": 900.0}, queued, inflight)
+    assert p.counters == {"a": 5.0, "b": 900.0}
+    assert p.num_queued("b") == 2
+    assert [r.request_id for r in p.inflight_requests()] == ["f1"]
+    ds = p.schedule(3.0, [pool(slots=2)]).dispatches
+    assert [d.request_id for d in ds] == ["q1", "q2"]
+    assert p.counters["b"] == pytest.approx(900.0 + 2 * (10 + 2 * 10))
+    p.requeue(req("f1", "a", inp=10, out=20), 4.0)  # restored in-flight: input not charged again
+    assert p.schedule(4.0, [pool()]).dispatches[0].charge == 0.0
+    # The restored in-flight request's prepaid p50 is known again, so finishing settles it.
+    assert p.on_finished("f1", "a", 25, 5.0) == pytest.approx(2 * 5)
+
+
+def test_deadline_near_expiry_wins_over_cheaper_requests() -> None:
+    p = policy("rtlm", tail_slack=10.0, express_share=0.0, urgency_slack_s=1.0)
+    p.add(req("busy", arrival=0.0), 0.0)
+    for i in range(3):
+        p.add(req(f"cheap{i}", out=1, arrival=0.0), 0.0)
+    # 50 tokens at 10 ms (p90 at full batch) = 0.5 s of work: latest start 9.5, urgent from 8.5.
+    p.add(req("dl", out=50, arrival=0.0, deadline=10.0), 0.0)
+    assert order(p, 8.0, n=2) == ["busy", "cheap0"]
+    assert order(p, 8.6, n=1) == ["dl"]
+
+
+def test_request_that_can_no_longer_make_its_deadline_expires_if_it_asked() -> None:
+    for name in ("fcfs", "fairway"):
+        p = policy(name)
+        p.add(req("late", out=50, deadline=1.0, fail_if_late=True), 0.0)
+        p.add(req("keep", out=50, deadline=1.0), 0.0)
+        # Fastest finish: 1 ms prefill + 50 tokens * 10 ms = 0.501 s: hopeless after 0.499 s.
+        assert p.schedule(0.4, [pool(slots=0)]).expired == []
+        result = p.schedule(0.6, [pool(slots=0)])
+        assert [(e.request_id, e.reason) for e in result.expired] == [("late", "deadline")]
+        assert p.num_queued() == 1
+
+
+def test_tail_guard_stops_cheap_requests_from_starving_an_expensive_one() -> None:
+    """One slot, a cheap request arriving every 0.1 s forever: under pure shortest-first
+    the expensive request never runs; with the tail guard it runs once it has waited
+    about as long as FCFS would have made it wait (+10%)."""
+
+    def dispatch_time(**cfg) -> float | None:
+        p = policy("rtlm", express_share=0.0, aging_rate=0.0, **cfg)
+        p.add(req("busy", out=20, arrival=0.0), 0.0)  # 0.2 s of work at full batch
+        p.add(req("big", out=100, arrival=0.0), 0.0)
+        t = 0.0
+        for i in range(200):
+            t = round(t + 0.1, 6)
+            p.add(req(f"c{i}", out=2, arrival=t), t)
+            d = p.schedule(t, [pool()]).dispatches
+            if d and d[0].request_id == "big":
+                return t
+        return None
+
+    assert dispatch_time(tail_slack=1e9) is None  # starves without the guard
+    started = dispatch_time(tail_slack=0.1)
+    assert started is not None and started <= 0.1 + 0.5
+
+
+def test_aging_lets_an_old_request_pass_newer_cheaper_ones() -> None:
+    p = policy("rtlm", tail_slack=1e9, express_share=0.0, aging_rate=1.0)
+    p.add(req("busy", arrival=0.0), 0.0)
+    p.add(req("old", out=50, arrival=0.0), 0.0)  # cost 0.5 s
+    p.add(req("new", out=10, arrival=0.45), 0.45)  # cost 0.1 s, but 0.45 s younger
+    assert order(p, 1.0) == ["busy", "old", "new"]
+
+
+def test_consolidation_admits_by_predicted_length_not_max_tokens() -> None:
+    def admitted(name: str, **kw) -> list[int]:
+        p = policy(name, **kw)
+        for i in range(5):
+            p.add(req(f"r{i}", inp=500, out=100, p90=200, max_tokens=2000, arrival=i), i)
+        return [d.kv_tokens for d in p.schedule(10.0, [pool(slots=5, kv=3000)]).dispatches]
+
+    assert admitted("fcfs") == [2500]
+    assert admitted("rtlm") == [700, 700, 700, 700]
+    assert admitted("rtlm", kv_quantile="p50") == [600] * 5
+
+
+def test_request_waiting_for_kv_holds_the_pool_against_later_smaller_ones() -> None:
+    p = policy("fcfs")
+    p.add(req("big", inp=900, max_tokens=100, arrival=0.0), 0.0)
+    p.add(req("small", inp=10, max_tokens=10, arrival=1.0), 1.0)
+    assert p.schedule(1.0, [pool(slots=2, kv=500)]).dispatches == []
+    assert [d.request_id for d in p.schedule(2.0, [pool(slots=2, kv=1000)]).dispatches] == ["big"]
+
+
+def test_request_larger_than_any_worker_is_answered_not_kept_forever() -> None:
+    p = policy("fcfs")
+    p.add(req("huge", inp=5000), 0.0)
+    result = p.schedule(0.0, [pool(kv_capacity=4096)])
+    assert [(e.request_id, e.reason) for e in result.expired] == [("huge", "exceeds_kv_capacity")]
+    assert p.num_queued() == 0
+
+
+def test_placement_uses_the_cpu_only_when_it_finishes_sooner() -> None:
+    cpu = pool("cpu", slots=4, latency=CPU)
+
+    def placed(backlog: float, out: float, name: str = "rtlm") -> list[tuple[str, str]]:
+        p = policy(name, express_share=0.0)
+        p.add(req("x", out=out), 0.0)
+        gpu = pool("gpu", slots=0, running=4, backlog=backlog)
+        return [(d.request_id, d.pool) for d in p.schedule(0.0, [gpu, cpu]).dispatches]
+
+    # GPU: backlog + 1 ms + out * 10 ms; CPU: 10 ms + out * 50 ms.
+    assert placed(backlog=0.1, out=10) == []  # GPU 0.201 s < CPU 0.51 s: wait for the GPU
+    assert placed(backlog=1.0, out=10) == [("x", "cpu")]  # GPU 1.101 s > CPU 0.51 s
+    assert placed(backlog=1.0, out=100) == []  # GPU 2.001 s < CPU 5.01 s
+    assert placed(backlog=1.0, out=10, name="fcfs") == []  # no offloading
+    p = policy("rtlm")
+    p.add(req("x"), 0.0)
+    free_gpu = pool("gpu", slots=1)
+    assert [d.pool for d in p.schedule(0.0, [free_gpu, cpu]).dispatches] == ["gpu"]
+
+
+def test_placement_counts_the_requests_already_waiting_for_the_gpu() -> None:
+    p = policy("rtlm", express_share=0.0, tail_slack=10.0)
+    for i in range(30):
+        p.add(req(f"r{i}", out=10, arrival=0.0), 0.0)
+    gpu = pool("gpu", slots=0, running=4, backlog=0.05)
+    cpu = pool("cpu", slots=4, latency=CPU)
+    placed = [(d.request_id, d.pool) for d in p.schedule(0.0, [gpu, cpu]).dispatches]
+    # The k-th request in line expects the GPU at 0.05 + k * 0.101 s / 4 slots, plus 0.101 s
+    # to run; from k = 15 that is later than the CPU's 0.51 s, so r15..r18 fill the CPU.
+    assert placed == [(f"r{k}", "cpu") for k in range(15, 19)]
+    assert p.num_queued() == 26
+
+
+def test_non_offloading_policies_still_use_cpu_pools_when_there_is_no_gpu() -> None:
+    p = policy("fcfs")
+    p.add(req("x"), 0.0)
+    assert [d.pool for d in p.schedule(0.0, [pool("cpu", latency=CPU)]).dispatches] == ["cpu"]
+
+
+def test_static_batching_pool_groups_similar_predicted_lengths() -> None:
+    p = policy("rtlm", group_static=True, group_ratio=1.5, tail_slack=1e9, express_share=0.0)
+    for rid, out in (("a", 10), ("b", 12), ("c", 100), ("d", 14)):
+        p.add(req(rid, out=out), 0.0)
+    static = pool(slots=4, static_batching=True)
+    assert sorted(d.request_id for d in p.schedule(0.0, [static]).dispatches) == ["a", "b", "d"]
+
+
+def test_schedule_respects_free_slots_and_kv_per_pool() -> None:
+    p = policy("rtlm", express_share=0.0)
+    for i in range(10):
+        p.add(req(f"r{i}", inp=100, out=10, arrival=i * 0.001), 0.0)
+    result = p.schedule(0.0, [pool(slots=3, kv=10_000), pool("gpu2", kind="gpu", slots=5, kv=330)])
+    per_pool: dict[str, int] = {}
+    for d in result.dispatches:
+        per_pool[d.pool] = per_pool.get(d.pool, 0) + 1
+    assert per_pool == {"gpu": 3, "gpu2": 3}
+    assert p.num_queued() == 4
