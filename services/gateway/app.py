@@ -1,0 +1,549 @@
+"""The gateway: an OpenAI-compatible HTTP API in front of the AMQP pipeline.
+
+``create_app(settings)`` builds the FastAPI app without any I/O; its lifespan connects
+to RabbitMQ (retrying in the background, so ``/health`` answers at once) and closes
+everything on shutdown. ``serve(settings)`` runs it under uvicorn and drains in-flight
+requests on SIGTERM.
+
+Order of checks on the two completion routes: API key (401), Content-Type (415 unless
+``application/json`` or ``*+json``; a missing Content-Type is read as JSON), body size
+(413, from Content-Length and while reading), JSON and field types (400), model (404),
+settings-dependent limits (400), tenant admission (429), publish confirm (503), the
+first reply (an upstream error answers with its own status; 504 on timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from services import __version__
+from services.gateway.auth import KeyStore, bearer_token
+from services.gateway.backend import Backend, Submission
+from services.gateway.errors import (
+    ApiError,
+    ErrorResponse,
+    error_response,
+    error_type,
+    from_validation_error,
+    invalid,
+    model_not_found,
+    timed_out,
+    unauthorized,
+)
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.responses import (
+    ResponseMeta,
+    answer_error,
+    collect_answer,
+    completion_response,
+    sse_events,
+)
+from services.gateway.schemas import (
+    DEADLINE_HEADER,
+    AnyBody,
+    ChatCompletionBody,
+    CompletionBody,
+    check_body,
+    include_usage,
+    parse_body,
+    request_kind,
+    resolve_deadline_ms,
+    to_completion_request,
+)
+from services.logs import get_logger
+from services.messages import FinalAnswer
+from services.settings import Settings
+
+log = get_logger(__name__)
+
+SHUTDOWN_GRACE_S = 30.0
+"""How long SIGTERM waits for in-flight requests and streams before cancelling them."""
+REQUEST_ID_HEADER = "X-Request-Id"
+CLIENT_CLOSED_STATUS = 499
+"""Logged status for a client that went away (nginx's convention); nobody receives it."""
+
+
+@dataclass
+class GatewayState:
+    """What the route handlers share; reachable as ``app.state.gateway``."""
+
+    settings: Settings
+    keys: KeyStore
+    backend: Backend
+    metrics: GatewayMetrics
+    started_at: int
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was complete."""
+
+
+# --- pure request helpers --------------------------------------------------------------
+
+
+def authenticate(keys: KeyStore, authorization: str | None) -> str:
+    """Tenant of the request's API key; 401 when missing or unknown."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+    tenant = keys.lookup(token)
+    if tenant is None:
+        raise unauthorized("Invalid API key.")
+    return tenant
+
+
+def check_content_type(content_type: str | None) -> None:
+    """415 unless the body is declared as JSON (a missing Content-Type counts as JSON)."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise ApiError(
+        415,
+        f"Unsupported Content-Type {media!r}: send 'application/json'.",
+        reason="unsupported_media_type",
+        code="unsupported_media_type",
+    )
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body exceeds {limit} bytes.",
+        reason="too_large",
+        code="request_too_large",
+    )
+
+
+def check_content_length(content_length: str | None, limit: int) -> None:
+    if content_length is None:
+        return
+    text = content_length.strip()
+    if not text.isascii() or not text.isdigit():
+        raise invalid("Invalid Content-Length header.")
+    if int(text) > limit:
+        raise body_too_large(limit)
+
+
+def new_request_id(body: AnyBody) -> str:
+    prefix = "chatcmpl" if isinstance(body, ChatCompletionBody) else "cmpl"
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# --- I/O helpers -----------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes (413 beyond, also for chunked uploads)."""
+    check_content_length(request.headers.get("content-length"), limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
+    return b"".join(chunks)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race_client(
+    request: Request, work: Awaitable[Any], deadline: float, timeout_s: float
+) -> Any:
+    """Await ``work`` unless the client disconnects (ClientDisconnected) or ``deadline`` passes (504)."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_wait_disconnect(request))
+    loop = asyncio.get_running_loop()
+    try:
+        done, _ = await asyncio.wait(
+            {work_task, watch_task},
+            timeout=max(0.0, deadline - loop.time()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        for task in (work_task, watch_task):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(work_task, watch_task, return_exceptions=True)
+    if work_task in done:
+        return work_task.result()
+    if watch_task in done:
+        raise ClientDisconnected()
+    raise timed_out(timeout_s)
+
+
+async def close_submission(backend: Backend, submission: Submission) -> None:
+    """Close in a task of its own: it completes even if the caller is being cancelled."""
+    if submission.closed:
+        return
+    await asyncio.shield(backend.spawn(submission.close()))
+
+
+class SubmissionStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its submission, even if it never started."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], Coroutine[Any, Any, None]],
+        **kw: Any,
+    ):
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+# --- handlers --------------------------------------------------------------------------
+
+
+async def _complete(
+    request: Request, body_model: type[CompletionBody | ChatCompletionBody]
+) -> Response:
+    state: GatewayState = request.app.state.gateway
+    settings = state.settings
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.request_timeout_s
+    arrived_mono = time.monotonic()
+    now = time.time()
+
+    tenant = authenticate(state.keys, request.headers.get("authorization"))
+    check_content_type(request.headers.get("content-type"))
+    try:
+        raw = await read_body(request, settings.max_body_bytes)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+    body = parse_body(raw, body_model)
+    check_body(body, settings)
+    deadline_ms = resolve_deadline_ms(body.deadline_ms, request.headers.get(DEADLINE_HEADER))
+    request_id = new_request_id(body)
+    headers = {REQUEST_ID_HEADER: request_id}
+    completion = to_completion_request(
+        body,
+        request_id=request_id,
+        tenant=tenant,
+        now=now,
+        reply_to=state.backend.reply_queue_name,
+        max_model_len=settings.max_model_len,
+        default_seed=secrets.randbelow(2**31),
+        deadline_ms=deadline_ms,
+    )
+    meta = ResponseMeta(
+        request_id=request_id, kind=request_kind(body), model=body.model, created=int(now)
+    )
+    try:
+        submission = await state.backend.submit(completion, arrived_mono)
+        if body.stream:
+            return await _stream(
+                request, state, submission, meta, include_usage(body), deadline, headers
+            )
+        return await _answer(request, state, submission, meta, deadline, headers)
+    except ApiError as err:
+        err.headers.update(headers)
+        raise
+    except ClientDisconnected:
+        log.info("client_disconnected", request_id=request_id, tenant=tenant)
+        return Response(status_code=CLIENT_CLOSED_STATUS, headers=headers)
+
+
+async def _answer(
+    request: Request,
+    state: GatewayState,
+    submission: Submission,
+    meta: ResponseMeta,
+    deadline: float,
+    headers: dict[str, str],
+) -> Response:
+    timeout_s = state.settings.request_timeout_s
+    try:
+        text, final = await race_client(
+            request, collect_answer(submission.stream), deadline, timeout_s
+        )
+    finally:
+        await close_submission(state.backend, submission)
+    error = answer_error(final)
+    if error is not None:
+        raise error
+    return JSONResponse(completion_response(meta, text, final), headers=headers)
+
+
+async def _stream(
+    request: Request,
+    state: GatewayState,
+    submission: Submission,
+    meta: ResponseMeta,
+    with_usage: bool,
+    deadline: float,
+    headers: dict[str, str],
+) -> Response:
+    """Wait for the first reply before sending headers, so an early error keeps its status."""
+    backend = state.backend
+    stream = submission.stream
+    timeout_s = state.settings.request_timeout_s
+    try:
+        first = await race_client(request, stream.next(), deadline, timeout_s)
+    except BaseException:
+        await close_submission(backend, submission)
+        raise
+    if isinstance(first, FinalAnswer):
+        await close_submission(backend, submission)
+        error = answer_error(first)
+        if error is not None:
+            raise error
+
+    async def events() -> AsyncIterator[bytes]:
+        async for piece in sse_events(
+            meta, stream, first, include_usage=with_usage, deadline=deadline, timeout_s=timeout_s
+        ):
+            if stream.final is not None and not submission.closed:
+                # The final answer is read: free the slot before the last bytes go out.
+                await close_submission(backend, submission)
+            yield piece
+
+    return SubmissionStreamingResponse(
+        events(),
+        on_close=lambda: close_submission(backend, submission),
+        media_type="text/event-stream",
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def completions(request: Request) -> Response:
+    return await _complete(request, CompletionBody)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _complete(request, ChatCompletionBody)
+
+
+def _model_card(state: GatewayState) -> dict[str, Any]:
+    return {
+        "id": state.settings.model_name,
+        "object": "model",
+        "created": state.started_at,
+        "owned_by": "fairway",
+        "max_model_len": state.settings.max_model_len,
+    }
+
+
+async def list_models(request: Request) -> Response:
+    state: GatewayState = request.app.state.gateway
+    authenticate(state.keys, request.headers.get("authorization"))
+    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+
+async def retrieve_model(request: Request, model: str) -> Response:
+    state: GatewayState = request.app.state.gateway
+    authenticate(state.keys, request.headers.get("authorization"))
+    if model != state.settings.model_name:
+        raise model_not_found(model)
+    return JSONResponse(_model_card(state))
+
+
+async def health() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    state: GatewayState = request.app.state.gateway
+    checks = await state.backend.readiness(time.time())
+    ok = all(checks.values())
+    return JSONResponse(
+        {"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503
+    )
+
+
+async def metrics(request: Request) -> Response:
+    state: GatewayState = request.app.state.gateway
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- app -------------------------------------------------------------------------------
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "model": ErrorResponse}
+    for status, description in {
+        400: "Invalid request (OpenAI error object)",
+        401: "Missing or invalid API key",
+        404: "Unknown model",
+        413: "Body too large",
+        415: "Content-Type is not JSON",
+        429: "Too many requests in flight for this tenant (Retry-After)",
+        503: "Broker or Redis unavailable (Retry-After)",
+        504: "Timed out",
+    }.items()
+}
+
+
+def _body_spec(model: type[Any]) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+        "security": [{"bearerAuth": []}],
+    }
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """OpenAPI with the request bodies (parsed by hand for check order) and bearer auth."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            _, defs = models_json_schema(
+                [(CompletionBody, "validation"), (ChatCompletionBody, "validation")],
+                ref_template="#/components/schemas/{model}",
+            )
+            components = spec.setdefault("components", {})
+            components.setdefault("schemas", {}).update(defs.get("$defs", {}))
+            components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+            # Path-parameter errors are answered as 400 OpenAI errors, never FastAPI's 422.
+            for operations in spec.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                components["schemas"].pop(name, None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    return build
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway app; no I/O until its lifespan starts."""
+    keys = KeyStore.from_config(settings.api_keys, settings.api_keys_file)
+    if not len(keys):
+        log.warning(
+            "no_api_keys",
+            detail="set FAIRWAY_API_KEYS or FAIRWAY_API_KEYS_FILE; every request gets 401",
+        )
+    gateway_metrics = GatewayMetrics(settings.model_name)
+    backend = Backend(settings, gateway_metrics)
+    state = GatewayState(settings, keys, backend, gateway_metrics, started_at=int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        backend.start()
+        log.info("gateway_started", model=settings.model_name, tenants=len(keys.tenants))
+        try:
+            yield
+        finally:
+            await backend.close()
+            log.info("gateway_stopped")
+
+    app = FastAPI(
+        title="Fairway gateway",
+        version=__version__,
+        description="OpenAI-compatible completions over a fair, multi-tenant AMQP pipeline.",
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+
+    app.add_api_route(
+        "/v1/completions", completions, methods=["POST"], responses=_ERROR_RESPONSES,
+        openapi_extra=_body_spec(CompletionBody), summary="Create a completion",
+    )  # fmt: skip
+    app.add_api_route(
+        "/v1/chat/completions", chat_completions, methods=["POST"], responses=_ERROR_RESPONSES,
+        openapi_extra=_body_spec(ChatCompletionBody), summary="Create a chat completion",
+    )  # fmt: skip
+    bearer = {"security": [{"bearerAuth": []}]}
+    model_errors = {status: _ERROR_RESPONSES[status] for status in (401, 404)}
+    app.add_api_route(
+        "/v1/models", list_models, methods=["GET"], openapi_extra=bearer, responses=model_errors
+    )
+    app.add_api_route(
+        "/v1/models/{model:path}",
+        retrieve_model,
+        methods=["GET"],
+        openapi_extra=bearer,
+        responses=model_errors,
+    )
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route(
+        "/ready", ready, methods=["GET"], responses={503: {"description": "Not ready"}}
+    )
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError) -> Response:
+        gateway_metrics.reject(err.reason)
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        err = from_validation_error(exc)
+        gateway_metrics.reject(err.reason)
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        status = exc.status_code
+        if status == 404:
+            message = f"Unknown request URL: {request.method} {request.url.path}"
+            reason, code = "not_found", "unknown_url"
+        else:
+            message, reason, code = str(exc.detail), f"http_{status}", None
+        err = ApiError(
+            status, message, reason=reason, code=code, type=error_type(status), headers=exc.headers
+        )
+        gateway_metrics.reject(err.reason)
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled_error", path=request.url.path)
+        gateway_metrics.reject("internal_error")
+        return error_response(ApiError(500, "Internal server error.", reason="internal_error"))
+
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    """Run the gateway until SIGTERM/SIGINT; then stop accepting and drain for ``grace_s``."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(grace_s),
+    )
+    await uvicorn.Server(config).serve()

@@ -1,0 +1,140 @@
+"""API keys -> tenants. Keys are kept only as SHA-256 digests and compared in constant time.
+
+Two sources, merged: ``settings.api_keys`` (``tenant:key,tenant2:key2``, plain keys for
+development, hashed at load) and ``settings.api_keys_file``::
+
+    {"tenants": {"acme": {"key_sha256": "<64 hex>", "weight": 1.0}}}
+
+``key_sha256`` may also be a list, for key rotation. The tenant of a request comes only
+from its key; nothing a client writes in the body can change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""Tenant names end up in Redis keys and metric labels, so they stay short and plain."""
+
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_key(key: str) -> str:
+    """Hex SHA-256 of an API key, the only form in which keys are stored."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header, or None when absent or malformed."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+@dataclass(slots=True)
+class _Entry:
+    digest: bytes
+    tenant: str
+
+
+@dataclass
+class KeyStore:
+    """Digest -> tenant table with a lookup whose time does not depend on which key matched."""
+
+    _entries: list[_Entry] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
+    """Tenant weights from the keys file (1.0 for tenants from the env string)."""
+
+    def add(self, tenant: str, key_sha256: str, weight: float = 1.0) -> None:
+        if not TENANT_NAME.match(tenant):
+            raise ValueError(f"invalid tenant name {tenant!r}: use letters, digits, '_', '.', '-'")
+        digest_hex = key_sha256.lower()
+        if not _HEX_DIGEST.match(digest_hex):
+            raise ValueError(f"tenant {tenant!r}: key_sha256 must be 64 hex characters")
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ValueError(f"tenant {tenant!r}: weight must be a number")
+        if not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"tenant {tenant!r}: weight must be finite and > 0")
+        digest = bytes.fromhex(digest_hex)
+        for entry in self._entries:
+            if hmac.compare_digest(entry.digest, digest) and entry.tenant != tenant:
+                raise ValueError(
+                    f"one API key is configured for tenants {entry.tenant!r} and {tenant!r}"
+                )
+        self._entries.append(_Entry(digest, tenant))
+        self.weights[tenant] = float(weight)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def tenants(self) -> set[str]:
+        return {entry.tenant for entry in self._entries}
+
+    def lookup(self, key: str) -> str | None:
+        """Tenant of ``key``, or None. Compares against every entry, without early exit."""
+        candidate = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        found: str | None = None
+        for entry in self._entries:
+            if hmac.compare_digest(entry.digest, candidate):
+                found = entry.tenant
+        return found
+
+    @classmethod
+    def from_config(cls, api_keys: str = "", api_keys_file: Path | None = None) -> KeyStore:
+        store = cls()
+        for tenant, key in parse_api_keys(api_keys):
+            store.add(tenant, hash_key(key))
+        if api_keys_file is not None:
+            load_keys_file(store, json.loads(Path(api_keys_file).read_text(encoding="utf-8")))
+        return store
+
+
+def parse_api_keys(spec: str) -> list[tuple[str, str]]:
+    """``"a:key1, b:key2"`` -> ``[("a", "key1"), ("b", "key2")]``; a key may contain ':'."""
+    pairs = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        tenant, sep, key = item.partition(":")
+        tenant, key = tenant.strip(), key.strip()
+        if not sep or not tenant or not key:
+            raise ValueError(f"api_keys entry {item.split(':')[0]!r}...: expected 'tenant:key'")
+        pairs.append((tenant, key))
+    return pairs
+
+
+def load_keys_file(store: KeyStore, data: Any) -> None:
+    """Add the tenants of a parsed keys file to ``store``; raises ValueError on a bad shape."""
+    tenants = data.get("tenants") if isinstance(data, dict) else None
+    if not isinstance(tenants, dict):
+        raise ValueError('api keys file: expected {"tenants": {name: {"key_sha256": ...}}}')
+    for tenant, spec in tenants.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"api keys file: tenant {tenant!r} must map to an object")
+        digests = spec.get("key_sha256")
+        if isinstance(digests, str):
+            digests = [digests]
+        if (
+            not isinstance(digests, list)
+            or not digests
+            or not all(isinstance(d, str) for d in digests)
+        ):
+            raise ValueError(
+                f"api keys file: tenant {tenant!r} needs key_sha256 (a hex string or a list)"
+            )
+        weight = spec.get("weight", 1.0)
+        for digest in digests:
+            store.add(tenant, digest, weight)

@@ -1,0 +1,190 @@
+"""OpenAI response shapes and Server-Sent Events, built from reply messages.
+
+Completions answer ``text_completion`` objects (streamed as ``text_completion`` chunks);
+chat answers ``chat.completion`` (streamed as ``chat.completion.chunk``, the first chunk
+carrying ``delta.role``). A stream ends with ``data: [DONE]``; with
+``stream_options.include_usage`` every chunk has ``"usage": null`` and one last chunk
+with empty ``choices`` carries the usage. An error after the headers went out is sent as
+an ``{"error": {...}}`` event before ``[DONE]``, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from services.gateway.errors import ApiError, timed_out
+from services.gateway.replies import TimedReplies
+from services.messages import FinalAnswer, RequestKind, TokenChunk
+from services.replies import Reply
+
+SSE_DONE = b"data: [DONE]\n\n"
+_FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseMeta:
+    """What every response object of one request repeats."""
+
+    request_id: str
+    kind: RequestKind
+    model: str
+    created: int
+
+
+def answer_error(final: FinalAnswer) -> ApiError | None:
+    """The client-facing error of a FinalAnswer, or None when it finished normally."""
+    if final.error is None and final.finish_reason in _FINISH_REASONS:
+        return None
+    if final.error is not None:
+        status = final.error.status if 400 <= final.error.status <= 599 else 500
+        return ApiError(
+            status,
+            final.error.message,
+            reason="upstream_error",
+            type=final.error.type,
+            code=final.error.code,
+        )
+    return ApiError(
+        503, "The request was cancelled before it finished.", reason="cancelled", code="cancelled"
+    )
+
+
+def usage(final: FinalAnswer) -> dict[str, int]:
+    return {
+        "prompt_tokens": final.prompt_tokens,
+        "completion_tokens": final.completion_tokens,
+        "total_tokens": final.prompt_tokens + final.completion_tokens,
+    }
+
+
+def finish_reason(final: FinalAnswer) -> str:
+    return _FINISH_REASONS[final.finish_reason]
+
+
+def completion_response(meta: ResponseMeta, text: str, final: FinalAnswer) -> dict[str, Any]:
+    """The non-streaming body for a successful FinalAnswer."""
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason(final)}
+    if meta.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+        obj = "chat.completion"
+    else:
+        choice["text"] = text
+        obj = "text_completion"
+    return {
+        "id": meta.request_id,
+        "object": obj,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+        "usage": usage(final),
+    }
+
+
+def stream_chunk(
+    meta: ResponseMeta,
+    *,
+    text: str = "",
+    role: bool = False,
+    finish: str | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    """One streamed chunk: text and/or a finish reason (chat: ``delta``; first has the role)."""
+    choice: dict[str, Any] = {"index": 0}
+    if meta.kind == "chat":
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+            delta["content"] = text
+        elif text:
+            delta["content"] = text
+        choice["delta"] = delta
+        obj = "chat.completion.chunk"
+    else:
+        choice["text"] = text
+        obj = "text_completion"
+    choice["logprobs"] = None
+    choice["finish_reason"] = finish
+    chunk: dict[str, Any] = {
+        "id": meta.request_id,
+        "object": obj,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(meta: ResponseMeta, final: FinalAnswer) -> dict[str, Any]:
+    return {
+        "id": meta.request_id,
+        "object": "chat.completion.chunk" if meta.kind == "chat" else "text_completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [],
+        "usage": usage(final),
+    }
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    """One ``data:`` event. Text is valid UTF-8 here: it was decoded from msgpack."""
+    return (
+        b"data: "
+        + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        + b"\n\n"
+    )
+
+
+async def collect_answer(stream: TimedReplies) -> tuple[str, FinalAnswer]:
+    """Read a request's replies up to its FinalAnswer; returns the joined text."""
+    parts: list[str] = []
+    while True:
+        reply = await stream.next()
+        if isinstance(reply, FinalAnswer):
+            return "".join(parts), reply
+        parts.append(reply.text)
+
+
+async def sse_events(
+    meta: ResponseMeta,
+    stream: TimedReplies,
+    first: Reply,
+    *,
+    include_usage: bool,
+    deadline: float,
+    timeout_s: float,
+) -> AsyncIterator[bytes]:
+    """SSE bytes for a request whose first reply (``first``) was already read.
+
+    ``deadline`` is in event-loop time; when it passes, an error event ends the stream
+    (the caller sees no final answer and cancels downstream).
+    """
+    if meta.kind == "chat":
+        yield sse(stream_chunk(meta, role=True, include_usage=include_usage))
+    reply: Reply = first
+    while True:
+        if isinstance(reply, FinalAnswer):
+            error = answer_error(reply)
+            if error is not None:
+                yield sse(error.body())
+            else:
+                yield sse(
+                    stream_chunk(meta, finish=finish_reason(reply), include_usage=include_usage)
+                )
+                if include_usage:
+                    yield sse(usage_chunk(meta, reply))
+            break
+        if isinstance(reply, TokenChunk) and reply.text:
+            yield sse(stream_chunk(meta, text=reply.text, include_usage=include_usage))
+        try:
+            async with asyncio.timeout_at(deadline):
+                reply = await stream.next()
+        except TimeoutError:
+            yield sse(timed_out(timeout_s).body())
+            break
+    yield SSE_DONE

@@ -1,0 +1,300 @@
+"""Request bodies of the OpenAI-compatible API and their mapping to a CompletionRequest.
+
+The pydantic models give the OpenAPI spec and strict type checks (no string-to-number
+coercion, no NaN/Inf); the functions below add the checks that need settings and build
+the wire message. Everything here is pure and raises :class:`ApiError` for the client.
+
+Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``ignore_eos``,
+``stop_token_ids``, ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms``
+header, the smaller wins) and ``fail_if_late``. Unknown fields are ignored, as OpenAI
+servers do; known OpenAI features that Fairway does not implement are refused with a 400
+instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from services.gateway.errors import ApiError, from_validation_error, invalid, model_not_found
+from services.messages import ChatMessage, CompletionRequest, RequestKind, SamplingParams
+from services.settings import Settings
+
+MAX_STOP_SEQUENCES = 4
+"""OpenAI's limit on ``stop`` strings."""
+MAX_STOP_TOKEN_IDS = 256
+MAX_TOKEN_ID = 2**31 - 1
+MAX_DEADLINE_MS = 24 * 3600 * 1000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+"""OpenAI's default for /v1/completions."""
+DEFAULT_CHAT_MAX_TOKENS = 256
+"""Chat default (capped at the context length). Not vLLM's "rest of the context": the
+gateway cannot count prompt tokens, and the scorer rejects prompt + max_tokens > context."""
+DEADLINE_HEADER = "x-fairway-deadline-ms"
+
+
+def _no_surrogates(value: str) -> str:
+    # Lone surrogates survive json.loads but cannot be encoded to UTF-8 (msgpack, logs).
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("string contains unpaired UTF-16 surrogates") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_surrogates)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_no_surrogates)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+
+
+def _one_or_many(value: Any) -> Any:
+    # "x" and ["x"] mean the same; normalising before validation keeps error paths plain
+    # ("prompt.0") instead of pydantic's per-union-branch paths. ValueError, not
+    # TypeError: only the former becomes a validation error (400) in pydantic.
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("must be a string or a list of strings")
+    return value
+
+
+def _content_parts(value: Any) -> Any:
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    if not isinstance(value, list):
+        raise ValueError("must be a string or a list of text parts")
+    return value
+
+
+TextOrList = Annotated[
+    list[NonEmptyText],
+    BeforeValidator(_one_or_many, json_schema_input_type=NonEmptyText | list[NonEmptyText]),
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = False
+
+
+class _SamplingFields(_Body):
+    """Fields shared by both endpoints."""
+
+    model: Text
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: TextOrList | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: Text | None = None
+    """Accepted for compatibility and ignored: the tenant comes from the API key."""
+    # Extensions (vLLM-style extra fields)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOKEN_ID)
+    ignore_eos: bool | None = False
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    deadline_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)
+    fail_if_late: bool | None = False
+
+
+class CompletionBody(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: TextOrList
+    best_of: int | None = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    suffix: Text | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessageBody(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[
+        list[TextPart],
+        BeforeValidator(_content_parts, json_schema_input_type=Text | list[TextPart]),
+    ]
+    name: Text | None = None
+
+
+class ChatCompletionBody(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessageBody] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+AnyBody = CompletionBody | ChatCompletionBody
+B = TypeVar("B", CompletionBody, ChatCompletionBody)
+
+
+def parse_body(raw: bytes, model_cls: type[B]) -> B:
+    """JSON bytes -> validated body; malformed JSON and wrong types are 400s."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "cannot be decoded"
+        raise invalid(
+            f"The request body is not valid JSON: {detail}.", code="invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _unsupported(param: str, what: str) -> ApiError:
+    return invalid(f"{what} is not supported by this server.", param=param, code="unsupported")
+
+
+def check_body(body: AnyBody, settings: Settings) -> None:
+    """Checks that need settings or span fields: model, limits, unsupported features."""
+    if body.model != settings.model_name:
+        raise model_not_found(body.model)
+    max_tokens = requested_max_tokens(body)
+    if max_tokens is not None and max_tokens > settings.max_model_len:
+        param = "max_completion_tokens" if body.max_tokens is None else "max_tokens"
+        raise invalid(
+            f"{param} ({max_tokens}) exceeds the model's context length ({settings.max_model_len}).",
+            param=param,
+        )
+    if body.n not in (None, 1):
+        raise invalid("Only n=1 is supported.", param="n", code="unsupported")
+    if body.stop is not None and len(body.stop) > MAX_STOP_SEQUENCES:
+        raise invalid(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.", param="stop")
+    if body.stream_options is not None and not body.stream:
+        raise invalid("stream_options is only allowed when stream is true.", param="stream_options")
+    if body.presence_penalty or body.frequency_penalty:
+        raise _unsupported(
+            "presence_penalty" if body.presence_penalty else "frequency_penalty", "A penalty"
+        )
+    if body.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias")
+    if isinstance(body, CompletionBody):
+        if len(body.prompt) != 1:
+            raise invalid(
+                "Only one prompt per request is supported (a string or a list of one string).",
+                param="prompt",
+                code="unsupported",
+            )
+        if body.best_of not in (None, 1):
+            raise _unsupported("best_of", "best_of other than 1")
+        if body.echo:
+            raise _unsupported("echo", "echo")
+        if body.logprobs is not None:
+            raise _unsupported("logprobs", "logprobs")
+        if body.suffix:
+            raise _unsupported("suffix", "suffix")
+    else:
+        if body.logprobs or body.top_logprobs is not None:
+            raise _unsupported("logprobs", "logprobs")
+        if body.tools:
+            raise _unsupported("tools", "Tool calling")
+
+
+def requested_max_tokens(body: AnyBody) -> int | None:
+    if isinstance(body, ChatCompletionBody) and body.max_completion_tokens is not None:
+        return body.max_completion_tokens
+    return body.max_tokens
+
+
+def resolve_max_tokens(body: AnyBody, max_model_len: int) -> int:
+    """The client's value, else the endpoint's default."""
+    requested = requested_max_tokens(body)
+    if requested is not None:
+        return requested
+    if isinstance(body, CompletionBody):
+        return min(DEFAULT_COMPLETION_MAX_TOKENS, max_model_len)
+    return min(DEFAULT_CHAT_MAX_TOKENS, max_model_len)
+
+
+def resolve_deadline_ms(body_value: int | None, header_value: str | None) -> int | None:
+    """Relative deadline from the body and/or ``X-Fairway-Deadline-Ms``; the smaller wins."""
+    values = [] if body_value is None else [body_value]
+    if header_value is not None:
+        text = header_value.strip()
+        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_DEADLINE_MS:
+            raise invalid(
+                f"X-Fairway-Deadline-Ms must be an integer between 1 and {MAX_DEADLINE_MS}.",
+                param="X-Fairway-Deadline-Ms",
+            )
+        values.append(int(text))
+    return min(values) if values else None
+
+
+def _message_text(content: list[TextPart]) -> str:
+    return "".join(part.text for part in content)
+
+
+def request_kind(body: AnyBody) -> RequestKind:
+    return "chat" if isinstance(body, ChatCompletionBody) else "completion"
+
+
+def to_completion_request(
+    body: AnyBody,
+    *,
+    request_id: str,
+    tenant: str,
+    now: float,
+    reply_to: str,
+    max_model_len: int,
+    default_seed: int,
+    deadline_ms: int | None,
+) -> CompletionRequest:
+    """The wire message for a checked body. ``tenant`` comes from the API key only.
+
+    ``default_seed`` is used when the client sent none, so that a re-run after a worker
+    crash samples the same tokens.
+    """
+    sampling = SamplingParams(
+        max_tokens=resolve_max_tokens(body, max_model_len),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=default_seed if body.seed is None else body.seed,
+        stop=list(body.stop or []),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=bool(body.ignore_eos),
+    )
+    request = CompletionRequest(
+        request_id=request_id,
+        tenant=tenant,
+        model=body.model,
+        kind=request_kind(body),
+        sampling=sampling,
+        created=now,
+        deadline=None if deadline_ms is None else now + deadline_ms / 1000.0,
+        fail_if_late=bool(body.fail_if_late),
+        reply_to=reply_to,
+    )
+    if isinstance(body, ChatCompletionBody):
+        request.messages = [
+            ChatMessage(role=m.role, content=_message_text(m.content)) for m in body.messages
+        ]
+    else:
+        request.prompt = body.prompt[0]
+    return request
+
+
+def include_usage(body: AnyBody) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)

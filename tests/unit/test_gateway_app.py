@@ -1,0 +1,193 @@
+"""HTTP paths that end before any I/O (the app's lifespan is never started here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.gateway.app import check_content_type, create_app
+from services.gateway.errors import ApiError
+from services.settings import Settings
+
+MODEL = "test-model"
+KEY = {"Authorization": "Bearer key-a"}
+
+
+@pytest.fixture
+def client() -> TestClient:
+    settings = Settings(
+        model_name=MODEL, api_keys="acme:key-a,beta:key-b", max_body_bytes=2000, max_model_len=64
+    )
+    return TestClient(create_app(settings))  # no `with`: lifespan (AMQP, Redis) never starts
+
+
+def assert_openai_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-a"}]
+)
+def test_missing_or_bad_key_is_401(client: TestClient, path: str, headers: dict[str, str]) -> None:
+    response = client.post(path, json={"model": MODEL, "prompt": "x"}, headers=headers)
+    assert_openai_error(response, 401, "invalid_api_key")
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_auth_comes_before_body_checks(client: TestClient) -> None:
+    assert_openai_error(client.post("/v1/completions", content=b"{broken"), 401)
+
+
+def test_models_need_a_key(client: TestClient) -> None:
+    assert_openai_error(client.get("/v1/models"), 401)
+    listing = client.get("/v1/models", headers=KEY).json()
+    assert [m["id"] for m in listing["data"]] == [MODEL] and listing["object"] == "list"
+    assert client.get(f"/v1/models/{MODEL}", headers=KEY).json()["id"] == MODEL
+    assert_openai_error(client.get("/v1/models/other/model", headers=KEY), 404, "model_not_found")
+
+
+def test_body_over_limit_is_413_from_content_length(client: TestClient) -> None:
+    response = client.post(
+        "/v1/completions", content=b"x" * 2001, headers={**KEY, "content-type": "application/json"}
+    )
+    assert_openai_error(response, 413, "request_too_large")
+
+
+def test_chunked_body_over_limit_is_413(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b" " * 500
+
+    response = client.post(
+        "/v1/completions", content=chunks(), headers={**KEY, "content-type": "application/json"}
+    )
+    assert_openai_error(response, 413, "request_too_large")
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+def test_wrong_content_type_is_415(client: TestClient, content_type: str) -> None:
+    response = client.post(
+        "/v1/completions", content=b"{}", headers={**KEY, "content-type": content_type}
+    )
+    assert_openai_error(response, 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/json", "application/json; charset=utf-8", "application/vnd.x+json"],
+)
+def test_json_content_types_are_accepted(content_type: str | None) -> None:
+    check_content_type(content_type)
+
+
+def test_malformed_json_is_400(client: TestClient) -> None:
+    response = client.post(
+        "/v1/completions",
+        content=b'{"model": ',
+        headers={**KEY, "content-type": "application/json"},
+    )
+    assert_openai_error(response, 400, "invalid_json")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "test-model", "prompt": "x", "temperature": NaN}',
+        b'{"model": "test-model", "prompt": "x", "max_tokens": 0}',
+        b'{"model": "test-model", "prompt": "x", "max_tokens": 65}',
+        b'{"model": "test-model", "messages": []}',
+    ],
+)
+def test_invalid_fields_are_400(client: TestClient, body: bytes) -> None:
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    assert_openai_error(
+        client.post(path, content=body, headers={**KEY, "content-type": "application/json"}), 400
+    )
+
+
+def test_unknown_model_is_404(client: TestClient) -> None:
+    response = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}, headers=KEY)
+    assert_openai_error(response, 404, "model_not_found")
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    assert_openai_error(client.get("/v1/nothing"), 404, "unknown_url")
+    assert_openai_error(client.get("/v1/completions"), 405)
+
+
+def test_valid_request_without_broker_is_503_with_request_id(client: TestClient) -> None:
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        headers=KEY,
+    )
+    assert_openai_error(response, 503, "service_unavailable")
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["x-request-id"].startswith("chatcmpl-")
+
+
+def test_health_and_metrics(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    text = client.get("/metrics").text
+    for name in (
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:request_success_total",
+    ):
+        assert f"# TYPE {name.removesuffix('_total')}" in text
+    assert 'fairway:gateway_requests_rejected_total{reason="unauthorized"} 1.0' in text
+
+
+def test_openapi_documents_bodies_and_no_422(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for path, model in (
+        ("/v1/completions", "CompletionBody"),
+        ("/v1/chat/completions", "ChatCompletionBody"),
+    ):
+        operation = spec["paths"][path]["post"]
+        ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{model}"
+        assert {"400", "401", "404", "413", "415", "429", "503"} <= set(operation["responses"])
+    assert {"ChatMessageBody", "StreamOptions", "TextPart", "ErrorResponse"} <= set(schemas)
+    text = str(spec)
+    assert "'422'" not in text and "$defs" not in text
+
+
+def test_api_error_keeps_headers() -> None:
+    err = ApiError(429, "slow down", reason="tenant_limit", headers={"Retry-After": "1"})
+    assert err.body() == {
+        "error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": None}
+    }
+
+
+def test_gateway_does_not_import_torch() -> None:
+    code = (
+        "import sys, services.gateway.app; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )

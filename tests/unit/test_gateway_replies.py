@@ -1,0 +1,64 @@
+"""The gateway's view of a reply stream: ordered replies (services.replies) plus read times."""
+
+from __future__ import annotations
+
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.replies import TimedReplies
+from services.messages import FinalAnswer, TokenChunk
+from services.replies import ReplyStream
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def tok(seq: int) -> TokenChunk:
+    return TokenChunk(request_id="r", seq=seq, text=f"<{seq}>", token_ids=[seq])
+
+
+def final(seq: int, reason: str = "length", **fields) -> FinalAnswer:
+    return FinalAnswer(request_id="r", seq=seq, finish_reason=reason, **fields)
+
+
+async def test_read_times_of_first_token_and_final() -> None:
+    clock = FakeClock()
+    stream = ReplyStream("r")
+    replies = TimedReplies(stream, opened_at=99.0, clock=clock)
+    for reply in (tok(0), tok(0), tok(1), final(2, prompt_tokens=5, completion_tokens=2)):
+        stream.offer(reply)
+    assert replies.arrived and replies.final is None
+
+    clock.now = 100.5
+    assert (await replies.next()).seq == 0
+    clock.now = 101.0
+    assert (await replies.next()).seq == 1  # the repeated seq 0 was dropped
+    clock.now = 102.0
+    last = await replies.next()
+    assert isinstance(last, FinalAnswer)
+    assert (replies.first_token_at, replies.final_at, replies.final) == (100.5, 102.0, last)
+
+
+def test_metrics_from_a_finished_stream() -> None:
+    metrics = GatewayMetrics("m")
+    replies = TimedReplies(ReplyStream("r"), opened_at=10.0)
+    replies.first_token_at, replies.final_at = 10.25, 12.0
+    replies.final = final(3, "stop", prompt_tokens=5, completion_tokens=3)
+    metrics.observe_finished(replies)
+    errored = TimedReplies(ReplyStream("e"), opened_at=0.0)
+    errored.final = final(0, "error")
+    metrics.observe_finished(errored)  # not a success: nothing recorded
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"model_name": "m", **labels})
+
+    assert value("vllm:time_to_first_token_seconds_sum") == 0.25
+    assert value("vllm:e2e_request_latency_seconds_sum") == 2.0
+    assert value("vllm:e2e_request_latency_seconds_count") == 1.0
+    assert value("vllm:prompt_tokens_total") == 5.0
+    assert value("vllm:generation_tokens_total") == 3.0
+    assert value("vllm:request_success_total", finished_reason="stop") == 1.0
+    assert value("vllm:request_success_total", finished_reason="error") is None

@@ -1,0 +1,198 @@
+"""OpenAI response shapes and SSE streams built from reply messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from services.gateway.replies import TimedReplies
+from services.gateway.responses import (
+    SSE_DONE,
+    ResponseMeta,
+    answer_error,
+    collect_answer,
+    completion_response,
+    sse,
+    sse_events,
+)
+from services.messages import ErrorInfo, FinalAnswer, TokenChunk
+from services.replies import ReplyStream
+
+COMPLETION = ResponseMeta(request_id="cmpl-1", kind="completion", model="m", created=1700)
+CHAT = ResponseMeta(request_id="chatcmpl-1", kind="chat", model="m", created=1700)
+
+
+def tok(seq: int, text: str) -> TokenChunk:
+    return TokenChunk(request_id="r", seq=seq, text=text, token_ids=[seq])
+
+
+def done(seq: int, reason: str = "stop", error: ErrorInfo | None = None) -> FinalAnswer:
+    return FinalAnswer(
+        request_id="r",
+        seq=seq,
+        finish_reason=reason,
+        prompt_tokens=4,
+        completion_tokens=seq,
+        error=error,
+    )
+
+
+def filled(*replies: TokenChunk | FinalAnswer) -> TimedReplies:
+    stream = ReplyStream("r")
+    for reply in replies:
+        stream.offer(reply)
+    return TimedReplies(stream, opened_at=0.0)
+
+
+async def run_sse(
+    meta: ResponseMeta,
+    stream: TimedReplies,
+    *,
+    include_usage: bool = False,
+    deadline_in: float = 5.0,
+):
+    """Events of one stream, decoded; ``[DONE]`` stays a string."""
+    first = await stream.next()
+    deadline = asyncio.get_running_loop().time() + deadline_in
+    raw = [
+        e
+        async for e in sse_events(
+            meta, stream, first, include_usage=include_usage, deadline=deadline, timeout_s=7
+        )
+    ]
+    events: list[Any] = []
+    for event in raw:
+        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+        payload = event[6:-2].decode()
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_completion_body_shape() -> None:
+    body = completion_response(COMPLETION, "abc", done(3, "length"))
+    assert body == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1700,
+        "model": "m",
+        "choices": [{"index": 0, "logprobs": None, "finish_reason": "length", "text": "abc"}],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
+    }
+
+
+def test_chat_body_shape() -> None:
+    body = completion_response(CHAT, "hi", done(1))
+    assert body["object"] == "chat.completion"
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "hi"},
+        }
+    ]
+
+
+def test_answer_error_mapping() -> None:
+    assert answer_error(done(2, "stop")) is None
+    assert answer_error(done(2, "length")) is None
+    err = answer_error(
+        done(
+            0,
+            "error",
+            ErrorInfo(message="prompt too long", status=400, code="context_length_exceeded"),
+        )
+    )
+    assert err is not None and (err.status, err.code, err.message) == (
+        400,
+        "context_length_exceeded",
+        "prompt too long",
+    )
+    err = answer_error(done(0, "error", ErrorInfo(message="weird", status=200)))
+    assert err is not None and err.status == 500
+    err = answer_error(done(0, "cancelled"))
+    assert err is not None and err.status == 503
+
+
+async def test_collect_answer_joins_text() -> None:
+    text, final = await collect_answer(filled(tok(0, "a"), tok(1, "b"), done(2)))
+    assert (text, final.seq) == ("ab", 2)
+
+
+async def test_completion_stream_with_usage() -> None:
+    events = await run_sse(
+        COMPLETION, filled(tok(0, "a"), tok(1, ""), tok(2, "b"), done(3)), include_usage=True
+    )
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and c["id"] == "cmpl-1" for c in chunks)
+    assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["a", "b", ""]  # empty chunk skipped
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None, None, "stop"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+async def test_chat_stream_starts_with_role_and_has_no_usage_by_default() -> None:
+    events = await run_sse(CHAT, filled(tok(0, "he"), tok(1, "llo"), done(2, "length")))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
+    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks]
+    assert deltas == [
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": "he"}, None),
+        ({"content": "llo"}, None),
+        ({}, "length"),
+    ]
+
+
+async def test_stream_of_a_request_without_tokens() -> None:
+    events = await run_sse(CHAT, filled(done(0)))
+    assert [c["choices"][0]["finish_reason"] for c in events[:-1]] == [None, "stop"]
+
+
+async def test_error_after_headers_is_an_error_event() -> None:
+    error = ErrorInfo(message="worker died", type="server_error", status=500)
+    events = await run_sse(
+        COMPLETION, filled(tok(0, "a"), done(1, "error", error)), include_usage=True
+    )
+    assert events[-1] == "[DONE]"
+    assert events[-2] == {
+        "error": {"message": "worker died", "type": "server_error", "param": None, "code": None}
+    }
+    assert not any("usage" in e and e["usage"] for e in events[:-1] if isinstance(e, dict))
+
+
+async def test_timeout_ends_the_stream_with_an_error() -> None:
+    stream = filled(tok(0, "a"))
+    events = await run_sse(COMPLETION, stream, deadline_in=0.05)
+    assert events[0]["choices"][0]["text"] == "a"
+    assert events[1]["error"]["code"] == "timeout"
+    assert events[2] == "[DONE]"
+    assert not stream.arrived and stream.final is None  # the caller cancels it downstream
+
+
+async def test_stream_waits_for_late_tokens() -> None:
+    stream = filled(tok(0, "a"))
+
+    async def late() -> None:
+        await asyncio.sleep(0.02)
+        stream.stream.offer(tok(1, "b"))
+        stream.stream.offer(done(2))
+
+    task = asyncio.create_task(late())
+    events = await run_sse(COMPLETION, stream)
+    await task
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["a", "b", ""]
+
+
+@pytest.mark.parametrize("text", ["plain", "ünïcödé ✓", 'quote " and \n newline'])
+def test_sse_event_is_one_data_line(text: str) -> None:
+    event = sse({"t": text})
+    assert event.count(b"\n") == 2 and event.endswith(b"\n\n")
+    assert json.loads(event[6:-2]) == {"t": text}
+    assert SSE_DONE == b"data: [DONE]\n\n"

@@ -1,0 +1,278 @@
+"""Request validation and mapping to the wire message (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from services.gateway.errors import ApiError
+from services.gateway.schemas import (
+    DEFAULT_CHAT_MAX_TOKENS,
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    ChatCompletionBody,
+    CompletionBody,
+    check_body,
+    include_usage,
+    parse_body,
+    resolve_deadline_ms,
+    to_completion_request,
+)
+from services.messages import CompletionRequest, decode, encode
+from services.settings import Settings
+
+MODEL = "test-model"
+SETTINGS = Settings(model_name=MODEL, max_model_len=1024)
+
+
+def _check(raw: bytes | str | dict[str, Any], model_cls: type = CompletionBody) -> Any:
+    data = json.dumps(raw).encode() if isinstance(raw, dict) else raw
+    body = parse_body(data.encode() if isinstance(data, str) else data, model_cls)
+    check_body(body, SETTINGS)
+    return body
+
+
+def _error(raw: bytes | str | dict[str, Any], model_cls: type = CompletionBody) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        _check(raw, model_cls)
+    return info.value
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "hello", **fields}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b"nul",
+        b"[1, 2]",
+        b'"text"',
+        b"\xff\xfe",
+        b"[" * 100_000,
+        b'{"a": 1' + b"0" * 5000 + b"}",
+    ],
+)
+def test_malformed_json_is_400(raw: bytes) -> None:
+    err = _error(raw)
+    assert err.status == 400
+    assert err.code == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"max_tokens": 1025}, "max_tokens"),
+        ({"max_tokens": 10**30}, "max_tokens"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_tokens": 5.0}, "max_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": ""}, "stop.0"),
+        ({"stop": 7}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
+        ({"seed": 2**64}, "seed"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"deadline_ms": 0}, "deadline_ms"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"prompt": ""}, "prompt.0"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [1, 2, 3]}, "prompt.0"),
+        ({"prompt": None}, "prompt"),
+        ({"prompt": "\ud800"}, "prompt.0"),
+        ({"model": 5}, "model"),
+        ({"echo": True}, "echo"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"best_of": 3}, "best_of"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"1": 5.0}}, "logit_bias"),
+    ],
+)
+def test_bad_completion_fields_are_400_with_param(fields: dict[str, Any], param: str) -> None:
+    err = _error(completion(**fields))
+    assert (err.status, err.param) == (400, param)
+    assert err.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_400(value: str) -> None:
+    err = _error(f'{{"model": "{MODEL}", "prompt": "x", "temperature": {value}}}')
+    assert (err.status, err.param) == (400, "temperature")
+
+
+def test_missing_required_fields_are_400() -> None:
+    assert _error({"prompt": "x"}).param == "model"
+    assert _error({"model": MODEL}).param == "prompt"
+    assert _error({"model": MODEL}, ChatCompletionBody).param == "messages"
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([], "messages"),
+        ([{"role": "robot", "content": "x"}], "messages.0.role"),
+        ([{"role": "tool", "content": "x"}], "messages.0.role"),
+        ([{"content": "x"}], "messages.0.role"),
+        ([{"role": "user"}], "messages.0.content"),
+        ([{"role": "user", "content": None}], "messages.0.content"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            "messages.0.content.0.type",
+        ),
+        ("hello", "messages"),
+    ],
+)
+def test_bad_chat_messages_are_400(messages: Any, param: str) -> None:
+    err = _error(chat(messages=messages), ChatCompletionBody)
+    assert (err.status, err.param) == (400, param)
+
+
+def test_chat_limits_and_unsupported() -> None:
+    assert (
+        _error(chat(max_completion_tokens=5000), ChatCompletionBody).param
+        == "max_completion_tokens"
+    )
+    assert _error(chat(logprobs=True), ChatCompletionBody).param == "logprobs"
+    assert _error(chat(tools=[{"type": "function"}]), ChatCompletionBody).param == "tools"
+
+
+def test_unknown_model_is_404() -> None:
+    err = _error(completion(model="gpt-4"))
+    assert (err.status, err.code, err.param) == (404, "model_not_found", "model")
+
+
+def test_unknown_fields_and_nulls_are_accepted() -> None:
+    body = _check(
+        completion(temperature=None, stop=None, n=None, user="someone", unknown_field=[1, 2])
+    )
+    assert body.temperature is None and body.n is None
+
+
+def to_request(body: Any, **overrides: Any) -> CompletionRequest:
+    args: dict[str, Any] = {
+        "request_id": "c",
+        "tenant": "t",
+        "now": 0.0,
+        "reply_to": "r",
+        "max_model_len": SETTINGS.max_model_len,
+        "default_seed": 1,
+        "deadline_ms": None,
+    }
+    return to_completion_request(body, **{**args, **overrides})
+
+
+def test_completion_request_mapping() -> None:
+    body = _check(
+        completion(
+            prompt=["the prompt"],
+            max_tokens=7,
+            temperature=0.5,
+            top_p=0.9,
+            top_k=40,
+            stop="END",
+            stop_token_ids=[2],
+            ignore_eos=True,
+            fail_if_late=True,
+            user="other-tenant",
+        )
+    )
+    req = to_request(
+        body,
+        request_id="cmpl-1",
+        tenant="acme",
+        now=1000.0,
+        reply_to="fairway.replies.gw",
+        default_seed=42,
+        deadline_ms=1500,
+    )
+    assert req.tenant == "acme"  # from the key, never from "user"
+    assert (req.kind, req.prompt, req.messages, req.model) == (
+        "completion",
+        "the prompt",
+        [],
+        MODEL,
+    )
+    s = req.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k) == (7, 0.5, 0.9, 40)
+    assert (s.seed, s.stop, s.stop_token_ids, s.ignore_eos) == (42, ["END"], [2], True)
+    assert (req.created, req.deadline, req.fail_if_late, req.reply_to) == (
+        1000.0,
+        1001.5,
+        True,
+        "fairway.replies.gw",
+    )
+    assert decode(encode(req), CompletionRequest) == req
+
+
+def test_chat_request_mapping_and_defaults() -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
+    req = to_request(_check(chat(messages=messages, seed=-5), ChatCompletionBody), default_seed=9)
+    assert req.kind == "chat" and req.prompt == ""
+    assert [(m.role, m.content) for m in req.messages] == [("system", "be brief"), ("user", "ab")]
+    # The client's seed wins over the assigned one.
+    assert (req.sampling.seed, req.sampling.max_tokens, req.deadline) == (
+        -5,
+        DEFAULT_CHAT_MAX_TOKENS,
+        None,
+    )
+    assert (req.sampling.temperature, req.sampling.top_p, req.sampling.top_k) == (1.0, 1.0, 0)
+
+
+def test_max_tokens_resolution() -> None:
+    assert (
+        to_request(
+            _check(chat(max_tokens=3, max_completion_tokens=5), ChatCompletionBody)
+        ).sampling.max_tokens
+        == 5
+    )
+    assert to_request(_check(chat(max_tokens=3), ChatCompletionBody)).sampling.max_tokens == 3
+    assert to_request(_check(completion())).sampling.max_tokens == DEFAULT_COMPLETION_MAX_TOKENS
+    # Defaults never exceed a short context.
+    short = to_request(_check(chat(), ChatCompletionBody), max_model_len=100)
+    assert short.sampling.max_tokens == 100
+
+
+def test_include_usage() -> None:
+    assert include_usage(_check(completion(stream=True, stream_options={"include_usage": True})))
+    assert not include_usage(_check(completion(stream=True)))
+
+
+@pytest.mark.parametrize(
+    ("body_ms", "header", "expected"),
+    [
+        (None, None, None),
+        (500, None, 500),
+        (None, "300", 300),
+        (500, "300", 300),
+        (200, " 300 ", 200),
+    ],
+)
+def test_deadline_resolution(body_ms: int | None, header: str | None, expected: int | None) -> None:
+    assert resolve_deadline_ms(body_ms, header) == expected
+
+
+@pytest.mark.parametrize("header", ["", "abc", "0", "-5", "1.5", "٣", str(10**12)])
+def test_bad_deadline_header_is_400(header: str) -> None:
+    with pytest.raises(ApiError) as info:
+        resolve_deadline_ms(None, header)
+    assert info.value.status == 400
