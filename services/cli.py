@@ -162,7 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     from services.engine import profile
 
     profile.add_arguments(sub.add_parser("profile-engine", help="measure engine speed constants"))
+
+    p_bench = sub.add_parser("bench", help="benchmarks: serving, engine, GPU kernels")
+    bench_sub = p_bench.add_subparsers(dest="bench_command", required=True)
+    for name, help_text in BENCHMARKS.items():
+        _bench_module(name).add_arguments(bench_sub.add_parser(name, help=help_text))
     return parser
+
+
+BENCHMARKS = {
+    "serve": "load a running server with a trace or dataset, like `vllm bench serve`",
+    "engine": "engine throughput vs sequential and statically batched generate",
+    "kernels": "Triton kernels vs their torch references (CUDA)",
+}
+
+
+def _bench_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"services.benchmark.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         from services.scheduler import sim_cli
 
         return sim_cli.run(args)
+    if args.command == "bench":
+        return _bench_module(args.bench_command).run(args)
     if args.command == "profile-engine":
         from services.engine import profile
 
