@@ -30,7 +30,9 @@ class AmqpClient:
         self.connection: AbstractRobustConnection = await aio_pika.connect_robust(self.url)
         self.channel: AbstractChannel = await self.connection.channel()
         self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)
-        self.reply_queue: AbstractQueue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        self.reply_queue: AbstractQueue = await self.channel.declare_queue(
+            topology.reply_queue(f"{self.user}.{uuid.uuid4().hex[:12]}"), exclusive=True, auto_delete=True
+        )
         await self.reply_queue.consume(self.router.on_message, no_ack=True)
         return self
 

@@ -48,7 +48,11 @@ def work_queue(pool: str) -> str:
 
 
 def reply_queue(owner: str) -> str:
-    """Name of a gateway instance's exclusive reply queue."""
+    """Name of an exclusive reply queue: a gateway instance's, or an AMQP producer's.
+
+    Producers name theirs ``fairway.replies.<rabbitmq-user>.<anything>`` so that a
+    least-privilege user may be granted exactly its own reply queues.
+    """
     return f"fairway.replies.{owner}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import aio_pika
 import httpx
@@ -147,12 +148,13 @@ async def test_client_disconnect_frees_the_worker_slot(system, acme_key):
                                json={"model": MODEL, "prompt": "a long story", "max_tokens": 900,
                                      "stream": True, "ignore_eos": True}) as response:
             assert response.status_code == 200
-            lines = 0
+            # Keep reading until a heartbeat shows the request running, then walk away.
+            seen_running = False
             async for line in response.aiter_lines():
-                lines += line.startswith("data:")
-                if lines >= 3:
+                if line.startswith("data:") and await _worker_running(system.redis_url) >= 1:
+                    seen_running = True
                     break
-        assert await _worker_running(system.redis_url) >= 1
+        assert seen_running, "the request finished before a heartbeat showed it running"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if await _worker_running(system.redis_url) == 0:
@@ -163,8 +165,9 @@ async def test_client_disconnect_frees_the_worker_slot(system, acme_key):
 
 async def test_amqp_producer_round_trip_without_gateway(system, rabbit_server, tokenizer):
     rabbitmqctl(rabbit_server, "add_user", "amqp-tenant", "secret")
-    rabbitmqctl(rabbit_server, "set_permissions", "-p", "/", "amqp-tenant", "^amq\\.gen.*",
-                "^(amq\\.gen.*|fairway\\.requests)$", "^amq\\.gen.*")
+    own_replies = "^fairway\\.replies\\.amqp-tenant\\..*"
+    rabbitmqctl(rabbit_server, "set_permissions", "-p", "/", "amqp-tenant", own_replies,
+                "^fairway\\.requests$", own_replies)
     url = f"amqp://amqp-tenant:secret@127.0.0.1:{rabbit_server.port}/"
     async with AmqpClient(url) as client:
         request = client.completion(MODEL, "over the wire", max_tokens=5, ignore_eos=True)
@@ -187,27 +190,30 @@ async def test_amqp_producer_round_trip_without_gateway(system, rabbit_server, t
     msgpack.packb({"v": 1, "t": "completion_request", "request_id": "x-1"}),  # missing fields
     msgpack.packb({"v": 99, "t": "completion_request"}),
     b"\x00" * (m.MAX_MESSAGE_BYTES + 1),
-])
+], ids=["not-msgpack", "missing-fields", "unknown-version", "oversized"])
 async def test_malformed_message_is_dead_lettered_with_an_error_reply(system, amqp_url, payload):
+    message_id = f"poison-{uuid.uuid4().hex}"
     connection = await aio_pika.connect_robust(amqp_url)
     try:
         channel = await connection.channel()
-        dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
-        before = dead.declaration_result.message_count
         replies = await channel.declare_queue(exclusive=True, auto_delete=True)
         exchange = await channel.get_exchange(topology.REQUESTS_EXCHANGE)
-        await exchange.publish(aio_pika.Message(payload, reply_to=replies.name, message_id="x-1"),
+        await exchange.publish(aio_pika.Message(payload, reply_to=replies.name, message_id=message_id),
                                routing_key=topology.SUBMIT_ROUTING_KEY)
         message = await _get_one(replies, timeout=15)
         answer = m.decode(message.body, m.FinalAnswer)
         assert answer.finish_reason == "error" and answer.error.status == 400
-        deadline = time.monotonic() + 10
+        # The poison message itself sits in the dead-letter queue, untouched.
+        dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
-            if dead.declaration_result.message_count > before:
-                break
-            await asyncio.sleep(0.2)
-        assert dead.declaration_result.message_count > before
+            letter = await dead.get(no_ack=True, fail=False)
+            if letter is None:
+                await asyncio.sleep(0.1)
+            elif letter.message_id == message_id:
+                assert letter.body == payload
+                return
+        pytest.fail("the poison message never reached the dead-letter queue")
     finally:
         await connection.close()
 
