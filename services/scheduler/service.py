@@ -43,8 +43,12 @@ def parse_weights(spec: str) -> dict[str, float]:
     return weights
 
 
-def queued_view(scored: m.ScoredRequest, arrival: float) -> QueuedRequest:
-    """What the policy needs to know about a request."""
+def queued_view(scored: m.ScoredRequest, arrival: float, generated: int | None = None) -> QueuedRequest:
+    """What the policy needs to know about a request.
+
+    ``generated`` is set for a request a worker handed back: its input was charged at
+    its first dispatch, and it had produced that many output tokens.
+    """
     req = scored.request
     return QueuedRequest(
         request_id=scored.request_id,
@@ -57,12 +61,37 @@ def queued_view(scored: m.ScoredRequest, arrival: float) -> QueuedRequest:
         deadline=req.deadline,
         fail_if_late=req.fail_if_late,
         uncertainty=scored.score.uncertainty,
+        generated=generated or 0,
+        input_charged=generated is not None,
     )
 
 
 def kv_reservation(scored: m.ScoredRequest) -> int:
     """KV tokens a dispatched request is expected to hold: prompt + predicted p90 output."""
     return len(scored.prompt_token_ids) + int(min(scored.score.p90, scored.request.sampling.max_tokens))
+
+
+def expiry_answer(scored: m.ScoredRequest, reason: str) -> m.FinalAnswer:
+    """The error for a request the policy gave up on: too big for any worker, or late."""
+    if reason == "exceeds_kv_capacity":
+        return amqp.error_answer(
+            scored.request_id,
+            f"the request needs {kv_reservation(scored)} KV-cache tokens (prompt plus output), "
+            "more than any live worker holds; shorten the prompt or max_tokens",
+            status=400, code="exceeds_kv_capacity")
+    return amqp.error_answer(scored.request_id, f"deadline cannot be met: {reason}", status=504,
+                             type_="timeout", code="deadline_exceeded")
+
+
+def backlog_seconds(running: list[InflightRecord], latency: LatencyModel) -> float:
+    """Predicted seconds until the first of ``running`` finishes and frees its slot."""
+    if not running:
+        return 0.0
+    step_s = latency.decode_step_s(len(running))
+    return min(
+        max(min(r.scored.score.p50, r.scored.request.sampling.max_tokens) - r.charged_output, 1.0)
+        for r in running
+    ) * step_s
 
 
 def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRecord]) -> list[PoolView]:
@@ -73,6 +102,7 @@ def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRec
         if not members:
             continue
         used = [r for r in inflight.values() if r.pool == pool]
+        reserved = sum(r.kv_tokens or kv_reservation(r.scored) for r in used)
         slots = sum(w.max_running for w in members)
         kv_total = sum(w.total_kv_tokens for w in members)
         speeds = [w.speed for w in members if w.speed.decode_step_ms > 0]
@@ -88,12 +118,15 @@ def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRec
                 kv_tokens=kv_total,
                 name=pool,
             )
+        free_slots = max(slots - len(used), 0)
         views.append(PoolView(
             name=pool,
-            free_slots=max(slots - len(used), 0),
-            free_kv_tokens=max(kv_total - sum(kv_reservation(r.scored) for r in used), 0),
+            free_slots=free_slots,
+            free_kv_tokens=max(kv_total - reserved, 0),
             running=len(used),
             latency=latency,
+            backlog_s=0.0 if free_slots else backlog_seconds(used, latency),
+            kv_capacity=max(w.total_kv_tokens for w in members),
         ))
     return views
 
@@ -149,12 +182,14 @@ class SchedulerService:
         state = await self.store.load()
         self.policy = SchedulerPolicy(self.config)
         self.queued = state.queued
+        self.arrival = state.arrival
         self.inflight = state.inflight
         self.policy.restore(
             state.counters,
             state.served,
-            [queued_view(s, state.arrival[rid]) for rid, s in state.queued.items()],
-            [queued_view(r.scored, r.dispatched_at) for r in state.inflight.values()],
+            [queued_view(s, state.arrival[rid], state.requeued.get(rid))
+             for rid, s in state.queued.items()],
+            [queued_view(r.scored, r.arrival or r.dispatched_at) for r in state.inflight.values()],
         )
         self.channel = await self.connection.channel()
         await self.channel.set_qos(prefetch_count=256)
@@ -214,6 +249,7 @@ class SchedulerService:
                 tenant = scored.request.tenant
                 self.policy.add(queued_view(scored, arrival), arrival)
                 self.queued[rid] = scored
+                self.arrival[rid] = arrival
                 ops = Ops()
                 ops.enqueue(scored, arrival)
                 ops.counters(self.policy.counters, self.policy.served, {tenant})
@@ -255,10 +291,11 @@ class SchedulerService:
         self.inflight.pop(rid)
         ops.drop_inflight(rid)
         if event.requeue:
-            view = queued_view(record.scored, record.dispatched_at)
-            self.policy.requeue(view, now)
+            arrival = record.arrival or record.dispatched_at
+            self.policy.requeue(queued_view(record.scored, arrival, event.output_tokens), now)
             self.queued[rid] = record.scored
-            ops.enqueue(record.scored, record.dispatched_at)
+            self.arrival[rid] = arrival
+            ops.enqueue(record.scored, arrival, generated=event.output_tokens)
         else:
             self.policy.on_finished(rid, event.tenant, event.output_tokens, now)
             ops.mark_done(rid)
@@ -272,6 +309,7 @@ class SchedulerService:
             if scored is not None and scored.request.tenant == cancel.tenant:
                 self.policy.cancel(rid)
                 self.queued.pop(rid)
+                self.arrival.pop(rid, None)
                 ops = Ops()
                 ops.unqueue(rid)
                 ops.mark_done(rid)
@@ -314,7 +352,9 @@ class SchedulerService:
             tenants = set()
             for d in result.dispatches:
                 scored = self.queued.pop(d.request_id)
-                record = InflightRecord(scored=scored, pool=d.pool, dispatched_at=now)
+                record = InflightRecord(scored=scored, pool=d.pool, dispatched_at=now,
+                                        kv_tokens=d.kv_tokens,
+                                        arrival=self.arrival.pop(d.request_id, now))
                 self.inflight[d.request_id] = record
                 records.append(record)
                 tenants.add(scored.request.tenant)
@@ -323,6 +363,7 @@ class SchedulerService:
             expired = []
             for e in result.expired:
                 scored = self.queued.pop(e.request_id)
+                self.arrival.pop(e.request_id, None)
                 expired.append((scored, e.reason))
                 tenants.add(scored.request.tenant)
                 ops.unqueue(e.request_id)
@@ -331,9 +372,7 @@ class SchedulerService:
             await self._apply(ops)
             await self._publish(records)
         for scored, reason in expired:
-            await amqp.reply(self.channel, scored.request.reply_to, amqp.error_answer(
-                scored.request_id, f"deadline cannot be met: {reason}", status=504,
-                type_="timeout", code="deadline_exceeded"))
+            await amqp.reply(self.channel, scored.request.reply_to, expiry_answer(scored, reason))
         if records:
             log.debug("dispatched", n=len(records), pools=[r.pool for r in records])
         return len(records)

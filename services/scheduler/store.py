@@ -73,6 +73,10 @@ class InflightRecord:
     dispatched_at: float
     charged_output: int = 0
     published: bool = False
+    kv_tokens: int = 0
+    """KV tokens the policy reserved for it on its pool."""
+    arrival: float = 0.0
+    """When the request first entered the queue; a requeue keeps it."""
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(
@@ -82,6 +86,8 @@ class InflightRecord:
                 "dispatched_at": self.dispatched_at,
                 "charged_output": self.charged_output,
                 "published": self.published,
+                "kv_tokens": self.kv_tokens,
+                "arrival": self.arrival,
             },
             use_bin_type=True,
         )
@@ -95,6 +101,8 @@ class InflightRecord:
             dispatched_at=float(body["dispatched_at"]),
             charged_output=int(body["charged_output"]),
             published=bool(body["published"]),
+            kv_tokens=int(body.get("kv_tokens", 0)),
+            arrival=float(body.get("arrival", 0.0)),
         )
 
 
@@ -102,6 +110,8 @@ class InflightRecord:
 class SchedulerState:
     queued: dict[str, m.ScoredRequest] = field(default_factory=dict)
     arrival: dict[str, float] = field(default_factory=dict)
+    requeued: dict[str, int] = field(default_factory=dict)
+    """Queued requests a worker handed back, with the output they had produced."""
     inflight: dict[str, InflightRecord] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)
     served: dict[str, float] = field(default_factory=dict)
@@ -116,13 +126,17 @@ class Ops:
     def __bool__(self) -> bool:
         return bool(self.ops)
 
-    def enqueue(self, scored: m.ScoredRequest, arrival: float) -> None:
+    def enqueue(self, scored: m.ScoredRequest, arrival: float, generated: int | None = None) -> None:
+        """Queue a request; ``generated`` marks one handed back with that much output."""
         self.ops.append(["HSET", keys.SCHED_QUEUED, scored.request_id, m.encode(scored)])
         self.ops.append(["HSET", keys.SCHED_ARRIVAL, scored.request_id, repr(arrival)])
+        if generated is not None:
+            self.ops.append(["HSET", keys.SCHED_REQUEUED, scored.request_id, str(generated)])
 
     def unqueue(self, request_id: str) -> None:
         self.ops.append(["HDEL", keys.SCHED_QUEUED, request_id])
         self.ops.append(["HDEL", keys.SCHED_ARRIVAL, request_id])
+        self.ops.append(["HDEL", keys.SCHED_REQUEUED, request_id])
 
     def put_inflight(self, record: InflightRecord) -> None:
         self.ops.append(["HSET", keys.SCHED_INFLIGHT, record.scored.request_id, record.to_bytes()])
@@ -181,14 +195,16 @@ class SchedulerStore:
     async def load(self) -> SchedulerState:
         pipe = self.redis.pipeline(transaction=True)
         for key in (keys.SCHED_QUEUED, keys.SCHED_ARRIVAL, keys.SCHED_INFLIGHT,
-                    keys.SCHED_COUNTERS, keys.SCHED_SERVED):
+                    keys.SCHED_COUNTERS, keys.SCHED_SERVED, keys.SCHED_REQUEUED):
             pipe.hgetall(key)
-        queued, arrival, inflight, counters, served = await pipe.execute()
+        queued, arrival, inflight, counters, served, requeued = await pipe.execute()
         state = SchedulerState()
         for rid, blob in queued.items():
             scored = m.decode(blob, m.ScoredRequest)
             state.queued[scored.request_id] = scored
             state.arrival[scored.request_id] = float(arrival.get(rid, time.time()))
+            if rid in requeued:
+                state.requeued[scored.request_id] = int(requeued[rid])
         for blob in inflight.values():
             record = InflightRecord.from_bytes(blob)
             state.inflight[record.scored.request_id] = record

@@ -8,6 +8,7 @@ import pytest
 
 from services import keys
 from services import messages as m
+from services.scheduler.service import expiry_answer, pool_views, queued_view
 from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerStore
 
 
@@ -72,3 +73,53 @@ async def test_a_batch_is_all_or_nothing(redis_client):
     with pytest.raises(Exception, match="BADOP"):
         await store.apply(ops)
     assert await redis_client.hlen(keys.SCHED_QUEUED) == 0
+
+
+async def test_a_handed_back_request_reloads_as_already_charged(redis_client):
+    store = SchedulerStore(redis_client, "a", lease_ttl_s=5)
+    assert await store.try_acquire()
+    ops = Ops()
+    ops.enqueue(scored("fresh"), 1.0)
+    ops.enqueue(scored("back"), 2.0, generated=3)
+    ops.put_inflight(InflightRecord(scored=scored("run"), pool="cpu", dispatched_at=5.0,
+                                    kv_tokens=42, arrival=4.0))
+    await store.apply(ops)
+    state = await store.load()
+    assert state.requeued == {"back": 3}
+    assert state.arrival == {"fresh": 1.0, "back": 2.0}
+    assert (state.inflight["run"].kv_tokens, state.inflight["run"].arrival) == (42, 4.0)
+    view = queued_view(state.queued["back"], state.arrival["back"], state.requeued.get("back"))
+    assert view.input_charged and view.generated == 3
+    assert not queued_view(state.queued["fresh"], 1.0).input_charged
+    done = Ops()
+    done.unqueue("back")
+    await store.apply(done)
+    assert (await store.load()).requeued == {}
+
+
+def _beat(worker_id: str, kv: int) -> m.WorkerHeartbeat:
+    return m.WorkerHeartbeat(worker_id=worker_id, pool="cpu", model="tiny", max_running=2,
+                             running=0, waiting=0, total_kv_tokens=kv, free_kv_tokens=kv)
+
+
+def test_pool_views_subtract_what_the_policy_reserved():
+    inflight = {
+        rid: InflightRecord(scored=scored(rid), pool="cpu", dispatched_at=0.0, kv_tokens=100)
+        for rid in ("a", "b", "c")
+    }
+    (view,) = pool_views([_beat("w1", 500), _beat("w2", 300)], inflight)
+    assert view.free_kv_tokens == 800 - 300
+    assert view.free_slots == 1 and view.backlog_s == 0.0
+    assert view.kv_capacity == 500
+    inflight["d"] = InflightRecord(scored=scored("d"), pool="cpu", dispatched_at=0.0)
+    (full,) = pool_views([_beat("w1", 500), _beat("w2", 300)], inflight)
+    assert full.free_slots == 0 and full.backlog_s > 0
+    # A record without a reservation counts prompt + predicted p90 output.
+    assert full.free_kv_tokens == 800 - 300 - (2 + 8)
+
+
+def test_a_request_too_big_for_any_worker_is_a_client_error():
+    answer = expiry_answer(scored("big"), "exceeds_kv_capacity")
+    assert answer.error.status == 400 and answer.error.code == "exceeds_kv_capacity"
+    late = expiry_answer(scored("late"), "deadline")
+    assert late.error.status == 504 and late.error.code == "deadline_exceeded"
