@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate.add_arguments(pred_sub.add_parser("eval", help="evaluate on a test JSONL"))
     evaluate.add_train_arguments(pred_sub.add_parser("train", help="train an artifact from JSONL"))
+    evaluate.add_prepare_arguments(
+        pred_sub.add_parser("prepare", help="split a dataset by prompt into train/test JSONL")
+    )
 
     from services.scheduler import sim_cli
 
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "predictor":
         from services.scorer import evaluate
 
-        return evaluate.run(args) if args.predictor_command == "eval" else evaluate.run_train(args)
+        runners = {"eval": evaluate.run, "train": evaluate.run_train, "prepare": evaluate.run_prepare}
+        return runners[args.predictor_command](args)
     if args.command == "simulate":
         from services.scheduler import sim_cli
 

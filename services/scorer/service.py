@@ -172,7 +172,12 @@ class ScorerService:
             and event.prompt
             and event.finish_reason in ("stop", "length")
         ):
-            await self.scorer.predictor.observe(event.prompt, event.output_tokens)
+            await self.scorer.predictor.observe(
+                event.prompt,
+                event.output_tokens,
+                features=event.score.features or None,
+                truncated=event.finish_reason == "length",
+            )
         await message.ack()
 
     async def _refresh_loop(self) -> None:
