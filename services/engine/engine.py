@@ -62,6 +62,30 @@ def _as_id_set(value: Any) -> set[int]:
     return {int(v) for v in value}
 
 
+def check_request(
+    prompt: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int, kv_tokens: int
+) -> None:
+    """Raise EngineError when a request can never be served (any engine, same words)."""
+    if not prompt:
+        raise EngineError("the prompt is empty")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise EngineError(f"prompt token ids must be in [0, {vocab_size})")
+    problem = validate_sampling(params)
+    if problem:
+        raise EngineError(problem)
+    total = len(prompt) + params.max_tokens
+    if total > max_model_len:
+        raise EngineError(
+            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+            f"exceeds the maximum context length of {max_model_len} tokens"
+        )
+    if total > kv_tokens:
+        raise EngineError(
+            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+            f"exceeds the KV cache of this worker ({kv_tokens} tokens)"
+        )
+
+
 class LLMEngine:
     """Continuous-batching engine. All methods are called from one thread."""
 
@@ -139,25 +163,8 @@ class LLMEngine:
         params = req.sampling
         if req.request_id in self._requests:
             raise EngineError(f"request id {req.request_id!r} is already in the engine")
-        if not prompt:
-            raise EngineError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size})")
-        problem = validate_sampling(params)
-        if problem:
-            raise EngineError(problem)
-        total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
-            raise EngineError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the maximum context length of {self.max_model_len} tokens"
-            )
-        pool = self.allocator.num_blocks * self.allocator.block_size
-        if total > pool:
-            raise EngineError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the KV cache of this worker ({pool} tokens)"
-            )
+        check_request(prompt, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                      kv_tokens=self.allocator.num_blocks * self.allocator.block_size)
         seq = Sequence(
             request_id=req.request_id,
             token_ids=prompt,

@@ -1,0 +1,498 @@
+"""What the pipeline itself costs: requests/s and added latency over the echo engine.
+
+    python bench/bench_control_plane.py                      # starts its own echo system
+    python bench/bench_control_plane.py --url http://127.0.0.1:8000 --api-key sk-fairway-dev \
+        --echo-tokens-per-s 1000                             # a running `fairway up --engine echo`
+
+Short requests (``max_tokens`` cycling over ``--max-tokens``, EOS ignored, streamed with
+``include_usage``) go through gateway -> scorer -> scheduler -> worker with the echo
+engine, whose own time for a request is known exactly: it emits output token ``k`` at
+``k / tokens_per_s`` seconds after the worker admits the request, so a request with ``n``
+output tokens spends ``n / tokens_per_s`` in the engine. The added latency of a request is
+its end-to-end time at the client (request sent -> last byte of the stream) minus that;
+added TTFT is TTFT minus ``1 / tokens_per_s``.
+
+Two phases after a warm-up:
+
+- ``latency``: open loop, Poisson arrivals at ``--rate`` req/s for ``--latency-requests``
+  requests; added latency p50/p90/p99 (the goal: p50 <= 3 ms, p99 <= 15 ms).
+- ``throughput``: closed loop, ``--concurrency`` requests always in flight for
+  ``--duration`` s; completed requests per second (the goal: >= 1000 req/s).
+
+The load generator is a small HTTP/1.1 client on asyncio streams with keep-alive
+connections (httpx costs more CPU than a service here, and it runs on the same cores).
+When it starts the system itself, the JSON also reports each process's CPU seconds per
+phase (from ``/proc``), which is where to look first for hot spots. ``--plot DIR`` writes
+the CDF of added latency per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from services.localinfra import RabbitServer, RedisServer, free_port
+from services.settings import DEFAULT_MODEL_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SERVICES = ("scheduler", "scorer", "cpu-worker", "gateway")
+API_KEY = "sk-bench-control-plane"
+
+
+# --- a lean HTTP/1.1 client ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Result:
+    sent: float
+    first: float | None = None
+    end: float | None = None
+    output_tokens: int = 0
+    status: int = 0
+    error: str | None = None
+
+
+class Connection:
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+    async def post(self, head: bytes, body: bytes, result: Result) -> None:
+        if self.writer is None:
+            await self.open()
+        reader, writer = self.reader, self.writer
+        assert reader is not None and writer is not None
+        result.sent = time.perf_counter()
+        writer.write(head + str(len(body)).encode() + b"\r\n\r\n" + body)
+        status_line = await reader.readuntil(b"\r\n")
+        result.status = int(status_line.split(b" ", 2)[1])
+        headers = (await reader.readuntil(b"\r\n\r\n")).lower()
+        chunked = b"transfer-encoding: chunked" in headers
+        data = b""
+        if chunked:
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")
+                    break
+                piece = (await reader.readexactly(size + 2))[:-2]
+                if result.first is None and b'"text":"' in piece and b'"text":""' not in piece:
+                    result.first = time.perf_counter()
+                data += piece
+        else:
+            start = headers.find(b"content-length:")
+            length = int(headers[start + 15 : headers.find(b"\r\n", start)])
+            data = await reader.readexactly(length)
+        result.end = time.perf_counter()
+        if b"connection: close" in headers:
+            self.close()
+        if result.status != 200:
+            result.error = data[:300].decode(errors="replace")
+            return
+        usage = data.rfind(b'"completion_tokens":')
+        if usage < 0:
+            result.error = "no usage in the answer"
+            return
+        tail = data[usage + 20 :]
+        result.output_tokens = int(tail[: min(i for i in (tail.find(b","), tail.find(b"}")) if i >= 0)])
+        if result.first is None:
+            result.first = result.end
+
+
+class Client:
+    def __init__(self, url: str, api_key: str, model: str, stream: bool, max_tokens: list[int]) -> None:
+        parsed = urlparse(url)
+        self.host = parsed.hostname or "127.0.0.1"
+        self.port = parsed.port or 80
+        self.model = model
+        self.stream = stream
+        self.max_tokens = max_tokens
+        self.head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
+            "Content-Length: "
+        ).encode()
+        self.idle: list[Connection] = []
+        self.counter = 0
+
+    def body(self) -> bytes:
+        i = self.counter
+        self.counter += 1
+        body = {"model": self.model, "prompt": f"request {i}: say something short",
+                "max_tokens": self.max_tokens[i % len(self.max_tokens)], "ignore_eos": True,
+                "temperature": 0.0}
+        if self.stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    async def one(self) -> Result:
+        reused = bool(self.idle)
+        conn = self.idle.pop() if reused else Connection(self.host, self.port)
+        body = self.body()
+        result = Result(sent=time.perf_counter())
+        try:
+            try:
+                await conn.post(self.head, body, result)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                if not reused or result.status:
+                    raise
+                # The server closed an idle keep-alive connection: once more on a new one.
+                conn.close()
+                result = Result(sent=time.perf_counter())
+                await conn.post(self.head, body, result)
+        except Exception as exc:  # noqa: BLE001 - connection reset, parse error: count it
+            conn.close()
+            result.error = repr(exc)
+            result.end = time.perf_counter()
+        if conn.writer is not None:
+            self.idle.append(conn)
+        return result
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+# --- phases -------------------------------------------------------------------------
+
+
+async def closed_loop(client: Client, concurrency: int, duration: float) -> tuple[list[Result], float]:
+    results: list[Result] = []
+    stop_at = time.perf_counter() + duration
+
+    async def runner() -> None:
+        while time.perf_counter() < stop_at:
+            results.append(await client.one())
+
+    start = time.perf_counter()
+    await asyncio.gather(*(runner() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
+
+
+async def open_loop(client: Client, rate: float, n: int, seed: int) -> tuple[list[Result], float]:
+    rng = random.Random(seed)
+    tasks = []
+    start = time.perf_counter()
+    next_at = start
+    for _ in range(n):
+        next_at += rng.expovariate(rate)
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(client.one()))
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def summarize(results: list[Result], duration: float, tokens_per_s: float) -> dict:
+    ok = [r for r in results if r.error is None and r.end is not None]
+    engine_s = (lambda n: n / tokens_per_s) if tokens_per_s > 0 else (lambda n: 0.0)
+    e2e = [(r.end - r.sent) * 1000 for r in ok]
+    added = [(r.end - r.sent - engine_s(r.output_tokens)) * 1000 for r in ok]
+    ttft = [(r.first - r.sent) * 1000 for r in ok if r.first is not None]
+    added_ttft = [(r.first - r.sent - engine_s(1)) * 1000 for r in ok if r.first is not None]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error is not None:
+            key = f"{r.status}: {r.error[:120]}"
+            errors[key] = errors.get(key, 0) + 1
+    out = {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": round(duration, 3),
+        "request_throughput": len(ok) / duration if duration else 0.0,
+        "output_throughput": sum(r.output_tokens for r in ok) / duration if duration else 0.0,
+        "mean_output_tokens": float(np.mean([r.output_tokens for r in ok])) if ok else 0.0,
+    }
+    for name, values in (("e2el", e2e), ("added", added), ("ttft", ttft), ("added_ttft", added_ttft)):
+        out[f"mean_{name}_ms"] = float(np.mean(values)) if values else 0.0
+        for q in (50, 90, 99):
+            out[f"{'median' if q == 50 else f'p{q}'}_{name}_ms"] = pct(values, q)
+    if errors:
+        out["errors"] = dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5])
+    return out
+
+
+# --- the system under test ----------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its reaped children, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (RabbitMQ's beam runs under a shell)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+@dataclass
+class EchoSystem:
+    workdir: Path
+    tokens_per_s: float
+    max_running: int
+    cpu_workers: int
+    log_level: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.redis = RedisServer(workdir=self.workdir / "redis")
+        self.rabbit = RabbitServer(workdir=self.workdir / "rabbitmq")
+        self.redis.start()
+        self.rabbit.start()
+        cache = Path(os.environ.get("FAIRWAY_CACHE_DIR") or Path.home() / ".cache" / "fairway")
+        from services.models import ensure_default_model
+
+        ensure_default_model(cache)
+        env = dict(os.environ)
+        env.update(
+            FAIRWAY_AMQP_URL=self.rabbit.url, FAIRWAY_REDIS_URL=self.redis.url,
+            FAIRWAY_CACHE_DIR=str(cache), FAIRWAY_PORT=str(self.port),
+            FAIRWAY_API_KEYS=f"bench:{API_KEY}", FAIRWAY_ENGINE="echo",
+            FAIRWAY_ECHO_TOKENS_PER_S=str(self.tokens_per_s),
+            FAIRWAY_MAX_RUNNING=str(self.max_running), FAIRWAY_LOG_FORMAT="json",
+            FAIRWAY_LOG_LEVEL=self.log_level, FAIRWAY_MAX_QUEUED_PER_TENANT="100000",
+        )
+        env.update(self.extra_env)
+        plan = ["scheduler", "scorer"] + ["cpu-worker"] * self.cpu_workers + ["gateway"]
+        for i, service in enumerate(plan):
+            name = service if plan.count(service) == 1 else f"{service}-{i}"
+            with open(self.workdir / f"{name}.log", "ab") as log:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "services.cli", service], cwd=ROOT,
+                    env={**env, "FAIRWAY_INSTANCE_ID": f"bench-{name}"},
+                    stdout=log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited early; see {self.workdir / name}.log")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("the echo system did not become ready")
+
+    def pids(self) -> dict[str, list[int]]:
+        out = {name: [proc.pid] for name, proc in self.procs.items()}
+        out["redis"] = [self.redis.proc.pid]
+        out["rabbitmq"] = descendants(self.rabbit.proc.pid)
+        return out
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.rabbit.stop()
+        self.redis.stop()
+
+
+class CpuMeter:
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids
+        self.pids["bench-client"] = [os.getpid()]
+
+    def sample(self) -> dict[str, float]:
+        return {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids.items()}
+
+    @staticmethod
+    def diff(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+        """CPU cores used on average by each process over ``seconds``."""
+        return {name: round((after[name] - before[name]) / seconds, 3) for name in before}
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+def parse_range(spec: str) -> list[int]:
+    lo, _, hi = spec.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None) -> dict:
+    client = Client(url, args.api_key, args.model, not args.no_stream, parse_range(args.max_tokens))
+    report: dict = {}
+    try:
+        warm, _ = await closed_loop(client, min(args.concurrency, 16), args.warmup_s)
+        report["warmup_completed"] = sum(r.error is None for r in warm)
+        phases = []
+        if args.latency_requests:
+            phases.append(("latency", lambda: open_loop(client, args.rate, args.latency_requests, args.seed)))
+        if args.duration:
+            phases.append(("throughput", lambda: closed_loop(client, args.concurrency, args.duration)))
+        for name, run in phases:
+            before = meter.sample() if meter else None
+            results, duration = await run()
+            report[name] = summarize(results, duration, tokens_per_s)
+            if meter:
+                report[name]["cpu_cores"] = CpuMeter.diff(before, meter.sample(), duration)
+            report[name]["_results"] = results
+    finally:
+        client.close()
+    return report
+
+
+def write_plot(report: dict, tokens_per_s: float, out_dir: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for phase in ("latency", "throughput"):
+        if phase not in report:
+            continue
+        ok = [r for r in report[phase]["_results"] if r.error is None]
+        per_token = 1 / tokens_per_s if tokens_per_s > 0 else 0.0
+        data = np.sort([(r.end - r.sent - r.output_tokens * per_token) * 1000 for r in ok])
+        ax.step(data, np.arange(1, data.size + 1) / max(data.size, 1), where="post",
+                label=f"{phase} ({report[phase]['request_throughput']:.0f} req/s)")
+    ax.axvline(3, color="grey", linestyle="--", linewidth=0.8)
+    ax.axvline(15, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("added latency over the echo engine (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "control_plane_added_latency.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="a running echo system's gateway (default: start one)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--model", default=DEFAULT_MODEL_NAME)
+    parser.add_argument("--echo-tokens-per-s", type=float, default=1000.0,
+                        help="the echo engine's pace (set on the system this starts; "
+                             "with --url, say what the running one uses)")
+    parser.add_argument("--max-tokens", default="1-4", help="max_tokens, cycling over a range")
+    parser.add_argument("--no-stream", action="store_true", help="non-streamed requests")
+    parser.add_argument("--rate", type=float, default=200.0, help="latency phase arrival rate")
+    parser.add_argument("--latency-requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64, help="throughput phase")
+    parser.add_argument("--duration", type=float, default=10.0, help="throughput phase seconds")
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-running", type=int, default=256,
+                        help="echo worker slots (FAIRWAY_MAX_RUNNING) of a started system")
+    parser.add_argument("--cpu-workers", type=int, default=1)
+    parser.add_argument("--log-level", default="INFO", help="FAIRWAY_LOG_LEVEL of a started system")
+    parser.add_argument("--keep-logs", metavar="DIR", help="workdir of a started system")
+    parser.add_argument("--plot", metavar="DIR")
+    parser.add_argument("--json", metavar="OUT", help="also write the JSON here")
+    args = parser.parse_args()
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    system = None
+    meter = None
+    try:
+        if args.url:
+            url = args.url
+            args.api_key = args.api_key or "sk-fairway-dev"
+        else:
+            workdir = Path(args.keep_logs or tempfile.mkdtemp(prefix="fairway-cp-"))
+            workdir.mkdir(parents=True, exist_ok=True)
+            system = EchoSystem(workdir, args.echo_tokens_per_s, args.max_running,
+                                args.cpu_workers, args.log_level)
+            system.start()
+            url = system.url
+            args.api_key = API_KEY
+            meter = CpuMeter(system.pids())
+        report = asyncio.run(measure(args, url, args.echo_tokens_per_s, meter))
+    finally:
+        if system is not None:
+            system.stop()
+    config = {k: v for k, v in vars(args).items() if k not in ("api_key",)}
+    config["url"] = url
+    config["cpu_count"] = os.cpu_count()
+    config["started_system"] = system is not None
+    if args.plot:
+        report["plot"] = write_plot(report, args.echo_tokens_per_s, args.plot)
+    for phase in ("latency", "throughput"):
+        report.get(phase, {}).pop("_results", None)
+    out = {"config": config, **report}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

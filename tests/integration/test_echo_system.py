@@ -1,0 +1,69 @@
+"""The whole system with FAIRWAY_ENGINE=echo: real RabbitMQ, Redis and every service.
+
+It runs beside the session's model system, on its own RabbitMQ vhost and Redis database,
+so the two never share a queue or a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from services.localinfra import rabbitmqctl
+from services.models import load_tokenizer, resolve_model_path
+from services.settings import DEFAULT_MODEL_NAME
+from tests.integration.system import TENANT_KEYS, System
+
+pytestmark = pytest.mark.integration
+
+VHOST = "fairway-echo"
+
+
+@pytest.fixture(scope="module")
+def echo_system(rabbit_server, amqp_url, redis_url, model_cache, tmp_path_factory) -> Iterator[System]:
+    rabbitmqctl(rabbit_server, "add_vhost", VHOST)
+    rabbitmqctl(rabbit_server, "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
+    sys_ = System(amqp_url=amqp_url + VHOST, redis_url=redis_url.rsplit("/", 1)[0] + "/1",
+                  cache_dir=model_cache, log_dir=tmp_path_factory.mktemp("echo-logs"),
+                  extra_env={"FAIRWAY_ENGINE": "echo", "FAIRWAY_ECHO_TOKENS_PER_S": "500"})
+    for service in ("scheduler", "scorer", "cpu-worker", "gateway"):
+        sys_.start(service, name=f"echo-{service}")
+    try:
+        sys_.wait_ready()
+        yield sys_
+    finally:
+        sys_.stop_all()
+
+
+@pytest.fixture(scope="module")
+def echo_client(echo_system) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{echo_system.gateway_url}/v1", api_key=TENANT_KEYS["acme"],
+                         max_retries=0)
+
+
+def test_echo_streams_the_prompt_back(echo_system, echo_client):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    tokenizer = load_tokenizer(resolve_model_path(None, echo_system.cache_dir))
+    ids = tokenizer.encode(prompt)
+    n = len(ids) + 3  # wraps around the prompt
+    chunks = list(echo_client.completions.create(
+        model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=n, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    expected = [ids[i % len(ids)] for i in range(n)]
+    assert text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 2  # really streamed
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    usage = [c.usage for c in chunks if c.usage]
+    assert usage[0].completion_tokens == n and usage[0].prompt_tokens == len(ids)
+    assert '"engine": "echo"' in echo_system.log("echo-cpu-worker")
+
+
+def test_echo_honours_stop_strings(echo_client):
+    out = echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt="one two three four",
+                                         max_tokens=20, stop=[" three"])
+    assert out.choices[0].text.endswith("two") and " three" not in out.choices[0].text
+    assert out.choices[0].finish_reason == "stop"
