@@ -10,6 +10,12 @@ if ! command -v redis-server >/dev/null || [ ! -x /usr/lib/rabbitmq/bin/rabbitmq
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server rabbitmq-server >/dev/null
 fi
+# Headless Chromium and its driver for the dashboard's browser test (skipped without them).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  { $SUDO apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } ||
+    echo "warning: could not install chromium and chromium-driver; the dashboard browser test will skip" >&2
+fi
 
 PY="${PYTHON:-python3}"
 # torch first and pinned: an unpinned torch pulls gigabytes of CUDA packages.

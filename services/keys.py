@@ -73,3 +73,12 @@ def tenant_inflight(tenant: str) -> str:
 def request_owner(request_id: str) -> str:
     """Tenant that owns a request, so cancels from other tenants are refused."""
     return f"{PREFIX}:req:{request_id}:owner"
+
+
+# --- dashboard (capped lists of recent events, newest first; JSON entries) ---
+LENGTH_SAMPLES = f"{PREFIX}:recent:lengths"
+"""List of finished requests' predicted (p10/p50/p90) and actual output lengths."""
+LENGTH_SAMPLES_CAP = 500
+RECENT_ERRORS = f"{PREFIX}:recent:errors"
+"""List of error answers the gateways sent (status, code, message, tenant, path)."""
+RECENT_ERRORS_CAP = 100

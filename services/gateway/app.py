@@ -37,6 +37,8 @@ from starlette.types import Receive, Scope, Send
 from services import __version__
 from services.gateway.auth import KeyStore, bearer_token
 from services.gateway.backend import Backend, Submission
+from services.gateway.dashboard import Dashboard
+from services.gateway.dashboard import install as install_dashboard
 from services.gateway.errors import (
     ApiError,
     ErrorResponse,
@@ -242,6 +244,7 @@ async def _complete(
     now = time.time()
 
     tenant = authenticate(state.keys, request.headers.get("authorization"))
+    request.state.tenant = tenant  # for the recent-errors log
     check_content_type(request.headers.get("content-type"))
     try:
         raw = await read_body(request, settings.max_body_bytes)
@@ -455,6 +458,7 @@ def create_app(settings: Settings) -> FastAPI:
     gateway_metrics = GatewayMetrics(settings.model_name)
     backend = Backend(settings, gateway_metrics)
     state = GatewayState(settings, keys, backend, gateway_metrics, started_at=int(time.time()))
+    dashboard = Dashboard(settings, keys, backend.redis)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -463,6 +467,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await dashboard.close()
             await backend.close()
             log.info("gateway_stopped")
 
@@ -499,17 +504,26 @@ def create_app(settings: Settings) -> FastAPI:
         "/ready", ready, methods=["GET"], responses={503: {"description": "Not ready"}}
     )
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    install_dashboard(app, dashboard)
+
+    def answer(request: Request, err: ApiError) -> Response:
+        """Count the error, log it for the dashboard, answer it."""
+        gateway_metrics.reject(err.reason)
+        dashboard.record_error(
+            err,
+            path=request.url.path,
+            tenant=getattr(request.state, "tenant", None),
+            request_id=err.headers.get(REQUEST_ID_HEADER),
+        )
+        return error_response(err)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, err: ApiError) -> Response:
-        gateway_metrics.reject(err.reason)
-        return error_response(err)
+    async def _api_error(request: Request, err: ApiError) -> Response:
+        return answer(request, err)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-        err = from_validation_error(exc)
-        gateway_metrics.reject(err.reason)
-        return error_response(err)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return answer(request, from_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -522,14 +536,12 @@ def create_app(settings: Settings) -> FastAPI:
         err = ApiError(
             status, message, reason=reason, code=code, type=error_type(status), headers=exc.headers
         )
-        gateway_metrics.reject(err.reason)
-        return error_response(err)
+        return answer(request, err)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", path=request.url.path)
-        gateway_metrics.reject("internal_error")
-        return error_response(ApiError(500, "Internal server error.", reason="internal_error"))
+        return answer(request, ApiError(500, "Internal server error.", reason="internal_error"))
 
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app

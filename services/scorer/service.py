@@ -14,10 +14,11 @@ import time
 from aio_pika.abc import AbstractIncomingMessage
 import redis.asyncio as aioredis
 
-from services import amqp, topology
+from services import amqp, keys, topology
 from services import messages as m
 from services.logs import get_logger
 from services.models import load_tokenizer, resolve_model_path
+from services.recent import RecentLog
 from services.scorer.online import OnlinePredictor
 from services.scorer.predictor import LengthPredictor
 from services.settings import Settings
@@ -98,6 +99,22 @@ class Scorer:
         )
 
 
+def length_sample(event: m.RequestFinished, now: float) -> dict[str, object]:
+    """A predicted-vs-actual output length entry for the dashboard's scatter plot."""
+    return {
+        "t": now,
+        "request_id": event.request_id,
+        "tenant": event.tenant,
+        "model": event.model,
+        "pool": event.pool,
+        "predicted": event.score.p50,
+        "p10": event.score.p10,
+        "p90": event.score.p90,
+        "actual": event.output_tokens,
+        "finish_reason": event.finish_reason,
+    }
+
+
 class ScorerService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -107,6 +124,7 @@ class ScorerService:
     async def start(self) -> None:
         s = self.settings
         self.redis = aioredis.from_url(s.redis_url)
+        self.length_samples = RecentLog(self.redis, keys.LENGTH_SAMPLES, keys.LENGTH_SAMPLES_CAP)
         path = resolve_model_path(s.model_path, s.cache_dir)
         tokenizer = await asyncio.to_thread(load_tokenizer, path)
         base = (
@@ -166,6 +184,8 @@ class ScorerService:
         await message.ack()
 
     async def on_finished(self, event: m.RequestFinished, message: AbstractIncomingMessage) -> None:
+        if not event.requeue and event.finish_reason in ("stop", "length"):
+            self.length_samples.add(length_sample(event, time.time()))
         if (
             event.model == self.settings.model_name
             and not event.requeue
@@ -193,6 +213,8 @@ class ScorerService:
             task.cancel()
         if getattr(self, "connection", None):
             await self.connection.close()
+        if getattr(self, "length_samples", None):
+            await self.length_samples.close()
         if getattr(self, "redis", None):
             await self.redis.aclose()
 

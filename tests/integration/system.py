@@ -15,6 +15,7 @@ import httpx
 from services.localinfra import free_port
 
 TENANT_KEYS = {"acme": "sk-acme-test", "globex": "sk-globex-test"}
+ADMIN_KEY = "sk-admin-test-dashboard"
 
 
 @dataclass
@@ -39,6 +40,7 @@ class System:
             FAIRWAY_CACHE_DIR=str(self.cache_dir),
             FAIRWAY_PORT=str(self.port),
             FAIRWAY_API_KEYS=",".join(f"{t}:{k}" for t, k in TENANT_KEYS.items()),
+            FAIRWAY_ADMIN_KEY=ADMIN_KEY,
             FAIRWAY_LOG_FORMAT="json",
             FAIRWAY_INSTANCE_ID=name,
             FAIRWAY_MAX_RUNNING="8",
