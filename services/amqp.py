@@ -3,6 +3,12 @@
 Consumers never crash on bad input: a payload that fails to decode is rejected
 without requeue (so RabbitMQ dead-letters it through the queue's DLX) and, when the
 message names a ``reply_to``, the producer gets an error :class:`FinalAnswer`.
+
+A handler that fails (Redis unreachable, a bug) has its message requeued after a
+backoff that grows with the delivery count, so a short outage does not burn the
+queue's delivery limit in milliseconds. On the last delivery the limit allows, a
+failure is final: the request's caller gets one error answer, the ``give_up`` hook
+runs, and the message is dead-lettered, so no accepted request ends in silence.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ from aio_pika.abc import (
 )
 
 from services import messages as m
+from services import topology
 from services.logs import get_logger
 from services.settings import Settings
 
 log = get_logger(__name__)
 
 CONTENT_TYPE = "application/msgpack"
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 8.0
 
 M = TypeVar("M", bound=m.Message)
 
@@ -87,6 +96,27 @@ def error_answer(request_id: str, message: str, *, status: int = 400,
     )
 
 
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """Earlier deliveries of this message (quorum queues' ``x-delivery-count``)."""
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def retry_delay_s(deliveries: int) -> float:
+    return min(RETRY_BASE_S * 2**deliveries, RETRY_MAX_S)
+
+
+def reply_target(msg: m.Message, message: AbstractIncomingMessage) -> str:
+    """Where the caller of the request that ``msg`` carries waits for its answer."""
+    if isinstance(msg, m.CompletionRequest):
+        return message.reply_to or msg.reply_to
+    if isinstance(msg, m.ScoredRequest):
+        return msg.request.reply_to
+    if isinstance(msg, m.WorkItem):
+        return msg.scored.request.reply_to
+    return message.reply_to or ""
+
+
 async def consume(
     channel: AbstractChannel,
     queue: AbstractQueue,
@@ -95,13 +125,36 @@ async def consume(
     *,
     service: str,
     on_invalid: Callable[[], None] | None = None,
+    give_up: Callable[[M], Awaitable[None]] | None = None,
+    delivery_limit: int = topology.DELIVERY_LIMIT,
 ) -> str:
     """Consume ``queue`` with decoding and failure handling around ``handler``.
 
     The handler acks (or rejects) the message itself once its work is durable. A
-    :class:`MessageError` dead-letters the message; any other exception requeues it, and
-    the queue's delivery limit stops a message that fails forever.
+    :class:`MessageError` dead-letters the message; any other exception requeues it
+    after a backoff, and on the last delivery the queue's limit allows, answers the
+    caller with an error, calls ``give_up`` and dead-letters it.
     """
+
+    async def fail(msg: M, message: AbstractIncomingMessage) -> None:
+        deliveries = delivery_count(message)
+        if deliveries < delivery_limit:
+            await asyncio.sleep(retry_delay_s(deliveries))
+            if not message.processed:
+                await message.nack(requeue=True)
+            return
+        log.error("message_given_up", service=service, queue=queue.name,
+                  request_id=msg.request_id, deliveries=deliveries + 1)
+        try:
+            await reply(channel, reply_target(msg, message), error_answer(
+                msg.request_id, "the request failed repeatedly inside the server and was dropped",
+                status=500, type_="server_error", code="internal_error"))
+            if give_up is not None:
+                await give_up(msg)
+        except Exception as exc:  # the reject below must still happen
+            log.warning("give_up_failed", error=repr(exc))
+        if not message.processed:
+            await message.reject(requeue=False)
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         try:
@@ -111,9 +164,10 @@ async def consume(
             if on_invalid is not None:
                 on_invalid()
             request_id = m.peek_request_id(message.body) or message.message_id or ""
-            if message.reply_to:
+            reply_to = message.reply_to or m.peek_reply_to(message.body)
+            if reply_to:
                 try:
-                    await reply(channel, message.reply_to,
+                    await reply(channel, reply_to,
                                 error_answer(request_id, f"invalid message: {exc}", code="invalid_message"))
                 except Exception as send_exc:  # the reject below must still happen
                     log.warning("error_reply_failed", error=str(send_exc))
@@ -127,9 +181,9 @@ async def consume(
             raise
         except Exception:
             log.exception("handler_failed", service=service, queue=queue.name,
-                          request_id=msg.request_id)
+                          request_id=msg.request_id, deliveries=delivery_count(message) + 1)
             if not message.processed:
-                await message.nack(requeue=True)
+                await fail(msg, message)
 
     return await queue.consume(on_message)
 

@@ -366,12 +366,28 @@ def decode(data: bytes, expected: type[M] | None = None) -> M:
         raise MessageError(str(exc)) from None
 
 
-def peek_request_id(data: bytes) -> str | None:
-    """Best-effort request id from a payload that failed to decode, for error replies."""
+def _peek(data: bytes) -> Any:
     try:
-        body = msgpack.unpackb(data[:MAX_MESSAGE_BYTES], raw=False)
+        return msgpack.unpackb(data[:MAX_MESSAGE_BYTES], raw=False)
     except Exception:
         return None
+
+
+def peek_reply_to(data: bytes) -> str | None:
+    """Best-effort reply queue of a request inside a payload that failed to decode."""
+    body = _peek(data)
+    for path in (("reply_to",), ("request", "reply_to"), ("scored", "request", "reply_to")):
+        value: Any = body
+        for step in path:
+            value = value.get(step) if isinstance(value, dict) else None
+        if isinstance(value, str) and value:
+            return value[:255]
+    return None
+
+
+def peek_request_id(data: bytes) -> str | None:
+    """Best-effort request id from a payload that failed to decode, for error replies."""
+    body = _peek(data)
     if isinstance(body, dict) and isinstance(body.get("request_id"), str):
         return body["request_id"][:200]
     return None

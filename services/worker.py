@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import queue
 import threading
 import time
@@ -120,6 +121,9 @@ class Active:
     seq: int = 0
     output_tokens: int = 0
     reported_tokens: int = 0
+    engine_id: str = ""
+    """The engine's id for this attempt (request id + attempt number): outputs of an
+    aborted earlier attempt of the same request can never be taken for this one's."""
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -133,6 +137,8 @@ class WorkerService:
         self.device = device
         self.worker_id = f"{pool}-{settings.instance_id}"
         self.active: dict[str, Active] = {}
+        self.by_engine: dict[str, Active] = {}
+        self._attempts = itertools.count(1)
         self.outputs: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._consumer_tag: str | None = None
@@ -160,14 +166,17 @@ class WorkerService:
 
         self.redis = aioredis.from_url(s.redis_url)
         self.connection = await amqp.connect(s, self.worker_id)
+        self.connection.close_callbacks.add(self._on_link_lost)
         self.channel = await self.connection.channel()
+        self.channel.close_callbacks.add(self._on_link_lost)
         await self.channel.set_qos(prefetch_count=s.max_running)
         topo = await topology.declare(self.channel)
         self.events = topo.exchange(topology.EVENTS_EXCHANGE)
         await self._heartbeat()
         self.work_queue = topo.queues[topology.work_queue(self.pool)]
         self._consumer_tag = await amqp.consume(self.channel, self.work_queue, m.WorkItem,
-                                                self.on_work, service=self.worker_id)
+                                                self.on_work, service=self.worker_id,
+                                                give_up=self._give_up)
         control = await topology.declare_control_queue(self.channel)
         await amqp.consume(self.channel, control, m.CancelRequest, self.on_cancel, service=self.worker_id)
         self._tasks = [
@@ -201,14 +210,15 @@ class WorkerService:
             log.info("duplicate_work_dropped", request_id=rid)
             await message.ack()
             return
-        active = Active(item=item, message=message)
+        active = Active(item=item, message=message, engine_id=f"{rid}#{next(self._attempts)}")
         self.active[rid] = active
-        engine_req = EngineRequest(request_id=rid, prompt_token_ids=item.scored.prompt_token_ids,
-                                   sampling=req.sampling)
+        self.by_engine[active.engine_id] = active
+        engine_req = EngineRequest(request_id=active.engine_id,
+                                   prompt_token_ids=item.scored.prompt_token_ids, sampling=req.sampling)
         try:
             await asyncio.wrap_future(self.engine.add(engine_req))
         except EngineError as exc:
-            self.active.pop(rid, None)
+            self._forget(active)
             await self._finish_early(item, message, "error", str(exc))
 
     async def _finish_early(self, item: m.WorkItem, message: AbstractIncomingMessage,
@@ -222,8 +232,40 @@ class WorkerService:
     async def on_cancel(self, cancel: m.CancelRequest, message: AbstractIncomingMessage) -> None:
         active = self.active.get(cancel.request_id)
         if active is not None and active.request.tenant == cancel.tenant:
-            self.engine.abort(cancel.request_id)
+            self.engine.abort(active.engine_id)
         await message.ack()
+
+    def _forget(self, active: Active) -> None:
+        if self.active.get(active.item.request_id) is active:
+            del self.active[active.item.request_id]
+        self.by_engine.pop(active.engine_id, None)
+
+    def _on_link_lost(self, *_: object) -> None:
+        """The broker connection (or channel) closed: the broker has put every unacked work
+        item back in its queue, and their acks can no longer be sent. Stop running them;
+        the redelivered copies start again (same seed) here or on another worker, and the
+        caller drops the chunks it already has by sequence number."""
+        if self.active:
+            log.warning("link_lost_requests_handed_back", n=len(self.active))
+        for active in list(self.active.values()):
+            self.engine.abort(active.engine_id)
+            self._forget(active)
+
+    async def _hand_back(self, active: Active) -> None:
+        """A reply or event could not be published: give the request back to the queue."""
+        self.engine.abort(active.engine_id)
+        self._forget(active)
+        with contextlib.suppress(Exception):
+            await active.message.nack(requeue=True)
+
+    async def _give_up(self, item: m.WorkItem) -> None:
+        """A work item that failed on every delivery: its caller got an error answer;
+        tell the scheduler it ended so its slot and charge are settled."""
+        req = item.scored.request
+        await amqp.publish(self.events, m.RequestFinished(
+            request_id=item.request_id, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
+            pool=self.pool, finish_reason="error", prompt_tokens=len(item.scored.prompt_token_ids),
+            output_tokens=0, score=item.scored.score), topology.FINISHED_KEY)
 
     # --- outputs ---------------------------------------------------------------
 
@@ -231,19 +273,20 @@ class WorkerService:
         while True:
             outputs = await self.outputs.get()
             for out in outputs:
-                active = self.active.get(out.request_id)
+                active = self.by_engine.get(out.request_id)
                 if active is None:
                     continue
                 try:
                     await self._emit(active, out)
                 except Exception:
-                    log.exception("emit_failed", request_id=out.request_id)
+                    log.exception("emit_failed", request_id=active.item.request_id)
+                    await self._hand_back(active)
 
     async def _emit(self, active: Active, out: RequestOutput) -> None:
         active.output_tokens = out.num_output_tokens
         if out.new_token_ids or out.new_text:
             await amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
-                request_id=out.request_id, seq=active.seq, text=out.new_text,
+                request_id=active.item.request_id, seq=active.seq, text=out.new_text,
                 token_ids=list(out.new_token_ids)))
             active.seq += 1
         if out.finished:
@@ -251,7 +294,7 @@ class WorkerService:
 
     async def _finish(self, active: Active, out: RequestOutput) -> None:
         """Terminal answer, completion event, then ack: in that order, so nothing is lost."""
-        rid = out.request_id
+        rid = active.item.request_id
         req = active.request
         reason: m.FinishReason = out.finish_reason or "stop"  # type: ignore[assignment]
         error = None
@@ -267,7 +310,7 @@ class WorkerService:
             output_tokens=out.num_output_tokens, score=active.item.scored.score,
             prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS]), topology.FINISHED_KEY)
         await active.message.ack()
-        self.active.pop(rid, None)
+        self._forget(active)
 
     async def _progress_loop(self) -> None:
         while True:
@@ -323,10 +366,11 @@ class WorkerService:
         for rid, active in list(self.active.items()):
             # Hand back: the broker redelivers to another worker of the pool, which
             # regenerates with the same seed; the caller drops chunks it already has.
-            self.engine.abort(rid)
+            self.engine.abort(active.engine_id)
             with contextlib.suppress(Exception):
                 await active.message.nack(requeue=True)
         self.active.clear()
+        self.by_engine.clear()
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):

@@ -144,6 +144,7 @@ class SchedulerService:
         self.lost = asyncio.Event()
         self.wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._dirty = False
         self._runner: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -179,18 +180,7 @@ class SchedulerService:
     async def _lead(self) -> None:
         log.info("leader_acquired", replica=self.settings.instance_id, fence=self.store.fence)
         self.lost.clear()
-        state = await self.store.load()
-        self.policy = SchedulerPolicy(self.config)
-        self.queued = state.queued
-        self.arrival = state.arrival
-        self.inflight = state.inflight
-        self.policy.restore(
-            state.counters,
-            state.served,
-            [queued_view(s, state.arrival[rid], state.requeued.get(rid))
-             for rid, s in state.queued.items()],
-            [queued_view(r.scored, r.arrival or r.dispatched_at) for r in state.inflight.values()],
-        )
+        self._restore(await self.store.load())
         self.channel = await self.connection.channel()
         await self.channel.set_qos(prefetch_count=256)
         topo = await topology.declare(self.channel)
@@ -221,6 +211,27 @@ class SchedulerService:
                 await self.channel.close()
             log.info("leader_released", replica=self.settings.instance_id)
 
+    def _restore(self, state) -> None:
+        """Rebuild the in-memory policy and maps from what Redis holds."""
+        self.policy = SchedulerPolicy(self.config)
+        self.queued = state.queued
+        self.arrival = state.arrival
+        self.inflight = state.inflight
+        self.policy.restore(
+            state.counters,
+            state.served,
+            [queued_view(s, state.arrival[rid], state.requeued.get(rid))
+             for rid, s in state.queued.items()],
+            [queued_view(r.scored, r.arrival or r.dispatched_at) for r in state.inflight.values()],
+        )
+        self._dirty = False
+
+    async def _sync(self) -> None:
+        """Under the lock: after a write Redis did not confirm, reload before going on."""
+        if self._dirty:
+            log.info("state_resync")
+            self._restore(await self.store.load())
+
     async def _renew_loop(self) -> None:
         while not self.lost.is_set():
             await asyncio.sleep(self.settings.lease_ttl_s / 3)
@@ -237,12 +248,18 @@ class SchedulerService:
         except NotLeader:
             self.lost.set()
             raise
+        except Exception:
+            # Redis did not confirm (it may or may not have applied the write), so memory may
+            # now differ from Redis, the source of truth: reload before the next step.
+            self._dirty = True
+            raise
 
     # --- inputs ----------------------------------------------------------------
 
     async def on_scored(self, scored: m.ScoredRequest, message: AbstractIncomingMessage) -> None:
         rid = scored.request_id
         async with self._lock:
+            await self._sync()
             known = rid in self.queued or rid in self.inflight
             if not known and not (await self.store.already_done([rid]))[0]:
                 arrival = time.time()
@@ -259,6 +276,7 @@ class SchedulerService:
 
     async def on_event(self, event: m.Message, message: AbstractIncomingMessage) -> None:
         async with self._lock:
+            await self._sync()
             if isinstance(event, m.RequestProgress):
                 await self._progress(event.request_id, event.tenant, event.total_tokens)
             elif isinstance(event, m.RequestFinished):
@@ -305,6 +323,7 @@ class SchedulerService:
     async def on_cancel(self, cancel: m.CancelRequest, message: AbstractIncomingMessage) -> None:
         rid = cancel.request_id
         async with self._lock:
+            await self._sync()
             scored = self.queued.get(rid)
             if scored is not None and scored.request.tenant == cancel.tenant:
                 self.policy.cancel(rid)
@@ -331,6 +350,12 @@ class SchedulerService:
                 await asyncio.wait_for(self.wake.wait(), SCHEDULE_INTERVAL_S)
             self.wake.clear()
             try:
+                if any(not r.published for r in self.inflight.values()):
+                    # Dispatched, but the broker did not confirm the work item (it was
+                    # down): publish again; a worker drops a copy that did arrive.
+                    async with self._lock:
+                        await self._sync()
+                        await self._publish_unconfirmed()
                 await self.schedule_once()
             except NotLeader:
                 return
@@ -344,6 +369,7 @@ class SchedulerService:
         now = time.time()
         workers = await self.store.live_workers(now, self.settings.worker_timeout_s)
         async with self._lock:
+            await self._sync()
             result = self.policy.schedule(now, pool_views(workers, self.inflight))
             if not result.dispatches and not result.expired:
                 return 0

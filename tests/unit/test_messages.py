@@ -89,3 +89,12 @@ def test_decoding_arbitrary_maps_only_raises_message_error(type_tag, body):
         m.decode(msgpack.packb(body))
     except m.MessageError:
         pass
+
+
+def test_peek_reply_to_of_an_invalid_message():
+    assert m.peek_reply_to(msgpack.packb({"reply_to": "q1"})) == "q1"
+    assert m.peek_reply_to(msgpack.packb({"request": {"reply_to": "q2"}, "x": b"\xff"})) == "q2"
+    assert m.peek_reply_to(msgpack.packb({"scored": {"request": {"reply_to": "q3"}}})) == "q3"
+    assert m.peek_reply_to(msgpack.packb({"request": "not-a-map"})) is None
+    assert m.peek_reply_to(msgpack.packb([1, 2])) is None
+    assert m.peek_reply_to(b"\xc1garbage") is None

@@ -1,0 +1,108 @@
+"""The consume wrapper on a real broker: retries with backoff, then one error answer and
+the dead-letter queue for a message whose handler fails on every delivery, and the
+consumer keeps consuming."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import aio_pika
+import pytest
+
+from services import amqp, topology
+from services import messages as m
+
+pytestmark = pytest.mark.integration
+
+
+def request(rid: str, reply_to: str) -> m.CompletionRequest:
+    return m.CompletionRequest(request_id=rid, model="tiny", prompt="x", reply_to=reply_to)
+
+
+async def test_a_message_failing_every_delivery_gets_one_error_and_is_dead_lettered(amqp_url):
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        await topology.declare(channel)
+        name = f"test.consume.{uuid.uuid4().hex[:8]}"
+        queue = await channel.declare_queue(name, durable=True, arguments=topology.quorum_arguments())
+        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+        calls: dict[str, list[float]] = {}
+        handled = asyncio.Event()
+
+        async def handler(msg: m.CompletionRequest, message) -> None:
+            calls.setdefault(msg.request_id, []).append(time.monotonic())
+            if msg.request_id.startswith("poison"):
+                raise RuntimeError("this handler always fails on it")
+            await message.ack()
+            handled.set()
+
+        await amqp.consume(channel, queue, m.CompletionRequest, handler, service="test",
+                           delivery_limit=2)
+        poison = f"poison-{uuid.uuid4().hex}"
+        await amqp.publish(channel.default_exchange, request(poison, replies.name), name)
+
+        answer = await _get(replies, timeout=20)
+        final = m.decode(answer.body, m.FinalAnswer)
+        assert (final.request_id, final.finish_reason) == (poison, "error")
+        assert (final.error.status, final.error.code) == (500, "internal_error")
+        times = calls[poison]
+        assert len(times) == 3  # deliveries 0, 1 and 2 (the last one the limit allows)
+        assert times[1] - times[0] >= amqp.retry_delay_s(0) * 0.9  # backed off, not hot-looped
+        assert times[2] - times[1] >= amqp.retry_delay_s(1) * 0.9
+        assert await _get(replies, timeout=1, fail=False) is None  # one answer only
+
+        dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        assert await _find(dead, poison, timeout=10), "not dead-lettered"
+
+        # The consumer is still there.
+        await amqp.publish(channel.default_exchange, request("good", replies.name), name)
+        await asyncio.wait_for(handled.wait(), 10)
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
+
+
+def test_delivery_count_and_reply_target():
+    class Incoming:
+        def __init__(self, headers, reply_to=None):
+            self.headers, self.reply_to = headers, reply_to
+
+    assert amqp.delivery_count(Incoming({"x-delivery-count": 3})) == 3
+    assert amqp.delivery_count(Incoming(None)) == 0
+    assert amqp.delivery_count(Incoming({"x-delivery-count": "3"})) == 0
+    assert amqp.retry_delay_s(0) < amqp.retry_delay_s(2) <= amqp.RETRY_MAX_S
+    assert amqp.retry_delay_s(50) == amqp.RETRY_MAX_S
+    req = request("r", "from-body")
+    scored = m.ScoredRequest(request_id="r", request=req, prompt_token_ids=[1],
+                             score=m.LengthScore(uncertainty=0, p10=1, p50=1, p90=1))
+    item = m.WorkItem(request_id="r", scored=scored, pool="cpu", dispatched_at=0)
+    assert amqp.reply_target(req, Incoming({}, "from-property")) == "from-property"
+    assert amqp.reply_target(req, Incoming({})) == "from-body"
+    assert amqp.reply_target(scored, Incoming({})) == "from-body"
+    assert amqp.reply_target(item, Incoming({})) == "from-body"
+
+
+async def _get(queue, timeout: float, fail: bool = True):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is not None:
+            return message
+        await asyncio.sleep(0.05)
+    if fail:
+        raise TimeoutError("nothing arrived")
+    return None
+
+
+async def _find(queue, message_id: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        letter = await queue.get(no_ack=True, fail=False)
+        if letter is None:
+            await asyncio.sleep(0.1)
+        elif letter.message_id == message_id:
+            return True
+    return False
