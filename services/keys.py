@@ -66,8 +66,18 @@ def predictor_state(model: str) -> str:
 
 
 def tenant_inflight(tenant: str) -> str:
-    """Counter of a tenant's accepted, unfinished requests (admission limit)."""
+    """Sorted set of a tenant's accepted, unfinished requests: request id -> unix time
+    after which the entry no longer counts (admission limit; a leaked entry expires)."""
     return f"{PREFIX}:tenant:{tenant}:inflight"
+
+
+def tenant_tokens(tenant: str) -> str:
+    """Hash request id -> token cost of each entry of :func:`tenant_inflight`."""
+    return f"{PREFIX}:tenant:{tenant}:tokens"
+
+
+GATEWAY_INFLIGHT = f"{PREFIX}:gateway:inflight"
+"""Sorted set of every tenant's accepted, unfinished requests (global back-pressure)."""
 
 
 def request_owner(request_id: str) -> str:

@@ -80,6 +80,14 @@ class ReplyRouter:
     def close(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
 
+    def fail_all(self, code: str, message: str, status: int = 503) -> None:
+        """End every open stream with one error answer (its replies can no longer arrive)."""
+        for stream in list(self.streams.values()):
+            stream.offer(m.FinalAnswer(
+                request_id=stream.request_id, seq=stream.next_seq, finish_reason="error",
+                error=m.ErrorInfo(message=message, type="service_unavailable", code=code,
+                                  status=status)))
+
     def dispatch(self, msg: Reply) -> None:
         stream = self.streams.get(msg.request_id)
         if stream is not None:

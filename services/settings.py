@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     admin_key: str = ""
     max_body_bytes: int = 1_000_000
     max_queued_per_tenant: int = 256
+    max_queued_tokens_per_tenant: int = 262_144
+    """Token budget of a tenant's unfinished requests: ``max_tokens`` plus a prompt
+    estimate of one token per 4 bytes (the gateway has no tokenizer)."""
+    max_queued_total: int = 4096
+    """Unfinished requests of all tenants together; beyond it every tenant gets 503."""
     request_timeout_s: float = 600.0
     worker_alive_s: float = 10.0
 

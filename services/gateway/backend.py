@@ -4,11 +4,25 @@ Thin on purpose: routing and formatting live in ``replies`` and ``responses``. A
 goes through :meth:`Backend.submit` (admit in Redis, open a reply stream, publish with a
 broker confirm) and ends with :meth:`Submission.close`, which runs exactly once and
 cancels the request downstream when no final answer arrived (client gone, timeout).
+
+Admission (before any work is done): a tenant may hold at most ``max_queued_per_tenant``
+unfinished requests and ``max_queued_tokens_per_tenant`` tokens of them (``max_tokens``
+plus a prompt estimate), else 429 with ``Retry-After``; all tenants together at most
+``max_queued_total``, else 503 (global back-pressure). Each admitted request is an entry
+of a Redis sorted set scored by the time it stops counting (its timeout), so a slot whose
+release was lost (gateway killed, Redis unreachable at that moment) frees itself then
+instead of leaking; releases that fail are retried with the next Redis call.
+
+The reply queue is exclusive to the gateway's connection: when that connection drops
+(broker restart, network cut) the broker deletes it with any replies in it, so every
+request in flight gets one clear error (``broker_connection_lost``, 503) at once and is
+cancelled downstream once the connection is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -18,7 +32,13 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from redis.exceptions import RedisError
 
 from services import amqp, keys, topology
-from services.gateway.errors import ApiError, too_many_in_flight, unavailable
+from services.gateway.errors import (
+    ApiError,
+    overloaded,
+    token_budget_exceeded,
+    too_many_in_flight,
+    unavailable,
+)
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.replies import TimedReplies
 from services.logs import get_logger
@@ -33,26 +53,55 @@ REDIS_TIMEOUT_S = 5.0
 CONNECT_RETRY_MAX_S = 10.0
 SHUTDOWN_CLEANUP_S = 10.0
 
-# INCR with the limit checked in the same atomic step. The TTL bounds a leak when a
-# gateway dies with requests in flight: every request ends within request_timeout_s, so a
-# key untouched for longer than that has no live request behind it.
+# Admission in one atomic step. KEYS: tenant set, tenant token hash, global set.
+# ARGV: request id, now, expires at, max requests, max tokens, cost, max total, key TTL.
+# Entries past their expiry (a release that never came) are dropped first.
 _ADMIT_LUA = """
-local n = redis.call('INCR', KEYS[1])
-if n > tonumber(ARGV[1]) then
-  redis.call('DECR', KEYS[1])
-  return 0
+local now = ARGV[2]
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
+for _, rid in ipairs(stale) do
+  redis.call('ZREM', KEYS[1], rid)
+  redis.call('HDEL', KEYS[2], rid)
 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 'requests'
+end
+local used = 0
+for _, cost in ipairs(redis.call('HVALS', KEYS[2])) do
+  used = used + tonumber(cost)
+end
+if used + tonumber(ARGV[6]) > tonumber(ARGV[5]) then
+  return 'tokens'
+end
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then
+  return 'total'
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+for i = 1, 3 do
+  redis.call('EXPIRE', KEYS[i], ARGV[8])
+end
+return 'ok'
 """
-# DECR that never goes below zero (the key may have expired meanwhile).
+# Idempotent: releasing twice, or after the entry expired, changes nothing.
 _RELEASE_LUA = """
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n > 0 then
-  return redis.call('DECR', KEYS[1])
-end
-return 0
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return redis.call('ZREM', KEYS[3], ARGV[1])
 """
+MAX_PENDING_RELEASES = 100_000
+CONNECTION_LOST = "broker_connection_lost"
+
+
+def token_cost(request: CompletionRequest) -> int:
+    """What a request counts against its tenant's token budget: ``max_tokens`` plus the
+    prompt at one token per 4 UTF-8 bytes (no tokenizer here; real BPE counts are lower
+    for English, so this errs on the side of the budget)."""
+    text = request.prompt_text() if request.kind == "completion" else "".join(
+        msg.content for msg in request.messages)
+    return request.sampling.max_tokens + len(text.encode("utf-8", "replace")) // 4 + 1
 
 
 def amqp_login(url: str) -> str:
@@ -88,8 +137,10 @@ class Backend:
         self.settings = settings
         self.metrics = metrics
         self.router = ReplyRouter()
-        self.reply_queue_name = topology.reply_queue(settings.instance_id)
         self.amqp_user = amqp_login(settings.amqp_url)
+        # Named after the AMQP user, like a producer's, so a least-privilege user may be
+        # granted exactly its own reply queues.
+        self.reply_queue_name = topology.reply_queue(f"{self.amqp_user}.{settings.instance_id}")
         self.redis: aioredis.Redis = aioredis.from_url(
             settings.redis_url,
             socket_connect_timeout=REDIS_TIMEOUT_S,
@@ -104,6 +155,10 @@ class Backend:
         self._connect_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._submissions: dict[str, Submission] = {}
+        self._pending_releases: dict[str, str] = {}
+        """Request id -> tenant of admission slots whose release failed; retried later."""
+        self._orphaned: dict[str, str] = {}
+        """Request id -> tenant of requests failed by a connection loss: cancel downstream."""
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -149,8 +204,29 @@ class Backend:
         await queue.consume(self.router.on_message, no_ack=True)
         self._requests_exchange = topo.exchange(topology.REQUESTS_EXCHANGE)
         self._control_exchange = topo.exchange(topology.CONTROL_EXCHANGE)
+        conn.close_callbacks.add(self._on_connection_lost)
+        conn.reconnect_callbacks.add(self._on_reconnected)
         self._ready.set()
         log.info("amqp_connected", reply_queue=self.reply_queue_name)
+
+    def _on_connection_lost(self, *_: object) -> None:
+        """The exclusive reply queue is gone with the connection: fail what is in flight."""
+        if not self._submissions:
+            return
+        log.warning("amqp_connection_lost", in_flight=len(self._submissions))
+        for request_id, submission in self._submissions.items():
+            if not submission.stream.arrived:
+                self._orphaned[request_id] = submission.request.tenant
+        self.router.fail_all(
+            CONNECTION_LOST,
+            "The gateway lost its connection to the message broker, and this request's "
+            "answer with it; retry the request.",
+        )
+
+    async def _on_reconnected(self, *_: object) -> None:
+        log.info("amqp_reconnected", orphaned=len(self._orphaned))
+        for request_id, tenant in list(self._orphaned.items()):
+            await self.publish_cancel(request_id, tenant)
 
     async def _drop_connection(self) -> None:
         conn, self._connection = self._connection, None
@@ -198,8 +274,7 @@ class Backend:
         except MessageError as exc:  # over the wire-size cap
             raise ApiError(413, str(exc), reason="too_large", code="request_too_large") from None
         tenant = request.tenant
-        if not await self._try_admit(tenant):
-            raise too_many_in_flight(self.settings.max_queued_per_tenant)
+        await self._try_admit(tenant, request.request_id, token_cost(request))
         stream = TimedReplies(self.router.open(request.request_id), opened_at=arrived_at)
         submission = Submission(self, request, stream)
         self._submissions[request.request_id] = submission
@@ -230,12 +305,14 @@ class Backend:
         self.router.close(request.request_id)
         if self._submissions.pop(request.request_id, None) is not None:
             self.metrics.in_flight.dec()
-        if stream.final is not None:
+        if request.request_id in self._orphaned:
+            await self.publish_cancel(request.request_id, request.tenant)
+        elif stream.final is not None:
             self.metrics.observe_finished(stream)
         elif not stream.arrived:
             self.metrics.cancelled.inc()
             await self.publish_cancel(request.request_id, request.tenant)
-        await self._release_slot(request.tenant)
+        await self._release_slot(request.tenant, request.request_id)
 
     async def publish_cancel(self, request_id: str, tenant: str) -> None:
         """Tell every worker and scheduler to drop the request; best effort."""
@@ -248,27 +325,57 @@ class Backend:
         )
         try:
             await exchange.publish(message, "", timeout=PUBLISH_TIMEOUT_S)
+            self._orphaned.pop(request_id, None)
             log.info("request_cancelled", request_id=request_id, tenant=tenant)
         except Exception as exc:  # the scheduler's own timeouts are the fallback
             log.warning("cancel_publish_failed", request_id=request_id, error=repr(exc))
 
-    async def _try_admit(self, tenant: str) -> bool:
-        ttl = int(self.settings.request_timeout_s) + 60
+    async def _try_admit(self, tenant: str, request_id: str, cost: int) -> None:
+        """Take an admission slot or raise 429 (tenant limits) / 503 (global, Redis down)."""
+        s = self.settings
+        now = time.time()
+        # A request ends within request_timeout_s (504 otherwise); its slot counts until then.
+        expires = now + s.request_timeout_s + 5
         try:
-            admitted = await self._admit(
-                keys=[keys.tenant_inflight(tenant)], args=[self.settings.max_queued_per_tenant, ttl]
+            await self._retry_releases()
+            verdict = await self._admit(
+                keys=[keys.tenant_inflight(tenant), keys.tenant_tokens(tenant), keys.GATEWAY_INFLIGHT],
+                args=[request_id, repr(now), repr(expires), s.max_queued_per_tenant,
+                      s.max_queued_tokens_per_tenant, cost, s.max_queued_total,
+                      int(s.request_timeout_s) + 60],
             )
         except (RedisError, OSError) as exc:
             log.warning("redis_unavailable", op="admit", error=repr(exc))
             raise unavailable("Redis is not reachable; retry later.") from None
-        return bool(admitted)
+        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+        if verdict == "requests":
+            raise too_many_in_flight(s.max_queued_per_tenant)
+        if verdict == "tokens":
+            if cost > s.max_queued_tokens_per_tenant:
+                raise ApiError(400, f"The request's max_tokens plus prompt ({cost} tokens) exceeds "
+                                    f"this API key's budget of {s.max_queued_tokens_per_tenant}.",
+                               reason="too_large", param="max_tokens", code="token_budget_exceeded")
+            raise token_budget_exceeded(s.max_queued_tokens_per_tenant)
+        if verdict == "total":
+            raise overloaded()
 
-    async def _release_slot(self, tenant: str) -> None:
+    async def _release_slot(self, tenant: str, request_id: str) -> None:
         try:
-            await self._release(keys=[keys.tenant_inflight(tenant)])
+            await self._release(
+                keys=[keys.tenant_inflight(tenant), keys.tenant_tokens(tenant), keys.GATEWAY_INFLIGHT],
+                args=[request_id])
         except (RedisError, OSError) as exc:
-            # The key's TTL frees the slot later.
+            # Retried with the next admission; the entry's expiry frees it in any case.
             log.warning("redis_unavailable", op="release", tenant=tenant, error=repr(exc))
+            if len(self._pending_releases) < MAX_PENDING_RELEASES:
+                self._pending_releases[request_id] = tenant
+
+    async def _retry_releases(self) -> None:
+        for request_id, tenant in list(self._pending_releases.items()):
+            await self._release(
+                keys=[keys.tenant_inflight(tenant), keys.tenant_tokens(tenant), keys.GATEWAY_INFLIGHT],
+                args=[request_id])
+            self._pending_releases.pop(request_id, None)
 
     # --- readiness -------------------------------------------------------------------
 

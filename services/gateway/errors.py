@@ -118,6 +118,27 @@ def too_many_in_flight(limit: int) -> ApiError:
     )
 
 
+def token_budget_exceeded(limit: int) -> ApiError:
+    return ApiError(
+        429,
+        f"Too many tokens in flight for this API key (budget {limit} tokens of max_tokens "
+        "plus prompt); retry later.",
+        reason="tenant_token_limit",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def overloaded() -> ApiError:
+    return ApiError(
+        503,
+        "The server is overloaded (its queues are full); retry later.",
+        reason="overloaded",
+        code="overloaded",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def unavailable(message: str) -> ApiError:
     return ApiError(
         503,

@@ -65,3 +65,17 @@ async def test_router_routes_by_request_id_and_ignores_unknown():
     assert [x.seq for x in got] == [0, 1]
     router.close("r")
     assert "r" not in router.streams
+
+
+def test_fail_all_ends_each_open_stream_with_one_error():
+    router = ReplyRouter()
+    open_stream, done = router.open("r"), router.open("d")
+    router.dispatch(chunk(0))
+    router.dispatch(m.FinalAnswer(request_id="d", seq=0, finish_reason="stop"))
+    router.fail_all("broker_connection_lost", "gone")
+    router.dispatch(chunk(1))  # a late reply changes nothing
+    out = drain(open_stream)
+    assert [type(x) for x in out] == [m.TokenChunk, m.FinalAnswer]
+    assert (out[-1].finish_reason, out[-1].error.code, out[-1].error.status) == (
+        "error", "broker_connection_lost", 503)
+    assert [x.finish_reason for x in drain(done)] == ["stop"]
