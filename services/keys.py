@@ -27,6 +27,10 @@ SCHED_SERVED = f"{PREFIX}:sched:served"
 SCHED_POOL_RESERVED = f"{PREFIX}:sched:pool_reserved"
 """Hash pool -> requests dispatched but not yet seen running by a worker heartbeat."""
 
+# --- tenant LoRA adapters ---
+ADAPTERS = f"{PREFIX}:adapters"
+"""Hash adapter name -> JSON spec (path, owner, shared_with) registered by an admin."""
+
 
 def sched_done(request_id: str) -> str:
     """Marker that a request reached its terminal answer (idempotency on redelivery)."""

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     """Local path or hub id; unset means the built-in tiny random-weight model."""
     cache_dir: Path = Path(os.path.expanduser("~/.cache/fairway"))
     max_model_len: int = 2048
+    adapters_file: Path | None = None
+    """JSON or YAML registry of tenant LoRA adapters (see :mod:`services.adapters`)."""
 
     # Logging
     log_level: str = "INFO"
@@ -85,6 +87,12 @@ class Settings(BaseSettings):
     echo_tokens_per_s: float = 1000.0
     threads: int = 0
     """torch intra-op threads for CPU workers; 0 lets torch decide."""
+    max_loras: int = 8
+    """LoRA adapter slots in the engine's device pool (S-LoRA); 0 serves the base model only."""
+    max_lora_rank: int = 64
+    """Largest adapter rank the pool holds; smaller ranks are zero-padded to it."""
+    max_cpu_loras: int = 64
+    """Adapters kept in host memory (LRU), loaded from disk on first use."""
 
 
 @lru_cache(maxsize=1)

@@ -35,7 +35,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from services import __version__
-from services.gateway.auth import KeyStore, bearer_token
+from services.adapters import AdapterCatalog
+from services.gateway.adapters import adapter_card, resolve_adapter, usable_adapters
+from services.gateway.adapters import install as install_adapters
+from services.gateway.auth import AdminAuth, KeyStore, bearer_token
 from services.gateway.backend import Backend, Submission
 from services.gateway.dashboard import Dashboard
 from services.gateway.dashboard import install as install_dashboard
@@ -92,6 +95,8 @@ class GatewayState:
     backend: Backend
     metrics: GatewayMetrics
     started_at: int
+    adapters: AdapterCatalog | None = None
+    """Tenant LoRA adapters; None serves the base model only."""
 
 
 class ClientDisconnected(Exception):
@@ -251,7 +256,9 @@ async def _complete(
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_STATUS)
     body = parse_body(raw, body_model)
-    check_body(body, settings)
+    if state.adapters is not None:
+        await resolve_adapter(state.adapters, body.model, tenant)  # 404 unless it may use it
+    check_body(body, settings, model_checked=state.adapters is not None)
     deadline_ms = resolve_deadline_ms(body.deadline_ms, request.headers.get(DEADLINE_HEADER))
     request_id = new_request_id(body)
     headers = {REQUEST_ID_HEADER: request_id}
@@ -364,17 +371,28 @@ def _model_card(state: GatewayState) -> dict[str, Any]:
 
 
 async def list_models(request: Request) -> Response:
+    """The base model and the adapters the caller's tenant may use."""
     state: GatewayState = request.app.state.gateway
-    authenticate(state.keys, request.headers.get("authorization"))
-    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+    tenant = authenticate(state.keys, request.headers.get("authorization"))
+    base = _model_card(state)
+    cards = [base]
+    if state.adapters is not None:
+        specs = await usable_adapters(state.adapters, tenant)
+        cards += [adapter_card(base, state.adapters, spec) for spec in specs]
+    return JSONResponse({"object": "list", "data": cards})
 
 
 async def retrieve_model(request: Request, model: str) -> Response:
     state: GatewayState = request.app.state.gateway
-    authenticate(state.keys, request.headers.get("authorization"))
-    if model != state.settings.model_name:
+    tenant = authenticate(state.keys, request.headers.get("authorization"))
+    if model == state.settings.model_name:
+        return JSONResponse(_model_card(state))
+    if state.adapters is None:
         raise model_not_found(model)
-    return JSONResponse(_model_card(state))
+    spec = await resolve_adapter(state.adapters, model, tenant)
+    if spec is None:
+        raise model_not_found(model)
+    return JSONResponse(adapter_card(_model_card(state), state.adapters, spec))
 
 
 async def health() -> Response:
@@ -457,7 +475,9 @@ def create_app(settings: Settings) -> FastAPI:
         )
     gateway_metrics = GatewayMetrics(settings.model_name)
     backend = Backend(settings, gateway_metrics)
-    state = GatewayState(settings, keys, backend, gateway_metrics, started_at=int(time.time()))
+    adapters = AdapterCatalog.from_settings(settings, backend.redis)
+    state = GatewayState(settings, keys, backend, gateway_metrics, started_at=int(time.time()),
+                         adapters=adapters)
     dashboard = Dashboard(settings, keys, backend.redis)
 
     @asynccontextmanager
@@ -504,6 +524,7 @@ def create_app(settings: Settings) -> FastAPI:
         "/ready", ready, methods=["GET"], responses={503: {"description": "Not ready"}}
     )
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    install_adapters(app, adapters, AdminAuth(settings.admin_key, keys))
     install_dashboard(app, dashboard)
 
     def answer(request: Request, err: ApiError) -> Response:

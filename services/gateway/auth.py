@@ -7,6 +7,9 @@ development, hashed at load) and ``settings.api_keys_file``::
 
 ``key_sha256`` may also be a list, for key rotation. The tenant of a request comes only
 from its key; nothing a client writes in the body can change it.
+
+:class:`AdminAuth` guards the admin endpoints (dashboard data, adapter registry) with
+``settings.admin_key``, a key no tenant holds.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from services.gateway.errors import ApiError, unauthorized
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """Tenant names end up in Redis keys and metric labels, so they stay short and plain."""
@@ -138,3 +143,42 @@ def load_keys_file(store: KeyStore, data: Any) -> None:
         weight = spec.get("weight", 1.0)
         for digest in digests:
             store.add(tenant, digest, weight)
+
+
+def forbidden(message: str, code: str) -> ApiError:
+    return ApiError(403, message, reason="forbidden", code=code)
+
+
+class AdminAuth:
+    """Checks the admin key (``FAIRWAY_ADMIN_KEY``); only its SHA-256 digest is kept.
+
+    No admin key configured: 403 ``admin_disabled``. Missing or wrong key: 401. A tenant's
+    key: 403 ``insufficient_permissions``.
+    """
+
+    def __init__(self, admin_key: str, tenants: KeyStore) -> None:
+        self._digest = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
+        self._tenants = tenants
+        if admin_key and tenants.lookup(admin_key) is not None:
+            raise ValueError("FAIRWAY_ADMIN_KEY must differ from every tenant's API key")
+
+    @property
+    def enabled(self) -> bool:
+        return self._digest is not None
+
+    def check(self, authorization: str | None) -> None:
+        """Return if ``authorization`` carries the admin key; else raise 401 or 403."""
+        if self._digest is None:
+            raise forbidden(
+                "Admin endpoints are disabled: set FAIRWAY_ADMIN_KEY on the gateway.",
+                "admin_disabled",
+            )
+        token = bearer_token(authorization)
+        if token is None:
+            raise unauthorized("Missing admin key: send 'Authorization: Bearer <admin key>'.")
+        candidate = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        if hmac.compare_digest(candidate, self._digest):
+            return
+        if self._tenants.lookup(token) is not None:
+            raise forbidden("A tenant API key cannot use admin endpoints.", "insufficient_permissions")
+        raise unauthorized("Invalid admin key.")

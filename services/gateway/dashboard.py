@@ -14,8 +14,6 @@ capped lists of recent length samples and errors) into a :class:`RawSnapshot`, a
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,8 +29,8 @@ from starlette.responses import JSONResponse, Response
 
 from services import keys, topology
 from services import messages as m
-from services.gateway.auth import KeyStore, bearer_token
-from services.gateway.errors import ApiError, unauthorized, unavailable
+from services.gateway.auth import AdminAuth, KeyStore  # AdminAuth: shared with /admin/adapters
+from services.gateway.errors import ApiError, unavailable
 from services.logs import get_logger
 from services.recent import RecentLog, decode_entries
 from services.settings import Settings
@@ -65,44 +63,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-
-
-# --- admin auth ------------------------------------------------------------------------
-
-
-def forbidden(message: str, code: str) -> ApiError:
-    return ApiError(403, message, reason="forbidden", code=code)
-
-
-class AdminAuth:
-    """Checks the admin key; only its SHA-256 digest is kept."""
-
-    def __init__(self, admin_key: str, tenants: KeyStore) -> None:
-        self._digest = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
-        self._tenants = tenants
-        if admin_key and tenants.lookup(admin_key) is not None:
-            raise ValueError("FAIRWAY_ADMIN_KEY must differ from every tenant's API key")
-
-    @property
-    def enabled(self) -> bool:
-        return self._digest is not None
-
-    def check(self, authorization: str | None) -> None:
-        """Return if ``authorization`` carries the admin key; else raise 401 or 403."""
-        if self._digest is None:
-            raise forbidden(
-                "The dashboard is disabled: set FAIRWAY_ADMIN_KEY on the gateway.",
-                "admin_disabled",
-            )
-        token = bearer_token(authorization)
-        if token is None:
-            raise unauthorized("Missing admin key: send 'Authorization: Bearer <admin key>'.")
-        candidate = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        if hmac.compare_digest(candidate, self._digest):
-            return
-        if self._tenants.lookup(token) is not None:
-            raise forbidden("A tenant API key cannot read the dashboard.", "insufficient_permissions")
-        raise unauthorized("Invalid admin key.")
 
 
 # --- the data: raw Redis state -> JSON -------------------------------------------------

@@ -167,9 +167,13 @@ def _unsupported(param: str, what: str) -> ApiError:
     return invalid(f"{what} is not supported by this server.", param=param, code="unsupported")
 
 
-def check_body(body: AnyBody, settings: Settings) -> None:
-    """Checks that need settings or span fields: model, limits, unsupported features."""
-    if body.model != settings.model_name:
+def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False) -> None:
+    """Checks that need settings or span fields: model, limits, unsupported features.
+
+    ``model_checked``: the caller already resolved ``body.model`` (base model or an
+    adapter the tenant may use, :func:`services.gateway.adapters.resolve_adapter`).
+    """
+    if not model_checked and body.model != settings.model_name:
         raise model_not_found(body.model)
     max_tokens = requested_max_tokens(body)
     if max_tokens is not None and max_tokens > settings.max_model_len:

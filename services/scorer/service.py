@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from services import amqp, keys, topology
 from services import messages as m
+from services.adapters import AdapterCatalog, CatalogUnavailable, ModelNotFound
 from services.logs import get_logger
 from services.models import load_tokenizer, resolve_model_path
 from services.recent import RecentLog
@@ -49,6 +50,22 @@ def tokenize(tokenizer, request: m.CompletionRequest) -> list[int]:
             ids = ids["input_ids"]
         return list(ids)
     return list(tokenizer.encode(request.prompt, add_special_tokens=True))
+
+
+async def check_model(catalog: AdapterCatalog, request: m.CompletionRequest) -> None:
+    """The base model, or an adapter the request's (resolved) tenant may use: the same
+    404 as the gateway's for an unknown name and for another tenant's adapter, since AMQP
+    producers reach the scorer without passing the gateway."""
+    try:
+        await catalog.resolve(request.model, request.tenant)
+    except ModelNotFound:
+        raise RequestRejected(
+            f"The model `{request.model}` does not exist.", "model_not_found", 404
+        ) from None
+    except CatalogUnavailable:
+        raise RequestRejected(
+            "the adapter registry (Redis) is not reachable; retry later", "service_unavailable", 503
+        ) from None
 
 
 def resolve_tenant(request: m.CompletionRequest, user_id: str | None, trusted: set[str]) -> str:
@@ -124,6 +141,7 @@ class ScorerService:
     async def start(self) -> None:
         s = self.settings
         self.redis = aioredis.from_url(s.redis_url)
+        self.adapters = AdapterCatalog.from_settings(s, self.redis)
         self.length_samples = RecentLog(self.redis, keys.LENGTH_SAMPLES, keys.LENGTH_SAMPLES_CAP)
         path = resolve_model_path(s.model_path, s.cache_dir)
         tokenizer = await asyncio.to_thread(load_tokenizer, path)
@@ -164,10 +182,7 @@ class ScorerService:
         request.reply_to = message.reply_to or request.reply_to
         try:
             request.tenant = resolve_tenant(request, message.user_id, self.trusted)
-            if request.model != self.settings.model_name:
-                raise RequestRejected(
-                    f"The model `{request.model}` does not exist.", "model_not_found", 404
-                )
+            await check_model(self.adapters, request)
             if not request.created:
                 request.created = time.time()
             scored = self.scorer.score(request)
