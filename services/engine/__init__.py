@@ -7,6 +7,7 @@ from services.engine.interface import (
     EngineError,
     EngineRequest,
     EngineStats,
+    LoraRequest,
     RequestOutput,
 )
 
@@ -16,6 +17,7 @@ __all__ = [
     "EngineRequest",
     "EngineStats",
     "LLMEngine",
+    "LoraRequest",
     "RequestOutput",
     "paged_attention_reference",
 ]

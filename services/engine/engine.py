@@ -30,6 +30,7 @@ from services.engine.interface import (
     RequestOutput,
 )
 from services.engine.kv_cache import BlockAllocator, KVCacheSpec, allocate_kv_cache
+from services.engine.lora import LoraConfig, LoraManager, lora_step
 from services.engine.sampling import make_generator, sample_tokens, validate_sampling
 from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput, Sequence
 from services.logs import get_logger
@@ -119,8 +120,13 @@ class LLMEngine:
         self.kv_caches = allocate_kv_cache(
             spec, config.num_blocks, config.block_size, self.dtype, self.device
         )
+        self.lora = None
+        if config.max_loras > 0:
+            lora_config = LoraConfig(config.max_loras, config.max_lora_rank, config.max_cpu_loras)
+            self.lora = LoraManager(model, lora_config, self.device, self.dtype)
         self.scheduler = Scheduler(
-            config.max_num_seqs, config.max_num_batched_tokens, self.allocator
+            config.max_num_seqs, config.max_num_batched_tokens, self.allocator,
+            max_loras=config.max_loras or None,
         )
 
         eos = _as_id_set(getattr(model_config, "eos_token_id", None))
@@ -172,6 +178,11 @@ class LLMEngine:
             max_tokens=params.max_tokens,
             priority=req.priority,
         )
+        if req.lora is not None:
+            if self.lora is None:
+                raise EngineError("this worker serves no LoRA adapters (max_loras is 0)")
+            live = {s.seq.lora for s in self._requests.values() if s.seq.lora is not None}
+            seq.lora = self.lora.acquire(req.lora, live)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
@@ -207,6 +218,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefill_tokens_per_s=self._prefill_tokens_per_s,
             decode_step_ms=self._decode_step_ms,
+            adapters=self.lora.resident_names() if self.lora is not None else [],
         )
 
     # ---- the step -------------------------------------------------------------------
@@ -288,7 +300,14 @@ class LLMEngine:
         if self._takes_logits_to_keep:
             # No request samples during a pure prefill chunk: keep one row, not all.
             kwargs["logits_to_keep"] = rows if logit_rows else 1
-        with torch.inference_mode(), forward_context(meta):
+        lora = None
+        if self.lora is not None:  # page in this step's adapters, between steps
+            lora = self.lora.step(
+                [(item.seq.lora, item.num_new_tokens) for item in sched.scheduled],
+                {s.lora for s in self.scheduler.running if s.lora is not None},
+                all_decode=len(input_ids) == len(sched.scheduled),
+            )
+        with torch.inference_mode(), forward_context(meta), lora_step(lora):
             logits = self.model(**kwargs).logits[0]
             if not samplers:
                 return []

@@ -22,6 +22,12 @@ class EngineConfig:
     """Per-step token budget: one per decoding request plus prefill chunks."""
     max_model_len: int = 2048
     """Longest prompt + output a request may have."""
+    max_loras: int = 0
+    """LoRA adapter slots on the device (S-LoRA pool); 0 serves the base model only."""
+    max_lora_rank: int = 64
+    """Pool rank: adapters of rank up to this are served, smaller ones zero-padded."""
+    max_cpu_loras: int = 64
+    """Adapters kept in host memory (LRU; those of live requests always stay)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -35,10 +41,21 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be positive")
         if self.kv_cache_tokens < self.block_size:
             raise ValueError("EngineConfig.kv_cache_tokens must hold at least one block")
+        if self.max_loras < 0 or not 1 <= self.max_lora_rank <= 128 or self.max_cpu_loras < 1:
+            raise ValueError("EngineConfig: max_loras >= 0, max_lora_rank in [1, 128], "
+                             "max_cpu_loras >= 1")
 
     @property
     def num_blocks(self) -> int:
         return self.kv_cache_tokens // self.block_size
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """A tenant adapter (PEFT directory) a request runs with, as vLLM's LoRARequest."""
+
+    name: str
+    path: str
 
 
 @dataclass
@@ -48,6 +65,8 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     priority: float = 0.0
     """Lower is more important; preemption picks the highest value, ties the latest arrival."""
+    lora: LoraRequest | None = None
+    """The adapter to apply; None: the base model."""
 
 
 @dataclass
@@ -76,3 +95,5 @@ class EngineStats:
     """EWMA over steps that carried prefill tokens (whole step time, so a lower bound)."""
     decode_step_ms: float
     """EWMA of the time of steps that only decoded."""
+    adapters: list[str] = field(default_factory=list)
+    """LoRA adapters resident in the device pool (for the scheduler's affinity)."""

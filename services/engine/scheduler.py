@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from services.engine.kv_cache import BlockAllocator
+
+LORA_MAX_SKIPS = 64
+"""Steps a request may be passed over for want of a free LoRA slot before admission
+stops for everyone behind it, so the slots drain and it cannot starve."""
 
 
 class SeqStatus(enum.Enum):
@@ -37,6 +42,9 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
+    lora: Hashable | None = None
+    """The request's adapter (the engine's key), or None for the base model."""
+    lora_skips: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -79,9 +87,15 @@ class Scheduler:
     """Admission, chunked prefill and preemption by recompute over a block allocator."""
 
     def __init__(
-        self, max_num_seqs: int, max_num_batched_tokens: int, allocator: BlockAllocator
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        allocator: BlockAllocator,
+        max_loras: int | None = None,
     ) -> None:
         self.max_num_seqs = max_num_seqs
+        self.max_loras = max_loras
+        """Most distinct adapters among running requests (the device pool's slots)."""
         self.max_num_batched_tokens = max_num_batched_tokens
         self.allocator = allocator
         self.waiting: list[Sequence] = []
@@ -130,8 +144,18 @@ class Scheduler:
         # Admit waiting requests, unless this step had to preempt (memory is short).
         if not preempted:
             self.waiting.sort(key=lambda s: s.sort_key)
+            loras = {s.lora for s in self.running if s.lora is not None}
+            passed: list[Sequence] = []
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
+                if self._lora_full(seq, loras):
+                    # Every slot holds the adapter of a running request: others may pass,
+                    # until this one has waited LORA_MAX_SKIPS steps.
+                    seq.lora_skips += 1
+                    if seq.lora_skips > LORA_MAX_SKIPS:
+                        break
+                    passed.append(self.waiting.pop(0))
+                    continue
                 num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
                 need = self._blocks_needed(seq, num_new)
                 if not self.allocator.can_allocate(need):
@@ -142,6 +166,9 @@ class Scheduler:
                 self.running.append(seq)
                 scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
+                if seq.lora is not None:
+                    loras.add(seq.lora)
+            self.waiting[:0] = passed
 
         return SchedulerOutput(scheduled, preempted, self.max_num_batched_tokens - budget)
 
@@ -159,6 +186,15 @@ class Scheduler:
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
         seq.status = SeqStatus.FINISHED
+
+    def _lora_full(self, seq: Sequence, loras: set[Hashable]) -> bool:
+        """Whether admitting ``seq`` would need more adapter slots than the pool has."""
+        return (
+            self.max_loras is not None
+            and seq.lora is not None
+            and seq.lora not in loras
+            and len(loras) >= self.max_loras
+        )
 
     def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
         total = self.allocator.blocks_for(seq.num_computed_tokens + num_new)
