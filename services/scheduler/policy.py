@@ -18,6 +18,10 @@ guard* (a request that has waited ``1 + tail_slack`` times what FCFS would have 
 wait goes before any that has not) and an *express* tier limited to the cheapest
 ``tail_slack / (1 + tail_slack)`` of the work, which is what the guard can absorb (a
 non-preemptive priority class of load r delays the rest by about ``1 / (1 - r)``).
+Under a long backlog that per-request promise leaves little to gain (every request may
+be delayed by only ``tail_slack`` of its wait); an operator with a tail SLO can set
+``tail_target_s`` so the guard fires only past the target, and ``late_first`` so late
+requests precede the (then larger) express tier.
 Deadlines near their latest safe start beat everything inside a tenant.
 
 The named policies ``fcfs``, ``vtc``, ``rtlm`` and ``fairway`` switch these parts on.
@@ -141,6 +145,16 @@ class PolicyConfig:
     arrival over the pools' capacity); then it is late and goes before the others."""
     tail_margin_s: float = 0.0
     """Absolute allowance added to the tail guard."""
+    tail_target_s: float = 0.0
+    """Wait the operator accepts for any request (a tail SLO on queueing): the guard never
+    fires before a request has waited this long, so a request that FCFS would serve well
+    inside the target may be passed until the target, not only for ``tail_slack`` of its
+    FCFS wait. ``0``: the guard is relative to FCFS alone. A target gains little unless
+    it is near the longest waits FCFS would make (set it from the tail SLO)."""
+    late_first: bool = False
+    """Requests past their guard go before the express tier (instead of after it), so the
+    guard rather than ``express_share`` bounds the tail; pairs with ``tail_target_s`` and a
+    larger ``express_share``."""
     express_share: float | None = None
     """Share of the work (cheapest requests first) that skips the queue; ``None``:
     ``tail_slack / (1 + tail_slack)``, what the guard can absorb."""
@@ -178,8 +192,20 @@ class PolicyConfig:
         self.cost_order = cost_order if self.cost_order is None else self.cost_order
         self.consolidate = consolidate if self.consolidate is None else self.consolidate
         self.offload = offload if self.offload is None else self.offload
-        if min(self.aging_rate, self.tail_slack, self.tail_margin_s, self.w_in, self.w_out) < 0:
-            raise ValueError("aging_rate, tail_slack, tail_margin_s, w_in and w_out must be >= 0")
+        if (
+            min(
+                self.aging_rate,
+                self.tail_slack,
+                self.tail_margin_s,
+                self.tail_target_s,
+                self.w_in,
+                self.w_out,
+            )
+            < 0
+        ):
+            raise ValueError(
+                "aging_rate, tail_slack, tail_margin_s, tail_target_s, w_in and w_out must be >= 0"
+            )
         if self.express_share is not None and not 0 <= self.express_share < 1:
             raise ValueError("express_share must be in [0, 1)")
         if any(w <= 0 for w in self.tenant_weights.values()):
@@ -581,10 +607,10 @@ class SchedulerPolicy:
             else:
                 wait = self._fcfs_wait(queue, tenant)
                 # Tail guard: cheaper requests may pass this one until it has waited
-                # 1 + tail_slack times what FCFS would have made it wait.
-                entry.guard = (
-                    now + wait * (1.0 + self.config.tail_slack) + self.config.tail_margin_s
-                )
+                # 1 + tail_slack times what FCFS would have made it wait (or the tail
+                # target, if that is longer).
+                allowance = max(wait * (1.0 + self.config.tail_slack), self.config.tail_target_s)
+                entry.guard = now + allowance + self.config.tail_margin_s
                 if self._is_express(entry.work):
                     tier = queue.express
             queue.work += entry.work
@@ -754,11 +780,12 @@ class SchedulerPolicy:
             held[tenant] = self._tenant_queued[tenant]
 
     def _pop_queue(self, queue: _Queue, scan: int, popped: _Popped) -> _Entry | None:
-        tiers = (
-            (queue.due, queue.express, queue.late, queue.main)
-            if self.config.cost_order
-            else (queue.main,)
-        )
+        if not self.config.cost_order:
+            tiers: tuple[list[_HeapItem], ...] = (queue.main,)
+        elif self.config.late_first:
+            tiers = (queue.due, queue.late, queue.express, queue.main)
+        else:
+            tiers = (queue.due, queue.express, queue.late, queue.main)
         for tier in tiers:
             entry = self._pop_valid(tier, scan, popped)
             if entry is not None:

@@ -104,6 +104,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tail-slack", type=float, default=None, help="policy knob (see PolicyConfig)"
     )
     parser.add_argument(
+        "--tail-target-s", type=float, default=None, help="policy knob (see PolicyConfig)"
+    )
+    parser.add_argument(
+        "--express-share", type=float, default=None, help="policy knob (see PolicyConfig)"
+    )
+    parser.add_argument(
+        "--late-first",
+        action="store_true",
+        default=None,
+        help="requests past their tail guard precede the express tier (see PolicyConfig)",
+    )
+    parser.add_argument(
         "--kv-quantile", choices=("p50", "p90"), default=None, help="policy knob (see PolicyConfig)"
     )
     parser.add_argument(
@@ -195,6 +207,9 @@ def run_simulation(args: argparse.Namespace) -> tuple[dict, SimResult]:
         for k, v in (
             ("aging_rate", args.aging_rate),
             ("tail_slack", args.tail_slack),
+            ("tail_target_s", args.tail_target_s),
+            ("express_share", args.express_share),
+            ("late_first", args.late_first),
             ("kv_quantile", args.kv_quantile),
         )
         if v is not None
@@ -246,6 +261,9 @@ def run_simulation(args: argparse.Namespace) -> tuple[dict, SimResult]:
             "offload": config.offload,
             "aging_rate": config.aging_rate,
             "tail_slack": config.tail_slack,
+            "tail_target_s": config.tail_target_s,
+            "express_share": config.express_share,
+            "late_first": config.late_first,
             "kv_quantile": config.kv_quantile,
             "charge_predicted": config.charge_predicted,
             "w_in": config.w_in,

@@ -263,27 +263,58 @@ def test_request_that_can_no_longer_make_its_deadline_expires_if_it_asked() -> N
         assert p.num_queued() == 1
 
 
+def big_dispatch_time(**cfg) -> float | None:
+    """One slot, a cheap request arriving every 0.1 s for 20 s after an expensive one:
+    when the expensive one starts (``None``: never)."""
+    p = policy("rtlm", express_share=0.0, aging_rate=0.0, **cfg)
+    p.add(req("busy", out=20, arrival=0.0), 0.0)  # 0.2 s of work at full batch
+    p.add(req("big", out=100, arrival=0.0), 0.0)
+    t = 0.0
+    for i in range(200):
+        t = round(t + 0.1, 6)
+        p.add(req(f"c{i}", out=2, arrival=t), t)
+        d = p.schedule(t, [pool()]).dispatches
+        if d and d[0].request_id == "big":
+            return t
+    return None
+
+
 def test_tail_guard_stops_cheap_requests_from_starving_an_expensive_one() -> None:
-    """One slot, a cheap request arriving every 0.1 s forever: under pure shortest-first
-    the expensive request never runs; with the tail guard it runs once it has waited
-    about as long as FCFS would have made it wait (+10%)."""
-
-    def dispatch_time(**cfg) -> float | None:
-        p = policy("rtlm", express_share=0.0, aging_rate=0.0, **cfg)
-        p.add(req("busy", out=20, arrival=0.0), 0.0)  # 0.2 s of work at full batch
-        p.add(req("big", out=100, arrival=0.0), 0.0)
-        t = 0.0
-        for i in range(200):
-            t = round(t + 0.1, 6)
-            p.add(req(f"c{i}", out=2, arrival=t), t)
-            d = p.schedule(t, [pool()]).dispatches
-            if d and d[0].request_id == "big":
-                return t
-        return None
-
-    assert dispatch_time(tail_slack=1e9) is None  # starves without the guard
-    started = dispatch_time(tail_slack=0.1)
+    """Under pure shortest-first the expensive request never runs; with the tail guard it
+    runs once it has waited about as long as FCFS would have made it wait (+10%)."""
+    assert big_dispatch_time(tail_slack=1e9) is None  # starves without the guard
+    started = big_dispatch_time(tail_slack=0.1)
     assert started is not None and started <= 0.1 + 0.5
+
+
+def test_tail_target_lets_cheaper_requests_pass_until_the_target_then_guards() -> None:
+    """With a tail target the expensive request is passed by cheap ones until it has
+    waited the target (longer than 1.1x its FCFS wait), then runs."""
+    without = big_dispatch_time(tail_slack=0.1)
+    started = big_dispatch_time(tail_slack=0.1, tail_target_s=3.0)
+    assert without is not None and without <= 0.6
+    assert started is not None and 3.0 <= started <= 3.0 + 0.2
+
+
+def test_late_first_puts_requests_past_their_guard_before_the_express_tier() -> None:
+    def first_at_5s(**cfg) -> str:
+        p = policy("rtlm", express_share=0.5, aging_rate=0.0, tail_slack=0.0, **cfg)
+        for i in range(320):  # history for the express threshold (cheapest half of the work)
+            p.add(req(f"h{i}", out=1 + i % 50, arrival=0.0), 0.0)
+            p.cancel(f"h{i}")
+        p.add(req("busy", out=20, arrival=0.0), 0.0)
+        p.add(req("old", out=100, arrival=0.0), 0.0)  # guard: after busy's work, 0.05 s
+        assert [d.request_id for d in p.schedule(0.0, [pool()]).dispatches] == ["busy"]
+        p.add(req("fresh", out=2, arrival=5.0), 5.0)  # cheap: express
+        return p.schedule(5.0, [pool()]).dispatches[0].request_id
+
+    assert first_at_5s() == "fresh"
+    assert first_at_5s(late_first=True) == "old"
+
+
+def test_tail_target_must_not_be_negative() -> None:
+    with pytest.raises(ValueError):
+        PolicyConfig(tail_target_s=-1.0)
 
 
 def test_aging_lets_an_old_request_pass_newer_cheaper_ones() -> None:

@@ -278,6 +278,19 @@ def test_cli_load_rescales_to_a_fraction_of_fcfs_saturation(tmp_path: Path) -> N
     assert setup["offered_rps"] == pytest.approx(0.5 * setup["fcfs_saturation_rps"])
 
 
+def test_cli_passes_the_tail_knobs_to_the_policy(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    write_jsonl([TraceRecord(float(i), 50, 5 + i % 11) for i in range(20)], trace)
+    out = tmp_path / "out.json"
+    extra = ("--tail-target-s", "30", "--express-share", "0.3", "--late-first")
+    assert sim_cli.run(cli_args(trace, out, *extra)) == 0
+    knobs = json.loads(out.read_text())["setup"]["policy"]
+    assert (knobs["tail_target_s"], knobs["express_share"], knobs["late_first"]) == (30, 0.3, True)
+    assert sim_cli.run(cli_args(trace, out)) == 0
+    knobs = json.loads(out.read_text())["setup"]["policy"]
+    assert (knobs["tail_target_s"], knobs["late_first"]) == (0.0, False)
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys) -> None:
     trace = tmp_path / "t.jsonl"
     write_jsonl([TraceRecord(0.0, 10, 5)], trace)
