@@ -110,6 +110,8 @@ class ScoredRequest(Message):
     request: CompletionRequest
     prompt_token_ids: list[int]
     score: LengthScore
+    adapter: str | None = None
+    """The tenant LoRA adapter ``request.model`` selects, checked by the scorer; None: base."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -220,6 +222,8 @@ class WorkerHeartbeat(Message):
     speed: SpeedReport = field(default_factory=SpeedReport)
     sent_at: float = 0.0
     running_ids: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+    """LoRA adapters resident in the worker's device pool (scheduler affinity)."""
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -24,7 +24,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from services import amqp, keys, topology
 from services import messages as m
+from services.adapters import AdapterCatalog
 from services.engine import EngineConfig, EngineError, EngineRequest, EngineStats, LLMEngine, RequestOutput
+from services.engine.interface import LoraRequest
 from services.engine.echo import EchoEngine
 from services.logs import get_logger
 from services.settings import Settings
@@ -153,7 +155,8 @@ class WorkerService:
 
             torch.set_num_threads(s.threads)
         config = EngineConfig(max_num_seqs=s.max_running, kv_cache_tokens=s.kv_tokens,
-                              max_model_len=s.max_model_len)
+                              max_model_len=s.max_model_len, max_loras=s.max_loras,
+                              max_lora_rank=s.max_lora_rank, max_cpu_loras=s.max_cpu_loras)
         if s.engine == "echo":  # no model: the tokenizer and config only
             engine = await asyncio.to_thread(EchoEngine.from_pretrained, path, config,
                                              s.echo_tokens_per_s)
@@ -165,6 +168,7 @@ class WorkerService:
         self.engine.start()
 
         self.redis = aioredis.from_url(s.redis_url)
+        self.adapters = AdapterCatalog.from_settings(s, self.redis)
         self.connection = await amqp.connect(s, self.worker_id)
         self.connection.close_callbacks.add(self._on_link_lost)
         self.channel = await self.connection.channel()
@@ -202,6 +206,10 @@ class WorkerService:
         if cancelled:
             await self._finish_early(item, message, "cancelled")
             return
+        lora, problem = await self._lora(item)
+        if problem is not None:
+            await self._finish_early(item, message, "error", problem)
+            return
         claimed = await self.redis.set(keys.work_claim(rid), self.worker_id, nx=True,
                                        ex=keys.DONE_TTL_S)
         if not claimed and not message.redelivered:
@@ -214,12 +222,24 @@ class WorkerService:
         self.active[rid] = active
         self.by_engine[active.engine_id] = active
         engine_req = EngineRequest(request_id=active.engine_id,
-                                   prompt_token_ids=item.scored.prompt_token_ids, sampling=req.sampling)
+                                   prompt_token_ids=item.scored.prompt_token_ids, sampling=req.sampling,
+                                   lora=lora)
         try:
             await asyncio.wrap_future(self.engine.add(engine_req))
         except EngineError as exc:
             self._forget(active)
             await self._finish_early(item, message, "error", str(exc))
+
+    async def _lora(self, item: m.WorkItem) -> tuple[LoraRequest | None, str | None]:
+        """The adapter a work item runs with (looked up by name in this worker's registry,
+        whose paths are this machine's), or the error if it was revoked meanwhile."""
+        name = item.scored.adapter
+        if name is None:
+            return None, None
+        spec = await self.adapters.get(name)
+        if spec is None or not spec.may_use(item.scored.request.tenant):
+            return None, f"The model `{item.scored.request.model}` does not exist."
+        return LoraRequest(spec.name, spec.path), None
 
     async def _finish_early(self, item: m.WorkItem, message: AbstractIncomingMessage,
                             reason: m.FinishReason, error: str | None = None) -> None:
@@ -336,7 +356,7 @@ class WorkerService:
             free_kv_tokens=st.num_free_kv_tokens, total_kv_tokens=st.num_total_kv_tokens,
             speed=m.SpeedReport(prefill_tokens_per_s=st.prefill_tokens_per_s,
                                 decode_tokens_per_s=decode_tps, decode_step_ms=st.decode_step_ms),
-            sent_at=time.time(), running_ids=sorted(self.active),
+            sent_at=time.time(), running_ids=sorted(self.active), adapters=list(st.adapters),
         )
 
     async def _heartbeat(self) -> None:

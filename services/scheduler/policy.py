@@ -79,6 +79,8 @@ class QueuedRequest:
     """Set once the input was charged to the tenant; a requeue never charges it again."""
     prepaid_output: float = 0.0
     """Output tokens charged in advance (predicted charging), settled at finish."""
+    adapter: str | None = None
+    """The tenant LoRA adapter the request runs with; None: the base model."""
 
 
 @dataclass(slots=True)
@@ -98,6 +100,8 @@ class PoolView:
     """KV tokens of one worker: a request needing more can never run on this pool."""
     static_batching: bool = False
     """The pool runs fixed batches: group requests of similar predicted length."""
+    adapters: dict[str, float] = field(default_factory=dict)
+    """LoRA adapter -> share of the pool's workers that hold it in their device pool."""
 
     @property
     def pool_kind(self) -> str:
@@ -181,6 +185,11 @@ class PolicyConfig:
     """On static-batching pools, one call's batch keeps predicted lengths within this ratio."""
     latency: LatencyModel = field(default_factory=LatencyModel)
     """Reference model (the GPU's) for cost keys and deadline estimates."""
+    adapter_load_s: float = 0.05
+    """Estimated seconds to page a LoRA adapter into a worker that does not hold it
+    (disk or host memory to the device): placement adds it, weighted by the share of a
+    pool's workers that lack the adapter, so a pool holding it wins otherwise-equal
+    choices (S-LoRA affinity)."""
 
     def __post_init__(self) -> None:
         if self.name not in _POLICY_PARTS:
@@ -808,7 +817,7 @@ class SchedulerPolicy:
             need_here = min(need, cap) if cap is not None else need
             fits = state.open and need_here <= state.free_kv and self._groups_with(tokens, state)
             service = _service_s(state.view.latency, state.running, prompt, tokens)
-            done = (0.0 if fits else state.wait_s) + service
+            done = (0.0 if fits else state.wait_s) + service + self._adapter_load_s(req, state.view)
             if best is None or done < best[0]:
                 best = (done, service, state, fits, need_here)
         if best is None:
@@ -820,6 +829,12 @@ class SchedulerPolicy:
             if state.open and need_here > state.free_kv:
                 state.blocked = True
         return state, fits, need_here
+
+    def _adapter_load_s(self, req: QueuedRequest, view: PoolView) -> float:
+        """Expected adapter paging time of ``req`` on ``view``: 0 where every worker holds it."""
+        if req.adapter is None:
+            return 0.0
+        return self.config.adapter_load_s * (1.0 - min(view.adapters.get(req.adapter, 0.0), 1.0))
 
     def _groups_with(self, tokens: float, state: _PoolState) -> bool:
         if not (self.config.group_static and state.view.static_batching) or state.anchor is None:

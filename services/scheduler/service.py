@@ -63,6 +63,7 @@ def queued_view(scored: m.ScoredRequest, arrival: float, generated: int | None =
         uncertainty=scored.score.uncertainty,
         generated=generated or 0,
         input_charged=generated is not None,
+        adapter=scored.adapter,
     )
 
 
@@ -127,8 +128,18 @@ def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRec
             latency=latency,
             backlog_s=0.0 if free_slots else backlog_seconds(used, latency),
             kv_capacity=max(w.total_kv_tokens for w in members),
+            adapters=adapter_shares(members),
         ))
     return views
+
+
+def adapter_shares(members: list[m.WorkerHeartbeat]) -> dict[str, float]:
+    """LoRA adapter -> share of ``members`` holding it in their device pool."""
+    counts: dict[str, int] = {}
+    for worker in members:
+        for name in set(worker.adapters):
+            counts[name] = counts.get(name, 0) + 1
+    return {name: n / len(members) for name, n in counts.items()}
 
 
 class SchedulerService:

@@ -52,12 +52,13 @@ def tokenize(tokenizer, request: m.CompletionRequest) -> list[int]:
     return list(tokenizer.encode(request.prompt, add_special_tokens=True))
 
 
-async def check_model(catalog: AdapterCatalog, request: m.CompletionRequest) -> None:
-    """The base model, or an adapter the request's (resolved) tenant may use: the same
-    404 as the gateway's for an unknown name and for another tenant's adapter, since AMQP
-    producers reach the scorer without passing the gateway."""
+async def check_model(catalog: AdapterCatalog, request: m.CompletionRequest) -> str | None:
+    """The adapter the request selects (None: the base model), which its (resolved) tenant
+    may use: the same 404 as the gateway's for an unknown name and for another tenant's
+    adapter, since AMQP producers reach the scorer without passing the gateway."""
     try:
-        await catalog.resolve(request.model, request.tenant)
+        spec = await catalog.resolve(request.model, request.tenant)
+        return spec.name if spec is not None else None
     except ModelNotFound:
         raise RequestRejected(
             f"The model `{request.model}` does not exist.", "model_not_found", 404
@@ -182,10 +183,11 @@ class ScorerService:
         request.reply_to = message.reply_to or request.reply_to
         try:
             request.tenant = resolve_tenant(request, message.user_id, self.trusted)
-            await check_model(self.adapters, request)
+            adapter = await check_model(self.adapters, request)
             if not request.created:
                 request.created = time.time()
             scored = self.scorer.score(request)
+            scored.adapter = adapter
         except RequestRejected as exc:
             log.info("request_rejected", request_id=request.request_id, reason=str(exc))
             await amqp.reply(

@@ -99,9 +99,9 @@ async def test_scorer_refuses_another_tenants_adapter(tmp_path: Path) -> None:
     def request(tenant: str, model: str) -> m.CompletionRequest:
         return m.CompletionRequest(request_id="r", tenant=tenant, model=model, prompt="x")
 
-    await check_model(catalog, request("acme", f"{BASE}:acme-support"))
-    await check_model(catalog, request("gamma", f"{BASE}:acme-support"))  # shared with gamma
-    await check_model(catalog, request("beta", BASE))
+    assert await check_model(catalog, request("acme", f"{BASE}:acme-support")) == "acme-support"
+    assert await check_model(catalog, request("gamma", f"{BASE}:acme-support")) == "acme-support"
+    assert await check_model(catalog, request("beta", BASE)) is None
     for tenant, model in [("beta", f"{BASE}:acme-support"), ("beta", f"{BASE}:nope"),
                           ("acme", "other-model")]:  # fmt: skip
         with pytest.raises(RequestRejected) as info:
