@@ -18,7 +18,6 @@ from services.engine.attention import (
     PagedAttentionFn,
     PagedAttentionMetadata,
     forward_context,
-    paged_attention_reference,
     use_paged_attention,
 )
 from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
@@ -29,6 +28,7 @@ from services.engine.interface import (
     EngineStats,
     RequestOutput,
 )
+from services.engine.kernels import install_kernels
 from services.engine.kv_cache import BlockAllocator, KVCacheSpec, allocate_kv_cache
 from services.engine.lora import LoraConfig, LoraManager, lora_step
 from services.engine.sampling import make_generator, sample_tokens, validate_sampling
@@ -96,7 +96,7 @@ class LLMEngine:
         tokenizer: Any,
         config: EngineConfig,
         device: str,
-        attention_fn: PagedAttentionFn = paged_attention_reference,
+        attention_fn: PagedAttentionFn | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -113,7 +113,9 @@ class LLMEngine:
         self.vocab_size = int(text_config.vocab_size)
 
         use_paged_attention(model)
-        self.attention_fn = attention_fn
+        # None: by device, the Triton decode-attention and fused-norm kernels on CUDA
+        # (when Triton imports), the torch reference path elsewhere.
+        self.attention_fn = attention_fn or install_kernels(model, self.device)
         self.dtype = next(model.parameters()).dtype
         spec = KVCacheSpec.from_model_config(model_config)
         self.allocator = BlockAllocator(config.num_blocks, config.block_size)

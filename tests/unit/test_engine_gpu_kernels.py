@@ -1,0 +1,96 @@
+"""How the engine wires its GPU kernels, checked on CPU: the kernel-path attention
+function and the fused-norm decoder layers compute what the torch path computes (the
+kernels themselves are tested against their references in test_kernels_*), and without
+CUDA or Triton the engine keeps its torch path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.engine import EngineConfig, EngineRequest, LLMEngine
+from services.engine import kernels as engine_kernels
+from services.engine.attention import paged_attention_reference, write_kv_cache
+from services.engine.kernels import install_kernels, paged_attention_kernel, use_fused_norms
+from services.messages import SamplingParams
+from services.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_path(model_cache: Path) -> str:
+    return str(model_cache / DEFAULT_MODEL_NAME)
+
+
+@pytest.fixture(scope="module")
+def base_model(model_path: str):
+    return load_model(model_path, "cpu", "float32")
+
+
+def test_fused_norm_layers_compute_the_same_logits(base_model) -> None:
+    fused = copy.deepcopy(base_model)
+    assert use_fused_norms(fused) == base_model.config.num_hidden_layers
+    ids = torch.randint(0, base_model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base_model(input_ids=ids).logits
+        actual = fused(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_steps_go_to_the_decode_kernel_path() -> None:
+    gen = torch.Generator().manual_seed(1)
+    blocks, page, kv_heads, heads, dim = 32, 16, 2, 4, 8
+    k_cache = torch.randn(blocks, page, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(blocks, page, kv_heads, dim, generator=gen)
+    tables = torch.randperm(blocks, generator=gen)[:12].view(3, 4).to(torch.int32)
+    lens = torch.tensor([5, 64, 33], dtype=torch.int32)
+    query = torch.randn(3, heads, dim, generator=gen)
+    starts = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    expected = paged_attention_reference(query, k_cache, v_cache, tables, lens, starts, dim**-0.5)
+    actual = paged_attention_kernel(query, k_cache, v_cache, tables, lens, starts, dim**-0.5)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # A step with prefill work keeps the reference.
+    slots = tables[0].long()[:1] * page + torch.arange(2)
+    write_kv_cache(torch.randn(2, kv_heads, dim), torch.randn(2, kv_heads, dim), k_cache, v_cache, slots)
+    mixed = torch.tensor([0, 2, 3, 4], dtype=torch.int32)
+    query = torch.randn(4, heads, dim, generator=gen)
+    expected = paged_attention_reference(query, k_cache, v_cache, tables, lens, mixed, dim**-0.5)
+    actual = paged_attention_kernel(query, k_cache, v_cache, tables, lens, mixed, dim**-0.5)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_engine_on_the_kernel_path_matches_the_torch_path(base_model, model_path) -> None:
+    tokenizer = load_tokenizer(model_path)
+    ids = [tokenizer(p)["input_ids"] for p in ("Hello world", "def f(x):", "The sea is wide")]
+
+    def generate(fused: bool) -> dict[str, list[int]]:
+        model = copy.deepcopy(base_model)
+        attention = None
+        if fused:
+            use_fused_norms(model)
+            attention = paged_attention_kernel
+        engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_tokens=1024), "cpu", attention)
+        for i, prompt in enumerate(ids):
+            engine.add_request(EngineRequest(f"r{i}", prompt, SamplingParams(
+                max_tokens=6, temperature=0.0, ignore_eos=True)))  # fmt: skip
+        out: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return out
+
+    assert generate(fused=True) == generate(fused=False)
+
+
+def test_kernels_only_on_cuda_with_triton(base_model, monkeypatch) -> None:
+    model = copy.deepcopy(base_model)
+    layer = model.model.layers[0]
+    assert install_kernels(model, torch.device("cpu")) is paged_attention_reference
+    monkeypatch.setattr(engine_kernels, "triton_available", lambda: False)
+    assert install_kernels(model, torch.device("cuda")) is paged_attention_reference
+    assert "forward" not in vars(layer)  # the model's own layers, untouched
+    monkeypatch.setattr(engine_kernels, "triton_available", lambda: True)
+    assert install_kernels(model, torch.device("cuda")) is paged_attention_kernel
+    assert "forward" in vars(layer)
