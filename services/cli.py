@@ -177,6 +177,7 @@ BENCHMARKS = {
     "serve": "load a running server with a trace or dataset, like `vllm bench serve`",
     "engine": "engine throughput vs sequential and statically batched generate",
     "kernels": "Triton kernels vs their torch references (CUDA)",
+    "lora": "engine throughput with many tenant LoRA adapters vs one",
 }
 
 
