@@ -230,3 +230,29 @@ async def test_admin_endpoint_registers_and_revokes(gateway, tmp_path: Path) -> 
     assert (await gateway.delete(url, headers=ADMIN_HEADERS)).status_code == 200
     assert (await gateway.delete(url, headers=ADMIN_HEADERS)).status_code == 404
     assert (await complete(gateway, "beta", f"{BASE}:beta-legal")).status_code == 404
+
+
+# --- the worker runs the adapter the scorer checked, from its own registry ------------
+
+
+async def test_worker_resolves_the_scored_adapter(tmp_path: Path) -> None:
+    from services.engine import LoraRequest
+    from services.worker import WorkerService
+
+    service = WorkerService(Settings(model_name=BASE), "cpu", "cpu")
+    service.adapters = AdapterCatalog(BASE, load_adapters_file(write_registry(tmp_path)))
+
+    def item(tenant: str, adapter: str | None) -> m.WorkItem:
+        model = f"{BASE}:{adapter}" if adapter else BASE
+        request = m.CompletionRequest(request_id="r", tenant=tenant, model=model, prompt="x")
+        scored = m.ScoredRequest(request_id="r", request=request, prompt_token_ids=[1],
+                                 score=m.LengthScore(0.0, 1, 1, 1), adapter=adapter)  # fmt: skip
+        return m.WorkItem(request_id="r", scored=scored, pool="cpu", dispatched_at=0.0)
+
+    path = str(tmp_path / "lora/acme")
+    assert await service._lora(item("acme", "acme-support")) == (LoraRequest("acme-support", path), None)
+    assert await service._lora(item("acme", None)) == (None, None)
+    # Revoked (or never allowed) by the time it runs: an error, not the adapter.
+    for tenant, adapter in [("beta", "acme-support"), ("acme", "gone")]:
+        lora, problem = await service._lora(item(tenant, adapter))
+        assert lora is None and "does not exist" in problem

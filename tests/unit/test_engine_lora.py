@@ -228,3 +228,21 @@ def test_bad_adapters_are_refused(base_model, tokenizer, adapters, tmp_path) -> 
     with pytest.raises(EngineError, match="no LoRA adapters"):
         without.add_request(EngineRequest("r", [1, 2], params, lora=adapters["acme"]))
     assert not engine.has_unfinished_requests()
+
+
+def test_adapters_saved_by_peft_load_as_peft_merges_them(base_model, tmp_path) -> None:
+    """Format check against PEFT itself where it is installed (not a dependency)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"down_proj": 4}, alpha_pattern={"v_proj": 8},
+                             use_rslora=True)  # fmt: skip
+    model = peft.get_peft_model(copy.deepcopy(base_model), config)
+    gen = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=gen) * 0.1
+    model.save_pretrained(tmp_path)
+    merged = model.merge_and_unload()
+    ours = merge_lora_(copy.deepcopy(base_model), tmp_path)
+    for (name, expected), (_, actual) in zip(merged.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(actual, expected, msg=name)
