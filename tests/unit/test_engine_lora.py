@@ -103,10 +103,15 @@ def tokenizer(model_path: str):
     return load_tokenizer(model_path)
 
 
-def make_engine(base_model, tokenizer, **config) -> LLMEngine:
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+"""On CUDA the engine runs the Triton kernels (LoRA, decode attention, fused norms)."""
+
+
+def make_engine(base_model, tokenizer, device: str = "cpu", **config) -> LLMEngine:
     config = {"kv_cache_tokens": 2048, "max_loras": 3, "max_lora_rank": 64, **config}
     # The engine wraps the model's layers in place: give it its own copy.
-    return LLMEngine(copy.deepcopy(base_model), tokenizer, EngineConfig(**config), "cpu")
+    model = copy.deepcopy(base_model).to(device)
+    return LLMEngine(model, tokenizer, EngineConfig(**config), device)
 
 
 def run(engine: LLMEngine, jobs: list[tuple[str, str | None, int]], adapters) -> dict[str, list[int]]:
@@ -139,10 +144,11 @@ def test_merged_weights_are_a_real_reference(expected) -> None:
         assert expected[name, 0] != expected[None, 0], name
 
 
-def test_mixed_batch_matches_merged_models(base_model, tokenizer, adapters, expected) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_matches_merged_models(base_model, tokenizer, adapters, expected, device) -> None:
     # Two tenants' adapters, a third, and the base model, all in one batch; a small
     # token budget chunks the prefills so decode and prefill rows mix in one step.
-    engine = make_engine(base_model, tokenizer, max_num_batched_tokens=24)
+    engine = make_engine(base_model, tokenizer, device, max_num_batched_tokens=24)
     jobs = [("a0", "acme", 0), ("b1", "beta", 1), ("n2", None, 2), ("a3", "acme", 3),
             ("g0", "gamma", 0), ("b2", "beta", 2), ("n0", None, 0)]  # fmt: skip
     tokens = run(engine, jobs, adapters)
