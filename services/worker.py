@@ -17,7 +17,7 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
@@ -126,6 +126,8 @@ class Active:
     engine_id: str = ""
     """The engine's id for this attempt (request id + attempt number): outputs of an
     aborted earlier attempt of the same request can never be taken for this one's."""
+    sends: list[asyncio.Future] = field(default_factory=list)
+    """Publishes of its chunks not yet confirmed; the final answer waits for them."""
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -143,6 +145,7 @@ class WorkerService:
         self._attempts = itertools.count(1)
         self.outputs: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self._finishing: set[asyncio.Task] = set()
         self._consumer_tag: str | None = None
 
     async def start(self) -> None:
@@ -199,7 +202,12 @@ class WorkerService:
         if rid in self.active:  # a duplicate delivery while the first one runs
             await message.ack()
             return
-        cancelled, done = await self.redis.mget(keys.sched_cancelled(rid), keys.sched_done(rid))
+        # One round trip: the claim is taken even when the request turns out done,
+        # cancelled or unservable, which is harmless (nobody else may run it then either).
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.mget(keys.sched_cancelled(rid), keys.sched_done(rid))
+        pipe.set(keys.work_claim(rid), self.worker_id, nx=True, ex=keys.DONE_TTL_S)
+        (cancelled, done), claimed = await pipe.execute()
         if done:  # already answered; a late copy must not produce a second answer
             await message.ack()
             return
@@ -210,8 +218,6 @@ class WorkerService:
         if problem is not None:
             await self._finish_early(item, message, "error", problem)
             return
-        claimed = await self.redis.set(keys.work_claim(rid), self.worker_id, nx=True,
-                                       ex=keys.DONE_TTL_S)
         if not claimed and not message.redelivered:
             # A republished copy while the original runs (or ran) elsewhere. A broker
             # redelivery (the first worker died) is the one case that must run again.
@@ -290,30 +296,44 @@ class WorkerService:
     # --- outputs ---------------------------------------------------------------
 
     async def _output_loop(self) -> None:
+        """Start every publish at once, in step order, without waiting for confirms: the
+        channel keeps them in order on the wire, and requests never wait for each other."""
         while True:
             outputs = await self.outputs.get()
             for out in outputs:
                 active = self.by_engine.get(out.request_id)
-                if active is None:
-                    continue
-                try:
-                    await self._emit(active, out)
-                except Exception:
-                    log.exception("emit_failed", request_id=active.item.request_id)
-                    await self._hand_back(active)
+                if active is not None:
+                    self._emit(active, out)
 
-    async def _emit(self, active: Active, out: RequestOutput) -> None:
+    def _emit(self, active: Active, out: RequestOutput) -> None:
         active.output_tokens = out.num_output_tokens
         if out.new_token_ids or out.new_text:
-            await amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
+            send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
                 request_id=active.item.request_id, seq=active.seq, text=out.new_text,
-                token_ids=list(out.new_token_ids)))
+                token_ids=list(out.new_token_ids))))
+            send.add_done_callback(lambda f: self._on_sent(active, f))
+            active.sends.append(send)
             active.seq += 1
         if out.finished:
-            await self._finish(active, out)
+            self._spawn(self._finish(active, out))
+        elif len(active.sends) > 64:
+            active.sends = [f for f in active.sends if not f.done()]
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    def _on_sent(self, active: Active, send: asyncio.Future) -> None:
+        """A chunk the broker did not take: hand the request back (once)."""
+        if send.cancelled() or send.exception() is None or active.engine_id not in self.by_engine:
+            return
+        log.error("emit_failed", request_id=active.item.request_id, error=repr(send.exception()))
+        self._spawn(self._hand_back(active))
 
     async def _finish(self, active: Active, out: RequestOutput) -> None:
-        """Terminal answer, completion event, then ack: in that order, so nothing is lost."""
+        """Terminal answer and completion event published together; the ack only once the
+        broker confirmed them and every chunk before them, so nothing is lost."""
         rid = active.item.request_id
         req = active.request
         reason: m.FinishReason = out.finish_reason or "stop"  # type: ignore[assignment]
@@ -321,14 +341,20 @@ class WorkerService:
         if reason == "error":
             error = m.ErrorInfo(message=out.error or "generation failed", type="invalid_request_error",
                                 code="engine_error", status=400)
-        await amqp.reply(self.channel, req.reply_to, m.FinalAnswer(
+        final = amqp.reply(self.channel, req.reply_to, m.FinalAnswer(
             request_id=rid, seq=active.seq, finish_reason=reason,
             prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens, error=error))
-        await amqp.publish(self.events, m.RequestFinished(
+        event = amqp.publish(self.events, m.RequestFinished(
             request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
             pool=self.pool, finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
             output_tokens=out.num_output_tokens, score=active.item.scored.score,
             prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS]), topology.FINISHED_KEY)
+        try:
+            await asyncio.gather(final, event, *active.sends)
+        except Exception:
+            log.exception("emit_failed", request_id=rid)
+            await self._hand_back(active)
+            return
         await active.message.ack()
         self._forget(active)
 

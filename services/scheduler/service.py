@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
@@ -30,6 +31,10 @@ from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerSt
 from services.settings import Settings
 
 log = get_logger(__name__)
+
+Step = Callable[[m.Message, Ops, dict[str, bool]], Awaitable[Callable[[], Awaitable[None]] | None]]
+"""One input's state transition inside a batch: mutates memory, adds its Redis writes to
+the batch's ops, and may return what to do once they are durable (a reply)."""
 
 SCHEDULE_INTERVAL_S = 0.05
 
@@ -156,6 +161,8 @@ class SchedulerService:
         self.wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._dirty = False
+        self._inbox: list[tuple[Step, m.Message, asyncio.Future]] = []
+        self._draining: asyncio.Task | None = None
         self._runner: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -267,33 +274,73 @@ class SchedulerService:
 
     # --- inputs ----------------------------------------------------------------
 
+    async def _batched(self, step: Step, msg: m.Message) -> None:
+        """Run ``step`` in the next batch: every message that arrived meanwhile is taken
+        under one lock, with one Redis read of done markers and one fenced write, so the
+        cost per message is not a serial round trip. Returns once the write is durable
+        (the caller acks then); a failed write fails every message of the batch."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inbox.append((step, msg, future))
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.create_task(self._drain())
+        after = await future
+        if after is not None:
+            await after()
+
+    async def _drain(self) -> None:
+        while self._inbox:
+            batch, self._inbox = self._inbox, []
+            try:
+                async with self._lock:
+                    await self._sync()
+                    fresh = [msg.request_id for step, msg, _ in batch
+                             if isinstance(msg, m.ScoredRequest)
+                             and msg.request_id not in self.queued and msg.request_id not in self.inflight]
+                    done = dict(zip(fresh, await self.store.already_done(fresh))) if fresh else {}
+                    ops = Ops()
+                    results = []
+                    try:
+                        for step, msg, _ in batch:
+                            results.append(await step(msg, ops, done))
+                    except Exception:
+                        self._dirty = True  # memory moved ahead of Redis: reload next time
+                        raise
+                    await self._apply(ops)
+            except Exception as exc:  # noqa: BLE001 - every handler of the batch gets it
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+            self.wake.set()
+
     async def on_scored(self, scored: m.ScoredRequest, message: AbstractIncomingMessage) -> None:
-        rid = scored.request_id
-        async with self._lock:
-            await self._sync()
-            known = rid in self.queued or rid in self.inflight
-            if not known and not (await self.store.already_done([rid]))[0]:
-                arrival = time.time()
-                tenant = scored.request.tenant
-                self.policy.add(queued_view(scored, arrival), arrival)
-                self.queued[rid] = scored
-                self.arrival[rid] = arrival
-                ops = Ops()
-                ops.enqueue(scored, arrival)
-                ops.counters(self.policy.counters, self.policy.served, {tenant})
-                await self._apply(ops)
+        await self._batched(self._take_scored, scored)
         await message.ack()
-        self.wake.set()
+
+    async def _take_scored(self, scored: m.ScoredRequest, ops: Ops, done: dict[str, bool]) -> None:
+        rid = scored.request_id
+        if rid in self.queued or rid in self.inflight or done.get(rid, True):
+            return
+        arrival = time.time()
+        tenant = scored.request.tenant
+        self.policy.add(queued_view(scored, arrival), arrival)
+        self.queued[rid] = scored
+        self.arrival[rid] = arrival
+        ops.enqueue(scored, arrival)
+        ops.counters(self.policy.counters, self.policy.served, {tenant})
 
     async def on_event(self, event: m.Message, message: AbstractIncomingMessage) -> None:
-        async with self._lock:
-            await self._sync()
-            if isinstance(event, m.RequestProgress):
-                await self._progress(event.request_id, event.tenant, event.total_tokens)
-            elif isinstance(event, m.RequestFinished):
-                await self._finished(event)
+        await self._batched(self._take_event, event)
         await message.ack()
-        self.wake.set()
+
+    async def _take_event(self, event: m.Message, ops: Ops, done: dict[str, bool]) -> None:
+        if isinstance(event, m.RequestProgress):
+            await self._progress(event.request_id, event.tenant, event.total_tokens, ops)
+        elif isinstance(event, m.RequestFinished):
+            await self._finished(event, ops)
 
     async def _progress(self, rid: str, tenant: str, total_tokens: int, ops: Ops | None = None) -> None:
         """Charge output tokens not charged yet: idempotent under redelivery."""
@@ -309,13 +356,12 @@ class SchedulerService:
         if own:
             await self._apply(ops)
 
-    async def _finished(self, event: m.RequestFinished) -> None:
+    async def _finished(self, event: m.RequestFinished, ops: Ops) -> None:
         rid = event.request_id
         record = self.inflight.get(rid)
         if record is None:
             return
         now = time.time()
-        ops = Ops()
         await self._progress(rid, event.tenant, event.output_tokens, ops)
         self.inflight.pop(rid)
         ops.drop_inflight(rid)
@@ -329,29 +375,28 @@ class SchedulerService:
             self.policy.on_finished(rid, event.tenant, event.output_tokens, now)
             ops.mark_done(rid)
         ops.counters(self.policy.counters, self.policy.served, {event.tenant})
-        await self._apply(ops)
 
     async def on_cancel(self, cancel: m.CancelRequest, message: AbstractIncomingMessage) -> None:
-        rid = cancel.request_id
-        async with self._lock:
-            await self._sync()
-            scored = self.queued.get(rid)
-            if scored is not None and scored.request.tenant == cancel.tenant:
-                self.policy.cancel(rid)
-                self.queued.pop(rid)
-                self.arrival.pop(rid, None)
-                ops = Ops()
-                ops.unqueue(rid)
-                ops.mark_done(rid)
-                await self._apply(ops)
-                await amqp.reply(self.channel, scored.request.reply_to, m.FinalAnswer(
-                    request_id=rid, seq=0, finish_reason="cancelled",
-                    prompt_tokens=len(scored.prompt_token_ids)))
-            elif rid in self.inflight and self.inflight[rid].scored.request.tenant == cancel.tenant:
-                ops = Ops()
-                ops.mark_cancelled(rid)
-                await self._apply(ops)
+        await self._batched(self._take_cancel, cancel)
         await message.ack()
+
+    async def _take_cancel(self, cancel: m.CancelRequest, ops: Ops, done: dict[str, bool]):
+        """Drop a queued request (its answer goes out once the write is durable) or mark
+        a running one cancelled for its worker."""
+        rid = cancel.request_id
+        scored = self.queued.get(rid)
+        if scored is not None and scored.request.tenant == cancel.tenant:
+            self.policy.cancel(rid)
+            self.queued.pop(rid)
+            self.arrival.pop(rid, None)
+            ops.unqueue(rid)
+            ops.mark_done(rid)
+            return lambda: amqp.reply(self.channel, scored.request.reply_to, m.FinalAnswer(
+                request_id=rid, seq=0, finish_reason="cancelled",
+                prompt_tokens=len(scored.prompt_token_ids)))
+        if rid in self.inflight and self.inflight[rid].scored.request.tenant == cancel.tenant:
+            ops.mark_cancelled(rid)
+        return None
 
     # --- dispatch --------------------------------------------------------------
 
@@ -415,16 +460,24 @@ class SchedulerService:
         return len(records)
 
     async def _publish(self, records: list[InflightRecord]) -> None:
-        """Publish work items, then record that they were confirmed by the broker."""
-        for record in records:
+        """Publish work items (all at once, confirms awaited together), then record which
+        ones the broker confirmed."""
+
+        async def publish(record: InflightRecord) -> None:
             item = m.WorkItem(request_id=record.scored.request_id, scored=record.scored,
                               pool=record.pool, dispatched_at=record.dispatched_at)
             await amqp.publish(self.work_exchange, item, record.pool)
             record.published = True
+
+        results = await asyncio.gather(*(publish(r) for r in records), return_exceptions=True)
         ops = Ops()
         for record in records:
-            ops.put_inflight(record)
+            if record.published:
+                ops.put_inflight(record)
         await self._apply(ops)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _publish_unconfirmed(self) -> None:
         pending = [r for r in self.inflight.values() if not r.published]
