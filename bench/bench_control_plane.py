@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -352,18 +353,31 @@ class EchoSystem:
         self.redis.stop()
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine has used (``/proc/stat``, not idle/iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 class CpuMeter:
+    """CPU used by each process of the system under test, and by everything else on the
+    machine (other work competing for the same cores makes every hop slower)."""
+
     def __init__(self, pids: dict[str, list[int]]) -> None:
         self.pids = pids
         self.pids["bench-client"] = [os.getpid()]
 
     def sample(self) -> dict[str, float]:
-        return {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids.items()}
+        out = {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids.items()}
+        out["machine"] = machine_busy_seconds()
+        return out
 
     @staticmethod
     def diff(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
         """CPU cores used on average by each process over ``seconds``."""
-        return {name: round((after[name] - before[name]) / seconds, 3) for name in before}
+        out = {name: round((after[name] - before[name]) / seconds, 3) for name in before}
+        out["other_processes"] = round(out.pop("machine") - sum(out.values()), 3)
+        return out
 
 
 # --- main ---------------------------------------------------------------------------
@@ -374,10 +388,62 @@ def parse_range(spec: str) -> list[int]:
     return list(range(int(lo), int(hi or lo) + 1))
 
 
-async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None) -> dict:
+class QueueProbe:
+    """Samples where requests wait during a phase: AMQP queue depths and the scheduler's
+    Redis queues (queued, in flight), every ``interval`` seconds."""
+
+    QUEUES = ("fairway.scorer", "fairway.scheduler", "fairway.work.cpu",
+              "fairway.scheduler.events", "fairway.scorer.feedback")
+
+    def __init__(self, amqp_url: str, redis_url: str, interval: float = 0.25) -> None:
+        self.amqp_url, self.redis_url, self.interval = amqp_url, redis_url, interval
+        self.samples: list[dict[str, int]] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        import aio_pika
+        import redis.asyncio as aioredis
+
+        from services import keys
+
+        conn = await aio_pika.connect(self.amqp_url)
+        redis = aioredis.from_url(self.redis_url)
+        try:
+            channel = await conn.channel()
+            while not stop.is_set():
+                sample = {}
+                for name in self.QUEUES:
+                    queue = await channel.declare_queue(name, passive=True)
+                    sample[name] = queue.declaration_result.message_count
+                sample["redis.queued"] = await redis.hlen(keys.SCHED_QUEUED)
+                sample["redis.inflight"] = await redis.hlen(keys.SCHED_INFLIGHT)
+                self.samples.append(sample)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.interval)
+        finally:
+            await conn.close()
+            await redis.aclose()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        names = self.samples[0].keys() if self.samples else []
+        return {n: {"mean": round(float(np.mean([s[n] for s in self.samples])), 1),
+                    "max": max(s[n] for s in self.samples)} for n in names}
+
+
+async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None,
+                  probe: QueueProbe | None = None) -> dict:
     client = Client(url, args.api_key, args.model, not args.no_stream, parse_range(args.max_tokens))
     report: dict = {}
     try:
+        # /ready covers the gateway and a worker; the scorer may still be loading.
+        deadline = time.monotonic() + 180
+        while (first := await client.one()).error is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no request succeeded: {first.error}")
+            await asyncio.sleep(0.5)
+        if meter and args.idle_s:
+            before = meter.sample()
+            await asyncio.sleep(args.idle_s)
+            report["idle_cpu_cores"] = CpuMeter.diff(before, meter.sample(), args.idle_s)
         warm, _ = await closed_loop(client, min(args.concurrency, 16), args.warmup_s)
         report["warmup_completed"] = sum(r.error is None for r in warm)
         phases = []
@@ -387,8 +453,17 @@ async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None) -
             phases.append(("throughput", lambda: closed_loop(client, args.concurrency, args.duration)))
         for name, run in phases:
             before = meter.sample() if meter else None
+            stop = asyncio.Event()
+            probing = asyncio.ensure_future(probe.run(stop)) if probe else None
             results, duration = await run()
+            stop.set()
+            if probing is not None:
+                await probing
+                report.setdefault(name, {})
             report[name] = summarize(results, duration, tokens_per_s)
+            if probe is not None:
+                report[name]["queue_depths"] = probe.summary()
+                probe.samples.clear()
             if meter:
                 report[name]["cpu_cores"] = CpuMeter.diff(before, meter.sample(), duration)
             report[name]["_results"] = results
@@ -443,6 +518,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="throughput phase")
     parser.add_argument("--duration", type=float, default=10.0, help="throughput phase seconds")
     parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--idle-s", type=float, default=3.0,
+                        help="first measure the started system's CPU use without traffic")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-running", type=int, default=256,
                         help="echo worker slots (FAIRWAY_MAX_RUNNING) of a started system")
@@ -475,7 +552,8 @@ def main() -> None:
             url = system.url
             args.api_key = API_KEY
             meter = CpuMeter(system.pids())
-        report = asyncio.run(measure(args, url, args.echo_tokens_per_s, meter))
+        probe = QueueProbe(system.rabbit.url, system.redis.url) if system else None
+        report = asyncio.run(measure(args, url, args.echo_tokens_per_s, meter, probe))
     finally:
         if system is not None:
             system.stop()
@@ -483,6 +561,8 @@ def main() -> None:
     config["url"] = url
     config["cpu_count"] = os.cpu_count()
     config["started_system"] = system is not None
+    config["nice"] = os.nice(0)
+    config["loadavg_1m_at_end"] = os.getloadavg()[0]
     if args.plot:
         report["plot"] = write_plot(report, args.echo_tokens_per_s, args.plot)
     for phase in ("latency", "throughput"):
