@@ -419,6 +419,8 @@ class LoraManager:
             raise ValueError(f"the model has no Linear layer named {self.config.target_modules}")
         self.pool = LoraPool(self.layers, self.config.max_loras, self.config.max_rank,
                              self.device, self.dtype)
+        self.sgmv = self.device.type == "cuda"
+        """Build SGMV segments for steps with prefill work (the Triton path reads them)."""
         log.info("lora_ready", slots=self.config.max_loras, max_rank=self.config.max_rank,
                  layers=len(self.layers),
                  pool_mib=round(sum(l.lora_a.numel() + l.lora_b.numel() for l in self.layers.values())
@@ -460,7 +462,7 @@ class LoraManager:
         indices = torch.repeat_interleave(torch.tensor(per_seq, dtype=torch.int32),
                                           torch.tensor(lengths)).to(self.device, non_blocking=True)
         segments = None
-        if self.device.type == "cuda" and not all_decode:
+        if self.sgmv and not all_decode:
             segments = LoraSegments.from_lengths(lengths, per_seq, self.device)
         return LoraStep(indices, frozenset(slots.values()), segments)
 

@@ -94,3 +94,36 @@ def test_kernels_only_on_cuda_with_triton(base_model, monkeypatch) -> None:
     monkeypatch.setattr(engine_kernels, "triton_available", lambda: True)
     assert install_kernels(model, torch.device("cuda")) is paged_attention_kernel
     assert "forward" in vars(layer)
+
+
+@pytest.mark.parametrize("all_decode", [False, True])
+def test_lora_steps_fit_the_triton_kernels(base_model, tmp_path, all_decode) -> None:
+    """The per-step slots and SGMV segments the engine builds drive the Triton kernels
+    (interpreted here) to the reference's result: SGMV with prefill work, BGMV without."""
+    from services.kernels._triton import enable_interpreter
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors through the interpreter; on CUDA the engine LoRA test runs them")
+    enable_interpreter()
+    pytest.importorskip("triton")
+    from services.engine.interface import LoraRequest
+    from services.engine.lora import LoraConfig, LoraManager, lora_step, random_lora_adapter
+    from services.kernels.lora import add_lora_triton
+
+    manager = LoraManager(copy.deepcopy(base_model), LoraConfig(3, 16, 8), torch.device("cpu"),
+                          torch.float32)  # fmt: skip
+    manager.sgmv = True
+    keys = [manager.acquire(LoraRequest(f"a{r}", str(random_lora_adapter(
+        tmp_path / f"a{r}", base_model, rank=r, seed=r))), set()) for r in (8, 16)]  # fmt: skip
+    lengths = [1, 1, 1, 1] if all_decode else [5, 3, 1, 2]
+    step = manager.step(list(zip([keys[0], None, keys[1], keys[0]], lengths)), set(), all_decode)
+    assert (step.segments is None) == all_decode
+    layer = manager.layers["model.layers.1.self_attn.v_proj"]
+    x = torch.randn(sum(lengths), layer.in_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), lora_step(step):
+        expected = layer(x)  # CPU: the torch reference
+        actual = layer.base(x)
+        add_lora_triton(actual, x, layer.lora_a, layer.lora_b, step.indices, layer.lora_scale,
+                        segments=step.segments)  # fmt: skip
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(expected, layer.base(x))  # the adapters did something
