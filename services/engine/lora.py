@@ -313,10 +313,12 @@ class LoraPool:
         self.layers = layers
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.device = device
+        self.dtype = dtype
+        self.allocated = False
+        """The stacks are allocated on the first load: a worker no request asks an adapter
+        of spends no memory on them."""
         for layer in layers.values():
-            layer.lora_a = torch.zeros(num_slots, max_rank, layer.in_features, dtype=dtype, device=device)
-            layer.lora_b = torch.zeros(num_slots, layer.out_features, max_rank, dtype=dtype, device=device)
-            layer.lora_scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
             layer.targeted = set()
         self._slots: OrderedDict[LoraKey, int] = OrderedDict()
         """Resident adapters, least recently used first."""
@@ -325,8 +327,23 @@ class LoraPool:
         self.num_evictions = 0
 
     @property
+    def nbytes(self) -> int:
+        """Device memory of the stacks (A and B of every slot and layer)."""
+        per_slot = sum(self.max_rank * (l.in_features + l.out_features) for l in self.layers.values())
+        return self.num_slots * per_slot * torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
     def resident(self) -> list[LoraKey]:
         return list(self._slots)
+
+    def _allocate(self) -> None:
+        n, r = self.num_slots, self.max_rank
+        for layer in self.layers.values():
+            layer.lora_a = torch.zeros(n, r, layer.in_features, dtype=self.dtype, device=self.device)
+            layer.lora_b = torch.zeros(n, layer.out_features, r, dtype=self.dtype, device=self.device)
+            layer.lora_scale = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.allocated = True
+        log.info("lora_pool_allocated", slots=n, max_rank=r, mib=round(self.nbytes / 2**20, 1))
 
     def slot_of(self, key: LoraKey) -> int | None:
         return self._slots.get(key)
@@ -379,6 +396,8 @@ class LoraPool:
 
     @torch.no_grad()
     def _load(self, slot: int, weights: LoraWeights) -> None:
+        if not self.allocated:
+            self._allocate()
         self._clear(slot)
         for name, layer in self.layers.items():
             entry = weights.modules.get(name)
@@ -422,9 +441,7 @@ class LoraManager:
         self.sgmv = self.device.type == "cuda"
         """Build SGMV segments for steps with prefill work (the Triton path reads them)."""
         log.info("lora_ready", slots=self.config.max_loras, max_rank=self.config.max_rank,
-                 layers=len(self.layers),
-                 pool_mib=round(sum(l.lora_a.numel() + l.lora_b.numel() for l in self.layers.values())
-                                * torch.finfo(self.dtype).bits / 8 / 2**20, 1))
+                 layers=len(self.layers), pool_mib_on_first_use=round(self.pool.nbytes / 2**20, 1))
 
     def acquire(self, request: LoraRequest, in_use: set[LoraKey]) -> LoraKey:
         """Have ``request``'s adapter in host memory (read from disk on first use); keys in

@@ -186,7 +186,9 @@ def test_pool_never_evicts_a_pinned_adapter(base_model) -> None:
         return LoraWeights(key[0], key[1], 4, {"model.layers.0.self_attn.q_proj": (a, torch.ones(q.out_features, 4), 0.5)})
 
     keys = [("a", "/a"), ("bb", "/b"), ("ccc", "/c")]
+    assert not pool.allocated and q.lora_a is None  # no memory until an adapter is used
     pool.activate(keys[:2], [], weights)
+    assert pool.allocated and q.lora_a.shape == (2, 8, q.in_features)
     with pytest.raises(RuntimeError, match="running requests"):
         pool.activate([keys[2]], keys[:2], weights)  # both slots pinned
     slot = pool.activate([keys[2]], [keys[1]], weights)[keys[2]]  # evicts a, the unpinned one
