@@ -28,6 +28,7 @@ from aio_pika.abc import (
 )
 
 from services import messages as m
+from services import metrics as prom
 from services import topology
 from services.logs import get_logger
 from services.settings import Settings
@@ -155,6 +156,7 @@ async def consume(
             log.warning("give_up_failed", error=repr(exc))
         if not message.processed:
             await message.reject(requeue=False)
+            prom.dead_lettered.labels(queue.name, "gave_up").inc()
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         try:
@@ -172,6 +174,7 @@ async def consume(
                 except Exception as send_exc:  # the reject below must still happen
                     log.warning("error_reply_failed", error=str(send_exc))
             await message.reject(requeue=False)
+            prom.dead_lettered.labels(queue.name, "invalid_message").inc()
             return
         try:
             await handler(msg, message)

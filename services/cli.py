@@ -41,6 +41,10 @@ def run_service(name: str) -> int:
     settings, configure = _settings()
     configure(settings.log_level, settings.log_format, service=name)
     _use_uvloop()
+    if name != "gateway":
+        from services.metrics import serve
+
+        serve(name, settings.metrics_port, settings.metrics_host)
     if name == "gateway":
         from services.gateway.app import serve
 
@@ -113,8 +117,16 @@ def up(args: argparse.Namespace) -> int:
     plan = ["scheduler", "scorer"] + ["cpu-worker"] * args.cpu_workers
     plan += ["gpu-worker"] * args.gpu_workers + ["gateway"]
     procs: list[subprocess.Popen] = []
-    for name in plan:
-        procs.append(subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env))
+    for i, name in enumerate(plan):
+        child = dict(env)
+        if name.endswith("worker") and settings.metrics_port != 0:
+            # Several workers of a pool: each its own metrics port (default + 10 n).
+            from services.metrics import WORKER_PORT_STRIDE, metrics_port
+
+            n = plan[:i].count(name)
+            child["FAIRWAY_METRICS_PORT"] = str(metrics_port(name, settings.metrics_port)
+                                                + WORKER_PORT_STRIDE * n)
+        procs.append(subprocess.Popen([sys.executable, "-m", "services.cli", name], env=child))
     print(f"fairway: gateway on http://{settings.host}:{settings.port}", file=sys.stderr)
 
     stop = {"now": False}

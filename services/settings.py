@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     echo_tokens_per_s: float = 1000.0
     threads: int = 0
     """torch intra-op threads for CPU workers; 0 lets torch decide."""
+
+    # Metrics (the gateway serves /metrics on its own port)
+    metrics_port: int | None = None
+    """Prometheus port of a scheduler, scorer or worker; unset: the service's default
+    (see ``services.metrics``), 0: none."""
+    metrics_host: str = "127.0.0.1"
     max_loras: int = 8
     """LoRA adapter slots in the engine's device pool (S-LoRA); 0 serves the base model only."""
     max_lora_rank: int = 64

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 
 from services import amqp, keys, topology
+from services import metrics as prom
 from services import messages as m
 from services.adapters import AdapterCatalog
 from services.engine import EngineConfig, EngineError, EngineRequest, EngineStats, LLMEngine, RequestOutput
@@ -357,6 +358,8 @@ class WorkerService:
             return
         await active.message.ack()
         self._forget(active)
+        prom.observe_worker_finish(self.settings.model_name, reason, out.num_prompt_tokens,
+                                   out.num_output_tokens)
 
     async def _progress_loop(self) -> None:
         while True:
@@ -375,6 +378,11 @@ class WorkerService:
 
     def heartbeat(self) -> m.WorkerHeartbeat:
         st = self.engine.stats
+        prom.worker_state.publish({
+            "model": self.settings.model_name, "running": st.num_running, "waiting": st.num_waiting,
+            "kv_usage": 1.0 - st.num_free_kv_tokens / max(st.num_total_kv_tokens, 1),
+            "preemptions": st.num_preemptions,
+        })
         decode_tps = 1000.0 * max(st.num_running, 1) / st.decode_step_ms if st.decode_step_ms else 0.0
         return m.WorkerHeartbeat(
             worker_id=self.worker_id, pool=self.pool, model=self.settings.model_name,

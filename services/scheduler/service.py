@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 
 from services import amqp, topology
+from services import metrics as prom
 from services import messages as m
 from services.latency_model import LatencyModel
 from services.logs import get_logger
@@ -366,6 +367,7 @@ class SchedulerService:
         self.inflight.pop(rid)
         ops.drop_inflight(rid)
         if event.requeue:
+            prom.preemptions.labels(record.pool).inc()
             arrival = record.arrival or record.dispatched_at
             self.policy.requeue(queued_view(record.scored, arrival, event.output_tokens), now)
             self.queued[rid] = record.scored
@@ -405,6 +407,7 @@ class SchedulerService:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), SCHEDULE_INTERVAL_S)
             self.wake.clear()
+            self._publish_metrics()
             try:
                 if any(not r.published for r in self.inflight.values()):
                     # Dispatched, but the broker did not confirm the work item (it was
@@ -418,6 +421,24 @@ class SchedulerService:
             except Exception:
                 log.exception("schedule_failed")
                 await asyncio.sleep(0.5)
+
+    def _publish_metrics(self, every_s: float = 0.5) -> None:
+        """Hand the metrics endpoint a copy of the state (at most every ``every_s``)."""
+        now = time.monotonic()
+        if now - getattr(self, "_metrics_at", 0.0) < every_s:
+            return
+        self._metrics_at = now
+        inflight: dict[str, int] = dict.fromkeys(topology.POOLS, 0)
+        for record in self.inflight.values():
+            inflight[record.pool] = inflight.get(record.pool, 0) + 1
+        tenants = set(self.policy.counters) | set(self.policy.backlogged())
+        prom.scheduler_state.publish({
+            "model": self.settings.model_name,
+            "served": dict(self.policy.served),
+            "counters": dict(self.policy.counters),
+            "queued": {t: self.policy.num_queued(t) for t in tenants},
+            "inflight": inflight,
+        })
 
     async def schedule_once(self) -> int:
         if not self.queued:
@@ -452,6 +473,10 @@ class SchedulerService:
                 ops.mark_done(e.request_id)
             ops.counters(self.policy.counters, self.policy.served, tenants)
             await self._apply(ops)
+            for record in records:
+                prom.placements.labels(record.pool).inc()
+            for _, reason in expired:
+                prom.requests_expired.labels(reason).inc()
             await self._publish(records)
         for scored, reason in expired:
             await amqp.reply(self.channel, scored.request.reply_to, expiry_answer(scored, reason))

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from services import amqp, keys, topology
 from services import messages as m
+from services import metrics as prom
 from services.adapters import AdapterCatalog, CatalogUnavailable, ModelNotFound
 from services.logs import get_logger
 from services.models import load_tokenizer, resolve_model_path
@@ -196,11 +197,14 @@ class ScorerService:
                 amqp.error_answer(request.request_id, str(exc), status=exc.status, code=exc.code),
             )
             await message.reject(requeue=False)
+            prom.dead_lettered.labels(topology.SCORER_QUEUE, exc.code).inc()
             return
         await amqp.publish(self.scored_exchange, scored, topology.SUBMIT_ROUTING_KEY)
         await message.ack()
 
     async def on_finished(self, event: m.RequestFinished, message: AbstractIncomingMessage) -> None:
+        if not event.requeue and event.finish_reason in ("stop", "length"):
+            prom.observe_length(event.model, event.score.p50, event.output_tokens)
         if not event.requeue and event.finish_reason in ("stop", "length"):
             self.length_samples.add(length_sample(event, time.time()))
         if (

@@ -26,6 +26,8 @@ class System:
     log_dir: Path
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    """Prometheus port of each started non-gateway process (a free one each)."""
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -55,6 +57,9 @@ class System:
     def start(self, service: str, name: str | None = None, **env: str) -> subprocess.Popen:
         name = name or service
         proc_env = self.env(name)
+        if service != "gateway":
+            self.metrics_ports[name] = free_port()
+            proc_env["FAIRWAY_METRICS_PORT"] = str(self.metrics_ports[name])
         proc_env.update(env)
         log = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", service],

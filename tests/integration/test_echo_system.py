@@ -6,11 +6,16 @@ so the two never share a queue or a key.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 
+import aio_pika
+import httpx
 import openai
 import pytest
 
+from services import topology
 from services.localinfra import rabbitmqctl
 from services.models import load_tokenizer, resolve_model_path
 from services.settings import DEFAULT_MODEL_NAME
@@ -67,3 +72,63 @@ def test_echo_honours_stop_strings(echo_client):
                                          max_tokens=20, stop=[" three"])
     assert out.choices[0].text.endswith("two") and " three" not in out.choices[0].text
     assert out.choices[0].finish_reason == "stop"
+
+
+VLLM_NAMES = {
+    "echo-gateway": ["vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
+                     "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                     "vllm:request_success_total"],
+    "echo-cpu-worker": ["vllm:num_requests_running", "vllm:num_requests_waiting",
+                        "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                        "vllm:num_preemptions_total", "vllm:kv_cache_usage_perc"],
+    "echo-scheduler": ["vllm:num_requests_waiting"],
+}
+FAIRWAY_NAMES = {
+    "echo-scheduler": ['fairway:tenant_served_tokens_total{tenant="acme"}',
+                       'fairway:tenant_virtual_token_counter{tenant="acme"}',
+                       'fairway:queue_depth{tenant="acme"}', 'fairway:pool_requests_inflight{pool="cpu"}',
+                       'fairway:placements_total{pool="cpu"}'],
+    "echo-scorer": ["fairway:predicted_output_tokens_bucket", "fairway:actual_output_tokens_bucket",
+                    "fairway:output_length_actual_over_predicted_bucket",
+                    'fairway:messages_dead_lettered_total{queue="fairway.scorer",reason="invalid_message"}'],
+    "echo-gateway": ["fairway:gateway_requests_in_flight"],
+}
+
+
+async def publish_garbage(amqp_url: str) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(topology.REQUESTS_EXCHANGE)
+        await exchange.publish(aio_pika.Message(b"not msgpack"), topology.SUBMIT_ROUTING_KEY)
+    finally:
+        await connection.close()
+
+
+def scrape(echo_system: System, name: str) -> str:
+    if name == "echo-gateway":
+        url = f"{echo_system.gateway_url}/metrics"
+    else:
+        url = f"http://127.0.0.1:{echo_system.metrics_ports[name]}/metrics"
+    return httpx.get(url, timeout=5).text
+
+
+def test_metrics_names_after_traffic(echo_system, echo_client):
+    for i in range(3):
+        echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt=f"metrics {i}", max_tokens=2)
+    asyncio.run(publish_garbage(echo_system.amqp_url))  # the scorer dead-letters it
+    deadline = time.monotonic() + 15  # state gauges are refreshed every 0.5 s / heartbeat
+    while True:
+        texts = {name: scrape(echo_system, name) for name in
+                 ("echo-gateway", "echo-scheduler", "echo-scorer", "echo-cpu-worker")}
+        missing = [f"{name}: {metric}" for names in (VLLM_NAMES, FAIRWAY_NAMES)
+                   for name, metrics in names.items() for metric in metrics
+                   if metric not in texts[name]]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing
+    assert f'model_name="{DEFAULT_MODEL_NAME}"' in texts["echo-cpu-worker"]
+    served = [line for line in texts["echo-scheduler"].splitlines()
+              if line.startswith('fairway:tenant_served_tokens_total{tenant="acme"}')]
+    assert float(served[0].split()[-1]) > 0
