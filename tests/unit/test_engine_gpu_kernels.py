@@ -6,7 +6,6 @@ CUDA or Triton the engine keeps its torch path."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,17 +15,11 @@ from services.engine import kernels as engine_kernels
 from services.engine.attention import paged_attention_reference, write_kv_cache
 from services.engine.kernels import install_kernels, paged_attention_kernel, use_fused_norms
 from services.messages import SamplingParams
-from services.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model_path(model_cache: Path) -> str:
-    return str(model_cache / DEFAULT_MODEL_NAME)
-
-
-@pytest.fixture(scope="module")
-def base_model(model_path: str):
-    return load_model(model_path, "cpu", "float32")
+def base_model(tiny_model):
+    return tiny_model
 
 
 def test_fused_norm_layers_compute_the_same_logits(base_model) -> None:
@@ -61,8 +54,8 @@ def test_decode_steps_go_to_the_decode_kernel_path() -> None:
     torch.testing.assert_close(actual, expected)
 
 
-def test_engine_on_the_kernel_path_matches_the_torch_path(base_model, model_path) -> None:
-    tokenizer = load_tokenizer(model_path)
+def test_engine_on_the_kernel_path_matches_the_torch_path(base_model, tiny_tokenizer) -> None:
+    tokenizer = tiny_tokenizer
     ids = [tokenizer(p)["input_ids"] for p in ("Hello world", "def f(x):", "The sea is wide")]
 
     def generate(fused: bool) -> dict[str, list[int]]:

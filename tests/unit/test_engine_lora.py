@@ -6,7 +6,6 @@ rows without an adapter get the base model's; the device pool pages adapters in 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from services.engine.lora import (
 )
 from services.engine.scheduler import LORA_MAX_SKIPS, Scheduler, Sequence
 from services.messages import SamplingParams
-from services.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer
 
 PROMPTS = [
     "Hello world, what is the capital of France?",
@@ -41,13 +39,8 @@ ADAPTERS = {
 
 
 @pytest.fixture(scope="module")
-def model_path(model_cache: Path) -> str:
-    return str(model_cache / DEFAULT_MODEL_NAME)
-
-
-@pytest.fixture(scope="module")
-def base_model(model_path: str):
-    return load_model(model_path, "cpu", "float32")
+def base_model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +92,8 @@ def expected(base_model, adapters, prompt_ids) -> Expected:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_path: str):
-    return load_tokenizer(model_path)
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
