@@ -17,6 +17,7 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import unquote, urlparse
 
 import aio_pika
 from aio_pika.abc import (
@@ -49,6 +50,11 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
         heartbeat=settings.amqp_heartbeat_s,
         client_properties={"connection_name": f"{name}:{settings.instance_id}"},
     )
+
+
+def login_user(url: str) -> str:
+    """The user an AMQP URL logs in as (RabbitMQ checks ``user_id`` against it)."""
+    return unquote(urlparse(url).username or "guest")
 
 
 def to_amqp(msg: m.Message, *, reply_to: str | None = None, user_id: str | None = None) -> aio_pika.Message:

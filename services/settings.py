@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
     amqp_heartbeat_s: int = 10
+    declare_topology: bool = True
+    """False where an administrator declared the topology (``fairway provision``) and the
+    services run as least-privilege RabbitMQ users: they then only check it exists."""
     instance_id: str = Field(default_factory=_default_instance_id)
 
     # Model

@@ -3,11 +3,17 @@
 All queues that carry work are durable quorum queues with a dead-letter exchange and
 an explicit ``x-delivery-limit`` (RabbitMQ 3.10 sets none by default), so a poison
 message is dead-lettered after a bounded number of redeliveries instead of looping.
+
+Where services run as least-privilege users (:mod:`services.provision`), an
+administrator declares the topology once and the services declare it ``passive``:
+they check that it exists, which needs no configure permission.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import uuid
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
@@ -40,6 +46,8 @@ SCORER_FEEDBACK_QUEUE = "fairway.scorer.feedback"
 DEAD_LETTER_QUEUE = "fairway.dead-letter"
 
 POOLS = ("gpu", "cpu")
+REPLY_QUEUE_PREFIX = "fairway.replies"
+CONTROL_QUEUE_PREFIX = "fairway.control"
 
 
 def work_queue(pool: str) -> str:
@@ -53,7 +61,7 @@ def reply_queue(owner: str) -> str:
     Producers name theirs ``fairway.replies.<rabbitmq-user>.<anything>`` so that a
     least-privilege user may be granted exactly its own reply queues.
     """
-    return f"fairway.replies.{owner}"
+    return f"{REPLY_QUEUE_PREFIX}.{owner}"
 
 
 def quorum_arguments() -> dict[str, object]:
@@ -75,8 +83,14 @@ class Topology:
         return self.exchanges[name]
 
 
-async def declare(channel: AbstractChannel) -> Topology:
-    """Declare the whole shared topology (idempotent; every service calls it at start)."""
+async def declare(channel: AbstractChannel, passive: bool = False) -> Topology:
+    """Declare the whole shared topology (idempotent; every service calls it at start).
+
+    ``passive``: only look the exchanges and queues up (they must exist), as a
+    least-privilege user whose topology an administrator declared.
+    """
+    if passive:
+        return await _look_up(channel)
     topo = Topology()
     ex = topo.exchanges
     ex[DEAD_LETTER_EXCHANGE] = await channel.declare_exchange(
@@ -119,9 +133,29 @@ async def declare(channel: AbstractChannel) -> Topology:
     return topo
 
 
-async def declare_control_queue(channel: AbstractChannel) -> AbstractQueue:
-    """An exclusive, auto-deleted queue of this process that receives every CancelRequest."""
+_EXCHANGES = (DEAD_LETTER_EXCHANGE, REQUESTS_EXCHANGE, SCORED_EXCHANGE, WORK_EXCHANGE,
+              EVENTS_EXCHANGE, CONTROL_EXCHANGE)
+_QUEUES = (DEAD_LETTER_QUEUE, SCORER_QUEUE, SCHEDULER_QUEUE, SCHEDULER_EVENTS_QUEUE,
+           SCORER_FEEDBACK_QUEUE, *[work_queue(pool) for pool in POOLS])
+
+
+async def _look_up(channel: AbstractChannel) -> Topology:
+    topo = Topology()
+    for name in _EXCHANGES:
+        topo.exchanges[name] = await channel.get_exchange(name, ensure=True)
+    for name in _QUEUES:
+        topo.queues[name] = await channel.get_queue(name, ensure=True)
+    return topo
+
+
+async def declare_control_queue(channel: AbstractChannel, owner: str = "anonymous") -> AbstractQueue:
+    """An exclusive, auto-deleted queue of this process that receives every CancelRequest.
+
+    Named ``fairway.control.<owner>.<random>``, ``owner`` being the AMQP user, so a
+    least-privilege user may be granted exactly its own control queues.
+    """
     exchange = await channel.get_exchange(CONTROL_EXCHANGE)
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    name = f"{CONTROL_QUEUE_PREFIX}.{owner}.{uuid.uuid4().hex[:12]}"
+    queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
     await queue.bind(exchange)
     return queue

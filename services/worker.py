@@ -178,14 +178,14 @@ class WorkerService:
         self.channel = await self.connection.channel()
         self.channel.close_callbacks.add(self._on_link_lost)
         await self.channel.set_qos(prefetch_count=s.max_running)
-        topo = await topology.declare(self.channel)
+        topo = await topology.declare(self.channel, passive=not s.declare_topology)
         self.events = topo.exchange(topology.EVENTS_EXCHANGE)
         await self._heartbeat()
         self.work_queue = topo.queues[topology.work_queue(self.pool)]
         self._consumer_tag = await amqp.consume(self.channel, self.work_queue, m.WorkItem,
                                                 self.on_work, service=self.worker_id,
                                                 give_up=self._give_up)
-        control = await topology.declare_control_queue(self.channel)
+        control = await topology.declare_control_queue(self.channel, amqp.login_user(s.amqp_url))
         await amqp.consume(self.channel, control, m.CancelRequest, self.on_cancel, service=self.worker_id)
         self._tasks = [
             asyncio.create_task(self._output_loop()),

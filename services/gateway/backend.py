@@ -25,7 +25,6 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
@@ -92,6 +91,7 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return redis.call('ZREM', KEYS[3], ARGV[1])
 """
 MAX_PENDING_RELEASES = 100_000
+RELEASE_RETRY_S = 1.0
 CONNECTION_LOST = "broker_connection_lost"
 
 
@@ -102,11 +102,6 @@ def token_cost(request: CompletionRequest) -> int:
     text = request.prompt_text() if request.kind == "completion" else "".join(
         msg.content for msg in request.messages)
     return request.sampling.max_tokens + len(text.encode("utf-8", "replace")) // 4 + 1
-
-
-def amqp_login(url: str) -> str:
-    """The user an AMQP URL logs in as (RabbitMQ checks ``user_id`` against it)."""
-    return unquote(urlparse(url).username or "guest")
 
 
 class Submission:
@@ -137,7 +132,7 @@ class Backend:
         self.settings = settings
         self.metrics = metrics
         self.router = ReplyRouter()
-        self.amqp_user = amqp_login(settings.amqp_url)
+        self.amqp_user = amqp.login_user(settings.amqp_url)
         # Named after the AMQP user, like a producer's, so a least-privilege user may be
         # granted exactly its own reply queues.
         self.reply_queue_name = topology.reply_queue(f"{self.amqp_user}.{settings.instance_id}")
@@ -153,6 +148,7 @@ class Backend:
         self._control_exchange: AbstractExchange | None = None
         self._ready = asyncio.Event()
         self._connect_task: asyncio.Task[None] | None = None
+        self._release_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._submissions: dict[str, Submission] = {}
         self._pending_releases: dict[str, str] = {}
@@ -168,6 +164,17 @@ class Backend:
             self._connect_task = asyncio.create_task(
                 self._connect_forever(), name="gateway-amqp-connect"
             )
+            self._release_task = asyncio.create_task(self._release_loop())
+
+    async def _release_loop(self) -> None:
+        """Retry the releases that failed while Redis was unreachable."""
+        while True:
+            await asyncio.sleep(RELEASE_RETRY_S)
+            if self._pending_releases:
+                try:
+                    await self._retry_releases()
+                except (RedisError, OSError) as exc:
+                    log.debug("release_retry_failed", error=repr(exc))
 
     @property
     def amqp_connected(self) -> bool:
@@ -197,7 +204,7 @@ class Backend:
         conn = await amqp.connect(self.settings, "gateway")
         self._connection = conn
         publish = await conn.channel(publisher_confirms=True, on_return_raises=True)
-        topo = await topology.declare(publish)
+        topo = await topology.declare(publish, passive=not self.settings.declare_topology)
         consume = await conn.channel()
         queue = await consume.declare_queue(self.reply_queue_name, exclusive=True, auto_delete=True)
         # Replies are only worth something to this process: no redelivery, so no acks.
@@ -241,6 +248,8 @@ class Backend:
         if self._connect_task is not None:
             self._connect_task.cancel()
             await asyncio.gather(self._connect_task, return_exceptions=True)
+        if self._release_task is not None:
+            self._release_task.cancel()
         try:
             async with asyncio.timeout(SHUTDOWN_CLEANUP_S):
                 for submission in list(self._submissions.values()):

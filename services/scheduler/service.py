@@ -202,7 +202,7 @@ class SchedulerService:
         self._restore(await self.store.load())
         self.channel = await self.connection.channel()
         await self.channel.set_qos(prefetch_count=256)
-        topo = await topology.declare(self.channel)
+        topo = await topology.declare(self.channel, passive=not self.settings.declare_topology)
         self.work_exchange = topo.exchange(topology.WORK_EXCHANGE)
         # Dispatches whose publish may not have happened before the last leader died.
         await self._publish_unconfirmed()
@@ -214,7 +214,8 @@ class SchedulerService:
                 self.channel, topo.queues[topology.SCHEDULER_EVENTS_QUEUE], m.Message,
                 self.on_event, service="scheduler")),
         ]
-        control = await topology.declare_control_queue(self.channel)
+        control = await topology.declare_control_queue(self.channel,
+                                                        amqp.login_user(self.settings.amqp_url))
         tags.append((control, await amqp.consume(
             self.channel, control, m.CancelRequest, self.on_cancel, service="scheduler")))
         tasks = [asyncio.create_task(self._renew_loop()), asyncio.create_task(self._schedule_loop())]

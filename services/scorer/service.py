@@ -18,6 +18,7 @@ from services import amqp, keys, topology
 from services import messages as m
 from services import metrics as prom
 from services.adapters import AdapterCatalog, CatalogUnavailable, ModelNotFound
+from services.engine.sampling import validate_sampling
 from services.logs import get_logger
 from services.models import load_tokenizer, resolve_model_path
 from services.recent import RecentLog
@@ -81,6 +82,30 @@ def resolve_tenant(request: m.CompletionRequest, user_id: str | None, trusted: s
     )
 
 
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_TOKEN_IDS = 256
+MAX_TEMPERATURE = 2.0
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_fields(request: m.CompletionRequest) -> None:
+    """The gateway's schema limits, for requests that come straight over AMQP: bad
+    sampling parameters are refused here, before any work or charge, and never reach a
+    worker's batch."""
+    params = request.sampling
+    problem = validate_sampling(params)
+    if problem is None and not params.temperature <= MAX_TEMPERATURE:
+        problem = f"temperature must be in [0, {MAX_TEMPERATURE:g}]"
+    if problem is None and len(params.stop) > MAX_STOP_SEQUENCES:
+        problem = f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed"
+    if problem is None and len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        problem = f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed"
+    if problem is None and any(msg.role not in CHAT_ROLES for msg in request.messages):
+        problem = f"chat roles must be one of {', '.join(CHAT_ROLES)}"
+    if problem is not None:
+        raise RequestRejected(problem)
+
+
 class Scorer:
     """Pure scoring step: request in, scored request out (or :class:`RequestRejected`)."""
 
@@ -94,7 +119,11 @@ class Scorer:
             raise RequestRejected("messages must not be empty")
         if request.kind == "completion" and not request.prompt:
             raise RequestRejected("prompt must not be empty")
-        ids = tokenize(self.tokenizer, request)
+        check_fields(request)
+        try:
+            ids = tokenize(self.tokenizer, request)
+        except Exception as exc:  # a chat template or tokenizer refusing this input
+            raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
         max_tokens = request.sampling.max_tokens
         if len(ids) + max_tokens > self.max_model_len:
             raise RequestRejected(
@@ -159,7 +188,7 @@ class ScorerService:
         self.connection = await amqp.connect(s, "scorer")
         self.channel = await self.connection.channel()
         await self.channel.set_qos(prefetch_count=64)
-        topo = await topology.declare(self.channel)
+        topo = await topology.declare(self.channel, passive=not s.declare_topology)
         self.scored_exchange = topo.exchange(topology.SCORED_EXCHANGE)
         await amqp.consume(
             self.channel,
@@ -184,6 +213,10 @@ class ScorerService:
         request.reply_to = message.reply_to or request.reply_to
         try:
             request.tenant = resolve_tenant(request, message.user_id, self.trusted)
+            if not await self.claim(request.request_id, request.tenant):
+                raise RequestRejected(
+                    f"request_id {request.request_id!r} is in use by another tenant; "
+                    "choose a unique id", "duplicate_request_id", 409)
             adapter = await check_model(self.adapters, request)
             if not request.created:
                 request.created = time.time()
@@ -201,6 +234,15 @@ class ScorerService:
             return
         await amqp.publish(self.scored_exchange, scored, topology.SUBMIT_ROUTING_KEY)
         await message.ack()
+
+    async def claim(self, request_id: str, tenant: str) -> bool:
+        """Bind a request id to its tenant (for a day): another tenant's request with the
+        same id is refused, so it can neither be answered with, nor swallow, this one."""
+        key = keys.request_owner(request_id)
+        if await self.redis.set(key, tenant, nx=True, ex=keys.DONE_TTL_S):
+            return True
+        owner = await self.redis.get(key)
+        return owner is None or owner.decode() == tenant
 
     async def on_finished(self, event: m.RequestFinished, message: AbstractIncomingMessage) -> None:
         if not event.requeue and event.finish_reason in ("stop", "length"):
