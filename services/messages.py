@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -246,10 +247,35 @@ M = TypeVar("M", bound=Message)
 
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return _plain_fields(type(obj))(obj)
     if isinstance(obj, list | tuple):
         return [_to_plain(x) for x in obj]
     return obj
+
+
+_PLAIN: dict[type, Callable[[Any], dict[str, Any]]] = {}
+
+
+def _holds_dataclass(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) or any(_holds_dataclass(a) for a in typing.get_args(tp))
+
+
+def _plain_fields(cls: type) -> Callable[[Any], dict[str, Any]]:
+    """Per class, once: fields whose type can hold a dataclass are converted, the rest
+    (strings, numbers, lists of them) go to msgpack as they are."""
+    if cls not in _PLAIN:
+        hints = _hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        nested = {n for n in names if _holds_dataclass(hints[n])}
+
+        def plain(obj: Any) -> dict[str, Any]:
+            out = {n: getattr(obj, n) for n in names}
+            for n in nested:
+                out[n] = _to_plain(out[n])
+            return out
+
+        _PLAIN[cls] = plain
+    return _PLAIN[cls]
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
@@ -276,14 +302,41 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
+_FAST_LISTS: dict[Any, Callable[[list], bool]] = {
+    list[int]: lambda v: all(type(x) is int for x in v),
+    list[str]: lambda v: all(type(x) is str for x in v),
+    list[float]: lambda v: all(type(x) is float and not math.isnan(x) for x in v),
+}
+"""Whole-list checks for the long lists (token ids, features): one pass, no per-item
+path string; a list that fails is checked item by item for the exact error."""
+
+
+_EXACT: dict[Any, type] = {str: str, int: int, bool: bool}
+_NO_TYPE = type("_NoType", (), {})
+_SHAPES: dict[Any, tuple[Any, tuple[Any, ...]]] = {}
+
+
 def _check(value: Any, tp: Any, where: str) -> Any:
     """Validate and convert a decoded value against a type annotation."""
-    origin = typing.get_origin(tp)
+    if type(value) is _EXACT.get(tp, _NO_TYPE):  # str, int, bool as they are
+        return value
+    fast = _FAST_LISTS.get(tp)
+    if fast is not None and type(value) is list and len(value) <= _MAX_CONTAINER_LEN and fast(value):
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MessageError(f"{where}: expected a map")
+        return _build(tp, value, where)
+    if tp not in _SHAPES:
+        _SHAPES[tp] = (typing.get_origin(tp), typing.get_args(tp))
+    origin, args = _SHAPES[tp]
     if tp is Any:
         return value
     if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
         errors = []
-        for arm in typing.get_args(tp):
+        for arm in args:
             try:
                 return _check(value, arm, where)
             except MessageError as exc:
@@ -302,10 +355,6 @@ def _check(value: Any, tp: Any, where: str) -> Any:
             raise MessageError(f"{where}: expected a list")
         (item_tp,) = typing.get_args(tp)
         return [_check(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise MessageError(f"{where}: expected a map")
-        return _build(tp, value, where)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise MessageError(f"{where}: expected a number")
@@ -328,14 +377,28 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     raise MessageError(f"{where}: unsupported type {tp!r}")
 
 
+_FIELDS: dict[type, list[tuple[str, Any, bool]]] = {}
+
+
+def _fields(cls: type) -> list[tuple[str, Any, bool]]:
+    """(name, type, required) of a dataclass's fields, computed once per class."""
+    if cls not in _FIELDS:
+        hints = _hints(cls)
+        _FIELDS[cls] = [
+            (f.name, hints[f.name],
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)
+        ]
+    return _FIELDS[cls]
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _check(data[f.name], hints[f.name], f"{where}.{f.name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise MessageError(f"{where}: missing field {f.name!r}")
+    for name, tp, required in _fields(cls):
+        if name in data:
+            kwargs[name] = _check(data[name], tp, f"{where}.{name}")
+        elif required:
+            raise MessageError(f"{where}: missing field {name!r}")
     return cls(**kwargs)
 
 

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from services import amqp, keys, topology
 from services import messages as m
 from services.localinfra import rabbitmqctl
+from tests.faults.checker import Row, record_external
 from tests.integration.system import System
 
 pytestmark = pytest.mark.integration
@@ -120,6 +121,12 @@ async def test_leader_killed_mid_run_loses_and_duplicates_nothing(rabbit_server,
                 killed = leader
             await asyncio.sleep(0.1)
         assert killed is not None
+        record_external(Row(
+            "scheduler kill -9 with a second replica", sent=len(plan) + 1, accepted=len(plan),
+            answered=len(pool.finished), lost=len(plan) - len(pool.finished),
+            duplicated=sum(n - 1 for n in pool.received.values()),
+            unexpected=len(set(pool.received) - {rid for rid, _ in plan}),
+            note="tests/integration/test_scheduler_replicas.py: harness workers, one duplicate publish"))
         assert len(pool.finished) == len(plan), f"finished {len(pool.finished)} of {len(plan)}"
         assert set(pool.received) == {rid for rid, _ in plan}
         assert max(pool.received.values()) == 1, "a request was dispatched twice"

@@ -1,0 +1,311 @@
+"""The fault suite's ledger: what every client saw, checked against the contract.
+
+Each scenario logs every request it sends (tenant, transport, whether it was accepted,
+the sequence numbers of the token chunks its client received, every terminal answer)
+and every reply a client received for a request it does not own. :meth:`Checker.verify`
+then asserts the contract of ``DESIGN.md``:
+
+- lost = 0: every accepted request has a terminal answer (a gateway timeout counts as
+  lost: it means the system went silent);
+- duplicated = 0: no request has two terminal answers, a repeated or missing token
+  sequence number, or more tokens than its answer reports;
+- unexpected = 0: no reply reached a client for a request it did not have accepted,
+  nor one of another tenant;
+- fairness: the scheduler's served-token counters grew, per tenant, by exactly the
+  tokens the workers report having served (``w_in`` per input and ``w_out`` per output
+  token), each request counted once; the VTC counters grew at least as much; and no
+  tenant is left holding gateway admission slots.
+
+"Tokens actually served" come from a tap on the workers' progress and completion
+events (a queue of the checker's own on the events exchange): per request, its prompt
+and the most output tokens any attempt generated; they are cross-checked with the usage
+that clients received in their terminal answers. Each verified scenario adds a row to the table
+that :meth:`Checker.write` saves as JSON and markdown (``FAIRWAY_FAULTS_TABLE`` names
+the path stem; a temporary directory otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aio_pika
+import redis.asyncio as aioredis
+
+from services import keys, topology
+from services import messages as m
+from services.scheduler.store import InflightRecord
+
+TAP_QUEUE = "fairway.test.finished-tap"
+
+
+@dataclass
+class Final:
+    reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    code: str | None = None
+    status: int | None = None
+
+
+@dataclass
+class RequestLog:
+    """One request as its client saw it."""
+
+    local_id: str
+    tenant: str
+    transport: str
+    request_id: str | None = None
+    status: int | None = None
+    """HTTP status of the response head (AMQP: 200 once the broker confirmed the publish)."""
+    accepted: bool = False
+    abandoned: bool = False
+    """The client left on purpose before the answer: no terminal answer is owed."""
+    seqs: list[int] = field(default_factory=list)
+    tokens: int = 0
+    finals: list[Final] = field(default_factory=list)
+    refusal: str = ""
+    """The error message of a request refused at admission (429/503)."""
+    started: float = field(default_factory=time.monotonic)
+    ended: float = 0.0
+
+    def token(self, seq: int, n_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.tokens += n_tokens
+
+    def final(self, reason: str, prompt_tokens: int = 0, completion_tokens: int = 0,
+              code: str | None = None, status: int | None = None) -> None:
+        self.finals.append(Final(reason, prompt_tokens, completion_tokens, code, status))
+
+    @property
+    def done(self) -> Final | None:
+        return next((f for f in self.finals if f.reason in ("stop", "length")), None)
+
+    def lost(self) -> bool:
+        if not self.accepted or self.abandoned:
+            return False
+        return not self.finals or all(f.code == "timeout" for f in self.finals)
+
+    def duplicated(self) -> bool:
+        if len(self.finals) > 1 or len(set(self.seqs)) != len(self.seqs):
+            return True
+        if self.seqs and self.transport == "amqp" and sorted(self.seqs) != list(range(len(self.seqs))):
+            return True  # a gap: a token chunk went missing between two others
+        if self.seqs != sorted(self.seqs):
+            return True
+        done = self.done
+        # HTTP events skip chunks with no text, so they can be fewer than the tokens.
+        return done is not None and self.tokens > done.completion_tokens
+
+
+@dataclass
+class Row:
+    scenario: str
+    sent: int
+    accepted: int
+    answered: int
+    lost: int
+    duplicated: int
+    unexpected: int
+    note: str = ""
+
+
+EXTERNAL_ROWS: list[Row] = []
+"""Rows proven by tests outside this suite (the two-replica failover), for the table."""
+
+
+def record_external(row: Row) -> None:
+    EXTERNAL_ROWS.append(row)
+
+
+class Checker:
+    """Ledger of one test session; scenarios share it and each adds a row."""
+
+    def __init__(self, redis_url: str, w_in: float = 1.0, w_out: float = 2.0) -> None:
+        self.redis_url = redis_url
+        self.w_in = w_in
+        self.w_out = w_out
+        self.rows: list[Row] = []
+        self.logs: list[RequestLog] = []
+        self.strays: list[tuple[str, str]] = []
+        self.finished: dict[str, m.RequestFinished] = {}
+        """Completion events seen by the tap, latest per request (requeues excluded)."""
+        self.generated: dict[str, int] = {}
+        """Most output tokens any progress event reported per request: an attempt that a
+        fault cut short still generated (and was charged for) that many."""
+        self._seq = 0
+        self._tap_connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._served_before: dict[str, float] = {}
+        self._vtc_before: dict[str, float] = {}
+
+    # --- recording -------------------------------------------------------------------
+
+    def new(self, tenant: str, transport: str) -> RequestLog:
+        self._seq += 1
+        log = RequestLog(local_id=f"{transport}-{self._seq}", tenant=tenant, transport=transport)
+        self.logs.append(log)
+        return log
+
+    def stray(self, receiver: str, request_id: str) -> None:
+        """A client of ``receiver`` got a reply for a request it never had accepted."""
+        self.strays.append((receiver, request_id))
+
+    async def start_tap(self, amqp_url: str) -> None:
+        """Count the workers' completion events on a queue of our own (survives restarts)."""
+        self._tap_connection = await aio_pika.connect_robust(amqp_url)
+        channel = await self._tap_connection.channel()
+        exchange = await channel.declare_exchange(topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC,
+                                                  durable=True)
+        queue = await channel.declare_queue(TAP_QUEUE, durable=True)
+        await queue.bind(exchange, routing_key=topology.FINISHED_KEY)
+        await queue.bind(exchange, routing_key=topology.PROGRESS_KEY)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            event = m.decode(message.body)
+            if isinstance(event, m.RequestProgress):
+                self.generated[event.request_id] = max(self.generated.get(event.request_id, 0),
+                                                       event.total_tokens)
+            elif isinstance(event, m.RequestFinished) and not event.requeue:
+                self.finished[event.request_id] = event
+            await message.ack()
+
+        await queue.consume(on_message)
+
+    async def stop_tap(self) -> None:
+        if self._tap_connection is not None:
+            channel = await self._tap_connection.channel()
+            await channel.queue_delete(TAP_QUEUE)
+            await self._tap_connection.close()
+
+    async def begin(self) -> None:
+        """Start a scenario: forget the last one's requests, snapshot the counters."""
+        self.logs = []
+        self.strays = []
+        self.finished = {}
+        self.generated = {}
+        self._served_before, self._vtc_before = await self._counters()
+
+    # --- checking --------------------------------------------------------------------
+
+    async def _counters(self) -> tuple[dict[str, float], dict[str, float]]:
+        redis = aioredis.from_url(self.redis_url)
+        try:
+            served = await redis.hgetall(keys.SCHED_SERVED)
+            vtc = await redis.hgetall(keys.SCHED_COUNTERS)
+        finally:
+            await redis.aclose()
+        decode = lambda h: {k.decode(): float(v) for k, v in h.items()}  # noqa: E731
+        return decode(served), decode(vtc)
+
+    async def quiesce(self, timeout: float = 30.0) -> None:
+        """Wait until the scheduler holds no queued or in-flight work and events are in."""
+        redis = aioredis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    busy = await redis.hlen(keys.SCHED_QUEUED) + await redis.hlen(keys.SCHED_INFLIGHT)
+                except (OSError, aioredis.RedisError):
+                    busy = 1
+                if not busy:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                inflight = [InflightRecord.from_bytes(blob) for blob in
+                            (await redis.hgetall(keys.SCHED_INFLIGHT)).values()]
+                held = [(r.scored.request_id, r.scored.request.tenant, r.pool, r.published,
+                         r.charged_output) for r in inflight]
+                queued = [k.decode() for k in await redis.hkeys(keys.SCHED_QUEUED)]
+                raise AssertionError(f"the scheduler still holds work after {timeout}s: "
+                                     f"in flight {held}, queued {queued}")
+        finally:
+            await redis.aclose()
+        await asyncio.sleep(0.5)  # the last completion events reach the tap
+
+    async def admission_slots(self, tenants: set[str]) -> dict[str, int]:
+        redis = aioredis.from_url(self.redis_url)
+        try:
+            return {t: int(await redis.zcard(keys.tenant_inflight(t))) for t in sorted(tenants)}
+        finally:
+            await redis.aclose()
+
+    def expected_served(self) -> dict[str, float]:
+        expected: dict[str, float] = {}
+        for event in self.finished.values():
+            output = max(event.output_tokens, self.generated.get(event.request_id, 0))
+            charge = self.w_in * event.prompt_tokens + self.w_out * output
+            expected[event.tenant] = expected.get(event.tenant, 0.0) + charge
+        return expected
+
+    async def verify(self, scenario: str, *, note: str = "", fairness: bool = True,
+                     quiesce_s: float = 30.0) -> Row:
+        """Assert the contract for the scenario's requests and record its row."""
+        await self.quiesce(quiesce_s)
+        accepted = [r for r in self.logs if r.accepted]
+        answered = [r for r in accepted if r.finals]
+        lost = [r for r in accepted if r.lost()]
+        duplicated = [r for r in self.logs if r.duplicated()]
+        own_ids = {(r.tenant, r.request_id) for r in accepted}
+        unexpected = [s for s in self.strays if s not in own_ids]
+        unexpected += [r for r in self.logs if not r.accepted and (r.finals or r.seqs)]
+        row = Row(scenario, len(self.logs), len(accepted), len(answered), len(lost), len(duplicated),
+                  len(unexpected), note)
+        self.rows.append(row)
+        problems = []
+        if lost:
+            problems.append(f"lost: {[(r.request_id, r.tenant, r.finals) for r in lost][:5]}")
+        if duplicated:
+            problems.append(f"duplicated: {[(r.request_id, r.seqs[:50], r.finals) for r in duplicated][:3]}")
+        if unexpected:
+            problems.append(f"unexpected: {unexpected[:5]}")
+        # What clients were told they used is what the workers report having served.
+        for r in accepted:
+            done = r.done
+            event = self.finished.get(r.request_id or "")
+            if done is not None and event is not None and (
+                    (event.prompt_tokens, event.output_tokens) != (done.prompt_tokens, done.completion_tokens)):
+                problems.append(f"usage mismatch {r.request_id}: client {done}, worker {event}")
+            if done is not None and event is None:
+                problems.append(f"no completion event for answered request {r.request_id}")
+        tenants = {r.tenant for r in self.logs}
+        if fairness:
+            served, vtc = await self._counters()
+            expected = self.expected_served()
+            for tenant in tenants | set(expected):
+                grew = served.get(tenant, 0.0) - self._served_before.get(tenant, 0.0)
+                want = expected.get(tenant, 0.0)
+                if abs(grew - want) > 1e-6:
+                    problems.append(f"served counter of {tenant} grew by {grew}, served {want}")
+                vtc_grew = vtc.get(tenant, 0.0) - self._vtc_before.get(tenant, 0.0)
+                if vtc_grew + 1e-6 < min(want, grew) / 8:  # tenant weights are at most 8
+                    problems.append(f"VTC counter of {tenant} grew by {vtc_grew} for {want} served")
+        leaked = {t: n for t, n in (await self.admission_slots(tenants)).items() if n}
+        if leaked:
+            problems.append(f"admission slots still held: {leaked}")
+        assert not problems, f"{scenario}: " + "; ".join(problems)
+        return row
+
+    # --- the table -------------------------------------------------------------------
+
+    def all_rows(self) -> list[Row]:
+        return self.rows + EXTERNAL_ROWS
+
+    def markdown(self) -> str:
+        head = "| scenario | sent | accepted | answered | lost | duplicated | unexpected | note |"
+        lines = [head, "|" + "---|" * 8]
+        for r in self.all_rows():
+            lines.append(f"| {r.scenario} | {r.sent} | {r.accepted} | {r.answered} | {r.lost} | "
+                         f"{r.duplicated} | {r.unexpected} | {r.note} |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, stem: str | os.PathLike | None = None) -> Path:
+        stem = Path(stem or os.environ.get("FAIRWAY_FAULTS_TABLE") or Path(
+            os.environ.get("TMPDIR", "/tmp")) / "fairway-faults")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps([asdict(r) for r in self.all_rows()], indent=2))
+        stem.with_suffix(".md").write_text(self.markdown())
+        return stem

@@ -1,0 +1,171 @@
+"""Clients that drive the fault scenarios and log what they see into the checker.
+
+``http_stream`` reads an SSE completion stream from the gateway (as an OpenAI client
+would), ``AmqpTenant`` publishes straight to the broker as an AMQP producer. Both log
+every chunk and terminal answer; neither retries, so what the checker sees is what a
+client of the system saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+
+import httpx
+
+from services import messages as m
+from services.client import AmqpClient
+from services.settings import DEFAULT_MODEL_NAME
+from tests.faults.checker import Checker, RequestLog
+
+MODEL = DEFAULT_MODEL_NAME
+CLIENT_TIMEOUT_S = 90.0
+
+
+def completion_body(prompt: str, max_tokens: int, **extra: object) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}, **extra}
+
+
+async def http_stream(
+    http: httpx.AsyncClient,
+    checker: Checker,
+    base_url: str,
+    tenant: str,
+    key: str,
+    *,
+    prompt: str = "Tell me a story about fault tolerance",
+    max_tokens: int = 48,
+    read_delay_s: float = 0.0,
+    leave_after: int | None = None,
+    on_token: Callable[[RequestLog], None] | None = None,
+    body: dict | None = None,
+) -> RequestLog:
+    """One streamed completion. ``leave_after`` tokens: the client disconnects on purpose."""
+    log = checker.new(tenant, "http")
+    payload = body or completion_body(prompt, max_tokens)
+    try:
+        return await _http_stream(http, log, base_url, key, payload, read_delay_s, leave_after,
+                                  on_token)
+    finally:
+        log.ended = time.monotonic()
+
+
+async def _http_stream(http, log, base_url, key, payload, read_delay_s, leave_after, on_token):
+    try:
+        async with asyncio.timeout(CLIENT_TIMEOUT_S), http.stream(
+            "POST", f"{base_url}/v1/completions", json=payload,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as response:
+            log.status = response.status_code
+            log.request_id = response.headers.get("x-request-id")
+            if response.status_code != 200:
+                error = json.loads(await response.aread())["error"]
+                # 429 and 503 come before admission (nothing was queued); any other
+                # answer is the terminal answer of an accepted request.
+                if response.status_code in (429, 503) and error.get("code") != "broker_connection_lost":
+                    assert response.headers.get("retry-after"), "429/503 without Retry-After"
+                    log.refusal = error["message"]
+                    return log
+                log.accepted = True
+                log.final("error", code="timeout" if response.status_code == 504 else error.get("code"),
+                          status=response.status_code)
+                return log
+            log.accepted = True
+            reason = None
+            index = 0
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    code = event["error"].get("code")
+                    log.final("error", code="timeout" if code == "timeout" else code)
+                    continue
+                if event.get("usage") and not event.get("choices"):
+                    usage = event["usage"]
+                    log.final(reason or "stop", usage["prompt_tokens"], usage["completion_tokens"])
+                    continue
+                for choice in event.get("choices", []):
+                    if choice.get("text"):
+                        log.token(index, 1)
+                        index += 1
+                        if on_token is not None:
+                            on_token(log)
+                        if leave_after is not None and index >= leave_after:
+                            log.abandoned = True
+                            return log
+                        if read_delay_s:
+                            await asyncio.sleep(read_delay_s)
+                    if choice.get("finish_reason"):
+                        reason = choice["finish_reason"]
+    except httpx.ConnectError:
+        return log  # nothing listened: not accepted
+    except (httpx.HTTPError, TimeoutError) as exc:
+        # Sent, and the answer broke off or never came: the client got no answer.
+        log.accepted = True
+        log.request_id = log.request_id or f"unanswered-{log.local_id}"
+        print(f"http client {log.local_id} got no answer: {exc!r}")
+    return log
+
+
+class AmqpTenant:
+    """An AMQP producer (its own RabbitMQ user) that logs replies into the checker."""
+
+    def __init__(self, checker: Checker, url: str, tenant: str) -> None:
+        self.checker = checker
+        self.tenant = tenant
+        self.client = AmqpClient(url)
+        self.sent: set[str] = set()
+
+    async def __aenter__(self) -> AmqpTenant:
+        await self.client.__aenter__()
+        router = self.client.router
+        dispatch = router.dispatch
+
+        def watched(msg: m.TokenChunk | m.FinalAnswer) -> None:
+            if msg.request_id not in self.sent:
+                self.checker.stray(self.tenant, msg.request_id)
+            dispatch(msg)
+
+        router.dispatch = watched  # type: ignore[method-assign]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.__aexit__(*exc)
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        """Until the connection (and its channel) is back after a broker restart."""
+        await asyncio.wait_for(self.client.channel.ready(), timeout)
+
+    async def run(self, prompt: str = "over the wire", max_tokens: int = 32,
+                  request: m.CompletionRequest | None = None) -> RequestLog:
+        log = self.checker.new(self.tenant, "amqp")
+        request = request or self.client.completion(MODEL, prompt, max_tokens=max_tokens, ignore_eos=True)
+        log.request_id = request.request_id
+        self.sent.add(request.request_id)
+        try:
+            stream = await self.client.publish(request)
+        except Exception as exc:  # not confirmed by the broker: not accepted
+            print(f"amqp publish of {request.request_id} failed: {exc!r}")
+            return log
+        log.accepted, log.status = True, 200
+        try:
+            async with asyncio.timeout(CLIENT_TIMEOUT_S):
+                async for reply in self.client.replies(stream):
+                    if isinstance(reply, m.TokenChunk):
+                        log.token(reply.seq, len(reply.token_ids))
+                    else:
+                        error = reply.error
+                        log.final(reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,
+                                  code=error.code if error else None, status=error.status if error else None)
+        except TimeoutError:
+            print(f"amqp request {request.request_id} got no answer")
+        finally:
+            log.ended = time.monotonic()
+        return log

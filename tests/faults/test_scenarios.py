@@ -1,0 +1,410 @@
+"""Fault scenarios on real servers: each breaks something mid-run and checks the contract.
+
+Every scenario sends a bounded number of requests, waits a bounded time, and ends
+with ``checker.verify`` (lost = 0, duplicated = 0, unexpected = 0, fairness counters
+equal the tokens served, no admission slot left behind), which adds its row to the
+suite's table. Scheduler failover with a second replica is proven in
+``tests/integration/test_scheduler_replicas.py``, which adds its own row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+
+import aio_pika
+import msgpack
+import pytest
+import redis.asyncio as aioredis
+
+from services import amqp, keys, topology
+from services import messages as m
+from tests.faults.clients import MODEL, AmqpTenant, http_stream
+
+pytestmark = pytest.mark.faults
+
+TOKEN_TIMEOUT_S = 60.0
+
+
+async def running_on(redis_url: str, worker: str) -> list[str]:
+    client = aioredis.from_url(redis_url)
+    try:
+        blob = await client.hget(keys.WORKERS, f"cpu-{worker}")
+    finally:
+        await client.aclose()
+    return m.decode(blob, m.WorkerHeartbeat).running_ids if blob else []
+
+
+async def until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(interval)
+    return False
+
+
+def streams(http, checker, fs, keys_by_tenant, n: int, **kw) -> list[asyncio.Task]:
+    """``n`` streamed completions, alternating between the HTTP tenants."""
+    tenants = list(keys_by_tenant.items())
+    return [asyncio.create_task(http_stream(http, checker, fs.gateway_url, *tenants[i % len(tenants)],
+                                            **kw)) for i in range(n)]
+
+
+async def some_tokens(checker, n: int = 1, at_least: int = 2, since: int = 0) -> None:
+    """Until ``n`` streams (of those logged after the ``since``-th) got ``at_least`` tokens."""
+    async def seen() -> bool:
+        return sum(log.tokens >= at_least for log in checker.logs[since:]) >= n
+    logs = checker.logs[since:]
+    assert await until(seen, TOKEN_TIMEOUT_S), \
+        f"no tokens arrived: {[(log.status, log.refusal, log.tokens, log.finals) for log in logs]}"
+
+
+def done_or_link_lost(log) -> bool:
+    return bool(log.done) or [f.code for f in log.finals] == ["broker_connection_lost"]
+
+
+def details(logs) -> list:
+    return [(log.transport, log.request_id, log.status, log.tokens, log.finals) for log in logs
+            if not log.done]
+
+
+def outcomes(logs) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for log in logs:
+        key = "done" if log.done else (log.finals[0].code if log.finals else f"http {log.status}")
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+async def test_worker_killed_mid_stream(fault_system, checker, http, keys_by_tenant):
+    """kill -9 a worker while it streams: the other worker finishes its requests."""
+    await checker.begin()
+    fs = fault_system
+    tasks = streams(http, checker, fs, keys_by_tenant, 8, max_tokens=60)
+    victim = "cpu-worker-a"
+
+    async def victim_streams() -> bool:
+        running = set(await running_on(fs.system.redis_url, victim))
+        return bool(running & {log.request_id for log in checker.logs if log.tokens >= 3})
+
+    assert await until(victim_streams, TOKEN_TIMEOUT_S), "no request streamed from the victim"
+    killed = set(await running_on(fs.system.redis_url, victim))
+    fs.system.signal(victim, signal.SIGKILL)
+    logs = await asyncio.gather(*tasks)
+    fs.start(victim)
+    row = await checker.verify("worker kill -9 mid-stream",
+                               note=f"{len(killed)} streams finished by the other worker")
+    finished_by = {rid: e.worker_id for rid, e in checker.finished.items()}
+    assert all(finished_by.get(rid) == "cpu-cpu-worker-b" for rid in killed)
+    assert all(log.done for log in logs), outcomes(logs)
+    assert row.answered == 8
+    await fs.wait_workers()
+
+
+async def test_scheduler_killed_without_a_replica(fault_system, checker, http, keys_by_tenant):
+    """kill -9 the only scheduler with requests queued and running, then start a new one."""
+    await checker.begin()
+    fs = fault_system
+    tasks = streams(http, checker, fs, keys_by_tenant, 16, max_tokens=24)  # 8 slots: some wait
+    await some_tokens(checker)
+    queued = await _hlen(fs, keys.SCHED_QUEUED)
+    fs.system.signal("scheduler", signal.SIGKILL)
+    await asyncio.sleep(1.5)  # its lease (1 s) runs out
+    fs.start("scheduler")
+    logs = await asyncio.gather(*tasks)
+    await checker.verify("scheduler kill -9, restarted (no replica)",
+                         note=f"{queued} requests were queued in Redis at the kill")
+    assert all(log.done for log in logs), outcomes(logs)
+
+
+async def test_redis_killed_and_restarted(fault_system, checker, http, keys_by_tenant):
+    """kill -9 Redis mid-run; it restarts from its append-only file (appendfsync everysec:
+    a killed process loses nothing it acknowledged, the kernel has the writes)."""
+    await checker.begin()
+    fs = fault_system
+    tasks = streams(http, checker, fs, keys_by_tenant, 16, max_tokens=24)
+    await some_tokens(checker, n=2)
+    fs.redis.kill()
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(fs.redis.start)
+    logs = await asyncio.gather(*tasks)
+    await checker.verify("Redis kill -9, restarted from AOF", note="appendfsync everysec")
+    assert all(log.done for log in logs), outcomes(logs)
+
+
+async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant):
+    """Restart RabbitMQ mid-run: requests whose replies the restart may have dropped get one
+    clear error (503, broker_connection_lost); everything else is answered; and the
+    system serves new requests once it has reconnected by itself."""
+    await checker.begin()
+    fs = fault_system
+    async with AmqpTenant(checker, fs.tenant_url("initech"), "initech") as producer:
+        tasks = streams(http, checker, fs, keys_by_tenant, 8, max_tokens=60)
+        tasks += [asyncio.create_task(producer.run(max_tokens=60)) for _ in range(4)]
+        await some_tokens(checker, n=6)
+        await asyncio.to_thread(fs.rabbit.stop)
+        await asyncio.to_thread(fs.rabbit.start)
+        during = await asyncio.gather(*tasks)
+        # A request sent while the broker was down was refused (503, nothing queued).
+        assert all(done_or_link_lost(log) for log in during if log.accepted), details(during)
+        await fs.wait_workers()
+        await producer.ready()
+        after = await asyncio.gather(*streams(http, checker, fs, keys_by_tenant, 4, max_tokens=12),
+                                     *[producer.run(max_tokens=12) for _ in range(2)])
+    await checker.verify("RabbitMQ restarted", note=f"in flight: {outcomes(during)}; after: "
+                                                     f"{outcomes(after)}")
+    assert all(log.done for log in after), outcomes(after)
+
+
+async def test_broker_link_stalled_and_cut(fault_system, checker, http, keys_by_tenant):
+    """Through the TCP proxies: (1) every service's link stalls 1.5 s, under the heartbeat
+    timeout: nothing is lost or failed; (2) a worker's link is cut mid-stream: its work is
+    redone elsewhere; (3) the gateway's link stalls past its heartbeat timeout: what it
+    had in flight gets one clear error, and it serves again once reconnected."""
+    await checker.begin()
+    fs = fault_system
+    tasks = streams(http, checker, fs, keys_by_tenant, 8, max_tokens=40)
+    await some_tokens(checker, n=2)
+    for proxy in fs.proxies.values():
+        proxy.stall()
+    await asyncio.sleep(1.5)
+    for proxy in fs.proxies.values():
+        proxy.resume()
+    stalled = await asyncio.gather(*tasks)
+    assert all(log.done for log in stalled), outcomes(stalled)
+
+    mark = len(checker.logs)
+    tasks = streams(http, checker, fs, keys_by_tenant, 8, max_tokens=60)
+    assert await until(lambda: _running(fs, "cpu-worker-a"), TOKEN_TIMEOUT_S)
+    await some_tokens(checker, n=2, since=mark)
+    cut = fs.proxies["cpu-worker-a"].cut(refuse_s=2.0)
+    cut_logs = await asyncio.gather(*tasks)
+    assert cut and all(log.done for log in cut_logs), outcomes(cut_logs)
+
+    mark = len(checker.logs)
+    tasks = streams(http, checker, fs, keys_by_tenant, 6, max_tokens=150)
+    await some_tokens(checker, n=2, since=mark)
+    fs.proxies["gateway"].stall()
+    await asyncio.sleep(10)  # heartbeat 2 s: both ends give the link up within a few seconds
+    fs.proxies["gateway"].resume()
+    gateway_logs = await asyncio.gather(*tasks)
+    assert all(done_or_link_lost(log) for log in gateway_logs), details(gateway_logs)
+    assert any(not log.done for log in gateway_logs), "the stall did not break the gateway's link"
+    await fs.wait_workers()
+    after = await asyncio.gather(*streams(http, checker, fs, keys_by_tenant, 4, max_tokens=12))
+    assert all(log.done for log in after), outcomes(after)
+    await checker.verify("broker link: all stalled 1.5 s; worker cut; gateway stalled 10 s",
+                         note=f"gateway in flight: {outcomes(gateway_logs)}")
+
+
+async def test_slow_and_disconnecting_clients(fault_system, checker, http, keys_by_tenant):
+    """A client reading slowly neither slows others nor makes the gateway buffer without
+    bound; clients that leave mid-stream free their worker slots and admission slots,
+    and are charged for what was generated, once."""
+    await checker.begin()
+    fs = fault_system
+    (acme, acme_key), (globex, globex_key) = keys_by_tenant.items()
+    rss_before = vmrss_kb(fs.pid("gateway"))
+    slow = asyncio.create_task(http_stream(http, checker, fs.gateway_url, acme, acme_key,
+                                           max_tokens=150, read_delay_s=0.04))
+    await some_tokens(checker, n=1)
+    leavers = [asyncio.create_task(http_stream(http, checker, fs.gateway_url, globex, globex_key,
+                                               max_tokens=120, leave_after=5)) for _ in range(3)]
+    others = [asyncio.create_task(http_stream(http, checker, fs.gateway_url, globex, globex_key,
+                                              max_tokens=16)) for _ in range(4)]
+    others_logs = await asyncio.gather(*others)
+    left = await asyncio.gather(*leavers)
+    slow_log = await slow
+    rss_after = vmrss_kb(fs.pid("gateway"))
+    assert slow_log.done and all(log.done for log in others_logs)
+    assert max(log.ended for log in others_logs) < slow_log.ended, "a slow reader held others back"
+    assert all(log.abandoned for log in left)
+
+    async def idle() -> bool:
+        return not any([await running_on(fs.system.redis_url, w) for w in ("cpu-worker-a", "cpu-worker-b")])
+
+    assert await until(idle, 20), "workers still run the requests of clients that left"
+    growth_mib = (rss_after - rss_before) / 1024
+    await checker.verify("slow reader + 3 clients leaving mid-stream",
+                         note=f"3 left on purpose (owed no answer); gateway RSS "
+                              f"{rss_before // 1024} -> {rss_after // 1024} MiB")
+    assert growth_mib < 32, f"gateway RSS grew {growth_mib:.1f} MiB"
+
+
+async def test_same_request_id_published_twice(fault_system, checker):
+    """A producer publishes one request twice (a retry after a lost confirm); another
+    tenant then reuses its id. The first gets one answer; the other one clear error."""
+    await checker.begin()
+    fs = fault_system
+    async with AmqpTenant(checker, fs.tenant_url("initech"), "initech") as owner, \
+            AmqpTenant(checker, fs.tenant_url("umbrella"), "umbrella") as other:
+        request = owner.client.completion(MODEL, "say it once", max_tokens=40, ignore_eos=True)
+        first = asyncio.create_task(owner.run(request=request))
+        await asyncio.sleep(0.2)
+        await owner.client.exchange.publish(
+            amqp.to_amqp(request, reply_to=owner.client.reply_queue.name, user_id="initech"),
+            routing_key=topology.SUBMIT_ROUTING_KEY)
+        await some_tokens(checker)
+        thief = m.CompletionRequest(request_id=request.request_id, model=MODEL, prompt="mine now",
+                                    sampling=m.SamplingParams(max_tokens=8))
+        stolen = await other.run(request=thief)
+        answered = await first
+        await asyncio.sleep(2)  # a second answer would have arrived by now
+    await checker.verify("same request id published twice (+ reused by another tenant)",
+                         note="3 publishes of one id")
+    assert answered.done and answered.done.completion_tokens == 40
+    assert [f.code for f in stolen.finals] == ["duplicate_request_id"] and not stolen.seqs
+    assert len(checker.finished) == 1
+
+
+POISON = {
+    "not msgpack": (topology.REQUESTS_EXCHANGE, topology.SUBMIT_ROUTING_KEY, b"\xc1 not msgpack"),
+    "wrong type": (topology.REQUESTS_EXCHANGE, topology.SUBMIT_ROUTING_KEY,
+                   msgpack.packb({"v": 1, "t": "cancel_request", "request_id": "x", "tenant": "t"})),
+    "oversized": (topology.REQUESTS_EXCHANGE, topology.SUBMIT_ROUTING_KEY,
+                  b"\x00" * (m.MAX_MESSAGE_BYTES + 1)),
+    "bad scored request": (topology.SCORED_EXCHANGE, topology.SUBMIT_ROUTING_KEY, None),
+    "bad work item": (topology.WORK_EXCHANGE, "cpu", msgpack.packb({"v": 1, "t": "work_item"})),
+    "bad event": (topology.EVENTS_EXCHANGE, topology.FINISHED_KEY, b"\x92\x01"),
+}
+
+
+async def test_poison_messages_and_bad_parameters(fault_system, checker, http, keys_by_tenant):
+    """Malformed or oversized messages on every consumer's queue are dead-lettered, whoever
+    can be answered gets one error, and every consumer keeps consuming; a producer's bad
+    sampling parameters get a 400 before any work is done."""
+    await checker.begin()
+    fs = fault_system
+    connection = await aio_pika.connect_robust(fs.amqp_url)
+    try:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+        ids = {}
+        for name, (exchange_name, key, body) in POISON.items():
+            if body is None:  # decodes as msgpack, not as a ScoredRequest; says where to answer
+                body = msgpack.packb({"v": 1, "t": "scored_request", "request_id": "p",
+                                      "request": {"reply_to": replies.name}})
+            ids[name] = f"poison-{uuid.uuid4().hex}"
+            exchange = await channel.get_exchange(exchange_name)
+            await exchange.publish(aio_pika.Message(body, message_id=ids[name], reply_to=(
+                replies.name if exchange_name == topology.REQUESTS_EXCHANGE else None)), key)
+        async with AmqpTenant(checker, fs.tenant_url("umbrella"), "umbrella") as producer:
+            bad = [dict(temperature=-1.0), dict(top_p=5.0), dict(max_tokens=0), dict(top_k=-2),
+                   dict(stop=["a", "b", "c", "d", "e"]), dict(temperature=float("inf"))]
+            rejected = await asyncio.gather(*[producer.run(request=producer.client.completion(
+                MODEL, "bad parameters", **params)) for params in bad])
+            chat = m.CompletionRequest(request_id=f"amqp-{uuid.uuid4().hex}", model=MODEL, kind="chat",
+                                       messages=[m.ChatMessage(role="robot", content="hi")])
+            rejected.append(await producer.run(request=chat))
+            good = await asyncio.gather(producer.run(max_tokens=8),
+                                        *streams(http, checker, fs, keys_by_tenant, 2, max_tokens=8))
+        answers = await _drain(replies, expect=4, timeout=15)
+        dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        lettered = await _find_all(dead, set(ids.values()), timeout=20)
+    finally:
+        await connection.close()
+    await checker.verify("poison messages + bad sampling parameters",
+                         note=f"{len(POISON)} poison messages dead-lettered, {len(bad) + 1} rejected")
+    assert all(log.finals and log.finals[0].status == 400 and not log.seqs for log in rejected), \
+        [(log.finals) for log in rejected]
+    assert all(log.done for log in good)
+    assert lettered == set(ids.values()), f"not dead-lettered: {set(POISON) - set(lettered)}"
+    # Error answers: the three on the requests exchange (reply_to property) and the scored
+    # request (reply_to inside its body); nothing for the rest, and one each.
+    assert sorted(a.finish_reason for a in answers) == ["error"] * 4
+    assert all(a.error.code == "invalid_message" for a in answers)
+
+
+async def test_overload_burst_at_three_times_capacity(fault_system, checker, http, keys_by_tenant):
+    """Bursts of 3x what admission lets in: the excess gets 429/503 with Retry-After at once,
+    before any work, what is admitted is served, and the services' memory stays flat."""
+    await checker.begin()
+    fs = fault_system
+    capacity = ADMITTED_PER_TENANT * len(keys_by_tenant)
+    names = ["gateway", "scorer", "scheduler", "cpu-worker-a", "cpu-worker-b"]
+
+    async def burst() -> list:
+        # Long ones first (4 per tenant: their token budget holds 3), so it refuses some too.
+        long = streams(http, checker, fs, keys_by_tenant, 4 * len(keys_by_tenant), max_tokens=150)
+        await asyncio.sleep(1.0)
+        short = streams(http, checker, fs, keys_by_tenant, 3 * capacity - len(long), max_tokens=12)
+        return await asyncio.gather(*long, *short)
+
+    await burst()  # warm-up: steady-state allocations
+    await checker.quiesce()
+    before = {name: vmrss_kb(fs.pid(name)) for name in names} | {"redis": vmrss_kb(fs.redis.proc.pid)}
+    logs = []
+    for _ in range(3):
+        logs += await burst()
+        await checker.quiesce()
+    after = {name: vmrss_kb(fs.pid(name)) for name in names} | {"redis": vmrss_kb(fs.redis.proc.pid)}
+    refused = [log for log in logs if not log.accepted]
+    reasons = {log.refusal for log in refused}
+    rss = ", ".join(f"{n} {before[n] // 1024}->{after[n] // 1024}" for n in before)
+    await checker.verify("overload: 3 bursts at 3x admission capacity", note=f"RSS MiB {rss}")
+    print(f"\noverload RSS (MiB, before -> after 3 bursts): {rss}")
+    assert len(refused) >= 3 * capacity, "admission let more than its capacity in"
+    assert {log.status for log in refused} <= {429, 503}
+    assert any("requests in flight" in r for r in reasons) and any("tokens" in r for r in reasons), reasons
+    assert max(log.ended - log.started for log in refused) < 5.0, "a refusal waited for work"
+    accepted = [log for log in checker.logs if log.accepted]
+    assert len(checker.finished) == len(accepted), "work was done for refused requests"
+    for name in before:
+        growth = (after[name] - before[name]) / 1024
+        assert growth < max(24.0, before[name] / 1024 * 0.1), f"{name} RSS grew {growth:.1f} MiB"
+
+
+ADMITTED_PER_TENANT = 8
+
+
+def vmrss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+async def _hlen(fs, key: str) -> int:
+    client = aioredis.from_url(fs.system.redis_url)
+    try:
+        return await client.hlen(key)
+    finally:
+        await client.aclose()
+
+
+async def _running(fs, worker: str) -> bool:
+    return bool(await running_on(fs.system.redis_url, worker))
+
+
+async def _drain(queue, expect: int, timeout: float) -> list[m.FinalAnswer]:
+    out = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            if len(out) >= expect:
+                await asyncio.sleep(1.0)  # and nothing more comes
+                message = await queue.get(no_ack=True, fail=False)
+                if message is None:
+                    break
+            else:
+                await asyncio.sleep(0.1)
+                continue
+        out.append(m.decode(message.body, m.FinalAnswer))
+    return out
+
+
+async def _find_all(queue, message_ids: set[str], timeout: float) -> set[str]:
+    found: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while found != message_ids and time.monotonic() < deadline:
+        letter = await queue.get(no_ack=True, fail=False)
+        if letter is None:
+            await asyncio.sleep(0.1)
+        elif letter.message_id in message_ids:
+            found.add(letter.message_id)
+    return found
