@@ -38,6 +38,9 @@ Step = Callable[[m.Message, Ops, dict[str, bool]], Awaitable[Callable[[], Awaita
 the batch's ops, and may return what to do once they are durable (a reply)."""
 
 SCHEDULE_INTERVAL_S = 0.05
+WORKERS_REFRESH_S = 0.1
+"""How long a read of the live workers' heartbeats serves dispatch decisions (workers
+heartbeat every second; what the scheduler itself dispatched is counted in memory)."""
 
 
 def parse_weights(spec: str) -> dict[str, float]:
@@ -415,7 +418,7 @@ class SchedulerService:
                     # down): publish again; a worker drops a copy that did arrive.
                     async with self._lock:
                         await self._sync()
-                        await self._publish_unconfirmed()
+                    await self._publish_unconfirmed()
                 await self.schedule_once()
             except NotLeader:
                 return
@@ -445,7 +448,10 @@ class SchedulerService:
         if not self.queued:
             return 0
         now = time.time()
-        workers = await self.store.live_workers(now, self.settings.worker_timeout_s)
+        if now - getattr(self, "_workers_at", 0.0) > WORKERS_REFRESH_S:
+            self._workers = await self.store.live_workers(now, self.settings.worker_timeout_s)
+            self._workers_at = now
+        workers = self._workers
         async with self._lock:
             await self._sync()
             result = self.policy.schedule(now, pool_views(workers, self.inflight))
@@ -478,7 +484,9 @@ class SchedulerService:
                 prom.placements.labels(record.pool).inc()
             for _, reason in expired:
                 prom.requests_expired.labels(reason).inc()
-            await self._publish(records)
+        # The dispatches are durable: publish without the lock, so inputs keep flowing
+        # while the broker confirms.
+        await self._publish(records)
         for scored, reason in expired:
             await amqp.reply(self.channel, scored.request.reply_to, expiry_answer(scored, reason))
         if records:
@@ -496,11 +504,13 @@ class SchedulerService:
             record.published = True
 
         results = await asyncio.gather(*(publish(r) for r in records), return_exceptions=True)
-        ops = Ops()
-        for record in records:
-            if record.published:
-                ops.put_inflight(record)
-        await self._apply(ops)
+        async with self._lock:
+            ops = Ops()
+            for record in records:
+                # Not one that finished (or was reloaded) meanwhile: that would revive it.
+                if record.published and self.inflight.get(record.scored.request_id) is record:
+                    ops.put_inflight(record)
+            await self._apply(ops)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
