@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "RANDOM_LLAMA_SHAPES",
     "ensure_default_model",
+    "ensure_random_llama",
     "resolve_model_path",
     "load_tokenizer",
     "load_model",
@@ -37,6 +39,27 @@ DEFAULT_VOCAB_SIZE = 4096
 BUILD_VERSION = 1
 """Bump when the recipe changes so caches built by an older recipe are rebuilt."""
 _MARKER = "fairway_build.json"
+
+DEFAULT_SHAPE: dict[str, int] = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+"""Llama shape of the built-in default model (about 3M parameters)."""
+
+RANDOM_LLAMA_SHAPES: dict[str, dict[str, int]] = {
+    # 12 x (attention 1.6M + SwiGLU MLP 7.1M) + embeddings: about 106M parameters.
+    "llama-100m": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+    },
+}
+"""Bigger random-weight Llama shapes (same tokenizer and recipe) for benchmarks."""
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
@@ -159,17 +182,15 @@ def build_default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedT
     return fast
 
 
-def _build_default_model(vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def _build_default_model(
+    vocab_size: int, tokenizer: PreTrainedTokenizerBase, shape: dict[str, int] | None = None
+) -> PreTrainedModel:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **(shape or DEFAULT_SHAPE),
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         # A wider init than the usual 0.02 makes logits decisive, so greedy decoding is
@@ -191,14 +212,18 @@ def _build_default_model(vocab_size: int, tokenizer: PreTrainedTokenizerBase) ->
     return model.eval()
 
 
-def _is_complete(path: Path) -> bool:
+def _is_complete(path: Path, shape: dict[str, int] | None = None) -> bool:
     marker = path / _MARKER
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("build_version") == BUILD_VERSION
+        built = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
+    # Builds from before shapes were recorded are the default shape.
+    return built.get("build_version") == BUILD_VERSION and built.get("shape", DEFAULT_SHAPE) == (
+        shape or DEFAULT_SHAPE
+    )
 
 
 def ensure_default_model(cache_dir: Path) -> Path:
@@ -208,23 +233,38 @@ def ensure_default_model(cache_dir: Path) -> Path:
     next to the target and renamed into place; a process that loses the race discards its
     copy and uses the winner's (both are identical: seeded weights, deterministic BPE).
     """
-    cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / DEFAULT_MODEL_NAME
-    if _is_complete(target):
+    return _ensure_built(Path(cache_dir).expanduser(), DEFAULT_MODEL_NAME, DEFAULT_SHAPE)
+
+
+def ensure_random_llama(cache_dir: Path, name: str, shape: dict[str, int] | None = None) -> Path:
+    """Build a random-weight Llama of ``shape`` (default: ``RANDOM_LLAMA_SHAPES[name]``) with
+    the default model's tokenizer and recipe into ``cache_dir/fairway-<name>/`` once, the
+    same way as the default model (save_pretrained, atomic rename), and return its path."""
+    if shape is None:
+        if name not in RANDOM_LLAMA_SHAPES:
+            known = ", ".join(sorted(RANDOM_LLAMA_SHAPES))
+            raise ValueError(f"unknown random Llama shape {name!r} (known: {known})")
+        shape = RANDOM_LLAMA_SHAPES[name]
+    return _ensure_built(Path(cache_dir).expanduser(), f"fairway-{name}", dict(shape))
+
+
+def _ensure_built(cache_dir: Path, name: str, shape: dict[str, int]) -> Path:
+    target = cache_dir / name
+    if _is_complete(target, shape):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
         tokenizer = build_default_tokenizer()
-        model = _build_default_model(len(tokenizer), tokenizer)
+        model = _build_default_model(len(tokenizer), tokenizer, shape)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(
-            json.dumps({"build_version": BUILD_VERSION, "seed": DEFAULT_MODEL_SEED})
+            json.dumps({"build_version": BUILD_VERSION, "seed": DEFAULT_MODEL_SEED, "shape": shape})
         )
-        if target.exists() and not _is_complete(target):
+        if target.exists() and not _is_complete(target, shape):
             # A stale or half-written build from an older recipe: move it aside first.
-            stale = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-stale-", dir=cache_dir))
+            stale = Path(tempfile.mkdtemp(prefix=f".{name}-stale-", dir=cache_dir))
             try:
                 os.replace(target, stale / "old")
             except OSError:
@@ -234,10 +274,10 @@ def ensure_default_model(cache_dir: Path) -> Path:
             os.replace(tmp, target)
         except OSError:
             # Another process renamed its complete copy into place first.
-            if not _is_complete(target):
+            if not _is_complete(target, shape):
                 raise
         else:
-            log.info("default_model_built", path=str(target), vocab_size=len(tokenizer))
+            log.info("model_built", path=str(target), vocab_size=len(tokenizer), **shape)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

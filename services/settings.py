@@ -83,13 +83,16 @@ class Settings(BaseSettings):
     pool: Literal["gpu", "cpu"] = "cpu"
     device: str = "cpu"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_running: int = 16
+    max_running: int = 32
+    """Requests a worker runs at once. 32 measured on 2 CPU cores: +20-40% output tokens/s
+    over 16 (tiny and ~100M Llama), per-token latency about 1.5x (bench engine)."""
     kv_tokens: int = 65536
     heartbeat_interval_s: float = 1.0
     engine: Literal["model", "echo"] = "model"
     echo_tokens_per_s: float = 1000.0
     threads: int = 0
-    """torch intra-op threads for CPU workers; 0 lets torch decide."""
+    """torch intra-op threads for CPU workers; 0 lets torch decide (one per core: on 2 idle
+    cores 2 threads decode 1.2-1.45x faster than 1; keep CPU workers off busy cores)."""
 
     # Metrics (the gateway serves /metrics on its own port)
     metrics_port: int | None = None

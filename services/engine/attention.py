@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +39,34 @@ class PagedAttentionMetadata:
     """[num_seqs + 1] int32 offsets of each request's new tokens in the flat batch."""
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     attention_fn: PagedAttentionFn
+    plan: _Plan | None = field(default=None, repr=False)
+    """The reference path's per-step derived tensors, made by the first layer."""
 
 
 _local = threading.local()
 """Per thread, so engines stepping in different threads never see each other's metadata."""
+
+_scratch = threading.local()
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, slot: int) -> torch.Tensor:
+    """``cache[block_ids]`` ([n, block_size, kv_heads, head_dim]) copied into a per-thread
+    buffer that is reused from call to call: allocating megabytes every layer of every
+    step costs page faults on CPU (the allocator hands large blocks back to the OS)."""
+    num_blocks = cache.shape[0]
+    row = cache[0].numel()
+    n = block_ids.numel()
+    # Inference-mode tensors cannot be written outside inference mode: one buffer per mode.
+    key = (slot, cache.dtype, cache.device, torch.is_inference_mode_enabled())
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < n * row:
+        buf = buffers[key] = torch.empty(n * row, dtype=cache.dtype, device=cache.device)
+    out = buf[: n * row].view(n, row)
+    torch.index_select(cache.view(num_blocks, row), 0, block_ids, out=out)
+    return out.view(n, *cache.shape[1:])
 
 
 @contextlib.contextmanager
@@ -71,6 +95,148 @@ def write_kv_cache(
     )
 
 
+DECODE_GROUP_MIN = 4
+"""Fewest requests in a decode group (see ``_decode_groups``)."""
+DECODE_GROUP_SPLIT = 0.6
+"""A new decode group starts at a request needing at most this share of the group's longest."""
+DECODE_GROUP_MAX = 4
+
+
+@dataclass
+class _DecodeGroup:
+    """Decoding requests attended together, K/V gathered and padded to the longest one."""
+
+    rows: torch.Tensor | None
+    """Their query rows; None when they are every row of the step, in order."""
+    blocks: torch.Tensor
+    """[num * nb] int64 block ids, each request's table padded to ``nb`` blocks."""
+    shape: tuple[int, int]
+    """(num, nb * block_size)."""
+    mask: torch.Tensor
+    """[num, 1, 1, nb * block_size] additive mask: -inf past each context."""
+
+
+@dataclass
+class _Plan:
+    """What every layer derives from one step's metadata alone; built once per step."""
+
+    decode: list[_DecodeGroup]
+    prefills: list[tuple[int, int, int, torch.Tensor, torch.Tensor | None]]
+    """Multi-token requests: (first row, end row, context, block ids, mask or None = causal)."""
+
+
+def _decode_groups(decode: list[int], blocks_of: list[int]) -> list[list[int]]:
+    """Split decoding requests (longest first) where the length falls well below the
+    group's longest, so short contexts are not gathered padded to the longest one: the
+    gather is memory traffic, the dominant cost of decode attention on a CPU."""
+    order = sorted(decode, key=lambda i: -blocks_of[i])
+    groups: list[list[int]] = [[]]
+    for pos, i in enumerate(order):
+        group = groups[-1]
+        if (
+            len(group) >= DECODE_GROUP_MIN
+            and len(order) - pos >= DECODE_GROUP_MIN
+            and len(groups) < DECODE_GROUP_MAX
+            and blocks_of[i] <= DECODE_GROUP_SPLIT * blocks_of[group[0]]
+        ):
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def _make_plan(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    block_size: int,
+    dtype: torch.dtype,
+) -> _Plan:
+    device = block_tables.device
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    decode = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+    blocks_of = [-(-n // block_size) for n in lens]
+    groups = []
+    for members in _decode_groups(decode, blocks_of) if decode else []:
+        nb = blocks_of[members[0]]
+        in_order = len(members) == len(lens) and members == sorted(members)
+        idx = None if in_order else torch.tensor(members, device=device)
+        tables = block_tables if idx is None else block_tables[idx]
+        group_lens = seq_lens if idx is None else seq_lens[idx]
+        shape = (len(members), nb * block_size)
+        invalid = torch.arange(shape[1], device=device)[None, :] >= group_lens[:, None]
+        mask = torch.zeros(shape, dtype=dtype, device=device).masked_fill_(invalid, float("-inf"))
+        groups.append(
+            _DecodeGroup(
+                rows=None if idx is None else query_start_loc[idx].long(),
+                blocks=tables[:, :nb].reshape(-1).long(),
+                shape=shape,
+                mask=mask[:, None, None, :],
+            )
+        )
+    prefills = []
+    for i, ctx in enumerate(lens):
+        q_len = starts[i + 1] - starts[i]
+        if q_len <= 1:
+            continue
+        table = block_tables[i, : blocks_of[i]].long()
+        causal = None
+        if q_len != ctx:
+            # Query row r sits at position ctx - q_len + r and sees keys at positions <= it.
+            q_pos = torch.arange(ctx - q_len, ctx, device=device)
+            causal = (torch.arange(ctx, device=device)[None, :] <= q_pos[:, None])[None, None]
+        prefills.append((starts[i], starts[i + 1], ctx, table, causal))
+    return _Plan(groups, prefills)
+
+
+def _run_plan(
+    plan: _Plan,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    _, num_heads, head_dim = query.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    group = num_heads // kv_heads
+    out = None
+    for g in plan.decode:
+        num, length = g.shape
+        k = _gather_blocks(key_cache, g.blocks, 0).view(num, length, kv_heads, head_dim)
+        v = _gather_blocks(value_cache, g.blocks, 1).view(num, length, kv_heads, head_dim)
+        # The G query heads that share a KV head are G query rows of it: K/V never repeat.
+        rows = query if g.rows is None else query[g.rows]
+        o = F.scaled_dot_product_attention(
+            rows.reshape(num, kv_heads, group, head_dim),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=g.mask,
+            scale=scale,
+        ).reshape(num, num_heads, head_dim)
+        if g.rows is None:
+            return o
+        if out is None:
+            out = query.new_empty(query.shape)
+        out.index_copy_(0, g.rows, o)
+    if out is None:
+        out = query.new_empty(query.shape)
+    for first, end, ctx, table, causal in plan.prefills:
+        nb = table.numel()
+        k = _gather_blocks(key_cache, table, 0).view(nb * block_size, kv_heads, head_dim)[:ctx]
+        v = _gather_blocks(value_cache, table, 1).view(nb * block_size, kv_heads, head_dim)[:ctx]
+        o = F.scaled_dot_product_attention(
+            query[first:end].transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            attn_mask=causal,
+            is_causal=causal is None,  # a whole prompt: plain causal attention
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[first:end] = o[0].transpose(0, 1)
+    return out
+
+
 def paged_attention_reference(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -89,55 +255,8 @@ def paged_attention_reference(
     block_tables: [num_seqs, max_blocks]. Returns [T, num_heads, head_dim].
     Grouped-query attention: num_heads must be a multiple of kv_heads.
     """
-    num_tokens, num_heads, head_dim = query.shape
-    _, block_size, kv_heads, _ = key_cache.shape
-    group = num_heads // kv_heads
-    out = torch.empty_like(query)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    q_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
-
-    decode = [i for i, n in enumerate(q_lens) if n == 1]
-    if decode:
-        # Single-token queries: one padded batch. The G query heads that share a KV head
-        # are laid out as G query rows of that head, so K/V are never repeated.
-        num = len(decode)
-        all_decode = num == len(lens)
-        idx = None if all_decode else torch.tensor(decode, device=query.device)
-        dec_lens = seq_lens if all_decode else seq_lens[idx]
-        nb = -(-max(lens[i] for i in decode) // block_size)
-        tables = (block_tables if all_decode else block_tables[idx])[:, :nb].long()
-        k = key_cache[tables].view(num, nb * block_size, kv_heads, head_dim).transpose(1, 2)
-        v = value_cache[tables].view(num, nb * block_size, kv_heads, head_dim).transpose(1, 2)
-        rows = query_start_loc[:-1].long() if all_decode else query_start_loc[idx].long()
-        q = query[rows].view(num, kv_heads, group, head_dim)
-        valid = torch.arange(nb * block_size, device=query.device)[None, :] < dec_lens[:, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale)
-        out[rows] = o.reshape(num, num_heads, head_dim)
-
-    for i, q_len in enumerate(q_lens):
-        if q_len <= 1:
-            continue
-        ctx = lens[i]
-        nb = -(-ctx // block_size)
-        table = block_tables[i, :nb].long()
-        k = key_cache[table].reshape(nb * block_size, kv_heads, head_dim)[:ctx]
-        v = value_cache[table].reshape(nb * block_size, kv_heads, head_dim)[:ctx]
-        q = query[starts[i] : starts[i + 1]]
-        # Query row r sits at position ctx - q_len + r and sees keys at positions <= it.
-        q_pos = torch.arange(ctx - q_len, ctx, device=query.device)
-        mask = torch.arange(ctx, device=query.device)[None, :] <= q_pos[:, None]
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            attn_mask=mask[None, None],
-            scale=scale,
-        )
-        out[starts[i] : starts[i + 1]] = o[0].transpose(0, 1)
-    return out
+    plan = _make_plan(block_tables, seq_lens, query_start_loc, key_cache.shape[1], query.dtype)
+    return _run_plan(plan, query, key_cache, value_cache, scale)
 
 
 def paged_attention_forward(
@@ -164,9 +283,23 @@ def paged_attention_forward(
     write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    out = meta.attention_fn(
-        q, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scaling
-    )
+    if meta.attention_fn is paged_attention_reference:
+        # The reference derives the same index tensors and masks in every layer: once a step.
+        if meta.plan is None:
+            meta.plan = _make_plan(
+                meta.block_tables, meta.seq_lens, meta.query_start_loc, key_cache.shape[1], q.dtype
+            )
+        out = _run_plan(meta.plan, q, key_cache, value_cache, scaling)
+    else:
+        out = meta.attention_fn(
+            q,
+            key_cache,
+            value_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            scaling,
+        )
     return out.unsqueeze(0), None
 
 

@@ -59,7 +59,12 @@ def measure_decode(
 ) -> tuple[float, int]:
     """Median seconds of a decode-only step with ``batch`` requests of ``context`` tokens
     each, and the total context (KV tokens) over the batch at the middle of the run."""
-    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    # Requests prefilled early decode while later ones still prefill: they must not be
+    # done before the timed steps (or those would run a smaller batch), so they may run to
+    # the context limit and are cancelled after the timed steps.
+    pool = engine.allocator.num_blocks * engine.allocator.block_size
+    longest = min(engine.max_model_len, pool // batch)
+    params = SamplingParams(max_tokens=longest - context, temperature=0.0, ignore_eos=True)
     for b in range(batch):
         engine.add_request(
             EngineRequest(f"decode-{batch}-{context}-{b}", _prompt(rng, engine, context), params)
@@ -73,9 +78,13 @@ def measure_decode(
     engine.step()
     times = []
     for _ in range(steps):
+        if len(engine.scheduler.running) != batch:
+            raise RuntimeError(f"decode profile lost requests: {len(engine.scheduler.running)}")
         start = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - start)
+    for seq in list(engine.scheduler.running):
+        engine.abort_request(seq.request_id)
     _drain(engine)
     return statistics.median(times), batch * (context + 1 + steps // 2)
 
@@ -121,7 +130,8 @@ def profile_engine(
     decode: list[tuple[int, int, float]] = []
     for context in context_lens:
         for batch in batch_sizes:
-            per_seq = context + decode_steps + 2
+            prefill_steps = -(-batch * context // config.max_num_batched_tokens)
+            per_seq = context + decode_steps + 2 + prefill_steps
             if (
                 batch > config.max_num_seqs
                 or per_seq > engine.max_model_len
