@@ -1,4 +1,9 @@
-"""The running system: scheduler, scorer, a CPU worker and the gateway as subprocesses."""
+"""The running system: scheduler, scorer, a CPU worker and the gateway as subprocesses.
+
+It lives for the whole session on its own vhost and Redis database: the unit tests that
+run beside it flush database 0 and declare the topology on the default vhost, and must
+never meet its scheduler (which would take their lease) or its consumers.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.system import TENANT_KEYS, System
+from tests.integration.system import TENANT_KEYS, System, own_redis_db, own_vhost
 
 
 @pytest.fixture(scope="session")
-def system(amqp_url, redis_url, model_cache, tmp_path_factory) -> Iterator[System]:
-    sys_ = System(amqp_url=amqp_url, redis_url=redis_url, cache_dir=model_cache,
+def system(rabbit_server, redis_server, model_cache, tmp_path_factory) -> Iterator[System]:
+    sys_ = System(amqp_url=own_vhost(rabbit_server, "fairway-system"), redis_url=own_redis_db(redis_server, 2),
+                  cache_dir=model_cache,
                   log_dir=tmp_path_factory.mktemp("logs"))
     for service in ("scheduler", "scorer", "cpu-worker", "gateway"):
         sys_.start(service)

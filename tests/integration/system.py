@@ -12,10 +12,22 @@ from pathlib import Path
 
 import httpx
 
-from services.localinfra import free_port
+from services.localinfra import RabbitServer, RedisServer, free_port, rabbitmqctl
 
 TENANT_KEYS = {"acme": "sk-acme-test", "globex": "sk-globex-test"}
 ADMIN_KEY = "sk-admin-test-dashboard"
+
+
+def own_vhost(rabbit: RabbitServer, vhost: str) -> str:
+    """An AMQP URL on a fresh vhost, so a system's queues are shared with no other test."""
+    rabbitmqctl(rabbit, "add_vhost", vhost)
+    rabbitmqctl(rabbit, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    return f"amqp://guest:guest@127.0.0.1:{rabbit.port}/{vhost}"
+
+
+def own_redis_db(redis: RedisServer, db: int) -> str:
+    """A Redis URL on database `db`; 0 belongs to the unit tests' flushed client."""
+    return f"redis://127.0.0.1:{redis.port}/{db}"
 
 
 @dataclass

@@ -16,10 +16,9 @@ import openai
 import pytest
 
 from services import topology
-from services.localinfra import rabbitmqctl
 from services.models import load_tokenizer, resolve_model_path
 from services.settings import DEFAULT_MODEL_NAME
-from tests.integration.system import TENANT_KEYS, System
+from tests.integration.system import TENANT_KEYS, System, own_redis_db, own_vhost
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +26,8 @@ VHOST = "fairway-echo"
 
 
 @pytest.fixture(scope="module")
-def echo_system(rabbit_server, amqp_url, redis_url, model_cache, tmp_path_factory) -> Iterator[System]:
-    rabbitmqctl(rabbit_server, "add_vhost", VHOST)
-    rabbitmqctl(rabbit_server, "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
-    sys_ = System(amqp_url=amqp_url + VHOST, redis_url=redis_url.rsplit("/", 1)[0] + "/1",
+def echo_system(rabbit_server, redis_server, model_cache, tmp_path_factory) -> Iterator[System]:
+    sys_ = System(amqp_url=own_vhost(rabbit_server, VHOST), redis_url=own_redis_db(redis_server, 1),
                   cache_dir=model_cache, log_dir=tmp_path_factory.mktemp("echo-logs"),
                   extra_env={"FAIRWAY_ENGINE": "echo", "FAIRWAY_ECHO_TOKENS_PER_S": "500"})
     for service in ("scheduler", "scorer", "cpu-worker", "gateway"):

@@ -166,9 +166,10 @@ async def test_client_disconnect_frees_the_worker_slot(system, acme_key):
 async def test_amqp_producer_round_trip_without_gateway(system, rabbit_server, tokenizer):
     rabbitmqctl(rabbit_server, "add_user", "amqp-tenant", "secret")
     own_replies = "^fairway\\.replies\\.amqp-tenant\\..*"
-    rabbitmqctl(rabbit_server, "set_permissions", "-p", "/", "amqp-tenant", own_replies,
+    vhost = system.amqp_url.rsplit("/", 1)[1]
+    rabbitmqctl(rabbit_server, "set_permissions", "-p", vhost, "amqp-tenant", own_replies,
                 "^fairway\\.requests$", own_replies)
-    url = f"amqp://amqp-tenant:secret@127.0.0.1:{rabbit_server.port}/"
+    url = f"amqp://amqp-tenant:secret@127.0.0.1:{rabbit_server.port}/{vhost}"
     async with AmqpClient(url) as client:
         request = client.completion(MODEL, "over the wire", max_tokens=5, ignore_eos=True)
         replies = [r async for r in client.submit(request)]
@@ -191,9 +192,9 @@ async def test_amqp_producer_round_trip_without_gateway(system, rabbit_server, t
     msgpack.packb({"v": 99, "t": "completion_request"}),
     b"\x00" * (m.MAX_MESSAGE_BYTES + 1),
 ], ids=["not-msgpack", "missing-fields", "unknown-version", "oversized"])
-async def test_malformed_message_is_dead_lettered_with_an_error_reply(system, amqp_url, payload):
+async def test_malformed_message_is_dead_lettered_with_an_error_reply(system, payload):
     message_id = f"poison-{uuid.uuid4().hex}"
-    connection = await aio_pika.connect_robust(amqp_url)
+    connection = await aio_pika.connect_robust(system.amqp_url)
     try:
         channel = await connection.channel()
         replies = await channel.declare_queue(exclusive=True, auto_delete=True)

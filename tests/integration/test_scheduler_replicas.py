@@ -20,9 +20,8 @@ import redis.asyncio as aioredis
 
 from services import amqp, keys, topology
 from services import messages as m
-from services.localinfra import rabbitmqctl
 from tests.faults.checker import Row, record_external
-from tests.integration.system import System
+from tests.integration.system import System, own_redis_db, own_vhost
 
 pytestmark = pytest.mark.integration
 
@@ -81,11 +80,8 @@ class HarnessPool:
 
 async def test_leader_killed_mid_run_loses_and_duplicates_nothing(rabbit_server, redis_server, model_cache,
                                                                   tmp_path):
-    vhost = "replicas"
-    rabbitmqctl(rabbit_server, "add_vhost", vhost)
-    rabbitmqctl(rabbit_server, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    amqp_url = f"amqp://guest:guest@127.0.0.1:{rabbit_server.port}/{vhost}"
-    redis_url = f"redis://127.0.0.1:{redis_server.port}/3"
+    amqp_url = own_vhost(rabbit_server, "replicas")
+    redis_url = own_redis_db(redis_server, 3)
     redis = aioredis.from_url(redis_url)
     await redis.flushdb()
     system = System(amqp_url=amqp_url, redis_url=redis_url, cache_dir=model_cache, log_dir=tmp_path,
