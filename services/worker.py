@@ -19,16 +19,22 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 
-from services import amqp, keys, topology
-from services import metrics as prom
+from services import amqp, keys, redis_client, topology
 from services import messages as m
+from services import metrics as prom
 from services.adapters import AdapterCatalog
-from services.engine import EngineConfig, EngineError, EngineRequest, EngineStats, LLMEngine, RequestOutput
-from services.engine.interface import LoraRequest
+from services.engine import (
+    EngineConfig,
+    EngineError,
+    EngineRequest,
+    EngineStats,
+    LLMEngine,
+    RequestOutput,
+)
 from services.engine.echo import EchoEngine
+from services.engine.interface import LoraRequest
 from services.logs import get_logger
 from services.settings import Settings
 
@@ -171,7 +177,7 @@ class WorkerService:
         self.engine = EngineThread(engine, lambda outs: loop.call_soon_threadsafe(self.outputs.put_nowait, outs))
         self.engine.start()
 
-        self.redis = aioredis.from_url(s.redis_url)
+        self.redis = redis_client.connect(s.redis_url)
         self.adapters = AdapterCatalog.from_settings(s, self.redis)
         self.connection = await amqp.connect(s, self.worker_id)
         self.connection.close_callbacks.add(self._on_link_lost)

@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from redis.exceptions import RedisError
 
-from services import amqp, keys, topology
+from services import amqp, keys, redis_client, topology
 from services.gateway.errors import (
     ApiError,
     overloaded,
@@ -52,34 +52,36 @@ REDIS_TIMEOUT_S = 5.0
 CONNECT_RETRY_MAX_S = 10.0
 SHUTDOWN_CLEANUP_S = 10.0
 
-# Admission in one atomic step. KEYS: tenant set, tenant token hash, global set.
-# ARGV: request id, now, expires at, max requests, max tokens, cost, max total, key TTL.
-# Entries past their expiry (a release that never came) are dropped first.
+# Admission in one atomic step. KEYS: tenant set, tenant token hash, tenant token total,
+# global set. ARGV: request id, now, expires at, max requests, max tokens, cost, max total,
+# key TTL. Entries past their expiry (a release that never came) are dropped first.
 _ADMIT_LUA = """
 local now = ARGV[2]
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
 for _, rid in ipairs(stale) do
   redis.call('ZREM', KEYS[1], rid)
-  redis.call('HDEL', KEYS[2], rid)
+  local cost = redis.call('HGET', KEYS[2], rid)
+  if cost then
+    redis.call('HDEL', KEYS[2], rid)
+    redis.call('DECRBY', KEYS[3], cost)
+  end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
   return 'requests'
 end
-local used = 0
-for _, cost in ipairs(redis.call('HVALS', KEYS[2])) do
-  used = used + tonumber(cost)
-end
+local used = math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0'))
 if used + tonumber(ARGV[6]) > tonumber(ARGV[5]) then
   return 'tokens'
 end
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then
   return 'total'
 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-for i = 1, 3 do
+redis.call('INCRBY', KEYS[3], ARGV[6])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+for i = 1, 4 do
   redis.call('EXPIRE', KEYS[i], ARGV[8])
 end
 return 'ok'
@@ -87,12 +89,21 @@ return 'ok'
 # Idempotent: releasing twice, or after the entry expired, changes nothing.
 _RELEASE_LUA = """
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return redis.call('ZREM', KEYS[3], ARGV[1])
+local cost = redis.call('HGET', KEYS[2], ARGV[1])
+if cost then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('DECRBY', KEYS[3], cost)
+end
+return redis.call('ZREM', KEYS[4], ARGV[1])
 """
 MAX_PENDING_RELEASES = 100_000
 RELEASE_RETRY_S = 1.0
 CONNECTION_LOST = "broker_connection_lost"
+
+
+def _admission_keys(tenant: str) -> list[str]:
+    return [keys.tenant_inflight(tenant), keys.tenant_tokens(tenant), keys.tenant_tokens_total(tenant),
+            keys.GATEWAY_INFLIGHT]
 
 
 def token_cost(request: CompletionRequest) -> int:
@@ -136,11 +147,7 @@ class Backend:
         # Named after the AMQP user, like a producer's, so a least-privilege user may be
         # granted exactly its own reply queues.
         self.reply_queue_name = topology.reply_queue(f"{self.amqp_user}.{settings.instance_id}")
-        self.redis: aioredis.Redis = aioredis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S,
-        )
+        self.redis: aioredis.Redis = redis_client.connect(settings.redis_url, socket_timeout_s=REDIS_TIMEOUT_S)
         self._admit = self.redis.register_script(_ADMIT_LUA)
         self._release = self.redis.register_script(_RELEASE_LUA)
         self._connection: AbstractRobustConnection | None = None
@@ -348,7 +355,7 @@ class Backend:
         try:
             await self._retry_releases()
             verdict = await self._admit(
-                keys=[keys.tenant_inflight(tenant), keys.tenant_tokens(tenant), keys.GATEWAY_INFLIGHT],
+                keys=_admission_keys(tenant),
                 args=[request_id, repr(now), repr(expires), s.max_queued_per_tenant,
                       s.max_queued_tokens_per_tenant, cost, s.max_queued_total,
                       int(s.request_timeout_s) + 60],
@@ -371,7 +378,7 @@ class Backend:
     async def _release_slot(self, tenant: str, request_id: str) -> None:
         try:
             await self._release(
-                keys=[keys.tenant_inflight(tenant), keys.tenant_tokens(tenant), keys.GATEWAY_INFLIGHT],
+                keys=_admission_keys(tenant),
                 args=[request_id])
         except (RedisError, OSError) as exc:
             # Retried with the next admission; the entry's expiry frees it in any case.
@@ -382,7 +389,7 @@ class Backend:
     async def _retry_releases(self) -> None:
         for request_id, tenant in list(self._pending_releases.items()):
             await self._release(
-                keys=[keys.tenant_inflight(tenant), keys.tenant_tokens(tenant), keys.GATEWAY_INFLIGHT],
+                keys=_admission_keys(tenant),
                 args=[request_id])
             self._pending_releases.pop(request_id, None)
 

@@ -14,12 +14,11 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 
-from services import amqp, topology
-from services import metrics as prom
+from services import amqp, redis_client, topology
 from services import messages as m
+from services import metrics as prom
 from services.latency_model import LatencyModel
 from services.logs import get_logger
 from services.scheduler.policy import (
@@ -172,7 +171,7 @@ class SchedulerService:
     # --- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        self.redis = aioredis.from_url(self.settings.redis_url)
+        self.redis = redis_client.connect(self.settings.redis_url)
         self.store = SchedulerStore(self.redis, self.settings.instance_id, self.settings.lease_ttl_s)
         self.connection = await amqp.connect(self.settings, "scheduler")
         self._runner = asyncio.create_task(self._run())

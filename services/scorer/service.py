@@ -12,9 +12,8 @@ import asyncio
 import time
 
 from aio_pika.abc import AbstractIncomingMessage
-import redis.asyncio as aioredis
 
-from services import amqp, keys, topology
+from services import amqp, keys, redis_client, topology
 from services import messages as m
 from services import metrics as prom
 from services.adapters import AdapterCatalog, CatalogUnavailable, ModelNotFound
@@ -171,7 +170,7 @@ class ScorerService:
 
     async def start(self) -> None:
         s = self.settings
-        self.redis = aioredis.from_url(s.redis_url)
+        self.redis = redis_client.connect(s.redis_url)
         self.adapters = AdapterCatalog.from_settings(s, self.redis)
         self.length_samples = RecentLog(self.redis, keys.LENGTH_SAMPLES, keys.LENGTH_SAMPLES_CAP)
         path = resolve_model_path(s.model_path, s.cache_dir)

@@ -3,6 +3,8 @@ idempotent release, and slots that free themselves when a release never comes.""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from services import keys
@@ -75,6 +77,37 @@ async def test_a_slot_whose_release_never_came_expires(redis_client, redis_url):
         await redis_client.zadd(keys.tenant_inflight("acme"), {"leaked": 1.0})  # past its expiry
         assert await admit(b, "acme", "next") is None
         assert await redis_client.hkeys(keys.tenant_tokens("acme")) == [b"next"]
+        assert int(await redis_client.get(keys.tenant_tokens_total("acme"))) == 10  # leaked cost gone
+    finally:
+        await b.redis.aclose()
+
+
+async def test_the_token_total_follows_admissions_releases_and_expiries(redis_client, redis_url):
+    b = backend(redis_url, max_queued_tokens_per_tenant=1000)
+    try:
+        for i, cost in enumerate([5, 7, 11, 13]):
+            assert await admit(b, "acme", f"r{i}", cost=cost) is None
+        await b._release_slot("acme", "r1")
+        await b._release_slot("acme", "r1")
+        await b._release_slot("acme", "never-admitted")
+        await redis_client.zadd(keys.tenant_inflight("acme"), {"r2": 1.0})  # r2's release never came
+        assert await admit(b, "acme", "r4", cost=3) is None
+        costs = {k.decode(): int(v) for k, v in (await redis_client.hgetall(keys.tenant_tokens("acme"))).items()}
+        assert costs == {"r0": 5, "r3": 13, "r4": 3}
+        assert int(await redis_client.get(keys.tenant_tokens_total("acme"))) == sum(costs.values())
+    finally:
+        await b.redis.aclose()
+
+
+async def test_a_burst_of_concurrent_admissions_waits_for_connections_instead_of_failing(
+        redis_client, redis_url):
+    """More requests at once than the pool has connections: none fails for want of one."""
+    b = backend(redis_url, max_queued_per_tenant=10_000, max_queued_tokens_per_tenant=10**9,
+                max_queued_total=10_000)
+    try:
+        verdicts = await asyncio.gather(*(admit(b, f"t{i % 7}", f"r{i}") for i in range(500)))
+        assert verdicts == [None] * 500
+        assert await redis_client.zcard(keys.GATEWAY_INFLIGHT) == 500
     finally:
         await b.redis.aclose()
 

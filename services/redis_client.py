@@ -1,0 +1,22 @@
+"""One way every service opens Redis: a bounded pool that waits for a free connection.
+
+redis-py's default pool raises ``MaxConnectionsError`` as soon as 100 commands are in
+flight at once, which a burst of concurrent HTTP requests reaches easily; a blocking pool
+instead queues the command for up to ``wait_s`` and keeps the number of sockets bounded.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+MAX_CONNECTIONS = 64
+WAIT_FOR_CONNECTION_S = 5.0
+
+
+def connect(url: str, *, max_connections: int = MAX_CONNECTIONS, wait_s: float = WAIT_FOR_CONNECTION_S,
+            socket_timeout_s: float | None = None) -> aioredis.Redis:
+    """A client on ``url`` (no I/O until first use) over a blocking pool."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=wait_s,
+        socket_connect_timeout=socket_timeout_s, socket_timeout=socket_timeout_s)
+    return aioredis.Redis(connection_pool=pool)
