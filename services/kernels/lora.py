@@ -301,7 +301,8 @@ def lora_expand_triton(
     block_m = 16 if segments.max_len <= 16 else (32 if segments.max_len <= 32 else 64)
     fp32 = lora_b.dtype == torch.float32  # fp32 tiles are halved to stay clear of spills
     block_n = 64 if fp32 else 128
-    block_k = min(max(16, next_power_of_2(rank)), 32 if fp32 else 64)
+    # The widest tile (64 x 128) takes rank in steps of 32: at 64, ptxas spills on sm_80.
+    block_k = min(max(16, next_power_of_2(rank)), 32 if fp32 or block_m == 64 else 64)
     grid = (cdiv(segments.max_len, block_m) * cdiv(hidden_out, block_n), segments.num_segments)
     args = (
         t, lora_b, segments.token_ids, segments.starts, segments.lens, segments.adapters, scale, y,
