@@ -67,6 +67,14 @@ class CatalogUnavailable(RuntimeError):
     """Redis could not be read, so an adapter's owner cannot be checked (fail closed)."""
 
 
+class AdapterSpecError(ValueError):
+    """A registration entry is malformed; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class AdapterConfigError(ValueError):
     """An adapter directory or its ``adapter_config.json`` is not a usable LoRA adapter."""
 
@@ -90,24 +98,37 @@ class AdapterSpec:
                 "shared_with": list(self.shared_with), "source": self.source}
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_spec(
     data: Any, *, name: str | None = None, base_dir: Path | None = None, source: str = "file"
 ) -> AdapterSpec:
-    """An :class:`AdapterSpec` from a parsed mapping; raises ValueError on a bad shape."""
+    """An :class:`AdapterSpec` from a parsed mapping; raises AdapterSpecError on a bad shape."""
     if not isinstance(data, dict):
-        raise ValueError("an adapter entry must be a mapping with name, path and owner")
+        raise AdapterSpecError("an adapter entry must be a mapping with name, path and owner")
     name = name if name is not None else data.get("name")
     if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_', '.', '-'")
+        raise AdapterSpecError(f"invalid adapter name {name!r}: use letters, digits, '_', '.', '-'", "name")
     path = data.get("path")
     if not isinstance(path, str) or not path.strip():
-        raise ValueError(f"adapter {name!r}: path must be a non-empty string")
-    resolved = Path(path).expanduser()
+        raise AdapterSpecError(f"adapter {name!r}: path must be a non-empty string", "path")
+    if "\0" in path or not _encodable(path):
+        raise AdapterSpecError(f"adapter {name!r}: path contains NUL or unpaired UTF-16 surrogates", "path")
+    try:
+        resolved = Path(path).expanduser()
+    except RuntimeError:  # "~user/..." of a user unknown here
+        raise AdapterSpecError(f"adapter {name!r}: path names the home of an unknown user", "path") from None
     if base_dir is not None and not resolved.is_absolute():
         resolved = base_dir / resolved
     owner = data.get("owner")
     if not isinstance(owner, str) or not TENANT_NAME.match(owner):
-        raise ValueError(f"adapter {name!r}: owner must be a tenant name")
+        raise AdapterSpecError(f"adapter {name!r}: owner must be a tenant name", "owner")
     shared = data.get("shared_with", [])
     if shared is None:
         shared = []
@@ -116,7 +137,7 @@ def parse_spec(
     if not isinstance(shared, list) or not all(
         isinstance(t, str) and (t == EVERY_TENANT or TENANT_NAME.match(t)) for t in shared
     ):
-        raise ValueError(f"adapter {name!r}: shared_with must be a list of tenant names or '*'")
+        raise AdapterSpecError(f"adapter {name!r}: shared_with must be a list of tenant names or '*'", "shared_with")
     return AdapterSpec(name, str(resolved), owner, tuple(sorted(set(shared) - {owner})), source)
 
 

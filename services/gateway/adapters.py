@@ -20,22 +20,42 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from services.adapters import (
+    ADAPTER_NAME,
     WEIGHTS_FILE,
     AdapterCatalog,
     AdapterConfigError,
     AdapterSpec,
+    AdapterSpecError,
     CatalogUnavailable,
     ModelNotFound,
     parse_spec,
     read_peft_config,
 )
-from services.gateway.auth import AdminAuth
-from services.gateway.errors import ApiError, invalid, model_not_found, unavailable
+from services.gateway.auth import ADMIN_ERRORS, AdminAuth
+from services.gateway.errors import (
+    ApiError,
+    documented_errors,
+    invalid,
+    model_not_found,
+    unavailable,
+)
 from services.logs import get_logger
 
 log = get_logger(__name__)
 
 MAX_ADMIN_BODY = 64 * 1024
+_NAMES = {"type": "string", "pattern": ADAPTER_NAME.pattern}
+REGISTRATION_SCHEMA = {
+    "type": "object",
+    "required": ["path", "owner"],
+    "properties": {
+        "name": {**_NAMES, "description": "Optional; must equal the URL's name"},
+        "path": {"type": "string", "minLength": 1},
+        "owner": _NAMES,
+        "shared_with": {"type": "array", "items": {"anyOf": [_NAMES, {"const": "*"}]}},
+    },
+}
+"""The body of ``PUT /admin/adapters/{name}`` (checked by :func:`parse_spec`), for OpenAPI."""
 
 
 async def resolve_adapter(catalog: AdapterCatalog, model: str, tenant: str) -> AdapterSpec | None:
@@ -66,10 +86,16 @@ def adapter_card(base_card: dict[str, Any], catalog: AdapterCatalog, spec: Adapt
 
 def check_adapter_files(spec: AdapterSpec) -> dict[str, Any] | None:
     """The adapter's checked PEFT config if its directory is readable here, else None
-    (workers may mount adapters where the gateway cannot see them); 400 if it is broken."""
+    (workers may mount adapters where the gateway cannot see them); 400 if it is broken
+    or ``path`` cannot name a directory here (a name too long)."""
     directory = Path(spec.path)
-    if not directory.exists():
+    try:
+        if not directory.exists():
+            return None
+    except PermissionError:  # hidden from the gateway, like a path that does not exist here
         return None
+    except OSError as exc:  # ENAMETOOLONG, ...
+        raise invalid(f"path: {exc.strerror}.", param="path") from None
     try:
         config = read_peft_config(directory)
     except AdapterConfigError as exc:
@@ -111,8 +137,8 @@ async def put_adapter(request: Request, name: str) -> Response:
         raise invalid("The body's name differs from the URL's.", param="name")
     try:
         spec = parse_spec(body, name=name, source="admin")
-    except ValueError as exc:
-        raise invalid(str(exc)) from None
+    except AdapterSpecError as exc:
+        raise invalid(str(exc), param=exc.param) from None
     config = check_adapter_files(spec)
     try:
         existed = await catalog.get(name) is not None
@@ -150,9 +176,18 @@ def install(app: FastAPI, catalog: AdapterCatalog, auth: AdminAuth) -> None:
     app.state.adapters = catalog
     app.state.admin_auth = auth
     security = {"security": [{"bearerAuth": []}]}
+    body = {"content": {"application/json": {"schema": REGISTRATION_SCHEMA}}, "required": True}
+    conflict = {409: "The adapter comes from the adapters file"}
     app.add_api_route("/admin/adapters", list_adapters, methods=["GET"],
-                      summary="List adapters (admin key)", openapi_extra=security)
+                      summary="List adapters (admin key)", openapi_extra=security,
+                      responses=documented_errors(ADMIN_ERRORS))
     app.add_api_route("/admin/adapters/{name}", put_adapter, methods=["PUT"],
-                      summary="Register an adapter (admin key)", openapi_extra=security)
+                      summary="Register an adapter (admin key)",
+                      openapi_extra={**security, "requestBody": body},
+                      responses={201: {"description": "Registered (200: replaced)"},
+                                 **documented_errors({**ADMIN_ERRORS, **conflict,
+                                                      400: "Invalid name or registration"})})
     app.add_api_route("/admin/adapters/{name}", delete_adapter, methods=["DELETE"],
-                      summary="Remove an adapter (admin key)", openapi_extra=security)
+                      summary="Remove an adapter (admin key)", openapi_extra=security,
+                      responses=documented_errors({**ADMIN_ERRORS, **conflict,
+                                                   404: "No such adapter registered here"}))

@@ -5,11 +5,12 @@ to RabbitMQ (retrying in the background, so ``/health`` answers at once) and clo
 everything on shutdown. ``serve(settings)`` runs it under uvicorn and drains in-flight
 requests on SIGTERM.
 
-Order of checks on the two completion routes: API key (401), Content-Type (415 unless
-``application/json`` or ``*+json``; a missing Content-Type is read as JSON), body size
-(413, from Content-Length and while reading), JSON and field types (400), model (404),
-settings-dependent limits (400), tenant admission (429), publish confirm (503), the
-first reply (an upstream error answers with its own status; 504 on timeout).
+Order of checks on the two completion routes: header size (431, on every route), API
+key (401), Content-Type (415 unless ``application/json`` or ``*+json``; a missing
+Content-Type is read as JSON), body size (413, from Content-Length and while reading),
+JSON and field types (400), model (404), settings-dependent limits (400), tenant
+admission (429), publish confirm (503), the first reply (an upstream error answers with
+its own status; 504 on timeout).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services import __version__
 from services.adapters import AdapterCatalog
@@ -44,7 +45,7 @@ from services.gateway.dashboard import Dashboard
 from services.gateway.dashboard import install as install_dashboard
 from services.gateway.errors import (
     ApiError,
-    ErrorResponse,
+    documented_errors,
     error_response,
     error_type,
     from_validation_error,
@@ -84,6 +85,9 @@ SHUTDOWN_GRACE_S = 30.0
 REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED_STATUS = 499
 """Logged status for a client that went away (nginx's convention); nobody receives it."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Bytes of request headers: beyond it a request is answered 431 (uvicorn's h11 answers
+400 and closes the connection first when a longer head arrives in several reads)."""
 
 
 @dataclass
@@ -233,6 +237,28 @@ class SubmissionStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._on_close()
+
+
+class HeaderLimit:
+    """ASGI middleware: 431 for a request whose headers exceed ``limit`` bytes."""
+
+    def __init__(
+        self, app: ASGIApp, limit: int, answer: Callable[[Request, ApiError], Response]
+    ) -> None:
+        self.app, self.limit, self.answer = app, limit, answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        size = sum(len(name) + len(value) for name, value in scope.get("headers", ()))
+        if scope["type"] == "http" and size > self.limit:
+            err = ApiError(
+                431,
+                f"The request headers exceed {self.limit} bytes.",
+                reason="too_large",
+                code="request_headers_too_large",
+            )
+            await self.answer(Request(scope), err)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 # --- handlers --------------------------------------------------------------------------
@@ -415,19 +441,16 @@ async def metrics(request: Request) -> Response:
 
 # --- app -------------------------------------------------------------------------------
 
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"description": description, "model": ErrorResponse}
-    for status, description in {
-        400: "Invalid request (OpenAI error object)",
-        401: "Missing or invalid API key",
-        404: "Unknown model",
-        413: "Body too large",
-        415: "Content-Type is not JSON",
-        429: "Too many requests in flight for this tenant (Retry-After)",
-        503: "Broker or Redis unavailable (Retry-After)",
-        504: "Timed out",
-    }.items()
-}
+_ERROR_RESPONSES = documented_errors({
+    400: "Invalid request (OpenAI error object)",
+    401: "Missing or invalid API key",
+    404: "Unknown model",
+    413: "Body too large",
+    415: "Content-Type is not JSON",
+    429: "Too many requests in flight for this tenant (Retry-After)",
+    503: "Broker or Redis unavailable (Retry-After)",
+    504: "Timed out",
+})  # fmt: skip
 
 
 def _body_spec(model: type[Any]) -> dict[str, Any]:
@@ -517,7 +540,7 @@ def create_app(settings: Settings) -> FastAPI:
         retrieve_model,
         methods=["GET"],
         openapi_extra=bearer,
-        responses=model_errors,
+        responses={**model_errors, 503: _ERROR_RESPONSES[503]},  # an adapter needs Redis
     )
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route(
@@ -537,6 +560,8 @@ def create_app(settings: Settings) -> FastAPI:
             request_id=err.headers.get(REQUEST_ID_HEADER),
         )
         return error_response(err)
+
+    app.add_middleware(HeaderLimit, limit=MAX_HEADER_BYTES, answer=answer)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> Response:
@@ -578,5 +603,9 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=int(grace_s),
+        # h11, not httptools (uvicorn's pick when installed): httptools reads a request
+        # head of any size into memory.
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     await uvicorn.Server(config).serve()

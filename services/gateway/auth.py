@@ -145,6 +145,14 @@ def load_keys_file(store: KeyStore, data: Any) -> None:
             store.add(tenant, digest, weight)
 
 
+ADMIN_ERRORS = {
+    401: "Missing or invalid admin key",
+    403: "Admin endpoints disabled, or a tenant's key",
+    503: "Redis unavailable (Retry-After)",
+}
+"""Statuses of every admin route, for its OpenAPI ``responses``."""
+
+
 def forbidden(message: str, code: str) -> ApiError:
     return ApiError(403, message, reason="forbidden", code=code)
 

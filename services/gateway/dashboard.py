@@ -29,8 +29,12 @@ from starlette.responses import JSONResponse, Response
 
 from services import keys, topology
 from services import messages as m
-from services.gateway.auth import AdminAuth, KeyStore  # AdminAuth: shared with /admin/adapters
-from services.gateway.errors import ApiError, unavailable
+from services.gateway.auth import (  # AdminAuth: shared with /admin/adapters
+    ADMIN_ERRORS,
+    AdminAuth,
+    KeyStore,
+)
+from services.gateway.errors import ApiError, documented_errors, unavailable
 from services.logs import get_logger
 from services.recent import RecentLog, decode_entries
 from services.settings import Settings
@@ -425,6 +429,7 @@ def install(app: FastAPI, dashboard: Dashboard) -> None:
         methods=["GET"],
         summary="Dashboard data (admin key)",
         openapi_extra={"security": [{"bearerAuth": []}]},
+        responses=documented_errors(ADMIN_ERRORS),
     )
     if not dashboard.auth.enabled:
         log.info("dashboard_disabled", detail="set FAIRWAY_ADMIN_KEY to enable /dashboard/data")

@@ -64,6 +64,14 @@ class ErrorResponse(BaseModel):
     error: ErrorObject
 
 
+def documented_errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route for statuses answered with an OpenAI error object."""
+    return {
+        status: {"description": description, "model": ErrorResponse}
+        for status, description in descriptions.items()
+    }
+
+
 def error_body(
     message: str, *, type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

@@ -58,6 +58,9 @@ def test_registry_file_json_and_yaml(tmp_path: Path) -> None:
     {"name": "ok", "path": "", "owner": "acme"},
     {"name": "ok", "path": "/x", "owner": "bad owner"},
     {"name": "ok", "path": "/x", "owner": "acme", "shared_with": [3]},
+    {"name": "ok", "path": "~fairway-no-such-user/x", "owner": "acme"},  # was a RuntimeError
+    {"name": "ok", "path": "/x\ud800", "owner": "acme"},
+    {"name": "ok", "path": "/x\u0000y", "owner": "acme"},
 ])  # fmt: skip
 def test_registry_file_rejects_bad_entries(tmp_path: Path, entry: dict) -> None:
     path = tmp_path / "bad.json"

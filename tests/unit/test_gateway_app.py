@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from services.gateway.app import check_content_type, create_app
+from services.gateway.app import MAX_HEADER_BYTES, check_content_type, create_app
 from services.gateway.errors import ApiError
+from services.localinfra import free_port
 from services.settings import Settings
 
 MODEL = "test-model"
@@ -170,6 +172,37 @@ def test_openapi_documents_bodies_and_no_422(client: TestClient) -> None:
     assert {"ChatMessageBody", "StreamOptions", "TextPart", "ErrorResponse"} <= set(schemas)
     text = str(spec)
     assert "'422'" not in text and "$defs" not in text
+
+
+def test_oversized_headers_are_431(client: TestClient) -> None:
+    headers = {"X-Padding": "x" * MAX_HEADER_BYTES}
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers)
+    assert_openai_error(response, 431, "request_headers_too_large")
+    assert_openai_error(client.get("/v1/models", headers={"X-Padding": "x" * 1000}), 401)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "~fairway-no-such-user/adapter",  # Path.expanduser raised RuntimeError: was 500
+        "a" * 300,  # ENAMETOOLONG from Path.exists: was 500
+        "/adapters/\ud800",  # was stored, then every answer listing it failed (500)
+        "/adapters/nul\x00",
+    ],
+)
+def test_unusable_adapter_path_is_400(path: str) -> None:
+    settings = Settings(
+        model_name=MODEL,
+        api_keys="acme:key-a",
+        admin_key="admin-key",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens: 503 if reached
+    )
+    response = TestClient(create_app(settings)).put(
+        "/admin/adapters/acme-lora",
+        content=json.dumps({"path": path, "owner": "acme"}),  # \ud800 escaped, as clients send it
+        headers={"Authorization": "Bearer admin-key", "content-type": "application/json"},
+    )
+    assert assert_openai_error(response, 400)["param"] == "path"
 
 
 def test_api_error_keeps_headers() -> None:
