@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
+from redis.exceptions import RedisError
 
 from services import amqp, keys, redis_client, topology
 from services import messages as m
@@ -186,7 +187,10 @@ class WorkerService:
         await self.channel.set_qos(prefetch_count=s.max_running)
         topo = await topology.declare(self.channel, passive=not s.declare_topology)
         self.events = topo.exchange(topology.EVENTS_EXCHANGE)
-        await self._heartbeat()
+        try:
+            await self._heartbeat()
+        except (RedisError, OSError) as exc:  # Redis restarting: the heartbeat loop retries
+            log.warning("heartbeat_failed", error=str(exc), at="start")
         self.work_queue = topo.queues[topology.work_queue(self.pool)]
         self._consumer_tag = await amqp.consume(self.channel, self.work_queue, m.WorkItem,
                                                 self.on_work, service=self.worker_id,

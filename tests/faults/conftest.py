@@ -73,6 +73,8 @@ class FaultSystem:
     amqp_url: str
     """Admin URL on the Fairway vhost (the checker's tap and test harness)."""
     proxies: dict[str, TcpProxy] = field(default_factory=dict)
+    started_at: dict[str, float] = field(default_factory=dict)
+    """Unix time each service was last (re)started through :meth:`start`."""
 
     @property
     def gateway_url(self) -> str:
@@ -80,6 +82,7 @@ class FaultSystem:
 
     def start(self, name: str, **env: str) -> None:
         service = "cpu-worker" if name.startswith("cpu-worker") else name
+        self.started_at[name] = time.time()
         self.system.start(service, name=name, FAIRWAY_AMQP_URL=self.service_url(name), **env)
 
     def service_url(self, name: str) -> str:
@@ -103,8 +106,11 @@ class FaultSystem:
                 for name, proc in self.system.procs.items():
                     if proc.poll() is not None:
                         raise RuntimeError(f"{name} exited:\n{self.system.log(name)[-3000:]}")
-                seen = await client.zrangebyscore(keys.WORKERS_SEEN, time.time() - 2, "+inf")
-                alive = {s.decode().removeprefix("cpu-") for s in seen}
+                seen = await client.zrangebyscore(keys.WORKERS_SEEN, time.time() - 2, "+inf",
+                                                  withscores=True)
+                # A restarted worker counts once it beats, not on its killed namesake's last beat.
+                alive = {w.decode().removeprefix("cpu-") for w, at in seen
+                         if at >= self.started_at.get(w.decode().removeprefix("cpu-"), 0)}
                 if all(n in alive for n in names):
                     break
                 await asyncio.sleep(0.2)
