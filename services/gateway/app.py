@@ -86,8 +86,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED_STATUS = 499
 """Logged status for a client that went away (nginx's convention); nobody receives it."""
 MAX_HEADER_BYTES = 16 * 1024
-"""Bytes of request headers: beyond it a request is answered 431 (uvicorn's h11 answers
-400 and closes the connection first when a longer head arrives in several reads)."""
+"""Bytes of request headers: beyond it a request is answered 431."""
+MAX_HEAD_READ_BYTES = 1024 * 1024
+"""Bytes of a request head the server buffers at most; a longer one is cut off with 400
+and the connection closed. Above MAX_HEADER_BYTES, so that every head that arrives whole
+gets the 431 however the network splits it."""
 
 
 @dataclass
@@ -606,6 +609,6 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
         # h11, not httptools (uvicorn's pick when installed): httptools reads a request
         # head of any size into memory.
         http="h11",
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        h11_max_incomplete_event_size=MAX_HEAD_READ_BYTES,
     )
     await uvicorn.Server(config).serve()

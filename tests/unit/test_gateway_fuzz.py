@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from services.gateway.app import create_app
+from services.gateway.app import MAX_HEAD_READ_BYTES, create_app
 from services.localinfra import free_port, wait_for_port
 from services.settings import Settings
 
@@ -209,6 +209,6 @@ def test_oversized_headers_are_refused_by_the_server(gateway_port: int) -> None:
         assert response.status_code == 431, response.text
         assert response.json()["error"]["code"] == "request_headers_too_large"
         # A head far beyond the limit is cut off while it is read: 400 and closed, or a reset.
-        huge = name.encode() + b": " + b"k" * (4 * 1024 * 1024)
+        huge = name.encode() + b": " + b"k" * (4 * MAX_HEAD_READ_BYTES)
         assert _status_of_head(gateway_port, huge) in (400, None)
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
