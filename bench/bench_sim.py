@@ -47,9 +47,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.latency_model import LatencyModel  # noqa: E402
-from services.scheduler.policy import POLICY_NAMES, PolicyConfig  # noqa: E402
-from services.scheduler.simulator import (  # noqa: E402
+from services.latency_model import LatencyModel
+from services.scheduler.policy import POLICY_NAMES, PolicyConfig
+from services.scheduler.simulator import (
     ClusterConfig,
     SimRequest,
     Slo,
@@ -59,7 +59,7 @@ from services.scheduler.simulator import (  # noqa: E402
     rescale_arrivals,
     simulate,
 )
-from services.scheduler.traces import TraceRecord, load_trace, write_jsonl  # noqa: E402
+from services.scheduler.traces import TraceRecord, load_trace, write_jsonl
 
 SLO = Slo(ttft_s=2.0, tpot_s=0.05)
 SECTIONS = ("headline", "predictor", "consolidation", "fairness", "deadlines")

@@ -76,7 +76,7 @@ def main() -> None:
             path, prompts, args.output_len, args.device)
         result["fairway_vs_transformers_cb"] = (result["fairway_engine_output_tokens_per_s"]
                                                 / result["transformers_cb_output_tokens_per_s"])
-    except Exception as exc:  # report why the manager could not run here
+    except Exception as exc:  # noqa: BLE001 - report why the manager could not run here
         result["transformers_cb_error"] = f"{type(exc).__name__}: {exc}"
     text = json.dumps(result, indent=2)
     print(text)

@@ -161,7 +161,7 @@ def load_adapters_file(path: Path | str) -> list[AdapterSpec]:
     elif isinstance(entries, list):
         items = [(None, spec) for spec in entries]
     else:
-        raise ValueError(f"{path}: 'adapters' must be a list or a mapping")
+        raise ValueError(f"{path}: 'adapters' must be a list or a mapping")  # noqa: TRY004 - bad file
     specs: dict[str, AdapterSpec] = {}
     for name, entry in items:
         try:

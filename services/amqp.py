@@ -158,7 +158,7 @@ async def consume(
                 status=500, type_="server_error", code="internal_error"))
             if give_up is not None:
                 await give_up(msg)
-        except Exception as exc:  # the reject below must still happen
+        except Exception as exc:  # noqa: BLE001 - the reject below must still happen
             log.warning("give_up_failed", error=repr(exc))
         if not message.processed:
             await message.reject(requeue=False)
@@ -177,7 +177,7 @@ async def consume(
                 try:
                     await reply(channel, reply_to,
                                 error_answer(request_id, f"invalid message: {exc}", code="invalid_message"))
-                except Exception as send_exc:  # the reject below must still happen
+                except Exception as send_exc:  # noqa: BLE001 - the reject below must still happen
                     log.warning("error_reply_failed", error=str(send_exc))
             await message.reject(requeue=False)
             prom.dead_lettered.labels(queue.name, "invalid_message").inc()

@@ -131,7 +131,7 @@ def up(args: argparse.Namespace) -> int:
 
     stop = {"now": False}
 
-    def on_signal(signum, frame):  # noqa: ARG001
+    def on_signal(signum, frame):
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, on_signal)

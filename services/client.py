@@ -16,6 +16,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Self
 from urllib.parse import unquote, urlparse
 
 import aio_pika
@@ -34,7 +35,7 @@ class AmqpClient:
         self.user = unquote(urlparse(url).username or "guest")
         self.router = ReplyRouter()
 
-    async def __aenter__(self) -> AmqpClient:
+    async def __aenter__(self) -> Self:
         self.connection: AbstractRobustConnection = await aio_pika.connect_robust(self.url)
         self.channel: AbstractChannel = await self.connection.channel()
         self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)

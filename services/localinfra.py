@@ -109,13 +109,15 @@ class RabbitServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "enabled_plugins").write_text("[].\n")
         (self.workdir / "rabbitmq.conf").write_text("loopback_users = none\n")
-        self.proc = subprocess.Popen(
-            [str(RABBITMQ_BIN)],
-            env=self.env(),
-            stdout=open(self.workdir / "stdout.log", "ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The child keeps its own copy of the log's descriptor; ours can close right away.
+        with open(self.workdir / "stdout.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(RABBITMQ_BIN)],
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         wait_for_port(self.port, timeout)
 
     def kill(self) -> None:

@@ -416,7 +416,7 @@ def decode(data: bytes, expected: type[M] | None = None) -> M:
             max_array_len=_MAX_CONTAINER_LEN,
             max_map_len=_MAX_CONTAINER_LEN,
         )
-    except Exception as exc:  # msgpack raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise MessageError(f"not valid msgpack: {exc}") from None
     if not isinstance(body, dict):
         raise MessageError("message is not a map")
@@ -436,7 +436,7 @@ def decode(data: bytes, expected: type[M] | None = None) -> M:
 def _peek(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data[:MAX_MESSAGE_BYTES], raw=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - best effort: an undecodable payload peeks as None
         return None
 
 

@@ -26,10 +26,10 @@ __all__ = [
     "RANDOM_LLAMA_SHAPES",
     "ensure_default_model",
     "ensure_random_llama",
-    "resolve_model_path",
-    "load_tokenizer",
     "load_model",
+    "load_tokenizer",
     "resolve_dtype",
+    "resolve_model_path",
 ]
 
 log = get_logger(__name__)
@@ -308,7 +308,7 @@ def resolve_dtype(dtype: str, device: str):
     except AttributeError:
         raise ValueError(f"unknown dtype {dtype!r}") from None
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
+        raise ValueError(f"unknown dtype {dtype!r}")  # noqa: TRY004 - a bad dtype name, like above
     return value
 
 

@@ -86,8 +86,8 @@ def _own(prefix: str, user: str) -> str:
 def service_grants() -> dict[str, Grant]:
     """Permissions of each service's user, by user name."""
     esc = re.escape
-    replies = lambda user: _own(topology.REPLY_QUEUE_PREFIX, user)  # noqa: E731
-    control = lambda user: _own(topology.CONTROL_QUEUE_PREFIX, user)  # noqa: E731
+    replies = lambda user: _own(topology.REPLY_QUEUE_PREFIX, user)
+    control = lambda user: _own(topology.CONTROL_QUEUE_PREFIX, user)
     gw, sc, sh, wk = (SERVICE_USERS[k] for k in ("gateway", "scorer", "scheduler", "worker"))
     pools = "|".join(esc(topology.work_queue(pool)) for pool in topology.POOLS)
     return {

@@ -11,9 +11,8 @@ they check that it exists, which needs no configure permission.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import uuid
+from dataclasses import dataclass, field
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue

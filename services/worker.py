@@ -80,7 +80,7 @@ class EngineThread(threading.Thread):
                 self.engine.add_request(arg)
                 self.live.add(arg.request_id)
                 done.set_result(None)
-            except Exception as exc:  # EngineError and anything unexpected go back to the caller
+            except Exception as exc:  # noqa: BLE001 - any error goes back to the caller
                 done.set_exception(exc)
         elif kind == "abort":
             self.engine.abort_request(arg)
@@ -415,7 +415,7 @@ class WorkerService:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             try:
                 await self._heartbeat()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the heartbeat loop must survive any error
                 log.warning("heartbeat_failed", error=str(exc))
 
     # --- shutdown --------------------------------------------------------------

@@ -68,7 +68,7 @@ class KeyStore:
         if not _HEX_DIGEST.match(digest_hex):
             raise ValueError(f"tenant {tenant!r}: key_sha256 must be 64 hex characters")
         if isinstance(weight, bool) or not isinstance(weight, int | float):
-            raise ValueError(f"tenant {tenant!r}: weight must be a number")
+            raise ValueError(f"tenant {tenant!r}: weight must be a number")  # noqa: TRY004 - bad config
         if not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"tenant {tenant!r}: weight must be finite and > 0")
         digest = bytes.fromhex(digest_hex)
@@ -125,10 +125,11 @@ def load_keys_file(store: KeyStore, data: Any) -> None:
     """Add the tenants of a parsed keys file to ``store``; raises ValueError on a bad shape."""
     tenants = data.get("tenants") if isinstance(data, dict) else None
     if not isinstance(tenants, dict):
-        raise ValueError('api keys file: expected {"tenants": {name: {"key_sha256": ...}}}')
+        # A bad file shape is the ValueError this function promises, wrong types included.
+        raise ValueError('api keys file: expected {"tenants": {name: {"key_sha256": ...}}}')  # noqa: TRY004
     for tenant, spec in tenants.items():
         if not isinstance(spec, dict):
-            raise ValueError(f"api keys file: tenant {tenant!r} must map to an object")
+            raise ValueError(f"api keys file: tenant {tenant!r} must map to an object")  # noqa: TRY004 - ditto
         digests = spec.get("key_sha256")
         if isinstance(digests, str):
             digests = [digests]

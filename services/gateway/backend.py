@@ -201,7 +201,7 @@ class Backend:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # any failure to reach or set up the broker: retry
+            except Exception as exc:  # noqa: BLE001 - any failure to set up the broker: retry
                 log.warning("amqp_connect_failed", error=repr(exc), retry_in_s=delay)
                 await self._drop_connection()
                 await asyncio.sleep(delay)
@@ -247,7 +247,7 @@ class Backend:
         if conn is not None:
             try:
                 await conn.close()
-            except Exception as exc:  # closing a half-open connection may fail in many ways
+            except Exception as exc:  # noqa: BLE001 - closing a half-open connection may fail
                 log.debug("amqp_close_failed", error=repr(exc))
 
     async def close(self) -> None:
@@ -300,7 +300,7 @@ class Backend:
         except asyncio.CancelledError:
             self.spawn(submission.close())
             raise
-        except Exception as exc:  # nack, unroutable, timeout or connection loss: not accepted
+        except Exception as exc:  # noqa: BLE001 - nack, unroutable, timeout, lost connection: 503
             log.warning("publish_failed", request_id=request.request_id, error=repr(exc))
             await submission.close()
             raise unavailable(
@@ -343,7 +343,7 @@ class Backend:
             await exchange.publish(message, "", timeout=PUBLISH_TIMEOUT_S)
             self._orphaned.pop(request_id, None)
             log.info("request_cancelled", request_id=request_id, tenant=tenant)
-        except Exception as exc:  # the scheduler's own timeouts are the fallback
+        except Exception as exc:  # noqa: BLE001 - best effort: scheduler timeouts are the fallback
             log.warning("cancel_publish_failed", request_id=request_id, error=repr(exc))
 
     async def _try_admit(self, tenant: str, request_id: str, cost: int) -> None:

@@ -57,7 +57,7 @@ def _one_or_many(value: Any) -> Any:
     if isinstance(value, str):
         return [value]
     if not isinstance(value, list):
-        raise ValueError("must be a string or a list of strings")
+        raise ValueError("must be a string or a list of strings")  # noqa: TRY004 - for pydantic
     return value
 
 
@@ -65,7 +65,7 @@ def _content_parts(value: Any) -> Any:
     if isinstance(value, str):
         return [{"type": "text", "text": value}]
     if not isinstance(value, list):
-        raise ValueError("must be a string or a list of text parts")
+        raise ValueError("must be a string or a list of text parts")  # noqa: TRY004 - for pydantic
     return value
 
 

@@ -261,7 +261,7 @@ class SchedulerService:
                 if not await self.store.renew():
                     log.warning("lease_lost", replica=self.settings.instance_id)
                     self.lost.set()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the renew loop must survive any error
                 log.warning("lease_renew_failed", error=str(exc))
 
     async def _apply(self, ops: Ops) -> None:

@@ -121,7 +121,7 @@ class Scorer:
         check_fields(request)
         try:
             ids = tokenize(self.tokenizer, request)
-        except Exception as exc:  # a chat template or tokenizer refusing this input
+        except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
             raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
         max_tokens = request.sampling.max_tokens
         if len(ids) + max_tokens > self.max_model_len:
@@ -132,7 +132,7 @@ class Scorer:
                 "context_length_exceeded",
             )
         pred = self.predictor.predict(request.prompt_text(), input_tokens=len(ids))
-        clamp = lambda x: float(min(max(x, 1.0), max_tokens))  # noqa: E731
+        clamp = lambda x: float(min(max(x, 1.0), max_tokens))
         score = m.LengthScore(
             uncertainty=float(pred.uncertainty),
             p10=clamp(pred.p10),
@@ -267,7 +267,7 @@ class ScorerService:
             await asyncio.sleep(REFRESH_INTERVAL_S)
             try:
                 await self.scorer.predictor.refresh()
-            except Exception as exc:  # Redis blips must not kill the loop
+            except Exception as exc:  # noqa: BLE001 - Redis blips must not kill the loop
                 log.warning("predictor_refresh_failed", error=str(exc))
 
     async def stop(self) -> None:

@@ -198,7 +198,7 @@ class Checker:
             vtc = await redis.hgetall(keys.SCHED_COUNTERS)
         finally:
             await redis.aclose()
-        decode = lambda h: {k.decode(): float(v) for k, v in h.items()}  # noqa: E731
+        decode = lambda h: {k.decode(): float(v) for k, v in h.items()}
         return decode(served), decode(vtc)
 
     async def quiesce(self, timeout: float = 30.0) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from typing import Self
 
 import httpx
 
@@ -123,7 +124,7 @@ class AmqpTenant:
         self.client = AmqpClient(url)
         self.sent: set[str] = set()
 
-    async def __aenter__(self) -> AmqpTenant:
+    async def __aenter__(self) -> Self:
         await self.client.__aenter__()
         router = self.client.router
         dispatch = router.dispatch
@@ -151,7 +152,7 @@ class AmqpTenant:
         self.sent.add(request.request_id)
         try:
             stream = await self.client.publish(request)
-        except Exception as exc:  # not confirmed by the broker: not accepted
+        except Exception as exc:  # noqa: BLE001 - not confirmed by the broker: not accepted
             print(f"amqp publish of {request.request_id} failed: {exc!r}")
             return log
         log.accepted, log.status = True, 200

@@ -300,8 +300,8 @@ async def test_poison_messages_and_bad_parameters(fault_system, checker, http, k
             await exchange.publish(aio_pika.Message(body, message_id=ids[name], reply_to=(
                 replies.name if exchange_name == topology.REQUESTS_EXCHANGE else None)), key)
         async with AmqpTenant(checker, fs.tenant_url("umbrella"), "umbrella") as producer:
-            bad = [dict(temperature=-1.0), dict(top_p=5.0), dict(max_tokens=0), dict(top_k=-2),
-                   dict(stop=["a", "b", "c", "d", "e"]), dict(temperature=float("inf"))]
+            bad = [{"temperature": -1.0}, {"top_p": 5.0}, {"max_tokens": 0}, {"top_k": -2},
+                   {"stop": ["a", "b", "c", "d", "e"]}, {"temperature": float("inf")}]
             rejected = await asyncio.gather(*[producer.run(request=producer.client.completion(
                 MODEL, "bad parameters", **params)) for params in bad])
             chat = m.CompletionRequest(request_id=f"amqp-{uuid.uuid4().hex}", model=MODEL, kind="chat",

@@ -73,9 +73,10 @@ class System:
             self.metrics_ports[name] = free_port()
             proc_env["FAIRWAY_METRICS_PORT"] = str(self.metrics_ports[name])
         proc_env.update(env)
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", service],
-                                env=proc_env, stdout=log, stderr=subprocess.STDOUT)
+        # The child keeps its own copy of the log's descriptor; ours can close right away.
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "services.cli", service],
+                                    env=proc_env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
 

@@ -11,9 +11,9 @@ from services import messages as m
 
 
 def _request(**kw) -> m.CompletionRequest:
-    base = dict(request_id="r1", tenant="acme", model="tiny", kind="chat",
-                messages=[m.ChatMessage(role="user", content="héllo 👋")],
-                sampling=m.SamplingParams(max_tokens=5, temperature=0.5, stop=["\n"], seed=3))
+    base = {"request_id": "r1", "tenant": "acme", "model": "tiny", "kind": "chat",
+            "messages": [m.ChatMessage(role="user", content="héllo 👋")],
+            "sampling": m.SamplingParams(max_tokens=5, temperature=0.5, stop=["\n"], seed=3)}
     base.update(kw)
     return m.CompletionRequest(**base)
 

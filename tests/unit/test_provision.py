@@ -13,7 +13,14 @@ import re
 import pytest
 
 from services import provision, topology
-from services.provision import SERVICE_USERS, Grant, check_user_name, plan, service_grants, tenant_grant
+from services.provision import (
+    SERVICE_USERS,
+    Grant,
+    check_user_name,
+    plan,
+    service_grants,
+    tenant_grant,
+)
 
 
 def allowed(pattern: str, resource: str) -> bool:

@@ -18,10 +18,10 @@ def request(kind: str = "completion", roles=("user",), **sampling) -> m.Completi
 
 
 @pytest.mark.parametrize("sampling", [
-    dict(max_tokens=0), dict(max_tokens=-5), dict(temperature=-0.1), dict(temperature=2.5),
-    dict(temperature=math.inf), dict(temperature=math.nan), dict(top_p=0.0), dict(top_p=1.5),
-    dict(top_k=-1), dict(stop=["a", "b", "c", "d", "e"]), dict(stop=[""]),
-    dict(stop_token_ids=list(range(257))),
+    {"max_tokens": 0}, {"max_tokens": -5}, {"temperature": -0.1}, {"temperature": 2.5},
+    {"temperature": math.inf}, {"temperature": math.nan}, {"top_p": 0.0}, {"top_p": 1.5},
+    {"top_k": -1}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]},
+    {"stop_token_ids": list(range(257))},
 ])
 def test_bad_sampling_parameters_are_refused(sampling):
     with pytest.raises(RequestRejected) as info:
