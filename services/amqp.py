@@ -14,6 +14,7 @@ runs, and the message is dead-lettered, so no accepted request ends in silence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -27,6 +28,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import AMQPConnectionError, ProbableAuthenticationError
 
 from services import messages as m
 from services import metrics as prom
@@ -43,13 +45,26 @@ RETRY_MAX_S = 8.0
 M = TypeVar("M", bound=m.Message)
 
 
-async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
-    """A robust connection (reconnects and re-declares by itself) with AMQP heartbeats."""
-    return await aio_pika.connect_robust(
-        settings.amqp_url,
-        heartbeat=settings.amqp_heartbeat_s,
-        client_properties={"connection_name": f"{name}:{settings.instance_id}"},
-    )
+async def connect(settings: Settings, name: str, *, max_delay_s: float = 5.0) -> AbstractRobustConnection:
+    """A robust connection (reconnects and re-declares by itself) with AMQP heartbeats.
+
+    The first connection is retried with backoff while the broker is unreachable, so a
+    service may start before RabbitMQ; refused credentials fail at once (no retry fixes them).
+    """
+    delay = 0.1
+    while True:
+        try:
+            return await aio_pika.connect_robust(
+                settings.amqp_url,
+                heartbeat=settings.amqp_heartbeat_s,
+                client_properties={"connection_name": f"{name}:{settings.instance_id}"},
+            )
+        except ProbableAuthenticationError:
+            raise
+        except (AMQPConnectionError, OSError) as exc:
+            log.warning("waiting_for_broker", error=repr(exc), retry_in_s=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay_s)
 
 
 def login_user(url: str) -> str:
@@ -207,8 +222,22 @@ async def run_until_signalled(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:
-        await start()
-        await stopping.wait()
+        # A signal while starting (waiting for the broker or Redis, loading the model)
+        # cancels the start instead of waiting for it.
+        starting = asyncio.ensure_future(start())
+        signalled = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        else:
+            try:
+                starting.result()  # a failed start raises here
+            except BaseException:
+                signalled.cancel()
+                raise
+            await signalled
         log.info("shutdown_requested")
     finally:
         await stop()

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
-from redis.exceptions import RedisError
 
 from services import amqp, keys, redis_client, topology
 from services import messages as m
@@ -187,10 +186,8 @@ class WorkerService:
         await self.channel.set_qos(prefetch_count=s.max_running)
         topo = await topology.declare(self.channel, passive=not s.declare_topology)
         self.events = topo.exchange(topology.EVENTS_EXCHANGE)
-        try:
-            await self._heartbeat()
-        except (RedisError, OSError) as exc:  # Redis restarting: the heartbeat loop retries
-            log.warning("heartbeat_failed", error=str(exc), at="start")
+        await redis_client.wait_until_up(self.redis)  # claims and heartbeats need it
+        await self._heartbeat()
         self.work_queue = topo.queues[topology.work_queue(self.pool)]
         self._consumer_tag = await amqp.consume(self.channel, self.work_queue, m.WorkItem,
                                                 self.on_work, service=self.worker_id,
@@ -437,12 +434,17 @@ class WorkerService:
         self.by_engine.clear()
         for task in self._tasks:
             task.cancel()
-        with contextlib.suppress(Exception):
-            await self.redis.zrem(keys.WORKERS_SEEN, self.worker_id)
-            await self.redis.hdel(keys.WORKERS, self.worker_id)
-        self.engine.stop()
-        await self.connection.close()
-        await self.redis.aclose()
+        # A stop during start (broker or Redis not up yet, model loading) finds less to close.
+        if getattr(self, "redis", None):
+            with contextlib.suppress(Exception):
+                await self.redis.zrem(keys.WORKERS_SEEN, self.worker_id)
+                await self.redis.hdel(keys.WORKERS, self.worker_id)
+        if getattr(self, "engine", None):
+            self.engine.stop()
+        if getattr(self, "connection", None):
+            await self.connection.close()
+        if getattr(self, "redis", None):
+            await self.redis.aclose()
 
 
 async def main(settings: Settings, pool: str, device: str) -> None:

@@ -182,10 +182,13 @@ class SchedulerService:
         if self._runner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._runner, 10)
-        with contextlib.suppress(Exception):
-            await self.store.release()
-        await self.connection.close()
-        await self.redis.aclose()
+        if getattr(self, "store", None):
+            with contextlib.suppress(Exception):
+                await self.store.release()
+        if getattr(self, "connection", None):
+            await self.connection.close()
+        if getattr(self, "redis", None):
+            await self.redis.aclose()
 
     async def _run(self) -> None:
         """Stand by until this replica holds the lease, lead until it is lost, repeat."""

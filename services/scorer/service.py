@@ -171,6 +171,7 @@ class ScorerService:
     async def start(self) -> None:
         s = self.settings
         self.redis = redis_client.connect(s.redis_url)
+        await redis_client.wait_until_up(self.redis)  # the learned predictor state lives there
         self.adapters = AdapterCatalog.from_settings(s, self.redis)
         self.length_samples = RecentLog(self.redis, keys.LENGTH_SAMPLES, keys.LENGTH_SAMPLES_CAP)
         path = resolve_model_path(s.model_path, s.cache_dir)

@@ -99,14 +99,17 @@ async def test_worker_killed_mid_stream(fault_system, checker, http, keys_by_ten
     assert await until(lambda: streaming_worker(fs, checker), TOKEN_TIMEOUT_S), "nothing streamed"
     victim, _ = await streaming_worker(fs, checker)
     survivor = next(w for w in WORKERS if w != victim)
-    killed = set(await running_on(fs.system.redis_url, victim))
+    # Its heartbeat may be half a second old: leave out requests that could finish on the
+    # victim before the kill lands (an answer, or the last 15 of 60 tokens, already there).
+    far_from_done = {log.request_id for log in checker.logs if not log.done and log.tokens <= 45}
+    killed = set(await running_on(fs.system.redis_url, victim)) & far_from_done
     fs.system.signal(victim, signal.SIGKILL)
     logs = await asyncio.gather(*tasks)
     fs.start(victim)
     row = await checker.verify("worker kill -9 mid-stream",
                                note=f"{len(killed)} streams finished by the other worker")
     finished_by = {rid: e.worker_id for rid, e in checker.finished.items()}
-    assert all(finished_by.get(rid) == f"cpu-{survivor}" for rid in killed)
+    assert killed and all(finished_by.get(rid) == f"cpu-{survivor}" for rid in killed), (killed, finished_by)
     assert all(log.done for log in logs), outcomes(logs)
     assert row.answered == 8
     await fs.wait_workers()

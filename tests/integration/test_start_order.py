@@ -1,0 +1,85 @@
+"""Services started before Redis or RabbitMQ wait for them, then work; a SIGTERM while
+they wait ends them at once.
+
+Services start in any order (compose restarts, a Redis restart during a rollout): one
+that exits because Redis is not up yet silently shrinks the system.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import redis
+
+from services import keys
+from services import messages as m
+from services.localinfra import RabbitServer, RedisServer, free_port
+from tests.integration.system import System, own_redis_db, own_vhost
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_worker_and_a_scorer_started_before_redis_wait_for_it(rabbit_server, model_cache, tmp_path):
+    port = free_port()
+    system = System(amqp_url=own_vhost(rabbit_server, "worker-start"), redis_url=f"redis://127.0.0.1:{port}/0",
+                    cache_dir=model_cache, log_dir=tmp_path)
+    procs = {"early-worker": system.start("cpu-worker", name="early-worker"),
+             "early-scorer": system.start("scorer", name="early-scorer")}
+    server = RedisServer(workdir=tmp_path / "redis", port=port)
+    try:
+        _wait_for_log(system, procs, "waiting_for_redis")
+
+        server.start()
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 30
+        beat = None
+        while beat is None and time.monotonic() < deadline:
+            beat = client.hget(keys.WORKERS, "cpu-early-worker")
+            time.sleep(0.2)
+        assert beat is not None, system.log("early-worker")[-3000:]
+        assert m.decode(beat, m.WorkerHeartbeat).pool == "cpu"
+        client.close()
+        _wait_for_log(system, {"early-scorer": procs["early-scorer"]}, "scorer_started")
+    finally:
+        system.stop_all()
+        server.stop()
+
+
+def test_services_started_before_the_broker_wait_for_it_and_stop_on_sigterm(redis_server, model_cache,
+                                                                           tmp_path):
+    rabbit = RabbitServer(workdir=tmp_path / "rabbitmq")
+    system = System(amqp_url=rabbit.url, redis_url=own_redis_db(redis_server, 4), cache_dir=model_cache,
+                    log_dir=tmp_path)
+    names = {"early-scheduler": "scheduler", "early-scorer": "scorer", "early-worker": "cpu-worker"}
+    procs = {name: system.start(service, name=name) for name, service in names.items()}
+    try:
+        _wait_for_log(system, procs, "waiting_for_broker")
+        # A signal while waiting ends the process at once and cleanly.
+        started = time.monotonic()
+        assert system.signal("early-scheduler", signal.SIGTERM, wait=20) == 0
+        assert time.monotonic() - started < 10
+        del procs["early-scheduler"]
+
+        rabbit.start()
+        client = redis.Redis.from_url(system.redis_url)
+        deadline = time.monotonic() + 60
+        while client.hget(keys.WORKERS, "cpu-early-worker") is None:
+            assert procs["early-worker"].poll() is None, system.log("early-worker")[-3000:]
+            assert time.monotonic() < deadline, "the worker never heartbeat"
+            time.sleep(0.2)
+        client.close()
+        _wait_for_log(system, {"early-scorer": procs["early-scorer"]}, "scorer_started")
+    finally:
+        system.stop_all()
+        rabbit.stop()
+
+
+def _wait_for_log(system: System, procs: dict, event: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    for name, proc in procs.items():
+        while event not in system.log(name):
+            assert proc.poll() is None, f"{name} exited: {system.log(name)[-3000:]}"
+            assert time.monotonic() < deadline, f"{name} never logged {event}"
+            time.sleep(0.2)
