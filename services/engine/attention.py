@@ -41,6 +41,13 @@ class PagedAttentionMetadata:
     attention_fn: PagedAttentionFn
     plan: _Plan | None = field(default=None, repr=False)
     """The reference path's per-step derived tensors, made by the first layer."""
+    slot_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per layer K/V ``[num_slots, kv_heads, max_len, head_dim]``: every running request's
+    context, contiguous in its slot (see :func:`make_slot_plan`). Written every step
+    when present, so it is never stale."""
+    slot_plan: SlotPlan | None = None
+    """Where this step's K/V go in ``slot_caches``; ``attend`` says whether attention reads
+    them (the reference path) instead of gathering the paged blocks."""
 
 
 _local = threading.local()
@@ -224,17 +231,34 @@ def _run_plan(
         nb = table.numel()
         k = _gather_blocks(key_cache, table, 0).view(nb * block_size, kv_heads, head_dim)[:ctx]
         v = _gather_blocks(value_cache, table, 1).view(nb * block_size, kv_heads, head_dim)[:ctx]
-        o = F.scaled_dot_product_attention(
-            query[first:end].transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            attn_mask=causal,
-            is_causal=causal is None,  # a whole prompt: plain causal attention
-            scale=scale,
-            enable_gqa=True,
+        _prefill_attention(
+            out, query, first, end, k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal, scale
         )
-        out[first:end] = o[0].transpose(0, 1)
     return out
+
+
+def _prefill_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    first: int,
+    end: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    causal: torch.Tensor | None,
+    scale: float,
+) -> None:
+    """``out[first:end]`` = attention of query rows ``first:end`` ([n, H, D]) to one
+    request's key/value [1, KVH, ctx, D], under ``causal`` (None: plain causal)."""
+    o = F.scaled_dot_product_attention(
+        query[first:end].transpose(0, 1)[None],
+        key,
+        value,
+        attn_mask=causal,
+        is_causal=causal is None,  # a whole prompt: plain causal attention
+        scale=scale,
+        enable_gqa=True,
+    )
+    out[first:end] = o[0].transpose(0, 1)
 
 
 def paged_attention_reference(
@@ -276,13 +300,31 @@ def paged_attention_forward(
     layer_idx = getattr(module, "layer_idx", None)
     if layer_idx is None:
         raise RuntimeError(f"{type(module).__name__} has no layer_idx; cannot map it to a KV cache")
-    key_cache, value_cache = meta.kv_caches[layer_idx]
-    q = query[0].transpose(0, 1)
-    k = key[0].transpose(0, 1).to(key_cache.dtype)
-    v = value[0].transpose(0, 1).to(value_cache.dtype)
-    write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    return layer_attention(meta, layer_idx, q, k, v, scaling).unsqueeze(0), None
+
+
+def layer_attention(
+    meta: PagedAttentionMetadata,
+    layer_idx: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """One layer's step: store k/v [T, KVH, D] in the caches, attend q [T, H, D] -> [T, H, D]."""
+    key_cache, value_cache = meta.kv_caches[layer_idx]
+    if k.dtype != key_cache.dtype:
+        k, v = k.to(key_cache.dtype), v.to(value_cache.dtype)
+    write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+    plan = meta.slot_plan
+    if meta.slot_caches is not None and plan is not None:
+        key_slots, value_slots = meta.slot_caches[layer_idx]
+        write_slot_cache(k, v, key_slots, value_slots, plan.write_index)
+        if plan.attend:
+            return slot_attention(plan, q, key_slots, value_slots, scaling)
     if meta.attention_fn is paged_attention_reference:
         # The reference derives the same index tensors and masks in every layer: once a step.
         if meta.plan is None:
@@ -300,7 +342,203 @@ def paged_attention_forward(
             meta.query_start_loc,
             scaling,
         )
-    return out.unsqueeze(0), None
+    return out
+
+
+SLOT_CALL_COST = 300
+"""What one decode attention call costs on top of its rows, in key rows (CPU: ~15 us of
+dispatch against ~50 ns per padded key row); see :func:`decode_pieces`."""
+SLOT_PIECE_WINDOW = 32
+"""Most slots in one decode piece, which bounds the partition search per step."""
+
+
+@dataclass
+class SlotPlan:
+    """One step over the slot caches, made once by the engine from its bookkeeping.
+
+    A slot holds one running request's K/V at positions ``0..len-1``, so attention reads
+    views of the slots instead of gathering blocks (the gather is a copy of every
+    context, the dominant cost of decode attention on a CPU)."""
+
+    write_index: torch.Tensor
+    """[T * kv_heads] int64 rows of the ``[num_slots * kv_heads * max_len, head_dim]`` view
+    taking each new token's K/V (token-major, then head)."""
+    attend: bool
+    """Whether the attention reads the slot caches (False: the paged path; the slot caches
+    are still written)."""
+    pieces: list[tuple[int, int, int, torch.Tensor | None]] = field(default_factory=list)
+    """Decode calls: slots ``[lo, hi)`` attended over the first ``length`` positions, with
+    an additive mask [hi - lo, 1, 1, length] (-inf past each context) or None."""
+    decode_query: torch.Tensor | None = None
+    """Query row of every slot of the pieces, back to back (any decode row for a slot
+    that does not decode)."""
+    decode_pick: torch.Tensor | None = None
+    """Row of the pieces' joint output of each decode request, in query order."""
+    decode_rows: torch.Tensor | None = None
+    """Query rows of the decode requests; None when they are all the rows, in order."""
+    prefills: list[tuple[int, int, int, int, torch.Tensor | None]] = field(default_factory=list)
+    """Multi-token requests: (first row, end row, slot, context, mask or None = causal)."""
+
+
+def decode_pieces(lens: list[int]) -> list[tuple[int, int]]:
+    """Split slots ``0..len(lens)-1`` (context length per slot, 0 for a slot that does not
+    decode) into runs ``[lo, hi)`` of decoding slots attended in one call each, each
+    padded to its longest context: the cheapest cover under ``SLOT_CALL_COST`` per call
+    plus one per padded key row (an exact search; short contexts next to long ones get
+    their own call, a run of similar ones shares one)."""
+    n = len(lens)
+    inf = float("inf")
+    best = [0.0] + [inf] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        if lens[end - 1] == 0:  # an idle slot ends no piece: skip it for free
+            best[end], cut[end] = best[end - 1], -1
+            continue
+        longest = 0
+        for start in range(end - 1, max(end - SLOT_PIECE_WINDOW, 0) - 1, -1):
+            longest = max(longest, lens[start])
+            if lens[start] == 0:
+                continue  # a piece starts at a decoding slot
+            cost = best[start] + SLOT_CALL_COST + (end - start) * longest
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    pieces = []
+    end = n
+    while end > 0:
+        if cut[end] < 0:
+            end -= 1
+            continue
+        pieces.append((cut[end], end))
+        end = cut[end]
+    return pieces[::-1]
+
+
+def make_slot_plan(
+    query_lens: list[int],
+    context_lens: list[int],
+    slots: list[int],
+    kv_heads: int,
+    max_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    attend: bool = True,
+) -> SlotPlan:
+    """The slot-cache plan of a step whose request ``i`` computes its last ``query_lens[i]``
+    of ``context_lens[i]`` positions in slot ``slots[i]`` (rows back to back, in order)."""
+    starts = [0]
+    rows: list[int] = []  # slot row (slot * kv_heads * max_len + position) of each new token
+    for n, ctx, slot in zip(query_lens, context_lens, slots, strict=True):
+        starts.append(starts[-1] + n)
+        base = slot * kv_heads * max_len
+        rows.extend(range(base + ctx - n, base + ctx))
+    heads = torch.arange(0, kv_heads * max_len, max_len, device=device)
+    write_index = (torch.tensor(rows, device=device)[:, None] + heads[None, :]).reshape(-1)
+    plan = SlotPlan(write_index, attend)
+    if not attend:
+        return plan
+    decode = [i for i, n in enumerate(query_lens) if n == 1]
+    if decode:
+        lo = min(slots[i] for i in decode)
+        lens = [0] * (max(slots[i] for i in decode) + 1 - lo)
+        query_of = [starts[decode[0]]] * len(lens)
+        for i in decode:
+            lens[slots[i] - lo] = context_lens[i]
+            query_of[slots[i] - lo] = starts[i]
+        query_index: list[int] = []
+        row_lens: list[int] = []  # context of each row of the pieces (idle slots: 1)
+        offset_of = [0] * len(lens)  # row of each slot in the pieces' joint output
+        pieces = []
+        for first, end in decode_pieces(lens):
+            for k in range(first, end):
+                offset_of[k] = len(query_index) + k - first
+            query_index.extend(query_of[first:end])
+            row_lens.extend(max(n, 1) for n in lens[first:end])
+            pieces.append((first, end, max(lens[first:end]), min(row_lens[-(end - first) :])))
+        # One mask for every piece (each takes its rows and its length), built in one go.
+        invalid = (
+            torch.arange(max(p[2] for p in pieces), device=device)[None, :]
+            >= torch.tensor(row_lens, device=device)[:, None]
+        )
+        masks = torch.zeros(invalid.shape, dtype=dtype, device=device).masked_fill_(
+            invalid, float("-inf")
+        )[:, None, None, :]
+        done = 0
+        for first, end, longest, shortest in pieces:
+            mask = masks[done : done + end - first, ..., :longest] if shortest < longest else None
+            plan.pieces.append((lo + first, lo + end, longest, mask))
+            done += end - first
+        plan.decode_query = torch.tensor(query_index, device=device)
+        plan.decode_pick = torch.tensor([offset_of[slots[i] - lo] for i in decode], device=device)
+        if len(decode) != len(slots):
+            plan.decode_rows = torch.tensor([starts[i] for i in decode], device=device)
+    for i, (n, ctx) in enumerate(zip(query_lens, context_lens, strict=True)):
+        if n <= 1:
+            continue
+        causal = None
+        if n != ctx:
+            # Query row r sits at position ctx - n + r and sees keys at positions <= it.
+            q_pos = torch.arange(ctx - n, ctx, device=device)
+            causal = (torch.arange(ctx, device=device)[None, :] <= q_pos[:, None])[None, None]
+        plan.prefills.append((starts[i], starts[i + 1], slots[i], ctx, causal))
+    return plan
+
+
+def write_slot_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    write_index: torch.Tensor,
+) -> None:
+    """Store key/value [T, kv_heads, head_dim] at the plan's rows of the slot caches."""
+    head_dim = key_cache.shape[-1]
+    key_cache.view(-1, head_dim).index_copy_(0, write_index, key.reshape(-1, head_dim))
+    value_cache.view(-1, head_dim).index_copy_(0, write_index, value.reshape(-1, head_dim))
+
+
+def slot_attention(
+    plan: SlotPlan,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the step's queries [T, num_heads, head_dim] against their slots
+    of ``key_cache``/``value_cache`` [num_slots, kv_heads, max_len, head_dim], already
+    holding this step's K/V."""
+    _, num_heads, head_dim = query.shape
+    kv_heads = key_cache.shape[1]
+    group = num_heads // kv_heads
+    out = None
+    if plan.pieces:
+        assert plan.decode_query is not None and plan.decode_pick is not None
+        rows = query.index_select(0, plan.decode_query)
+        outs = []
+        done = 0
+        for lo, hi, length, mask in plan.pieces:
+            # The G query heads that share a KV head are G query rows of it: K/V never repeat.
+            outs.append(
+                F.scaled_dot_product_attention(
+                    rows[done : done + hi - lo].view(hi - lo, kv_heads, group, head_dim),
+                    key_cache[lo:hi, :, :length],
+                    value_cache[lo:hi, :, :length],
+                    attn_mask=mask,
+                    scale=scale,
+                )
+            )
+            done += hi - lo
+        o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(done, num_heads, head_dim)
+        o = o.index_select(0, plan.decode_pick)
+        if plan.decode_rows is None:
+            return o
+        out = query.new_empty(query.shape)
+        out.index_copy_(0, plan.decode_rows, o)
+    if out is None:
+        out = query.new_empty(query.shape)
+    for first, end, slot, ctx, causal in plan.prefills:
+        key, value = key_cache[slot : slot + 1, :, :ctx], value_cache[slot : slot + 1, :, :ctx]
+        _prefill_attention(out, query, first, end, key, value, causal, scale)
+    return out
 
 
 def register_paged_attention() -> str:

@@ -7,6 +7,7 @@ attention is swapped for the paged hook in :mod:`services.engine.attention`.
 
 from __future__ import annotations
 
+import heapq
 import inspect
 import time
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from services.engine.attention import (
     PagedAttentionFn,
     PagedAttentionMetadata,
     forward_context,
+    make_slot_plan,
+    paged_attention_reference,
     use_paged_attention,
 )
 from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
+from services.engine.forward import LlamaStepForward
 from services.engine.interface import (
     EngineConfig,
     EngineError,
@@ -29,7 +33,12 @@ from services.engine.interface import (
     RequestOutput,
 )
 from services.engine.kernels import install_kernels
-from services.engine.kv_cache import BlockAllocator, KVCacheSpec, allocate_kv_cache
+from services.engine.kv_cache import (
+    BlockAllocator,
+    KVCacheSpec,
+    allocate_kv_cache,
+    allocate_layer_caches,
+)
 from services.engine.lora import LoraConfig, LoraManager, lora_step
 from services.engine.sampling import make_generator, sample_tokens, validate_sampling
 from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput, Sequence
@@ -122,6 +131,19 @@ class LLMEngine:
         self.kv_caches = allocate_kv_cache(
             spec, config.num_blocks, config.block_size, self.dtype, self.device
         )
+        # On CPU every running request also keeps its context contiguous in a slot, so
+        # attention reads views instead of gathering blocks: the gather copies every
+        # context every layer every step, the largest cost of a CPU decode step. Only
+        # when the slots take no more memory than the paged pool itself.
+        self.slot_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._kv_heads = spec.num_kv_heads
+        slot_tokens = config.max_num_seqs * self.max_model_len
+        if self.device.type == "cpu" and slot_tokens <= config.num_blocks * config.block_size:
+            # [slot, kv_heads, position, head_dim]: a request's keys per head contiguous.
+            shape = (config.max_num_seqs, spec.num_kv_heads, self.max_model_len, spec.head_dim)
+            self.slot_caches = allocate_layer_caches(spec, shape, self.dtype, self.device)
+        self._free_slots = list(range(config.max_num_seqs))
+        self._slot_of: dict[str, int] = {}
         self.lora = None
         if config.max_loras > 0:
             lora_config = LoraConfig(config.max_loras, config.max_lora_rank, config.max_cpu_loras)
@@ -136,6 +158,13 @@ class LLMEngine:
         eos |= _as_id_set(getattr(tokenizer, "eos_token_id", None))
         self.eos_token_ids = frozenset(eos)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # On CPU a plain Llama runs a lean forward (same operations, less Python per step);
+        # elsewhere, or for other models, transformers' forward with the paged hook.
+        self._lean = (
+            LlamaStepForward(model)
+            if self.device.type == "cpu" and LlamaStepForward.supports(model)
+            else None
+        )
 
         self._requests: dict[str, _RequestState] = {}
         self._pending: list[RequestOutput] = []
@@ -204,6 +233,7 @@ class LLMEngine:
         if state is None:
             return
         self.scheduler.finish(state.seq)
+        self._release_slot(request_id)
         self._pending.append(self._final(state, [], "", "cancelled"))
 
     def has_unfinished_requests(self) -> bool:
@@ -233,6 +263,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.preempted:
             log.debug("preempted", request_ids=sched.preempted)
+            for request_id in sched.preempted:  # recomputed from scratch when back
+                self._release_slot(request_id)
         if sched.is_empty:
             return outputs
         decode_tokens = sum(
@@ -249,6 +281,7 @@ class LLMEngine:
             for item in sched.scheduled:
                 state = self._requests.pop(item.seq.request_id)
                 self.scheduler.finish(state.seq)
+                self._release_slot(item.seq.request_id)
                 outputs.append(
                     self._final(state, [], "", "error", error=f"{type(exc).__name__}: {exc}")
                 )
@@ -268,33 +301,58 @@ class LLMEngine:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        seq_lens: list[int] = []
-        starts = [0]
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
         logit_rows: list[int] = []
-        max_blocks = max(len(item.seq.block_ids) for item in sched.scheduled)
-        tables = torch.zeros((len(sched.scheduled), max_blocks), dtype=torch.int32)
-        for i, item in enumerate(sched.scheduled):
+        total = 0
+        for item in sched.scheduled:
             seq, n = item.seq, item.num_new_tokens
             c = seq.num_computed_tokens
             blocks = seq.block_ids
-            input_ids.extend(seq.token_ids[c : c + n])
-            positions.extend(range(c, c + n))
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(c, c + n))
-            seq_lens.append(c + n)
-            starts.append(starts[-1] + n)
-            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            if n == 1:  # a decode: one token, no ranges
+                input_ids.append(seq.token_ids[c])
+                positions.append(c)
+                slots.append(blocks[c // bs] * bs + c % bs)
+            else:
+                input_ids.extend(seq.token_ids[c : c + n])
+                positions.extend(range(c, c + n))
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(c, c + n))
+            query_lens.append(n)
+            context_lens.append(c + n)
+            tables.append(blocks)
+            total += n
             if item.samples:
-                logit_rows.append(starts[-1] - 1)
+                logit_rows.append(total - 1)
+        width = max(len(blocks) for blocks in tables)
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
 
         dev = self.device
         meta = PagedAttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            block_tables=tables.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.tensor(
+                [blocks + [0] * (width - len(blocks)) for blocks in tables], dtype=torch.int32
+            ).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
             query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True),
             kv_caches=self.kv_caches,
             attention_fn=self.attention_fn,
         )
+        if self.slot_caches is not None:
+            meta.slot_caches = self.slot_caches
+            meta.slot_plan = make_slot_plan(
+                query_lens,
+                context_lens,
+                [self._slot(item.seq.request_id) for item in sched.scheduled],
+                self._kv_heads,
+                self.max_model_len,
+                self.dtype,
+                dev,
+                # A custom attention function gets the paged cache; the slots stay written.
+                attend=self.attention_fn is paged_attention_reference,
+            )
         ids = torch.tensor([input_ids], dtype=torch.long).to(dev, non_blocking=True)
         pos = torch.tensor([positions], dtype=torch.long).to(dev, non_blocking=True)
         rows = torch.tensor(logit_rows, dtype=torch.long).to(dev, non_blocking=True)
@@ -310,7 +368,12 @@ class LLMEngine:
                 all_decode=len(input_ids) == len(sched.scheduled),
             )
         with torch.inference_mode(), forward_context(meta), lora_step(lora):
-            logits = self.model(**kwargs).logits[0]
+            if self._lean is not None:
+                logits = self._lean(ids, pos, rows if logit_rows else None, meta)
+                if logits is None:
+                    return []
+            else:
+                logits = self.model(**kwargs).logits[0]
             if not samplers:
                 return []
             if logits.shape[0] != len(logit_rows):
@@ -319,6 +382,19 @@ class LLMEngine:
             return sample_tokens(
                 logits, [s.sampling for s in states], [s.generator for s in states]
             )
+
+    def _slot(self, request_id: str) -> int:
+        """The request's slot of the slot caches, the lowest free one on its first step
+        (low slots keep the decode range short)."""
+        slot = self._slot_of.get(request_id)
+        if slot is None:
+            slot = self._slot_of[request_id] = heapq.heappop(self._free_slots)
+        return slot
+
+    def _release_slot(self, request_id: str) -> None:
+        slot = self._slot_of.pop(request_id, None)
+        if slot is not None:
+            heapq.heappush(self._free_slots, slot)
 
     def _append_token(self, state: _RequestState, token: int) -> RequestOutput:
         seq = state.seq
@@ -348,6 +424,7 @@ class LLMEngine:
             text += state.text.flush()
         del self._requests[seq.request_id]
         self.scheduler.finish(seq)
+        self._release_slot(seq.request_id)
         return self._final(state, [token], text, reason)
 
     @staticmethod

@@ -62,6 +62,19 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * item
 
 
+def allocate_layer_caches(
+    spec: KVCacheSpec, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A zeroed (K, V) pair of ``shape`` for every layer."""
+    return [
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        for _ in range(spec.num_layers)
+    ]
+
+
 def allocate_kv_cache(
     spec: KVCacheSpec,
     num_blocks: int,
@@ -71,10 +84,4 @@ def allocate_kv_cache(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, K and V tensors of shape [num_blocks, block_size, kv_heads, head_dim]."""
     shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-    return [
-        (
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
-        )
-        for _ in range(spec.num_layers)
-    ]
+    return allocate_layer_caches(spec, shape, dtype, device)

@@ -318,3 +318,21 @@ def test_failed_forward_errors_its_requests_and_engine_recovers(model_path, prom
     engine.attention_fn = good_fn
     engine.add_request(EngineRequest("b", prompt_ids[1], greedy(7)))
     assert drain(engine).tokens["b"] == reference[1]
+
+
+def test_cpu_fast_paths_give_the_same_tokens_as_the_paged_forward(
+    model_path, prompt_ids, reference
+):
+    # Lean forward + slot caches (the CPU default), transformers' forward + slot caches,
+    # and transformers' forward over the paged cache alone agree token for token.
+    fast = make_engine(model_path, kv_cache_tokens=65536, max_model_len=512)
+    assert fast._lean is not None and fast.slot_caches is not None
+    plain = make_engine(model_path, kv_cache_tokens=65536, max_model_len=512)
+    plain._lean = None
+    paged = make_engine(model_path, kv_cache_tokens=4096, max_model_len=512)
+    assert paged.slot_caches is None  # the slots would outgrow the paged pool
+    paged._lean = None
+    for engine in (fast, plain, paged):
+        add_all(engine, prompt_ids, OUTPUT_LENS)
+        run = drain(engine)
+        assert [run.tokens[f"r{i}"] for i in range(len(reference))] == reference

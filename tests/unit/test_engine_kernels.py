@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine.attention import paged_attention_reference, write_kv_cache
-from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
+from services.engine.attention import (
+    decode_pieces,
+    make_slot_plan,
+    paged_attention_reference,
+    slot_attention,
+    write_kv_cache,
+    write_slot_cache,
+)
+from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer, _backend_decode
 from services.engine.sampling import (
     apply_top_k_top_p,
     make_generator,
@@ -74,6 +81,61 @@ def test_paged_attention_matches_dense_for_ragged_batch(block_size):
     for i, ((k, v), q) in enumerate(zip(dense, queries)):
         expected = dense_causal_attention(q, k, v, dim**-0.5)
         torch.testing.assert_close(out[starts[i] : starts[i + 1]], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3, 4, 5], [5, 0, 3, 7, 1, 2]])
+def test_slot_attention_matches_dense_for_ragged_batch(slots):
+    torch.manual_seed(0)
+    heads, kv_heads, dim, max_len = 4, 2, 8, 40
+    # (context length, new tokens): decodes of mixed lengths, a prompt, a prefill chunk.
+    shapes = [(1, 1), (9, 1), (17, 17), (30, 6), (5, 1), (33, 1)]
+    key_slots = torch.zeros(8, kv_heads, max_len, dim)
+    value_slots = torch.zeros_like(key_slots)
+    dense = [(torch.randn(n, kv_heads, dim), torch.randn(n, kv_heads, dim)) for n, _ in shapes]
+    # The cached context as earlier steps left it, then this step's tokens via the plan.
+    for slot, (k, v), (length, n) in zip(slots, dense, shapes):
+        key_slots[slot, :, : length - n] = k[: length - n].transpose(0, 1)
+        value_slots[slot, :, : length - n] = v[: length - n].transpose(0, 1)
+    plan = make_slot_plan(
+        [n for _, n in shapes],
+        [c for c, _ in shapes],
+        slots,
+        kv_heads,
+        max_len,
+        torch.float32,
+        torch.device("cpu"),
+    )
+    new_k = torch.cat([k[len(k) - n :] for (k, _), (_, n) in zip(dense, shapes)])
+    new_v = torch.cat([v[len(v) - n :] for (_, v), (_, n) in zip(dense, shapes)])
+    write_slot_cache(new_k, new_v, key_slots, value_slots, plan.write_index)
+    queries = [torch.randn(n, heads, dim) for _, n in shapes]
+    out = slot_attention(plan, torch.cat(queries), key_slots, value_slots, dim**-0.5)
+    start = 0
+    for (k, v), q in zip(dense, queries):
+        expected = dense_causal_attention(q, k, v, dim**-0.5)
+        torch.testing.assert_close(out[start : start + len(q)], expected, rtol=1e-5, atol=1e-5)
+        start += len(q)
+
+
+def test_decode_pieces_cover_each_decoding_slot_once():
+    lens = [700, 0, 690, 20, 25, 0, 0, 710, 30]
+    pieces = decode_pieces(lens)
+    covered = [s for lo, hi in pieces for s in range(lo, hi)]
+    assert sorted(covered) == sorted(set(covered))
+    assert {s for s, n in enumerate(lens) if n} <= set(covered)
+    assert all(lens[lo] and lens[hi - 1] for lo, hi in pieces)  # no idle slot at an end
+    assert decode_pieces([100] * 8) == [(0, 8)]  # equal lengths: one call
+    assert decode_pieces([0, 0]) == []
+
+
+def test_fast_detokenizer_decode_is_the_tokenizers_decode(tokenizer):
+    fast = _backend_decode(tokenizer)
+    assert fast is not None
+    ids = tokenizer("héllo wörld, ünïcode ✓ text")["input_ids"]
+    for skip in (True, False):
+        assert fast(ids, skip_special_tokens=skip) == tokenizer.decode(
+            ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False
+        )
 
 
 def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_seed():
