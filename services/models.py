@@ -58,6 +58,15 @@ RANDOM_LLAMA_SHAPES: dict[str, dict[str, int]] = {
         "num_attention_heads": 12,
         "num_key_value_heads": 4,
     },
+    # Llama-3.2-1B's body (16 x (attention 10.5M + MLP 50.3M)): about 1B parameters, for
+    # GPU benchmarks where no real weights can be downloaded.
+    "llama-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
 }
 """Bigger random-weight Llama shapes (same tokenizer and recipe) for benchmarks."""
 

@@ -1,6 +1,6 @@
 """Engine benchmark: continuous batching vs sequential and statically batched ``generate``.
 
-    fairway bench engine [--model PATH|llama-100m] [--device cpu|cuda] [--dtype auto]
+    fairway bench engine [--model PATH|llama-100m|llama-1b] [--device cpu|cuda] [--dtype auto]
         [--concurrency 1,4,16,64] [--num-requests 64] [--prompt-len 32:256]
         [--min-output 16] [--max-output 512] [--seed 0] [--threads N] [--repeats 1]
         [--max-sequential-requests 8] [--json OUT.json]
@@ -655,7 +655,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="path or hub id; llama-100m builds a random ~100M Llama locally "
+        help="path or hub id; llama-100m or llama-1b builds a random Llama of that size locally "
         "(default: the built-in tiny model)",
     )
     parser.add_argument("--device", default="cpu")

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from services.benchmark.engine import resolve_model
 from services.engine import EngineConfig, EngineRequest, LLMEngine, LoraRequest
 from services.engine.lora import random_lora_adapter
 from services.messages import SamplingParams
-from services.models import load_model, load_tokenizer, resolve_model_path
+from services.models import load_model, load_tokenizer
 from services.settings import Settings
 
 GOAL_RATIO = 1.5
@@ -40,7 +41,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="path or hub id (default: the tiny model)")
+    parser.add_argument("--model", default=None,
+                        help="path or hub id, or a random shape: llama-100m, llama-1b (default: the tiny model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--adapters", type=_int_list, default=[1, 8, 32, 128],
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         args.adapters, args.num_requests, args.prompt_len, args.output_len = [1, 4, 8], 16, 32, 16
         args.max_loras, args.max_num_seqs = min(args.max_loras, 4), 16
     settings = Settings()
-    path = resolve_model_path(args.model, settings.cache_dir)
+    path = resolve_model(args.model, settings.cache_dir)
     tokenizer = load_tokenizer(path)
     base = load_model(path, args.device, args.dtype)
     gen = torch.Generator().manual_seed(args.seed)

@@ -148,11 +148,12 @@ def test_random_llama_is_built_through_save_and_from_pretrained(tmp_path: Path):
         ensure_random_llama(tmp_path, "no-such-shape")
 
 
-def test_llama_100m_shape_has_about_100m_parameters():
+@pytest.mark.parametrize(("name", "low", "high"), [("llama-100m", 90e6, 120e6), ("llama-1b", 0.9e9, 1.1e9)])
+def test_random_llama_shapes_have_the_parameters_their_names_say(name, low, high):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=1498, **RANDOM_LLAMA_SHAPES["llama-100m"])
+    config = LlamaConfig(vocab_size=1498, **RANDOM_LLAMA_SHAPES[name])
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    assert 90e6 < sum(p.numel() for p in model.parameters()) < 120e6
+    assert low < sum(p.numel() for p in model.parameters()) < high
