@@ -54,6 +54,7 @@ from services.gateway.errors import (
     timed_out,
     unauthorized,
 )
+from services.gateway.http import protocol_options
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.responses import (
     ResponseMeta,
@@ -606,9 +607,6 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=int(grace_s),
-        # h11, not httptools (uvicorn's pick when installed): httptools reads a request
-        # head of any size into memory.
-        http="h11",
-        h11_max_incomplete_event_size=MAX_HEAD_READ_BYTES,
+        **protocol_options(MAX_HEAD_READ_BYTES),
     )
     await uvicorn.Server(config).serve()
