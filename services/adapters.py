@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 
 from services import keys
 from services.logs import get_logger
+from services.messages import encodes_as_utf8
 
 log = get_logger(__name__)
 
@@ -98,14 +99,6 @@ class AdapterSpec:
                 "shared_with": list(self.shared_with), "source": self.source}
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def parse_spec(
     data: Any, *, name: str | None = None, base_dir: Path | None = None, source: str = "file"
 ) -> AdapterSpec:
@@ -118,7 +111,7 @@ def parse_spec(
     path = data.get("path")
     if not isinstance(path, str) or not path.strip():
         raise AdapterSpecError(f"adapter {name!r}: path must be a non-empty string", "path")
-    if "\0" in path or not _encodable(path):
+    if "\0" in path or not encodes_as_utf8(path):
         raise AdapterSpecError(f"adapter {name!r}: path contains NUL or unpaired UTF-16 surrogates", "path")
     try:
         resolved = Path(path).expanduser()

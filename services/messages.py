@@ -245,6 +245,16 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 M = TypeVar("M", bound=Message)
 
 
+def encodes_as_utf8(text: str) -> bool:
+    """False for text with unpaired UTF-16 surrogates: they survive ``json.loads`` but
+    not msgpack encoding or logs, so inputs are checked for them at the edge."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return _plain_fields(type(obj))(obj)

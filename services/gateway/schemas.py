@@ -19,7 +19,13 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from services.gateway.errors import ApiError, from_validation_error, invalid, model_not_found
-from services.messages import ChatMessage, CompletionRequest, RequestKind, SamplingParams
+from services.messages import (
+    ChatMessage,
+    CompletionRequest,
+    RequestKind,
+    SamplingParams,
+    encodes_as_utf8,
+)
 from services.settings import Settings
 
 MAX_STOP_SEQUENCES = 4
@@ -37,11 +43,8 @@ DEADLINE_HEADER = "x-fairway-deadline-ms"
 
 
 def _no_surrogates(value: str) -> str:
-    # Lone surrogates survive json.loads but cannot be encoded to UTF-8 (msgpack, logs).
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("string contains unpaired UTF-16 surrogates") from None
+    if not encodes_as_utf8(value):
+        raise ValueError("string contains unpaired UTF-16 surrogates")
     return value
 
 
