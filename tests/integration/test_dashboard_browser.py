@@ -34,6 +34,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
         allow_module_level=True,
     )
 
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -58,7 +59,10 @@ def browser() -> Iterator[WebDriver]:
 def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT_S) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = check()
+        try:
+            value = check()
+        except StaleElementReferenceException:  # re-rendered between find and read
+            value = None
         if value:
             return value
         time.sleep(0.2)
@@ -90,10 +94,13 @@ def send_traffic(system: System, per_tenant: int) -> threading.Thread:
 
 
 def served(driver: WebDriver, tenant: str) -> float | None:
-    cells = driver.find_elements(
-        By.CSS_SELECTOR, f'td[data-tenant="{tenant}"][data-field="served_tokens"]'
+    # Read in the page in one go: the table is re-rendered on every poll, so an element
+    # found first and read after can already be gone.
+    value = driver.execute_script(
+        "const c = document.querySelector(arguments[0]); return c ? c.dataset.value : null;",
+        f'td[data-tenant="{tenant}"][data-field="served_tokens"]',
     )
-    return float(cells[0].get_attribute("data-value")) if cells else None
+    return float(value) if value is not None else None
 
 
 def test_dashboard_shows_live_numbers(system: System, browser: WebDriver, tmp_path: Path) -> None:
