@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "RANDOM_LLAMA_SHAPES",
+    "count_parameters",
+    "cpu_has_fast_bf16",
     "ensure_default_model",
     "ensure_random_llama",
     "load_model",
@@ -306,12 +308,34 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def resolve_dtype(dtype: str, device: str):
-    """``auto`` is fp32 on CPU (fast and exact there) and bf16 on CUDA."""
+CPU_BF16_MIN_PARAMETERS = 30_000_000
+"""From this size ``auto`` runs a model in bf16 on a CPU with bf16 matrix kernels. Measured
+on a 2-core AMX CPU (16-row decode step, prepacked weights): the 3M default model steps
+in 3.5 ms in fp32 and 4.2 ms in bf16 (per-op overhead, not weights, bounds it), the 106M
+llama-100m in 63 ms in fp32 and 34 ms in bf16 (reading weights bounds it)."""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU's oneDNN has bf16 matrix kernels (AVX512-BF16 or AMX)."""
+    import torch
+
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def resolve_dtype(dtype: str, device: str, num_parameters: int | None = None):
+    """``auto`` is bf16 on CUDA; on CPU it is fp32 (exact, and fastest for small models)
+    unless the model has ``CPU_BF16_MIN_PARAMETERS`` or more and the CPU has bf16 matrix
+    kernels, where bf16 halves the weight bytes every decode step reads."""
     import torch
 
     if dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        if str(device).startswith("cuda"):
+            return torch.bfloat16
+        if (num_parameters or 0) >= CPU_BF16_MIN_PARAMETERS and cpu_has_fast_bf16():
+            return torch.bfloat16
+        return torch.float32
     try:
         value = getattr(torch, dtype)
     except AttributeError:
@@ -321,11 +345,28 @@ def resolve_dtype(dtype: str, device: str):
     return value
 
 
+def count_parameters(path: str) -> int:
+    """Parameters of the causal LM at ``path``, counted on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def load_model(path: str, device: str, dtype: str, **kwargs: object) -> PreTrainedModel:
     """Load a causal LM for inference on ``device``; extra kwargs go to ``from_pretrained``."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = resolve_dtype(dtype, device)
+    size = None
+    if dtype == "auto" and not str(device).startswith("cuda"):
+        try:
+            size = count_parameters(path)
+        except (OSError, ValueError, ImportError) as exc:
+            log.warning("parameter_count_failed", path=path, error=str(exc))
+    torch_dtype = resolve_dtype(dtype, device, size)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except TypeError:

@@ -1,6 +1,7 @@
 """Engine benchmark: continuous batching vs sequential and statically batched ``generate``.
 
     fairway bench engine [--model PATH|llama-100m|llama-1b] [--device cpu|cuda] [--dtype auto]
+        [--generate-dtype DTYPE]
         [--concurrency 1,4,16,64] [--num-requests 64] [--prompt-len 32:256]
         [--min-output 16] [--max-output 512] [--seed 0] [--threads N] [--repeats 1]
         [--max-sequential-requests 8] [--json OUT.json]
@@ -441,7 +442,8 @@ def _setup(args: argparse.Namespace, with_generate: bool) -> _Setup:
     tokenizer = load_tokenizer(path)
     # The engine swaps the attention of its model, so generate gets its own copy.
     engine_model = load_model(path, args.device, args.dtype)
-    generate_model = load_model(path, args.device, args.dtype) if with_generate else None
+    generate_dtype = args.generate_dtype or args.dtype
+    generate_model = load_model(path, args.device, generate_dtype) if with_generate else None
     vocab = int(engine_model.config.vocab_size)
     workload = make_workload(
         args.num_requests,
@@ -466,6 +468,11 @@ def _header(args: argparse.Namespace, setup: _Setup) -> dict[str, Any]:
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "device": args.device,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "generate_dtype": (
+            None
+            if setup.generate_model is None
+            else str(next(setup.generate_model.parameters()).dtype).removeprefix("torch.")
+        ),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -659,8 +666,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the built-in tiny model)",
     )
     parser.add_argument("--device", default="cpu")
+    dtypes = ["auto", "float32", "float16", "bfloat16"]
+    parser.add_argument("--dtype", default="auto", choices=dtypes)
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
+        "--generate-dtype",
+        default=None,
+        choices=dtypes,
+        help="dtype of the generate baselines (default: --dtype); e.g. float32 to compare a "
+        "bf16 engine with generate at its fastest on a CPU",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 64])

@@ -47,12 +47,38 @@ def _rms_norm(weight: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor
     return weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
-def _linear(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+PACK_BATCH_HINT = 16
+"""Rows oneDNN lays a packed weight out for: a decode batch (measured on a 2-core AMX
+CPU, bf16 768x3072: the layout for 16 rows is as fast as or faster than those for 1 or
+128 at every batch from 1 to 512 rows)."""
+
+
+def can_pack_weights(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` can be prepacked for oneDNN: bf16 on a CPU whose oneDNN has bf16
+    kernels (AVX512-BF16 or AMX)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def _linear(module: nn.Module, pack: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """``module`` as a function: a plain ``nn.Linear`` straight to ``F.linear`` on its own
-    weight tensors (what its forward does), anything else (a LoRA wrapper) called."""
+    weight tensors (what its forward does), anything else (a LoRA wrapper) called.
+
+    With ``pack`` a bf16 CPU weight is reordered once into oneDNN's blocked layout, which
+    ``F.linear`` otherwise redoes on every call: a 16-row bf16 decode matmul then runs at
+    memory bandwidth, about 2.5x faster than fp32 (the packed copy is extra memory, the
+    size of the weight)."""
     if type(module) is not nn.Linear:
         return module
     weight, bias = module.weight, module.bias
+    if pack and can_pack_weights(weight):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+        bias_ = None if bias is None else bias.detach()
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias_, "none", [], "")
     return lambda x: F.linear(x, weight, bias)
 
 
@@ -85,13 +111,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 class LlamaStepForward:
     """Logits of the rows to sample from one engine step, for a ``LlamaForCausalLM``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pack_weights: bool = True) -> None:
+        """``pack_weights``: prepack bf16 CPU weights for oneDNN (see ``_linear``)."""
         inner = model.model
         # Bound forwards: the modules' own code without nn.Module's call machinery.
         self.embed = inner.embed_tokens.forward
         self.rotary = inner.rotary_emb.forward
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.lm_head = _linear(model.lm_head)
+        self.lm_head = _linear(model.lm_head, pack_weights)
         self.layers = []
         for layer in inner.layers[: model.config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
@@ -109,7 +136,7 @@ class LlamaStepForward:
                         layer.post_attention_layernorm.variance_epsilon,
                     ),
                     linears=tuple(  # type: ignore[arg-type]
-                        _linear(m)
+                        _linear(m, pack_weights)
                         for m in (
                             attn.q_proj,
                             attn.k_proj,

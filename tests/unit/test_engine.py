@@ -336,3 +336,24 @@ def test_cpu_fast_paths_give_the_same_tokens_as_the_paged_forward(
         add_all(engine, prompt_ids, OUTPUT_LENS)
         run = drain(engine)
         assert [run.tokens[f"r{i}"] for i in range(len(reference))] == reference
+
+
+def test_bf16_engine_with_prepacked_weights_matches_unpacked(model_path, prompt_ids):
+    # On a CPU with bf16 matrix kernels the lean forward prepacks bf16 weights for oneDNN;
+    # the tokens must be those of the same bf16 engine calling F.linear on the raw weights.
+    from services.engine.forward import LlamaStepForward, can_pack_weights
+
+    config = EngineConfig(kv_cache_tokens=65536, max_model_len=512)
+    packed = LLMEngine.from_pretrained(model_path, "cpu", "bfloat16", config)
+    weight = packed.model.model.layers[0].mlp.up_proj.weight
+    if not can_pack_weights(weight):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    assert packed._lean is not None
+    plain = LLMEngine.from_pretrained(model_path, "cpu", "bfloat16", config)
+    plain._lean = LlamaStepForward(plain.model, pack_weights=False)
+    runs = []
+    for engine in (packed, plain):
+        add_all(engine, prompt_ids, OUTPUT_LENS)
+        runs.append(drain(engine).tokens)
+    assert runs[0] == runs[1]
+    assert [len(runs[0][f"r{i}"]) for i in range(len(OUTPUT_LENS))] == OUTPUT_LENS

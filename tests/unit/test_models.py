@@ -85,3 +85,25 @@ def test_model_shape_and_dtype(model_cache: Path):
     assert tok.eos_token_id in (eos if isinstance(eos, list) else [eos])
     assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_auto_dtype_on_cpu_is_bf16_only_for_big_models_on_bf16_cpus(monkeypatch):
+    from services import models
+
+    big, small = models.CPU_BF16_MIN_PARAMETERS, models.CPU_BF16_MIN_PARAMETERS - 1
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu", big) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", small) == torch.float32
+    assert resolve_dtype("auto", "cpu") == torch.float32  # size unknown: the exact choice
+    assert resolve_dtype("float32", "cpu", big) == torch.float32  # an explicit dtype wins
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu", big) == torch.float32
+    assert resolve_dtype("auto", "cuda", small) == torch.bfloat16
+
+
+def test_count_parameters_reads_no_weights_and_matches_the_model(model_cache: Path):
+    from services.models import count_parameters
+
+    path = str(model_cache / DEFAULT_MODEL_NAME)
+    model = load_model(path, "cpu", "float32")
+    assert count_parameters(path) == sum(p.numel() for p in model.parameters())
