@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "LEAN_FORWARD_ARCHITECTURES",
     "RANDOM_LLAMA_SHAPES",
     "count_parameters",
     "cpu_has_fast_bf16",
@@ -30,6 +31,7 @@ __all__ = [
     "ensure_random_llama",
     "load_model",
     "load_tokenizer",
+    "prefers_bf16_on_cpu",
     "resolve_dtype",
     "resolve_model_path",
 ]
@@ -309,10 +311,16 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 CPU_BF16_MIN_PARAMETERS = 30_000_000
-"""From this size ``auto`` runs a model in bf16 on a CPU with bf16 matrix kernels. Measured
-on a 2-core AMX CPU (16-row decode step, prepacked weights): the 3M default model steps
-in 3.5 ms in fp32 and 4.2 ms in bf16 (per-op overhead, not weights, bounds it), the 106M
-llama-100m in 63 ms in fp32 and 34 ms in bf16 (reading weights bounds it)."""
+"""From this size ``auto`` runs a plain Llama in bf16 on a CPU with bf16 matrix kernels.
+Measured on a 2-core AMX CPU (16-row decode step, prepacked weights): the 3M default
+model steps in 3.5 ms in fp32 and 4.2 ms in bf16 (per-op overhead, not weights, bounds
+it), the 106M llama-100m in 63 ms in fp32 and 34 ms in bf16 (reading weights bounds it)."""
+
+LEAN_FORWARD_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+"""Models the engine runs through its own lean forward on CPU (services/engine/forward.py),
+which prepacks bf16 weights and bounds the shapes oneDNN builds kernels for. Only these
+get bf16 from ``auto`` on CPU: through transformers' forward every new input shape costs
+oneDNN about 1 MB of cached kernel in bf16 (not in fp32)."""
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -324,16 +332,13 @@ def cpu_has_fast_bf16() -> bool:
     )
 
 
-def resolve_dtype(dtype: str, device: str, num_parameters: int | None = None):
+def resolve_dtype(dtype: str, device: str, cpu_bf16: bool = False):
     """``auto`` is bf16 on CUDA; on CPU it is fp32 (exact, and fastest for small models)
-    unless the model has ``CPU_BF16_MIN_PARAMETERS`` or more and the CPU has bf16 matrix
-    kernels, where bf16 halves the weight bytes every decode step reads."""
+    unless ``cpu_bf16`` (see :func:`prefers_bf16_on_cpu`)."""
     import torch
 
     if dtype == "auto":
-        if str(device).startswith("cuda"):
-            return torch.bfloat16
-        if (num_parameters or 0) >= CPU_BF16_MIN_PARAMETERS and cpu_has_fast_bf16():
+        if str(device).startswith("cuda") or cpu_bf16:
             return torch.bfloat16
         return torch.float32
     try:
@@ -356,17 +361,31 @@ def count_parameters(path: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def prefers_bf16_on_cpu(path: str) -> bool:
+    """Whether ``auto`` runs the model at ``path`` in bf16 on this CPU: a model of
+    ``LEAN_FORWARD_ARCHITECTURES`` with ``CPU_BF16_MIN_PARAMETERS`` or more, on a CPU with bf16
+    matrix kernels, where bf16 halves the weight bytes every decode step reads."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = set(AutoConfig.from_pretrained(path).architectures or [])
+        return (
+            bool(architectures & LEAN_FORWARD_ARCHITECTURES)
+            and cpu_has_fast_bf16()
+            and count_parameters(path) >= CPU_BF16_MIN_PARAMETERS
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        log.warning("model_size_unknown", path=path, error=str(exc))
+        return False
+
+
 def load_model(path: str, device: str, dtype: str, **kwargs: object) -> PreTrainedModel:
     """Load a causal LM for inference on ``device``; extra kwargs go to ``from_pretrained``."""
     from transformers import AutoModelForCausalLM
 
-    size = None
-    if dtype == "auto" and not str(device).startswith("cuda"):
-        try:
-            size = count_parameters(path)
-        except (OSError, ValueError, ImportError) as exc:
-            log.warning("parameter_count_failed", path=path, error=str(exc))
-    torch_dtype = resolve_dtype(dtype, device, size)
+    on_cpu = str(device).split(":")[0] == "cpu"
+    cpu_bf16 = dtype == "auto" and on_cpu and prefers_bf16_on_cpu(path)
+    torch_dtype = resolve_dtype(dtype, device, cpu_bf16)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except TypeError:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.engine.attention import PagedAttentionMetadata, layer_attention
+from services.models import LEAN_FORWARD_ARCHITECTURES
 
-LEAN_MODELS = frozenset({"LlamaForCausalLM"})
 LEAN_PARTS = {
     "layer": "LlamaDecoderLayer",
     "attention": "LlamaAttention",
@@ -31,6 +31,9 @@ LEAN_PARTS = {
     "norm": "LlamaRMSNorm",
     "rotary": "LlamaRotaryEmbedding",
 }
+
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _is(module: object, part: str) -> bool:
@@ -48,41 +51,65 @@ def _rms_norm(weight: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor
 
 
 PACK_BATCH_HINT = 16
-"""Rows oneDNN lays a packed weight out for: a decode batch (measured on a 2-core AMX
-CPU, bf16 768x3072: the layout for 16 rows is as fast as or faster than those for 1 or
-128 at every batch from 1 to 512 rows)."""
+"""Rows oneDNN lays a packed weight out for: a decode batch. Measured on a 2-core AMX CPU,
+bf16 768x3072: of the layouts for 1, 16 and 128 rows, 16's is the fastest from 1 to 64
+rows and within 6% of 128's for a 512-row prefill chunk."""
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a packed matmul of ``rows`` rows runs at: a multiple of 16 up to 64,
+    of 64 beyond. oneDNN builds and caches a kernel (about 1 MB on AMX) per input shape,
+    so with every step's token count a shape of its own, memory grew by over a GB in a
+    sweep of 1-512 rows; these buckets bound it at 11 shapes per weight. The padding rows
+    are nearly free where a step reads weights (decode) and at most 63 rows otherwise."""
+    step = 16 if rows <= 64 else 64
+    return -(-rows // step) * step
 
 
 def can_pack_weights(weight: torch.Tensor) -> bool:
     """Whether ``weight`` can be prepacked for oneDNN: bf16 on a CPU whose oneDNN has bf16
     kernels (AVX512-BF16 or AMX)."""
+    from services.models import cpu_has_fast_bf16
+
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and cpu_has_fast_bf16()
+        # Private ops (stable since torch 2.0, used by inductor's CPU freezing pass).
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
-def _linear(module: nn.Module, pack: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module`` as a function: a plain ``nn.Linear`` straight to ``F.linear`` on its own
-    weight tensors (what its forward does), anything else (a LoRA wrapper) called.
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Fn:
+    """``F.linear(x, weight, bias)`` for 2-D ``x`` on a weight reordered once into oneDNN's
+    blocked layout, which ``F.linear`` otherwise redoes on every call: a 16-row bf16
+    decode matmul then runs at memory bandwidth, about 2.5x faster than fp32. Costs a
+    second copy of the weight. Inputs are padded to ``padded_rows``."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+    bias = None if bias is None else bias.detach()
+    op = torch.ops.mkldnn._linear_pointwise
 
-    With ``pack`` a bf16 CPU weight is reordered once into oneDNN's blocked layout, which
-    ``F.linear`` otherwise redoes on every call: a 16-row bf16 decode matmul then runs at
-    memory bandwidth, about 2.5x faster than fp32 (the packed copy is extra memory, the
-    size of the weight)."""
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        padded = padded_rows(rows)
+        if padded == rows:
+            return op(x, packed, bias, "none", [], "")
+        return op(F.pad(x, (0, 0, 0, padded - rows)), packed, bias, "none", [], "")[:rows]
+
+    return linear
+
+
+def _linear(module: nn.Module, pack: bool = False) -> Fn:
+    """``module`` as a function: a plain ``nn.Linear`` straight to ``F.linear`` on its own
+    weight tensors (what its forward does), anything else (a LoRA wrapper) called; with
+    ``pack``, a bf16 CPU weight through :func:`packed_linear`."""
     if type(module) is not nn.Linear:
         return module
     weight, bias = module.weight, module.bias
     if pack and can_pack_weights(weight):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
-        bias_ = None if bias is None else bias.detach()
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias_, "none", [], "")
+        return packed_linear(weight, bias)
     return lambda x: F.linear(x, weight, bias)
-
-
-Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -154,7 +181,7 @@ class LlamaStepForward:
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         inner = getattr(model, "model", None)
-        if type(model).__name__ not in LEAN_MODELS or inner is None:
+        if type(model).__name__ not in LEAN_FORWARD_ARCHITECTURES or inner is None:
             return False
         layers = list(getattr(inner, "layers", []))
         act = getattr(

@@ -87,21 +87,27 @@ def test_model_shape_and_dtype(model_cache: Path):
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
 
 
-def test_auto_dtype_on_cpu_is_bf16_only_for_big_models_on_bf16_cpus(monkeypatch):
+def test_auto_dtype_on_cpu_is_bf16_for_big_llamas_on_bf16_cpus(monkeypatch, model_cache: Path):
     from services import models
 
-    big, small = models.CPU_BF16_MIN_PARAMETERS, models.CPU_BF16_MIN_PARAMETERS - 1
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu", cpu_bf16=True) == torch.bfloat16
+    assert resolve_dtype("float32", "cpu", cpu_bf16=True) == torch.float32  # explicit wins
+    path = str(model_cache / DEFAULT_MODEL_NAME)
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
-    assert resolve_dtype("auto", "cpu", big) == torch.bfloat16
-    assert resolve_dtype("auto", "cpu", small) == torch.float32
-    assert resolve_dtype("auto", "cpu") == torch.float32  # size unknown: the exact choice
-    assert resolve_dtype("float32", "cpu", big) == torch.float32  # an explicit dtype wins
+    assert not models.prefers_bf16_on_cpu(path)  # 3.7M parameters: fp32 is faster
+    monkeypatch.setattr(models, "CPU_BF16_MIN_PARAMETERS", 1_000_000)
+    assert models.prefers_bf16_on_cpu(path)
+    assert load_model(path, "cpu", "auto").dtype == torch.bfloat16
+    monkeypatch.setattr(models, "LEAN_FORWARD_ARCHITECTURES", frozenset({"GPT2LMHeadModel"}))
+    assert not models.prefers_bf16_on_cpu(path)
+    monkeypatch.setattr(models, "LEAN_FORWARD_ARCHITECTURES", frozenset({"LlamaForCausalLM"}))
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
-    assert resolve_dtype("auto", "cpu", big) == torch.float32
-    assert resolve_dtype("auto", "cuda", small) == torch.bfloat16
+    assert not models.prefers_bf16_on_cpu(path)
+    assert not models.prefers_bf16_on_cpu(str(model_cache / "no-such-model"))
 
 
-def test_count_parameters_reads_no_weights_and_matches_the_model(model_cache: Path):
+def test_count_parameters_matches_the_loaded_model(model_cache: Path):
     from services.models import count_parameters
 
     path = str(model_cache / DEFAULT_MODEL_NAME)
