@@ -27,8 +27,10 @@ torch thread. TTFT = first token - submission, where engine and static requests 
 submitted at t=0 (queueing included) and a sequential request at the start of its own
 ``generate`` call (queueing excluded). TPOT = (last token - first token) / (output
 tokens - 1) per request; a static batch member's last token is the step that produced
-its own last requested token. With ``--repeats R`` the methods run R times interleaved
-and the median-throughput run is reported, with every run's figure.
+its own last requested token. ``--generate-dtype`` loads the same weights for both
+``generate`` baselines in another dtype (e.g. fp32, generate's fastest on a CPU, against
+an engine that ``auto`` runs in bf16). With ``--repeats R`` the methods run R times
+interleaved and the median-throughput run is reported, with every run's figure.
 
 Memory mode (``--duration S``) streams requests through one engine for S seconds,
 keeping ``concurrency`` requests in flight, and samples the process RSS from
