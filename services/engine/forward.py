@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.engine.attention import PagedAttentionMetadata, layer_attention
+from services.engine.lora import LoraLinear
 from services.models import LEAN_FORWARD_ARCHITECTURES
 
 LEAN_PARTS = {
@@ -82,7 +83,7 @@ def can_pack_weights(weight: torch.Tensor) -> bool:
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Fn:
-    """``F.linear(x, weight, bias)`` for 2-D ``x`` on a weight reordered once into oneDNN's
+    """``F.linear(x, weight, bias)`` on a weight reordered once into oneDNN's
     blocked layout, which ``F.linear`` otherwise redoes on every call: a 16-row bf16
     decode matmul then runs at memory bandwidth, about 2.5x faster than fp32. Costs a
     second copy of the weight. Inputs are padded to ``padded_rows``."""
@@ -91,11 +92,15 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Fn:
     op = torch.ops.mkldnn._linear_pointwise
 
     def linear(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
         rows = x.shape[0]
         padded = padded_rows(rows)
         if padded == rows:
-            return op(x, packed, bias, "none", [], "")
-        return op(F.pad(x, (0, 0, 0, padded - rows)), packed, bias, "none", [], "")[:rows]
+            y = op(x, packed, bias, "none", [], "")
+        else:
+            y = op(F.pad(x, (0, 0, 0, padded - rows)), packed, bias, "none", [], "")[:rows]
+        return y.view(*shape[:-1], y.shape[-1])
 
     return linear
 
@@ -103,8 +108,10 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Fn:
 def _linear(module: nn.Module, pack: bool = False) -> Fn:
     """``module`` as a function: a plain ``nn.Linear`` straight to ``F.linear`` on its own
     weight tensors (what its forward does), anything else (a LoRA wrapper) called; with
-    ``pack``, a bf16 CPU weight through :func:`packed_linear`."""
+    ``pack``, a bf16 CPU weight through :func:`packed_linear` (a LoRA wrapper's base too)."""
     if type(module) is not nn.Linear:
+        if pack and isinstance(module, LoraLinear) and can_pack_weights(module.base.weight):
+            module.base_fn = packed_linear(module.base.weight, module.base.bias)
         return module
     weight, bias = module.weight, module.bias
     if pack and can_pack_weights(weight):

@@ -263,6 +263,9 @@ class LoraLinear(nn.Module):
         self.lora_scale: torch.Tensor | None = None
         self.targeted: set[int] = set()
         """Slots whose adapter trains this layer."""
+        self.base_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Computes ``base(x)`` in its place when set (the CPU lean forward's packed bf16
+        matmul); ``base`` keeps the weights."""
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads ``proj.weight`` keeps working
@@ -273,7 +276,7 @@ class LoraLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base(x) if self.base_fn is None else self.base_fn(x)
         step: LoraStep | None = getattr(_local, "step", None)
         if step is None or self.targeted.isdisjoint(step.slots):
             return y

@@ -247,3 +247,23 @@ def test_adapters_saved_by_peft_load_as_peft_merges_them(base_model, tmp_path) -
     ours = merge_lora_(copy.deepcopy(base_model), tmp_path)
     for (name, expected), (_, actual) in zip(merged.named_parameters(), ours.named_parameters()):
         torch.testing.assert_close(actual, expected, msg=name)
+
+
+def test_bf16_adapters_over_prepacked_base_weights(base_model, tokenizer, adapters) -> None:
+    # On a CPU with bf16 matrix kernels the lean forward computes a LoRA layer's base
+    # matmul on prepacked weights too: same tokens as the raw weights through F.linear.
+    from services.engine.forward import LlamaStepForward, can_pack_weights
+    from services.engine.lora import LoraLinear
+
+    bf16 = copy.deepcopy(base_model).to(torch.bfloat16)
+    if not can_pack_weights(bf16.lm_head.weight):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    packed, plain = make_engine(bf16, tokenizer), make_engine(bf16, tokenizer)
+    wrapped = [m for m in packed.model.modules() if isinstance(m, LoraLinear)]
+    assert wrapped and all(m.base_fn is not None for m in wrapped)
+    for module in plain.model.modules():
+        if isinstance(module, LoraLinear):
+            module.base_fn = None
+    plain._lean = LlamaStepForward(plain.model, pack_weights=False)
+    jobs = [("a0", "acme", 0), ("b1", "beta", 1), ("n2", None, 2), ("g3", "gamma", 3)]
+    assert run(packed, jobs, adapters) == run(plain, jobs, adapters)

@@ -32,3 +32,13 @@ def test_packed_linear_equals_f_linear_for_any_row_count(rows):
 
 def test_fp32_weights_are_not_packed():
     assert not can_pack_weights(torch.zeros(4, 4))
+
+
+def test_packed_linear_keeps_leading_dimensions():
+    weight = torch.randn(32, 16).to(torch.bfloat16)
+    if not can_pack_weights(weight):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    x = torch.randn(2, 3, 16).to(torch.bfloat16)
+    out = packed_linear(weight, None)(x)
+    assert out.shape == (2, 3, 32)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1.6e-2, atol=1e-2)
