@@ -33,6 +33,7 @@ from aio_pika.exceptions import AMQPConnectionError, ProbableAuthenticationError
 from services import messages as m
 from services import metrics as prom
 from services import topology
+from services.backoff import retry_until_up
 from services.logs import get_logger
 from services.settings import Settings
 
@@ -45,26 +46,22 @@ RETRY_MAX_S = 8.0
 M = TypeVar("M", bound=m.Message)
 
 
-async def connect(settings: Settings, name: str, *, max_delay_s: float = 5.0) -> AbstractRobustConnection:
+async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     """A robust connection (reconnects and re-declares by itself) with AMQP heartbeats.
 
     The first connection is retried with backoff while the broker is unreachable, so a
     service may start before RabbitMQ; refused credentials fail at once (no retry fixes them).
     """
-    delay = 0.1
-    while True:
-        try:
-            return await aio_pika.connect_robust(
-                settings.amqp_url,
-                heartbeat=settings.amqp_heartbeat_s,
-                client_properties={"connection_name": f"{name}:{settings.instance_id}"},
-            )
-        except ProbableAuthenticationError:
-            raise
-        except (AMQPConnectionError, OSError) as exc:
-            log.warning("waiting_for_broker", error=repr(exc), retry_in_s=delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, max_delay_s)
+    return await retry_until_up(
+        lambda: aio_pika.connect_robust(
+            settings.amqp_url,
+            heartbeat=settings.amqp_heartbeat_s,
+            client_properties={"connection_name": f"{name}:{settings.instance_id}"},
+        ),
+        (AMQPConnectionError, OSError),
+        "waiting_for_broker",
+        fatal=(ProbableAuthenticationError,),
+    )
 
 
 def login_user(url: str) -> str:

@@ -7,14 +7,10 @@ instead queues the command for up to ``wait_s`` and keeps the number of sockets 
 
 from __future__ import annotations
 
-import asyncio
-
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.logs import get_logger
-
-log = get_logger(__name__)
+from services.backoff import retry_until_up
 
 MAX_CONNECTIONS = 64
 WAIT_FOR_CONNECTION_S = 5.0
@@ -29,15 +25,7 @@ def connect(url: str, *, max_connections: int = MAX_CONNECTIONS, wait_s: float =
     return aioredis.Redis(connection_pool=pool)
 
 
-async def wait_until_up(client: aioredis.Redis, *, max_delay_s: float = 5.0) -> None:
+async def wait_until_up(client: aioredis.Redis) -> None:
     """Return once Redis answers a PING, retrying with backoff: a service that starts
     before Redis (any start order, a Redis restart during a rollout) waits, not exits."""
-    delay = 0.1
-    while True:
-        try:
-            await client.ping()
-            return
-        except (RedisError, OSError) as exc:
-            log.warning("waiting_for_redis", error=str(exc), retry_in_s=delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, max_delay_s)
+    await retry_until_up(client.ping, (RedisError, OSError), "waiting_for_redis")

@@ -151,6 +151,26 @@ def _decode_groups(decode: list[int], blocks_of: list[int]) -> list[list[int]]:
     return groups
 
 
+def _padding_mask(
+    width: int, lens: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive mask [len(lens), 1, 1, width]: 0 at key positions below each row's length,
+    -inf from it on."""
+    invalid = torch.arange(width, device=device)[None, :] >= lens[:, None]
+    mask = torch.zeros(invalid.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(invalid, float("-inf"))[:, None, None, :]
+
+
+def _chunk_causal_mask(q_len: int, ctx: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask [1, 1, q_len, ctx] of a prefill chunk, the last ``q_len`` of ``ctx``
+    positions; None for a whole prompt (plain causal attention)."""
+    if q_len == ctx:
+        return None
+    # Query row r sits at position ctx - q_len + r and sees keys at positions <= it.
+    q_pos = torch.arange(ctx - q_len, ctx, device=device)
+    return (torch.arange(ctx, device=device)[None, :] <= q_pos[:, None])[None, None]
+
+
 def _make_plan(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -171,14 +191,12 @@ def _make_plan(
         tables = block_tables if idx is None else block_tables[idx]
         group_lens = seq_lens if idx is None else seq_lens[idx]
         shape = (len(members), nb * block_size)
-        invalid = torch.arange(shape[1], device=device)[None, :] >= group_lens[:, None]
-        mask = torch.zeros(shape, dtype=dtype, device=device).masked_fill_(invalid, float("-inf"))
         groups.append(
             _DecodeGroup(
                 rows=None if idx is None else query_start_loc[idx].long(),
                 blocks=tables[:, :nb].reshape(-1).long(),
                 shape=shape,
-                mask=mask[:, None, None, :],
+                mask=_padding_mask(shape[1], group_lens, dtype, device),
             )
         )
     prefills = []
@@ -187,11 +205,7 @@ def _make_plan(
         if q_len <= 1:
             continue
         table = block_tables[i, : blocks_of[i]].long()
-        causal = None
-        if q_len != ctx:
-            # Query row r sits at position ctx - q_len + r and sees keys at positions <= it.
-            q_pos = torch.arange(ctx - q_len, ctx, device=device)
-            causal = (torch.arange(ctx, device=device)[None, :] <= q_pos[:, None])[None, None]
+        causal = _chunk_causal_mask(q_len, ctx, device)
         prefills.append((starts[i], starts[i + 1], ctx, table, causal))
     return _Plan(groups, prefills)
 
@@ -455,13 +469,8 @@ def make_slot_plan(
             row_lens.extend(max(n, 1) for n in lens[first:end])
             pieces.append((first, end, max(lens[first:end]), min(row_lens[-(end - first) :])))
         # One mask for every piece (each takes its rows and its length), built in one go.
-        invalid = (
-            torch.arange(max(p[2] for p in pieces), device=device)[None, :]
-            >= torch.tensor(row_lens, device=device)[:, None]
-        )
-        masks = torch.zeros(invalid.shape, dtype=dtype, device=device).masked_fill_(
-            invalid, float("-inf")
-        )[:, None, None, :]
+        width = max(p[2] for p in pieces)
+        masks = _padding_mask(width, torch.tensor(row_lens, device=device), dtype, device)
         done = 0
         for first, end, longest, shortest in pieces:
             mask = masks[done : done + end - first, ..., :longest] if shortest < longest else None
@@ -474,11 +483,7 @@ def make_slot_plan(
     for i, (n, ctx) in enumerate(zip(query_lens, context_lens, strict=True)):
         if n <= 1:
             continue
-        causal = None
-        if n != ctx:
-            # Query row r sits at position ctx - n + r and sees keys at positions <= it.
-            q_pos = torch.arange(ctx - n, ctx, device=device)
-            causal = (torch.arange(ctx, device=device)[None, :] <= q_pos[:, None])[None, None]
+        causal = _chunk_causal_mask(n, ctx, device)
         plan.prefills.append((starts[i], starts[i + 1], slots[i], ctx, causal))
     return plan
 

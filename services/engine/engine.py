@@ -305,7 +305,7 @@ class LLMEngine:
         context_lens: list[int] = []
         tables: list[list[int]] = []
         logit_rows: list[int] = []
-        total = 0
+        starts = [0]
         for item in sched.scheduled:
             seq, n = item.seq, item.num_new_tokens
             c = seq.num_computed_tokens
@@ -321,13 +321,10 @@ class LLMEngine:
             query_lens.append(n)
             context_lens.append(c + n)
             tables.append(blocks)
-            total += n
-            if item.samples:
-                logit_rows.append(total - 1)
-        width = max(len(blocks) for blocks in tables)
-        starts = [0]
-        for n in query_lens:
             starts.append(starts[-1] + n)
+            if item.samples:
+                logit_rows.append(starts[-1] - 1)
+        width = max(len(blocks) for blocks in tables)
 
         dev = self.device
         meta = PagedAttentionMetadata(

@@ -31,6 +31,7 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from redis.exceptions import RedisError
 
 from services import amqp, keys, redis_client, topology
+from services.backoff import retry_until_up
 from services.gateway.errors import (
     ApiError,
     overloaded,
@@ -194,18 +195,20 @@ class Backend:
         )
 
     async def _connect_forever(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._connect()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure to set up the broker: retry
-                log.warning("amqp_connect_failed", error=repr(exc), retry_in_s=delay)
-                await self._drop_connection()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, CONNECT_RETRY_MAX_S)
+        # Any failure to set up the broker is retried (the gateway answers /health meanwhile).
+        await retry_until_up(
+            self._connect_or_clean_up,
+            (Exception,),
+            "amqp_connect_failed",
+            max_delay_s=CONNECT_RETRY_MAX_S,
+        )
+
+    async def _connect_or_clean_up(self) -> None:
+        try:
+            await self._connect()
+        except Exception:
+            await self._drop_connection()
+            raise
 
     async def _connect(self) -> None:
         conn = await amqp.connect(self.settings, "gateway")
