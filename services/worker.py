@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 
 from services import amqp, keys, redis_client, topology
@@ -43,6 +44,35 @@ log = get_logger(__name__)
 PROGRESS_INTERVAL_S = 0.5
 SHUTDOWN_GRACE_S = 20.0
 FEEDBACK_PROMPT_CHARS = 4000
+
+
+@dataclass(frozen=True, slots=True)
+class WorkClaim:
+    """What Redis says about a work item as a worker takes it."""
+
+    cancelled: bool
+    done: bool
+    claimed: bool
+    """This delivery took the request's claim: no other delivery has started it."""
+
+    def is_duplicate(self, redelivered: bool) -> bool:
+        """A copy that must not run: the request was answered, or another delivery holds
+        its claim. A scheduler that dies between publishing a work item and recording the
+        broker's confirm makes its successor publish the item again, so a second copy is
+        expected after a failover. A broker redelivery (the first worker died holding the
+        message) is the one case that must run again despite the claim."""
+        return self.done or (not self.claimed and not redelivered)
+
+
+async def claim_work(redis: aioredis.Redis, request_id: str, worker_id: str) -> WorkClaim:
+    """Read the done and cancelled markers and take the claim, in one round trip. The
+    claim is taken even when the request turns out done, cancelled or unservable, which
+    is harmless: nobody else may run it then either."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.mget(keys.sched_cancelled(request_id), keys.sched_done(request_id))
+    pipe.set(keys.work_claim(request_id), worker_id, nx=True, ex=keys.DONE_TTL_S)
+    (cancelled, done), claimed = await pipe.execute()
+    return WorkClaim(cancelled=bool(cancelled), done=bool(done), claimed=bool(claimed))
 
 
 class EngineThread(threading.Thread):
@@ -210,25 +240,18 @@ class WorkerService:
         if rid in self.active:  # a duplicate delivery while the first one runs
             await message.ack()
             return
-        # One round trip: the claim is taken even when the request turns out done,
-        # cancelled or unservable, which is harmless (nobody else may run it then either).
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.mget(keys.sched_cancelled(rid), keys.sched_done(rid))
-        pipe.set(keys.work_claim(rid), self.worker_id, nx=True, ex=keys.DONE_TTL_S)
-        (cancelled, done), claimed = await pipe.execute()
-        if done:  # already answered; a late copy must not produce a second answer
+        claim = await claim_work(self.redis, rid, self.worker_id)
+        if claim.done:  # already answered; a late copy must not produce a second answer
             await message.ack()
             return
-        if cancelled:
+        if claim.cancelled:
             await self._finish_early(item, message, "cancelled")
             return
         lora, problem = await self._lora(item)
         if problem is not None:
             await self._finish_early(item, message, "error", problem)
             return
-        if not claimed and not message.redelivered:
-            # A republished copy while the original runs (or ran) elsewhere. A broker
-            # redelivery (the first worker died) is the one case that must run again.
+        if claim.is_duplicate(message.redelivered):
             log.info("duplicate_work_dropped", request_id=rid)
             await message.ack()
             return

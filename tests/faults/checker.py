@@ -30,6 +30,7 @@ import asyncio
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,8 @@ class Checker:
         self.strays: list[tuple[str, str]] = []
         self.finished: dict[str, m.RequestFinished] = {}
         """Completion events seen by the tap, latest per request (requeues excluded)."""
+        self.completions: Counter[str] = Counter()
+        """Completion events per request: more than one means a request ran twice."""
         self.generated: dict[str, int] = {}
         """Most output tokens any progress event reported per request: an attempt that a
         fault cut short still generated (and was charged for) that many."""
@@ -171,6 +174,7 @@ class Checker:
                                                        event.total_tokens)
             elif isinstance(event, m.RequestFinished) and not event.requeue:
                 self.finished[event.request_id] = event
+                self.completions[event.request_id] += 1
             await message.ack()
 
         await queue.consume(on_message)
@@ -186,6 +190,7 @@ class Checker:
         self.logs = []
         self.strays = []
         self.finished = {}
+        self.completions = Counter()
         self.generated = {}
         self._served_before, self._vtc_before = await self._counters()
 

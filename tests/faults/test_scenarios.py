@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from services import amqp, keys, topology
 from services import messages as m
+from services.scheduler.store import InflightRecord
 from tests.faults.clients import MODEL, AmqpTenant, http_stream
 from tests.faults.conftest import WORKERS
 
@@ -271,6 +272,39 @@ async def test_same_request_id_published_twice(fault_system, checker):
     assert answered.done and answered.done.completion_tokens == 40
     assert [f.code for f in stolen.finals] == ["duplicate_request_id"] and not stolen.seqs
     assert len(checker.finished) == 1
+
+
+async def test_work_item_republished_after_a_scheduler_failover(fault_system, checker):
+    """A scheduler killed between publishing a work item and recording the broker's
+    confirm leaves its successor to publish the item again. Copies published while the
+    request runs, and one after it finished, are dropped by the workers: one answer."""
+    await checker.begin()
+    fs = fault_system
+    redis = aioredis.from_url(fs.system.redis_url)
+    connection = await aio_pika.connect_robust(fs.amqp_url)
+    try:
+        work = await (await connection.channel()).get_exchange(topology.WORK_EXCHANGE)
+        async with AmqpTenant(checker, fs.tenant_url("initech"), "initech") as owner:
+            request = owner.client.completion(MODEL, "run me once", max_tokens=40, ignore_eos=True)
+            first = asyncio.create_task(owner.run(request=request))
+            await some_tokens(checker)
+            blob = await redis.hget(keys.SCHED_INFLIGHT, request.request_id)
+            assert blob, "the request is not in flight"
+            record = InflightRecord.from_bytes(blob)
+            item = m.WorkItem(request_id=request.request_id, scored=record.scored, pool=record.pool,
+                              dispatched_at=record.dispatched_at)
+            for _ in range(len(WORKERS)):  # while it runs: each worker may take a copy
+                await amqp.publish(work, item, record.pool)
+            answered = await first
+            await amqp.publish(work, item, record.pool)  # after it finished
+            await asyncio.sleep(2)  # a second run would have streamed by now
+    finally:
+        await connection.close()
+        await redis.aclose()
+    await checker.verify("work item republished after a scheduler failover",
+                         note="3 extra copies of one work item, 2 while it ran")
+    assert answered.done and answered.done.completion_tokens == 40
+    assert checker.completions == {request.request_id: 1}, "the request ran more than once"
 
 
 POISON = {
