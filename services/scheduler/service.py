@@ -167,6 +167,9 @@ class SchedulerService:
         self._inbox: list[tuple[Step, m.Message, asyncio.Future]] = []
         self._draining: asyncio.Task | None = None
         self._runner: asyncio.Task | None = None
+        self._workers: list[m.WorkerHeartbeat] = []
+        self._workers_at = 0.0
+        self._metrics_at = 0.0
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -431,7 +434,7 @@ class SchedulerService:
     def _publish_metrics(self, every_s: float = 0.5) -> None:
         """Hand the metrics endpoint a copy of the state (at most every ``every_s``)."""
         now = time.monotonic()
-        if now - getattr(self, "_metrics_at", 0.0) < every_s:
+        if now - self._metrics_at < every_s:
             return
         self._metrics_at = now
         inflight: dict[str, int] = dict.fromkeys(topology.POOLS, 0)
@@ -450,7 +453,7 @@ class SchedulerService:
         if not self.queued:
             return 0
         now = time.time()
-        if now - getattr(self, "_workers_at", 0.0) > WORKERS_REFRESH_S:
+        if now - self._workers_at > WORKERS_REFRESH_S:
             self._workers = await self.store.live_workers(now, self.settings.worker_timeout_s)
             self._workers_at = now
         workers = self._workers
