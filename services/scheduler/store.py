@@ -127,11 +127,14 @@ class Ops:
         return bool(self.ops)
 
     def enqueue(self, scored: m.ScoredRequest, arrival: float, generated: int | None = None) -> None:
-        """Queue a request; ``generated`` marks one handed back with that much output."""
+        """Queue a request; ``generated`` marks one handed back with that much output. A
+        handed-back request's work claim is released with it, or the worker that takes
+        its next dispatch would drop it as a second copy of the first."""
         self.ops.append(["HSET", keys.SCHED_QUEUED, scored.request_id, m.encode(scored)])
         self.ops.append(["HSET", keys.SCHED_ARRIVAL, scored.request_id, repr(arrival)])
         if generated is not None:
             self.ops.append(["HSET", keys.SCHED_REQUEUED, scored.request_id, str(generated)])
+            self.ops.append(["DEL", keys.work_claim(scored.request_id)])
 
     def unqueue(self, request_id: str) -> None:
         self.ops.append(["HDEL", keys.SCHED_QUEUED, request_id])
