@@ -63,18 +63,13 @@ async def claimed_by(fs, request_ids: list[str]) -> dict[str, str]:
     return {rid: names[c.decode()] for rid, c in zip(request_ids, claims) if c and c.decode() in names}
 
 
-async def streaming_worker(fs, checker, since: int = 0) -> tuple[str, set[str]] | None:
-    """A worker and the requests it streams (a few tokens in, not finished), if any does
-    yet: placement decides which worker gets the work, so a scenario cannot assume one."""
+async def streaming_worker(fs, checker, since: int = 0) -> str | None:
+    """A worker that streams a request (a few tokens in, not finished), if any does yet:
+    placement decides which worker gets the work, so a scenario cannot assume one."""
     streaming = [log.request_id for log in checker.logs[since:]
                  if log.request_id and log.tokens >= 3 and not log.finals]
-    by_worker: dict[str, set[str]] = {}
-    for rid, worker in (await claimed_by(fs, streaming)).items():
-        by_worker.setdefault(worker, set()).add(rid)
-    for worker in WORKERS:
-        if worker in by_worker:
-            return worker, by_worker[worker]
-    return None
+    busy = set((await claimed_by(fs, streaming)).values())
+    return next((worker for worker in WORKERS if worker in busy), None)
 
 
 def streams(http, checker, fs, keys_by_tenant, n: int, **kw) -> list[asyncio.Task]:
@@ -117,7 +112,7 @@ async def test_worker_killed_mid_stream(fault_system, checker, http, keys_by_ten
     fs = fault_system
     tasks = streams(http, checker, fs, keys_by_tenant, 8, max_tokens=MAX_TOKENS)
     assert await until(lambda: streaming_worker(fs, checker), TOKEN_TIMEOUT_S), "nothing streamed"
-    victim, _ = await streaming_worker(fs, checker)
+    victim = await streaming_worker(fs, checker)
     survivor = next(w for w in WORKERS if w != victim)
     # Leave out requests that could finish on the victim before the kill lands (an answer,
     # or all but the last 80 tokens, already there).
@@ -211,7 +206,7 @@ async def test_broker_link_stalled_and_cut(fault_system, checker, http, keys_by_
     mark = len(checker.logs)
     tasks = streams(http, checker, fs, keys_by_tenant, 8, max_tokens=140)  # mid-stream at the cut
     assert await until(lambda: streaming_worker(fs, checker, since=mark), TOKEN_TIMEOUT_S), "nothing streamed"
-    worker, _ = await streaming_worker(fs, checker, since=mark)
+    worker = await streaming_worker(fs, checker, since=mark)
     cut = fs.proxies[worker].cut(refuse_s=2.0)
     cut_logs = await asyncio.gather(*tasks)
     assert cut and all(log.done for log in cut_logs), outcomes(cut_logs)
