@@ -38,7 +38,10 @@ def sched_done(request_id: str) -> str:
 
 
 def sched_cancelled(request_id: str) -> str:
-    """Marker that a request was cancelled; workers and the scheduler check it."""
+    """Marker that a request was cancelled: set by the gateway that owns the request and by
+    the scheduler (an AMQP producer's cancel, once its tenant checked); workers check it
+    as they start a request and with every heartbeat while it runs, so a cancel whose
+    broadcast was lost (broker restarting) still stops the work."""
     return f"{PREFIX}:sched:cancelled:{request_id}"
 
 
@@ -87,6 +90,15 @@ def tenant_tokens_total(tenant: str) -> str:
 
 GATEWAY_INFLIGHT = f"{PREFIX}:gateway:inflight"
 """Sorted set of every tenant's accepted, unfinished requests (global back-pressure)."""
+GATEWAYS_SEEN = f"{PREFIX}:gateways:seen"
+"""Sorted set gateway incarnation (``instance_id:boot_id``) -> last heartbeat unix time."""
+
+
+def gateway_slots(incarnation: str) -> str:
+    """Hash request id -> tenant of the admission slots one gateway incarnation holds, so
+    that when it dies another gateway (or its own restart) frees them and cancels the
+    requests downstream: their clients' connections died with it."""
+    return f"{PREFIX}:gateway:{incarnation}:slots"
 
 
 def request_owner(request_id: str) -> str:

@@ -65,6 +65,7 @@ OUTPUT_LENGTH_RATIO = "fairway:output_length_actual_over_predicted"
 DEAD_LETTERED = "fairway:messages_dead_lettered"
 GATEWAY_REJECTED = "fairway:gateway_requests_rejected"
 GATEWAY_CANCELLED = "fairway:gateway_requests_cancelled"
+GATEWAY_REAPED = "fairway:dead_gateway_requests_cancelled"
 GATEWAY_IN_FLIGHT = "fairway:gateway_requests_in_flight"
 
 # vLLM's buckets for the two latency histograms.

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     """Unfinished requests of all tenants together; beyond it every tenant gets 503."""
     request_timeout_s: float = 600.0
     worker_alive_s: float = 10.0
+    gateway_dead_after_s: float = 15.0
+    """A gateway whose heartbeat in Redis is this old is dead: the other gateways free its
+    admission slots and cancel its requests downstream. A restarted gateway (same
+    ``instance_id``) does so for its previous life at once."""
 
     # Scorer
     predictor_artifact: Path | None = None

@@ -424,11 +424,22 @@ class WorkerService:
         )
 
     async def _heartbeat(self) -> None:
+        """Advertise capacity and speed; in the same round trip read the cancel markers of
+        the running requests, so a cancel whose broadcast never came (broker restarting,
+        the caller's gateway died) stops the work within a heartbeat."""
         beat = self.heartbeat()
+        running = list(self.active.values())
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.WORKERS, self.worker_id, m.encode(beat))
         pipe.zadd(keys.WORKERS_SEEN, {self.worker_id: beat.sent_at})
-        await pipe.execute()
+        if running:
+            pipe.mget([keys.sched_cancelled(a.item.request_id) for a in running])
+        results = await pipe.execute()
+        if running:
+            for active, cancelled in zip(running, results[-1], strict=True):
+                if cancelled and active.engine_id in self.by_engine:
+                    log.info("cancel_marker_seen", request_id=active.item.request_id)
+                    self.engine.abort(active.engine_id)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -16,13 +16,22 @@ instead of leaking; releases that fail are retried with the next Redis call.
 The reply queue is exclusive to the gateway's connection: when that connection drops
 (broker restart, network cut) the broker deletes it with any replies in it, so every
 request in flight gets one clear error (``broker_connection_lost``, 503) at once and is
-cancelled downstream once the connection is back.
+cancelled downstream.
+
+A cancel is a marker in Redis, which workers check as they start a request and with
+every heartbeat while it runs, plus a broadcast on the control exchange that reaches
+them at once when the broker can route it. Every gateway heartbeats into Redis and
+records which admission slots it holds; when one dies (``kill -9``, host lost) the
+others free its slots and cancel its requests once its heartbeat is
+``gateway_dead_after_s`` old, and a restart under the same ``instance_id`` does so at
+once, so neither its tenants' limits nor the workers stay taken by clients that are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Coroutine
 from typing import Any
 
@@ -54,8 +63,9 @@ CONNECT_RETRY_MAX_S = 10.0
 SHUTDOWN_CLEANUP_S = 10.0
 
 # Admission in one atomic step. KEYS: tenant set, tenant token hash, tenant token total,
-# global set. ARGV: request id, now, expires at, max requests, max tokens, cost, max total,
-# key TTL. Entries past their expiry (a release that never came) are dropped first.
+# global set, this gateway's slot hash. ARGV: request id, now, expires at, max requests,
+# max tokens, cost, max total, key TTL, tenant. Entries past their expiry (a release that
+# never came) are dropped first.
 _ADMIT_LUA = """
 local now = ARGV[2]
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
@@ -82,13 +92,15 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
 redis.call('INCRBY', KEYS[3], ARGV[6])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-for i = 1, 4 do
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[9])
+for i = 1, 5 do
   redis.call('EXPIRE', KEYS[i], ARGV[8])
 end
 return 'ok'
 """
 # Idempotent: releasing twice, or after the entry expired, changes nothing.
 _RELEASE_LUA = """
+redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 local cost = redis.call('HGET', KEYS[2], ARGV[1])
 if cost then
@@ -98,13 +110,27 @@ end
 return redis.call('ZREM', KEYS[4], ARGV[1])
 """
 MAX_PENDING_RELEASES = 100_000
-RELEASE_RETRY_S = 1.0
+MAX_ORPHANED = 100_000
 CONNECTION_LOST = "broker_connection_lost"
 
 
-def _admission_keys(tenant: str) -> list[str]:
+def _slot_keys(tenant: str, incarnation: str) -> list[str]:
     return [keys.tenant_inflight(tenant), keys.tenant_tokens(tenant), keys.tenant_tokens_total(tenant),
-            keys.GATEWAY_INFLIGHT]
+            keys.GATEWAY_INFLIGHT, keys.gateway_slots(incarnation)]
+
+
+def dead_gateways(seen: dict[str, float], now: float, dead_after_s: float, own: str,
+                  owns_instance: bool) -> list[str]:
+    """Gateway incarnations (``instance_id:boot_id``) whose slots to free and requests to
+    cancel: those whose heartbeat is older than ``dead_after_s``, and, once this gateway
+    ``owns_instance`` (holds the exclusive reply queue its instance id names, which no live
+    gateway of that id could let it take), every earlier life of its own instance id."""
+    instance = own.rpartition(":")[0]
+    return [
+        other for other, at in seen.items()
+        if other != own
+        and (at < now - dead_after_s or (owns_instance and other.rpartition(":")[0] == instance))
+    ]
 
 
 def token_cost(request: CompletionRequest) -> int:
@@ -148,6 +174,8 @@ class Backend:
         # Named after the AMQP user, like a producer's, so a least-privilege user may be
         # granted exactly its own reply queues.
         self.reply_queue_name = topology.reply_queue(f"{self.amqp_user}.{settings.instance_id}")
+        self.incarnation = f"{settings.instance_id}:{uuid.uuid4().hex[:12]}"
+        """This process's life of the gateway ``instance_id``: owner of its admission slots."""
         self.redis: aioredis.Redis = redis_client.connect(settings.redis_url, socket_timeout_s=REDIS_TIMEOUT_S)
         self._admit = self.redis.register_script(_ADMIT_LUA)
         self._release = self.redis.register_script(_RELEASE_LUA)
@@ -156,13 +184,16 @@ class Backend:
         self._control_exchange: AbstractExchange | None = None
         self._ready = asyncio.Event()
         self._connect_task: asyncio.Task[None] | None = None
-        self._release_task: asyncio.Task[None] | None = None
+        self._housekeeping_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._submissions: dict[str, Submission] = {}
-        self._pending_releases: dict[str, str] = {}
-        """Request id -> tenant of admission slots whose release failed; retried later."""
+        self._pending_releases: dict[str, tuple[str, str]] = {}
+        """Request id -> (tenant, owner incarnation) of slots whose release failed; retried."""
         self._orphaned: dict[str, str] = {}
-        """Request id -> tenant of requests failed by a connection loss: cancel downstream."""
+        """Request id -> tenant of requests to cancel downstream whose cancel marker is not
+        written yet (failed by a connection loss, or Redis was unreachable)."""
+        self._owns_instance = False
+        """The exclusive reply queue is ours: no other live gateway has this instance id."""
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -172,17 +203,40 @@ class Backend:
             self._connect_task = asyncio.create_task(
                 self._connect_forever(), name="gateway-amqp-connect"
             )
-            self._release_task = asyncio.create_task(self._release_loop())
+            self._housekeeping_task = asyncio.create_task(self._housekeeping_loop())
 
-    async def _release_loop(self) -> None:
-        """Retry the releases that failed while Redis was unreachable."""
+    async def _housekeeping_loop(self) -> None:
+        """Every heartbeat interval: say this gateway is alive, retry what failed while
+        Redis was unreachable (slot releases, cancel markers), free dead gateways' slots."""
         while True:
-            await asyncio.sleep(RELEASE_RETRY_S)
-            if self._pending_releases:
-                try:
-                    await self._retry_releases()
-                except (RedisError, OSError) as exc:
-                    log.debug("release_retry_failed", error=repr(exc))
+            try:
+                await self._housekeeping(time.time())
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+                log.warning("housekeeping_failed", error=repr(exc))
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _housekeeping(self, now: float) -> None:
+        await self.redis.zadd(keys.GATEWAYS_SEEN, {self.incarnation: now})
+        await self._retry_releases()
+        for request_id, tenant in list(self._orphaned.items()):
+            await self.cancel_downstream(request_id, tenant)
+        seen = {k.decode(): at for k, at in
+                await self.redis.zrange(keys.GATEWAYS_SEEN, 0, -1, withscores=True)}
+        for incarnation in dead_gateways(seen, now, self.settings.gateway_dead_after_s,
+                                         self.incarnation, self._owns_instance):
+            await self._reap(incarnation)
+
+    async def _reap(self, incarnation: str) -> None:
+        """Cancel a dead gateway's requests and free its slots. Idempotent, so gateways
+        racing to reap the same one do no harm; its heartbeat entry goes last, so a reaper
+        that dies halfway leaves the rest to the next."""
+        slots = await self.redis.hgetall(keys.gateway_slots(incarnation))
+        for rid, tenant in ((r.decode(), t.decode()) for r, t in slots.items()):
+            await self.cancel_downstream(rid, tenant)
+            await self._release(keys=_slot_keys(tenant, incarnation), args=[rid])
+        await self.redis.zrem(keys.GATEWAYS_SEEN, incarnation)
+        self.metrics.reaped.inc(len(slots))
+        log.warning("dead_gateway_reaped", gateway=incarnation, requests=len(slots))
 
     @property
     def amqp_connected(self) -> bool:
@@ -223,6 +277,7 @@ class Backend:
         self._control_exchange = topo.exchange(topology.CONTROL_EXCHANGE)
         conn.close_callbacks.add(self._on_connection_lost)
         conn.reconnect_callbacks.add(self._on_reconnected)
+        self._owns_instance = True
         self._ready.set()
         log.info("amqp_connected", reply_queue=self.reply_queue_name)
 
@@ -233,17 +288,20 @@ class Backend:
         log.warning("amqp_connection_lost", in_flight=len(self._submissions))
         for request_id, submission in self._submissions.items():
             if not submission.stream.arrived:
-                self._orphaned[request_id] = submission.request.tenant
+                self._orphan(request_id, submission.request.tenant)
         self.router.fail_all(
             CONNECTION_LOST,
             "The gateway lost its connection to the message broker, and this request's "
             "answer with it; retry the request.",
         )
 
-    async def _on_reconnected(self, *_: object) -> None:
+    def _on_reconnected(self, *_: object) -> None:
+        # Orphans' cancel markers are written by the housekeeping loop, broker or not.
         log.info("amqp_reconnected", orphaned=len(self._orphaned))
-        for request_id, tenant in list(self._orphaned.items()):
-            await self.publish_cancel(request_id, tenant)
+
+    def _orphan(self, request_id: str, tenant: str) -> None:
+        if len(self._orphaned) < MAX_ORPHANED:
+            self._orphaned[request_id] = tenant
 
     async def _drop_connection(self) -> None:
         conn, self._connection = self._connection, None
@@ -258,8 +316,8 @@ class Backend:
         if self._connect_task is not None:
             self._connect_task.cancel()
             await asyncio.gather(self._connect_task, return_exceptions=True)
-        if self._release_task is not None:
-            self._release_task.cancel()
+        if self._housekeeping_task is not None:
+            self._housekeeping_task.cancel()
         try:
             async with asyncio.timeout(SHUTDOWN_CLEANUP_S):
                 for submission in list(self._submissions.values()):
@@ -271,6 +329,11 @@ class Backend:
             log.warning("shutdown_cleanup_timeout", left=len(self._submissions))
         self._ready.clear()
         await self._drop_connection()
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                await self.redis.zrem(keys.GATEWAYS_SEEN, self.incarnation)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.debug("gateway_unregister_failed", error=repr(exc))
         await self.redis.aclose()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -325,29 +388,37 @@ class Backend:
         if self._submissions.pop(request.request_id, None) is not None:
             self.metrics.in_flight.dec()
         if request.request_id in self._orphaned:
-            await self.publish_cancel(request.request_id, request.tenant)
+            await self.cancel_downstream(request.request_id, request.tenant)
         elif stream.final is not None:
             self.metrics.observe_finished(stream)
         elif not stream.arrived:
             self.metrics.cancelled.inc()
-            await self.publish_cancel(request.request_id, request.tenant)
+            await self.cancel_downstream(request.request_id, request.tenant)
         await self._release_slot(request.tenant, request.request_id)
 
-    async def publish_cancel(self, request_id: str, tenant: str) -> None:
-        """Tell every worker and scheduler to drop the request; best effort."""
+    async def cancel_downstream(self, request_id: str, tenant: str) -> None:
+        """Stop the request wherever it is: its cancel marker in Redis (what workers and a
+        restarted scheduler check; retried until written) and a broadcast to every worker
+        and scheduler (at once, when the broker can route it)."""
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                await self.redis.set(keys.sched_cancelled(request_id), "1", ex=keys.DONE_TTL_S)
+            self._orphaned.pop(request_id, None)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("redis_unavailable", op="cancel", request_id=request_id, error=repr(exc))
+            self._orphan(request_id, tenant)
         exchange = self._control_exchange
         if exchange is None or not self.amqp_connected:
-            log.warning("cancel_not_sent", request_id=request_id, reason="broker not connected")
+            log.info("cancel_broadcast_skipped", request_id=request_id, reason="broker not connected")
             return
         message = amqp.to_amqp(
             CancelRequest(request_id=request_id, tenant=tenant), user_id=self.amqp_user
         )
         try:
             await exchange.publish(message, "", timeout=PUBLISH_TIMEOUT_S)
-            self._orphaned.pop(request_id, None)
             log.info("request_cancelled", request_id=request_id, tenant=tenant)
-        except Exception as exc:  # noqa: BLE001 - best effort: scheduler timeouts are the fallback
-            log.warning("cancel_publish_failed", request_id=request_id, error=repr(exc))
+        except Exception as exc:  # noqa: BLE001 - unroutable, timeout, link lost: the marker stays
+            log.info("cancel_broadcast_failed", request_id=request_id, error=repr(exc))
 
     async def _try_admit(self, tenant: str, request_id: str, cost: int) -> None:
         """Take an admission slot or raise 429 (tenant limits) / 503 (global, Redis down)."""
@@ -358,10 +429,10 @@ class Backend:
         try:
             await self._retry_releases()
             verdict = await self._admit(
-                keys=_admission_keys(tenant),
+                keys=_slot_keys(tenant, self.incarnation),
                 args=[request_id, repr(now), repr(expires), s.max_queued_per_tenant,
                       s.max_queued_tokens_per_tenant, cost, s.max_queued_total,
-                      int(s.request_timeout_s) + 60],
+                      int(s.request_timeout_s) + 60, tenant],
             )
         except (RedisError, OSError) as exc:
             log.warning("redis_unavailable", op="admit", error=repr(exc))
@@ -380,20 +451,16 @@ class Backend:
 
     async def _release_slot(self, tenant: str, request_id: str) -> None:
         try:
-            await self._release(
-                keys=_admission_keys(tenant),
-                args=[request_id])
+            await self._release(keys=_slot_keys(tenant, self.incarnation), args=[request_id])
         except (RedisError, OSError) as exc:
             # Retried with the next admission; the entry's expiry frees it in any case.
             log.warning("redis_unavailable", op="release", tenant=tenant, error=repr(exc))
             if len(self._pending_releases) < MAX_PENDING_RELEASES:
-                self._pending_releases[request_id] = tenant
+                self._pending_releases[request_id] = (tenant, self.incarnation)
 
     async def _retry_releases(self) -> None:
-        for request_id, tenant in list(self._pending_releases.items()):
-            await self._release(
-                keys=_admission_keys(tenant),
-                args=[request_id])
+        for request_id, (tenant, owner) in list(self._pending_releases.items()):
+            await self._release(keys=_slot_keys(tenant, owner), args=[request_id])
             self._pending_releases.pop(request_id, None)
 
     # --- readiness -------------------------------------------------------------------

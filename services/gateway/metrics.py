@@ -56,6 +56,12 @@ class GatewayMetrics:
             "Accepted requests cancelled downstream before their final answer (client gone, timeout).",
             registry=r,
         )
+        self.reaped = Counter(
+            names.GATEWAY_REAPED,
+            "Requests of dead gateways whose admission slots this gateway freed and whose "
+            "work it cancelled downstream.",
+            registry=r,
+        )
         self.in_flight = Gauge(
             names.GATEWAY_IN_FLIGHT,
             "Accepted requests of this gateway without a final answer yet.",

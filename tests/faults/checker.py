@@ -66,6 +66,10 @@ class RequestLog:
     accepted: bool = False
     abandoned: bool = False
     """The client left on purpose before the answer: no terminal answer is owed."""
+    gateway_killed: bool = False
+    """The gateway serving it was killed mid-request: the client's connection broke at once
+    (an error, not silence) and no answer can come over it; what is owed is that the work
+    stops downstream and its admission slot comes back."""
     seqs: list[int] = field(default_factory=list)
     tokens: int = 0
     finals: list[Final] = field(default_factory=list)
@@ -87,7 +91,7 @@ class RequestLog:
         return next((f for f in self.finals if f.reason in ("stop", "length")), None)
 
     def lost(self) -> bool:
-        if not self.accepted or self.abandoned:
+        if not self.accepted or self.abandoned or self.gateway_killed:
             return False
         return not self.finals or all(f.code == "timeout" for f in self.finals)
 

@@ -13,6 +13,7 @@ import asyncio
 import signal
 import time
 import uuid
+from collections import Counter
 
 import aio_pika
 import msgpack
@@ -259,6 +260,42 @@ async def test_slow_and_disconnecting_clients(fault_system, checker, http, keys_
                          note=f"3 left on purpose (owed no answer); gateway RSS "
                               f"{rss_before // 1024} -> {rss_after // 1024} MiB")
     assert growth_mib < 32, f"gateway RSS grew {growth_mib:.1f} MiB"
+
+
+async def test_gateway_killed_mid_stream(fault_system, checker, http, keys_by_tenant):
+    """kill -9 the gateway while it streams 8 requests and has 8 more queued, then restart
+    it: its clients' connections broke at once, as nothing is left to answer them. Its
+    requests are cancelled downstream (running ones stop, queued ones never run), and its
+    tenants' admission slots come back once it is back, not a request timeout later."""
+    MAX_TOKENS = 900
+    await checker.begin()
+    fs = fault_system
+    # Long requests need a larger token budget than the suite's (600 per tenant).
+    fs.system.signal("gateway")
+    fs.start("gateway", FAIRWAY_MAX_QUEUED_TOKENS_PER_TENANT="20000", FAIRWAY_MAX_QUEUED_TOTAL="32")
+    await fs.wait_workers()
+    tasks = streams(http, checker, fs, keys_by_tenant, 16, max_tokens=MAX_TOKENS)
+    await some_tokens(checker, n=4)
+    fs.system.signal("gateway", signal.SIGKILL)
+    killed_at = time.monotonic()
+    fs.start("gateway")
+    killed = await asyncio.gather(*tasks)
+    for log in killed:
+        log.gateway_killed = True
+    assert all(not log.finals for log in killed), outcomes(killed)
+    await checker.quiesce()
+    stopped_after = time.monotonic() - killed_at
+    await fs.wait_workers()
+    # 8 per tenant were held; the suite's limit is 8, so these need the slots back.
+    after = await asyncio.gather(*streams(http, checker, fs, keys_by_tenant, 4, max_tokens=12))
+    reasons = Counter(e.finish_reason for rid, e in checker.finished.items()
+                      if rid not in {log.request_id for log in after})
+    generated = sum(e.output_tokens for e in checker.finished.values())
+    await checker.verify("gateway kill -9 mid-stream, restarted",
+                         note=f"its requests ended {dict(reasons)} within {stopped_after:.1f} s; "
+                              f"{generated} of {16 * MAX_TOKENS} tokens generated")
+    assert set(reasons) == {"cancelled"}, reasons
+    assert all(log.done for log in after), outcomes(after)
 
 
 async def test_same_request_id_published_twice(fault_system, checker):

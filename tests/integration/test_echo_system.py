@@ -7,6 +7,7 @@ so the two never share a queue or a key.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
@@ -14,8 +15,9 @@ import aio_pika
 import httpx
 import openai
 import pytest
+import redis
 
-from services import topology
+from services import keys, topology
 from services.models import load_tokenizer, resolve_model_path
 from services.settings import DEFAULT_MODEL_NAME
 from tests.integration.system import TENANT_KEYS, System, own_redis_db, own_vhost
@@ -69,6 +71,40 @@ def test_echo_honours_stop_strings(echo_client):
                                          max_tokens=20, stop=[" three"])
     assert out.choices[0].text.endswith("two") and " three" not in out.choices[0].text
     assert out.choices[0].finish_reason == "stop"
+
+
+def test_a_cancel_marker_alone_stops_a_running_request(echo_system):
+    """The cancel marker in Redis, with no broadcast on the control exchange (as when the
+    broker restarted and the workers' control queues were not back yet, or the caller's
+    gateway died): the worker reads it with its next heartbeat and stops the request."""
+    body = {"model": DEFAULT_MODEL_NAME, "prompt": "cancel me", "max_tokens": 1000,
+            "stream": True, "ignore_eos": True}  # 2 s at the echo engine's 500 tokens/s
+    headers = {"Authorization": f"Bearer {TENANT_KEYS['acme']}"}
+    store = redis.Redis.from_url(echo_system.redis_url)
+    tokens, errors = 0, []
+    try:
+        with httpx.stream("POST", f"{echo_system.gateway_url}/v1/completions", json=body,
+                          headers=headers, timeout=30) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    errors.append(event["error"]["code"])
+                elif event.get("choices"):
+                    assert event["choices"][0]["finish_reason"] is None, "ran to the end"
+                    tokens += 1
+                    if tokens == 10:
+                        store.set(keys.sched_cancelled(request_id), "1", ex=60)
+    finally:
+        store.close()
+    assert errors == ["cancelled"]
+    assert 10 <= tokens < 1000
+    seen = [json.loads(line) for line in echo_system.log("echo-cpu-worker").splitlines()
+            if "cancel_marker_seen" in line]
+    assert [e["request_id"] for e in seen] == [request_id]
 
 
 VLLM_NAMES = {

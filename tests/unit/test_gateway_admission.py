@@ -1,5 +1,6 @@
 """Gateway admission on a real Redis: per-tenant request and token limits, the global cap,
-idempotent release, and slots that free themselves when a release never comes."""
+idempotent release, slots that free themselves when a release never comes, and a dead
+gateway's slots freed and its requests cancelled by the gateways that outlive it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from services import keys
 from services import messages as m
-from services.gateway.backend import Backend, token_cost
+from services.gateway.backend import Backend, dead_gateways, token_cost
 from services.gateway.errors import ApiError
 from services.gateway.metrics import GatewayMetrics
 from services.settings import Settings
@@ -18,6 +19,13 @@ from services.settings import Settings
 def backend(redis_url: str, **limits) -> Backend:
     settings = Settings(redis_url=redis_url, model_name="tiny", **limits)
     return Backend(settings, GatewayMetrics("tiny"))
+
+
+async def slots_held(redis_client, tenant: str) -> tuple[int, int, int]:
+    """Requests, token total and global entries a tenant's admissions hold."""
+    return (await redis_client.zcard(keys.tenant_inflight(tenant)),
+            int(await redis_client.get(keys.tenant_tokens_total(tenant)) or 0),
+            await redis_client.zcard(keys.GATEWAY_INFLIGHT))
 
 
 async def admit(b: Backend, tenant: str, rid: str, cost: int = 10) -> int | None:
@@ -120,7 +128,7 @@ async def test_a_failed_release_is_retried_with_the_next_admission(redis_client,
         b._release = _raise_connection_error  # type: ignore[assignment]
         await b._release_slot("acme", "r1")  # Redis unreachable at that moment
         b._release = real  # type: ignore[assignment]
-        assert b._pending_releases == {"r1": "acme"}
+        assert b._pending_releases == {"r1": ("acme", b.incarnation)}
         assert await admit(b, "acme", "r2") is None
         assert b._pending_releases == {}
     finally:
@@ -135,7 +143,7 @@ async def test_redis_down_is_503(redis_url):
         await b.redis.aclose()
 
 
-async def _raise_connection_error(**_):
+async def _raise_connection_error(*_, **__):
     raise ConnectionError("redis went away")
 
 
@@ -149,3 +157,92 @@ def test_token_cost_counts_max_tokens_and_a_prompt_estimate(prompt, max_tokens, 
                                messages=[m.ChatMessage(role="user", content=prompt)],
                                sampling=m.SamplingParams(max_tokens=max_tokens))
     assert token_cost(chat) == cost
+
+
+def test_dead_gateways_are_the_silent_ones_and_earlier_lives_of_an_owned_instance():
+    seen = {"gw-a:1": 100.0, "gw-a:2": 99.0, "gw-b:1": 80.0, "gw-c:9": 97.0, "host:8000:5": 70.0}
+    # Without the instance's reply queue, only silence counts: gw-a:1 might still be alive.
+    assert dead_gateways(seen, 100.0, 15.0, "gw-a:2", owns_instance=False) == ["gw-b:1", "host:8000:5"]
+    assert dead_gateways(seen, 100.0, 15.0, "gw-a:2", owns_instance=True) == [
+        "gw-a:1", "gw-b:1", "host:8000:5"]
+    # An instance id may itself contain colons; only the boot id after the last one differs.
+    assert dead_gateways(seen, 100.0, 60.0, "host:8000:6", owns_instance=True) == ["host:8000:5"]
+    assert dead_gateways(seen, 100.0, 60.0, "gw-a:2", owns_instance=False) == []
+
+
+async def test_a_dead_gateways_slots_are_freed_and_its_requests_cancelled(redis_client, redis_url):
+    """kill -9 leaves a gateway's slots in Redis with no release to come: a gateway that
+    outlives it frees them once its heartbeat is old, and marks its requests cancelled
+    (the marker workers check), so its tenants are not refused for a request timeout."""
+    dead = backend(redis_url, instance_id="gw-dead", max_queued_per_tenant=2)
+    alive = backend(redis_url, instance_id="gw-alive", max_queued_per_tenant=2, gateway_dead_after_s=5)
+    try:
+        await dead._housekeeping(1000.0)
+        assert await admit(dead, "acme", "r1", cost=30) is None
+        assert await admit(dead, "acme", "r2", cost=40) is None
+        assert await admit(alive, "globex", "g1", cost=5) is None
+        assert await admit(alive, "acme", "r3") == 429  # the dead gateway's two slots count
+        await alive._housekeeping(1004.0)  # 4 s of silence: not dead yet
+        assert await slots_held(redis_client, "acme") == (2, 70, 3)
+        assert not await redis_client.exists(keys.sched_cancelled("r1"))
+
+        await alive._housekeeping(1006.0)
+        assert await slots_held(redis_client, "acme") == (0, 0, 1)
+        assert await redis_client.exists(keys.sched_cancelled("r1"), keys.sched_cancelled("r2")) == 2
+        assert not await redis_client.exists(keys.sched_cancelled("g1"))  # the live one's own
+        assert await redis_client.zrange(keys.GATEWAYS_SEEN, 0, -1) == [alive.incarnation.encode()]
+        assert not await redis_client.exists(keys.gateway_slots(dead.incarnation))
+        assert alive.metrics.reaped._value.get() == 2
+        assert await admit(alive, "acme", "r3") is None
+
+        await alive._housekeeping(1007.0)  # nothing left to reap: no double release
+        assert await slots_held(redis_client, "acme") == (1, 10, 2)
+    finally:
+        await dead.redis.aclose()
+        await alive.redis.aclose()
+
+
+async def test_a_restarted_gateway_frees_its_previous_lifes_slots_at_once(redis_client, redis_url):
+    """Same instance id (a restart): once the new life holds the instance's exclusive reply
+    queue, which the broker hands over only when the old life's connection is gone, it
+    frees the old life's slots without waiting for its heartbeat to age."""
+    before = backend(redis_url, instance_id="gw")
+    after = backend(redis_url, instance_id="gw")
+    other = backend(redis_url, instance_id="gw-other")
+    try:
+        for b in (before, other):
+            await b._housekeeping(1000.0)
+        assert await admit(before, "acme", "old") is None
+        assert await admit(other, "acme", "others") is None
+        await after._housekeeping(1001.0)  # not connected to the broker yet: may be a twin
+        assert await slots_held(redis_client, "acme") == (2, 20, 2)
+        after._owns_instance = True
+        await after._housekeeping(1001.5)
+        assert await slots_held(redis_client, "acme") == (1, 10, 1)
+        assert await redis_client.exists(keys.sched_cancelled("old"))
+        assert sorted(await redis_client.zrange(keys.GATEWAYS_SEEN, 0, -1)) == sorted(
+            [after.incarnation.encode(), other.incarnation.encode()])
+    finally:
+        for b in (before, after, other):
+            await b.redis.aclose()
+
+
+async def test_a_cancel_is_marked_in_redis_without_the_broker_and_retried_without_redis(
+        redis_client, redis_url):
+    """The marker is what makes a cancel reliable: written with the broker down, and kept
+    for the housekeeping loop to retry while Redis is unreachable."""
+    b = backend(redis_url)
+    try:
+        await b.cancel_downstream("r1", "acme")  # never connected to a broker
+        assert await redis_client.get(keys.sched_cancelled("r1")) == b"1"
+        assert 0 < await redis_client.ttl(keys.sched_cancelled("r1")) <= keys.DONE_TTL_S
+        real = b.redis.set
+        b.redis.set = _raise_connection_error  # type: ignore[method-assign]
+        await b.cancel_downstream("r2", "acme")
+        assert b._orphaned == {"r2": "acme"}
+        b.redis.set = real  # type: ignore[method-assign]
+        await b._housekeeping(1000.0)
+        assert b._orphaned == {}
+        assert await redis_client.get(keys.sched_cancelled("r2")) == b"1"
+    finally:
+        await b.redis.aclose()
