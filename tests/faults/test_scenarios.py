@@ -148,6 +148,44 @@ async def test_scheduler_killed_without_a_replica(fault_system, checker, http, k
     assert all(log.done for log in logs), outcomes(logs)
 
 
+async def test_scorer_killed_and_restarted(fault_system, checker, http, keys_by_tenant):
+    """kill -9 the scorer during a burst: anything it held unacknowledged is redelivered,
+    requests sent while it is down wait in its durable queue, and the restarted scorer
+    scores them all; each request is answered once."""
+    await checker.begin()
+    fs = fault_system
+    async with AmqpTenant(checker, fs.tenant_url("initech"), "initech") as producer:
+        tasks = streams(http, checker, fs, keys_by_tenant, 6, max_tokens=24)
+        tasks += [asyncio.create_task(producer.run(max_tokens=24)) for _ in range(2)]
+        await asyncio.sleep(0.2)  # the burst is in the scorer's hands
+        fs.system.signal("scorer", signal.SIGKILL)
+        tasks += streams(http, checker, fs, keys_by_tenant, 6, max_tokens=24)
+        tasks += [asyncio.create_task(producer.run(max_tokens=24)) for _ in range(2)]
+        waiting = 0
+
+        async def all_waiting() -> bool:
+            nonlocal waiting
+            waiting = await _ready_messages(fs, topology.SCORER_QUEUE)
+            return waiting >= 8
+
+        assert await until(all_waiting, 20), f"only {waiting} requests wait in the scorer's queue"
+        fs.start("scorer")
+        logs = await asyncio.gather(*tasks)
+    await checker.verify("scorer kill -9, restarted",
+                         note=f"{waiting} requests waited in the scorer's queue while it was down")
+    assert all(log.done for log in logs), outcomes(logs)
+
+
+async def _ready_messages(fs, queue: str) -> int:
+    connection = await aio_pika.connect(fs.amqp_url)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count
+    finally:
+        await connection.close()
+
+
 async def test_redis_killed_and_restarted(fault_system, checker, http, keys_by_tenant):
     """kill -9 Redis mid-run; it restarts from its append-only file (appendfsync everysec:
     a killed process loses nothing it acknowledged, the kernel has the writes)."""
