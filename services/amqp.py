@@ -95,13 +95,17 @@ async def publish(
     )
 
 
-async def reply(channel: AbstractChannel, reply_to: str, msg: m.Message) -> None:
+async def reply(channel: AbstractChannel, reply_to: str, msg: m.Message, *,
+                mandatory: bool = False) -> None:
     """Send a token or terminal message to a caller's own reply queue (default exchange).
 
-    Not mandatory: a caller whose reply queue is gone has left, and its answer is dropped.
+    A caller whose reply queue is gone has left, and its answer is dropped; ``mandatory``
+    has the broker return it instead (to the channel's return callbacks), which is how a
+    worker learns that nobody reads the rest of a stream.
     """
     if reply_to:
-        await channel.default_exchange.publish(to_amqp(msg), routing_key=reply_to)
+        await channel.default_exchange.publish(to_amqp(msg), routing_key=reply_to,
+                                               mandatory=mandatory)
 
 
 def error_answer(request_id: str, message: str, *, status: int = 400,

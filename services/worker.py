@@ -165,6 +165,8 @@ class Active:
     aborted earlier attempt of the same request can never be taken for this one's."""
     sends: list[asyncio.Future] = field(default_factory=list)
     """Publishes of its chunks not yet confirmed; the final answer waits for them."""
+    caller_gone: bool = False
+    """A chunk came back unroutable: the request is being stopped."""
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -213,6 +215,7 @@ class WorkerService:
         self.connection.close_callbacks.add(self._on_link_lost)
         self.channel = await self.connection.channel()
         self.channel.close_callbacks.add(self._on_link_lost)
+        self.channel.return_callbacks.add(self._on_reply_returned)
         await self.channel.set_qos(prefetch_count=s.max_running)
         topo = await topology.declare(self.channel, passive=not s.declare_topology)
         self.events = topo.exchange(topology.EVENTS_EXCHANGE)
@@ -292,6 +295,20 @@ class WorkerService:
             self.engine.abort(active.engine_id)
         await message.ack()
 
+    def _on_reply_returned(self, _channel: object, message: AbstractIncomingMessage) -> None:
+        """A token chunk came back unroutable: its caller's reply queue is gone (an AMQP
+        producer that disconnected), so nobody can read the rest; stop the request, which
+        finishes as cancelled. (A dead gateway's requests are cancelled by the gateways.)"""
+        if message.exchange:  # replies are the only publishes to the default exchange
+            return
+        rid = m.peek_request_id(message.body)
+        active = self.active.get(rid) if rid else None
+        if (active is not None and active.request.reply_to == message.routing_key
+                and active.engine_id in self.by_engine and not active.caller_gone):
+            active.caller_gone = True  # chunks of the steps before the abort come back too
+            log.info("caller_gone", request_id=rid, reply_to=message.routing_key)
+            self.engine.abort(active.engine_id)
+
     def _forget(self, active: Active) -> None:
         if self.active.get(active.item.request_id) is active:
             del self.active[active.item.request_id]
@@ -341,7 +358,7 @@ class WorkerService:
         if out.new_token_ids or out.new_text:
             send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
                 request_id=active.item.request_id, seq=active.seq, text=out.new_text,
-                token_ids=list(out.new_token_ids))))
+                token_ids=list(out.new_token_ids)), mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
             active.sends.append(send)
             active.seq += 1

@@ -16,8 +16,10 @@ import httpx
 import openai
 import pytest
 import redis
+import redis.asyncio
 
 from services import keys, topology
+from services.client import AmqpClient
 from services.models import load_tokenizer, resolve_model_path
 from services.settings import DEFAULT_MODEL_NAME
 from tests.integration.system import TENANT_KEYS, System, own_redis_db, own_vhost
@@ -105,6 +107,35 @@ def test_a_cancel_marker_alone_stops_a_running_request(echo_system):
     seen = [json.loads(line) for line in echo_system.log("echo-cpu-worker").splitlines()
             if "cancel_marker_seen" in line]
     assert [e["request_id"] for e in seen] == [request_id]
+
+
+async def test_a_producer_that_disconnects_mid_stream_stops_its_request(echo_system):
+    """An AMQP producer that goes away mid-stream takes its exclusive reply queue with it:
+    the worker's next token chunk comes back unroutable, and the worker stops the request
+    instead of generating the rest for nobody."""
+    async with AmqpClient(echo_system.amqp_url) as client:
+        request = client.completion(DEFAULT_MODEL_NAME, "leave early", max_tokens=1000,
+                                    ignore_eos=True)  # 2 s at the echo engine's 500 tokens/s
+        request.tenant = "acme"  # guest is a trusted publisher, as the gateway is
+        received = 0
+        async for _ in client.replies(await client.publish(request)):
+            received += 1
+            if received == 10:
+                break
+    assert received == 10
+    left_at = time.monotonic()
+    store = redis.asyncio.Redis.from_url(echo_system.redis_url)
+    try:
+        while await store.hexists(keys.SCHED_INFLIGHT, request.request_id):
+            assert time.monotonic() - left_at < 10, "the request still runs"
+            await asyncio.sleep(0.02)
+    finally:
+        await store.aclose()
+    stopped_after = time.monotonic() - left_at
+    gone = [json.loads(line) for line in echo_system.log("echo-cpu-worker").splitlines()
+            if "caller_gone" in line]
+    assert [e["request_id"] for e in gone] == [request.request_id]
+    assert stopped_after < 1.5, f"ran {stopped_after:.2f} s more, as if to the end"
 
 
 VLLM_NAMES = {
