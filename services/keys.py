@@ -91,7 +91,8 @@ def tenant_tokens_total(tenant: str) -> str:
 GATEWAY_INFLIGHT = f"{PREFIX}:gateway:inflight"
 """Sorted set of every tenant's accepted, unfinished requests (global back-pressure)."""
 GATEWAYS_SEEN = f"{PREFIX}:gateways:seen"
-"""Sorted set gateway incarnation (``instance_id:boot_id``) -> last heartbeat unix time."""
+"""Sorted set gateway incarnation (``instance_id:boot_id``) -> last heartbeat, in Redis
+server time (so gateways on hosts with disagreeing clocks agree on who is silent)."""
 
 
 def gateway_slots(incarnation: str) -> str:

@@ -210,12 +210,16 @@ class Backend:
         Redis was unreachable (slot releases, cancel markers), free dead gateways' slots."""
         while True:
             try:
-                await self._housekeeping(time.time())
+                # Redis's clock, not this host's: gateways on hosts whose clocks disagree
+                # must not take each other for dead.
+                seconds, micros = await self.redis.time()
+                await self._housekeeping(seconds + micros / 1e6)
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
                 log.warning("housekeeping_failed", error=repr(exc))
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _housekeeping(self, now: float) -> None:
+        """One round at ``now`` (Redis server time, the one clock all gateways share)."""
         await self.redis.zadd(keys.GATEWAYS_SEEN, {self.incarnation: now})
         await self._retry_releases()
         for request_id, tenant in list(self._orphaned.items()):

@@ -246,3 +246,16 @@ async def test_a_cancel_is_marked_in_redis_without_the_broker_and_retried_withou
         assert await redis_client.get(keys.sched_cancelled("r2")) == b"1"
     finally:
         await b.redis.aclose()
+
+
+async def test_the_housekeeping_loop_beats_in_redis_time(redis_client, redis_url):
+    b = backend(redis_url, heartbeat_interval_s=0.05)
+    loop = asyncio.create_task(b._housekeeping_loop())
+    try:
+        await asyncio.sleep(0.3)
+        seconds, micros = await redis_client.time()
+        beat = await redis_client.zscore(keys.GATEWAYS_SEEN, b.incarnation)
+        assert beat is not None and 0 <= seconds + micros / 1e6 - beat < 0.25
+    finally:
+        loop.cancel()
+        await b.redis.aclose()
