@@ -329,15 +329,20 @@ class Backend:
                 if self._background:
                     await asyncio.gather(*self._background, return_exceptions=True)
         except TimeoutError:
-            # Slots left behind expire with their Redis key's TTL.
             log.warning("shutdown_cleanup_timeout", left=len(self._submissions))
         self._ready.clear()
         await self._drop_connection()
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
-                await self.redis.zrem(keys.GATEWAYS_SEEN, self.incarnation)
+                held = await self.redis.hlen(keys.gateway_slots(self.incarnation))
+                if held or self._orphaned:
+                    # Stay registered: the other gateways (or this one's restart) free
+                    # the slots and cancel the requests that this shutdown could not.
+                    log.warning("gateway_left_work_to_reap", slots=held, cancels=len(self._orphaned))
+                else:
+                    await self.redis.zrem(keys.GATEWAYS_SEEN, self.incarnation)
         except (RedisError, OSError, TimeoutError) as exc:
-            log.debug("gateway_unregister_failed", error=repr(exc))
+            log.warning("gateway_unregister_failed", error=repr(exc))
         await self.redis.aclose()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

@@ -259,3 +259,15 @@ async def test_the_housekeeping_loop_beats_in_redis_time(redis_client, redis_url
     finally:
         loop.cancel()
         await b.redis.aclose()
+
+
+async def test_a_gateway_unregisters_on_shutdown_only_when_it_holds_nothing(redis_client, redis_url):
+    """A clean shutdown leaves nothing to reap; one that could not release a slot stays
+    registered, so the gateways that outlive it free the slot."""
+    clean, stuck = backend(redis_url, instance_id="clean"), backend(redis_url, instance_id="stuck")
+    for b in (clean, stuck):
+        await b._housekeeping(1000.0)
+    assert await admit(stuck, "acme", "r1") is None
+    await clean.close()
+    await stuck.close()  # r1's release never happened (its submission is not tracked)
+    assert await redis_client.zrange(keys.GATEWAYS_SEEN, 0, -1) == [stuck.incarnation.encode()]
