@@ -165,8 +165,8 @@ class Active:
     aborted earlier attempt of the same request can never be taken for this one's."""
     sends: list[asyncio.Future] = field(default_factory=list)
     """Publishes of its chunks not yet confirmed; the final answer waits for them."""
-    caller_gone: bool = False
-    """A chunk came back unroutable: the request is being stopped."""
+    stopping: bool = False
+    """Being aborted for a cancel marker or a caller that is gone: abort (and log) once."""
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -304,8 +304,8 @@ class WorkerService:
         rid = m.peek_request_id(message.body)
         active = self.active.get(rid) if rid else None
         if (active is not None and active.request.reply_to == message.routing_key
-                and active.engine_id in self.by_engine and not active.caller_gone):
-            active.caller_gone = True  # chunks of the steps before the abort come back too
+                and active.engine_id in self.by_engine and not active.stopping):
+            active.stopping = True  # chunks of the steps before the abort come back too
             log.info("caller_gone", request_id=rid, reply_to=message.routing_key)
             self.engine.abort(active.engine_id)
 
@@ -454,7 +454,8 @@ class WorkerService:
         results = await pipe.execute()
         if running:
             for active, cancelled in zip(running, results[-1], strict=True):
-                if cancelled and active.engine_id in self.by_engine:
+                if cancelled and active.engine_id in self.by_engine and not active.stopping:
+                    active.stopping = True
                     log.info("cancel_marker_seen", request_id=active.item.request_id)
                     self.engine.abort(active.engine_id)
 

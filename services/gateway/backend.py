@@ -187,8 +187,8 @@ class Backend:
         self._housekeeping_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._submissions: dict[str, Submission] = {}
-        self._pending_releases: dict[str, tuple[str, str]] = {}
-        """Request id -> (tenant, owner incarnation) of slots whose release failed; retried."""
+        self._pending_releases: dict[str, str] = {}
+        """Request id -> tenant of admission slots whose release failed; retried later."""
         self._orphaned: dict[str, str] = {}
         """Request id -> tenant of requests to cancel downstream whose cancel marker is not
         written yet (failed by a connection loss, or Redis was unreachable)."""
@@ -406,9 +406,9 @@ class Backend:
         await self._release_slot(request.tenant, request.request_id)
 
     async def cancel_downstream(self, request_id: str, tenant: str) -> None:
-        """Stop the request wherever it is: its cancel marker in Redis (what workers and a
-        restarted scheduler check; retried until written) and a broadcast to every worker
-        and scheduler (at once, when the broker can route it)."""
+        """Stop the request wherever it is: its cancel marker in Redis (which workers check
+        as they start a request and while it runs; retried until written) and a broadcast
+        to every worker and scheduler (at once, when the broker can route it)."""
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 await self.redis.set(keys.sched_cancelled(request_id), "1", ex=keys.DONE_TTL_S)
@@ -465,11 +465,11 @@ class Backend:
             # Retried with the next admission; the entry's expiry frees it in any case.
             log.warning("redis_unavailable", op="release", tenant=tenant, error=repr(exc))
             if len(self._pending_releases) < MAX_PENDING_RELEASES:
-                self._pending_releases[request_id] = (tenant, self.incarnation)
+                self._pending_releases[request_id] = tenant
 
     async def _retry_releases(self) -> None:
-        for request_id, (tenant, owner) in list(self._pending_releases.items()):
-            await self._release(keys=_slot_keys(tenant, owner), args=[request_id])
+        for request_id, tenant in list(self._pending_releases.items()):
+            await self._release(keys=_slot_keys(tenant, self.incarnation), args=[request_id])
             self._pending_releases.pop(request_id, None)
 
     # --- readiness -------------------------------------------------------------------
