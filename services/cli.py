@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,7 +98,8 @@ def ensure_infra(settings) -> list:
 
 
 def up(args: argparse.Namespace) -> int:
-    """All services as local processes; Ctrl-C or SIGTERM stops them all gracefully."""
+    """All services as local processes, each restarted when it exits (``--no-restart``:
+    stop them all instead); Ctrl-C or SIGTERM stops them all gracefully."""
     settings, configure = _settings()
     configure(settings.log_level, settings.log_format, service="up")
     infra = [] if args.no_infra else ensure_infra(settings)
@@ -116,7 +116,9 @@ def up(args: argparse.Namespace) -> int:
     resolve_model_path(settings.model_path, settings.cache_dir)
     plan = ["scheduler", "scorer"] + ["cpu-worker"] * args.cpu_workers
     plan += ["gpu-worker"] * args.gpu_workers + ["gateway"]
-    procs: list[subprocess.Popen] = []
+    from services.supervise import Child, Supervisor
+
+    children = []
     for i, name in enumerate(plan):
         child = dict(env)
         if name.endswith("worker") and settings.metrics_port != 0:
@@ -126,7 +128,12 @@ def up(args: argparse.Namespace) -> int:
             n = plan[:i].count(name)
             child["FAIRWAY_METRICS_PORT"] = str(metrics_port(name, settings.metrics_port)
                                                 + WORKER_PORT_STRIDE * n)
-        procs.append(subprocess.Popen([sys.executable, "-m", "services.cli", name], env=child))
+        if name == "gateway":
+            # The same name in every life: a restarted gateway frees its last life's
+            # admission slots and cancels its requests at once.
+            child["FAIRWAY_INSTANCE_ID"] = f"{settings.instance_id}-gateway"
+        children.append(Child(name, [sys.executable, "-m", "services.cli", name], child))
+    supervisor = Supervisor(children, restart=not args.no_restart)
     print(f"fairway: gateway on http://{settings.host}:{settings.port}", file=sys.stderr)
 
     stop = {"now": False}
@@ -139,21 +146,12 @@ def up(args: argparse.Namespace) -> int:
     code = 0
     try:
         while not stop["now"]:
-            for proc, name in zip(procs, plan):
-                if proc.poll() is not None:
-                    print(f"fairway: {name} exited with {proc.returncode}", file=sys.stderr)
-                    stop["now"] = True
-                    code = 1
+            if not supervisor.poll(time.monotonic()):
+                code = 1
+                break
             time.sleep(0.5)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        supervisor.stop()
         for server in infra:
             server.stop()
     return code
@@ -168,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_up.add_argument("--engine", choices=["model", "echo"], default=None)
     p_up.add_argument("--no-infra", action="store_true",
                       help="do not start Redis/RabbitMQ when they are not reachable")
+    p_up.add_argument("--no-restart", action="store_true",
+                      help="stop everything when a service exits, instead of restarting it")
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service")
 

@@ -1,0 +1,105 @@
+"""``fairway up`` (the README's run command) keeps the system up: a service killed with
+``kill -9`` is started again, and the restarted gateway frees its previous life's
+admission slots and cancels its requests at once.
+
+It runs ``fairway up --no-infra --engine echo`` against the session's servers, on its
+own RabbitMQ vhost and Redis database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from services import keys
+from services.localinfra import free_port
+from services.settings import DEFAULT_MODEL_NAME
+from tests.integration.system import TENANT_KEYS, own_redis_db, own_vhost
+
+pytestmark = pytest.mark.integration
+
+KEY = TENANT_KEYS["acme"]
+
+
+def gateway_pids(log: Path) -> list[int]:
+    return [int(pid) for pid in re.findall(r"started gateway \(pid (\d+)\)", log.read_text())]
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_up_restarts_a_killed_gateway_which_frees_what_its_last_life_held(
+        rabbit_server, redis_server, model_cache, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    redis_url = own_redis_db(redis_server, 3)
+    env = dict(os.environ,
+               FAIRWAY_AMQP_URL=own_vhost(rabbit_server, "fairway-up"), FAIRWAY_REDIS_URL=redis_url,
+               FAIRWAY_CACHE_DIR=str(model_cache), FAIRWAY_PORT=str(port),
+               FAIRWAY_API_KEYS=f"acme:{KEY}", FAIRWAY_METRICS_PORT="0", FAIRWAY_LOG_FORMAT="json",
+               FAIRWAY_MAX_MODEL_LEN="1024", FAIRWAY_ECHO_TOKENS_PER_S="200", FAIRWAY_THREADS="1")
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--no-infra",
+                               "--engine", "echo"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    store = redis.Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: ready(url), 120, "fairway up never became ready")
+        body = {"model": DEFAULT_MODEL_NAME, "prompt": "outlive me", "max_tokens": 1000,
+                "stream": True, "ignore_eos": True}  # 5 s at 200 tokens/s
+        with pytest.raises(httpx.HTTPError), httpx.stream(
+                "POST", f"{url}/v1/completions", json=body,
+                headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+            request_id = response.headers["x-request-id"]
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data: {") and json.loads(line[6:]).get("choices"):
+                    assert store.zcard(keys.tenant_inflight("acme")) == 1
+                    os.kill(gateway_pids(log)[-1], signal.SIGKILL)
+                    break
+            for _ in lines:  # until the connection breaks
+                pass
+        killed_at = time.monotonic()
+        wait_until(lambda: len(gateway_pids(log)) == 2, 30, "the gateway was not restarted")
+        wait_until(lambda: store.zcard(keys.tenant_inflight("acme")) == 0, 30,
+                   "the killed gateway's admission slot is still held")
+        freed_after = time.monotonic() - killed_at
+        assert store.exists(keys.sched_cancelled(request_id))
+        print(f"\nkilled gateway's slot freed {freed_after:.1f} s after the kill")
+        assert freed_after < 15, f"slot freed only after {freed_after:.1f} s"
+        wait_until(lambda: ready(url), 60, "the restarted gateway never became ready")
+        answer = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                            json={"model": DEFAULT_MODEL_NAME, "prompt": "again", "max_tokens": 3},
+                            timeout=30)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+        assert "gateway exited with -9" in log.read_text()
+    finally:
+        store.close()
+        up.send_signal(signal.SIGTERM)
+        try:
+            code = up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            raise
+    assert code == 0, log.read_text()[-3000:]

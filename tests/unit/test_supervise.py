@@ -1,0 +1,64 @@
+"""``fairway up``'s restart policy and supervisor loop, with stand-in processes."""
+
+from __future__ import annotations
+
+from services.supervise import Child, RestartBackoff, Supervisor
+
+
+def test_backoff_doubles_while_a_service_keeps_failing_and_resets_after_a_healthy_run():
+    backoff = RestartBackoff(initial_s=1, max_s=30, healthy_after_s=60)
+    assert [backoff.delay_after(2.0) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert backoff.delay_after(600.0) == 1  # it ran for ten minutes: a fresh failure
+    assert backoff.delay_after(0.5) == 2
+
+
+class StandIn:
+    """A child process whose exit code the test sets."""
+
+    pids = iter(range(1000, 2000))
+
+    def __init__(self) -> None:
+        self.pid = next(self.pids)
+        self.code: int | None = None
+
+    def poll(self) -> int | None:
+        return self.code
+
+
+def supervisor(restart: bool = True) -> tuple[Supervisor, list[str], list[str]]:
+    spawned: list[str] = []
+    lines: list[str] = []
+
+    def spawn(child: Child) -> StandIn:
+        spawned.append(child.name)
+        return StandIn()
+
+    children = [Child(name, [name], {}) for name in ("scheduler", "worker", "gateway")]
+    return Supervisor(children, restart=restart, spawn=spawn, log=lines.append), spawned, lines
+
+
+def test_a_child_that_exits_is_started_again_after_its_backoff():
+    sup, spawned, lines = supervisor()
+    assert sup.poll(0.0)
+    assert spawned == ["scheduler", "worker", "gateway"]
+    gateway = sup.children[2]
+    gateway.proc.code = -9
+    assert sup.poll(5.0)  # ran 5 s: quick failure, 1 s backoff
+    assert gateway.proc is None and "gateway exited with -9 after 5.0 s" in lines[-1]
+    assert sup.poll(5.5) and spawned[3:] == []
+    assert sup.poll(6.0) and spawned[3:] == ["gateway"]
+    assert gateway.restarts == 1 and gateway.started_at == 6.0
+    gateway.proc.code = 1
+    sup.poll(6.5)
+    sup.poll(7.5)
+    assert spawned[3:] == ["gateway"], "the second quick failure waits 2 s"
+    sup.poll(8.5)
+    assert spawned[3:] == ["gateway", "gateway"]
+
+
+def test_without_restart_an_exit_stops_the_loop():
+    sup, spawned, lines = supervisor(restart=False)
+    sup.poll(0.0)
+    sup.children[1].proc.code = 3
+    assert not sup.poll(1.0)
+    assert lines[-1] == "worker exited with 3" and spawned == ["scheduler", "worker", "gateway"]
