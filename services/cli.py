@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,24 +77,27 @@ def _reachable(url: str, default_port: int) -> bool:
         return False
 
 
-def ensure_infra(settings) -> list:
-    """Start Redis and RabbitMQ on loopback when nothing answers at the configured URLs."""
+def ensure_infra(settings) -> dict:
+    """Start Redis and RabbitMQ on loopback when nothing answers at the configured URLs;
+    the servers started, by name."""
     from services.localinfra import RabbitServer, RedisServer
 
-    started = []
+    started = {}
     base = Path(settings.cache_dir) / "infra"
     if not _reachable(settings.redis_url, 6379):
         port = urlparse(settings.redis_url).port or 6379
         redis = RedisServer(workdir=base / "redis", port=port)
         redis.start()
-        started.append(redis)
-        print(f"fairway: started redis-server on 127.0.0.1:{port}", file=sys.stderr)
+        started["redis-server"] = redis
+        print(f"fairway: started redis-server on 127.0.0.1:{port} (pid {redis.proc.pid})",
+              file=sys.stderr)
     if not _reachable(settings.amqp_url, 5672):
         port = urlparse(settings.amqp_url).port or 5672
         rabbit = RabbitServer(workdir=base / "rabbitmq", port=port)
         rabbit.start()
-        started.append(rabbit)
-        print(f"fairway: started rabbitmq-server on 127.0.0.1:{port}", file=sys.stderr)
+        started["rabbitmq-server"] = rabbit
+        print(f"fairway: started rabbitmq-server on 127.0.0.1:{port} (pid {rabbit.proc.pid})",
+              file=sys.stderr)
     return started
 
 
@@ -102,7 +106,7 @@ def up(args: argparse.Namespace) -> int:
     stop them all instead); Ctrl-C or SIGTERM stops them all gracefully."""
     settings, configure = _settings()
     configure(settings.log_level, settings.log_format, service="up")
-    infra = [] if args.no_infra else ensure_infra(settings)
+    servers = {} if args.no_infra else ensure_infra(settings)
     env = dict(os.environ)
     if args.engine:
         env["FAIRWAY_ENGINE"] = args.engine
@@ -134,6 +138,16 @@ def up(args: argparse.Namespace) -> int:
             child["FAIRWAY_INSTANCE_ID"] = f"{settings.instance_id}-gateway"
         children.append(Child(name, [sys.executable, "-m", "services.cli", name], child))
     supervisor = Supervisor(children, restart=not args.no_restart)
+    def restart_server(child: Child) -> subprocess.Popen:
+        server = servers[child.name]
+        server.start()
+        return server.proc
+
+    # Started above (the services need them first); from here on restarted when they exit.
+    started = time.monotonic()
+    infra_supervisor = Supervisor(
+        [Child(name, [], {}, proc=server.proc, started_at=started) for name, server in servers.items()],
+        restart=not args.no_restart, spawn=restart_server)
     print(f"fairway: gateway on http://{settings.host}:{settings.port}", file=sys.stderr)
 
     stop = {"now": False}
@@ -146,13 +160,14 @@ def up(args: argparse.Namespace) -> int:
     code = 0
     try:
         while not stop["now"]:
-            if not supervisor.poll(time.monotonic()):
+            now = time.monotonic()
+            if not (infra_supervisor.poll(now) and supervisor.poll(now)):
                 code = 1
                 break
             time.sleep(0.5)
     finally:
         supervisor.stop()
-        for server in infra:
+        for server in servers.values():
             server.stop()
     return code
 

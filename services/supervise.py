@@ -1,7 +1,9 @@
 """``fairway up``'s process supervision: every service a child process, restarted when it
 exits, as compose's ``restart: unless-stopped`` does.
 
-A service that keeps failing waits longer each time (1 s, 2 s, 4 s ... up to 30 s), so a
+The Redis and RabbitMQ servers that ``fairway up`` started itself are supervised the
+same way (restarted on their own data directories: Redis replays its append-only file,
+RabbitMQ its durable queues). A service that keeps failing waits longer each time (1 s, 2 s, 4 s ... up to 30 s), so a
 broken configuration logs one clear exit every half minute instead of spinning; a run
 that lasted a minute counts as healthy and the next failure starts over at 1 s. The
 decisions are plain code (:class:`RestartBackoff`, :meth:`Supervisor.poll`), time is an
@@ -86,8 +88,14 @@ class Supervisor:
             if child.proc is None and alive and now >= child.start_at:
                 if child.started_at is not None:
                     child.restarts += 1
-                child.proc = self._spawn(child)
                 child.started_at = now
+                try:
+                    child.proc = self._spawn(child)
+                except Exception as exc:  # noqa: BLE001 - a failed start is retried like an exit
+                    delay = child.backoff.delay_after(0.0)
+                    child.start_at = now + delay
+                    self._log(f"could not start {child.name} ({exc!r}); retrying in {delay:.0f} s")
+                    continue
                 self._log(f"started {child.name} (pid {child.proc.pid})")
         return alive
 

@@ -31,8 +31,36 @@ pytestmark = pytest.mark.integration
 KEY = TENANT_KEYS["acme"]
 
 
-def gateway_pids(log: Path) -> list[int]:
-    return [int(pid) for pid in re.findall(r"started gateway \(pid (\d+)\)", log.read_text())]
+def started_pids(log: Path, name: str) -> list[int]:
+    """Pids of every start of ``name`` that ``fairway up`` logged, in order."""
+    return [int(pid) for pid in re.findall(rf"started {name}\b[^\n]*\(pid (\d+)\)", log.read_text())]
+
+
+def start_up(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--engine", "echo", *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop_up(up: subprocess.Popen, log: Path) -> None:
+    up.send_signal(signal.SIGTERM)
+    try:
+        code = up.wait(60)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        raise
+    assert code == 0, log.read_text()[-3000:]
+
+
+def complete(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": DEFAULT_MODEL_NAME, "prompt": "again", "max_tokens": 3},
+                      timeout=30)
+
+
+def up_env(**env: str) -> dict[str, str]:
+    return dict(os.environ, FAIRWAY_API_KEYS=f"acme:{KEY}", FAIRWAY_METRICS_PORT="0",
+                FAIRWAY_LOG_FORMAT="json", FAIRWAY_MAX_MODEL_LEN="1024", FAIRWAY_THREADS="1", **env)
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -54,15 +82,11 @@ def test_up_restarts_a_killed_gateway_which_frees_what_its_last_life_held(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     redis_url = own_redis_db(redis_server, 3)
-    env = dict(os.environ,
-               FAIRWAY_AMQP_URL=own_vhost(rabbit_server, "fairway-up"), FAIRWAY_REDIS_URL=redis_url,
-               FAIRWAY_CACHE_DIR=str(model_cache), FAIRWAY_PORT=str(port),
-               FAIRWAY_API_KEYS=f"acme:{KEY}", FAIRWAY_METRICS_PORT="0", FAIRWAY_LOG_FORMAT="json",
-               FAIRWAY_MAX_MODEL_LEN="1024", FAIRWAY_ECHO_TOKENS_PER_S="200", FAIRWAY_THREADS="1")
+    env = up_env(FAIRWAY_AMQP_URL=own_vhost(rabbit_server, "fairway-up"), FAIRWAY_REDIS_URL=redis_url,
+                 FAIRWAY_CACHE_DIR=str(model_cache), FAIRWAY_PORT=str(port),
+                 FAIRWAY_ECHO_TOKENS_PER_S="200")
     log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--no-infra",
-                               "--engine", "echo"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    up = start_up(env, log, "--no-infra")
     store = redis.Redis.from_url(redis_url)
     try:
         wait_until(lambda: ready(url), 120, "fairway up never became ready")
@@ -76,12 +100,12 @@ def test_up_restarts_a_killed_gateway_which_frees_what_its_last_life_held(
             for line in lines:
                 if line.startswith("data: {") and json.loads(line[6:]).get("choices"):
                     assert store.zcard(keys.tenant_inflight("acme")) == 1
-                    os.kill(gateway_pids(log)[-1], signal.SIGKILL)
+                    os.kill(started_pids(log, "gateway")[-1], signal.SIGKILL)
                     break
             for _ in lines:  # until the connection breaks
                 pass
         killed_at = time.monotonic()
-        wait_until(lambda: len(gateway_pids(log)) == 2, 30, "the gateway was not restarted")
+        wait_until(lambda: len(started_pids(log, "gateway")) == 2, 30, "the gateway was not restarted")
         wait_until(lambda: store.zcard(keys.tenant_inflight("acme")) == 0, 30,
                    "the killed gateway's admission slot is still held")
         freed_after = time.monotonic() - killed_at
@@ -89,17 +113,38 @@ def test_up_restarts_a_killed_gateway_which_frees_what_its_last_life_held(
         print(f"\nkilled gateway's slot freed {freed_after:.1f} s after the kill")
         assert freed_after < 15, f"slot freed only after {freed_after:.1f} s"
         wait_until(lambda: ready(url), 60, "the restarted gateway never became ready")
-        answer = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                            json={"model": DEFAULT_MODEL_NAME, "prompt": "again", "max_tokens": 3},
-                            timeout=30)
+        answer = complete(url)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
         assert "gateway exited with -9" in log.read_text()
     finally:
         store.close()
-        up.send_signal(signal.SIGTERM)
-        try:
-            code = up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            raise
-    assert code == 0, log.read_text()[-3000:]
+        stop_up(up, log)
+
+
+def test_up_restarts_the_redis_server_it_started(model_cache, tmp_path):
+    """With no Redis at the configured URL, ``fairway up`` runs its own; killed, it comes
+    back on its append-only file and the services carry on without a restart of their own."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for built in model_cache.iterdir():  # the tiny model, without building it again
+        (cache / built.name).symlink_to(built)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = up_env(FAIRWAY_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+                 FAIRWAY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                 FAIRWAY_CACHE_DIR=str(cache), FAIRWAY_PORT=str(port))
+    log = tmp_path / "up.log"
+    up = start_up(env, log)
+    try:
+        wait_until(lambda: ready(url), 180, "fairway up never became ready")
+        assert complete(url).status_code == 200
+        os.kill(started_pids(log, "redis-server")[-1], signal.SIGKILL)
+        wait_until(lambda: len(started_pids(log, "redis-server")) == 2, 30, "Redis was not restarted")
+        wait_until(lambda: ready(url), 60, "the system did not recover")
+        answer = complete(url)
+        assert answer.status_code == 200, answer.text
+        text = log.read_text()
+        assert "redis-server exited with -9" in text
+        assert not re.search(r"(gateway|scorer|scheduler|cpu-worker) exited", text), text[-3000:]
+    finally:
+        stop_up(up, log)

@@ -62,3 +62,23 @@ def test_without_restart_an_exit_stops_the_loop():
     sup.children[1].proc.code = 3
     assert not sup.poll(1.0)
     assert lines[-1] == "worker exited with 3" and spawned == ["scheduler", "worker", "gateway"]
+
+
+def test_a_start_that_fails_is_retried_with_the_backoff():
+    lines: list[str] = []
+    attempts: list[float] = []
+    now = {"t": 0.0}
+
+    def spawn(child: Child) -> StandIn:
+        attempts.append(now["t"])
+        if len(attempts) < 3:
+            raise OSError("port 6379 still taken")
+        return StandIn()
+
+    sup = Supervisor([Child("redis-server", [], {})], spawn=spawn, log=lines.append)
+    for t in (0.0, 0.5, 1.0, 2.0, 3.0):
+        now["t"] = t
+        assert sup.poll(t)
+    assert attempts == [0.0, 1.0, 3.0]
+    assert "could not start redis-server (OSError('port 6379 still taken')); retrying in 1 s" in lines
+    assert sup.children[0].proc is not None and lines[-1].startswith("started redis-server (pid")
