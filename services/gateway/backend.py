@@ -120,16 +120,20 @@ def _slot_keys(tenant: str, incarnation: str) -> list[str]:
 
 
 def dead_gateways(seen: dict[str, float], now: float, dead_after_s: float, own: str,
-                  owns_instance: bool) -> list[str]:
+                  owns_instance: bool, beating_s: float) -> list[str]:
     """Gateway incarnations (``instance_id:boot_id``) whose slots to free and requests to
-    cancel: those whose heartbeat is older than ``dead_after_s``, and, once this gateway
-    ``owns_instance`` (holds the exclusive reply queue its instance id names, which no live
-    gateway of that id could let it take), every earlier life of its own instance id."""
+    cancel: those whose heartbeat is older than ``dead_after_s``, judged only once this
+    gateway has itself been beating (reaching Redis) for that long, so that after a Redis
+    outage the first gateway back does not take the others for dead; and, once this
+    gateway ``owns_instance`` (holds the exclusive reply queue its instance id names, which
+    no live gateway of that id could let it take), every earlier life of its instance id."""
     instance = own.rpartition(":")[0]
+    judge_silence = beating_s >= dead_after_s
     return [
         other for other, at in seen.items()
         if other != own
-        and (at < now - dead_after_s or (owns_instance and other.rpartition(":")[0] == instance))
+        and ((judge_silence and at < now - dead_after_s)
+             or (owns_instance and other.rpartition(":")[0] == instance))
     ]
 
 
@@ -194,6 +198,8 @@ class Backend:
         written yet (failed by a connection loss, or Redis was unreachable)."""
         self._owns_instance = False
         """The exclusive reply queue is ours: no other live gateway has this instance id."""
+        self._beating_since: float | None = None
+        """Start of this gateway's unbroken run of heartbeats into Redis."""
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -215,19 +221,23 @@ class Backend:
                 seconds, micros = await self.redis.time()
                 await self._housekeeping(seconds + micros / 1e6)
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+                self._beating_since = None
                 log.warning("housekeeping_failed", error=repr(exc))
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _housekeeping(self, now: float) -> None:
         """One round at ``now`` (Redis server time, the one clock all gateways share)."""
         await self.redis.zadd(keys.GATEWAYS_SEEN, {self.incarnation: now})
+        if self._beating_since is None:
+            self._beating_since = now
         await self._retry_releases()
         for request_id, tenant in list(self._orphaned.items()):
             await self.cancel_downstream(request_id, tenant)
         seen = {k.decode(): at for k, at in
                 await self.redis.zrange(keys.GATEWAYS_SEEN, 0, -1, withscores=True)}
         for incarnation in dead_gateways(seen, now, self.settings.gateway_dead_after_s,
-                                         self.incarnation, self._owns_instance):
+                                         self.incarnation, self._owns_instance,
+                                         now - self._beating_since):
             await self._reap(incarnation)
 
     async def _reap(self, incarnation: str) -> None:

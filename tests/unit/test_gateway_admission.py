@@ -162,12 +162,18 @@ def test_token_cost_counts_max_tokens_and_a_prompt_estimate(prompt, max_tokens, 
 def test_dead_gateways_are_the_silent_ones_and_earlier_lives_of_an_owned_instance():
     seen = {"gw-a:1": 100.0, "gw-a:2": 99.0, "gw-b:1": 80.0, "gw-c:9": 97.0, "host:8000:5": 70.0}
     # Without the instance's reply queue, only silence counts: gw-a:1 might still be alive.
-    assert dead_gateways(seen, 100.0, 15.0, "gw-a:2", owns_instance=False) == ["gw-b:1", "host:8000:5"]
-    assert dead_gateways(seen, 100.0, 15.0, "gw-a:2", owns_instance=True) == [
+    assert dead_gateways(seen, 100.0, 15.0, "gw-a:2", owns_instance=False, beating_s=30.0) == [
+        "gw-b:1", "host:8000:5"]
+    assert dead_gateways(seen, 100.0, 15.0, "gw-a:2", owns_instance=True, beating_s=30.0) == [
         "gw-a:1", "gw-b:1", "host:8000:5"]
     # An instance id may itself contain colons; only the boot id after the last one differs.
-    assert dead_gateways(seen, 100.0, 60.0, "host:8000:6", owns_instance=True) == ["host:8000:5"]
-    assert dead_gateways(seen, 100.0, 60.0, "gw-a:2", owns_instance=False) == []
+    assert dead_gateways(seen, 100.0, 60.0, "host:8000:6", owns_instance=True, beating_s=90.0) == [
+        "host:8000:5"]
+    assert dead_gateways(seen, 100.0, 60.0, "gw-a:2", owns_instance=False, beating_s=90.0) == []
+    # Back from a Redis outage 5 s ago: everyone's last beat is old, nobody is judged yet
+    # (but an earlier life of its own instance is certainly gone).
+    assert dead_gateways(seen, 100.0, 15.0, "gw-a:2", owns_instance=False, beating_s=5.0) == []
+    assert dead_gateways(seen, 100.0, 15.0, "gw-a:2", owns_instance=True, beating_s=5.0) == ["gw-a:1"]
 
 
 async def test_a_dead_gateways_slots_are_freed_and_its_requests_cancelled(redis_client, redis_url):
@@ -177,7 +183,8 @@ async def test_a_dead_gateways_slots_are_freed_and_its_requests_cancelled(redis_
     dead = backend(redis_url, instance_id="gw-dead", max_queued_per_tenant=2)
     alive = backend(redis_url, instance_id="gw-alive", max_queued_per_tenant=2, gateway_dead_after_s=5)
     try:
-        await dead._housekeeping(1000.0)
+        for b in (dead, alive):
+            await b._housekeeping(1000.0)
         assert await admit(dead, "acme", "r1", cost=30) is None
         assert await admit(dead, "acme", "r2", cost=40) is None
         assert await admit(alive, "globex", "g1", cost=5) is None
@@ -271,3 +278,30 @@ async def test_a_gateway_unregisters_on_shutdown_only_when_it_holds_nothing(redi
     await clean.close()
     await stuck.close()  # r1's release never happened (its submission is not tracked)
     assert await redis_client.zrange(keys.GATEWAYS_SEEN, 0, -1) == [stuck.incarnation.encode()]
+
+
+async def test_a_gateway_that_lost_redis_judges_silence_only_after_beating_again_for_long(
+        redis_client, redis_url):
+    """After a Redis outage every gateway's last beat is old; the first one back must not
+    take the others for dead (and cancel their live requests) before they could beat."""
+    peer = backend(redis_url, instance_id="peer", gateway_dead_after_s=5)
+    back = backend(redis_url, instance_id="back", gateway_dead_after_s=5, heartbeat_interval_s=0.05)
+    try:
+        await peer._housekeeping(1000.0)
+        assert await admit(peer, "acme", "live") is None
+        await back._housekeeping(1000.0)
+        real = back.redis.time
+        back.redis.time = _raise_connection_error  # type: ignore[method-assign]
+        loop = asyncio.create_task(back._housekeeping_loop())
+        await asyncio.sleep(0.1)
+        loop.cancel()
+        back.redis.time = real  # type: ignore[method-assign]
+        assert back._beating_since is None
+        await back._housekeeping(1020.0)  # back after the outage; peer's beat is 20 s old
+        assert await redis_client.exists(keys.gateway_slots(peer.incarnation))
+        assert not await redis_client.exists(keys.sched_cancelled("live"))
+        await back._housekeeping(1026.0)  # 6 s of beats and still nothing from peer: dead
+        assert not await redis_client.exists(keys.gateway_slots(peer.incarnation))
+    finally:
+        await peer.redis.aclose()
+        await back.redis.aclose()
