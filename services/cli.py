@@ -138,6 +138,7 @@ def up(args: argparse.Namespace) -> int:
             child["FAIRWAY_INSTANCE_ID"] = f"{settings.instance_id}-gateway"
         children.append(Child(name, [sys.executable, "-m", "services.cli", name], child))
     supervisor = Supervisor(children, restart=not args.no_restart)
+
     def restart_server(child: Child) -> subprocess.Popen:
         server = servers[child.name]
         server.start()
