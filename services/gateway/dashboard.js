@@ -264,6 +264,14 @@ function render(data) {
     return tr;
   }));
 
+  fillTable("gateways", (data.gateways || []).map((g) => {
+    const tr = document.createElement("tr");
+    tr.dataset.gateway = g.id;
+    tr.append(cell(g.id, "left"), cell(g.alive ? "alive" : "silent", g.alive ? "alive" : "stale"),
+      cell(fmt(g.in_flight)), cell(fmt(g.age_s, 1) + " s ago"));
+    return tr;
+  }));
+
   scatterChart($("chart-lengths"), data.lengths);
   const s = data.length_summary;
   $("length-summary").textContent = s.n

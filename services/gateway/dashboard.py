@@ -6,8 +6,8 @@ it as ``Authorization: Bearer`` when it polls ``/dashboard/data`` every second. 
 a configured admin key the data endpoint answers 403; a missing or wrong key is 401 and
 a tenant's key is 403. No cookies, so no CSRF; a strict CSP keeps scripts to our own.
 
-Data path: :func:`read_snapshot` reads Redis (scheduler state, worker heartbeats, the
-capped lists of recent length samples and errors) into a :class:`RawSnapshot`, and
+Data path: :func:`read_snapshot` reads Redis (scheduler state, worker and gateway
+heartbeats, the capped lists of recent length samples and errors) into a :class:`RawSnapshot`, and
 :func:`build_dashboard`, plain code, turns it into the JSON the page draws.
 """
 
@@ -91,6 +91,12 @@ class RawSnapshot:
     errors: list[bytes] = field(default_factory=list)
     leader: bytes | None = None
     fence: bytes | None = None
+    gateways: dict[bytes, float] = field(default_factory=dict)
+    """Gateway life -> last heartbeat, in Redis server time."""
+    gateway_slots: dict[bytes, int] = field(default_factory=dict)
+    """Gateway life -> admission slots it holds (its requests in flight)."""
+    redis_now: float | None = None
+    """Redis server time of the read, the clock of the gateways' heartbeats."""
 
 
 def _text(value: bytes | str) -> str:
@@ -181,6 +187,25 @@ def _workers(raw: RawSnapshot, alive_s: float) -> list[dict[str, Any]]:
     return out
 
 
+def _gateways(raw: RawSnapshot, dead_after_s: float) -> list[dict[str, Any]]:
+    """Each gateway life: alive while its beat is younger than ``dead_after_s`` (then the
+    other gateways reap it), and the requests it holds."""
+    now = raw.redis_now if raw.redis_now is not None else raw.now
+    out = []
+    for life, last in raw.gateways.items():
+        name = _text(life)
+        age = max(now - last, 0.0)
+        out.append({
+            "id": name,
+            "instance": name.rpartition(":")[0] or name,
+            "alive": age <= dead_after_s,
+            "age_s": round(age, 3),
+            "in_flight": raw.gateway_slots.get(life, 0),
+        })  # fmt: skip
+    out.sort(key=lambda g: g["id"])
+    return out
+
+
 def _pools(workers: list[dict[str, Any]], dispatched: dict[str, int]) -> list[dict[str, Any]]:
     names = list(topology.POOLS)
     names += sorted(({w["pool"] for w in workers} | set(dispatched)) - set(names))
@@ -254,7 +279,8 @@ def _errors(raw: list[bytes]) -> list[dict[str, Any]]:
 
 
 def build_dashboard(
-    raw: RawSnapshot, *, tenants: Iterable[str] = (), worker_alive_s: float, model: str
+    raw: RawSnapshot, *, tenants: Iterable[str] = (), worker_alive_s: float, model: str,
+    gateway_dead_after_s: float = 15.0,
 ) -> dict[str, Any]:
     """The page's JSON from one Redis snapshot; ``tenants`` are listed even without traffic."""
     counters, served = _floats(raw.counters), _floats(raw.served)
@@ -291,6 +317,7 @@ def build_dashboard(
         },
         "pools": _pools(workers, dispatched_by_pool),
         "workers": workers,
+        "gateways": _gateways(raw, gateway_dead_after_s),
         "lengths": points,
         "length_summary": length_summary(points),
         "errors": _errors(raw.errors),
@@ -323,11 +350,14 @@ async def read_snapshot(
         pipe.lrange(keys.RECENT_ERRORS, 0, ERRORS_SHOWN - 1)
         pipe.get(keys.SCHED_LEASE)
         pipe.get(keys.SCHED_FENCE)
+        pipe.zrange(keys.GATEWAYS_SEEN, 0, -1, withscores=True)
+        pipe.time()
         (counters, served, queued_total, inflight_total, heartbeats, seen, samples, errors,
-         leader, fence) = await pipe.execute()  # fmt: skip
-    queued, inflight = await asyncio.gather(
+         leader, fence, gateways, (seconds, micros)) = await pipe.execute()  # fmt: skip
+    queued, inflight, slots = await asyncio.gather(
         _hash_values(redis, keys.SCHED_QUEUED, queued_total, scan_limit),
         _hash_values(redis, keys.SCHED_INFLIGHT, inflight_total, scan_limit),
+        _slot_counts(redis, [life for life, _ in gateways]),
     )
     return RawSnapshot(
         now=now,
@@ -343,7 +373,19 @@ async def read_snapshot(
         errors=errors,
         leader=leader,
         fence=fence,
+        gateways={life: float(at) for life, at in gateways},
+        gateway_slots=slots,
+        redis_now=seconds + micros / 1e6,
     )
+
+
+async def _slot_counts(redis: aioredis.Redis, lives: list[bytes]) -> dict[bytes, int]:
+    if not lives:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for life in lives:
+            pipe.hlen(keys.gateway_slots(_text(life)))
+        return dict(zip(lives, await pipe.execute(), strict=True))
 
 
 # --- the gateway side: state, routes, error log ----------------------------------------
@@ -379,6 +421,7 @@ class Dashboard:
                 tenants=self.tenants.tenants,
                 worker_alive_s=self.settings.worker_alive_s,
                 model=self.settings.model_name,
+                gateway_dead_after_s=self.settings.gateway_dead_after_s,
             )
             self._cached_at = time.monotonic()
             return self._cached

@@ -127,9 +127,13 @@ def test_dashboard_shows_live_numbers(system: System, browser: WebDriver, tmp_pa
     wait_for("acme's served tokens to grow", lambda: (served(browser, "acme") or 0) > first)
     assert served(browser, "globex") > 0
 
-    # Workers from heartbeats, the length scatter, the error list: all live.
+    # Workers and gateways from heartbeats, the length scatter, the error list: all live.
     wait_for("an alive worker row", lambda: any(
         "alive" in row.text for row in browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+    ))  # fmt: skip
+    wait_for("this system's gateway, alive", lambda: any(
+        row.get_attribute("data-gateway").startswith("gateway:") and "alive" in row.text
+        for row in browser.find_elements(By.CSS_SELECTOR, "#gateways tbody tr")
     ))  # fmt: skip
     scatter = browser.find_element(By.ID, "chart-lengths")
     wait_for("points in the length scatter", lambda: int(scatter.get_attribute("data-points") or 0))

@@ -120,6 +120,18 @@ def test_builder_reports_workers_with_load_speed_and_liveness() -> None:
     assert not workers["w-stale"]["alive"] and workers["w-stale"]["load"] == 1.0
 
 
+def test_builder_reports_gateways_with_liveness_in_redis_time_and_requests_in_flight() -> None:
+    raw = snapshot()
+    raw.redis_now = 5000.0  # the gateways' clock, not this host's (raw.now)
+    raw.gateways = {b"gw-a:1f": 4999.0, b"host:8000:2c": 4980.0}
+    raw.gateway_slots = {b"gw-a:1f": 3}
+    gateways = build_dashboard(raw, worker_alive_s=10, model="x", gateway_dead_after_s=15)["gateways"]
+    assert gateways == [
+        {"id": "gw-a:1f", "instance": "gw-a", "alive": True, "age_s": 1.0, "in_flight": 3},
+        {"id": "host:8000:2c", "instance": "host:8000", "alive": False, "age_s": 20.0, "in_flight": 0},
+    ]
+
+
 def test_builder_lengths_and_errors() -> None:
     data = build_dashboard(snapshot(), worker_alive_s=10, model="x")
     assert [(p["tenant"], p["predicted"], p["actual"]) for p in data["lengths"]] == [
@@ -142,6 +154,7 @@ def test_builder_marks_a_partially_read_queue_and_handles_empty_redis() -> None:
     assert build_dashboard(raw, worker_alive_s=10, model="x")["queue"]["complete"] is False
     empty = build_dashboard(RawSnapshot(now=NOW), worker_alive_s=10, model="x")
     assert empty["tenants"] == [] and empty["workers"] == [] and empty["pools"] == []
+    assert empty["gateways"] == []
     assert empty["scheduler"] == {"leader": None, "fence": None}
     assert length_summary([]) == {"n": 0, "mean_abs_error": None, "within_p10_p90": None}
 
@@ -227,12 +240,15 @@ async def test_data_endpoint_reads_redis_and_errors_are_logged(redis_client, red
     await redis_client.hset(keys.SCHED_QUEUED, "q1", m.encode(scored("q1", "acme")))
     await redis_client.hset(keys.WORKERS, "w1", heartbeat("w1", "cpu", 1, 0.0))
     await redis_client.zadd(keys.WORKERS_SEEN, {"w1": 1e12})  # seen "now" (clock-proof)
+    await redis_client.zadd(keys.GATEWAYS_SEEN, {"gw:1": 1e12})
+    await redis_client.hset(keys.gateway_slots("gw:1"), mapping={"r1": "acme", "r2": "acme"})
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
         data = (await http.get("/dashboard/data", headers=ADMIN_HEADER)).json()
         assert data["tenants"] == [{"name": "acme", "served_tokens": 42.0, "vtc": 17.5,
                                     "queued": 1, "dispatched": 0}]  # fmt: skip
         assert [w["id"] for w in data["workers"]] == ["w1"] and data["workers"][0]["alive"]
+        assert [(g["id"], g["alive"], g["in_flight"]) for g in data["gateways"]] == [("gw:1", True, 2)]
         assert data["queue"]["queued"] == 1
         # Errors: one without a tenant (bad key), one with (unknown model).
         await http.post("/v1/completions", json={"model": "test-model", "prompt": "x"})
