@@ -95,6 +95,17 @@ GATEWAYS_SEEN = f"{PREFIX}:gateways:seen"
 server time (so gateways on hosts with disagreeing clocks agree on who is silent)."""
 
 
+def gateway_life(instance_id: str, boot_id: str) -> str:
+    """One process's life of gateway ``instance_id``: its member of :data:`GATEWAYS_SEEN`
+    and the owner of its :func:`gateway_slots`."""
+    return f"{instance_id}:{boot_id}"
+
+
+def gateway_instance(life: str) -> str:
+    """The instance id of a :func:`gateway_life` (which may itself contain colons)."""
+    return life.rpartition(":")[0] or life
+
+
 def gateway_slots(incarnation: str) -> str:
     """Hash request id -> tenant of the admission slots one gateway incarnation holds, so
     that when it dies another gateway (or its own restart) frees them and cancels the

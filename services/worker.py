@@ -292,8 +292,18 @@ class WorkerService:
     async def on_cancel(self, cancel: m.CancelRequest, message: AbstractIncomingMessage) -> None:
         active = self.active.get(cancel.request_id)
         if active is not None and active.request.tenant == cancel.tenant:
-            self.engine.abort(active.engine_id)
+            self._stop(active)
         await message.ack()
+
+    def _stop(self, active: Active, event: str | None = None) -> None:
+        """Abort a running request (once, however many cancels arrive); it finishes as
+        cancelled with what it generated."""
+        if active.stopping or active.engine_id not in self.by_engine:
+            return
+        active.stopping = True
+        if event is not None:
+            log.info(event, request_id=active.item.request_id)
+        self.engine.abort(active.engine_id)
 
     def _on_reply_returned(self, _channel: object, message: AbstractIncomingMessage) -> None:
         """A token chunk came back unroutable: its caller's reply queue is gone (an AMQP
@@ -303,11 +313,9 @@ class WorkerService:
             return
         rid = m.peek_request_id(message.body)
         active = self.active.get(rid) if rid else None
-        if (active is not None and active.request.reply_to == message.routing_key
-                and active.engine_id in self.by_engine and not active.stopping):
-            active.stopping = True  # chunks of the steps before the abort come back too
-            log.info("caller_gone", request_id=rid, reply_to=message.routing_key)
-            self.engine.abort(active.engine_id)
+        # Chunks of the steps before the abort come back too: _stop acts on the first.
+        if active is not None and active.request.reply_to == message.routing_key:
+            self._stop(active, "caller_gone")
 
     def _forget(self, active: Active) -> None:
         if self.active.get(active.item.request_id) is active:
@@ -454,10 +462,8 @@ class WorkerService:
         results = await pipe.execute()
         if running:
             for active, cancelled in zip(running, results[-1], strict=True):
-                if cancelled and active.engine_id in self.by_engine and not active.stopping:
-                    active.stopping = True
-                    log.info("cancel_marker_seen", request_id=active.item.request_id)
-                    self.engine.abort(active.engine_id)
+                if cancelled:
+                    self._stop(active, "cancel_marker_seen")
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -127,13 +127,13 @@ def dead_gateways(seen: dict[str, float], now: float, dead_after_s: float, own: 
     outage the first gateway back does not take the others for dead; and, once this
     gateway ``owns_instance`` (holds the exclusive reply queue its instance id names, which
     no live gateway of that id could let it take), every earlier life of its instance id."""
-    instance = own.rpartition(":")[0]
+    instance = keys.gateway_instance(own)
     judge_silence = beating_s >= dead_after_s
     return [
         other for other, at in seen.items()
         if other != own
         and ((judge_silence and at < now - dead_after_s)
-             or (owns_instance and other.rpartition(":")[0] == instance))
+             or (owns_instance and keys.gateway_instance(other) == instance))
     ]
 
 
@@ -178,7 +178,7 @@ class Backend:
         # Named after the AMQP user, like a producer's, so a least-privilege user may be
         # granted exactly its own reply queues.
         self.reply_queue_name = topology.reply_queue(f"{self.amqp_user}.{settings.instance_id}")
-        self.incarnation = f"{settings.instance_id}:{uuid.uuid4().hex[:12]}"
+        self.incarnation = keys.gateway_life(settings.instance_id, uuid.uuid4().hex[:12])
         """This process's life of the gateway ``instance_id``: owner of its admission slots."""
         self.redis: aioredis.Redis = redis_client.connect(settings.redis_url, socket_timeout_s=REDIS_TIMEOUT_S)
         self._admit = self.redis.register_script(_ADMIT_LUA)
@@ -244,10 +244,17 @@ class Backend:
         """Cancel a dead gateway's requests and free its slots. Idempotent, so gateways
         racing to reap the same one do no harm; its heartbeat entry goes last, so a reaper
         that dies halfway leaves the rest to the next."""
-        slots = await self.redis.hgetall(keys.gateway_slots(incarnation))
-        for rid, tenant in ((r.decode(), t.decode()) for r, t in slots.items()):
-            await self.cancel_downstream(rid, tenant)
-            await self._release(keys=_slot_keys(tenant, incarnation), args=[rid])
+        raw = await self.redis.hgetall(keys.gateway_slots(incarnation))
+        slots = {rid.decode(): tenant.decode() for rid, tenant in raw.items()}
+        if slots:
+            # Every marker and release in one round trip: a dead gateway may hold thousands,
+            # and this loop also carries this gateway's own heartbeat.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for rid, tenant in slots.items():
+                    pipe.set(keys.sched_cancelled(rid), "1", ex=keys.DONE_TTL_S)
+                    await self._release(keys=_slot_keys(tenant, incarnation), args=[rid], client=pipe)
+                await pipe.execute()
+            await asyncio.gather(*(self._broadcast_cancel(rid, tenant) for rid, tenant in slots.items()))
         await self.redis.zrem(keys.GATEWAYS_SEEN, incarnation)
         self.metrics.reaped.inc(len(slots))
         log.warning("dead_gateway_reaped", gateway=incarnation, requests=len(slots))
@@ -426,6 +433,10 @@ class Backend:
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("redis_unavailable", op="cancel", request_id=request_id, error=repr(exc))
             self._orphan(request_id, tenant)
+        await self._broadcast_cancel(request_id, tenant)
+
+    async def _broadcast_cancel(self, request_id: str, tenant: str) -> None:
+        """The fast path of a cancel (best effort): every worker and scheduler hears it."""
         exchange = self._control_exchange
         if exchange is None or not self.amqp_connected:
             log.info("cancel_broadcast_skipped", request_id=request_id, reason="broker not connected")

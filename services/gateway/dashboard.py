@@ -197,7 +197,7 @@ def _gateways(raw: RawSnapshot, dead_after_s: float) -> list[dict[str, Any]]:
         age = max(now - last, 0.0)
         out.append({
             "id": name,
-            "instance": name.rpartition(":")[0] or name,
+            "instance": keys.gateway_instance(name),
             "alive": age <= dead_after_s,
             "age_s": round(age, 3),
             "in_flight": raw.gateway_slots.get(life, 0),
