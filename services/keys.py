@@ -69,6 +69,13 @@ def predictor_state(model: str) -> str:
     return f"{PREFIX}:predictor:{model}"
 
 
+def predictor_learned(request_id: str) -> str:
+    """Marker that a request's real output length was learned (kept ``DONE_TTL_S``): set in
+    the same atomic call as the increments, so a completion event redelivered after a
+    scorer died between learning and acking is not learned twice."""
+    return f"{PREFIX}:req:{request_id}:learned"
+
+
 # --- gateway ---
 
 

@@ -12,11 +12,17 @@ State of one served model lives in one hash (``keys.predictor_state(model)``):
 Every update is a set of HINCRBYFLOAT increments in one Lua call, so replicas learn
 concurrently without lost updates, a reader never sees half an update, and a restart
 reloads exactly what was learned (about 550 fields plus 2 per word bucket seen).
-Observations that arrive while a write is in flight are merged into the next one, so a
-burst of completions costs a few round trips, not one each. Deltas that could not be
-written (Redis down) are kept and retried on the next call; a write whose reply was
-lost after Redis applied it would be counted twice on retry (rare, and one observation
-among hundreds).
+Observations that arrive while a write is in flight go into the next one, so a burst of
+completions costs a few round trips, not one each. Deltas that could not be written
+(Redis down) are kept and retried on the next call.
+
+Each request is learned at most once: the same call sets ``keys.predictor_learned``
+(NX) and applies the request's increments only if it was not set. A completion event
+redelivered because a scorer died between learning it and acking it, or a retry of a
+write whose reply was lost, is skipped, and the replica that skipped it reloads the
+shared state so its local copy drops the duplicate too. Past ``MAX_PENDING_REQUESTS``
+unsent observations (a long Redis outage) the oldest are merged into one anonymous
+delta: memory stays flat, and those lose only the duplicate check.
 If the hash was written for another artifact or layout, the features mean something
 else, so the state is reset.
 """
@@ -50,6 +56,8 @@ log = get_logger(__name__)
 ARTIFACT_FIELD = "artifact"
 STATE_FORMAT = "s3"
 """Bump when the head input or the field layout changes."""
+MAX_PENDING_REQUESTS = 1024
+"""Unsent observations kept one by one (with their request ids) while Redis is down."""
 
 
 _INCREMENT_SCRIPT = """
@@ -59,17 +67,29 @@ if not tag then
 elseif tag ~= ARGV[2] then
   return -1
 end
-local delta = cmsgpack.unpack(ARGV[1])
-for i = 1, #delta, 2 do
-  redis.call('HINCRBYFLOAT', KEYS[1], delta[i], string.format('%.17g', delta[i + 1]))
+local batch = cmsgpack.unpack(ARGV[1])
+local ttl = tonumber(ARGV[3])
+local skipped = 0
+for b = 1, #batch, 2 do
+  local marker, delta = batch[b], batch[b + 1]
+  if marker == 0 or redis.call('SET', KEYS[marker], '1', 'NX', 'EX', ttl) then
+    for i = 1, #delta, 2 do
+      redis.call('HINCRBYFLOAT', KEYS[1], delta[i], string.format('%.17g', delta[i + 1]))
+    end
+  else
+    skipped = skipped + 1
+  end
 end
-return #delta / 2
+return skipped
 """
 """All increments of a write in one atomic server-side call, applied only if the hash
 belongs to the writer's artifact (an old replica during a rolling deploy must not mix
-its features into the new state). The deltas travel as one msgpack blob
-``[name, value, name, value, ...]``: a MULTI of hundreds of commands, or hundreds of
-script arguments, costs milliseconds of client-side encoding."""
+its features into the new state), and each request's only if its learned marker was not
+set yet. The batch travels as one msgpack blob ``[marker, [name, value, ...], ...]``
+where ``marker`` indexes the request's learned marker in KEYS (0: no request id, always
+applied): a MULTI of hundreds of commands, or hundreds of script
+arguments, costs milliseconds of client-side encoding. Returns how many requests were
+skipped as already learned, or -1 for a foreign hash."""
 _READ_SCRIPT = "return cmsgpack.pack(redis.call('HGETALL', KEYS[1]))"
 """The whole hash as one msgpack blob: thousands of fields decode in C, not in the
 client's RESP parser (~5 ms instead of ~60 ms without hiredis)."""
@@ -152,6 +172,13 @@ def _merge(into: dict[str, float], delta: dict[str, float]) -> None:
         into[name] = into.get(name, 0.0) + value
 
 
+def _merged(deltas: Sequence[tuple[str, dict[str, float]]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for _, delta in deltas:
+        _merge(total, delta)
+    return total
+
+
 class OnlinePredictor:
     """Wraps LengthPredictor with online state shared through Redis.
 
@@ -168,7 +195,8 @@ class OnlinePredictor:
         self.layout = HashLayout(self.state.head.dim)
         self._increment = redis.register_script(_INCREMENT_SCRIPT)
         self._read = redis.register_script(_READ_SCRIPT)
-        self._pending: dict[str, float] = {}
+        self._pending: list[tuple[str, dict[str, float]]] = []
+        """Unsent observations: (request id or '', hash increments), oldest first."""
         self._io_lock = asyncio.Lock()
         """Serializes writes and reads of the hash, so a read never misses a write in flight."""
 
@@ -208,12 +236,15 @@ class OnlinePredictor:
         output_tokens: int,
         features: Sequence[float] | None = None,
         truncated: bool = False,
+        request_id: str = "",
     ) -> None:
         """Learn one real output length and persist it for other replicas and restarts.
 
         ``features`` is ``LengthPrediction.features`` echoed by the worker; when missing
         or malformed the prompt is encoded again. ``truncated``: the answer hit
         max_tokens, so its real length is only known to be at least ``output_tokens``.
+        ``request_id``: learned at most once across replicas and redeliveries (``''``:
+        no such check).
         """
         encoded = self.predictor.encode_for_learning(prompt, features)
         y = log_tokens(output_tokens)
@@ -222,9 +253,12 @@ class OnlinePredictor:
         observation = self.state.learn(encoded, y, truncated)
         if observation is None:
             return
-        _merge(self._pending, self.layout.delta(observation))
+        self._pending.append((request_id, self.layout.delta(observation)))
+        if len(self._pending) > MAX_PENDING_REQUESTS:
+            self._pending = [("", _merged(self._pending))]
         async with self._io_lock:
-            await self._flush()
+            if await self._flush():
+                await self._load()
 
     async def refresh(self) -> None:
         """Pull what other replicas learned (and retry our unsent updates)."""
@@ -232,29 +266,46 @@ class OnlinePredictor:
             await self._flush()
             await self._load()
 
-    async def _flush(self) -> None:
-        """Write every pending increment in one atomic call (caller holds ``_io_lock``)."""
+    async def _flush(self) -> int:
+        """Write every pending observation in one atomic call (caller holds ``_io_lock``).
+
+        Returns how many were skipped as already learned (the local state then holds
+        duplicates until the next load)."""
         if not self._pending:
-            return
-        batch, self._pending = self._pending, {}
-        flat: list[str | float] = []
-        for name, value in batch.items():
-            flat += (name, value)
+            return 0
+        batch, self._pending = self._pending, []
+        script_keys = [self.key]
+        blob: list[object] = []
+        for request_id, delta in batch:
+            flat: list[str | float] = []
+            for name, value in delta.items():
+                flat += (name, value)
+            marker = 0
+            if request_id:
+                script_keys.append(keys.predictor_learned(request_id))
+                marker = len(script_keys)
+            blob += (marker, flat)
         try:
-            applied = await self._increment(
-                keys=[self.key], args=[msgpack.packb(flat), self.state_tag], client=self.redis
+            skipped = await self._increment(
+                keys=script_keys,
+                args=[msgpack.packb(blob), self.state_tag, keys.DONE_TTL_S],
+                client=self.redis,
             )
         except (RedisError, OSError) as exc:
-            _merge(self._pending, batch)
+            self._pending = batch + self._pending
             log.warning(
                 "predictor_state_write_failed",
                 model=self.model,
                 pending=len(self._pending),
                 error=str(exc),
             )
-            return
-        if applied == -1:
+            return 0
+        if skipped == -1:
             log.warning("predictor_state_foreign_write_skipped", model=self.model, key=self.key)
+            return 0
+        if skipped:
+            log.info("predictor_duplicates_skipped", model=self.model, requests=int(skipped))
+        return int(skipped)
 
     async def _load(self) -> None:
         """Local sums := Redis's plus what is still pending (caller holds ``_io_lock``)."""
@@ -271,4 +322,4 @@ class OnlinePredictor:
         if stored is not None and stored != self.state_tag:
             log.warning("predictor_state_foreign", model=self.model, stored_artifact=stored)
             return
-        self.layout.load(self.state, self.layout.parse(raw, self._pending))
+        self.layout.load(self.state, self.layout.parse(raw, _merged(self._pending)))

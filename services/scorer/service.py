@@ -260,6 +260,7 @@ class ScorerService:
                 event.output_tokens,
                 features=event.score.features or None,
                 truncated=event.finish_reason == "length",
+                request_id=event.request_id,
             )
         await message.ack()
 

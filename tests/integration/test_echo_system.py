@@ -18,7 +18,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from services import keys, topology
+from services import amqp, keys, topology
+from services import messages as m
 from services.client import AmqpClient
 from services.models import load_tokenizer, resolve_model_path
 from services.settings import DEFAULT_MODEL_NAME
@@ -136,6 +137,60 @@ async def test_a_producer_that_disconnects_mid_stream_stops_its_request(echo_sys
             if "caller_gone" in line]
     assert [e["request_id"] for e in gone] == [request.request_id]
     assert stopped_after < 1.5, f"ran {stopped_after:.2f} s more, as if to the end"
+
+
+async def publish_to_scorer_feedback(amqp_url: str, *events: m.RequestFinished) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        for event in events:
+            await amqp.publish(channel.default_exchange, event, topology.SCORER_FEEDBACK_QUEUE)
+    finally:
+        await connection.close()
+
+
+def test_a_redelivered_completion_is_learned_once(echo_system, echo_client):
+    """The scorer learns each real output length once: the same completion event again
+    (as when a scorer died after learning it and before acking it) changes nothing."""
+    store = redis.Redis.from_url(echo_system.redis_url)
+    state = keys.predictor_state(DEFAULT_MODEL_NAME)
+
+    def learned() -> float:
+        return float(store.hget(state, "n") or 0)
+
+    def wait_for(key: str) -> None:
+        deadline = time.monotonic() + 15
+        while not store.exists(key):
+            assert time.monotonic() < deadline, f"{key} was never learned"
+            time.sleep(0.05)
+
+    try:
+        response = httpx.post(f"{echo_system.gateway_url}/v1/completions", timeout=30,
+                              headers={"Authorization": f"Bearer {TENANT_KEYS['acme']}"},
+                              json={"model": DEFAULT_MODEL_NAME, "prompt": "learn me once",
+                                    "max_tokens": 50, "stop": [" once"]})
+        assert response.json()["choices"][0]["finish_reason"] == "stop"  # a real length
+        request_id = response.headers["x-request-id"]
+        wait_for(keys.predictor_learned(request_id))
+        before = learned()
+
+        def finished(rid: str) -> m.RequestFinished:
+            return m.RequestFinished(
+                request_id=rid, tenant="acme", worker_id="echo", model=DEFAULT_MODEL_NAME,
+                pool="cpu", finish_reason="stop", prompt_tokens=4, output_tokens=2,
+                score=m.LengthScore(uncertainty=0.5, p10=2, p50=7, p90=20), prompt="learn me once")
+
+        probe = f"learn-probe-{time.time_ns()}"
+        asyncio.run(publish_to_scorer_feedback(echo_system.amqp_url, finished(request_id),
+                                               finished(probe)))
+        wait_for(keys.predictor_learned(probe))
+        deadline = time.monotonic() + 15
+        while "predictor_duplicates_skipped" not in echo_system.log("echo-scorer"):
+            assert time.monotonic() < deadline, "the duplicate was never seen"
+            time.sleep(0.05)
+        assert learned() == before + 1
+    finally:
+        store.close()
 
 
 VLLM_NAMES = {

@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services import keys
+from services.scorer import online as online_module
 from services.scorer.online import ARTIFACT_FIELD, OnlinePredictor
 from services.scorer.predictor import LengthPredictor
 
@@ -179,3 +180,68 @@ async def test_an_old_replica_cannot_write_into_a_newer_artifacts_state(base, re
     stored = await redis_client.hgetall(keys.predictor_state(MODEL))
     assert stored == {ARTIFACT_FIELD.encode(): b"newer-artifact/s9"}
     assert old.observations == 1  # it still learned locally
+
+
+async def test_a_redelivered_completion_is_learned_once(base, redis_client, redis_url):
+    """A scorer that dies between learning a completion and acking it gets the event
+    again (itself after a restart, or another replica): it must not be learned twice."""
+    first = OnlinePredictor(base, redis_client, MODEL)
+    await first.start()
+    for i, prompt in enumerate(PROMPTS):
+        await first.observe(prompt, 2000 + i, request_id=f"req-{i}")
+    expected = predictions(first)
+    assert await redis_client.exists(keys.predictor_learned("req-0"))
+
+    other_client = aioredis.from_url(redis_url)
+    try:
+        second = OnlinePredictor(base, other_client, MODEL)
+        await second.start()
+        await second.observe(PROMPTS[0], 2000, request_id="req-0")  # the redelivery
+        await first.observe(PROMPTS[1], 2001, request_id="req-1")  # and on the same replica
+    finally:
+        await other_client.aclose()
+    stored = await redis_client.hgetall(keys.predictor_state(MODEL))
+    assert float(stored[b"n"]) == len(PROMPTS)
+    assert second.observations == first.observations == len(PROMPTS)
+    np.testing.assert_allclose(predictions(second), expected, rtol=1e-9)
+    np.testing.assert_allclose(predictions(first), expected, rtol=1e-9)
+
+
+async def test_a_write_retried_after_its_reply_was_lost_is_applied_once(base, redis_client):
+    online = OnlinePredictor(base, redis_client, MODEL)
+    await online.start()
+    increment = online._increment
+
+    async def applied_then_reply_lost(**kwargs):
+        await increment(**kwargs)
+        raise ConnectionError("connection reset by peer")
+
+    online._increment = applied_then_reply_lost
+    await online.observe(PROMPTS[0], 800, request_id="req-a")
+    assert online._pending  # kept for a retry
+    online._increment = increment
+    await online.refresh()
+    stored = await redis_client.hgetall(keys.predictor_state(MODEL))
+    assert float(stored[b"n"]) == 1
+    assert online.observations == 1
+
+
+async def test_unsent_observations_stay_bounded_during_a_long_outage(
+    base, redis_client, monkeypatch
+):
+    cap = 20
+    monkeypatch.setattr(online_module, "MAX_PENDING_REQUESTS", cap)
+    dead = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.05)
+    online = OnlinePredictor(base, dead, MODEL)
+    total = cap + 15
+    try:
+        for i in range(total):
+            await online.observe(PROMPTS[i % len(PROMPTS)], 300, request_id=f"r{i}")
+            assert len(online._pending) <= cap
+    finally:
+        await dead.aclose()
+    online.redis = redis_client
+    await online.refresh()
+    stored = await redis_client.hgetall(keys.predictor_state(MODEL))
+    assert float(stored[b"n"]) == total
+    assert online.observations == total
