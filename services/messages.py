@@ -225,6 +225,8 @@ class WorkerHeartbeat(Message):
     running_ids: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
     """LoRA adapters resident in the worker's device pool (scheduler affinity)."""
+    draining: bool = False
+    """Stopping (SIGTERM): it takes no new work and finishes or hands back what it runs."""
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     over 16 (tiny and ~100M Llama), per-token latency about 1.5x (bench engine)."""
     kv_tokens: int = 65536
     heartbeat_interval_s: float = 1.0
+    worker_drain_s: float = 20.0
+    """On SIGTERM a worker stops taking work and lets its requests finish for this long;
+    the rest it hands back to the queue, where another worker regenerates them (same
+    seed) and the caller drops the tokens it already has."""
     engine: Literal["model", "echo"] = "model"
     echo_tokens_per_s: float = 1000.0
     threads: int = 0

@@ -42,7 +42,6 @@ from services.settings import Settings
 log = get_logger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
-SHUTDOWN_GRACE_S = 20.0
 FEEDBACK_PROMPT_CHARS = 4000
 
 
@@ -180,6 +179,7 @@ class WorkerService:
         self.device = device
         self.worker_id = f"{pool}-{settings.instance_id}"
         self.active: dict[str, Active] = {}
+        self.draining = False
         self.by_engine: dict[str, Active] = {}
         self._attempts = itertools.count(1)
         self.outputs: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
@@ -446,6 +446,7 @@ class WorkerService:
             speed=m.SpeedReport(prefill_tokens_per_s=st.prefill_tokens_per_s,
                                 decode_tokens_per_s=decode_tps, decode_step_ms=st.decode_step_ms),
             sent_at=time.time(), running_ids=sorted(self.active), adapters=list(st.adapters),
+            draining=self.draining,
         )
 
     async def _heartbeat(self) -> None:
@@ -476,15 +477,28 @@ class WorkerService:
     # --- shutdown --------------------------------------------------------------
 
     async def stop(self) -> None:
+        """Drain: take no new work, tell the scheduler at once (a draining heartbeat
+        offers no free capacity), let the running requests finish for ``worker_drain_s``,
+        hand the rest back to the queue."""
+        self.draining = True
         if self._consumer_tag:
             with contextlib.suppress(Exception):
                 await self.work_queue.cancel(self._consumer_tag)
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        if getattr(self, "redis", None) and getattr(self, "engine", None):
+            with contextlib.suppress(Exception):
+                await self._heartbeat()
+        if self.active:
+            log.info("draining", requests=len(self.active), drain_s=self.settings.worker_drain_s)
+        deadline = time.monotonic() + self.settings.worker_drain_s
         while self.active and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        for rid, active in list(self.active.items()):
+            await asyncio.sleep(0.05)
+        if self.active:
+            log.info("handing_back", requests=len(self.active))
+        for active in list(self.active.values()):
             # Hand back: the broker redelivers to another worker of the pool, which
             # regenerates with the same seed; the caller drops chunks it already has.
+            # Forgotten first, so the abort's "cancelled" answer never reaches the caller.
+            self._forget(active)
             self.engine.abort(active.engine_id)
             with contextlib.suppress(Exception):
                 await active.message.nack(requeue=True)

@@ -257,7 +257,8 @@ function render(data) {
   fillTable("workers", data.workers.map((w) => {
     const tr = document.createElement("tr");
     tr.dataset.worker = w.id;
-    tr.append(cell(w.id), cell(w.pool), cell(w.alive ? "alive" : "silent", w.alive ? "alive" : "stale"),
+    const state = !w.alive ? ["silent", "stale"] : w.draining ? ["draining", "draining"] : ["alive", "alive"];
+    tr.append(cell(w.id), cell(w.pool), cell(state[0], state[1]),
       bar(w.load, fmt(w.running) + " / " + fmt(w.max_running)), cell(fmt(w.waiting)),
       cell(pct(w.kv_used)), cell(fmt(w.decode_tokens_per_s, 1)), cell(fmt(w.prefill_tokens_per_s, 1)),
       cell(fmt(w.decode_step_ms, 1)), cell(fmt(w.age_s, 1) + " s ago"));

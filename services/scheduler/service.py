@@ -104,7 +104,8 @@ def backlog_seconds(running: list[InflightRecord], latency: LatencyModel) -> flo
 
 
 def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRecord]) -> list[PoolView]:
-    """Free capacity per pool: what live workers advertise minus what is dispatched to it."""
+    """Free capacity per pool: what live workers advertise minus what is dispatched to it.
+    A draining worker (stopping) advertises only what it still runs."""
     views = []
     for pool in topology.POOLS:
         members = [w for w in workers if w.pool == pool]
@@ -112,8 +113,10 @@ def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRec
             continue
         used = [r for r in inflight.values() if r.pool == pool]
         reserved = sum(r.kv_tokens or kv_reservation(r.scored) for r in used)
-        slots = sum(w.max_running for w in members)
-        kv_total = sum(w.total_kv_tokens for w in members)
+        # A draining worker offers no free capacity: only what it still holds counts.
+        slots = sum(w.running if w.draining else w.max_running for w in members)
+        kv_total = sum(w.total_kv_tokens - w.free_kv_tokens if w.draining else w.total_kv_tokens
+                       for w in members)
         speeds = [w.speed for w in members if w.speed.decode_step_ms > 0]
         latency = LatencyModel(max_batch=slots, kv_tokens=kv_total, name=pool)
         if speeds:

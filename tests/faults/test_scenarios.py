@@ -132,6 +132,57 @@ async def test_worker_killed_mid_stream(fault_system, checker, http, keys_by_ten
     await fs.wait_workers()
 
 
+async def test_worker_drained_on_sigterm(fault_system, checker, http, keys_by_tenant):
+    """SIGTERM a worker mid-stream, as a rolling deploy does: it takes no new work at once,
+    lets what it runs finish for ``FAIRWAY_WORKER_DRAIN_S``, hands back what outlasts that
+    (the other worker regenerates it; its client sees one ordered stream) and exits 0."""
+    DRAIN_S, LONG, SHORT = 2.0, 600, 40
+    await checker.begin()
+    fs = fault_system
+    fs.system.signal("gateway")  # long requests need more than the suite's token budget
+    fs.start("gateway", FAIRWAY_MAX_QUEUED_TOKENS_PER_TENANT="20000")
+    for worker in WORKERS:  # placement picks the victim, so both get the short drain
+        fs.system.signal(worker)
+        fs.start(worker, FAIRWAY_WORKER_DRAIN_S=str(DRAIN_S))
+    await fs.wait_workers()
+    long_tasks = streams(http, checker, fs, keys_by_tenant, 4, max_tokens=LONG)
+    await some_tokens(checker, n=4)
+    since = len(checker.logs)
+    short_tasks = streams(http, checker, fs, keys_by_tenant, 4, max_tokens=SHORT)
+    await some_tokens(checker, n=4, since=since)
+    long_ids = [log.request_id for log in checker.logs[:since] if not log.finals]
+    short_ids = [log.request_id for log in checker.logs[since:] if not log.finals]
+    long_on = await claimed_by(fs, long_ids)
+    victim = next(long_on[rid] for rid in long_ids if rid in long_on)
+    survivor = next(w for w in WORKERS if w != victim)
+    handed_back = {rid for rid, w in long_on.items() if w == victim}
+    drained = {rid for rid, w in (await claimed_by(fs, short_ids)).items() if w == victim}
+
+    signalled = time.monotonic()
+    exit_code = asyncio.create_task(asyncio.to_thread(fs.system.signal, victim, signal.SIGTERM, 60))
+    await asyncio.sleep(0.3)
+    since = len(checker.logs)
+    after = await asyncio.gather(*streams(http, checker, fs, keys_by_tenant, 2, max_tokens=SHORT))
+    assert await exit_code == 0
+    stopped_after = time.monotonic() - signalled
+    logs = await asyncio.gather(*long_tasks, *short_tasks)
+    fs.start(victim)
+    finished_by = {rid: e.worker_id for rid, e in checker.finished.items()}
+    row = await checker.verify(
+        "worker SIGTERM mid-stream (drain)",
+        note=f"exited 0 after {stopped_after:.1f} s; {len(drained)} finished in its drain, "
+             f"{len(handed_back)} handed back and finished by the other worker")
+    assert all(log.done for log in [*logs, *after]), outcomes([*logs, *after])
+    assert all(finished_by[rid] == f"cpu-{victim}" for rid in drained), (drained, finished_by)
+    assert all(finished_by[rid] == f"cpu-{survivor}" for rid in handed_back), (handed_back, finished_by)
+    assert all(finished_by[log.request_id] == f"cpu-{survivor}" for log in after), "work went to the draining worker"
+    assert stopped_after < DRAIN_S + 10, f"took {stopped_after:.1f} s to stop"
+    assert row.answered == 10
+    fs.system.signal("gateway")
+    fs.start("gateway")
+    await fs.wait_workers()
+
+
 async def test_scheduler_killed_without_a_replica(fault_system, checker, http, keys_by_tenant):
     """kill -9 the only scheduler with requests queued and running, then start a new one."""
     await checker.begin()

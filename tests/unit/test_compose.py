@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from services.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 FAIRWAY_SERVICES = {"gateway", "scorer", "scheduler", "cpu-worker", "gpu-worker"}
@@ -145,3 +147,13 @@ def test_dockerfile_and_context() -> None:
     assert re.search(r"^USER (?!root)\S+", dockerfile, re.MULTILINE)
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".env", "tests"} <= ignored
+
+
+@pytest.mark.parametrize("name", ["cpu-worker", "gpu-worker"])
+def test_workers_get_longer_than_their_drain_before_a_sigkill(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    """Compose SIGKILLs after ``stop_grace_period`` (10 s by default): a worker must have
+    time to drain its running requests and hand back the rest."""
+    grace = services[name]["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) >= Settings().worker_drain_s + 5

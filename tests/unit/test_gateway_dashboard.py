@@ -37,11 +37,11 @@ def scored(request_id: str, tenant: str, p50: float = 10.0) -> m.ScoredRequest:
     )
 
 
-def heartbeat(worker_id: str, pool: str, running: int, sent_at: float) -> bytes:
+def heartbeat(worker_id: str, pool: str, running: int, sent_at: float, draining: bool = False) -> bytes:
     return m.encode(
         m.WorkerHeartbeat(
             worker_id=worker_id, pool=pool, model="x", max_running=8, running=running, waiting=1,
-            free_kv_tokens=3000, total_kv_tokens=4000, sent_at=sent_at,
+            free_kv_tokens=3000, total_kv_tokens=4000, sent_at=sent_at, draining=draining,
             speed=m.SpeedReport(prefill_tokens_per_s=900.0, decode_tokens_per_s=120.0,
                                 decode_step_ms=8.5),
         )
@@ -118,6 +118,17 @@ def test_builder_reports_workers_with_load_speed_and_liveness() -> None:
     assert live["decode_tokens_per_s"] == 120.0 and live["prefill_tokens_per_s"] == 900.0
     assert live["decode_step_ms"] == 8.5
     assert not workers["w-stale"]["alive"] and workers["w-stale"]["load"] == 1.0
+    assert not live["draining"]
+
+
+def test_a_draining_worker_is_shown_and_offers_no_free_slots() -> None:
+    raw = snapshot()
+    raw.heartbeats[b"w-stopping"] = heartbeat("w-stopping", "cpu", 3, NOW - 0.2, draining=True)
+    raw.seen[b"w-stopping"] = NOW - 0.2
+    data = build_dashboard(raw, worker_alive_s=10, model="x")
+    assert {w["id"]: w["draining"] for w in data["workers"]}["w-stopping"] is True
+    cpu = {p["name"]: p for p in data["pools"]}["cpu"]
+    assert cpu["workers"] == 2 and cpu["slots"] == 8 + 3 and cpu["running"] == 2 + 3
 
 
 def test_builder_reports_gateways_with_liveness_in_redis_time_and_requests_in_flight() -> None:

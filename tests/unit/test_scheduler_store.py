@@ -120,6 +120,18 @@ def test_pool_views_subtract_what_the_policy_reserved():
     assert full.free_kv_tokens == 800 - 300 - (2 + 8)
 
 
+def test_a_draining_worker_offers_no_free_capacity():
+    """A worker stopping on SIGTERM advertises only what it still runs: the scheduler
+    dispatches nothing more for it, while its running requests keep their reservations."""
+    inflight = {"a": InflightRecord(scored=scored("a"), pool="cpu", dispatched_at=0.0, kv_tokens=100)}
+    draining = m.WorkerHeartbeat(worker_id="w1", pool="cpu", model="tiny", max_running=2, running=1,
+                                 waiting=0, total_kv_tokens=500, free_kv_tokens=400, draining=True)
+    (view,) = pool_views([draining], inflight)
+    assert view.free_slots == 0 and view.free_kv_tokens == 0
+    (view,) = pool_views([draining, _beat("w2", 300)], inflight)
+    assert view.free_slots == 2 and view.free_kv_tokens == 300
+
+
 def test_a_request_too_big_for_any_worker_is_a_client_error():
     answer = expiry_answer(scored("big"), "exceeds_kv_capacity")
     assert answer.error.status == 400 and answer.error.code == "exceeds_kv_capacity"
