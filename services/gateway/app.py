@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -598,7 +600,14 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> None:
-    """Run the gateway until SIGTERM/SIGINT; then stop accepting and drain for ``grace_s``."""
+    """Run the gateway until SIGTERM/SIGINT; then stop accepting and drain for ``grace_s``.
+
+    After draining, uvicorn restores the handlers it found and raises the caught signal
+    again; with no-op handlers in place that ends the process normally, so a drained
+    gateway exits 0 like the other services."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

@@ -351,6 +351,32 @@ async def test_slow_and_disconnecting_clients(fault_system, checker, http, keys_
     assert growth_mib < 32, f"gateway RSS grew {growth_mib:.1f} MiB"
 
 
+async def test_gateway_drained_on_sigterm(fault_system, checker, http, keys_by_tenant):
+    """SIGTERM the gateway mid-stream, as a rolling deploy does: it stops accepting
+    connections at once, finishes the streams it serves, frees their slots and exits 0."""
+    await checker.begin()
+    fs = fault_system
+    tasks = streams(http, checker, fs, keys_by_tenant, 8, max_tokens=120)
+    await some_tokens(checker, n=4)
+    mid_stream = sum(not log.finals for log in checker.logs)
+    signalled = time.monotonic()
+    exit_code = asyncio.create_task(asyncio.to_thread(fs.system.signal, "gateway", signal.SIGTERM, 60))
+    await asyncio.sleep(0.5)
+    since = len(checker.logs)
+    late = await asyncio.gather(*streams(http, checker, fs, keys_by_tenant, 1, max_tokens=4))
+    logs = await asyncio.gather(*tasks)
+    assert await exit_code == 0
+    stopped_after = time.monotonic() - signalled
+    fs.start("gateway")
+    await fs.wait_workers()
+    row = await checker.verify("gateway SIGTERM mid-stream (drain)",
+                               note=f"{mid_stream} streams mid-way at the signal, all finished; "
+                                    f"exited 0 after {stopped_after:.1f} s")
+    assert mid_stream >= 4 and all(log.done for log in logs), outcomes(logs)
+    assert not late[0].accepted and checker.logs[since] is late[0], "a draining gateway took a new request"
+    assert row.answered == 8
+
+
 async def test_gateway_killed_mid_stream(fault_system, checker, http, keys_by_tenant):
     """kill -9 the gateway while it streams 8 requests and has 8 more queued, then restart
     it: its clients' connections broke at once, as nothing is left to answer them. Its
