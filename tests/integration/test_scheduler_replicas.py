@@ -1,4 +1,5 @@
-"""Two scheduler replicas on real Redis and RabbitMQ; the leader is killed mid-run.
+"""Two scheduler replicas on real Redis and RabbitMQ; the leader is killed (or stopped
+with SIGTERM, as in a rolling deploy) mid-run.
 
 A harness worker pool (this test process) heartbeats capacity into Redis, takes work
 items from the pool queue and reports completions, so the scheduler processes run
@@ -88,8 +89,9 @@ class HarnessPool:
         self.finished.append((time.monotonic(), req.tenant, tokens))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 async def test_leader_killed_mid_run_loses_and_duplicates_nothing(rabbit_server, redis_server, model_cache,
-                                                                  tmp_path):
+                                                                  tmp_path, sig):
     amqp_url = own_vhost(rabbit_server, "replicas")
     redis_url = own_redis_db(redis_server, 3)
     redis = aioredis.from_url(redis_url)
@@ -118,17 +120,20 @@ async def test_leader_killed_mid_run_loses_and_duplicates_nothing(rabbit_server,
         await amqp.consume(channel, topo.queues[topology.work_queue("cpu")], m.WorkItem, pool.on_work,
                            service="harness")
         deadline = time.monotonic() + 90
-        killed = None
+        killed = exit_code = None
         while len(pool.finished) < len(plan) and time.monotonic() < deadline:
             await pool.heartbeat()
             if killed is None and len(pool.finished) >= 50:
                 leader = (await redis.get(keys.SCHED_LEASE)).decode()
-                system.signal(leader, signal.SIGKILL)
+                exit_code = asyncio.create_task(asyncio.to_thread(system.signal, leader, sig))
                 killed = leader
             await asyncio.sleep(0.1)
         assert killed is not None
+        code = await exit_code
+        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), f"the leader exited {code}"
+        what = "kill -9" if sig == signal.SIGKILL else "SIGTERM (handover)"
         record_external(Row(
-            "scheduler kill -9 with a second replica", sent=len(plan) + 1, accepted=len(plan),
+            f"scheduler {what} with a second replica", sent=len(plan) + 1, accepted=len(plan),
             answered=len(pool.finished), lost=len(plan) - len(pool.finished),
             duplicated=sum(n - 1 for n in pool.ran.values()),
             unexpected=len(set(pool.received) - {rid for rid, _ in plan}),
