@@ -131,13 +131,18 @@ def usage_chunk(meta: ResponseMeta, final: FinalAnswer) -> dict[str, Any]:
     }
 
 
+_LINE_BREAKS_JSON_KEEPS_RAW = str.maketrans(
+    {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+"""Characters that JSON allows raw inside strings but that ``str.splitlines`` treats as
+line breaks: clients that split an SSE stream that way (httpx's ``aiter_lines``, for
+one) would cut an event in two when a model generates one, so they are escaped."""
+
+
 def sse(payload: dict[str, Any]) -> bytes:
     """One ``data:`` event. Text is valid UTF-8 here: it was decoded from msgpack."""
-    return (
-        b"data: "
-        + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        + b"\n\n"
-    )
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return b"data: " + body.translate(_LINE_BREAKS_JSON_KEEPS_RAW).encode() + b"\n\n"
 
 
 async def collect_answer(stream: TimedReplies) -> tuple[str, FinalAnswer]:

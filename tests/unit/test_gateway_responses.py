@@ -190,9 +190,12 @@ async def test_stream_waits_for_late_tokens() -> None:
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["a", "b", ""]
 
 
-@pytest.mark.parametrize("text", ["plain", "ünïcödé ✓", 'quote " and \n newline'])
+@pytest.mark.parametrize("text", ["plain", "ünïcödé ✓", 'quote " and \n newline', "cr \r lf",
+                                  "nel \x85 ls \u2028 ps \u2029 vt \x0b ff \x0c fs \x1c"])
 def test_sse_event_is_one_data_line(text: str) -> None:
+    """Also for clients that split lines like ``str.splitlines`` (httpx's aiter_lines)."""
     event = sse({"t": text})
     assert event.count(b"\n") == 2 and event.endswith(b"\n\n")
     assert json.loads(event[6:-2]) == {"t": text}
+    assert event.decode().splitlines() == [event[:-2].decode(), ""]
     assert SSE_DONE == b"data: [DONE]\n\n"
