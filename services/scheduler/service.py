@@ -210,7 +210,8 @@ class SchedulerService:
     async def _lead(self) -> None:
         log.info("leader_acquired", replica=self.settings.instance_id, fence=self.store.fence)
         self.lost.clear()
-        self._restore(await self.store.load())
+        async with self._lock:  # not in the middle of a batch left from the last term
+            self._restore(await self.store.load())
         self.channel = await self.connection.channel()
         await self.channel.set_qos(prefetch_count=256)
         topo = await topology.declare(self.channel, passive=not self.settings.declare_topology)
@@ -276,13 +277,15 @@ class SchedulerService:
     async def _apply(self, ops: Ops) -> None:
         try:
             await self.store.apply(ops)
-        except NotLeader:
-            self.lost.set()
-            raise
-        except Exception:
-            # Redis did not confirm (it may or may not have applied the write), so memory may
-            # now differ from Redis, the source of truth: reload before the next step.
+        except Exception as exc:
+            # Redis did not take the write (not leader), or did not confirm it (it may or
+            # may not have applied it): memory may now differ from Redis, the source of
+            # truth, so reload before the next step. Without the reload, a later batch's
+            # counters (written whole) would carry this batch's charges into Redis while
+            # its events are redelivered and charged again.
             self._dirty = True
+            if isinstance(exc, NotLeader):
+                self.lost.set()
             raise
 
     # --- inputs ----------------------------------------------------------------
@@ -363,7 +366,7 @@ class SchedulerService:
         self.policy.on_progress(tenant, total_tokens - record.charged_output, time.time(), request_id=rid)
         record.charged_output = total_tokens
         own = ops is None
-        ops = ops or Ops()
+        ops = Ops() if own else ops  # an empty Ops is falsy: "or" would drop these writes
         ops.put_inflight(record)
         ops.counters(self.policy.counters, self.policy.served, {tenant})
         if own:

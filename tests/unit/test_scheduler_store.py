@@ -137,3 +137,44 @@ def test_a_request_too_big_for_any_worker_is_a_client_error():
     assert answer.error.status == 400 and answer.error.code == "exceeds_kv_capacity"
     late = expiry_answer(scored("late"), "deadline")
     assert late.error.status == 504 and late.error.code == "deadline_exceeded"
+
+
+async def test_progress_charges_survive_a_reload_and_a_lost_lease_exactly_once(redis_client, redis_url):
+    """Output charged from progress events is recorded per request with the counters, so
+    a reload (failover, Redis restart) does not charge it again when the request ends.
+    Also when a batch was refused because the lease lapsed (Redis away longer than its
+    TTL): its charges were made in memory, its events are redelivered once the replica
+    leads again, and a batch of other events in between must not carry the refused
+    charges into Redis (counters are written whole) before they are charged again."""
+    from services.scheduler.service import SchedulerService
+    from services.settings import Settings
+
+    service = SchedulerService(Settings(redis_url=redis_url, instance_id="s1"))
+    service.redis = redis_client
+    service.store = SchedulerStore(redis_client, "s1", lease_ttl_s=30)
+    assert await service.store.try_acquire()
+    seed = Ops()
+    for rid in ("r1", "r2"):
+        seed.put_inflight(InflightRecord(scored=scored(rid), pool="cpu", dispatched_at=0.0, kv_tokens=10))
+    await service.store.apply(seed)
+    service._restore(await service.store.load())
+
+    def progress(rid: str, total: int) -> m.RequestProgress:
+        return m.RequestProgress(request_id=rid, tenant="acme", worker_id="w", new_tokens=total,
+                                 total_tokens=total)
+
+    await redis_client.delete(keys.SCHED_LEASE)  # the lease lapsed
+    with pytest.raises(NotLeader):
+        await service._batched(service._take_event, progress("r1", 5))
+    assert await service.store.try_acquire()  # leads again
+    await service._batched(service._take_event, progress("r2", 3))
+    await service._batched(service._take_event, progress("r1", 5))  # the redelivery
+    # A later reload (failover, Redis restart) must find what was charged per request.
+    service._restore(await service.store.load())
+    for rid, total in (("r1", 5), ("r2", 3)):
+        await service._batched(service._take_event, m.RequestFinished(
+            request_id=rid, tenant="acme", worker_id="w", model="tiny", pool="cpu",
+            finish_reason="length", prompt_tokens=2, output_tokens=total, score=scored(rid).score))
+    served = float(await redis_client.hget(keys.SCHED_SERVED, "acme"))
+    assert served == service.config.w_out * (5 + 3)
+    assert not await redis_client.hlen(keys.SCHED_INFLIGHT)
