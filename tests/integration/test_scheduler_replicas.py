@@ -77,9 +77,14 @@ class HarnessPool:
 
     async def _serve(self, item: m.WorkItem, message) -> None:
         tokens = item.scored.request.sampling.max_tokens
-        await asyncio.sleep(tokens * TOKEN_S)
         events = await self.channel.get_exchange(topology.EVENTS_EXCHANGE)
         req = item.scored.request
+        half = tokens // 2  # progress mid-way, as workers report it, is charged as it comes
+        await asyncio.sleep(half * TOKEN_S)
+        await amqp.publish(events, m.RequestProgress(
+            request_id=item.request_id, tenant=req.tenant, worker_id="harness", new_tokens=half,
+            total_tokens=half), topology.PROGRESS_KEY)
+        await asyncio.sleep((tokens - half) * TOKEN_S)
         await amqp.publish(events, m.RequestFinished(
             request_id=item.request_id, tenant=req.tenant, worker_id="harness", model="tiny", pool="cpu",
             finish_reason="length", prompt_tokens=len(item.scored.prompt_token_ids), output_tokens=tokens,
