@@ -228,6 +228,16 @@ class WorkerHeartbeat(Message):
     draining: bool = False
     """Stopping (SIGTERM): it takes no new work and finishes or hands back what it runs."""
 
+    @property
+    def offered_slots(self) -> int:
+        """Request slots it offers: a draining worker offers only those it still fills."""
+        return self.running if self.draining else self.max_running
+
+    @property
+    def offered_kv_tokens(self) -> int:
+        """KV tokens it offers: a draining worker offers only those it still holds."""
+        return self.total_kv_tokens - self.free_kv_tokens if self.draining else self.total_kv_tokens
+
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls

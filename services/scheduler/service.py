@@ -113,10 +113,8 @@ def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRec
             continue
         used = [r for r in inflight.values() if r.pool == pool]
         reserved = sum(r.kv_tokens or kv_reservation(r.scored) for r in used)
-        # A draining worker offers no free capacity: only what it still holds counts.
-        slots = sum(w.running if w.draining else w.max_running for w in members)
-        kv_total = sum(w.total_kv_tokens - w.free_kv_tokens if w.draining else w.total_kv_tokens
-                       for w in members)
+        slots = sum(w.offered_slots for w in members)
+        kv_total = sum(w.offered_kv_tokens for w in members)
         speeds = [w.speed for w in members if w.speed.decode_step_ms > 0]
         latency = LatencyModel(max_batch=slots, kv_tokens=kv_total, name=pool)
         if speeds:

@@ -87,9 +87,9 @@ belongs to the writer's artifact (an old replica during a rolling deploy must no
 its features into the new state), and each request's only if its learned marker was not
 set yet. The batch travels as one msgpack blob ``[marker, [name, value, ...], ...]``
 where ``marker`` indexes the request's learned marker in KEYS (0: no request id, always
-applied): a MULTI of hundreds of commands, or hundreds of script
-arguments, costs milliseconds of client-side encoding. Returns how many requests were
-skipped as already learned, or -1 for a foreign hash."""
+applied): a MULTI of hundreds of commands, or hundreds of script arguments, costs
+milliseconds of client-side encoding. Returns how many requests were skipped as already
+learned, or -1 for a foreign hash."""
 _READ_SCRIPT = "return cmsgpack.pack(redis.call('HGETALL', KEYS[1]))"
 """The whole hash as one msgpack blob: thousands of fields decode in C, not in the
 client's RESP parser (~5 ms instead of ~60 ms without hiredis)."""
