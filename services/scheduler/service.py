@@ -471,9 +471,12 @@ class SchedulerService:
             tenants = set()
             for d in result.dispatches:
                 scored = self.queued.pop(d.request_id)
+                # A handed-back request's output so far was charged on its last run; its
+                # new run regenerates it, and only tokens past it are charged again.
                 record = InflightRecord(scored=scored, pool=d.pool, dispatched_at=now,
                                         kv_tokens=d.kv_tokens,
-                                        arrival=self.arrival.pop(d.request_id, now))
+                                        arrival=self.arrival.pop(d.request_id, now),
+                                        charged_output=d.request.generated if d.request else 0)
                 self.inflight[d.request_id] = record
                 records.append(record)
                 tenants.add(scored.request.tenant)

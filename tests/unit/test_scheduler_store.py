@@ -178,3 +178,49 @@ async def test_progress_charges_survive_a_reload_and_a_lost_lease_exactly_once(r
     served = float(await redis_client.hget(keys.SCHED_SERVED, "acme"))
     assert served == service.config.w_out * (5 + 3)
     assert not await redis_client.hlen(keys.SCHED_INFLIGHT)
+
+
+async def test_a_requeued_request_is_charged_only_past_what_it_had_produced(redis_client, redis_url):
+    """A worker that hands a request back with a ``requeue`` completion event had
+    produced some output, already charged; its next run regenerates that output, and
+    only tokens past it are charged, also after a reload between the two runs."""
+    import time
+
+    from services.scheduler.service import SchedulerService
+    from services.settings import Settings
+
+    service = SchedulerService(Settings(redis_url=redis_url, instance_id="s1"))
+    service.redis = redis_client
+    service.store = SchedulerStore(redis_client, "s1", lease_ttl_s=30)
+    assert await service.store.try_acquire()
+    seed = Ops()
+    seed.put_inflight(InflightRecord(scored=scored("r1"), pool="cpu", dispatched_at=0.0, kv_tokens=10))
+    await service.store.apply(seed)
+    service._restore(await service.store.load())
+
+    async def no_publish(records):
+        return None
+
+    service._publish = no_publish
+    service._workers, service._workers_at = [_beat("w1", 500)], time.time() + 60
+
+    def progress(total: int) -> m.RequestProgress:
+        return m.RequestProgress(request_id="r1", tenant="acme", worker_id="w1", new_tokens=1,
+                                 total_tokens=total)
+
+    def finished(total: int, requeue: bool) -> m.RequestFinished:
+        return m.RequestFinished(request_id="r1", tenant="acme", worker_id="w1", model="tiny", pool="cpu",
+                                 finish_reason="length", prompt_tokens=2, output_tokens=total,
+                                 score=scored("r1").score, requeue=requeue)
+
+    await service._batched(service._take_event, progress(3))
+    await service._batched(service._take_event, finished(5, requeue=True))
+    assert "r1" in service.queued
+    service._restore(await service.store.load())  # a failover while it waits
+    assert await service.schedule_once() == 1
+    assert service.inflight["r1"].charged_output == 5
+    for total in (2, 5, 6):  # the new run regenerates the first 5 tokens
+        await service._batched(service._take_event, progress(total))
+    await service._batched(service._take_event, finished(7, requeue=False))
+    served = float(await redis_client.hget(keys.SCHED_SERVED, "acme"))
+    assert served == service.config.w_out * 7
