@@ -56,6 +56,12 @@ def work_claim(request_id: str) -> str:
     return f"{PREFIX}:req:{request_id}:claim"
 
 
+def work_resume(request_id: str) -> str:
+    """The :class:`~services.messages.ResumePoint` a draining worker left for a request it
+    handed back, read by the worker that takes it next (in the claim's round trip)."""
+    return f"{PREFIX}:req:{request_id}:resume"
+
+
 WORKERS = f"{PREFIX}:workers"
 """Hash worker_id -> msgpack WorkerHeartbeat (latest)."""
 WORKERS_SEEN = f"{PREFIX}:workers:seen"

@@ -239,6 +239,22 @@ class WorkerHeartbeat(Message):
         return self.total_kv_tokens - self.free_kv_tokens if self.draining else self.total_kv_tokens
 
 
+@dataclass(slots=True, kw_only=True)
+class ResumePoint(Message):
+    """Kept in Redis by a worker that hands a running request back (draining for a
+    deploy): what its caller already has, so the next worker continues the answer
+    instead of regenerating it (a regeneration need not repeat the same text)."""
+
+    TYPE: ClassVar[str] = "resume_point"
+    worker_id: str
+    output_token_ids: list[int]
+    """Every output token the caller was sent, in order."""
+    streamed_chars: int
+    """Characters of text the caller was sent."""
+    seq: int
+    """Sequence number of the next chunk."""
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -251,6 +267,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         RequestProgress,
         RequestFinished,
         WorkerHeartbeat,
+        ResumePoint,
     )
 }
 

@@ -63,6 +63,8 @@ PREDICTED_OUTPUT_TOKENS = "fairway:predicted_output_tokens"
 ACTUAL_OUTPUT_TOKENS = "fairway:actual_output_tokens"
 OUTPUT_LENGTH_RATIO = "fairway:output_length_actual_over_predicted"
 DEAD_LETTERED = "fairway:messages_dead_lettered"
+HANDED_BACK = "fairway:worker_requests_handed_back"
+RESUMED = "fairway:worker_requests_resumed"
 GATEWAY_REJECTED = "fairway:gateway_requests_rejected"
 GATEWAY_CANCELLED = "fairway:gateway_requests_cancelled"
 GATEWAY_REAPED = "fairway:dead_gateway_requests_cancelled"
@@ -125,6 +127,14 @@ worker_prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens of requests this wo
 worker_generation_tokens = Counter(
     GENERATION_TOKENS, "Tokens this worker generated for finished requests.", [MODEL],
     registry=REGISTRY,
+)
+worker_handed_back = Counter(
+    HANDED_BACK, "Running requests this worker handed back to its queue (still running when its "
+    "drain ended, or a reply it could not publish).", [MODEL], registry=REGISTRY,
+)
+worker_resumed = Counter(
+    RESUMED, "Handed-back requests this worker continued from the output their caller had, "
+    "instead of regenerating it.", [MODEL], registry=REGISTRY,
 )
 worker_request_success = Counter(
     REQUEST_SUCCESS, "Requests this worker finished, by finish reason.", [MODEL, "finished_reason"],

@@ -3,7 +3,9 @@
 Used by the gateway and by AMQP client programs alike. Workers number each
 request's chunks from 0; after a worker dies, another one regenerates the request
 from the start (same seed), so repeats are dropped here by sequence number and a
-gap is held until it is filled. Exactly one terminal answer is delivered.
+gap is held until it is filled. (A request handed back by a draining worker is
+continued from its resume point, numbering on from there.) Exactly one terminal
+answer is delivered.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ engine slots, so the broker only hands over what the engine can run), feed them 
 the engine's step loop on its own thread, stream every token to the caller's
 ``reply_to`` in order, report progress and completion, heartbeat capacity and speed
 into Redis, and on SIGTERM stop taking work, finish what runs within a grace period
-and hand the rest back to the queue.
+and hand the rest back to the queue, each with a resume point for the next worker.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from services.engine import (
     EngineStats,
     LLMEngine,
     RequestOutput,
+    ResumedOutput,
 )
 from services.engine.echo import EchoEngine
 from services.engine.interface import LoraRequest
@@ -53,6 +54,8 @@ class WorkClaim:
     done: bool
     claimed: bool
     """This delivery took the request's claim: no other delivery has started it."""
+    resume: m.ResumePoint | None = None
+    """What the caller already has, left by a worker that handed the request back."""
 
     def is_duplicate(self, redelivered: bool) -> bool:
         """A copy that must not run: the request was answered, or another delivery holds
@@ -64,14 +67,20 @@ class WorkClaim:
 
 
 async def claim_work(redis: aioredis.Redis, request_id: str, worker_id: str) -> WorkClaim:
-    """Read the done and cancelled markers and take the claim, in one round trip. The
-    claim is taken even when the request turns out done, cancelled or unservable, which
-    is harmless: nobody else may run it then either."""
+    """Read the done and cancelled markers and any resume point, and take the claim, in
+    one round trip. The claim is taken even when the request turns out done, cancelled
+    or unservable, which is harmless: nobody else may run it then either."""
     pipe = redis.pipeline(transaction=False)
-    pipe.mget(keys.sched_cancelled(request_id), keys.sched_done(request_id))
+    pipe.mget(keys.sched_cancelled(request_id), keys.sched_done(request_id), keys.work_resume(request_id))
     pipe.set(keys.work_claim(request_id), worker_id, nx=True, ex=keys.DONE_TTL_S)
-    (cancelled, done), claimed = await pipe.execute()
-    return WorkClaim(cancelled=bool(cancelled), done=bool(done), claimed=bool(claimed))
+    (cancelled, done, resume), claimed = await pipe.execute()
+    point = None
+    if resume is not None:
+        try:
+            point = m.decode(resume, m.ResumePoint)
+        except m.MessageError as exc:  # then the request is generated again from the start
+            log.warning("resume_point_unreadable", request_id=request_id, error=str(exc))
+    return WorkClaim(cancelled=bool(cancelled), done=bool(done), claimed=bool(claimed), resume=point)
 
 
 class EngineThread(threading.Thread):
@@ -166,6 +175,12 @@ class Active:
     """Publishes of its chunks not yet confirmed; the final answer waits for them."""
     stopping: bool = False
     """Being aborted for a cancel marker or a caller that is gone: abort (and log) once."""
+    output_token_ids: list[int] = field(default_factory=list)
+    """Every output token sent to the caller (a hand-back leaves them as a resume point)."""
+    streamed_chars: int = 0
+    """Characters of text sent to the caller."""
+    resumed: bool = False
+    """Continued from a resume point, which is deleted once the request is answered."""
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -258,17 +273,47 @@ class WorkerService:
             log.info("duplicate_work_dropped", request_id=rid)
             await message.ack()
             return
-        active = Active(item=item, message=message, engine_id=f"{rid}#{next(self._attempts)}")
-        self.active[rid] = active
-        self.by_engine[active.engine_id] = active
+        point = claim.resume
+        active = self._activate(item, message, point)
         engine_req = EngineRequest(request_id=active.engine_id,
                                    prompt_token_ids=item.scored.prompt_token_ids, sampling=req.sampling,
                                    lora=lora)
+        if point is not None:
+            engine_req.resume = ResumedOutput(point.output_token_ids, point.streamed_chars)
         try:
             await asyncio.wrap_future(self.engine.add(engine_req))
         except EngineError as exc:
             self._forget(active)
-            await self._finish_early(item, message, "error", str(exc))
+            if point is None:
+                await self._finish_early(item, message, "error", str(exc))
+                return
+            # A resume point this engine cannot continue (another max_model_len): answer
+            # from the start instead; the caller drops the chunks it already has.
+            log.warning("resume_rejected", request_id=rid, error=str(exc))
+            active = self._activate(item, message, None)
+            engine_req.request_id, engine_req.resume = active.engine_id, None
+            try:
+                await asyncio.wrap_future(self.engine.add(engine_req))
+            except EngineError as exc:
+                self._forget(active)
+                await self._finish_early(item, message, "error", str(exc))
+            return
+        if point is not None:
+            prom.worker_resumed.labels(self.settings.model_name).inc()
+            log.info("resumed", request_id=rid, output_tokens=len(point.output_token_ids),
+                     handed_back_by=point.worker_id)
+
+    def _activate(self, item: m.WorkItem, message: AbstractIncomingMessage,
+                  point: m.ResumePoint | None) -> Active:
+        """Track a request this worker starts (continuing after ``point``, when given)."""
+        active = Active(item=item, message=message, engine_id=f"{item.request_id}#{next(self._attempts)}")
+        if point is not None:
+            active.seq, active.resumed = point.seq, True
+            active.output_token_ids = list(point.output_token_ids)
+            active.streamed_chars = point.streamed_chars
+        self.active[item.request_id] = active
+        self.by_engine[active.engine_id] = active
+        return active
 
     async def _lora(self, item: m.WorkItem) -> tuple[LoraRequest | None, str | None]:
         """The adapter a work item runs with (looked up by name in this worker's registry,
@@ -329,6 +374,7 @@ class WorkerService:
         caller drops the chunks it already has by sequence number."""
         if self.active:
             log.warning("link_lost_requests_handed_back", n=len(self.active))
+            prom.worker_handed_back.labels(self.settings.model_name).inc(len(self.active))
         for active in list(self.active.values()):
             self.engine.abort(active.engine_id)
             self._forget(active)
@@ -337,6 +383,7 @@ class WorkerService:
         """A reply or event could not be published: give the request back to the queue."""
         self.engine.abort(active.engine_id)
         self._forget(active)
+        prom.worker_handed_back.labels(self.settings.model_name).inc()
         with contextlib.suppress(Exception):
             await active.message.nack(requeue=True)
 
@@ -364,6 +411,8 @@ class WorkerService:
     def _emit(self, active: Active, out: RequestOutput) -> None:
         active.output_tokens = out.num_output_tokens
         if out.new_token_ids or out.new_text:
+            active.output_token_ids.extend(out.new_token_ids)
+            active.streamed_chars += len(out.new_text)
             send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
                 request_id=active.item.request_id, seq=active.seq, text=out.new_text,
                 token_ids=list(out.new_token_ids)), mandatory=True))
@@ -413,6 +462,9 @@ class WorkerService:
             return
         await active.message.ack()
         self._forget(active)
+        if active.resumed:  # answered: its resume point is of no more use
+            with contextlib.suppress(Exception):
+                await self.redis.delete(keys.work_resume(rid))
         prom.observe_worker_finish(self.settings.model_name, reason, out.num_prompt_tokens,
                                    out.num_output_tokens)
 
@@ -476,6 +528,39 @@ class WorkerService:
 
     # --- shutdown --------------------------------------------------------------
 
+    async def _hand_back_resumable(self, running: list[Active]) -> None:
+        """Hand requests back to the queue, each with a resume point in Redis saying what
+        its caller has, so the worker that takes it next continues the same answer.
+        Forgotten first, so the abort's "cancelled" answer never reaches the caller; the
+        points are written only once every chunk they count reached the broker (a
+        request with a chunk the broker refused is regenerated from the start, its
+        caller dropping the chunks it already has), and before the items go back."""
+        for active in running:
+            self._forget(active)
+            self.engine.abort(active.engine_id)
+        points = []
+        for active in running:
+            sent = await asyncio.gather(*active.sends, return_exceptions=True)
+            if active.output_token_ids and not any(isinstance(r, BaseException) for r in sent):
+                points.append(m.ResumePoint(
+                    request_id=active.item.request_id, worker_id=self.worker_id,
+                    output_token_ids=active.output_token_ids, streamed_chars=active.streamed_chars,
+                    seq=active.seq))
+        if points:
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for point in points:
+                    pipe.set(keys.work_resume(point.request_id), m.encode(point), ex=keys.DONE_TTL_S)
+                await pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - without them the next worker regenerates
+                log.warning("resume_points_not_saved", error=str(exc))
+                points = []
+        log.info("handing_back", requests=len(running), resumable=len(points))
+        for active in running:
+            prom.worker_handed_back.labels(self.settings.model_name).inc()
+            with contextlib.suppress(Exception):
+                await active.message.nack(requeue=True)
+
     async def stop(self) -> None:
         """Drain: take no new work, tell the scheduler at once (a draining heartbeat
         offers no free capacity), let the running requests finish for ``worker_drain_s``,
@@ -493,15 +578,7 @@ class WorkerService:
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.active:
-            log.info("handing_back", requests=len(self.active))
-        for active in list(self.active.values()):
-            # Hand back: the broker redelivers to another worker of the pool, which
-            # regenerates with the same seed; the caller drops chunks it already has.
-            # Forgotten first, so the abort's "cancelled" answer never reaches the caller.
-            self._forget(active)
-            self.engine.abort(active.engine_id)
-            with contextlib.suppress(Exception):
-                await active.message.nack(requeue=True)
+            await self._hand_back_resumable(list(self.active.values()))
         self.active.clear()
         self.by_engine.clear()
         for task in self._tasks:

@@ -9,6 +9,7 @@ from services.engine.interface import (
     EngineStats,
     LoraRequest,
     RequestOutput,
+    ResumedOutput,
 )
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "LLMEngine",
     "LoraRequest",
     "RequestOutput",
+    "ResumedOutput",
     "paged_attention_reference",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -109,6 +110,13 @@ class StopStringBuffer:
             return self._emit(len(self.text)), True
         return self._emit(len(self.text) - self._held_back()), False
 
+    def resume(self, text: str, emitted: int) -> None:
+        """Take up where an earlier run of the request stopped: it produced ``text``
+        (no stop string in it, or it would have finished) and streamed ``emitted``
+        characters of it; the held-back rest goes out with the next append."""
+        self.text = text
+        self.emitted = min(max(emitted, 0), len(text))
+
     def flush(self) -> str:
         """Everything not yet streamed (at a finish that is not a stop string)."""
         return self._emit(len(self.text))
@@ -127,3 +135,16 @@ class StopStringBuffer:
         out = self.text[self.emitted : end]
         self.emitted = end
         return out
+
+
+def text_state(
+    tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
+    resumed_token_ids: Sequence[int] = (), streamed_chars: int = 0,
+) -> tuple[IncrementalDetokenizer, StopStringBuffer]:
+    """A request's detokenizer and stop-string buffer; for a resumed request, in the state
+    the earlier run left them: its output tokens decoded, its streamed text sent."""
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
+    buffer = StopStringBuffer(stop)
+    if resumed_token_ids:
+        buffer.resume("".join(detokenizer.add(t) for t in resumed_token_ids), streamed_chars)
+    return detokenizer, buffer

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
+from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer, text_state
 from services.engine.engine import _as_id_set, check_request
 from services.engine.interface import (
     EngineConfig,
@@ -126,7 +126,10 @@ class EchoEngine:
         if rid in self._running or any(r.request_id == rid for r in self._waiting):
             raise EngineError(f"request id {rid!r} is already in the engine")
         check_request(prompt, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-                      kv_tokens=self.total_kv_tokens)
+                      kv_tokens=self.total_kv_tokens, resume=req.resume)
+        resumed = list(req.resume.token_ids) if req.resume else []
+        detokenizer, text = text_state(self.tokenizer, prompt, params.stop, resumed,
+                                       req.resume.streamed_chars if req.resume else 0)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
@@ -135,9 +138,10 @@ class EchoEngine:
             prompt=prompt,
             sampling=params,
             stop_token_ids=frozenset(stop_ids),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt),
-            text=StopStringBuffer(params.stop),
+            detokenizer=detokenizer,
+            text=text,
             reserved_tokens=self._blocks(len(prompt) + params.max_tokens) * self.config.block_size,
+            generated=len(resumed),  # the echo goes on where the earlier run stopped
         ))
         self._admit(self.clock())
 
@@ -218,7 +222,9 @@ class EchoEngine:
             if self._reserved + req.reserved_tokens > self.total_kv_tokens:
                 break
             self._waiting.popleft()
-            req.started_at = now
+            # Paced as if it had run from the start: a resumed request's next token is due
+            # one interval from now.
+            req.started_at = now - req.generated * self.interval_s
             self._reserved += req.reserved_tokens
             self._running[req.request_id] = req
 

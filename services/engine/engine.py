@@ -23,7 +23,7 @@ from services.engine.attention import (
     paged_attention_reference,
     use_paged_attention,
 )
-from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
+from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer, text_state
 from services.engine.forward import LlamaStepForward
 from services.engine.interface import (
     EngineConfig,
@@ -31,6 +31,7 @@ from services.engine.interface import (
     EngineRequest,
     EngineStats,
     RequestOutput,
+    ResumedOutput,
 )
 from services.engine.kernels import install_kernels
 from services.engine.kv_cache import (
@@ -73,13 +74,19 @@ def _as_id_set(value: Any) -> set[int]:
 
 
 def check_request(
-    prompt: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int, kv_tokens: int
+    prompt: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int, kv_tokens: int,
+    resume: ResumedOutput | None = None,
 ) -> None:
     """Raise EngineError when a request can never be served (any engine, same words)."""
     if not prompt:
         raise EngineError("the prompt is empty")
     if min(prompt) < 0 or max(prompt) >= vocab_size:
         raise EngineError(f"prompt token ids must be in [0, {vocab_size})")
+    if resume is not None and resume.token_ids:
+        if len(resume.token_ids) >= params.max_tokens:
+            raise EngineError("the resumed output already has max_tokens tokens")
+        if min(resume.token_ids) < 0 or max(resume.token_ids) >= vocab_size:
+            raise EngineError(f"resumed output token ids must be in [0, {vocab_size})")
     problem = validate_sampling(params)
     if problem:
         raise EngineError(problem)
@@ -201,10 +208,12 @@ class LLMEngine:
         if req.request_id in self._requests:
             raise EngineError(f"request id {req.request_id!r} is already in the engine")
         check_request(prompt, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-                      kv_tokens=self.allocator.num_blocks * self.allocator.block_size)
-        seq = Sequence(
+                      kv_tokens=self.allocator.num_blocks * self.allocator.block_size,
+                      resume=req.resume)
+        resumed = list(req.resume.token_ids) if req.resume else []
+        seq = Sequence(  # a resumed request prefills its earlier output too (as a recompute)
             request_id=req.request_id,
-            token_ids=prompt,
+            token_ids=prompt + resumed,
             num_prompt_tokens=len(prompt),
             max_tokens=params.max_tokens,
             priority=req.priority,
@@ -217,13 +226,15 @@ class LLMEngine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
+        detokenizer, text = text_state(self.tokenizer, prompt, params.stop, resumed,
+                                       req.resume.streamed_chars if req.resume else 0)
         self._requests[req.request_id] = _RequestState(
             seq=seq,
             sampling=params,
             stop_token_ids=frozenset(stop_ids),
             generator=make_generator(params.seed, self.device),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt),
-            text=StopStringBuffer(params.stop),
+            detokenizer=detokenizer,
+            text=text,
         )
         self.scheduler.add(seq)
 

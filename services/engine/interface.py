@@ -58,6 +58,17 @@ class LoraRequest:
     path: str
 
 
+@dataclass(frozen=True)
+class ResumedOutput:
+    """Output an earlier run of a request produced before it was handed back (a worker
+    draining for a deploy): the new run continues after it instead of regenerating."""
+
+    token_ids: list[int]
+    streamed_chars: int
+    """How much of those tokens' text the caller already has; the rest (text an earlier
+    run held back: a partial character, a possible stop string) is streamed first."""
+
+
 @dataclass
 class EngineRequest:
     request_id: str
@@ -67,6 +78,8 @@ class EngineRequest:
     """Lower is more important; preemption picks the highest value, ties the latest arrival."""
     lora: LoraRequest | None = None
     """The adapter to apply; None: the base model."""
+    resume: ResumedOutput | None = None
+    """Continue after this output of an earlier run; None: a fresh request."""
 
 
 @dataclass

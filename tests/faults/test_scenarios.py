@@ -10,6 +10,7 @@ suite's table. Scheduler failover with a second replica is proven in
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -135,7 +136,8 @@ async def test_worker_killed_mid_stream(fault_system, checker, http, keys_by_ten
 async def test_worker_drained_on_sigterm(fault_system, checker, http, keys_by_tenant):
     """SIGTERM a worker mid-stream, as a rolling deploy does: it takes no new work at once,
     lets what it runs finish for ``FAIRWAY_WORKER_DRAIN_S``, hands back what outlasts that
-    (the other worker regenerates it; its client sees one ordered stream) and exits 0."""
+    (with a resume point: the other worker continues each answer where its client is)
+    and exits 0."""
     DRAIN_S, LONG, SHORT = 2.0, 600, 40
     await checker.begin()
     fs = fault_system
@@ -175,6 +177,9 @@ async def test_worker_drained_on_sigterm(fault_system, checker, http, keys_by_te
     assert all(log.done for log in [*logs, *after]), outcomes([*logs, *after])
     assert all(finished_by[rid] == f"cpu-{victim}" for rid in drained), (drained, finished_by)
     assert all(finished_by[rid] == f"cpu-{survivor}" for rid in handed_back), (handed_back, finished_by)
+    resumed = {json.loads(line)["request_id"] for line in fs.system.log(survivor).splitlines()
+               if '"resumed"' in line}
+    assert handed_back <= resumed, "handed-back requests were regenerated, not continued"
     assert all(finished_by[log.request_id] == f"cpu-{survivor}" for log in after), "work went to the draining worker"
     assert stopped_after < DRAIN_S + 10, f"took {stopped_after:.1f} s to stop"
     assert row.answered == 10

@@ -76,31 +76,35 @@ def test_echo_honours_stop_strings(echo_client):
     assert out.choices[0].finish_reason == "stop"
 
 
+def stream_events(echo_system: System, body: dict) -> Iterator[tuple[str, dict]]:
+    """POST a streaming completion as tenant acme; yield its request id with each event."""
+    headers = {"Authorization": f"Bearer {TENANT_KEYS['acme']}"}
+    with httpx.stream("POST", f"{echo_system.gateway_url}/v1/completions", json=body,
+                      headers=headers, timeout=60) as response:
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                yield request_id, json.loads(line[6:])
+
+
 def test_a_cancel_marker_alone_stops_a_running_request(echo_system):
     """The cancel marker in Redis, with no broadcast on the control exchange (as when the
     broker restarted and the workers' control queues were not back yet, or the caller's
     gateway died): the worker reads it with its next heartbeat and stops the request."""
     body = {"model": DEFAULT_MODEL_NAME, "prompt": "cancel me", "max_tokens": 1000,
             "stream": True, "ignore_eos": True}  # 2 s at the echo engine's 500 tokens/s
-    headers = {"Authorization": f"Bearer {TENANT_KEYS['acme']}"}
     store = redis.Redis.from_url(echo_system.redis_url)
     tokens, errors = 0, []
     try:
-        with httpx.stream("POST", f"{echo_system.gateway_url}/v1/completions", json=body,
-                          headers=headers, timeout=30) as response:
-            assert response.status_code == 200
-            request_id = response.headers["x-request-id"]
-            for line in response.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    errors.append(event["error"]["code"])
-                elif event.get("choices"):
-                    assert event["choices"][0]["finish_reason"] is None, "ran to the end"
-                    tokens += 1
-                    if tokens == 10:
-                        store.set(keys.sched_cancelled(request_id), "1", ex=60)
+        for request_id, event in stream_events(echo_system, body):
+            if "error" in event:
+                errors.append(event["error"]["code"])
+            elif event.get("choices"):
+                assert event["choices"][0]["finish_reason"] is None, "ran to the end"
+                tokens += 1
+                if tokens == 10:
+                    store.set(keys.sched_cancelled(request_id), "1", ex=60)
     finally:
         store.close()
     assert errors == ["cancelled"]
@@ -251,3 +255,60 @@ def test_metrics_names_after_traffic(echo_system, echo_client):
     served = [line for line in texts["echo-scheduler"].splitlines()
               if line.startswith('fairway:tenant_served_tokens_total{tenant="acme"}')]
     assert float(served[0].split()[-1]) > 0
+
+
+def test_a_request_handed_back_by_a_draining_worker_is_continued_not_regenerated(echo_system):
+    """SIGTERM of the worker streaming a long answer, with a drain shorter than the rest
+    of it: the worker leaves a resume point and hands the request back, and the other
+    worker continues the answer where the caller is. The caller gets the exact echo,
+    each token once, without waiting for the first part to be generated again."""
+    tokenizer = load_tokenizer(resolve_model_path(None, echo_system.cache_dir))
+    slow = {"FAIRWAY_ECHO_TOKENS_PER_S": "100", "FAIRWAY_WORKER_DRAIN_S": "0.3"}
+    names = ["echo-cpu-worker", "echo-cpu-worker-b"]
+    echo_system.signal("echo-cpu-worker")
+    for name in names:
+        echo_system.start("cpu-worker", name=name, **slow)
+    store = redis.Redis.from_url(echo_system.redis_url)
+    try:
+        deadline = time.monotonic() + 60
+        while {n.decode() for n in store.hkeys(keys.WORKERS)} != {f"cpu-{n}" for n in names}:
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        prompt = "Carry on from where the last worker stopped"
+        ids = tokenizer.encode(prompt)
+        n = 300  # 3 s at 100 tokens/s
+        body = {"model": DEFAULT_MODEL_NAME, "prompt": prompt, "max_tokens": n, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}
+        text, chunks, usage, exit_code = "", 0, None, None
+        for request_id, event in stream_events(echo_system, body):
+            assert "error" not in event, event
+            if event.get("usage"):
+                usage = event["usage"]
+            if event.get("choices"):
+                text += event["choices"][0]["text"]
+                chunks += 1
+                if chunks == 50:
+                    victim = store.get(keys.work_claim(request_id)).decode().removeprefix("cpu-")
+                    exit_code = echo_system.signal(victim)  # returns once it exited
+                    signalled = time.monotonic()
+        finished_after = time.monotonic() - signalled
+        assert exit_code == 0
+        assert text == tokenizer.decode([ids[i % len(ids)] for i in range(n)], skip_special_tokens=True)
+        assert usage["completion_tokens"] == n
+        survivor = next(name for name in names if name != victim)
+        resumed = [json.loads(line) for line in echo_system.log(survivor).splitlines() if '"resumed"' in line]
+        assert [(e["request_id"], e["handed_back_by"]) for e in resumed] == [(request_id, f"cpu-{victim}")]
+        assert resumed[0]["output_tokens"] >= 50
+        # The rest only: a regeneration would take the whole 3 s again.
+        assert finished_after < (n - resumed[0]["output_tokens"]) / 100 + 1.5, finished_after
+        deadline = time.monotonic() + 5  # deleted after the ack, which follows the answer
+        while store.exists(keys.work_resume(request_id)):
+            assert time.monotonic() < deadline, "an answered request's resume point stays"
+            time.sleep(0.05)
+    finally:
+        store.close()
+        for name in names:
+            if name in echo_system.procs:
+                echo_system.signal(name)
+        echo_system.start("cpu-worker", name="echo-cpu-worker")
+        echo_system.wait_ready()
