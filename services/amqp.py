@@ -216,12 +216,22 @@ async def consume(
 async def run_until_signalled(
     start: Callable[[], Awaitable[None]],
     stop: Callable[[], Awaitable[None]],
+    hurry: Callable[[], None] | None = None,
 ) -> None:
-    """Run a service: ``start`` it, wait for SIGTERM/SIGINT, then ``stop`` it gracefully."""
+    """Run a service: ``start`` it, wait for SIGTERM/SIGINT, then ``stop`` it gracefully.
+    A second signal while it stops calls ``hurry`` (cut a drain short, as a second
+    Ctrl-C does for uvicorn)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stopping.is_set() and hurry is not None:
+            log.info("shutdown_hurried")
+            hurry()
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         # A signal while starting (waiting for the broker or Redis, loading the model)
         # cancels the start instead of waiting for it.

@@ -154,10 +154,12 @@ def up(args: argparse.Namespace) -> int:
     stop = {"now": False}
 
     def on_signal(signum, frame):
+        if stop["now"]:  # a second signal while the services stop: their drains end now
+            supervisor.signal_all()
         stop["now"] = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     code = 0
     try:
         while not stop["now"]:

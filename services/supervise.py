@@ -56,7 +56,10 @@ Spawn = Callable[[Child], subprocess.Popen]
 
 
 def spawn_process(child: Child) -> subprocess.Popen:
-    return subprocess.Popen(child.argv, env=child.env)
+    """A child in its own session: a terminal's Ctrl-C (or hang-up) reaches only the
+    supervisor, which signals each child once per signal it got, so a first signal is a
+    graceful stop and a second cuts the drains short, as for a lone service."""
+    return subprocess.Popen(child.argv, env=child.env, start_new_session=True)
 
 
 class Supervisor:
@@ -99,12 +102,20 @@ class Supervisor:
                 self._log(f"started {child.name} (pid {child.proc.pid})")
         return alive
 
-    def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM in reverse start order (the gateway first), then wait; kill stragglers."""
-        live = [c.proc for c in reversed(self.children) if c.proc is not None]
-        for proc in live:
+    def _live(self) -> list[subprocess.Popen]:
+        return [c.proc for c in reversed(self.children) if c.proc is not None]
+
+    def signal_all(self) -> None:
+        """SIGTERM to every live child, the gateway first: the first asks for a graceful
+        stop, a second cuts a drain short."""
+        for proc in self._live():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM in reverse start order (the gateway first), then wait; kill stragglers."""
+        live = self._live()
+        self.signal_all()
         for proc in live:
             try:
                 proc.wait(grace_s)

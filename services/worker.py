@@ -201,6 +201,7 @@ class WorkerService:
         self._tasks: list[asyncio.Task] = []
         self._finishing: set[asyncio.Task] = set()
         self._consumer_tag: str | None = None
+        self._hurry = asyncio.Event()
 
     async def start(self) -> None:
         s = self.settings
@@ -561,10 +562,14 @@ class WorkerService:
             with contextlib.suppress(Exception):
                 await active.message.nack(requeue=True)
 
+    def hurry(self) -> None:
+        """End a drain now (a second SIGTERM): hand back what still runs."""
+        self._hurry.set()
+
     async def stop(self) -> None:
         """Drain: take no new work, tell the scheduler at once (a draining heartbeat
-        offers no free capacity), let the running requests finish for ``worker_drain_s``,
-        hand the rest back to the queue."""
+        offers no free capacity), let the running requests finish for ``worker_drain_s``
+        (or until :meth:`hurry`), hand the rest back to the queue."""
         self.draining = True
         if self._consumer_tag:
             with contextlib.suppress(Exception):
@@ -575,7 +580,7 @@ class WorkerService:
         if self.active:
             log.info("draining", requests=len(self.active), drain_s=self.settings.worker_drain_s)
         deadline = time.monotonic() + self.settings.worker_drain_s
-        while self.active and time.monotonic() < deadline:
+        while self.active and time.monotonic() < deadline and not self._hurry.is_set():
             await asyncio.sleep(0.05)
         if self.active:
             await self._hand_back_resumable(list(self.active.values()))
@@ -598,4 +603,4 @@ class WorkerService:
 
 async def main(settings: Settings, pool: str, device: str) -> None:
     service = WorkerService(settings, pool, device)
-    await amqp.run_until_signalled(service.start, service.stop)
+    await amqp.run_until_signalled(service.start, service.stop, service.hurry)

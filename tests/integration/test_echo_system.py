@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Iterator
 
@@ -258,12 +259,12 @@ def test_metrics_names_after_traffic(echo_system, echo_client):
 
 
 def test_a_request_handed_back_by_a_draining_worker_is_continued_not_regenerated(echo_system):
-    """SIGTERM of the worker streaming a long answer, with a drain shorter than the rest
-    of it: the worker leaves a resume point and hands the request back, and the other
-    worker continues the answer where the caller is. The caller gets the exact echo,
-    each token once, without waiting for the first part to be generated again."""
+    """SIGTERM of the worker streaming a long answer, and a second SIGTERM that cuts its
+    drain short: the worker leaves a resume point and hands the request back, and the
+    other worker continues the answer where the caller is. The caller gets the exact
+    echo, each token once, without waiting for the first part to be generated again."""
     tokenizer = load_tokenizer(resolve_model_path(None, echo_system.cache_dir))
-    slow = {"FAIRWAY_ECHO_TOKENS_PER_S": "100", "FAIRWAY_WORKER_DRAIN_S": "0.3"}
+    slow = {"FAIRWAY_ECHO_TOKENS_PER_S": "100", "FAIRWAY_WORKER_DRAIN_S": "30"}
     names = ["echo-cpu-worker", "echo-cpu-worker-b"]
     echo_system.signal("echo-cpu-worker")
     for name in names:
@@ -289,10 +290,14 @@ def test_a_request_handed_back_by_a_draining_worker_is_continued_not_regenerated
                 chunks += 1
                 if chunks == 50:
                     victim = store.get(keys.work_claim(request_id)).decode().removeprefix("cpu-")
-                    exit_code = echo_system.signal(victim)  # returns once it exited
+                    proc = echo_system.procs.pop(victim)
+                    proc.send_signal(signal.SIGTERM)
+                    time.sleep(0.5)  # draining: it would wait 30 s for the request
+                    proc.send_signal(signal.SIGTERM)
+                    exit_code = proc.wait(10)
                     signalled = time.monotonic()
         finished_after = time.monotonic() - signalled
-        assert exit_code == 0
+        assert exit_code == 0 and "shutdown_hurried" in echo_system.log(victim)
         assert text == tokenizer.decode([ids[i % len(ids)] for i in range(n)], skip_special_tokens=True)
         assert usage["completion_tokens"] == n
         survivor = next(name for name in names if name != victim)

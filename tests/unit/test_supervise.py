@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+
 from services.supervise import Child, RestartBackoff, Supervisor
 
 
@@ -82,3 +87,50 @@ def test_a_start_that_fails_is_retried_with_the_backoff():
     assert attempts == [0.0, 1.0, 3.0]
     assert "could not start redis-server (OSError('port 6379 still taken')); retrying in 1 s" in lines
     assert sup.children[0].proc is not None and lines[-1].startswith("started redis-server (pid")
+
+
+
+DRAINING_CHILD = """
+import signal, sys, time
+out = open(sys.argv[1], "a")
+signals = []
+def on_term(signum, frame):
+    signals.append(signum)
+    print(f"sigterm {len(signals)}", file=out, flush=True)
+    if len(signals) == 2:
+        sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", file=out, flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_second_signal_reaches_children_that_alone_own_their_signals(tmp_path):
+    """Children run in their own session (a terminal's Ctrl-C reaches only the
+    supervisor, so they are not signalled twice at once); ``stop`` sends the first
+    SIGTERM and waits, and the supervisor's second signal (``signal_all``) sends the one
+    that cuts a child's drain short."""
+    out = tmp_path / "child.out"
+    sup = Supervisor([Child("worker", [sys.executable, "-c", DRAINING_CHILD, str(out)], dict(os.environ))],
+                     log=lambda line: None)
+    sup.poll(0.0)
+    proc = sup.children[0].proc
+
+    def wait_for(line: str) -> None:
+        deadline = time.monotonic() + 20
+        while not out.exists() or line not in out.read_text().splitlines():
+            assert time.monotonic() < deadline, f"no {line!r} from the child"
+            time.sleep(0.05)
+
+    wait_for("ready")
+    assert os.getsid(proc.pid) != os.getsid(0)
+    stopping = threading.Thread(target=sup.stop, kwargs={"grace_s": 20})
+    stopping.start()
+    wait_for("sigterm 1")
+    time.sleep(0.2)
+    assert proc.poll() is None, "after one signal it drains"
+    sup.signal_all()
+    stopping.join(10)
+    assert not stopping.is_alive() and proc.returncode == 0
+    assert out.read_text().splitlines() == ["ready", "sigterm 1", "sigterm 2"]
