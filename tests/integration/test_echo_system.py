@@ -229,6 +229,37 @@ async def publish_garbage(amqp_url: str) -> None:
         await connection.close()
 
 
+async def test_a_resume_point_that_cannot_be_used_falls_back_to_the_whole_answer(echo_system):
+    """A resume point the worker cannot read, or one its engine cannot continue (here it
+    says the whole answer was already sent), is no error for the client: the request is
+    answered in full from the start, and the problem is logged."""
+    tokenizer = load_tokenizer(resolve_model_path(None, echo_system.cache_dir))
+    prompt = "start again from the top"
+    ids = tokenizer.encode(prompt)
+    expected = tokenizer.decode([ids[i % len(ids)] for i in range(12)], skip_special_tokens=True)
+    store = redis.asyncio.Redis.from_url(echo_system.redis_url)
+    try:
+        async with AmqpClient(echo_system.amqp_url) as client:
+            unreadable, complete = (client.completion(DEFAULT_MODEL_NAME, prompt, max_tokens=12,
+                                                      ignore_eos=True) for _ in range(2))
+            await store.set(keys.work_resume(unreadable.request_id), b"not msgpack")
+            await store.set(keys.work_resume(complete.request_id), m.encode(m.ResumePoint(
+                request_id=complete.request_id, worker_id="cpu-gone", output_token_ids=ids[:1] * 12,
+                streamed_chars=5, seq=7)))
+            for request in (unreadable, complete):
+                request.tenant = "acme"  # guest is a trusted publisher, as the gateway is
+                replies = [reply async for reply in client.submit(request)]
+                text = "".join(r.text for r in replies if isinstance(r, m.TokenChunk))
+                final = replies[-1]
+                assert (final.finish_reason, final.completion_tokens, text) == ("length", 12, expected)
+    finally:
+        await store.aclose()
+    events = [json.loads(line) for line in echo_system.log("echo-cpu-worker").splitlines()
+              if "resume_point_unreadable" in line or "resume_rejected" in line]
+    assert [(e["event"], e["request_id"]) for e in events] == [
+        ("resume_point_unreadable", unreadable.request_id), ("resume_rejected", complete.request_id)]
+
+
 def scrape(echo_system: System, name: str) -> str:
     if name == "echo-gateway":
         url = f"{echo_system.gateway_url}/metrics"
