@@ -181,6 +181,18 @@ class Active:
     """Characters of text sent to the caller."""
     resumed: bool = False
     """Continued from a resume point, which is deleted once the request is answered."""
+    checkpointed: int = 0
+    """Output tokens in the last resume point this worker wrote for it (0: none)."""
+
+    def resume_point(self, worker_id: str) -> m.ResumePoint | None:
+        """What its caller has, once every chunk sent so far reached the broker; None
+        while one is unconfirmed or was refused, or before there is any output."""
+        if not self.output_token_ids or not all(
+                f.done() and not f.cancelled() and f.exception() is None for f in self.sends):
+            return None
+        return m.ResumePoint(request_id=self.item.request_id, worker_id=worker_id,
+                             output_token_ids=list(self.output_token_ids),
+                             streamed_chars=self.streamed_chars, seq=self.seq)
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -463,15 +475,28 @@ class WorkerService:
             return
         await active.message.ack()
         self._forget(active)
-        if active.resumed:  # answered: its resume point is of no more use
+        if active.resumed or active.checkpointed:  # answered: its resume point is of no more use
             with contextlib.suppress(Exception):
                 await self.redis.delete(keys.work_resume(rid))
         prom.observe_worker_finish(self.settings.model_name, reason, out.num_prompt_tokens,
                                    out.num_output_tokens)
 
     async def _progress_loop(self) -> None:
+        """Report output tokens to the scheduler (charging) and keep a resume point of each
+        request that runs past an interval, so a worker that dies loses at most the last
+        interval's work: the next worker continues from the point."""
         while True:
             await asyncio.sleep(PROGRESS_INTERVAL_S)
+            running = [a for a in self.active.values() if len(a.output_token_ids) > a.checkpointed]
+            try:
+                if await self._save_resume_points(running) and not self.draining:
+                    # One that was answered while its point was being written keeps none.
+                    answered = [a for a in running
+                                if a.checkpointed and self.active.get(a.item.request_id) is not a]
+                    if answered:
+                        await self.redis.delete(*(keys.work_resume(a.item.request_id) for a in answered))
+            except Exception as exc:  # noqa: BLE001 - without points a dead worker's requests regenerate
+                log.warning("resume_points_not_saved", error=str(exc))
             for active in list(self.active.values()):
                 if active.output_tokens > active.reported_tokens:
                     new = active.output_tokens - active.reported_tokens
@@ -527,6 +552,20 @@ class WorkerService:
             except Exception as exc:  # noqa: BLE001 - the heartbeat loop must survive any error
                 log.warning("heartbeat_failed", error=str(exc))
 
+    async def _save_resume_points(self, running: list[Active]) -> int:
+        """Write the resume point of each request whose chunks all reached the broker, in
+        one round trip; returns how many were written."""
+        points = [(a, p) for a in running if (p := a.resume_point(self.worker_id)) is not None]
+        if not points:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for _, point in points:
+            pipe.set(keys.work_resume(point.request_id), m.encode(point), ex=keys.DONE_TTL_S)
+        await pipe.execute()
+        for active, point in points:
+            active.checkpointed = len(point.output_token_ids)
+        return len(points)
+
     # --- shutdown --------------------------------------------------------------
 
     async def _hand_back_resumable(self, running: list[Active]) -> None:
@@ -539,24 +578,14 @@ class WorkerService:
         for active in running:
             self._forget(active)
             self.engine.abort(active.engine_id)
-        points = []
         for active in running:
-            sent = await asyncio.gather(*active.sends, return_exceptions=True)
-            if active.output_token_ids and not any(isinstance(r, BaseException) for r in sent):
-                points.append(m.ResumePoint(
-                    request_id=active.item.request_id, worker_id=self.worker_id,
-                    output_token_ids=active.output_token_ids, streamed_chars=active.streamed_chars,
-                    seq=active.seq))
-        if points:
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                for point in points:
-                    pipe.set(keys.work_resume(point.request_id), m.encode(point), ex=keys.DONE_TTL_S)
-                await pipe.execute()
-            except Exception as exc:  # noqa: BLE001 - without them the next worker regenerates
-                log.warning("resume_points_not_saved", error=str(exc))
-                points = []
-        log.info("handing_back", requests=len(running), resumable=len(points))
+            await asyncio.gather(*active.sends, return_exceptions=True)
+        try:
+            saved = await self._save_resume_points(running)
+        except Exception as exc:  # noqa: BLE001 - without them the next worker regenerates
+            log.warning("resume_points_not_saved", error=str(exc))
+            saved = 0
+        log.info("handing_back", requests=len(running), resumable=saved)
         for active in running:
             prom.worker_handed_back.labels(self.settings.model_name).inc()
             with contextlib.suppress(Exception):
