@@ -214,6 +214,8 @@ class WorkerService:
         self._finishing: set[asyncio.Task] = set()
         self._consumer_tag: str | None = None
         self._hurry = asyncio.Event()
+        # One resume-point write at a time, so an older point never lands after a newer one.
+        self._saving_points = asyncio.Lock()
 
     async def start(self) -> None:
         s = self.settings
@@ -555,16 +557,17 @@ class WorkerService:
     async def _save_resume_points(self, running: list[Active]) -> int:
         """Write the resume point of each request whose chunks all reached the broker, in
         one round trip; returns how many were written."""
-        points = [(a, p) for a in running if (p := a.resume_point(self.worker_id)) is not None]
-        if not points:
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for _, point in points:
-            pipe.set(keys.work_resume(point.request_id), m.encode(point), ex=keys.DONE_TTL_S)
-        await pipe.execute()
-        for active, point in points:
-            active.checkpointed = len(point.output_token_ids)
-        return len(points)
+        async with self._saving_points:
+            points = [(a, p) for a in running if (p := a.resume_point(self.worker_id)) is not None]
+            if not points:
+                return 0
+            pipe = self.redis.pipeline(transaction=False)
+            for _, point in points:
+                pipe.set(keys.work_resume(point.request_id), m.encode(point), ex=keys.DONE_TTL_S)
+            await pipe.execute()
+            for active, point in points:
+                active.checkpointed = len(point.output_token_ids)
+            return len(points)
 
     # --- shutdown --------------------------------------------------------------
 
