@@ -22,8 +22,9 @@ Two phases after a warm-up:
 The load generator is a small HTTP/1.1 client on asyncio streams with keep-alive
 connections (httpx costs more CPU than a service here, and it runs on the same cores).
 When it starts the system itself, the JSON also reports each process's CPU seconds per
-phase (from ``/proc``), which is where to look first for hot spots. ``--plot DIR`` writes
-the CDF of added latency per phase.
+phase (from ``/proc``), which is where to look first for hot spots, and ``redis_growth``:
+Redis' memory and keys per completed request (the per-request markers, kept
+``FAIRWAY_MARKER_TTL_S``). ``--plot DIR`` writes the CDF of added latency per phase.
 """
 
 from __future__ import annotations
@@ -423,6 +424,18 @@ class QueueProbe:
             await conn.close()
             await redis.aclose()
 
+    async def redis_footprint(self) -> dict[str, int]:
+        """Redis' memory and key count now: what requests leave behind (their idempotency
+        markers, kept ``FAIRWAY_MARKER_TTL_S``) shows as growth per request."""
+        import redis.asyncio as aioredis
+
+        redis = aioredis.from_url(self.redis_url)
+        try:
+            memory = await redis.info("memory")
+            return {"used_memory_bytes": int(memory["used_memory"]), "keys": int(await redis.dbsize())}
+        finally:
+            await redis.aclose()
+
     def summary(self) -> dict[str, dict[str, float]]:
         names = self.samples[0].keys() if self.samples else []
         return {n: {"mean": round(float(np.mean([s[n] for s in self.samples])), 1),
@@ -444,8 +457,10 @@ async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None,
             before = meter.sample()
             await asyncio.sleep(args.idle_s)
             report["idle_cpu_cores"] = CpuMeter.diff(before, meter.sample(), args.idle_s)
+        footprint = await probe.redis_footprint() if probe else None
         warm, _ = await closed_loop(client, min(args.concurrency, 16), args.warmup_s)
         report["warmup_completed"] = sum(r.error is None for r in warm)
+        completed = report["warmup_completed"]
         phases = []
         if args.latency_requests:
             phases.append(("latency", lambda: open_loop(client, args.rate, args.latency_requests, args.seed)))
@@ -461,12 +476,20 @@ async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None,
                 await probing
                 report.setdefault(name, {})
             report[name] = summarize(results, duration, tokens_per_s)
+            completed += report[name]["completed"]
             if probe is not None:
                 report[name]["queue_depths"] = probe.summary()
                 probe.samples.clear()
             if meter:
                 report[name]["cpu_cores"] = CpuMeter.diff(before, meter.sample(), duration)
             report[name]["_results"] = results
+        if footprint is not None and completed:
+            after = await probe.redis_footprint()
+            report["redis_growth"] = {
+                "requests": completed, "before": footprint, "after": after,
+                "bytes_per_request": round((after["used_memory_bytes"] - footprint["used_memory_bytes"]) / completed),
+                "keys_per_request": round((after["keys"] - footprint["keys"]) / completed, 2),
+            }
     finally:
         client.close()
     return report
