@@ -45,7 +45,9 @@ def sched_cancelled(request_id: str) -> str:
     return f"{PREFIX}:sched:cancelled:{request_id}"
 
 
-DONE_TTL_S = 24 * 3600
+DEFAULT_MARKER_TTL_S = 24 * 3600
+"""Default of ``Settings.marker_ttl_s``: how long per-request markers (done, cancelled,
+claims, learned, resume points) stay in Redis."""
 
 # --- workers ---
 
@@ -76,7 +78,7 @@ def predictor_state(model: str) -> str:
 
 
 def predictor_learned(request_id: str) -> str:
-    """Marker that a request's real output length was learned (kept ``DONE_TTL_S``): set in
+    """Marker that a request's real output length was learned (kept ``marker_ttl_s``): set in
     the same atomic call as the increments, so a completion event redelivered after a
     scorer died between learning and acking is not learned twice."""
     return f"{PREFIX}:req:{request_id}:learned"

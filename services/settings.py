@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services import keys
+
 DEFAULT_MODEL_NAME = "fairway-tiny-llama"
 
 
@@ -94,13 +96,21 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 1.0
     worker_drain_s: float = 20.0
     """On SIGTERM a worker stops taking work and lets its requests finish for this long;
-    the rest it hands back to the queue, where another worker regenerates them (same
-    seed) and the caller drops the tokens it already has."""
+    the rest it hands back to the queue with resume points, and another worker continues
+    them where their callers are."""
     engine: Literal["model", "echo"] = "model"
     echo_tokens_per_s: float = 1000.0
     threads: int = 0
     """torch intra-op threads for CPU workers; 0 lets torch decide (one per core: on 2 idle
     cores 2 threads decode 1.2-1.45x faster than 1; keep CPU workers off busy cores)."""
+
+    # Redis
+    marker_ttl_s: int = Field(default=keys.DEFAULT_MARKER_TTL_S, ge=60)
+    """How long per-request markers stay in Redis (done, cancelled, the worker's and the
+    scorer's claims, learned, resume points): the window in which a redelivered or
+    re-sent copy of a request is recognised, as an idempotency key is. They take about
+    1.1 KB per request (``bench/bench_control_plane.py``, ``redis_growth``), so Redis
+    holds about rate x TTL x 1.1 KB: shorten it for high request rates."""
 
     # Metrics (the gateway serves /metrics on its own port)
     metrics_port: int | None = None

@@ -66,13 +66,14 @@ class WorkClaim:
         return self.done or (not self.claimed and not redelivered)
 
 
-async def claim_work(redis: aioredis.Redis, request_id: str, worker_id: str) -> WorkClaim:
+async def claim_work(redis: aioredis.Redis, request_id: str, worker_id: str,
+                     marker_ttl_s: int = keys.DEFAULT_MARKER_TTL_S) -> WorkClaim:
     """Read the done and cancelled markers and any resume point, and take the claim, in
     one round trip. The claim is taken even when the request turns out done, cancelled
     or unservable, which is harmless: nobody else may run it then either."""
     pipe = redis.pipeline(transaction=False)
     pipe.mget(keys.sched_cancelled(request_id), keys.sched_done(request_id), keys.work_resume(request_id))
-    pipe.set(keys.work_claim(request_id), worker_id, nx=True, ex=keys.DONE_TTL_S)
+    pipe.set(keys.work_claim(request_id), worker_id, nx=True, ex=marker_ttl_s)
     (cancelled, done, resume), claimed = await pipe.execute()
     point = None
     if resume is not None:
@@ -273,7 +274,7 @@ class WorkerService:
         if rid in self.active:  # a duplicate delivery while the first one runs
             await message.ack()
             return
-        claim = await claim_work(self.redis, rid, self.worker_id)
+        claim = await claim_work(self.redis, rid, self.worker_id, self.settings.marker_ttl_s)
         if claim.done:  # already answered; a late copy must not produce a second answer
             await message.ack()
             return
@@ -563,7 +564,7 @@ class WorkerService:
                 return 0
             pipe = self.redis.pipeline(transaction=False)
             for _, point in points:
-                pipe.set(keys.work_resume(point.request_id), m.encode(point), ex=keys.DONE_TTL_S)
+                pipe.set(keys.work_resume(point.request_id), m.encode(point), ex=self.settings.marker_ttl_s)
             await pipe.execute()
             for active, point in points:
                 active.checkpointed = len(point.output_token_ids)

@@ -311,7 +311,7 @@ class SchedulerService:
                              if isinstance(msg, m.ScoredRequest)
                              and msg.request_id not in self.queued and msg.request_id not in self.inflight]
                     done = dict(zip(fresh, await self.store.already_done(fresh))) if fresh else {}
-                    ops = Ops()
+                    ops = Ops(self.settings.marker_ttl_s)
                     results = []
                     try:
                         for step, msg, _ in batch:
@@ -364,7 +364,7 @@ class SchedulerService:
         self.policy.on_progress(tenant, total_tokens - record.charged_output, time.time(), request_id=rid)
         record.charged_output = total_tokens
         own = ops is None
-        ops = Ops() if own else ops  # an empty Ops is falsy: "or" would drop these writes
+        ops = Ops(self.settings.marker_ttl_s) if own else ops  # an empty Ops is falsy: "or" would drop these writes
         ops.put_inflight(record)
         ops.counters(self.policy.counters, self.policy.served, {tenant})
         if own:
@@ -466,7 +466,7 @@ class SchedulerService:
             result = self.policy.schedule(now, pool_views(workers, self.inflight))
             if not result.dispatches and not result.expired:
                 return 0
-            ops = Ops()
+            ops = Ops(self.settings.marker_ttl_s)
             records = []
             tenants = set()
             for d in result.dispatches:
@@ -517,7 +517,7 @@ class SchedulerService:
 
         results = await asyncio.gather(*(publish(r) for r in records), return_exceptions=True)
         async with self._lock:
-            ops = Ops()
+            ops = Ops(self.settings.marker_ttl_s)
             for record in records:
                 # Not one that finished (or was reloaded) meanwhile: that would revive it.
                 if record.published and self.inflight.get(record.scored.request_id) is record:

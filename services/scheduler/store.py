@@ -120,8 +120,9 @@ class SchedulerState:
 class Ops:
     """A batch of Redis writes applied atomically by :meth:`SchedulerStore.apply`."""
 
-    def __init__(self) -> None:
+    def __init__(self, marker_ttl_s: int = keys.DEFAULT_MARKER_TTL_S) -> None:
         self.ops: list[list[str | bytes | int | float]] = []
+        self.marker_ttl_s = marker_ttl_s
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -148,10 +149,10 @@ class Ops:
         self.ops.append(["HDEL", keys.SCHED_INFLIGHT, request_id])
 
     def mark_done(self, request_id: str) -> None:
-        self.ops.append(["SET", keys.sched_done(request_id), "1", "EX", str(keys.DONE_TTL_S)])
+        self.ops.append(["SET", keys.sched_done(request_id), "1", "EX", str(self.marker_ttl_s)])
 
     def mark_cancelled(self, request_id: str) -> None:
-        self.ops.append(["SET", keys.sched_cancelled(request_id), "1", "EX", str(keys.DONE_TTL_S)])
+        self.ops.append(["SET", keys.sched_cancelled(request_id), "1", "EX", str(self.marker_ttl_s)])
 
     def counters(self, counters: dict[str, float], served: dict[str, float], tenants: set[str]) -> None:
         for tenant in tenants:

@@ -185,8 +185,10 @@ class OnlinePredictor:
     The state lives under ``services.keys.predictor_state(model)``; see the module doc.
     """
 
-    def __init__(self, predictor: LengthPredictor, redis: aioredis.Redis, model: str):
+    def __init__(self, predictor: LengthPredictor, redis: aioredis.Redis, model: str,
+                 marker_ttl_s: int = keys.DEFAULT_MARKER_TTL_S):
         self.predictor = predictor
+        self.marker_ttl_s = marker_ttl_s
         self.redis = redis
         self.model = model
         self.key = keys.predictor_state(model)
@@ -288,7 +290,7 @@ class OnlinePredictor:
         try:
             skipped = await self._increment(
                 keys=script_keys,
-                args=[msgpack.packb(blob), self.state_tag, keys.DONE_TTL_S],
+                args=[msgpack.packb(blob), self.state_tag, self.marker_ttl_s],
                 client=self.redis,
             )
         except (RedisError, OSError) as exc:

@@ -181,7 +181,7 @@ class ScorerService:
             if s.predictor_artifact
             else LengthPredictor.default()
         )
-        online = OnlinePredictor(base, self.redis, s.model_name)
+        online = OnlinePredictor(base, self.redis, s.model_name, marker_ttl_s=s.marker_ttl_s)
         await online.start()
         self.scorer = Scorer(tokenizer, online, s.max_model_len)
 
@@ -236,10 +236,10 @@ class ScorerService:
         await message.ack()
 
     async def claim(self, request_id: str, tenant: str) -> bool:
-        """Bind a request id to its tenant (for a day): another tenant's request with the
+        """Bind a request id to its tenant (for ``marker_ttl_s``): another tenant's request with the
         same id is refused, so it can neither be answered with, nor swallow, this one."""
         key = keys.request_owner(request_id)
-        if await self.redis.set(key, tenant, nx=True, ex=keys.DONE_TTL_S):
+        if await self.redis.set(key, tenant, nx=True, ex=self.settings.marker_ttl_s):
             return True
         owner = await self.redis.get(key)
         return owner is None or owner.decode() == tenant

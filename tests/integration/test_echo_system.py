@@ -29,13 +29,15 @@ from tests.integration.system import TENANT_KEYS, System, own_redis_db, own_vhos
 pytestmark = pytest.mark.integration
 
 VHOST = "fairway-echo"
+MARKER_TTL_S = 7200
 
 
 @pytest.fixture(scope="module")
 def echo_system(rabbit_server, redis_server, model_cache, tmp_path_factory) -> Iterator[System]:
     sys_ = System(amqp_url=own_vhost(rabbit_server, VHOST), redis_url=own_redis_db(redis_server, 1),
                   cache_dir=model_cache, log_dir=tmp_path_factory.mktemp("echo-logs"),
-                  extra_env={"FAIRWAY_ENGINE": "echo", "FAIRWAY_ECHO_TOKENS_PER_S": "500"})
+                  extra_env={"FAIRWAY_ENGINE": "echo", "FAIRWAY_ECHO_TOKENS_PER_S": "500",
+                             "FAIRWAY_MARKER_TTL_S": str(MARKER_TTL_S)})
     for service in ("scheduler", "scorer", "cpu-worker", "gateway"):
         sys_.start(service, name=f"echo-{service}")
     try:
@@ -68,6 +70,27 @@ def test_echo_streams_the_prompt_back(echo_system, echo_client):
     usage = [c.usage for c in chunks if c.usage]
     assert usage[0].completion_tokens == n and usage[0].prompt_tokens == len(ids)
     assert '"engine": "echo"' in echo_system.log("echo-cpu-worker")
+
+
+def test_a_requests_markers_expire_after_the_configured_ttl(echo_system, echo_client):
+    """Every per-request key a request leaves in Redis (its done marker, the scorer's and
+    the worker's claims...) expires within ``FAIRWAY_MARKER_TTL_S``, so Redis holds about
+    rate x TTL of them, not every request ever served."""
+    response = echo_client.completions.with_raw_response.create(
+        model=DEFAULT_MODEL_NAME, prompt="leave little behind", max_tokens=4)
+    request_id = response.headers["x-request-id"]
+    store = redis.Redis.from_url(echo_system.redis_url)
+    try:
+        deadline = time.monotonic() + 5  # the done marker is written as the worker finishes
+        while not store.exists(keys.sched_done(request_id)):
+            assert time.monotonic() < deadline, "no done marker"
+            time.sleep(0.05)
+        left = [k for k in store.scan_iter(match=f"*{request_id}*")]
+        ttls = {k.decode(): store.ttl(k) for k in left}
+    finally:
+        store.close()
+    assert len(ttls) >= 3, ttls  # done, and the scorer's and the worker's claims
+    assert all(0 < ttl <= MARKER_TTL_S for ttl in ttls.values()), ttls
 
 
 def test_echo_honours_stop_strings(echo_client):

@@ -242,7 +242,7 @@ async def test_a_cancel_is_marked_in_redis_without_the_broker_and_retried_withou
     try:
         await b.cancel_downstream("r1", "acme")  # never connected to a broker
         assert await redis_client.get(keys.sched_cancelled("r1")) == b"1"
-        assert 0 < await redis_client.ttl(keys.sched_cancelled("r1")) <= keys.DONE_TTL_S
+        assert 0 < await redis_client.ttl(keys.sched_cancelled("r1")) <= keys.DEFAULT_MARKER_TTL_S
         real = b.redis.set
         b.redis.set = _raise_connection_error  # type: ignore[method-assign]
         await b.cancel_downstream("r2", "acme")
