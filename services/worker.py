@@ -43,6 +43,8 @@ from services.settings import Settings
 log = get_logger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
+RESUME_POINT_INTERVAL_S = 0.5
+"""A worker that dies loses at most about this much of each request's generation."""
 FEEDBACK_PROMPT_CHARS = 4000
 
 
@@ -262,6 +264,7 @@ class WorkerService:
             asyncio.create_task(self._output_loop()),
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self._progress_loop()),
+            asyncio.create_task(self._resume_point_loop()),
         ]
         log.info("worker_started", worker_id=self.worker_id, pool=self.pool, device=self.device,
                  model=s.model_name, model_path=path, engine=s.engine)
@@ -484,12 +487,12 @@ class WorkerService:
         prom.observe_worker_finish(self.settings.model_name, reason, out.num_prompt_tokens,
                                    out.num_output_tokens)
 
-    async def _progress_loop(self) -> None:
-        """Report output tokens to the scheduler (charging) and keep a resume point of each
-        request that runs past an interval, so a worker that dies loses at most the last
-        interval's work: the next worker continues from the point."""
+    async def _resume_point_loop(self) -> None:
+        """Keep a resume point of each request that runs past an interval, so a worker that
+        dies loses at most the last interval's work: the next worker continues from the
+        point. (Its own loop: a slow Redis delays no progress report.)"""
         while True:
-            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            await asyncio.sleep(RESUME_POINT_INTERVAL_S)
             running = [a for a in self.active.values() if len(a.output_token_ids) > a.checkpointed]
             try:
                 if await self._save_resume_points(running) and not self.draining:
@@ -500,6 +503,10 @@ class WorkerService:
                         await self.redis.delete(*(keys.work_resume(a.item.request_id) for a in answered))
             except Exception as exc:  # noqa: BLE001 - without points a dead worker's requests regenerate
                 log.warning("resume_points_not_saved", error=str(exc))
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
             for active in list(self.active.values()):
                 if active.output_tokens > active.reported_tokens:
                     new = active.output_tokens - active.reported_tokens
