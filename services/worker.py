@@ -44,7 +44,11 @@ log = get_logger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
 RESUME_POINT_INTERVAL_S = 0.5
-"""A worker that dies loses at most about this much of each request's generation."""
+RESUME_POINT_GROWTH = 0.1
+"""A request's resume point is rewritten (whole) once its output grew by this fraction
+since the last one, at most every interval: a worker that dies loses at most about the
+interval or this fraction of each answer, whichever is more, and an answer of n tokens
+costs O(n) bytes of writes, not O(n^2)."""
 FEEDBACK_PROMPT_CHARS = 4000
 
 
@@ -186,6 +190,11 @@ class Active:
     """Continued from a resume point, which is deleted once the request is answered."""
     checkpointed: int = 0
     """Output tokens in the last resume point this worker wrote for it (0: none)."""
+
+    def resume_point_due(self) -> bool:
+        """Its output grew by ``RESUME_POINT_GROWTH`` since its last resume point."""
+        n = len(self.output_token_ids)
+        return n - self.checkpointed >= max(1.0, RESUME_POINT_GROWTH * n)
 
     def resume_point(self, worker_id: str) -> m.ResumePoint | None:
         """What its caller has, once every chunk sent so far reached the broker; None
@@ -489,11 +498,11 @@ class WorkerService:
 
     async def _resume_point_loop(self) -> None:
         """Keep a resume point of each request that runs past an interval, so a worker that
-        dies loses at most the last interval's work: the next worker continues from the
-        point. (Its own loop: a slow Redis delays no progress report.)"""
+        dies loses little of its work: the next worker continues from the point. (Its own
+        loop: a slow Redis delays no progress report.)"""
         while True:
             await asyncio.sleep(RESUME_POINT_INTERVAL_S)
-            running = [a for a in self.active.values() if len(a.output_token_ids) > a.checkpointed]
+            running = [a for a in self.active.values() if a.resume_point_due()]
             try:
                 if await self._save_resume_points(running) and not self.draining:
                     # One that was answered while its point was being written keeps none.

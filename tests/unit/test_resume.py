@@ -108,3 +108,27 @@ def test_a_resume_point_that_cannot_be_continued_is_an_engine_error(resume, mess
     engine = EchoEngine(CharTokenizer(), EngineConfig(), eos_token_ids={0}, clock=Clock())
     with pytest.raises(EngineError, match=message):
         engine.add_request(EngineRequest("r", [1, 2], SamplingParams(max_tokens=5), resume=resume))
+
+
+def test_resume_points_of_a_long_answer_cost_writes_linear_in_its_length():
+    """Points are rewritten whole, so one per interval would write O(n^2) tokens over an
+    answer of n; one per ``RESUME_POINT_GROWTH`` of growth writes O(n), and the part a
+    dead worker's successor regenerates stays within that fraction (or one interval)."""
+    from services import messages as m
+    from services.worker import RESUME_POINT_GROWTH, Active
+
+    item = m.WorkItem(request_id="r", pool="cpu", dispatched_at=0.0, scored=m.ScoredRequest(
+        request_id="r", prompt_token_ids=[1], score=m.LengthScore(uncertainty=0, p10=1, p50=1, p90=1),
+        request=m.CompletionRequest(request_id="r", tenant="acme", model="tiny", prompt="p")))
+    active = Active(item=item, message=None)
+    written, worst_loss = 0, 0
+    for _ in range(400):  # 400 intervals of 10 tokens: a 4000-token answer
+        active.output_token_ids.extend([7] * 10)
+        n = len(active.output_token_ids)
+        worst_loss = max(worst_loss, n - active.checkpointed)
+        if active.resume_point_due():
+            written += n
+            active.checkpointed = n
+    n = len(active.output_token_ids)
+    assert written <= (1 + 1 / RESUME_POINT_GROWTH) * n, written
+    assert worst_loss <= RESUME_POINT_GROWTH * n + 10
