@@ -17,6 +17,7 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -180,6 +181,13 @@ class Active:
     aborted earlier attempt of the same request can never be taken for this one's."""
     sends: list[asyncio.Future] = field(default_factory=list)
     """Publishes of its chunks not yet confirmed; the final answer waits for them."""
+    unconfirmed: deque[tuple[asyncio.Future, int, int, int]] = field(default_factory=deque)
+    """Chunk publishes in order, each with (output tokens, characters, next seq) once it
+    is in: what a resume point may count when every one up to it is confirmed."""
+    confirmed: tuple[int, int, int] = (0, 0, 0)
+    """(output tokens, characters, next seq) of the chunks the broker confirmed, in order."""
+    refused: bool = False
+    """A chunk publish failed: the caller misses it, so no later resume point is written."""
     stopping: bool = False
     """Being aborted for a cancel marker or a caller that is gone: abort (and log) once."""
     output_token_ids: list[int] = field(default_factory=list)
@@ -191,20 +199,41 @@ class Active:
     checkpointed: int = 0
     """Output tokens in the last resume point this worker wrote for it (0: none)."""
 
+    def sent(self, publish: asyncio.Future, token_ids: list[int], text: str) -> None:
+        """A chunk went out (``publish`` completes with the broker's confirm)."""
+        self.output_token_ids.extend(token_ids)
+        self.streamed_chars += len(text)
+        self.seq += 1
+        self.sends.append(publish)
+        self.unconfirmed.append((publish, len(self.output_token_ids), self.streamed_chars, self.seq))
+
+    def _confirmed_prefix(self) -> tuple[int, int, int] | None:
+        """(tokens, characters, next seq) the caller surely has: the chunks up to the first
+        one not confirmed yet. None once a publish failed."""
+        while not self.refused and self.unconfirmed and self.unconfirmed[0][0].done():
+            publish, *mark = self.unconfirmed.popleft()
+            if publish.cancelled() or publish.exception() is not None:
+                self.refused = True
+            else:
+                self.confirmed = tuple(mark)  # type: ignore[assignment]
+        return None if self.refused else self.confirmed
+
     def resume_point_due(self) -> bool:
-        """Its output grew by ``RESUME_POINT_GROWTH`` since its last resume point."""
-        n = len(self.output_token_ids)
+        """What its caller surely has grew by ``RESUME_POINT_GROWTH`` since its last point."""
+        prefix = self._confirmed_prefix()
+        n = prefix[0] if prefix else 0
         return n - self.checkpointed >= max(1.0, RESUME_POINT_GROWTH * n)
 
     def resume_point(self, worker_id: str) -> m.ResumePoint | None:
-        """What its caller has, once every chunk sent so far reached the broker; None
-        while one is unconfirmed or was refused, or before there is any output."""
-        if not self.output_token_ids or not all(
-                f.done() and not f.cancelled() and f.exception() is None for f in self.sends):
+        """What its caller surely has (the chunks the broker confirmed, in order), so the
+        next worker continues from there; None before any, or once a publish failed."""
+        prefix = self._confirmed_prefix()
+        if not prefix or not prefix[0]:
             return None
+        tokens, chars, seq = prefix
         return m.ResumePoint(request_id=self.item.request_id, worker_id=worker_id,
-                             output_token_ids=list(self.output_token_ids),
-                             streamed_chars=self.streamed_chars, seq=self.seq)
+                             output_token_ids=self.output_token_ids[:tokens], streamed_chars=chars,
+                             seq=seq)
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -339,6 +368,8 @@ class WorkerService:
             active.seq, active.resumed = point.seq, True
             active.output_token_ids = list(point.output_token_ids)
             active.streamed_chars = point.streamed_chars
+            active.confirmed = (len(point.output_token_ids), point.streamed_chars, point.seq)
+            active.checkpointed = len(point.output_token_ids)  # that point is in Redis
         self.active[item.request_id] = active
         self.by_engine[active.engine_id] = active
         return active
@@ -439,14 +470,11 @@ class WorkerService:
     def _emit(self, active: Active, out: RequestOutput) -> None:
         active.output_tokens = out.num_output_tokens
         if out.new_token_ids or out.new_text:
-            active.output_token_ids.extend(out.new_token_ids)
-            active.streamed_chars += len(out.new_text)
             send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
                 request_id=active.item.request_id, seq=active.seq, text=out.new_text,
                 token_ids=list(out.new_token_ids)), mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
-            active.sends.append(send)
-            active.seq += 1
+            active.sent(send, out.new_token_ids, out.new_text)
         if out.finished:
             self._spawn(self._finish(active, out))
         elif len(active.sends) > 64:

@@ -110,25 +110,56 @@ def test_a_resume_point_that_cannot_be_continued_is_an_engine_error(resume, mess
         engine.add_request(EngineRequest("r", [1, 2], SamplingParams(max_tokens=5), resume=resume))
 
 
-def test_resume_points_of_a_long_answer_cost_writes_linear_in_its_length():
+def _active(request_id: str = "r"):
+    from services import messages as m
+    from services.worker import Active
+
+    item = m.WorkItem(request_id=request_id, pool="cpu", dispatched_at=0.0, scored=m.ScoredRequest(
+        request_id=request_id, prompt_token_ids=[1],
+        score=m.LengthScore(uncertainty=0, p10=1, p50=1, p90=1),
+        request=m.CompletionRequest(request_id=request_id, tenant="acme", model="tiny", prompt="p")))
+    return Active(item=item, message=None)
+
+
+def _published(ok: bool = True):
+    import asyncio
+
+    future = asyncio.get_running_loop().create_future()
+    if ok:
+        future.set_result(None)
+    return future
+
+
+async def test_resume_points_of_a_long_answer_cost_writes_linear_in_its_length():
     """Points are rewritten whole, so one per interval would write O(n^2) tokens over an
     answer of n; one per ``RESUME_POINT_GROWTH`` of growth writes O(n), and the part a
     dead worker's successor regenerates stays within that fraction (or one interval)."""
-    from services import messages as m
-    from services.worker import RESUME_POINT_GROWTH, Active
+    from services.worker import RESUME_POINT_GROWTH
 
-    item = m.WorkItem(request_id="r", pool="cpu", dispatched_at=0.0, scored=m.ScoredRequest(
-        request_id="r", prompt_token_ids=[1], score=m.LengthScore(uncertainty=0, p10=1, p50=1, p90=1),
-        request=m.CompletionRequest(request_id="r", tenant="acme", model="tiny", prompt="p")))
-    active = Active(item=item, message=None)
+    active = _active()
     written, worst_loss = 0, 0
     for _ in range(400):  # 400 intervals of 10 tokens: a 4000-token answer
-        active.output_token_ids.extend([7] * 10)
+        active.sent(_published(), [7] * 10, "x" * 10)
         n = len(active.output_token_ids)
         worst_loss = max(worst_loss, n - active.checkpointed)
         if active.resume_point_due():
             written += n
-            active.checkpointed = n
+            active.checkpointed = len(active.resume_point("w").output_token_ids)
     n = len(active.output_token_ids)
     assert written <= (1 + 1 / RESUME_POINT_GROWTH) * n, written
     assert worst_loss <= RESUME_POINT_GROWTH * n + 10
+
+
+async def test_a_resume_point_counts_only_chunks_the_broker_confirmed_in_order():
+    """A busy stream always has a chunk in flight: the point covers the confirmed prefix
+    (not nothing, and not the chunk still unconfirmed), and none is written once a
+    chunk was refused, since the caller misses it."""
+    active = _active()
+    first, second, third = _published(), _published(ok=False), _published()
+    active.sent(first, [5, 6], "ab")
+    active.sent(second, [7], "c")
+    active.sent(third, [8], "d")  # confirmed, but behind one that is not
+    point = active.resume_point("w")
+    assert (point.output_token_ids, point.streamed_chars, point.seq) == ([5, 6], 2, 1)
+    second.set_exception(ConnectionError("channel closed"))
+    assert active.resume_point("w") is None and not active.resume_point_due()
