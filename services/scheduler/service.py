@@ -364,7 +364,8 @@ class SchedulerService:
         self.policy.on_progress(tenant, total_tokens - record.charged_output, time.time(), request_id=rid)
         record.charged_output = total_tokens
         own = ops is None
-        ops = Ops(self.settings.marker_ttl_s) if own else ops  # an empty Ops is falsy: "or" would drop these writes
+        # An empty Ops is falsy: "ops or Ops()" would drop these writes.
+        ops = Ops(self.settings.marker_ttl_s) if own else ops
         ops.put_inflight(record)
         ops.counters(self.policy.counters, self.policy.served, {tenant})
         if own:

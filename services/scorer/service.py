@@ -236,8 +236,9 @@ class ScorerService:
         await message.ack()
 
     async def claim(self, request_id: str, tenant: str) -> bool:
-        """Bind a request id to its tenant (for ``marker_ttl_s``): another tenant's request with the
-        same id is refused, so it can neither be answered with, nor swallow, this one."""
+        """Bind a request id to its tenant (for ``marker_ttl_s``): another tenant's request
+        with the same id is refused, so it can neither be answered with, nor swallow, this
+        one."""
         key = keys.request_owner(request_id)
         if await self.redis.set(key, tenant, nx=True, ex=self.settings.marker_ttl_s):
             return True
