@@ -179,55 +179,54 @@ class Active:
     engine_id: str = ""
     """The engine's id for this attempt (request id + attempt number): outputs of an
     aborted earlier attempt of the same request can never be taken for this one's."""
-    sends: list[asyncio.Future] = field(default_factory=list)
-    """Publishes of its chunks not yet confirmed; the final answer waits for them."""
     unconfirmed: deque[tuple[asyncio.Future, int, int, int]] = field(default_factory=deque)
-    """Chunk publishes in order, each with (output tokens, characters, next seq) once it
-    is in: what a resume point may count when every one up to it is confirmed."""
+    """Chunk publishes not known confirmed, in order, each with (output tokens, characters,
+    next seq) once it is in. The final answer waits for them; a refused one stays here."""
     confirmed: tuple[int, int, int] = (0, 0, 0)
     """(output tokens, characters, next seq) of the chunks the broker confirmed, in order."""
-    refused: bool = False
-    """A chunk publish failed: the caller misses it, so no later resume point is written."""
     stopping: bool = False
     """Being aborted for a cancel marker or a caller that is gone: abort (and log) once."""
     output_token_ids: list[int] = field(default_factory=list)
     """Every output token sent to the caller (a hand-back leaves them as a resume point)."""
     streamed_chars: int = 0
     """Characters of text sent to the caller."""
-    resumed: bool = False
-    """Continued from a resume point, which is deleted once the request is answered."""
     checkpointed: int = 0
-    """Output tokens in the last resume point this worker wrote for it (0: none)."""
+    """Output tokens in its resume point in Redis (0: none), the one it was resumed from
+    or the last this worker wrote; deleted once the request is answered."""
 
     def sent(self, publish: asyncio.Future, token_ids: list[int], text: str) -> None:
         """A chunk went out (``publish`` completes with the broker's confirm)."""
         self.output_token_ids.extend(token_ids)
         self.streamed_chars += len(text)
         self.seq += 1
-        self.sends.append(publish)
         self.unconfirmed.append((publish, len(self.output_token_ids), self.streamed_chars, self.seq))
 
-    def _confirmed_prefix(self) -> tuple[int, int, int] | None:
+    @property
+    def publishes(self) -> list[asyncio.Future]:
+        """Chunk publishes not known confirmed (a refused one among them)."""
+        return [publish for publish, *_ in self.unconfirmed]
+
+    def confirmed_prefix(self) -> tuple[int, int, int] | None:
         """(tokens, characters, next seq) the caller surely has: the chunks up to the first
-        one not confirmed yet. None once a publish failed."""
-        while not self.refused and self.unconfirmed and self.unconfirmed[0][0].done():
-            publish, *mark = self.unconfirmed.popleft()
+        one not confirmed yet (those drop out of ``unconfirmed``). None once a publish
+        failed: the caller misses that chunk."""
+        while self.unconfirmed and self.unconfirmed[0][0].done():
+            publish = self.unconfirmed[0][0]
             if publish.cancelled() or publish.exception() is not None:
-                self.refused = True
-            else:
-                self.confirmed = tuple(mark)  # type: ignore[assignment]
-        return None if self.refused else self.confirmed
+                return None
+            self.confirmed = self.unconfirmed.popleft()[1:]
+        return self.confirmed
 
     def resume_point_due(self) -> bool:
         """What its caller surely has grew by ``RESUME_POINT_GROWTH`` since its last point."""
-        prefix = self._confirmed_prefix()
+        prefix = self.confirmed_prefix()
         n = prefix[0] if prefix else 0
         return n - self.checkpointed >= max(1.0, RESUME_POINT_GROWTH * n)
 
     def resume_point(self, worker_id: str) -> m.ResumePoint | None:
         """What its caller surely has (the chunks the broker confirmed, in order), so the
         next worker continues from there; None before any, or once a publish failed."""
-        prefix = self._confirmed_prefix()
+        prefix = self.confirmed_prefix()
         if not prefix or not prefix[0]:
             return None
         tokens, chars, seq = prefix
@@ -365,7 +364,7 @@ class WorkerService:
         """Track a request this worker starts (continuing after ``point``, when given)."""
         active = Active(item=item, message=message, engine_id=f"{item.request_id}#{next(self._attempts)}")
         if point is not None:
-            active.seq, active.resumed = point.seq, True
+            active.seq = point.seq
             active.output_token_ids = list(point.output_token_ids)
             active.streamed_chars = point.streamed_chars
             active.confirmed = (len(point.output_token_ids), point.streamed_chars, point.seq)
@@ -477,8 +476,8 @@ class WorkerService:
             active.sent(send, out.new_token_ids, out.new_text)
         if out.finished:
             self._spawn(self._finish(active, out))
-        elif len(active.sends) > 64:
-            active.sends = [f for f in active.sends if not f.done()]
+        elif len(active.unconfirmed) > 64:
+            active.confirmed_prefix()  # let go of the confirmed ones
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -511,14 +510,14 @@ class WorkerService:
             output_tokens=out.num_output_tokens, score=active.item.scored.score,
             prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS]), topology.FINISHED_KEY)
         try:
-            await asyncio.gather(final, event, *active.sends)
+            await asyncio.gather(final, event, *active.publishes)
         except Exception:
             log.exception("emit_failed", request_id=rid)
             await self._hand_back(active)
             return
         await active.message.ack()
         self._forget(active)
-        if active.resumed or active.checkpointed:  # answered: its resume point is of no more use
+        if active.checkpointed:  # answered: its resume point is of no more use
             with contextlib.suppress(Exception):
                 await self.redis.delete(keys.work_resume(rid))
         prom.observe_worker_finish(self.settings.model_name, reason, out.num_prompt_tokens,
@@ -620,14 +619,14 @@ class WorkerService:
         """Hand requests back to the queue, each with a resume point in Redis saying what
         its caller has, so the worker that takes it next continues the same answer.
         Forgotten first, so the abort's "cancelled" answer never reaches the caller; the
-        points are written only once every chunk they count reached the broker (a
-        request with a chunk the broker refused is regenerated from the start, its
-        caller dropping the chunks it already has), and before the items go back."""
+        points are written once the broker answered for every chunk sent, and before the
+        items go back. A request with a chunk the broker refused gets no new point: the
+        next worker continues from its last one, or from the start, and its caller drops
+        the chunks it already has."""
         for active in running:
             self._forget(active)
             self.engine.abort(active.engine_id)
-        for active in running:
-            await asyncio.gather(*active.sends, return_exceptions=True)
+        await asyncio.gather(*(p for active in running for p in active.publishes), return_exceptions=True)
         try:
             saved = await self._save_resume_points(running)
         except Exception as exc:  # noqa: BLE001 - without them the next worker regenerates
