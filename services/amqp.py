@@ -109,11 +109,12 @@ async def reply(channel: AbstractChannel, reply_to: str, msg: m.Message, *,
 
 
 def error_answer(request_id: str, message: str, *, status: int = 400,
-                 type_: str = "invalid_request_error", code: str | None = None,
-                 seq: int = 0) -> m.FinalAnswer:
+                 type_: str = "invalid_request_error", code: str | None = None) -> m.FinalAnswer:
+    """An error ends a stream at once, wherever it is, so it needs no position."""
     return m.FinalAnswer(
         request_id=request_id,
-        seq=seq,
+        token_offset=0,
+        text_offset=0,
         finish_reason="error",
         error=m.ErrorInfo(message=message, type=type_, code=code, status=status),
     )

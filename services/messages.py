@@ -128,10 +128,15 @@ class WorkItem(Message):
 
 @dataclass(slots=True, kw_only=True)
 class TokenChunk(Message):
-    """Streamed output: ``seq`` counts chunks from 0 so receivers drop repeats and see gaps."""
+    """Streamed output, placed by where it starts in the answer, so a receiver keeps
+    exactly one copy of every token and character even when a second worker regenerates
+    part of the answer and cuts it into other chunks, and sees a gap until it is filled."""
 
     TYPE: ClassVar[str] = "token_chunk"
-    seq: int
+    token_offset: int
+    """Output tokens before this chunk's ``token_ids``."""
+    text_offset: int
+    """Characters of output text before this chunk's ``text``."""
     text: str
     token_ids: list[int]
 
@@ -151,7 +156,10 @@ class FinalAnswer(Message):
     """The one terminal answer of a request: done (stop/length), error or cancelled."""
 
     TYPE: ClassVar[str] = "final_answer"
-    seq: int
+    token_offset: int
+    """Output tokens streamed before it: a done answer is delivered after all of them."""
+    text_offset: int
+    """Characters of output text streamed before it."""
     finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -251,8 +259,6 @@ class ResumePoint(Message):
     """Every output token the caller was sent, in order."""
     streamed_chars: int
     """Characters of text the caller was sent."""
-    seq: int
-    """Sequence number of the next chunk."""
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -1,16 +1,17 @@
 """Reply side of the protocol: ordered, de-duplicated token streams per request.
 
-Used by the gateway and by AMQP client programs alike. Workers number each
-request's chunks from 0; after a worker dies, another one regenerates the request
-from the start (same seed), so repeats are dropped here by sequence number and a
-gap is held until it is filled. (A request handed back by a draining worker is
-continued from its resume point, numbering on from there.) Exactly one terminal
-answer is delivered.
+Used by the gateway and by AMQP client programs alike. Workers place each chunk by
+where it starts in the answer (output tokens and characters before it). After a worker
+dies, another one continues the request from its last resume point, or from the start
+(same seed), regenerating what the caller may already have, cut into chunks of its own;
+so what a caller already has is trimmed off here by position, a gap is held until it is
+filled, and exactly one terminal answer is delivered, after every token before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -24,37 +25,59 @@ Reply = m.TokenChunk | m.FinalAnswer
 
 
 class ReplyStream:
-    """The replies of one request, delivered in order with no duplicate and no gap."""
+    """The replies of one request, delivered in order with no repeat and no gap."""
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.next_seq = 0
+        self.next_token = 0
+        """Output tokens delivered."""
+        self.next_char = 0
+        """Characters of output text delivered."""
         self.finished = False
-        self._pending: dict[int, Reply] = {}
+        self._ahead: dict[int, m.TokenChunk] = {}
+        """Chunks past a gap, by token offset."""
+        self._final: m.FinalAnswer | None = None
         self._queue: asyncio.Queue[Reply] = asyncio.Queue()
 
     def offer(self, msg: Reply) -> None:
         """Accept one incoming reply; deliver whatever is now in order."""
         if self.finished:
             return
-        if isinstance(msg, m.FinalAnswer) and msg.finish_reason in ("error", "cancelled"):
-            # An abnormal end does not wait for missing chunks: nothing more will come.
-            self._deliver_final(msg)
+        if isinstance(msg, m.FinalAnswer):
+            if msg.finish_reason in ("error", "cancelled"):
+                # An abnormal end does not wait for missing chunks: nothing more will come.
+                self._deliver_final(msg)
+                return
+            self._final = self._final or msg
+        elif msg.token_offset > self.next_token:
+            held = self._ahead.get(msg.token_offset)
+            if held is None or len(msg.token_ids) > len(held.token_ids):
+                self._ahead[msg.token_offset] = msg
             return
-        if msg.seq < self.next_seq or msg.seq in self._pending:
-            return
-        self._pending[msg.seq] = msg
-        while self.next_seq in self._pending and not self.finished:
-            item = self._pending.pop(self.next_seq)
-            self.next_seq += 1
-            if isinstance(item, m.FinalAnswer):
-                self._deliver_final(item)
-            else:
-                self._queue.put_nowait(item)
+        else:
+            self._take(msg)
+        while self._ahead and (start := min(self._ahead)) <= self.next_token:
+            self._take(self._ahead.pop(start))
+        if self._final is not None and self._final.token_offset <= self.next_token:
+            self._deliver_final(self._final)
+
+    def _take(self, chunk: m.TokenChunk) -> None:
+        """Deliver the part of ``chunk`` (which starts at or before ``next_token``) that
+        lies past what was delivered."""
+        tokens = chunk.token_ids[self.next_token - chunk.token_offset:]
+        text = chunk.text[max(0, self.next_char - chunk.text_offset):]
+        if tokens or text:
+            if len(tokens) < len(chunk.token_ids) or len(text) < len(chunk.text):
+                chunk = dataclasses.replace(chunk, token_ids=tokens, text=text,
+                                            token_offset=self.next_token,
+                                            text_offset=max(self.next_char, chunk.text_offset))
+            self._queue.put_nowait(chunk)
+        self.next_token = max(self.next_token, chunk.token_offset + len(chunk.token_ids))
+        self.next_char = max(self.next_char, chunk.text_offset + len(chunk.text))
 
     def _deliver_final(self, msg: m.FinalAnswer) -> None:
         self.finished = True
-        self._pending.clear()
+        self._ahead.clear()
         self._queue.put_nowait(msg)
 
     async def get(self) -> Reply:
@@ -86,7 +109,8 @@ class ReplyRouter:
         """End every open stream with one error answer (its replies can no longer arrive)."""
         for stream in list(self.streams.values()):
             stream.offer(m.FinalAnswer(
-                request_id=stream.request_id, seq=stream.next_seq, finish_reason="error",
+                request_id=stream.request_id, token_offset=stream.next_token,
+                text_offset=stream.next_char, finish_reason="error",
                 error=m.ErrorInfo(message=message, type="service_unavailable", code=code,
                                   status=status)))
 

@@ -173,17 +173,16 @@ class Active:
 
     item: m.WorkItem
     message: AbstractIncomingMessage
-    seq: int = 0
     output_tokens: int = 0
     reported_tokens: int = 0
     engine_id: str = ""
     """The engine's id for this attempt (request id + attempt number): outputs of an
     aborted earlier attempt of the same request can never be taken for this one's."""
-    unconfirmed: deque[tuple[asyncio.Future, int, int, int]] = field(default_factory=deque)
-    """Chunk publishes not known confirmed, in order, each with (output tokens, characters,
-    next seq) once it is in. The final answer waits for them; a refused one stays here."""
-    confirmed: tuple[int, int, int] = (0, 0, 0)
-    """(output tokens, characters, next seq) of the chunks the broker confirmed, in order."""
+    unconfirmed: deque[tuple[asyncio.Future, int, int]] = field(default_factory=deque)
+    """Chunk publishes not known confirmed, in order, each with (output tokens, characters)
+    the caller has once it is in. The final answer waits for them; a refused one stays here."""
+    confirmed: tuple[int, int] = (0, 0)
+    """(output tokens, characters) of the chunks the broker confirmed, in order."""
     stopping: bool = False
     """Being aborted for a cancel marker or a caller that is gone: abort (and log) once."""
     output_token_ids: list[int] = field(default_factory=list)
@@ -198,16 +197,15 @@ class Active:
         """A chunk went out (``publish`` completes with the broker's confirm)."""
         self.output_token_ids.extend(token_ids)
         self.streamed_chars += len(text)
-        self.seq += 1
-        self.unconfirmed.append((publish, len(self.output_token_ids), self.streamed_chars, self.seq))
+        self.unconfirmed.append((publish, len(self.output_token_ids), self.streamed_chars))
 
     @property
     def publishes(self) -> list[asyncio.Future]:
         """Chunk publishes not known confirmed (a refused one among them)."""
         return [publish for publish, *_ in self.unconfirmed]
 
-    def confirmed_prefix(self) -> tuple[int, int, int] | None:
-        """(tokens, characters, next seq) the caller surely has: the chunks up to the first
+    def confirmed_prefix(self) -> tuple[int, int] | None:
+        """(tokens, characters) the caller surely has: the chunks up to the first
         one not confirmed yet (those drop out of ``unconfirmed``). None once a publish
         failed: the caller misses that chunk."""
         while self.unconfirmed and self.unconfirmed[0][0].done():
@@ -229,10 +227,9 @@ class Active:
         prefix = self.confirmed_prefix()
         if not prefix or not prefix[0]:
             return None
-        tokens, chars, seq = prefix
+        tokens, chars = prefix
         return m.ResumePoint(request_id=self.item.request_id, worker_id=worker_id,
-                             output_token_ids=self.output_token_ids[:tokens], streamed_chars=chars,
-                             seq=seq)
+                             output_token_ids=self.output_token_ids[:tokens], streamed_chars=chars)
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -364,10 +361,9 @@ class WorkerService:
         """Track a request this worker starts (continuing after ``point``, when given)."""
         active = Active(item=item, message=message, engine_id=f"{item.request_id}#{next(self._attempts)}")
         if point is not None:
-            active.seq = point.seq
             active.output_token_ids = list(point.output_token_ids)
             active.streamed_chars = point.streamed_chars
-            active.confirmed = (len(point.output_token_ids), point.streamed_chars, point.seq)
+            active.confirmed = (len(point.output_token_ids), point.streamed_chars)
             active.checkpointed = len(point.output_token_ids)  # that point is in Redis
         self.active[item.request_id] = active
         self.by_engine[active.engine_id] = active
@@ -428,8 +424,8 @@ class WorkerService:
     def _on_link_lost(self, *_: object) -> None:
         """The broker connection (or channel) closed: the broker has put every unacked work
         item back in its queue, and their acks can no longer be sent. Stop running them;
-        the redelivered copies start again (same seed) here or on another worker, and the
-        caller drops the chunks it already has by sequence number."""
+        the redelivered copies go on from their resume points (or the start) here or on
+        another worker, and the caller keeps one copy of each token by its position."""
         if self.active:
             log.warning("link_lost_requests_handed_back", n=len(self.active))
             prom.worker_handed_back.labels(self.settings.model_name).inc(len(self.active))
@@ -470,7 +466,8 @@ class WorkerService:
         active.output_tokens = out.num_output_tokens
         if out.new_token_ids or out.new_text:
             send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
-                request_id=active.item.request_id, seq=active.seq, text=out.new_text,
+                request_id=active.item.request_id, token_offset=len(active.output_token_ids),
+                text_offset=active.streamed_chars, text=out.new_text,
                 token_ids=list(out.new_token_ids)), mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
             active.sent(send, out.new_token_ids, out.new_text)
@@ -502,7 +499,8 @@ class WorkerService:
             error = m.ErrorInfo(message=out.error or "generation failed", type="invalid_request_error",
                                 code="engine_error", status=400)
         final = amqp.reply(self.channel, req.reply_to, m.FinalAnswer(
-            request_id=rid, seq=active.seq, finish_reason=reason,
+            request_id=rid, token_offset=len(active.output_token_ids),
+            text_offset=active.streamed_chars, finish_reason=reason,
             prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens, error=error))
         event = amqp.publish(self.events, m.RequestFinished(
             request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
@@ -621,8 +619,8 @@ class WorkerService:
         Forgotten first, so the abort's "cancelled" answer never reaches the caller; the
         points are written once the broker answered for every chunk sent, and before the
         items go back. A request with a chunk the broker refused gets no new point: the
-        next worker continues from its last one, or from the start, and its caller drops
-        the chunks it already has."""
+        next worker continues from its last one, or from the start, and its caller keeps
+        one copy of what it already has."""
         for active in running:
             self._forget(active)
             self.engine.abort(active.engine_id)

@@ -408,7 +408,7 @@ class SchedulerService:
             ops.unqueue(rid)
             ops.mark_done(rid)
             return lambda: amqp.reply(self.channel, scored.request.reply_to, m.FinalAnswer(
-                request_id=rid, seq=0, finish_reason="cancelled",
+                request_id=rid, token_offset=0, text_offset=0, finish_reason="cancelled",
                 prompt_tokens=len(scored.prompt_token_ids)))
         if rid in self.inflight and self.inflight[rid].scored.request.tenant == cancel.tenant:
             ops.mark_cancelled(rid)

@@ -160,7 +160,7 @@ class AmqpTenant:
             async with asyncio.timeout(CLIENT_TIMEOUT_S):
                 async for reply in self.client.replies(stream):
                     if isinstance(reply, m.TokenChunk):
-                        log.token(reply.seq, len(reply.token_ids))
+                        log.token(reply.token_offset, len(reply.token_ids))
                     else:
                         error = reply.error
                         log.final(reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,

@@ -440,7 +440,7 @@ async def test_same_request_id_published_twice(fault_system, checker):
     await checker.verify("same request id published twice (+ reused by another tenant)",
                          note="3 publishes of one id")
     assert answered.done and answered.done.completion_tokens == 40
-    assert [f.code for f in stolen.finals] == ["duplicate_request_id"] and not stolen.seqs
+    assert [f.code for f in stolen.finals] == ["duplicate_request_id"] and not stolen.chunks
     assert len(checker.finished) == 1
 
 
@@ -525,7 +525,7 @@ async def test_poison_messages_and_bad_parameters(fault_system, checker, http, k
         await connection.close()
     await checker.verify("poison messages + bad sampling parameters",
                          note=f"{len(POISON)} poison messages dead-lettered, {len(bad) + 1} rejected")
-    assert all(log.finals and log.finals[0].status == 400 and not log.seqs for log in rejected), \
+    assert all(log.finals and log.finals[0].status == 400 and not log.chunks for log in rejected), \
         [(log.finals) for log in rejected]
     assert all(log.done for log in good)
     assert lettered == set(ids.values()), f"not dead-lettered: {set(POISON) - set(lettered)}"

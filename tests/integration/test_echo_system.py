@@ -268,7 +268,7 @@ async def test_a_resume_point_that_cannot_be_used_falls_back_to_the_whole_answer
             await store.set(keys.work_resume(unreadable.request_id), b"not msgpack")
             await store.set(keys.work_resume(complete.request_id), m.encode(m.ResumePoint(
                 request_id=complete.request_id, worker_id="cpu-gone", output_token_ids=ids[:1] * 12,
-                streamed_chars=5, seq=7)))
+                streamed_chars=5)))
             for request in (unreadable, complete):
                 request.tenant = "acme"  # guest is a trusted publisher, as the gateway is
                 replies = [reply async for reply in client.submit(request)]

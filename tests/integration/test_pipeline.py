@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 
@@ -174,7 +175,9 @@ async def test_amqp_producer_round_trip_without_gateway(system, rabbit_server, t
         request = client.completion(MODEL, "over the wire", max_tokens=5, ignore_eos=True)
         replies = [r async for r in client.submit(request)]
     chunks, final = replies[:-1], replies[-1]
-    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert [c.token_offset for c in chunks] == list(range(len(chunks)))  # a token each, in order
+    assert [c.text_offset for c in chunks] == list(
+        itertools.accumulate((len(c.text) for c in chunks[:-1]), initial=0))
     assert isinstance(final, m.FinalAnswer) and final.finish_reason == "length"
     assert final.completion_tokens == 5 == sum(len(c.token_ids) for c in chunks)
     assert final.prompt_tokens == len(tokenizer.encode("over the wire"))

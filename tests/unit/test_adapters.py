@@ -119,8 +119,9 @@ async def test_scorer_refuses_another_tenants_adapter(tmp_path: Path) -> None:
 class FakeStream:
     def __init__(self, request_id: str) -> None:
         self.replies = [
-            m.TokenChunk(request_id=request_id, seq=0, text="hello", token_ids=[1]),
-            m.FinalAnswer(request_id=request_id, seq=1, finish_reason="stop",
+            m.TokenChunk(request_id=request_id, token_offset=0, text_offset=0, text="hello",
+                         token_ids=[1]),
+            m.FinalAnswer(request_id=request_id, token_offset=1, text_offset=5, finish_reason="stop",
                           prompt_tokens=1, completion_tokens=1),
         ]  # fmt: skip
 

@@ -16,12 +16,14 @@ class FakeClock:
         return self.now
 
 
-def tok(seq: int) -> TokenChunk:
-    return TokenChunk(request_id="r", seq=seq, text=f"<{seq}>", token_ids=[seq])
+def tok(i: int) -> TokenChunk:
+    """Output token ``i``, whose text is ``<i>`` (single digits: three characters each)."""
+    return TokenChunk(request_id="r", token_offset=i, text_offset=3 * i, text=f"<{i}>", token_ids=[i])
 
 
-def final(seq: int, reason: str = "length", **fields) -> FinalAnswer:
-    return FinalAnswer(request_id="r", seq=seq, finish_reason=reason, **fields)
+def final(tokens: int, reason: str = "length", **fields) -> FinalAnswer:
+    return FinalAnswer(request_id="r", token_offset=tokens, text_offset=3 * tokens,
+                       finish_reason=reason, **fields)
 
 
 async def test_read_times_of_first_token_and_final() -> None:
@@ -33,9 +35,9 @@ async def test_read_times_of_first_token_and_final() -> None:
     assert replies.arrived and replies.final is None
 
     clock.now = 100.5
-    assert (await replies.next()).seq == 0
+    assert (await replies.next()).token_offset == 0
     clock.now = 101.0
-    assert (await replies.next()).seq == 1  # the repeated seq 0 was dropped
+    assert (await replies.next()).token_offset == 1  # the repeated token 0 was dropped
     clock.now = 102.0
     last = await replies.next()
     assert isinstance(last, FinalAnswer)

@@ -25,17 +25,21 @@ COMPLETION = ResponseMeta(request_id="cmpl-1", kind="completion", model="m", cre
 CHAT = ResponseMeta(request_id="chatcmpl-1", kind="chat", model="m", created=1700)
 
 
-def tok(seq: int, text: str) -> TokenChunk:
-    return TokenChunk(request_id="r", seq=seq, text=text, token_ids=[seq])
+def tok(i: int, text: str, text_offset: int | None = None) -> TokenChunk:
+    """Output token ``i`` (by default the texts of the tokens before it are one character
+    each)."""
+    return TokenChunk(request_id="r", token_offset=i, text_offset=i if text_offset is None else text_offset,
+                      text=text, token_ids=[i])
 
 
-def done(seq: int, reason: str = "stop", error: ErrorInfo | None = None) -> FinalAnswer:
+def done(tokens: int, reason: str = "stop", error: ErrorInfo | None = None) -> FinalAnswer:
     return FinalAnswer(
         request_id="r",
-        seq=seq,
+        token_offset=tokens,
+        text_offset=tokens,
         finish_reason=reason,
         prompt_tokens=4,
-        completion_tokens=seq,
+        completion_tokens=tokens,
         error=error,
     )
 
@@ -119,7 +123,7 @@ def test_answer_error_mapping() -> None:
 
 async def test_collect_answer_joins_text() -> None:
     text, final = await collect_answer(filled(tok(0, "a"), tok(1, "b"), done(2)))
-    assert (text, final.seq) == ("ab", 2)
+    assert (text, final.completion_tokens) == ("ab", 2)
 
 
 async def test_completion_stream_with_usage() -> None:
@@ -137,7 +141,7 @@ async def test_completion_stream_with_usage() -> None:
 
 
 async def test_chat_stream_starts_with_role_and_has_no_usage_by_default() -> None:
-    events = await run_sse(CHAT, filled(tok(0, "he"), tok(1, "llo"), done(2, "length")))
+    events = await run_sse(CHAT, filled(tok(0, "he"), tok(1, "llo", 2), done(2, "length")))
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)

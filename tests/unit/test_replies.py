@@ -1,17 +1,25 @@
-"""Reply streams: in order, no duplicate, no gap, one terminal answer."""
+"""Reply streams: in order, no repeat, no gap, one terminal answer."""
 
 from __future__ import annotations
 
 from services import messages as m
 from services.replies import ReplyRouter, ReplyStream
 
+ANSWER = ["He", "llo", ",", " wor", "ld", "!"]
+"""The text of output tokens 0..5 (token id = position)."""
 
-def chunk(seq: int, text: str = "") -> m.TokenChunk:
-    return m.TokenChunk(request_id="r", seq=seq, text=text or str(seq), token_ids=[seq])
+
+def chunk(start: int, end: int | None = None, request_id: str = "r") -> m.TokenChunk:
+    """Output tokens ``start``..``end`` - 1 of ``ANSWER`` as one chunk."""
+    end = start + 1 if end is None else end
+    return m.TokenChunk(request_id=request_id, token_offset=start,
+                        text_offset=len("".join(ANSWER[:start])),
+                        text="".join(ANSWER[start:end]), token_ids=list(range(start, end)))
 
 
-def final(seq: int, reason: str = "length") -> m.FinalAnswer:
-    return m.FinalAnswer(request_id="r", seq=seq, finish_reason=reason)  # type: ignore[arg-type]
+def final(tokens: int, reason: str = "length", request_id: str = "r") -> m.FinalAnswer:
+    return m.FinalAnswer(request_id=request_id, token_offset=tokens,  # type: ignore[arg-type]
+                         text_offset=len("".join(ANSWER[:tokens])), finish_reason=reason)
 
 
 def drain(stream: ReplyStream) -> list:
@@ -21,21 +29,68 @@ def drain(stream: ReplyStream) -> list:
     return out
 
 
+def delivered(stream: ReplyStream) -> tuple[list[int], str, list[str]]:
+    """(token ids, text, kinds) of what the stream delivered."""
+    out = drain(stream)
+    chunks = [x for x in out if isinstance(x, m.TokenChunk)]
+    return ([t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
+            [type(x).__name__ for x in out])
+
+
 def test_repeats_from_a_regenerating_worker_are_dropped():
     stream = ReplyStream("r")
     for msg in [chunk(0), chunk(1), chunk(0), chunk(1), chunk(2), final(3)]:
         stream.offer(msg)
-    assert [x.seq for x in drain(stream)] == [0, 1, 2, 3]
+    assert delivered(stream) == ([0, 1, 2], "Hello,", ["TokenChunk"] * 3 + ["FinalAnswer"])
+
+
+def test_a_regeneration_cut_into_other_chunks_continues_the_answer_exactly():
+    """A first worker sent tokens 0-3 in two chunks and died; the next one continued from
+    its resume point (token 1) with chunks of its own: the caller gets each token once."""
+    stream = ReplyStream("r")
+    for msg in [chunk(0, 1), chunk(1, 4),  # the first worker
+                chunk(1, 2), chunk(2, 3), chunk(3, 5), chunk(5, 6), final(6)]:  # the next
+        stream.offer(msg)
+    tokens, text, kinds = delivered(stream)
+    assert (tokens, text) == ([0, 1, 2, 3, 4, 5], "Hello, world!")
+    assert kinds == ["TokenChunk"] * 4 + ["FinalAnswer"]
+
+
+def test_a_chunk_that_overlaps_what_was_delivered_is_trimmed_to_its_new_part():
+    stream = ReplyStream("r")
+    stream.offer(chunk(0, 2))
+    stream.offer(chunk(1, 4))
+    out = drain(stream)
+    assert [(c.token_offset, c.text_offset, c.token_ids, c.text) for c in out] == [
+        (0, 0, [0, 1], "Hello"), (2, 5, [2, 3], ", wor")]
 
 
 def test_a_gap_is_held_until_filled():
     stream = ReplyStream("r")
     stream.offer(chunk(0))
-    stream.offer(chunk(2))
-    stream.offer(final(3))
-    assert [x.seq for x in drain(stream)] == [0]
+    stream.offer(chunk(2, 4))
+    stream.offer(final(4))
+    assert delivered(stream) == ([0], "He", ["TokenChunk"])
     stream.offer(chunk(1))
-    assert [x.seq for x in drain(stream)] == [1, 2, 3]
+    assert delivered(stream) == ([1, 2, 3], "llo, wor", ["TokenChunk"] * 2 + ["FinalAnswer"])
+
+
+def test_of_two_chunks_past_a_gap_at_one_offset_the_longer_is_kept():
+    stream = ReplyStream("r")
+    stream.offer(chunk(1, 2))
+    stream.offer(chunk(1, 3))
+    stream.offer(chunk(1, 2))
+    stream.offer(chunk(0))
+    assert delivered(stream)[:2] == ([0, 1, 2], "Hello,")
+
+
+def test_a_done_answer_waits_for_every_token_before_it():
+    stream = ReplyStream("r")
+    stream.offer(final(2, "stop"))
+    stream.offer(chunk(0))
+    assert delivered(stream)[2] == ["TokenChunk"]
+    stream.offer(chunk(1))
+    assert delivered(stream)[2] == ["TokenChunk", "FinalAnswer"]
 
 
 def test_only_one_terminal_answer():
@@ -52,17 +107,17 @@ def test_an_error_ends_the_stream_without_waiting_for_a_gap():
     stream.offer(chunk(0))
     stream.offer(chunk(5))
     stream.offer(final(0, "error"))
-    assert [type(x).__name__ for x in drain(stream)] == ["TokenChunk", "FinalAnswer"]
+    assert delivered(stream)[2] == ["TokenChunk", "FinalAnswer"]
 
 
 async def test_router_routes_by_request_id_and_ignores_unknown():
     router = ReplyRouter()
     stream = router.open("r")
-    router.dispatch(m.TokenChunk(request_id="other", seq=0, text="x", token_ids=[]))
+    router.dispatch(chunk(0, request_id="other"))
     router.dispatch(chunk(0))
     router.dispatch(final(1))
     got = [x async for x in stream]
-    assert [x.seq for x in got] == [0, 1]
+    assert [(type(x).__name__, x.token_offset) for x in got] == [("TokenChunk", 0), ("FinalAnswer", 1)]
     router.close("r")
     assert "r" not in router.streams
 
@@ -71,7 +126,7 @@ def test_fail_all_ends_each_open_stream_with_one_error():
     router = ReplyRouter()
     open_stream, done = router.open("r"), router.open("d")
     router.dispatch(chunk(0))
-    router.dispatch(m.FinalAnswer(request_id="d", seq=0, finish_reason="stop"))
+    router.dispatch(final(0, "stop", request_id="d"))
     router.fail_all("broker_connection_lost", "gone")
     router.dispatch(chunk(1))  # a late reply changes nothing
     out = drain(open_stream)
