@@ -23,8 +23,8 @@ every heartbeat while it runs, plus a broadcast on the control exchange that rea
 them at once when the broker can route it. Every gateway heartbeats into Redis and
 records which admission slots it holds; when one dies (``kill -9``, host lost) the
 others free its slots and cancel its requests once its heartbeat is
-``gateway_dead_after_s`` old, and a restart under the same ``instance_id`` does so at
-once, so neither its tenants' limits nor the workers stay taken by clients that are gone.
+``gateway_dead_after_s`` old, and a restart under the same ``instance_id`` does so
+before it takes a request, so neither its tenants' limits nor the workers stay taken by clients that are gone.
 """
 
 from __future__ import annotations
@@ -233,12 +233,27 @@ class Backend:
         await self._retry_releases()
         for request_id, tenant in list(self._orphaned.items()):
             await self.cancel_downstream(request_id, tenant)
-        seen = {k.decode(): at for k, at in
-                await self.redis.zrange(keys.GATEWAYS_SEEN, 0, -1, withscores=True)}
-        for incarnation in dead_gateways(seen, now, self.settings.gateway_dead_after_s,
+        for incarnation in dead_gateways(await self._seen(), now, self.settings.gateway_dead_after_s,
                                          self.incarnation, self._owns_instance,
                                          now - self._beating_since):
             await self._reap(incarnation)
+
+    async def _seen(self) -> dict[str, float]:
+        """Every gateway incarnation with the time of its last heartbeat."""
+        return {k.decode(): at for k, at in
+                await self.redis.zrange(keys.GATEWAYS_SEEN, 0, -1, withscores=True)}
+
+    async def _reap_earlier_lives(self) -> None:
+        """Free what earlier lives of this instance id held (a restart after ``kill -9``),
+        before this one takes a request, so that their tenants are not refused for slots
+        held by clients that are gone. Redis down: the housekeeping loop does it later."""
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                for incarnation in dead_gateways(await self._seen(), 0.0, self.settings.gateway_dead_after_s,
+                                                 self.incarnation, True, 0.0):
+                    await self._reap(incarnation)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("reap_failed", error=repr(exc))
 
     async def _reap(self, incarnation: str) -> None:
         """Cancel a dead gateway's requests and free its slots. Idempotent, so gateways
@@ -299,6 +314,7 @@ class Backend:
         conn.close_callbacks.add(self._on_connection_lost)
         conn.reconnect_callbacks.add(self._on_reconnected)
         self._owns_instance = True
+        await self._reap_earlier_lives()
         self._ready.set()
         log.info("amqp_connected", reply_queue=self.reply_queue_name)
 
