@@ -250,8 +250,8 @@ class WorkerHeartbeat(Message):
 @dataclass(slots=True, kw_only=True)
 class ResumePoint(Message):
     """Kept in Redis by a worker that hands a running request back (draining for a
-    deploy): what its caller already has, so the next worker continues the answer
-    instead of regenerating it (a regeneration need not repeat the same text)."""
+    deploy, or every so often while it runs): what its caller already has, so the next
+    worker continues the answer instead of regenerating it."""
 
     TYPE: ClassVar[str] = "resume_point"
     worker_id: str

@@ -38,6 +38,7 @@ from services.engine import (
 )
 from services.engine.echo import EchoEngine
 from services.engine.interface import LoraRequest
+from services.engine.sampling import with_seed
 from services.logs import get_logger
 from services.settings import Settings
 
@@ -329,7 +330,8 @@ class WorkerService:
         point = claim.resume
         active = self._activate(item, message, point)
         engine_req = EngineRequest(request_id=active.engine_id,
-                                   prompt_token_ids=item.scored.prompt_token_ids, sampling=req.sampling,
+                                   prompt_token_ids=item.scored.prompt_token_ids,
+                                   sampling=with_seed(req.sampling, rid),
                                    lora=lora)
         if point is not None:
             engine_req.resume = ResumedOutput(point.output_token_ids, point.streamed_chars)

@@ -388,7 +388,10 @@ class LLMEngine:
                 logits = logits[rows]
             states = [self._requests[item.seq.request_id] for item in samplers]
             return sample_tokens(
-                logits, [s.sampling for s in states], [s.generator for s in states]
+                logits,
+                [s.sampling for s in states],
+                [s.generator for s in states],
+                [s.seq.num_output_tokens for s in states],
             )
 
     def _slot(self, request_id: str) -> int:

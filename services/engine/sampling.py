@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import torch
 
 from services.messages import SamplingParams
@@ -24,13 +27,38 @@ def validate_sampling(params: SamplingParams) -> str | None:
     return None
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def with_seed(params: SamplingParams, request_id: str) -> SamplingParams:
+    """``params`` with a seed: a sampled request sent without one gets a seed of its own
+    id, so the worker that continues it after a death samples what the first one did."""
+    if params.seed is not None or params.temperature <= GREEDY_EPSILON:
+        return params
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return dataclasses.replace(params, seed=int.from_bytes(digest, "little", signed=True))
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
-    """A private RNG for a seeded request, so its samples do not depend on the batch."""
+    """A private RNG for a seeded request, so its samples do not depend on the batch
+    (reseeded for every draw, see :func:`position_seed`)."""
     if seed is None:
         return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+    return torch.Generator(device=device)
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a request's draw for output token ``position`` (splitmix64 of both).
+
+    A draw depends on the request's seed and the token's place only, not on how many
+    draws came before it in this process: an answer continued from a resume point on
+    another worker, or recomputed after a preemption, samples exactly what the
+    uninterrupted run would have, given the same logits.
+    """
+    x = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def apply_top_k_top_p(
@@ -55,9 +83,11 @@ def sample_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    positions: list[int],
 ) -> list[int]:
     """One token per row of ``logits`` [N, V]: argmax for temperature 0, else a draw from
-    the temperature-scaled, top-k/top-p filtered distribution with the row's generator."""
+    the temperature-scaled, top-k/top-p filtered distribution; a seeded row draws with its
+    generator seeded for its output position (``positions``: output tokens before it)."""
     logits = logits.float()
     result = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if p.temperature > GREEDY_EPSILON]
@@ -74,5 +104,8 @@ def sample_tokens(
             )
         probs = torch.softmax(sub, dim=-1)
         for j, i in enumerate(rows):
-            result[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+            gen = generators[i]
+            if gen is not None:
+                gen.manual_seed(position_seed(params[i].seed or 0, positions[i]))
+            result[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
     return result.tolist()

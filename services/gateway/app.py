@@ -16,7 +16,6 @@ its own status; 504 on timeout).
 from __future__ import annotations
 
 import asyncio
-import secrets
 import signal
 import threading
 import time
@@ -301,7 +300,6 @@ async def _complete(
         now=now,
         reply_to=state.backend.reply_queue_name,
         max_model_len=settings.max_model_len,
-        default_seed=secrets.randbelow(2**31),
         deadline_ms=deadline_ms,
     )
     meta = ResponseMeta(

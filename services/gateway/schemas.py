@@ -265,20 +265,19 @@ def to_completion_request(
     now: float,
     reply_to: str,
     max_model_len: int,
-    default_seed: int,
     deadline_ms: int | None,
 ) -> CompletionRequest:
     """The wire message for a checked body. ``tenant`` comes from the API key only.
 
-    ``default_seed`` is used when the client sent none, so that a re-run after a worker
-    crash samples the same tokens.
+    A request without a seed gets one from its id at the worker, so a re-run after a
+    worker crash samples the same tokens.
     """
     sampling = SamplingParams(
         max_tokens=resolve_max_tokens(body, max_model_len),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
-        seed=default_seed if body.seed is None else body.seed,
+        seed=body.seed,
         stop=list(body.stop or []),
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=bool(body.ignore_eos),

@@ -73,6 +73,8 @@ class RequestLog:
     chunks: list[tuple[int, int]] = field(default_factory=list)
     """(position of its first token in the answer, tokens) of each chunk received."""
     tokens: int = 0
+    text: str = ""
+    """The answer's text as received (HTTP streams)."""
     finals: list[Final] = field(default_factory=list)
     refusal: str = ""
     """The error message of a request refused at admission (429/503)."""

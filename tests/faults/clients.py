@@ -25,6 +25,9 @@ MODEL = DEFAULT_MODEL_NAME
 CLIENT_TIMEOUT_S = 90.0
 
 
+DEFAULT_PROMPT = "Tell me a story about fault tolerance"
+
+
 def completion_body(prompt: str, max_tokens: int, **extra: object) -> dict:
     return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}, **extra}
@@ -37,7 +40,7 @@ async def http_stream(
     tenant: str,
     key: str,
     *,
-    prompt: str = "Tell me a story about fault tolerance",
+    prompt: str = DEFAULT_PROMPT,
     max_tokens: int = 48,
     read_delay_s: float = 0.0,
     leave_after: int | None = None,
@@ -94,6 +97,7 @@ async def _http_stream(http, log, base_url, key, payload, read_delay_s, leave_af
                     continue
                 for choice in event.get("choices", []):
                     if choice.get("text"):
+                        log.text += choice["text"]
                         log.token(index, 1)
                         index += 1
                         if on_token is not None:

@@ -23,8 +23,12 @@ import redis.asyncio as aioredis
 
 from services import amqp, keys, topology
 from services import messages as m
+from services.engine import EngineConfig, EngineRequest, LLMEngine
+from services.engine.sampling import with_seed
+from services.messages import SamplingParams
+from services.models import DEFAULT_MODEL_NAME
 from services.scheduler.store import InflightRecord
-from tests.faults.clients import MODEL, AmqpTenant, http_stream
+from tests.faults.clients import DEFAULT_PROMPT, MODEL, AmqpTenant, http_stream
 from tests.faults.conftest import WORKERS
 
 pytestmark = pytest.mark.faults
@@ -90,6 +94,22 @@ async def some_tokens(checker, n: int = 1, at_least: int = 2, since: int = 0) ->
         f"no tokens arrived: {[(log.status, log.refusal, log.tokens, log.finals) for log in logs]}"
 
 
+def uninterrupted_answers(cache_dir, request_ids, max_tokens: int) -> dict[str, str]:
+    """The text of each request (``http_stream``'s default prompt, sampled as the gateway
+    maps a body without sampling fields) when one engine runs it from start to end."""
+    engine = LLMEngine.from_pretrained(str(cache_dir / DEFAULT_MODEL_NAME), "cpu", "auto",
+                                       EngineConfig(kv_cache_tokens=8192))
+    prompt = engine.tokenizer.encode(DEFAULT_PROMPT, add_special_tokens=True)
+    for rid in request_ids:
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
+        engine.add_request(EngineRequest(rid, prompt, with_seed(params, rid)))
+    text = dict.fromkeys(request_ids, "")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text[out.request_id] += out.new_text
+    return text
+
+
 def done_or_link_lost(log) -> bool:
     return bool(log.done) or [f.code for f in log.finals] == ["broker_connection_lost"]
 
@@ -130,6 +150,9 @@ async def test_worker_killed_mid_stream(fault_system, checker, http, keys_by_ten
     assert killed and all(finished_by.get(rid) == f"cpu-{survivor}" for rid in killed), (killed, finished_by)
     assert all(log.done for log in logs), outcomes(logs)
     assert row.answered == 8
+    # Partly generated twice (after the last resume point), sampled: still word for word.
+    got = {log.request_id: log.text for log in logs if log.request_id in killed}
+    assert got == await asyncio.to_thread(uninterrupted_answers, fs.system.cache_dir, got, MAX_TOKENS)
     await fs.wait_workers()
 
 
@@ -180,6 +203,10 @@ async def test_worker_drained_on_sigterm(fault_system, checker, http, keys_by_te
     resumed = {json.loads(line)["request_id"] for line in fs.system.log(survivor).splitlines()
                if '"resumed"' in line}
     assert handed_back <= resumed, "handed-back requests were regenerated, not continued"
+    # Sampled without a seed (so with one of their ids), continued on another worker in
+    # another batch: word for word what an uninterrupted run answers.
+    got = {log.request_id: log.text for log in logs if log.request_id in handed_back}
+    assert got == await asyncio.to_thread(uninterrupted_answers, fs.system.cache_dir, got, LONG)
     assert all(finished_by[log.request_id] == f"cpu-{survivor}" for log in after), "work went to the draining worker"
     assert stopped_after < DRAIN_S + 10, f"took {stopped_after:.1f} s to stop"
     assert row.answered == 10

@@ -19,8 +19,10 @@ from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
 from services.engine.sampling import (
     apply_top_k_top_p,
     make_generator,
+    position_seed,
     sample_tokens,
     validate_sampling,
+    with_seed,
 )
 from services.messages import SamplingParams
 from services.models import DEFAULT_MODEL_NAME, load_tokenizer
@@ -147,11 +149,35 @@ def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_seed():
         SamplingParams(temperature=1.0, seed=7),
     ]
     first = sample_tokens(
-        logits, params, [None, make_generator(7, "cpu"), make_generator(7, "cpu")]
+        logits, params, [None, make_generator(7, "cpu"), make_generator(7, "cpu")], [0, 3, 3]
     )
     assert first[0] == int(logits[0].argmax())
-    again = sample_tokens(logits[1:2], params[1:2], [make_generator(7, "cpu")])
+    again = sample_tokens(logits[1:2], params[1:2], [make_generator(7, "cpu")], [3])
     assert again[0] == first[1]
+
+
+def test_a_seeded_draw_depends_on_its_position_not_on_the_draws_before_it():
+    """What lets a request continued on another worker (or recomputed after a preemption)
+    sample what the uninterrupted run did."""
+    logits = torch.zeros(1, 1000)  # uniform: any reuse of a draw would show
+    params = [SamplingParams(temperature=1.0, seed=11)]
+    gen = make_generator(11, "cpu")
+    run = [sample_tokens(logits, params, [gen], [k])[0] for k in range(40)]
+    fresh = [sample_tokens(logits, params, [make_generator(11, "cpu")], [k])[0] for k in (39, 17)]
+    assert fresh == [run[39], run[17]]
+    assert len(set(run)) > 30  # positions draw differently
+    other_seed = [SamplingParams(temperature=1.0, seed=12)]
+    assert [sample_tokens(logits, other_seed, [gen], [k])[0] for k in range(40)] != run
+    assert position_seed(-1, 0) != position_seed(0, 0) and 0 <= position_seed(-1, 5) < 2**64
+
+
+def test_a_sampled_request_without_a_seed_gets_one_of_its_request_id():
+    plain = SamplingParams(temperature=0.8)
+    seeded = with_seed(plain, "cmpl-1")
+    assert seeded.seed is not None and seeded.seed == with_seed(plain, "cmpl-1").seed
+    assert with_seed(plain, "cmpl-2").seed != seeded.seed and plain.seed is None
+    assert with_seed(SamplingParams(temperature=0.8, seed=3), "cmpl-1").seed == 3
+    assert with_seed(SamplingParams(temperature=0.0), "cmpl-1").seed is None  # greedy needs none
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -167,8 +193,8 @@ def test_sampling_draws_follow_the_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(1, 1)
     gen = make_generator(3, "cpu")
     counts = [0, 0, 0]
-    for _ in range(2000):
-        counts[sample_tokens(logits, [SamplingParams(temperature=1.0)], [gen])[0]] += 1
+    for k in range(2000):
+        counts[sample_tokens(logits, [SamplingParams(temperature=1.0, seed=3)], [gen], [k])[0]] += 1
     assert counts[0] > counts[1] > counts[2] > 0
     assert abs(counts[0] / 2000 - 0.7) < 0.05
 

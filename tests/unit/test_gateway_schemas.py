@@ -172,7 +172,6 @@ def to_request(body: Any, **overrides: Any) -> CompletionRequest:
         "now": 0.0,
         "reply_to": "r",
         "max_model_len": SETTINGS.max_model_len,
-        "default_seed": 1,
         "deadline_ms": None,
     }
     return to_completion_request(body, **{**args, **overrides})
@@ -186,6 +185,7 @@ def test_completion_request_mapping() -> None:
             temperature=0.5,
             top_p=0.9,
             top_k=40,
+            seed=42,
             stop="END",
             stop_token_ids=[2],
             ignore_eos=True,
@@ -199,7 +199,6 @@ def test_completion_request_mapping() -> None:
         tenant="acme",
         now=1000.0,
         reply_to="fairway.replies.gw",
-        default_seed=42,
         deadline_ms=1500,
     )
     assert req.tenant == "acme"  # from the key, never from "user"
@@ -226,10 +225,10 @@ def test_chat_request_mapping_and_defaults() -> None:
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
     ]
-    req = to_request(_check(chat(messages=messages, seed=-5), ChatCompletionBody), default_seed=9)
+    req = to_request(_check(chat(messages=messages, seed=-5), ChatCompletionBody))
     assert req.kind == "chat" and req.prompt == ""
     assert [(m.role, m.content) for m in req.messages] == [("system", "be brief"), ("user", "ab")]
-    # The client's seed wins over the assigned one.
+    # The client's seed is kept (one without gets a seed of its request id at the worker).
     assert (req.sampling.seed, req.sampling.max_tokens, req.deadline) == (
         -5,
         DEFAULT_CHAT_MAX_TOKENS,

@@ -46,20 +46,25 @@ def test_text_state_replays_a_character_split_across_tokens(tiny_tokenizer):
     assert streamed + rest == full
 
 
+def sampled(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=1.0, top_p=0.95, seed=-7, ignore_eos=True)
+
+
+@pytest.mark.parametrize("params", [greedy(24), sampled(24)], ids=["greedy", "seeded_sampling"])
 @pytest.mark.parametrize("cut", [1, 9, 20])
-def test_llm_engine_continues_a_resumed_request_exactly(tiny_model_path, cut):
-    """Greedy: the first run's tokens and text plus the resumed run's are the
-    uninterrupted answer, and the resumed run counts every output token."""
+def test_llm_engine_continues_a_resumed_request_exactly(tiny_model_path, cut, params):
+    """Greedy or seeded sampling: the first run's tokens and text plus the resumed run's
+    are the uninterrupted answer, and the resumed run counts every output token."""
     engine = LLMEngine.from_pretrained(tiny_model_path, "cpu", "float32", EngineConfig(kv_cache_tokens=1024))
     prompt = engine.tokenizer(PROMPT)["input_ids"]
-    engine.add_request(EngineRequest("whole", prompt, greedy(24)))
+    engine.add_request(EngineRequest("whole", prompt, params))
     whole_tokens, whole_text = [], ""
     while engine.has_unfinished_requests():
         for out in engine.step():
             whole_tokens += out.new_token_ids
             whole_text += out.new_text
 
-    engine.add_request(EngineRequest("first", prompt, greedy(24)))
+    engine.add_request(EngineRequest("first", prompt, params))
     tokens, text = [], ""
     while len(tokens) < cut:
         for out in engine.step():
@@ -69,7 +74,7 @@ def test_llm_engine_continues_a_resumed_request_exactly(tiny_model_path, cut):
     engine.step()
     assert tokens == whole_tokens[:cut]
 
-    engine.add_request(EngineRequest("second", prompt, greedy(24),
+    engine.add_request(EngineRequest("second", prompt, params,
                                      resume=ResumedOutput(list(tokens), len(text))))
     final = None
     while engine.has_unfinished_requests():
