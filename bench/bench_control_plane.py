@@ -23,8 +23,11 @@ The load generator is a small HTTP/1.1 client on asyncio streams with keep-alive
 connections (httpx costs more CPU than a service here, and it runs on the same cores).
 When it starts the system itself, the JSON also reports each process's CPU seconds per
 phase (from ``/proc``), which is where to look first for hot spots, and ``redis_growth``:
-Redis' memory and keys per completed request (the per-request markers, kept
-``FAIRWAY_MARKER_TTL_S``). ``--plot DIR`` writes the CDF of added latency per phase.
+Redis' memory and keys per completed request. What a request leaves (its markers, kept
+``FAIRWAY_MARKER_TTL_S``) is in ``dataset_bytes_per_request`` (data, with a few capped
+lists filling up) and ``request_key_bytes_per_request`` (``MEMORY USAGE`` of its keys);
+``bytes_per_request`` also counts client buffers grown under load, which do not pile up
+with time. ``--plot DIR`` writes the CDF of added latency per phase.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from services import keys
 from services.localinfra import RabbitServer, RedisServer, free_port
 from services.settings import DEFAULT_MODEL_NAME
 
@@ -425,14 +429,22 @@ class QueueProbe:
             await redis.aclose()
 
     async def redis_footprint(self) -> dict[str, int]:
-        """Redis' memory and key count now: what requests leave behind (their idempotency
-        markers, kept ``FAIRWAY_MARKER_TTL_S``) shows as growth per request."""
+        """Redis' memory and key count now, and the memory of the per-request keys (the
+        markers each request leaves, kept ``FAIRWAY_MARKER_TTL_S``): that part grows
+        with rate x TTL; the rest of the growth (client buffers, capped lists, the main
+        dictionary's tables) does not."""
         import redis.asyncio as aioredis
 
         redis = aioredis.from_url(self.redis_url)
         try:
             memory = await redis.info("memory")
-            return {"used_memory_bytes": int(memory["used_memory"]), "keys": int(await redis.dbsize())}
+            request_keys = request_bytes = 0
+            async for key in redis.scan_iter(match=f"{keys.PREFIX}:req:*", count=1000):
+                request_keys += 1
+                request_bytes += await redis.memory_usage(key, samples=0) or 0
+            return {"used_memory_bytes": int(memory["used_memory"]),
+                    "dataset_bytes": int(memory["used_memory_dataset"]), "keys": int(await redis.dbsize()),
+                    "request_keys": request_keys, "request_key_bytes": request_bytes}
         finally:
             await redis.aclose()
 
@@ -488,7 +500,11 @@ async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None,
             report["redis_growth"] = {
                 "requests": completed, "before": footprint, "after": after,
                 "bytes_per_request": round((after["used_memory_bytes"] - footprint["used_memory_bytes"]) / completed),
+                "dataset_bytes_per_request": round(
+                    (after["dataset_bytes"] - footprint["dataset_bytes"]) / completed),
                 "keys_per_request": round((after["keys"] - footprint["keys"]) / completed, 2),
+                "request_key_bytes_per_request": round(
+                    (after["request_key_bytes"] - footprint["request_key_bytes"]) / completed),
             }
     finally:
         client.close()

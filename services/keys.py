@@ -32,30 +32,37 @@ ADAPTERS = f"{PREFIX}:adapters"
 """Hash adapter name -> JSON spec (path, owner, shared_with) registered by an admin."""
 
 
-def sched_done(request_id: str) -> str:
-    """Marker that a request reached its terminal answer (idempotency on redelivery)."""
-    return f"{PREFIX}:sched:done:{request_id}"
+def request_markers(request_id: str) -> str:
+    """Hash of one request's markers (the ``MARKER_*`` fields), kept ``marker_ttl_s`` after
+    its last write. One hash rather than a key per marker: a key costs about as much
+    memory as a whole hash of a few small fields, and Redis holds rate x TTL of these."""
+    return f"{PREFIX}:req:{request_id}"
 
 
-def sched_cancelled(request_id: str) -> str:
-    """Marker that a request was cancelled: set by the gateway that owns the request and by
-    the scheduler (an AMQP producer's cancel, once its tenant checked); workers check it
-    as they start a request and with every heartbeat while it runs, so a cancel whose
-    broadcast was lost (broker restarting) still stops the work."""
-    return f"{PREFIX}:sched:cancelled:{request_id}"
+MARKER_OWNER = "owner"
+"""Tenant that owns the request id (set NX by the scorer), so another tenant's request
+with the same id is refused, and cancels from other tenants too."""
+MARKER_CLAIM = "claim"
+"""Worker that started the request (set NX), so a second publish of the same work item
+(a scheduler republishing after a crash) is dropped, not run twice."""
+MARKER_DONE = "done"
+"""The request reached its terminal answer (idempotency on redelivery)."""
+MARKER_CANCELLED = "cancelled"
+"""The request was cancelled: set by the gateway that owns the request and by the
+scheduler (an AMQP producer's cancel, once its tenant checked); workers check it as they
+start a request and with every heartbeat while it runs, so a cancel whose broadcast was
+lost (broker restarting) still stops the work."""
+MARKER_LEARNED = "learned"
+"""The request's real output length was learned (set NX in the same atomic call as the
+predictor's increments, so a completion event redelivered after a scorer died between
+learning and acking is not learned twice)."""
 
 
 DEFAULT_MARKER_TTL_S = 24 * 3600
-"""Default of ``Settings.marker_ttl_s``: how long per-request markers (done, cancelled,
-claims, learned, resume points) stay in Redis."""
+"""Default of ``Settings.marker_ttl_s``: how long per-request markers and resume points
+stay in Redis."""
 
 # --- workers ---
-
-
-def work_claim(request_id: str) -> str:
-    """Set (NX) by the worker that starts a request, so a second publish of the same
-    work item (a scheduler republishing after a crash) is dropped, not run twice."""
-    return f"{PREFIX}:req:{request_id}:claim"
 
 
 def work_resume(request_id: str) -> str:
@@ -75,13 +82,6 @@ WORKERS_SEEN = f"{PREFIX}:workers:seen"
 def predictor_state(model: str) -> str:
     """Hash of the online length predictor's learned state for one served model."""
     return f"{PREFIX}:predictor:{model}"
-
-
-def predictor_learned(request_id: str) -> str:
-    """Marker that a request's real output length was learned (kept ``marker_ttl_s``): set in
-    the same atomic call as the increments, so a completion event redelivered after a
-    scorer died between learning and acking is not learned twice."""
-    return f"{PREFIX}:req:{request_id}:learned"
 
 
 # --- gateway ---
@@ -126,11 +126,6 @@ def gateway_slots(incarnation: str) -> str:
     that when it dies another gateway (or its own restart) frees them and cancels the
     requests downstream: their clients' connections died with it."""
     return f"{PREFIX}:gateway:{incarnation}:slots"
-
-
-def request_owner(request_id: str) -> str:
-    """Tenant that owns a request, so cancels from other tenants are refused."""
-    return f"{PREFIX}:req:{request_id}:owner"
 
 
 # --- dashboard (capped lists of recent events, newest first; JSON entries) ---

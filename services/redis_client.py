@@ -8,8 +8,10 @@ instead queues the command for up to ``wait_s`` and keeps the number of sockets 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
+from services import keys
 from services.backoff import retry_until_up
 
 MAX_CONNECTIONS = 64
@@ -23,6 +25,18 @@ def connect(url: str, *, max_connections: int = MAX_CONNECTIONS, wait_s: float =
         url, max_connections=max_connections, timeout=wait_s,
         socket_connect_timeout=socket_timeout_s, socket_timeout=socket_timeout_s)
     return aioredis.Redis(connection_pool=pool)
+
+
+def set_marker(pipe: Pipeline, request_id: str, marker: str, value: str, ttl_s: int, *,
+               nx: bool = False) -> None:
+    """Queue on ``pipe``: set one of a request's markers (``nx``: only if it is unset) and
+    keep all of them ``ttl_s`` from now."""
+    key = keys.request_markers(request_id)
+    if nx:
+        pipe.hsetnx(key, marker, value)
+    else:
+        pipe.hset(key, marker, value)
+    pipe.expire(key, ttl_s)
 
 
 async def wait_until_up(client: aioredis.Redis) -> None:

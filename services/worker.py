@@ -80,9 +80,10 @@ async def claim_work(redis: aioredis.Redis, request_id: str, worker_id: str,
     one round trip. The claim is taken even when the request turns out done, cancelled
     or unservable, which is harmless: nobody else may run it then either."""
     pipe = redis.pipeline(transaction=False)
-    pipe.mget(keys.sched_cancelled(request_id), keys.sched_done(request_id), keys.work_resume(request_id))
-    pipe.set(keys.work_claim(request_id), worker_id, nx=True, ex=marker_ttl_s)
-    (cancelled, done, resume), claimed = await pipe.execute()
+    pipe.hmget(keys.request_markers(request_id), keys.MARKER_CANCELLED, keys.MARKER_DONE)
+    pipe.get(keys.work_resume(request_id))
+    redis_client.set_marker(pipe, request_id, keys.MARKER_CLAIM, worker_id, marker_ttl_s, nx=True)
+    (cancelled, done), resume, claimed, _ = await pipe.execute()
     point = None
     if resume is not None:
         try:
@@ -582,11 +583,11 @@ class WorkerService:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.WORKERS, self.worker_id, m.encode(beat))
         pipe.zadd(keys.WORKERS_SEEN, {self.worker_id: beat.sent_at})
-        if running:
-            pipe.mget([keys.sched_cancelled(a.item.request_id) for a in running])
+        for active in running:
+            pipe.hget(keys.request_markers(active.item.request_id), keys.MARKER_CANCELLED)
         results = await pipe.execute()
         if running:
-            for active, cancelled in zip(running, results[-1], strict=True):
+            for active, cancelled in zip(running, results[-len(running):], strict=True):
                 if cancelled:
                     self._stop(active, "cancel_marker_seen")
 

@@ -266,7 +266,7 @@ class Backend:
             # and this loop also carries this gateway's own heartbeat.
             async with self.redis.pipeline(transaction=False) as pipe:
                 for rid, tenant in slots.items():
-                    pipe.set(keys.sched_cancelled(rid), "1", ex=self.settings.marker_ttl_s)
+                    redis_client.set_marker(pipe, rid, keys.MARKER_CANCELLED, "1", self.settings.marker_ttl_s)
                     await self._release(keys=_slot_keys(tenant, incarnation), args=[rid], client=pipe)
                 await pipe.execute()
             await asyncio.gather(*(self._broadcast_cancel(rid, tenant) for rid, tenant in slots.items()))
@@ -443,8 +443,9 @@ class Backend:
         as they start a request and while it runs; retried until written) and a broadcast
         to every worker and scheduler (at once, when the broker can route it)."""
         try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                await self.redis.set(keys.sched_cancelled(request_id), "1", ex=self.settings.marker_ttl_s)
+            async with asyncio.timeout(REDIS_TIMEOUT_S), self.redis.pipeline(transaction=False) as pipe:
+                redis_client.set_marker(pipe, request_id, keys.MARKER_CANCELLED, "1", self.settings.marker_ttl_s)
+                await pipe.execute()
             self._orphaned.pop(request_id, None)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("redis_unavailable", op="cancel", request_id=request_id, error=repr(exc))

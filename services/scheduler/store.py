@@ -46,7 +46,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER')
 end
 local ops = cmsgpack.unpack(ARGV[2])
-local allowed = {HSET=true, HDEL=true, SET=true, DEL=true}
+local allowed = {HSET=true, HDEL=true, EXPIRE=true}
 -- Redis does not roll back a failed script: check every op before the first write.
 for _, op in ipairs(ops) do
   if not allowed[op[1]] then
@@ -135,7 +135,7 @@ class Ops:
         self.ops.append(["HSET", keys.SCHED_ARRIVAL, scored.request_id, repr(arrival)])
         if generated is not None:
             self.ops.append(["HSET", keys.SCHED_REQUEUED, scored.request_id, str(generated)])
-            self.ops.append(["DEL", keys.work_claim(scored.request_id)])
+            self.ops.append(["HDEL", keys.request_markers(scored.request_id), keys.MARKER_CLAIM])
 
     def unqueue(self, request_id: str) -> None:
         self.ops.append(["HDEL", keys.SCHED_QUEUED, request_id])
@@ -149,10 +149,15 @@ class Ops:
         self.ops.append(["HDEL", keys.SCHED_INFLIGHT, request_id])
 
     def mark_done(self, request_id: str) -> None:
-        self.ops.append(["SET", keys.sched_done(request_id), "1", "EX", str(self.marker_ttl_s)])
+        self._mark(request_id, keys.MARKER_DONE)
 
     def mark_cancelled(self, request_id: str) -> None:
-        self.ops.append(["SET", keys.sched_cancelled(request_id), "1", "EX", str(self.marker_ttl_s)])
+        self._mark(request_id, keys.MARKER_CANCELLED)
+
+    def _mark(self, request_id: str, marker: str) -> None:
+        key = keys.request_markers(request_id)
+        self.ops.append(["HSET", key, marker, "1"])
+        self.ops.append(["EXPIRE", key, str(self.marker_ttl_s)])
 
     def counters(self, counters: dict[str, float], served: dict[str, float], tenants: set[str]) -> None:
         for tenant in tenants:
@@ -219,7 +224,7 @@ class SchedulerStore:
     async def already_done(self, request_ids: list[str]) -> list[bool]:
         pipe = self.redis.pipeline(transaction=False)
         for rid in request_ids:
-            pipe.exists(keys.sched_done(rid))
+            pipe.hexists(keys.request_markers(rid), keys.MARKER_DONE)
         return [bool(x) for x in await pipe.execute()]
 
     async def live_workers(self, now: float, timeout_s: float) -> list[m.WorkerHeartbeat]:

@@ -16,8 +16,8 @@ Observations that arrive while a write is in flight go into the next one, so a b
 completions costs a few round trips, not one each. Deltas that could not be written
 (Redis down) are kept and retried on the next call.
 
-Each request is learned at most once: the same call sets ``keys.predictor_learned``
-(NX) and applies the request's increments only if it was not set. A completion event
+Each request is learned at most once: the same call sets its ``keys.MARKER_LEARNED``
+marker (NX) and applies the request's increments only if it was not set. A completion event
 redelivered because a scorer died between learning it and acking it, or a retry of a
 write whose reply was lost, is skipped, and the replica that skipped it reloads the
 shared state so its local copy drops the duplicate too. Past ``MAX_PENDING_REQUESTS``
@@ -72,7 +72,10 @@ local ttl = tonumber(ARGV[3])
 local skipped = 0
 for b = 1, #batch, 2 do
   local marker, delta = batch[b], batch[b + 1]
-  if marker == 0 or redis.call('SET', KEYS[marker], '1', 'NX', 'EX', ttl) then
+  if marker == 0 or redis.call('HSETNX', KEYS[marker], ARGV[4], '1') == 1 then
+    if marker > 0 then
+      redis.call('EXPIRE', KEYS[marker], ttl)
+    end
     for i = 1, #delta, 2 do
       redis.call('HINCRBYFLOAT', KEYS[1], delta[i], string.format('%.17g', delta[i + 1]))
     end
@@ -86,7 +89,7 @@ return skipped
 belongs to the writer's artifact (an old replica during a rolling deploy must not mix
 its features into the new state), and each request's only if its learned marker was not
 set yet. The batch travels as one msgpack blob ``[marker, [name, value, ...], ...]``
-where ``marker`` indexes the request's learned marker in KEYS (0: no request id, always
+where ``marker`` indexes the request's marker hash in KEYS (0: no request id, always
 applied): a MULTI of hundreds of commands, or hundreds of script arguments, costs
 milliseconds of client-side encoding. Returns how many requests were skipped as already
 learned, or -1 for a foreign hash."""
@@ -284,13 +287,13 @@ class OnlinePredictor:
                 flat += (name, value)
             marker = 0
             if request_id:
-                script_keys.append(keys.predictor_learned(request_id))
+                script_keys.append(keys.request_markers(request_id))
                 marker = len(script_keys)
             blob += (marker, flat)
         try:
             skipped = await self._increment(
                 keys=script_keys,
-                args=[msgpack.packb(blob), self.state_tag, self.marker_ttl_s],
+                args=[msgpack.packb(blob), self.state_tag, self.marker_ttl_s, keys.MARKER_LEARNED],
                 client=self.redis,
             )
         except (RedisError, OSError) as exc:

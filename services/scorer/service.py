@@ -238,11 +238,12 @@ class ScorerService:
     async def claim(self, request_id: str, tenant: str) -> bool:
         """Bind a request id to its tenant (for ``marker_ttl_s``): another tenant's request
         with the same id is refused, so it can neither be answered with, nor swallow, this
-        one."""
-        key = keys.request_owner(request_id)
-        if await self.redis.set(key, tenant, nx=True, ex=self.settings.marker_ttl_s):
-            return True
-        owner = await self.redis.get(key)
+        one. One round trip: set the owner unless set, and read who it is."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            redis_client.set_marker(pipe, request_id, keys.MARKER_OWNER, tenant, self.settings.marker_ttl_s,
+                                    nx=True)
+            pipe.hget(keys.request_markers(request_id), keys.MARKER_OWNER)
+            *_, owner = await pipe.execute()
         return owner is None or owner.decode() == tenant
 
     async def on_finished(self, event: m.RequestFinished, message: AbstractIncomingMessage) -> None:

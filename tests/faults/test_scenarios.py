@@ -62,7 +62,10 @@ async def claimed_by(fs, request_ids: list[str]) -> dict[str, str]:
         return {}
     client = aioredis.from_url(fs.system.redis_url)
     try:
-        claims = await client.mget([keys.work_claim(rid) for rid in request_ids])
+        async with client.pipeline(transaction=False) as pipe:
+            for rid in request_ids:
+                pipe.hget(keys.request_markers(rid), keys.MARKER_CLAIM)
+            claims = await pipe.execute()
     finally:
         await client.aclose()
     names = {f"cpu-{w}": w for w in WORKERS}

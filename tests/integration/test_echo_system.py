@@ -73,24 +73,26 @@ def test_echo_streams_the_prompt_back(echo_system, echo_client):
 
 
 def test_a_requests_markers_expire_after_the_configured_ttl(echo_system, echo_client):
-    """Every per-request key a request leaves in Redis (its done marker, the scorer's and
-    the worker's claims...) expires within ``FAIRWAY_MARKER_TTL_S``, so Redis holds about
-    rate x TTL of them, not every request ever served."""
+    """A request leaves one key in Redis, the hash of its markers (done, the scorer's and
+    the worker's claims...), which expires within ``FAIRWAY_MARKER_TTL_S``, so Redis holds
+    about rate x TTL of them, not every request ever served."""
     response = echo_client.completions.with_raw_response.create(
         model=DEFAULT_MODEL_NAME, prompt="leave little behind", max_tokens=4)
     request_id = response.headers["x-request-id"]
     store = redis.Redis.from_url(echo_system.redis_url)
     try:
         deadline = time.monotonic() + 5  # the done marker is written as the worker finishes
-        while not store.exists(keys.sched_done(request_id)):
+        while not store.hexists(keys.request_markers(request_id), keys.MARKER_DONE):
             assert time.monotonic() < deadline, "no done marker"
             time.sleep(0.05)
         left = [k for k in store.scan_iter(match=f"*{request_id}*")]
         ttls = {k.decode(): store.ttl(k) for k in left}
+        markers = store.hgetall(keys.request_markers(request_id))
     finally:
         store.close()
-    assert len(ttls) >= 3, ttls  # done, and the scorer's and the worker's claims
-    assert all(0 < ttl <= MARKER_TTL_S for ttl in ttls.values()), ttls
+    assert list(ttls) == [keys.request_markers(request_id)], ttls
+    assert {keys.MARKER_DONE, keys.MARKER_OWNER, keys.MARKER_CLAIM} <= {f.decode() for f in markers}
+    assert 0 < ttls[keys.request_markers(request_id)] <= MARKER_TTL_S, ttls
 
 
 def test_echo_honours_stop_strings(echo_client):
@@ -128,7 +130,7 @@ def test_a_cancel_marker_alone_stops_a_running_request(echo_system):
                 assert event["choices"][0]["finish_reason"] is None, "ran to the end"
                 tokens += 1
                 if tokens == 10:
-                    store.set(keys.sched_cancelled(request_id), "1", ex=60)
+                    store.hset(keys.request_markers(request_id), keys.MARKER_CANCELLED, "1")
     finally:
         store.close()
     assert errors == ["cancelled"]
@@ -186,10 +188,10 @@ def test_a_redelivered_completion_is_learned_once(echo_system, echo_client):
     def learned() -> float:
         return float(store.hget(state, "n") or 0)
 
-    def wait_for(key: str) -> None:
+    def wait_for(request_id: str) -> None:
         deadline = time.monotonic() + 15
-        while not store.exists(key):
-            assert time.monotonic() < deadline, f"{key} was never learned"
+        while not store.hexists(keys.request_markers(request_id), keys.MARKER_LEARNED):
+            assert time.monotonic() < deadline, f"{request_id} was never learned"
             time.sleep(0.05)
 
     try:
@@ -199,7 +201,7 @@ def test_a_redelivered_completion_is_learned_once(echo_system, echo_client):
                                     "max_tokens": 50, "stop": [" once"]})
         assert response.json()["choices"][0]["finish_reason"] == "stop"  # a real length
         request_id = response.headers["x-request-id"]
-        wait_for(keys.predictor_learned(request_id))
+        wait_for(request_id)
         before = learned()
 
         def finished(rid: str) -> m.RequestFinished:
@@ -211,7 +213,7 @@ def test_a_redelivered_completion_is_learned_once(echo_system, echo_client):
         probe = f"learn-probe-{time.time_ns()}"
         asyncio.run(publish_to_scorer_feedback(echo_system.amqp_url, finished(request_id),
                                                finished(probe)))
-        wait_for(keys.predictor_learned(probe))
+        wait_for(probe)
         deadline = time.monotonic() + 15
         while "predictor_duplicates_skipped" not in echo_system.log("echo-scorer"):
             assert time.monotonic() < deadline, "the duplicate was never seen"
@@ -346,7 +348,8 @@ def test_a_request_whose_worker_stops_is_continued_not_regenerated(echo_system, 
                 text += event["choices"][0]["text"]
                 chunks += 1
                 if chunks == (50 if how == "sigterm_twice" else 100):
-                    victim = store.get(keys.work_claim(request_id)).decode().removeprefix("cpu-")
+                    victim = store.hget(keys.request_markers(request_id),
+                                        keys.MARKER_CLAIM).decode().removeprefix("cpu-")
                     proc = echo_system.procs.pop(victim)
                     if how == "sigterm_twice":
                         proc.send_signal(signal.SIGTERM)

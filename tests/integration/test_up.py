@@ -109,7 +109,7 @@ def test_up_restarts_a_killed_gateway_which_frees_what_its_last_life_held(
         wait_until(lambda: store.zcard(keys.tenant_inflight("acme")) == 0, 30,
                    "the killed gateway's admission slot is still held")
         freed_after = time.monotonic() - killed_at
-        assert store.exists(keys.sched_cancelled(request_id))
+        assert store.hexists(keys.request_markers(request_id), keys.MARKER_CANCELLED)
         print(f"\nkilled gateway's slot freed {freed_after:.1f} s after the kill")
         assert freed_after < 15, f"slot freed only after {freed_after:.1f} s"
         wait_until(lambda: ready(url), 60, "the restarted gateway never became ready")

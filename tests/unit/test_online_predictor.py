@@ -190,7 +190,7 @@ async def test_a_redelivered_completion_is_learned_once(base, redis_client, redi
     for i, prompt in enumerate(PROMPTS):
         await first.observe(prompt, 2000 + i, request_id=f"req-{i}")
     expected = predictions(first)
-    assert await redis_client.exists(keys.predictor_learned("req-0"))
+    assert await redis_client.hexists(keys.request_markers("req-0"), keys.MARKER_LEARNED)
 
     other_client = aioredis.from_url(redis_url)
     try:

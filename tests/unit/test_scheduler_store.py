@@ -78,7 +78,7 @@ async def test_a_batch_is_all_or_nothing(redis_client):
 async def test_a_handed_back_request_reloads_as_already_charged(redis_client):
     store = SchedulerStore(redis_client, "a", lease_ttl_s=5)
     assert await store.try_acquire()
-    await redis_client.set(keys.work_claim("back"), "cpu-w1")  # the worker that handed it back
+    await redis_client.hset(keys.request_markers("back"), keys.MARKER_CLAIM, "cpu-w1")  # who handed it back
     ops = Ops()
     ops.enqueue(scored("fresh"), 1.0)
     ops.enqueue(scored("back"), 2.0, generated=3)
@@ -87,7 +87,8 @@ async def test_a_handed_back_request_reloads_as_already_charged(redis_client):
     await store.apply(ops)
     state = await store.load()
     assert state.requeued == {"back": 3}
-    assert not await redis_client.exists(keys.work_claim("back")), "its next dispatch would be dropped"
+    assert not await redis_client.hexists(keys.request_markers("back"), keys.MARKER_CLAIM), \
+        "its next dispatch would be dropped"
     assert state.arrival == {"fresh": 1.0, "back": 2.0}
     assert (state.inflight["run"].kv_tokens, state.inflight["run"].arrival) == (42, 4.0)
     view = queued_view(state.queued["back"], state.arrival["back"], state.requeued.get("back"))
