@@ -35,6 +35,7 @@ from services import metrics as prom
 from services import topology
 from services.backoff import retry_until_up
 from services.logs import get_logger
+from services.runtime import freeze_heap
 from services.settings import Settings
 
 log = get_logger(__name__)
@@ -249,6 +250,7 @@ async def run_until_signalled(
             except BaseException:
                 signalled.cancel()
                 raise
+            freeze_heap()
             await signalled
         log.info("shutdown_requested")
     finally:

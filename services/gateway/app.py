@@ -78,6 +78,7 @@ from services.gateway.schemas import (
 )
 from services.logs import get_logger
 from services.messages import FinalAnswer
+from services.runtime import freeze_heap
 from services.settings import Settings
 
 log = get_logger(__name__)
@@ -606,8 +607,10 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
+    app = create_app(settings)
+    freeze_heap()
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
