@@ -80,6 +80,11 @@ class ReplyStream:
         self._ahead.clear()
         self._queue.put_nowait(msg)
 
+    @property
+    def ready(self) -> bool:
+        """A reply is delivered and not read yet."""
+        return not self._queue.empty()
+
     async def get(self) -> Reply:
         return await self._queue.get()
 

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
@@ -91,6 +91,21 @@ async def claim_work(redis: aioredis.Redis, request_id: str, worker_id: str,
         except m.MessageError as exc:  # then the request is generated again from the start
             log.warning("resume_point_unreadable", request_id=request_id, error=str(exc))
     return WorkClaim(cancelled=bool(cancelled), done=bool(done), claimed=bool(claimed), resume=point)
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """Consecutive steps' outputs as one per request, in order of first appearance: its
+    tokens and text joined, its state (ended, counts) the latest."""
+    merged: dict[str, RequestOutput] = {}
+    for out in outputs:
+        first = merged.get(out.request_id)
+        if first is None:
+            merged[out.request_id] = out
+        else:
+            merged[out.request_id] = replace(
+                out, new_token_ids=first.new_token_ids + out.new_token_ids,
+                new_text=first.new_text + out.new_text)
+    return list(merged.values())
 
 
 class EngineThread(threading.Thread):
@@ -457,10 +472,15 @@ class WorkerService:
 
     async def _output_loop(self) -> None:
         """Start every publish at once, in step order, without waiting for confirms: the
-        channel keeps them in order on the wire, and requests never wait for each other."""
+        channel keeps them in order on the wire, and requests never wait for each other.
+        Steps that piled up meanwhile (the engine ran ahead of this loop) go out as one
+        chunk per request: a busy worker sends fewer, larger messages, an idle one each
+        step's tokens at once."""
         while True:
             outputs = await self.outputs.get()
-            for out in outputs:
+            while not self.outputs.empty():
+                outputs = outputs + self.outputs.get_nowait()
+            for out in merge_outputs(outputs):
                 active = self.by_engine.get(out.request_id)
                 if active is not None:
                     self._emit(active, out)

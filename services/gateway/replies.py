@@ -31,6 +31,11 @@ class TimedReplies:
         return self.stream.request_id
 
     @property
+    def waiting(self) -> bool:
+        """A reply is in the stream, ready to read without waiting."""
+        return self.stream.ready
+
+    @property
     def arrived(self) -> bool:
         """The final answer is in the stream (maybe not read yet): nothing is left to cancel."""
         return self.stream.finished

@@ -168,28 +168,36 @@ async def sse_events(
 
     ``deadline`` is in event-loop time; when it passes, an error event ends the stream
     (the caller sees no final answer and cancels downstream).
+
+    Events whose replies were already waiting go out in one write, each still its own
+    event: a busy gateway makes fewer writes, and none waits for a reply to come.
     """
+    events: list[bytes] = []
     if meta.kind == "chat":
-        yield sse(stream_chunk(meta, role=True, include_usage=include_usage))
+        events.append(sse(stream_chunk(meta, role=True, include_usage=include_usage)))
     reply: Reply = first
     while True:
         if isinstance(reply, FinalAnswer):
             error = answer_error(reply)
             if error is not None:
-                yield sse(error.body())
+                events.append(sse(error.body()))
             else:
-                yield sse(
+                events.append(sse(
                     stream_chunk(meta, finish=finish_reason(reply), include_usage=include_usage)
-                )
+                ))
                 if include_usage:
-                    yield sse(usage_chunk(meta, reply))
+                    events.append(sse(usage_chunk(meta, reply)))
             break
         if isinstance(reply, TokenChunk) and reply.text:
-            yield sse(stream_chunk(meta, text=reply.text, include_usage=include_usage))
+            events.append(sse(stream_chunk(meta, text=reply.text, include_usage=include_usage)))
+        if events and not stream.waiting:
+            yield b"".join(events)
+            events.clear()
         try:
             async with asyncio.timeout_at(deadline):
                 reply = await stream.next()
         except TimeoutError:
-            yield sse(timed_out(timeout_s).body())
+            events.append(sse(timed_out(timeout_s).body()))
             break
-    yield SSE_DONE
+    events.append(SSE_DONE)
+    yield b"".join(events)

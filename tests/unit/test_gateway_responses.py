@@ -67,10 +67,11 @@ async def run_sse(
             meta, stream, first, include_usage=include_usage, deadline=deadline, timeout_s=7
         )
     ]
+    assert all(write.endswith(b"\n\n") for write in raw)  # whole events only
     events: list[Any] = []
-    for event in raw:
-        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
-        payload = event[6:-2].decode()
+    for event in b"".join(raw).split(b"\n\n")[:-1]:
+        assert event.startswith(b"data: ")
+        payload = event[6:].decode()
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 
@@ -192,6 +193,28 @@ async def test_stream_waits_for_late_tokens() -> None:
     events = await run_sse(COMPLETION, stream)
     await task
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["a", "b", ""]
+
+
+async def test_replies_already_waiting_go_out_in_one_write_and_none_waits() -> None:
+    """Each event is its own, but the events of replies that were already in the stream
+    share a write; a reply that is not there yet never holds back what is."""
+    stream = filled(tok(0, "a"), tok(1, "b"))
+    first = await stream.next()
+    writes = []
+
+    async def late() -> None:
+        await asyncio.sleep(0.02)
+        assert len(writes) == 1, "the waiting replies were held back"
+        stream.stream.offer(tok(2, "c"))
+        stream.stream.offer(done(3))
+
+    task = asyncio.create_task(late())
+    deadline = asyncio.get_running_loop().time() + 5
+    async for write in sse_events(COMPLETION, stream, first, include_usage=True, deadline=deadline,
+                                  timeout_s=7):
+        writes.append(write)
+    await task
+    assert [w.count(b"data: ") for w in writes] == [2, 4]  # a b | c, finish, usage, [DONE]
 
 
 @pytest.mark.parametrize("text", ["plain", "ünïcödé ✓", 'quote " and \n newline', "cr \r lf",
