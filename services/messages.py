@@ -160,6 +160,11 @@ class FinalAnswer(Message):
     """Output tokens streamed before it: a done answer is delivered after all of them."""
     text_offset: int
     """Characters of output text streamed before it."""
+    text: str = ""
+    """The answer's last text, when it ends a done answer (one message fewer than a
+    chunk of its own); delivered before the end, like a chunk at these offsets."""
+    token_ids: list[int] = field(default_factory=list)
+    """The answer's last tokens, as ``text``."""
     finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -5,7 +5,9 @@ where it starts in the answer (output tokens and characters before it). After a 
 dies, another one continues the request from its last resume point, or from the start
 (same seed), regenerating what the caller may already have, cut into chunks of its own;
 so what a caller already has is trimmed off here by position, a gap is held until it is
-filled, and exactly one terminal answer is delivered, after every token before it.
+filled, and exactly one terminal answer is delivered, after every token before it. A
+done answer's last tokens, which travel in the final answer, are delivered as a chunk
+of their own, so readers see chunks and then the end.
 """
 
 from __future__ import annotations
@@ -46,8 +48,17 @@ class ReplyStream:
         if isinstance(msg, m.FinalAnswer):
             if msg.finish_reason in ("error", "cancelled"):
                 # An abnormal end does not wait for missing chunks: nothing more will come.
-                self._deliver_final(msg)
+                self._deliver_final(dataclasses.replace(msg, text="", token_ids=[]))
                 return
+            if msg.token_ids or msg.text:  # the answer's last tokens: a chunk, then the end
+                self.offer(m.TokenChunk(request_id=msg.request_id, token_offset=msg.token_offset,
+                                        text_offset=msg.text_offset, text=msg.text,
+                                        token_ids=msg.token_ids))
+                if self.finished:  # that chunk let an end held earlier through
+                    return
+                msg = dataclasses.replace(
+                    msg, token_offset=msg.token_offset + len(msg.token_ids),
+                    text_offset=msg.text_offset + len(msg.text), text="", token_ids=[])
             self._final = self._final or msg
         elif msg.token_offset > self.next_token:
             held = self._ahead.get(msg.token_offset)

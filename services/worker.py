@@ -487,6 +487,9 @@ class WorkerService:
 
     def _emit(self, active: Active, out: RequestOutput) -> None:
         active.output_tokens = out.num_output_tokens
+        if out.finished:  # its last tokens travel in the final answer
+            self._spawn(self._finish(active, out))
+            return
         if out.new_token_ids or out.new_text:
             send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
                 request_id=active.item.request_id, token_offset=len(active.output_token_ids),
@@ -494,9 +497,7 @@ class WorkerService:
                 token_ids=list(out.new_token_ids)), mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
             active.sent(send, out.new_token_ids, out.new_text)
-        if out.finished:
-            self._spawn(self._finish(active, out))
-        elif len(active.unconfirmed) > 64:
+        if len(active.unconfirmed) > 64:
             active.confirmed_prefix()  # let go of the confirmed ones
 
     def _spawn(self, coro) -> None:
@@ -512,8 +513,9 @@ class WorkerService:
         self._spawn(self._hand_back(active))
 
     async def _finish(self, active: Active, out: RequestOutput) -> None:
-        """Terminal answer and completion event published together; the ack only once the
-        broker confirmed them and every chunk before them, so nothing is lost."""
+        """Terminal answer (with the last step's tokens: one message fewer per request)
+        and completion event published together; the ack only once the broker confirmed
+        them and every chunk before them, so nothing is lost."""
         rid = active.item.request_id
         req = active.request
         reason: m.FinishReason = out.finish_reason or "stop"  # type: ignore[assignment]
@@ -521,10 +523,12 @@ class WorkerService:
         if reason == "error":
             error = m.ErrorInfo(message=out.error or "generation failed", type="invalid_request_error",
                                 code="engine_error", status=400)
+        done = reason in ("stop", "length")
         final = amqp.reply(self.channel, req.reply_to, m.FinalAnswer(
-            request_id=rid, token_offset=len(active.output_token_ids),
-            text_offset=active.streamed_chars, finish_reason=reason,
-            prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens, error=error))
+            request_id=rid, token_offset=len(active.output_token_ids), text_offset=active.streamed_chars,
+            text=out.new_text if done else "", token_ids=list(out.new_token_ids) if done else [],
+            finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
+            completion_tokens=out.num_output_tokens, error=error))
         event = amqp.publish(self.events, m.RequestFinished(
             request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
             pool=self.pool, finish_reason=reason, prompt_tokens=out.num_prompt_tokens,

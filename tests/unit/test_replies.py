@@ -93,6 +93,53 @@ def test_a_done_answer_waits_for_every_token_before_it():
     assert delivered(stream)[2] == ["TokenChunk", "FinalAnswer"]
 
 
+def ending(start: int, end: int) -> m.FinalAnswer:
+    """A done answer that carries tokens ``start``..``end`` - 1, the answer's last."""
+    return m.FinalAnswer(request_id="r", token_offset=start, text_offset=len("".join(ANSWER[:start])),
+                         text="".join(ANSWER[start:end]), token_ids=list(range(start, end)),
+                         finish_reason="stop")
+
+
+def test_the_last_tokens_carried_by_the_final_answer_are_delivered_as_a_chunk_first():
+    stream = ReplyStream("r")
+    for msg in [chunk(0, 4), ending(4, 6)]:
+        stream.offer(msg)
+    out = drain(stream)
+    assert [type(x).__name__ for x in out] == ["TokenChunk", "TokenChunk", "FinalAnswer"]
+    assert (out[1].token_ids, out[1].text) == ([4, 5], "ld!")
+    assert (out[2].token_offset, out[2].text_offset, out[2].token_ids, out[2].text) == (6, 13, [], "")
+
+
+def test_a_final_answer_with_tokens_past_a_gap_waits_and_a_repeated_one_is_dropped():
+    """The first worker's end is held until the gap fills; a second worker's copy of the
+    end (it regenerated the answer's end) neither repeats tokens nor ends it twice."""
+    stream = ReplyStream("r")
+    stream.offer(chunk(0, 2))
+    stream.offer(ending(3, 6))  # token 2 still missing
+    assert delivered(stream) == ([0, 1], "Hello", ["TokenChunk"])
+    stream.offer(chunk(2, 3))
+    stream.offer(ending(2, 6))
+    assert delivered(stream) == ([2, 3, 4, 5], ", world!", ["TokenChunk", "TokenChunk", "FinalAnswer"])
+
+
+def test_an_end_held_for_a_gap_is_delivered_once_when_a_final_with_tokens_fills_it():
+    stream = ReplyStream("r")
+    stream.offer(chunk(0, 2))
+    stream.offer(final(6, "stop"))  # a first worker's end, its last chunks not here yet
+    stream.offer(ending(2, 6))  # the next worker's end fills the gap
+    tokens, text, kinds = delivered(stream)
+    assert (tokens, text, kinds) == ([0, 1, 2, 3, 4, 5], "Hello, world!",
+                                     ["TokenChunk", "TokenChunk", "FinalAnswer"])
+
+
+def test_an_error_ends_the_stream_without_the_tokens_it_carries():
+    stream = ReplyStream("r")
+    stream.offer(m.FinalAnswer(request_id="r", token_offset=0, text_offset=0, text="x", token_ids=[9],
+                               finish_reason="error"))
+    (end,) = drain(stream)
+    assert (end.finish_reason, end.token_ids, end.text) == ("error", [], "")
+
+
 def test_only_one_terminal_answer():
     stream = ReplyStream("r")
     stream.offer(final(0, "cancelled"))
