@@ -24,7 +24,8 @@ them at once when the broker can route it. Every gateway heartbeats into Redis a
 records which admission slots it holds; when one dies (``kill -9``, host lost) the
 others free its slots and cancel its requests once its heartbeat is
 ``gateway_dead_after_s`` old, and a restart under the same ``instance_id`` does so
-before it takes a request, so neither its tenants' limits nor the workers stay taken by clients that are gone.
+before it takes a request, so neither its tenants' limits nor the workers stay taken
+by clients that are gone.
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ class Backend:
         held by clients that are gone. Redis down: the housekeeping loop does it later."""
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
+                # Not beating yet, so no silence is judged: only this instance's lives.
                 for incarnation in dead_gateways(await self._seen(), 0.0, self.settings.gateway_dead_after_s,
                                                  self.incarnation, True, 0.0):
                     await self._reap(incarnation)
