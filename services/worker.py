@@ -44,6 +44,9 @@ from services.settings import Settings
 
 log = get_logger(__name__)
 
+ENGINE_STOP_TIMEOUT_S = 30.0
+"""How long a stopping worker waits for the engine's step in progress to end."""
+
 PROGRESS_INTERVAL_S = 0.5
 RESUME_POINT_INTERVAL_S = 0.5
 RESUME_POINT_GROWTH = 0.1
@@ -121,7 +124,7 @@ class EngineThread(threading.Thread):
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.stats: EngineStats = engine.stats()
         self.live: set[str] = set()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def add(self, request: EngineRequest) -> concurrent.futures.Future:
         done: concurrent.futures.Future = concurrent.futures.Future()
@@ -132,7 +135,7 @@ class EngineThread(threading.Thread):
         self.commands.put(("abort", request_id, None))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self.commands.put(("wake", None, None))
 
     def _handle(self, command: tuple) -> None:
@@ -148,7 +151,7 @@ class EngineThread(threading.Thread):
             self.engine.abort_request(arg)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             if not self.engine.has_unfinished_requests():
                 self._handle(self.commands.get())  # idle: sleep until a command arrives
             while not self.commands.empty():
@@ -695,7 +698,12 @@ class WorkerService:
                 await self.redis.zrem(keys.WORKERS_SEEN, self.worker_id)
                 await self.redis.hdel(keys.WORKERS, self.worker_id)
         if getattr(self, "engine", None):
+            # Wait for the step in progress: a thread still inside torch when the process
+            # exits aborts it ("terminate called without an active exception", exit -6).
             self.engine.stop()
+            await asyncio.to_thread(self.engine.join, ENGINE_STOP_TIMEOUT_S)
+            if self.engine.is_alive():
+                log.warning("engine_still_stepping", timeout_s=ENGINE_STOP_TIMEOUT_S)
         if getattr(self, "connection", None):
             await self.connection.close()
         if getattr(self, "redis", None):
