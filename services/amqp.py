@@ -4,11 +4,17 @@ Consumers never crash on bad input: a payload that fails to decode is rejected
 without requeue (so RabbitMQ dead-letters it through the queue's DLX) and, when the
 message names a ``reply_to``, the producer gets an error :class:`FinalAnswer`.
 
-A handler that fails (Redis unreachable, a bug) has its message requeued after a
-backoff that grows with the delivery count, so a short outage does not burn the
-queue's delivery limit in milliseconds. On the last delivery the limit allows, a
-failure is final: the request's caller gets one error answer, the ``give_up`` hook
-runs, and the message is dead-lettered, so no accepted request ends in silence.
+A handler that fails because Redis cannot serve it (unreachable, timing out, loading,
+read-only after a failover, or out of memory) is run again in place, with backoff, until
+Redis can: an outage of any length costs no delivery, so no request is dropped for it,
+and the message stays with this consumer (the broker redelivers it if the process dies).
+Handlers are idempotent under redelivery, so a second run is safe.
+
+A handler that fails otherwise (a bug, a message it cannot serve) has its message
+requeued after a backoff that grows with the delivery count. On the last delivery the
+queue's limit allows, a failure is final: the request's caller gets one error answer,
+the ``give_up`` hook runs, and the message is dead-lettered, so no accepted request ends
+in silence.
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPConnectionError, ProbableAuthenticationError
+from aio_pika.exceptions import (
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    ProbableAuthenticationError,
+)
 
 from services import messages as m
 from services import metrics as prom
-from services import topology
+from services import redis_client, topology
 from services.backoff import retry_until_up
 from services.logs import get_logger
 from services.runtime import freeze_heap
@@ -43,6 +53,8 @@ log = get_logger(__name__)
 CONTENT_TYPE = "application/msgpack"
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 8.0
+DEPENDENCY_RETRY_MAX_S = 5.0
+
 
 M = TypeVar("M", bound=m.Message)
 
@@ -131,6 +143,21 @@ def retry_delay_s(deliveries: int) -> float:
     return min(RETRY_BASE_S * 2**deliveries, RETRY_MAX_S)
 
 
+def dependency_retry_delay_s(attempt: int) -> float:
+    return min(RETRY_BASE_S * 2 ** (attempt - 1), DEPENDENCY_RETRY_MAX_S)
+
+
+def still_held(message: AbstractIncomingMessage) -> bool:
+    """Whether this consumer can still settle ``message``: not settled yet, and its channel
+    open (after a channel closes, the broker redelivers what it held)."""
+    if message.processed:
+        return False
+    try:
+        return not message.channel.is_closed
+    except ChannelInvalidStateError:
+        return False
+
+
 def reply_target(msg: m.Message, message: AbstractIncomingMessage) -> str:
     """Where the caller of the request that ``msg`` carries waits for its answer."""
     if isinstance(msg, m.CompletionRequest):
@@ -200,17 +227,30 @@ async def consume(
             await message.reject(requeue=False)
             prom.dead_lettered.labels(queue.name, "invalid_message").inc()
             return
-        try:
-            await handler(msg, message)
-        except asyncio.CancelledError:
-            if not message.processed:
-                await message.nack(requeue=True)
-            raise
-        except Exception:
-            log.exception("handler_failed", service=service, queue=queue.name,
-                          request_id=msg.request_id, deliveries=delivery_count(message) + 1)
-            if not message.processed:
-                await fail(msg, message)
+        attempt = 0
+        while True:
+            try:
+                await handler(msg, message)
+                return
+            except asyncio.CancelledError:
+                if still_held(message):
+                    await message.nack(requeue=True)
+                raise
+            except redis_client.CANNOT_SERVE as exc:
+                if not still_held(message):
+                    return
+                attempt += 1
+                if attempt & (attempt - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... attempt
+                    log.warning("redis_cannot_serve", service=service, queue=queue.name,
+                                request_id=msg.request_id, attempt=attempt, error=repr(exc))
+                prom.handler_retries.labels(queue.name).inc()
+                await asyncio.sleep(dependency_retry_delay_s(attempt))
+            except Exception:
+                log.exception("handler_failed", service=service, queue=queue.name,
+                              request_id=msg.request_id, deliveries=delivery_count(message) + 1)
+                if not message.processed:
+                    await fail(msg, message)
+                return
 
     return await queue.consume(on_message)
 

@@ -63,6 +63,7 @@ PREDICTED_OUTPUT_TOKENS = "fairway:predicted_output_tokens"
 ACTUAL_OUTPUT_TOKENS = "fairway:actual_output_tokens"
 OUTPUT_LENGTH_RATIO = "fairway:output_length_actual_over_predicted"
 DEAD_LETTERED = "fairway:messages_dead_lettered"
+HANDLER_RETRIES = "fairway:message_handler_retries"
 HANDED_BACK = "fairway:worker_requests_handed_back"
 RESUMED = "fairway:worker_requests_resumed"
 GATEWAY_REJECTED = "fairway:gateway_requests_rejected"
@@ -93,6 +94,12 @@ ProcessCollector(registry=REGISTRY)
 dead_lettered = Counter(
     DEAD_LETTERED, "Messages rejected without requeue (so dead-lettered), by queue and reason.",
     ["queue", "reason"], registry=REGISTRY,
+)
+
+handler_retries = Counter(
+    HANDLER_RETRIES, "Message handlers run again because Redis could not serve them (down, "
+    "timing out, read-only or out of memory), by queue; they cost no delivery.",
+    ["queue"], registry=REGISTRY,
 )
 
 # scheduler

@@ -3,16 +3,35 @@
 redis-py's default pool raises ``MaxConnectionsError`` as soon as 100 commands are in
 flight at once, which a burst of concurrent HTTP requests reaches easily; a blocking pool
 instead queues the command for up to ``wait_s`` and keeps the number of sockets bounded.
+Also here: which errors mean "Redis cannot serve now" (wait, do not give up), and the
+check that Redis will not evict Fairway's keys when it fills up.
 """
 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_exc
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from services import keys
 from services.backoff import retry_until_up
+from services.logs import get_logger
+
+log = get_logger(__name__)
+
+CANNOT_SERVE: tuple[type[Exception], ...] = (
+    redis_exc.ConnectionError,  # refused, reset, loading its data, no free connection
+    redis_exc.TimeoutError,
+    redis_exc.OutOfMemoryError,  # maxmemory reached under noeviction: writes refused
+    redis_exc.ReadOnlyError,  # a replica that is not promoted yet
+    redis_exc.TryAgainError,
+    redis_exc.ClusterDownError,
+    ConnectionError,
+    TimeoutError,  # a client-side deadline around a Redis call
+)
+"""Errors that say Redis cannot serve a command now (wait and try again), not that the
+command or its data is wrong."""
 
 MAX_CONNECTIONS = 64
 WAIT_FOR_CONNECTION_S = 5.0
@@ -43,3 +62,26 @@ async def wait_until_up(client: aioredis.Redis) -> None:
     """Return once Redis answers a PING, retrying with backoff: a service that starts
     before Redis (any start order, a Redis restart during a rollout) waits, not exits."""
     await retry_until_up(client.ping, (RedisError, OSError), "waiting_for_redis")
+    await check_eviction_policy(client)
+
+
+SAFE_EVICTION_POLICY = "noeviction"
+
+
+async def check_eviction_policy(client: aioredis.Redis) -> str | None:
+    """Log an error when Redis may evict keys once it is full (any ``maxmemory-policy``
+    but ``noeviction``): it would silently drop queued requests, fairness counters and
+    the markers that keep a request from running twice. With ``noeviction`` a full Redis
+    refuses writes instead, which Fairway waits out (see :mod:`services.amqp`). Read from
+    ``INFO memory``, which managed Redis services allow where ``CONFIG`` is disabled.
+    Returns the policy (None when Redis could not say)."""
+    try:
+        policy = (await client.info("memory")).get("maxmemory_policy")
+    except (RedisError, OSError) as exc:
+        log.warning("redis_eviction_policy_unknown", error=repr(exc))
+        return None
+    if policy is not None and policy != SAFE_EVICTION_POLICY:
+        log.error("redis_may_evict_keys", maxmemory_policy=policy,
+                  advice=f"set maxmemory-policy {SAFE_EVICTION_POLICY}: when Redis is full it "
+                         "would drop queued requests, counters and markers")
+    return policy

@@ -17,6 +17,7 @@ import itertools
 import queue
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -64,7 +65,7 @@ class WorkClaim:
     cancelled: bool
     done: bool
     claimed: bool
-    """This delivery took the request's claim: no other delivery has started it."""
+    """This delivery holds the request's claim: no other delivery has started it."""
     resume: m.ResumePoint | None = None
     """What the caller already has, left by a worker that handed the request back."""
 
@@ -77,16 +78,32 @@ class WorkClaim:
         return self.done or (not self.claimed and not redelivered)
 
 
-async def claim_work(redis: aioredis.Redis, request_id: str, worker_id: str,
+def claimant(worker_id: str, life: str, delivery_tag: int) -> str:
+    """Who takes a request's claim: one delivery of its work item to one worker process.
+    A handler run again in place (Redis failed it) is the same delivery and still holds
+    the claim it may have taken; a second copy, even to the same worker, is not."""
+    return f"{worker_id}/{life}.{delivery_tag}"
+
+
+def claimant_worker_id(claim: str | bytes) -> str:
+    """The worker whose delivery holds a claim."""
+    text = claim.decode() if isinstance(claim, bytes) else claim
+    return text.split("/", 1)[0]
+
+
+async def claim_work(redis: aioredis.Redis, request_id: str, claimed_by: str,
                      marker_ttl_s: int = keys.DEFAULT_MARKER_TTL_S) -> WorkClaim:
-    """Read the done and cancelled markers and any resume point, and take the claim, in
-    one round trip. The claim is taken even when the request turns out done, cancelled
-    or unservable, which is harmless: nobody else may run it then either."""
+    """Take the claim for ``claimed_by`` (see :func:`claimant`) unless someone holds it,
+    and read it back with the done and cancelled markers and any resume point, in one
+    round trip. The claim is taken even when the request turns out done, cancelled or
+    unservable, which is harmless: nobody else may run it then either."""
     pipe = redis.pipeline(transaction=False)
-    pipe.hmget(keys.request_markers(request_id), keys.MARKER_CANCELLED, keys.MARKER_DONE)
+    redis_client.set_marker(pipe, request_id, keys.MARKER_CLAIM, claimed_by, marker_ttl_s, nx=True)
+    pipe.hmget(keys.request_markers(request_id), keys.MARKER_CANCELLED, keys.MARKER_DONE,
+               keys.MARKER_CLAIM)
     pipe.get(keys.work_resume(request_id))
-    redis_client.set_marker(pipe, request_id, keys.MARKER_CLAIM, worker_id, marker_ttl_s, nx=True)
-    (cancelled, done), resume, claimed, _ = await pipe.execute()
+    _, _, (cancelled, done, holder), resume = await pipe.execute()
+    claimed = holder is not None and holder.decode() == claimed_by
     point = None
     if resume is not None:
         try:
@@ -262,6 +279,7 @@ class WorkerService:
         self.pool = pool
         self.device = device
         self.worker_id = f"{pool}-{settings.instance_id}"
+        self.life = uuid.uuid4().hex[:12]
         self.active: dict[str, Active] = {}
         self.draining = False
         self.by_engine: dict[str, Active] = {}
@@ -331,7 +349,8 @@ class WorkerService:
         if rid in self.active:  # a duplicate delivery while the first one runs
             await message.ack()
             return
-        claim = await claim_work(self.redis, rid, self.worker_id, self.settings.marker_ttl_s)
+        claim = await claim_work(self.redis, rid, claimant(self.worker_id, self.life, message.delivery_tag),
+                                 self.settings.marker_ttl_s)
         if claim.done:  # already answered; a late copy must not produce a second answer
             await message.ack()
             return

@@ -207,6 +207,7 @@ class SchedulerService:
 
     async def _lead(self) -> None:
         log.info("leader_acquired", replica=self.settings.instance_id, fence=self.store.fence)
+        await redis_client.check_eviction_policy(self.redis)
         self.lost.clear()
         async with self._lock:  # not in the middle of a batch left from the last term
             self._restore(await self.store.load())
@@ -432,6 +433,9 @@ class SchedulerService:
                 await self.schedule_once()
             except NotLeader:
                 return
+            except redis_client.CANNOT_SERVE as exc:
+                log.warning("schedule_waiting_for_redis", error=repr(exc))
+                await asyncio.sleep(0.5)
             except Exception:
                 log.exception("schedule_failed")
                 await asyncio.sleep(0.5)

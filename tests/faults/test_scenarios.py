@@ -28,6 +28,7 @@ from services.engine.sampling import with_seed
 from services.messages import SamplingParams
 from services.models import DEFAULT_MODEL_NAME
 from services.scheduler.store import InflightRecord
+from services.worker import claimant_worker_id
 from tests.faults.clients import DEFAULT_PROMPT, MODEL, AmqpTenant, http_stream
 from tests.faults.conftest import WORKERS
 
@@ -69,7 +70,8 @@ async def claimed_by(fs, request_ids: list[str]) -> dict[str, str]:
     finally:
         await client.aclose()
     names = {f"cpu-{w}": w for w in WORKERS}
-    return {rid: names[c.decode()] for rid, c in zip(request_ids, claims) if c and c.decode() in names}
+    return {rid: names[claimant_worker_id(c)] for rid, c in zip(request_ids, claims)
+            if c and claimant_worker_id(c) in names}
 
 
 async def streaming_worker(fs, checker, since: int = 0) -> str | None:
@@ -284,6 +286,36 @@ async def test_redis_killed_and_restarted(fault_system, checker, http, keys_by_t
     await asyncio.to_thread(fs.redis.start)
     logs = await asyncio.gather(*tasks)
     await checker.verify("Redis kill -9, restarted from AOF", note="appendfsync everysec")
+    assert all(log.done for log in logs), outcomes(logs)
+
+
+async def test_redis_out_of_memory(fault_system, checker, http, keys_by_tenant):
+    """Redis reaches its maxmemory (noeviction: it refuses every write) mid-run, for longer
+    than a failing message's retries could last (about 15 s of backoff): a request sent
+    to the gateway meanwhile is refused with a 503 that says why, one sent on AMQP waits,
+    and once Redis has room again every accepted request is answered."""
+    await checker.begin()
+    fs = fault_system
+    admin = aioredis.from_url(fs.system.redis_url)
+    try:
+        async with AmqpTenant(checker, fs.tenant_url("initech"), "initech") as producer:
+            tasks = streams(http, checker, fs, keys_by_tenant, 12, max_tokens=24)
+            await some_tokens(checker, n=2)
+            await admin.config_set("maxmemory", 1)
+            try:
+                await asyncio.sleep(1.5)  # the gateways' next heartbeat meets the full Redis
+                refused = await http_stream(http, checker, fs.gateway_url,
+                                            *next(iter(keys_by_tenant.items())), max_tokens=8)
+                tasks.append(asyncio.create_task(producer.run(max_tokens=12)))
+                await asyncio.sleep(20.0)
+            finally:
+                await admin.config_set("maxmemory", 0)
+            logs = await asyncio.gather(*tasks)
+    finally:
+        await admin.aclose()
+    assert refused.status == 503 and "out of memory" in refused.refusal, \
+        (refused.status, refused.refusal, refused.finals)
+    await checker.verify("Redis out of memory for 20 s", note=f"outcomes: {outcomes(logs)}")
     assert all(log.done for log in logs), outcomes(logs)
 
 

@@ -1,15 +1,18 @@
 """The consume wrapper on a real broker: retries with backoff, then one error answer and
 the dead-letter queue for a message whose handler fails on every delivery, and the
-consumer keeps consuming."""
+consumer keeps consuming; a handler that Redis cannot serve is run again in place, for
+as long as that lasts, at no cost in deliveries."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
 import aio_pika
 import pytest
+from redis import exceptions as redis_errors
 
 from services import amqp, topology
 from services import messages as m
@@ -17,11 +20,9 @@ from services import messages as m
 pytestmark = pytest.mark.integration
 
 
-def request(rid: str, reply_to: str) -> m.CompletionRequest:
-    return m.CompletionRequest(request_id=rid, model="tiny", prompt="x", reply_to=reply_to)
-
-
-async def test_a_message_failing_every_delivery_gets_one_error_and_is_dead_lettered(amqp_url):
+@contextlib.asynccontextmanager
+async def consumed_queue(amqp_url: str):
+    """A fresh quorum queue to consume (deleted after) and an exclusive reply queue."""
     connection = await aio_pika.connect_robust(amqp_url)
     try:
         channel = await connection.channel()
@@ -29,6 +30,19 @@ async def test_a_message_failing_every_delivery_gets_one_error_and_is_dead_lette
         name = f"test.consume.{uuid.uuid4().hex[:8]}"
         queue = await channel.declare_queue(name, durable=True, arguments=topology.quorum_arguments())
         replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+        yield channel, queue, replies
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
+
+
+def request(rid: str, reply_to: str) -> m.CompletionRequest:
+    return m.CompletionRequest(request_id=rid, model="tiny", prompt="x", reply_to=reply_to)
+
+
+async def test_a_message_failing_every_delivery_gets_one_error_and_is_dead_lettered(amqp_url):
+    async with consumed_queue(amqp_url) as (channel, queue, replies):
+        name = queue.name
         calls: dict[str, list[float]] = {}
         handled = asyncio.Event()
 
@@ -60,9 +74,43 @@ async def test_a_message_failing_every_delivery_gets_one_error_and_is_dead_lette
         # The consumer is still there.
         await amqp.publish(channel.default_exchange, request("good", replies.name), name)
         await asyncio.wait_for(handled.wait(), 10)
-        await queue.delete(if_unused=False, if_empty=False)
-    finally:
-        await connection.close()
+
+
+async def test_a_handler_redis_cannot_serve_runs_again_in_place_without_spending_deliveries(
+        amqp_url, monkeypatch):
+    monkeypatch.setattr(amqp, "dependency_retry_delay_s", lambda attempt: 0.02)
+    async with consumed_queue(amqp_url) as (channel, queue, replies):
+        name = queue.name
+        runs: list[tuple[int, int]] = []
+        handled = asyncio.Event()
+        outage = [redis_errors.ConnectionError("Connection refused"),
+                  redis_errors.OutOfMemoryError("command not allowed when used memory > 'maxmemory'"),
+                  redis_errors.ReadOnlyError("You can't write against a read only replica."),
+                  redis_errors.TimeoutError("Timeout reading from socket"), TimeoutError()] * 2
+
+        async def handler(msg: m.CompletionRequest, message) -> None:
+            runs.append((message.delivery_tag, amqp.delivery_count(message)))
+            if outage:
+                raise outage.pop(0)
+            await message.ack()
+            handled.set()
+
+        await amqp.consume(channel, queue, m.CompletionRequest, handler, service="test",
+                           delivery_limit=2)
+        rid = f"outage-{uuid.uuid4().hex}"
+        await amqp.publish(channel.default_exchange, request(rid, replies.name), name)
+        await asyncio.wait_for(handled.wait(), 20)
+        # Eleven runs (more than the two deliveries the limit allows), all of one delivery.
+        assert len(runs) == 11 and set(runs) == {runs[0]} and runs[0][1] == 0, runs
+        assert await _get(replies, timeout=1, fail=False) is None  # no error answer
+        dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        assert not await _find(dead, rid, timeout=1)
+
+
+def test_dependency_retry_backs_off_to_a_cap():
+    delays = [amqp.dependency_retry_delay_s(a) for a in range(1, 12)]
+    assert delays == sorted(delays) and delays[0] == amqp.RETRY_BASE_S
+    assert delays[-1] == amqp.DEPENDENCY_RETRY_MAX_S
 
 
 def test_delivery_count_and_reply_target():

@@ -24,6 +24,7 @@ from services import messages as m
 from services.client import AmqpClient
 from services.models import load_tokenizer, resolve_model_path
 from services.settings import DEFAULT_MODEL_NAME
+from services.worker import claimant_worker_id
 from tests.integration.system import TENANT_KEYS, System, own_redis_db, own_vhost
 
 pytestmark = pytest.mark.integration
@@ -348,8 +349,8 @@ def test_a_request_whose_worker_stops_is_continued_not_regenerated(echo_system, 
                 text += event["choices"][0]["text"]
                 chunks += 1
                 if chunks == (50 if how == "sigterm_twice" else 100):
-                    victim = store.hget(keys.request_markers(request_id),
-                                        keys.MARKER_CLAIM).decode().removeprefix("cpu-")
+                    victim = claimant_worker_id(store.hget(keys.request_markers(request_id),
+                                                           keys.MARKER_CLAIM)).removeprefix("cpu-")
                     proc = echo_system.procs.pop(victim)
                     if how == "sigterm_twice":
                         proc.send_signal(signal.SIGTERM)

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from services import amqp, keys, topology
 from services import messages as m
-from services.worker import claim_work
+from services.worker import claim_work, claimant
 from tests.faults.checker import Row, record_external
 from tests.integration.system import System, own_redis_db, own_vhost
 
@@ -66,7 +66,8 @@ class HarnessPool:
 
     async def on_work(self, item: m.WorkItem, message) -> None:
         self.received[item.request_id] += 1
-        if (await claim_work(self.redis, item.request_id, "harness")).is_duplicate(message.redelivered):
+        claim = await claim_work(self.redis, item.request_id, claimant("harness", "1", message.delivery_tag))
+        if claim.is_duplicate(message.redelivered):
             await message.ack()
             return
         self.ran[item.request_id] += 1
