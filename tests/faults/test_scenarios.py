@@ -25,6 +25,7 @@ from services import amqp, keys, topology
 from services import messages as m
 from services.engine import EngineConfig, EngineRequest, LLMEngine
 from services.engine.sampling import with_seed
+from services.localinfra import rabbitmqctl
 from services.messages import SamplingParams
 from services.models import DEFAULT_MODEL_NAME
 from services.scheduler.store import InflightRecord
@@ -341,6 +342,31 @@ async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant):
     await checker.verify("RabbitMQ restarted", note=f"in flight: {outcomes(during)}; after: "
                                                      f"{outcomes(after)}")
     assert all(log.done for log in after), outcomes(after)
+
+
+async def test_rabbitmq_memory_alarm(fault_system, checker, http, keys_by_tenant):
+    """RabbitMQ raises its memory alarm mid-run, as it does when it runs short of memory or
+    disk: it blocks every connection that publishes, so streams stall. A request sent
+    meanwhile is refused with a 503 once its publish times out (nothing was queued), and
+    when the alarm clears every stream goes on to its end."""
+    await checker.begin()
+    fs = fault_system
+    tasks = streams(http, checker, fs, keys_by_tenant, 12, max_tokens=40)
+    await some_tokens(checker, n=2)
+    watermark = (await asyncio.to_thread(rabbitmqctl, fs.rabbit, "eval",
+                                         "vm_memory_monitor:get_vm_memory_high_watermark().")).strip()
+    await asyncio.to_thread(rabbitmqctl, fs.rabbit, "set_vm_memory_high_watermark", "absolute", "1")
+    try:
+        await asyncio.sleep(1.0)
+        during = await http_stream(http, checker, fs.gateway_url, *next(iter(keys_by_tenant.items())),
+                                   max_tokens=8)
+    finally:
+        await asyncio.to_thread(rabbitmqctl, fs.rabbit, "set_vm_memory_high_watermark", watermark)
+    logs = await asyncio.gather(*tasks)
+    assert during.status == 503 and not during.accepted, (during.status, during.refusal, during.finals)
+    await checker.verify("RabbitMQ memory alarm (publishers blocked)",
+                         note=f"sent during it: {during.status}; in flight: {outcomes(logs)}")
+    assert all(log.done for log in logs), outcomes(logs)
 
 
 async def test_broker_link_stalled_and_cut(fault_system, checker, http, keys_by_tenant):
