@@ -276,17 +276,19 @@ async def _ready_messages(fs, queue: str) -> int:
 
 
 async def test_redis_killed_and_restarted(fault_system, checker, http, keys_by_tenant):
-    """kill -9 Redis mid-run; it restarts from its append-only file (appendfsync everysec:
-    a killed process loses nothing it acknowledged, the kernel has the writes)."""
+    """kill -9 Redis mid-run; it restarts 20 s later (longer than a failing message's
+    retries would last, and than the scheduler's lease) from its append-only file
+    (appendfsync everysec: a killed process loses nothing it acknowledged, the kernel has
+    the writes)."""
     await checker.begin()
     fs = fault_system
     tasks = streams(http, checker, fs, keys_by_tenant, 16, max_tokens=24)
     await some_tokens(checker, n=2)
     fs.redis.kill()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(20.0)
     await asyncio.to_thread(fs.redis.start)
     logs = await asyncio.gather(*tasks)
-    await checker.verify("Redis kill -9, restarted from AOF", note="appendfsync everysec")
+    await checker.verify("Redis kill -9, restarted from AOF 20 s later", note="appendfsync everysec")
     assert all(log.done for log in logs), outcomes(logs)
 
 
