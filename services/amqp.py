@@ -236,7 +236,13 @@ async def consume(
                 if still_held(message):
                     await message.nack(requeue=True)
                 raise
-            except redis_client.CANNOT_SERVE as exc:
+            except Exception as exc:
+                if not redis_client.cannot_serve(exc):
+                    log.exception("handler_failed", service=service, queue=queue.name,
+                                  request_id=msg.request_id, deliveries=delivery_count(message) + 1)
+                    if not message.processed:
+                        await fail(msg, message)
+                    return
                 if not still_held(message):
                     return
                 attempt += 1
@@ -245,12 +251,6 @@ async def consume(
                                 request_id=msg.request_id, attempt=attempt, error=repr(exc))
                 prom.handler_retries.labels(queue.name).inc()
                 await asyncio.sleep(dependency_retry_delay_s(attempt))
-            except Exception:
-                log.exception("handler_failed", service=service, queue=queue.name,
-                              request_id=msg.request_id, deliveries=delivery_count(message) + 1)
-                if not message.processed:
-                    await fail(msg, message)
-                return
 
     return await queue.consume(on_message)
 

@@ -33,6 +33,14 @@ CANNOT_SERVE: tuple[type[Exception], ...] = (
 """Errors that say Redis cannot serve a command now (wait and try again), not that the
 command or its data is wrong."""
 
+
+def cannot_serve(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis cannot serve now: one of :data:`CANNOT_SERVE`, or a
+    ``MISCONF`` error (it refuses writes because it could not persist them, a full disk
+    under its append-only file), which redis-py has no class for."""
+    return isinstance(exc, CANNOT_SERVE) or (
+        isinstance(exc, redis_exc.ResponseError) and str(exc).startswith("MISCONF"))
+
 MAX_CONNECTIONS = 64
 WAIT_FOR_CONNECTION_S = 5.0
 

@@ -433,11 +433,11 @@ class SchedulerService:
                 await self.schedule_once()
             except NotLeader:
                 return
-            except redis_client.CANNOT_SERVE as exc:
-                log.warning("schedule_waiting_for_redis", error=repr(exc))
-                await asyncio.sleep(0.5)
-            except Exception:
-                log.exception("schedule_failed")
+            except Exception as exc:
+                if redis_client.cannot_serve(exc):
+                    log.warning("schedule_waiting_for_redis", error=repr(exc))
+                else:
+                    log.exception("schedule_failed")
                 await asyncio.sleep(0.5)
 
     def _publish_metrics(self, every_s: float = 0.5) -> None:

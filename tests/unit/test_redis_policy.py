@@ -1,10 +1,12 @@
-"""A service says so, loudly, when its Redis may evict keys once full."""
+"""A service says so, loudly, when its Redis may evict keys once full; and which Redis
+errors mean "wait, it cannot serve now" rather than "this is wrong"."""
 
 from __future__ import annotations
 
+from redis import exceptions as e
 from structlog.testing import capture_logs
 
-from services.redis_client import check_eviction_policy
+from services.redis_client import cannot_serve, check_eviction_policy
 
 
 async def test_an_evicting_redis_is_reported_and_noeviction_is_not(redis_client):
@@ -21,3 +23,15 @@ async def test_an_evicting_redis_is_reported_and_noeviction_is_not(redis_client)
         assert logs == []
     finally:
         await redis_client.config_set("maxmemory-policy", before)
+
+
+def test_what_counts_as_redis_cannot_serve_now():
+    for exc in (e.ConnectionError("refused"), e.BusyLoadingError("loading"), e.TimeoutError(),
+                e.OutOfMemoryError("command not allowed when used memory > 'maxmemory'"),
+                e.ReadOnlyError("read only replica"), e.MaxConnectionsError(), TimeoutError(),
+                ConnectionResetError(),
+                e.ResponseError("MISCONF Errors writing to the AOF file: No space left on device")):
+        assert cannot_serve(exc), exc
+    for exc in (e.ResponseError("NOTLEADER"), e.ResponseError("ERR wrong number of arguments"),
+                e.DataError("bad value"), ValueError("a bug"), KeyError("x")):
+        assert not cannot_serve(exc), exc
