@@ -179,13 +179,17 @@ async def consume(
     on_invalid: Callable[[], None] | None = None,
     give_up: Callable[[M], Awaitable[None]] | None = None,
     delivery_limit: int = topology.DELIVERY_LIMIT,
+    keep: Callable[[], bool] | None = None,
 ) -> str:
     """Consume ``queue`` with decoding and failure handling around ``handler``.
 
     The handler acks (or rejects) the message itself once its work is durable. A
     :class:`MessageError` dead-letters the message; any other exception requeues it
     after a backoff, and on the last delivery the queue's limit allows, answers the
-    caller with an error, calls ``give_up`` and dead-letters it.
+    caller with an error, calls ``give_up`` and dead-letters it. A message that Redis
+    cannot serve is run again in place while ``keep()`` holds (always, without it), and
+    handed back to the queue once it does not: a consumer that stopped taking work lets
+    others have what it holds.
     """
 
     async def fail(msg: M, message: AbstractIncomingMessage) -> None:
@@ -244,6 +248,9 @@ async def consume(
                         await fail(msg, message)
                     return
                 if not still_held(message):
+                    return
+                if keep is not None and not keep():
+                    await message.nack(requeue=True)
                     return
                 attempt += 1
                 if attempt & (attempt - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... attempt

@@ -43,10 +43,15 @@ def cannot_serve(exc: BaseException) -> bool:
 
 MAX_CONNECTIONS = 64
 WAIT_FOR_CONNECTION_S = 5.0
+SOCKET_TIMEOUT_S = 10.0
+"""A command (or connect) Redis does not answer in this long fails with a TimeoutError,
+instead of hanging its caller for as long as a silent link (a partition, a host gone
+without a reset) lasts. Fairway sends no blocking commands, and its slowest, a leader's
+load of the scheduler's state, takes well under a second."""
 
 
 def connect(url: str, *, max_connections: int = MAX_CONNECTIONS, wait_s: float = WAIT_FOR_CONNECTION_S,
-            socket_timeout_s: float | None = None) -> aioredis.Redis:
+            socket_timeout_s: float = SOCKET_TIMEOUT_S) -> aioredis.Redis:
     """A client on ``url`` (no I/O until first use) over a blocking pool."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=wait_s,

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     vtc_w_out: float = 2.0
     lease_ttl_s: float = 3.0
     worker_timeout_s: float = 6.0
+    """A worker whose last heartbeat is older is dead to the scheduler (no work is placed
+    on it); a worker whose heartbeats fail this long stops taking work from the queue."""
     tenant_weights: str = ""
     """Comma-separated ``tenant:weight`` pairs for VTC."""
 

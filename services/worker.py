@@ -282,6 +282,10 @@ class WorkerService:
         self.life = uuid.uuid4().hex[:12]
         self.active: dict[str, Active] = {}
         self.draining = False
+        self.cut_off = False
+        """Redis has not taken a heartbeat for ``worker_timeout_s``: the scheduler takes this
+        worker for dead, so it takes no work (what it runs goes on streaming) until Redis
+        answers again."""
         self.by_engine: dict[str, Active] = {}
         self._attempts = itertools.count(1)
         self.outputs: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
@@ -327,9 +331,7 @@ class WorkerService:
         await redis_client.wait_until_up(self.redis)  # claims and heartbeats need it
         await self._heartbeat()
         self.work_queue = topo.queues[topology.work_queue(self.pool)]
-        self._consumer_tag = await amqp.consume(self.channel, self.work_queue, m.WorkItem,
-                                                self.on_work, service=self.worker_id,
-                                                give_up=self._give_up)
+        await self._take_work()
         control = await topology.declare_control_queue(self.channel, amqp.login_user(s.amqp_url))
         await amqp.consume(self.channel, control, m.CancelRequest, self.on_cancel, service=self.worker_id)
         self._tasks = [
@@ -342,6 +344,24 @@ class WorkerService:
                  model=s.model_name, model_path=path, engine=s.engine)
 
     # --- inputs ----------------------------------------------------------------
+
+    def taking_work(self) -> bool:
+        return not self.draining and not self.cut_off
+
+    async def _take_work(self) -> None:
+        """Consume the pool's work queue: at start, and again when Redis answers after the
+        worker was cut off from it."""
+        self._consumer_tag = await amqp.consume(self.channel, self.work_queue, m.WorkItem,
+                                                self.on_work, service=self.worker_id,
+                                                give_up=self._give_up, keep=self.taking_work)
+
+    async def _stop_taking_work(self) -> None:
+        """Cancel the work consumer. What the broker already sent is handed back as it
+        comes (see :meth:`on_work`), and so are items waiting for Redis (``keep``)."""
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag:
+            with contextlib.suppress(Exception):
+                await self.work_queue.cancel(tag)
 
     async def on_work(self, item: m.WorkItem, message: AbstractIncomingMessage) -> None:
         rid = item.request_id
@@ -364,6 +384,9 @@ class WorkerService:
         if claim.is_duplicate(message.redelivered):
             log.info("duplicate_work_dropped", request_id=rid)
             await message.ack()
+            return
+        if not self.taking_work():  # sent before the consumer was cancelled: another worker's
+            await message.nack(requeue=True)
             return
         point = claim.resume
         active = self._activate(item, message, point)
@@ -638,12 +661,33 @@ class WorkerService:
                     self._stop(active, "cancel_marker_seen")
 
     async def _heartbeat_loop(self) -> None:
+        """Heartbeat; a worker whose heartbeats fail for ``worker_timeout_s`` (the scheduler
+        no longer sees it) stops taking work and hands back what waits for Redis, so that
+        workers that reach Redis serve it; it takes work again once a heartbeat goes through."""
+        failing_since: float | None = None
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             try:
                 await self._heartbeat()
             except Exception as exc:  # noqa: BLE001 - the heartbeat loop must survive any error
                 log.warning("heartbeat_failed", error=str(exc))
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if not self.cut_off and now - failing_since >= self.settings.worker_timeout_s:
+                    self.cut_off = True
+                    log.warning("cut_off_from_redis_taking_no_work", running=len(self.active))
+                    await self._stop_taking_work()
+                continue
+            failing_since = None
+            if self.cut_off and not self.draining:
+                self.cut_off = False  # before consuming: the first items may come at once
+                try:
+                    await self._take_work()
+                except Exception as exc:  # noqa: BLE001 - tried again with the next heartbeat
+                    self.cut_off = True
+                    log.warning("take_work_failed", error=repr(exc))
+                    continue
+                log.info("redis_back_taking_work")
 
     async def _save_resume_points(self, running: list[Active]) -> int:
         """Write the resume point of each request whose chunks all reached the broker, in
@@ -694,9 +738,7 @@ class WorkerService:
         offers no free capacity), let the running requests finish for ``worker_drain_s``
         (or until :meth:`hurry`), hand the rest back to the queue."""
         self.draining = True
-        if self._consumer_tag:
-            with contextlib.suppress(Exception):
-                await self.work_queue.cancel(self._consumer_tag)
+        await self._stop_taking_work()
         if getattr(self, "redis", None) and getattr(self, "engine", None):
             with contextlib.suppress(Exception):
                 await self._heartbeat()

@@ -32,6 +32,7 @@ from services.scheduler.store import InflightRecord
 from services.worker import claimant_worker_id
 from tests.faults.clients import DEFAULT_PROMPT, MODEL, AmqpTenant, http_stream
 from tests.faults.conftest import WORKERS
+from tests.faults.proxy import TcpProxy
 
 pytestmark = pytest.mark.faults
 
@@ -320,6 +321,36 @@ async def test_redis_out_of_memory(fault_system, checker, http, keys_by_tenant):
         (refused.status, refused.refusal, refused.finals)
     await checker.verify("Redis out of memory for 20 s", note=f"outcomes: {outcomes(logs)}")
     assert all(log.done for log in logs), outcomes(logs)
+
+
+async def test_worker_cut_off_from_redis(fault_system, checker, http, keys_by_tenant):
+    """One worker loses Redis (its link cut, new connections refused for 20 s) while the
+    broker still reaches it: once its heartbeats have failed for the scheduler's worker
+    timeout it stops taking work and hands back what waits for Redis, so every request
+    sent meanwhile is answered by the other worker before the link comes back; then it
+    takes work again."""
+    CUT_S = 20.0
+    await checker.begin()
+    fs = fault_system
+    victim, survivor = WORKERS
+    proxy = TcpProxy(fs.redis.port).start()
+    fs.proxies[f"redis-{victim}"] = proxy  # closed with the others
+    fs.system.signal(victim, signal.SIGTERM)
+    fs.start(victim, FAIRWAY_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0")
+    await fs.wait_workers()
+    cut_at = time.monotonic()
+    proxy.cut(refuse_s=CUT_S)
+    logs = await asyncio.gather(*streams(http, checker, fs, keys_by_tenant, 8, max_tokens=24))
+    answered_in_s = max(log.ended for log in logs) - cut_at
+    await fs.wait_workers()  # the victim beats again once the link is back
+    row = await checker.verify("worker cut off from Redis for 20 s",
+                               note=f"all answered within {answered_in_s:.1f} s of the cut")
+    assert all(log.done for log in logs), outcomes(logs)
+    assert row.answered == 8
+    finished_by = {checker.finished[log.request_id].worker_id for log in logs}
+    assert finished_by == {f"cpu-{survivor}"}, finished_by
+    assert answered_in_s < CUT_S
+    assert "redis_back_taking_work" in fs.system.log(victim)
 
 
 async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant):
