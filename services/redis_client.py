@@ -4,7 +4,7 @@ redis-py's default pool raises ``MaxConnectionsError`` as soon as 100 commands a
 flight at once, which a burst of concurrent HTTP requests reaches easily; a blocking pool
 instead queues the command for up to ``wait_s`` and keeps the number of sockets bounded.
 Also here: which errors mean "Redis cannot serve now" (wait, do not give up), and the
-check that Redis will not evict Fairway's keys when it fills up.
+check that Redis keeps what Fairway writes (no eviction when full, an append-only file).
 """
 
 from __future__ import annotations
@@ -75,26 +75,48 @@ async def wait_until_up(client: aioredis.Redis) -> None:
     """Return once Redis answers a PING, retrying with backoff: a service that starts
     before Redis (any start order, a Redis restart during a rollout) waits, not exits."""
     await retry_until_up(client.ping, (RedisError, OSError), "waiting_for_redis")
-    await check_eviction_policy(client)
+    await check_durability(client)
 
 
 SAFE_EVICTION_POLICY = "noeviction"
 
 
-async def check_eviction_policy(client: aioredis.Redis) -> str | None:
-    """Log an error when Redis may evict keys once it is full (any ``maxmemory-policy``
-    but ``noeviction``): it would silently drop queued requests, fairness counters and
-    the markers that keep a request from running twice. With ``noeviction`` a full Redis
-    refuses writes instead, which Fairway waits out (see :mod:`services.amqp`). Read from
-    ``INFO memory``, which managed Redis services allow where ``CONFIG`` is disabled.
-    Returns the policy (None when Redis could not say)."""
+async def check_durability(client: aioredis.Redis) -> list[str]:
+    """Log an error for each way this Redis could lose what Fairway keeps in it (see
+    :func:`durability_problems`); returns their event names. Read from ``INFO``, which
+    managed Redis services allow where ``CONFIG`` is disabled."""
     try:
-        policy = (await client.info("memory")).get("maxmemory_policy")
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.info("memory")
+            pipe.info("persistence")
+            memory, persistence = await pipe.execute()
     except (RedisError, OSError) as exc:
-        log.warning("redis_eviction_policy_unknown", error=repr(exc))
-        return None
+        log.warning("redis_durability_unknown", error=repr(exc))
+        return []
+    problems = durability_problems(memory, persistence)
+    for event, fields in problems:
+        log.error(event, **fields)
+    return [event for event, _ in problems]
+
+
+def durability_problems(memory: dict, persistence: dict) -> list[tuple[str, dict[str, str]]]:
+    """How a Redis with this ``INFO memory`` and ``INFO persistence`` could lose queued
+    requests, fairness counters and the markers that keep a request from running twice:
+
+    - a ``maxmemory-policy`` other than ``noeviction``: once full, Redis drops keys. With
+      ``noeviction`` it refuses writes instead, which Fairway waits out (see
+      :mod:`services.amqp`);
+    - no append-only file: a restart loses every write since the last snapshot, or all.
+    """
+    problems = []
+    policy = memory.get("maxmemory_policy")
     if policy is not None and policy != SAFE_EVICTION_POLICY:
-        log.error("redis_may_evict_keys", maxmemory_policy=policy,
-                  advice=f"set maxmemory-policy {SAFE_EVICTION_POLICY}: when Redis is full it "
-                         "would drop queued requests, counters and markers")
-    return policy
+        problems.append(("redis_may_evict_keys", {
+            "maxmemory_policy": policy,
+            "advice": f"set maxmemory-policy {SAFE_EVICTION_POLICY}: when Redis is full it "
+                      "would drop queued requests, counters and markers"}))
+    if persistence.get("aof_enabled") == 0:
+        problems.append(("redis_without_append_only_file", {
+            "advice": "set appendonly yes (appendfsync everysec): a Redis restart would lose "
+                      "the queued requests and markers written since its last snapshot"}))
+    return problems

@@ -324,7 +324,7 @@ class Backend:
         conn.close_callbacks.add(self._on_connection_lost)
         conn.reconnect_callbacks.add(self._on_reconnected)
         self._owns_instance = True
-        await redis_client.check_eviction_policy(self.redis)
+        await redis_client.check_durability(self.redis)
         await self._reap_earlier_lives()
         self._ready.set()
         log.info("amqp_connected", reply_queue=self.reply_queue_name)

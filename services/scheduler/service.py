@@ -207,7 +207,7 @@ class SchedulerService:
 
     async def _lead(self) -> None:
         log.info("leader_acquired", replica=self.settings.instance_id, fence=self.store.fence)
-        await redis_client.check_eviction_policy(self.redis)
+        await redis_client.check_durability(self.redis)
         self.lost.clear()
         async with self._lock:  # not in the middle of a batch left from the last term
             self._restore(await self.store.load())
