@@ -1,0 +1,122 @@
+"""Faults one after another, at random, under steady load: the contract still holds.
+
+Where each scenario of ``test_scenarios.py`` breaks one thing at a chosen moment, this
+one keeps clients sending (HTTP streams of two tenants and an AMQP producer, a few at a
+time, of random lengths) while it breaks something every few seconds, chosen by a
+seeded random draw: kill -9 or SIGTERM a worker, kill -9 the scheduler or the scorer,
+kill -9 Redis, fill Redis up, restart RabbitMQ, cut a worker's broker link, or stall
+every link. After
+the last fault it stops sending, lets everything settle, and checks the ledger: lost =
+duplicated = unexpected = 0, and the fairness counters equal the tokens served.
+
+``FAIRWAY_SOAK_S`` (default 60) sets how long faults go on and ``FAIRWAY_SOAK_SEED``
+(default 1) which faults come when; a long run (``FAIRWAY_SOAK_S=900``) is how to look
+for the rare interleavings that a scenario written by hand does not think of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.faults.clients import AmqpTenant, http_stream
+from tests.faults.conftest import WORKERS
+
+SOAK_S = float(os.environ.get("FAIRWAY_SOAK_S", "60"))
+SOAK_SEED = int(os.environ.get("FAIRWAY_SOAK_SEED", "1"))
+HTTP_CLIENTS = 4
+AMQP_CLIENTS = 2
+SETTLE_S = 120.0
+
+
+@pytest.mark.timeout(SOAK_S + SETTLE_S + 300)
+async def test_random_faults_under_steady_load(fault_system, checker, http, keys_by_tenant):
+    fs = fault_system
+    rng = random.Random(SOAK_SEED)
+    await checker.begin()
+    stop = asyncio.Event()
+    tenants = list(keys_by_tenant.items())
+
+    async def http_client(i: int) -> None:
+        client_rng = random.Random(SOAK_SEED * 100 + i)
+        while not stop.is_set():
+            log = await http_stream(http, checker, fs.gateway_url, *tenants[i % len(tenants)],
+                                    max_tokens=client_rng.randint(4, 48))
+            if not log.accepted:  # refused at the door (Redis or the broker away): back off
+                await asyncio.sleep(0.5)
+
+    async def amqp_client(producer: AmqpTenant, i: int) -> None:
+        client_rng = random.Random(SOAK_SEED * 1000 + i)
+        while not stop.is_set():
+            log = await producer.run(max_tokens=client_rng.randint(4, 48))
+            if not log.accepted:  # the broker did not confirm (restarting): back off
+                await asyncio.sleep(0.5)
+
+    faults: list[str] = []
+    async with AmqpTenant(checker, fs.tenant_url("initech"), "initech") as producer:
+        clients = [asyncio.create_task(http_client(i)) for i in range(HTTP_CLIENTS)]
+        clients += [asyncio.create_task(amqp_client(producer, i)) for i in range(AMQP_CLIENTS)]
+        deadline = time.monotonic() + SOAK_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(rng.uniform(2.0, 6.0))
+            faults.append(await inject(fs, rng))
+        stop.set()
+        async with asyncio.timeout(SETTLE_S):
+            await asyncio.gather(*clients)
+    await fs.wait_workers()
+    counts = {name: faults.count(name) for name in sorted(set(faults))}
+    row = await checker.verify(f"soak: {len(faults)} random faults in {SOAK_S:.0f} s under load "
+                               f"(seed {SOAK_SEED})", note=", ".join(f"{k} x{v}" for k, v in counts.items()))
+    assert row.answered > len(faults), "too little got through to say anything"
+
+
+async def inject(fs, rng: random.Random) -> str:
+    """One fault, drawn from ``rng``, and the repair that follows it; returns its name."""
+    fault = rng.choice(["worker_kill", "worker_sigterm", "scheduler_kill", "scorer_kill",
+                        "redis_kill", "redis_full", "worker_link_cut", "links_stalled",
+                        "rabbitmq_restart"])
+    worker = rng.choice(WORKERS)
+    if fault == "worker_kill":
+        fs.system.signal(worker, signal.SIGKILL)
+        await asyncio.sleep(rng.uniform(0.5, 3.0))
+        fs.start(worker)
+    elif fault == "worker_sigterm":
+        await asyncio.to_thread(fs.system.signal, worker, signal.SIGTERM, 60)
+        fs.start(worker)
+    elif fault in ("scheduler_kill", "scorer_kill"):
+        name = fault.removesuffix("_kill")
+        fs.system.signal(name, signal.SIGKILL)
+        await asyncio.sleep(rng.uniform(0.5, 2.0))
+        fs.start(name)
+    elif fault == "redis_kill":
+        fs.redis.kill()
+        await asyncio.sleep(rng.uniform(0.5, 5.0))
+        await asyncio.to_thread(fs.redis.start)
+    elif fault == "redis_full":
+        admin = aioredis.from_url(fs.system.redis_url)
+        try:
+            await admin.config_set("maxmemory", 1)
+            await asyncio.sleep(rng.uniform(1.0, 6.0))
+            await admin.config_set("maxmemory", 0)
+        finally:
+            await admin.aclose()
+    elif fault == "worker_link_cut":
+        fs.proxies[worker].cut(refuse_s=rng.uniform(0.0, 3.0))
+    elif fault == "rabbitmq_restart":
+        # Replies the restart drops end their requests with one clear error
+        # (broker_connection_lost), which is an answer; nothing may be lost or doubled.
+        await asyncio.to_thread(fs.rabbit.stop)
+        await asyncio.to_thread(fs.rabbit.start)
+    elif fault == "links_stalled":
+        for proxy in fs.proxies.values():
+            proxy.stall()
+        await asyncio.sleep(1.5)  # under the 2 s AMQP heartbeat: nothing may fail for it
+        for proxy in fs.proxies.values():
+            proxy.resume()
+    return fault
