@@ -9,6 +9,9 @@ check that Redis keeps what Fairway writes (no eviction when full, an append-onl
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import redis.asyncio as aioredis
 from redis import exceptions as redis_exc
 from redis.asyncio.client import Pipeline
@@ -19,6 +22,8 @@ from services.backoff import retry_until_up
 from services.logs import get_logger
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 CANNOT_SERVE: tuple[type[Exception], ...] = (
     redis_exc.ConnectionError,  # refused, reset, loading its data, no free connection
@@ -69,6 +74,14 @@ def set_marker(pipe: Pipeline, request_id: str, marker: str, value: str, ttl_s: 
     else:
         pipe.hset(key, marker, value)
     pipe.expire(key, ttl_s)
+
+
+async def when_up(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``await attempt()``, a step of a service's start that needs Redis, retried with
+    backoff while Redis cannot serve: Redis going away between :func:`wait_until_up` and
+    the step must not end the process (the soak test's seed 3 caught a scorer exiting so,
+    its queue then unserved until something restarted it)."""
+    return await retry_until_up(attempt, CANNOT_SERVE, "waiting_for_redis")
 
 
 async def wait_until_up(client: aioredis.Redis) -> None:

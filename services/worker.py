@@ -329,7 +329,7 @@ class WorkerService:
         topo = await topology.declare(self.channel, passive=not s.declare_topology)
         self.events = topo.exchange(topology.EVENTS_EXCHANGE)
         await redis_client.wait_until_up(self.redis)  # claims and heartbeats need it
-        await self._heartbeat()
+        await redis_client.when_up(self._heartbeat)
         self.work_queue = topo.queues[topology.work_queue(self.pool)]
         await self._take_work()
         control = await topology.declare_control_queue(self.channel, amqp.login_user(s.amqp_url))

@@ -182,7 +182,7 @@ class ScorerService:
             else LengthPredictor.default()
         )
         online = OnlinePredictor(base, self.redis, s.model_name, marker_ttl_s=s.marker_ttl_s)
-        await online.start()
+        await redis_client.when_up(online.start)
         self.scorer = Scorer(tokenizer, online, s.max_model_len)
 
         self.connection = await amqp.connect(s, "scorer")

@@ -1,12 +1,15 @@
-"""A service says so, loudly, when its Redis could lose what Fairway keeps there; and which
-Redis errors mean "wait, it cannot serve now" rather than "this is wrong"."""
+"""A service says so, loudly, when its Redis could lose what Fairway keeps there; which
+Redis errors mean "wait, it cannot serve now" rather than "this is wrong"; and a start
+step that needs Redis waits for it."""
 
 from __future__ import annotations
 
+import pytest
 from redis import exceptions as e
 from structlog.testing import capture_logs
 
-from services.redis_client import cannot_serve, check_durability, durability_problems
+from services import backoff
+from services.redis_client import cannot_serve, check_durability, durability_problems, when_up
 
 
 async def test_an_evicting_redis_is_reported_at_error_level(redis_client):
@@ -45,3 +48,26 @@ def test_what_counts_as_redis_cannot_serve_now():
     for exc in (e.ResponseError("NOTLEADER"), e.ResponseError("ERR wrong number of arguments"),
                 e.DataError("bad value"), ValueError("a bug"), KeyError("x")):
         assert not cannot_serve(exc), exc
+
+
+async def test_a_start_step_waits_while_redis_cannot_serve_and_fails_on_anything_else(monkeypatch):
+    monkeypatch.setattr(backoff, "FIRST_DELAY_S", 0.001)
+    outcomes = [e.ConnectionError("Connection refused"), e.BusyLoadingError("loading"),
+                e.OutOfMemoryError("maxmemory"), "loaded"]
+    calls = 0
+
+    async def step():
+        nonlocal calls
+        calls += 1
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert await when_up(step) == "loaded" and calls == 4
+
+    async def broken():
+        raise e.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    with pytest.raises(e.ResponseError, match="WRONGTYPE"):
+        await when_up(broken)
