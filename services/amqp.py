@@ -5,7 +5,8 @@ without requeue (so RabbitMQ dead-letters it through the queue's DLX) and, when 
 message names a ``reply_to``, the producer gets an error :class:`FinalAnswer`.
 
 A handler that fails because Redis cannot serve it (unreachable, timing out, loading,
-read-only after a failover, or out of memory) is run again in place, with backoff, until
+read-only after a failover, out of memory, or refusing writes it cannot persist; see
+:func:`services.redis_client.cannot_serve`) is run again in place, with backoff, until
 Redis can: an outage of any length costs no delivery, so no request is dropped for it,
 and the message stays with this consumer (the broker redelivers it if the process dies).
 Handlers are idempotent under redelivery, so a second run is safe.
@@ -54,7 +55,6 @@ CONTENT_TYPE = "application/msgpack"
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 8.0
 DEPENDENCY_RETRY_MAX_S = 5.0
-
 
 M = TypeVar("M", bound=m.Message)
 

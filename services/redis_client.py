@@ -51,8 +51,7 @@ WAIT_FOR_CONNECTION_S = 5.0
 SOCKET_TIMEOUT_S = 10.0
 """A command (or connect) Redis does not answer in this long fails with a TimeoutError,
 instead of hanging its caller for as long as a silent link (a partition, a host gone
-without a reset) lasts. Fairway sends no blocking commands, and its slowest, a leader's
-load of the scheduler's state, takes well under a second."""
+without a reset) lasts. Fairway sends no blocking commands."""
 
 
 def connect(url: str, *, max_connections: int = MAX_CONNECTIONS, wait_s: float = WAIT_FOR_CONNECTION_S,
@@ -79,8 +78,8 @@ def set_marker(pipe: Pipeline, request_id: str, marker: str, value: str, ttl_s: 
 async def when_up(attempt: Callable[[], Awaitable[T]]) -> T:
     """``await attempt()``, a step of a service's start that needs Redis, retried with
     backoff while Redis cannot serve: Redis going away between :func:`wait_until_up` and
-    the step must not end the process (the soak test's seed 3 caught a scorer exiting so,
-    its queue then unserved until something restarted it)."""
+    the step must not end the process, leaving its queue unserved until a supervisor
+    restarts it."""
     return await retry_until_up(attempt, CANNOT_SERVE, "waiting_for_redis")
 
 
