@@ -144,7 +144,7 @@ def retry_delay_s(deliveries: int) -> float:
 
 
 def dependency_retry_delay_s(attempt: int) -> float:
-    return min(RETRY_BASE_S * 2 ** (attempt - 1), DEPENDENCY_RETRY_MAX_S)
+    return min(retry_delay_s(attempt - 1), DEPENDENCY_RETRY_MAX_S)
 
 
 def still_held(message: AbstractIncomingMessage) -> bool:

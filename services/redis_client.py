@@ -86,7 +86,7 @@ async def when_up(attempt: Callable[[], Awaitable[T]]) -> T:
 async def wait_until_up(client: aioredis.Redis) -> None:
     """Return once Redis answers a PING, retrying with backoff: a service that starts
     before Redis (any start order, a Redis restart during a rollout) waits, not exits."""
-    await retry_until_up(client.ping, (RedisError, OSError), "waiting_for_redis")
+    await when_up(client.ping)
     await check_durability(client)
 
 
