@@ -43,8 +43,30 @@ def cannot_serve(exc: BaseException) -> bool:
     """Whether ``exc`` says Redis cannot serve now: one of :data:`CANNOT_SERVE`, or a
     ``MISCONF`` error (it refuses writes because it could not persist them, a full disk
     under its append-only file), which redis-py has no class for."""
-    return isinstance(exc, CANNOT_SERVE) or (
+    return isinstance(exc, CANNOT_SERVE) or refuses_writes(exc)
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis answers but stores nothing now: full (maxmemory under
+    noeviction), read-only (a replica not promoted yet), or unable to persist (``MISCONF``)."""
+    return isinstance(exc, (redis_exc.OutOfMemoryError, redis_exc.ReadOnlyError)) or (
         isinstance(exc, redis_exc.ResponseError) and str(exc).startswith("MISCONF"))
+
+
+def why_unavailable(exc: BaseException) -> str:
+    """Why Redis failed a command, in words for the client that gets a 503 for it."""
+    if isinstance(exc, redis_exc.OutOfMemoryError):
+        return "Redis is out of memory (its maxmemory is reached)"
+    if isinstance(exc, redis_exc.ReadOnlyError):
+        return "Redis is read-only (a replica that is not promoted yet)"
+    if refuses_writes(exc):
+        return "Redis refuses writes because it cannot persist them (MISCONF)"
+    if isinstance(exc, redis_exc.BusyLoadingError):
+        return "Redis is loading its data"
+    if isinstance(exc, (redis_exc.TimeoutError, TimeoutError)):
+        return "Redis did not answer in time"
+    return "Redis is not reachable"
+
 
 MAX_CONNECTIONS = 64
 WAIT_FOR_CONNECTION_S = 5.0

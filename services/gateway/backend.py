@@ -38,7 +38,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import RedisError
 
 from services import amqp, keys, redis_client, topology
 from services.backoff import retry_until_up
@@ -113,7 +113,12 @@ return redis.call('ZREM', KEYS[4], ARGV[1])
 MAX_PENDING_RELEASES = 100_000
 MAX_ORPHANED = 100_000
 CONNECTION_LOST = "broker_connection_lost"
-REDIS_FULL = "Redis is out of memory (its maxmemory is reached), so no request can be queued; retry later."
+
+def redis_refusal(exc: BaseException) -> str:
+    """The 503 message of a request Redis failed to admit."""
+    if redis_client.refuses_writes(exc):
+        return f"{redis_client.why_unavailable(exc)}, so no request can be queued; retry later."
+    return f"{redis_client.why_unavailable(exc)}; retry later."
 
 
 def _slot_keys(tenant: str, incarnation: str) -> list[str]:
@@ -201,10 +206,10 @@ class Backend:
         self._owns_instance = False
         """The exclusive reply queue is ours: no other live gateway has this instance id."""
         self._beating_since: float | None = None
-        self._redis_full = False
-        """Redis refused this gateway's last heartbeat for want of memory (maxmemory under
-        noeviction): new requests are refused until a write goes through again."""
         """Start of this gateway's unbroken run of heartbeats into Redis."""
+        self._refusing_writes: BaseException | None = None
+        """What Redis said when it refused this gateway's last write (full, read-only,
+        cannot persist): new requests are refused until a write goes through again."""
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -227,16 +232,17 @@ class Backend:
                 await self._housekeeping(seconds + micros / 1e6)
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
                 self._beating_since = None
-                if isinstance(exc, OutOfMemoryError) and not self._redis_full:
-                    log.error("redis_out_of_memory", error=str(exc))
-                self._redis_full = isinstance(exc, OutOfMemoryError)
+                refuses = redis_client.refuses_writes(exc)
+                if refuses and self._refusing_writes is None:
+                    log.error("redis_refuses_writes", error=str(exc))
+                self._refusing_writes = exc if refuses else None
                 log.warning("housekeeping_failed", error=repr(exc))
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _housekeeping(self, now: float) -> None:
         """One round at ``now`` (Redis server time, the one clock all gateways share)."""
         await self.redis.zadd(keys.GATEWAYS_SEEN, {self.incarnation: now})
-        self._redis_full = False
+        self._refusing_writes = None
         if self._beating_since is None:
             self._beating_since = now
         await self._retry_releases()
@@ -486,9 +492,9 @@ class Backend:
         expires = now + s.request_timeout_s + 5
         # Checked first: a full Redis still runs the admission script (it deletes before
         # it adds, and Redis lets a script that has written go on), then the request
-        # would wait in the scorer until Redis has room.
-        if self._redis_full:
-            raise unavailable(REDIS_FULL)
+        # would wait in the scorer until Redis has room; a read-only one fails it anyway.
+        if self._refusing_writes is not None:
+            raise unavailable(redis_refusal(self._refusing_writes))
         try:
             await self._retry_releases()
             verdict = await self._admit(
@@ -497,12 +503,11 @@ class Backend:
                       s.max_queued_tokens_per_tenant, cost, s.max_queued_total,
                       int(s.request_timeout_s) + 60, tenant],
             )
-        except OutOfMemoryError:
-            self._redis_full = True
-            raise unavailable(REDIS_FULL) from None
         except (RedisError, OSError) as exc:
             log.warning("redis_unavailable", op="admit", error=repr(exc))
-            raise unavailable("Redis is not reachable; retry later.") from None
+            if redis_client.refuses_writes(exc):
+                self._refusing_writes = exc
+            raise unavailable(redis_refusal(exc)) from None
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         if verdict == "requests":
             raise too_many_in_flight(s.max_queued_per_tenant)

@@ -5,6 +5,7 @@ gateway's slots freed and its requests cancelled by the gateways that outlive it
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -140,6 +141,28 @@ async def test_redis_down_is_503(redis_url):
     b = backend("redis://127.0.0.1:1/0")
     try:
         assert await admit(b, "acme", "r1") == 503
+    finally:
+        await b.redis.aclose()
+
+
+async def test_a_redis_that_refuses_writes_is_503_saying_why_until_a_write_goes_through(
+        redis_client, redis_url):
+    b = backend(redis_url)
+    try:
+        # A replica of a master that is not there: it answers, and refuses every write.
+        await redis_client.execute_command("REPLICAOF", "127.0.0.1", "1")
+        try:
+            with pytest.raises(ApiError) as refused:
+                await b._try_admit("acme", "r1", 10)
+        finally:
+            await redis_client.execute_command("REPLICAOF", "NO", "ONE")
+        assert refused.value.status == 503 and refused.value.headers.get("Retry-After")
+        assert refused.value.message == (
+            "Redis is read-only (a replica that is not promoted yet), so no request can be "
+            "queued; retry later.")
+        assert await admit(b, "acme", "r1") == 503  # up front: no script run against it
+        await b._housekeeping(time.time())  # this gateway's next write goes through
+        assert await admit(b, "acme", "r1") is None
     finally:
         await b.redis.aclose()
 

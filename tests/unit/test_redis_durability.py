@@ -9,7 +9,14 @@ from redis import exceptions as e
 from structlog.testing import capture_logs
 
 from services import backoff
-from services.redis_client import cannot_serve, check_durability, durability_problems, when_up
+from services.redis_client import (
+    cannot_serve,
+    check_durability,
+    durability_problems,
+    refuses_writes,
+    when_up,
+    why_unavailable,
+)
 
 
 async def test_an_evicting_redis_is_reported_at_error_level(redis_client):
@@ -48,6 +55,24 @@ def test_what_counts_as_redis_cannot_serve_now():
     for exc in (e.ResponseError("NOTLEADER"), e.ResponseError("ERR wrong number of arguments"),
                 e.DataError("bad value"), ValueError("a bug"), KeyError("x")):
         assert not cannot_serve(exc), exc
+
+
+def test_what_a_client_is_told_when_redis_fails_it():
+    told = {exc: why_unavailable(exc) for exc in (
+        e.OutOfMemoryError("command not allowed when used memory > 'maxmemory'"),
+        e.ReadOnlyError("You can't write against a read only replica."),
+        e.ResponseError("MISCONF Errors writing to the AOF file: No space left on device"),
+        e.BusyLoadingError("Redis is loading the dataset in memory"),
+        e.TimeoutError("Timeout reading from socket"), TimeoutError(),
+        e.ConnectionError("Connection refused"), ConnectionResetError())}
+    assert list(told.values()) == [
+        "Redis is out of memory (its maxmemory is reached)",
+        "Redis is read-only (a replica that is not promoted yet)",
+        "Redis refuses writes because it cannot persist them (MISCONF)",
+        "Redis is loading its data",
+        "Redis did not answer in time", "Redis did not answer in time",
+        "Redis is not reachable", "Redis is not reachable"]
+    assert [refuses_writes(exc) for exc in told] == [True] * 3 + [False] * 5
 
 
 async def test_a_start_step_waits_while_redis_cannot_serve_and_fails_on_anything_else(monkeypatch):
