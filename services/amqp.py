@@ -36,7 +36,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import (
-    AMQPConnectionError,
+    CONNECTION_EXCEPTIONS,
     ChannelInvalidStateError,
     ProbableAuthenticationError,
 )
@@ -64,6 +64,10 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
 
     The first connection is retried with backoff while the broker is unreachable, so a
     service may start before RabbitMQ; refused credentials fail at once (no retry fixes them).
+    What counts as "not up yet" is what aio-pika's own reconnect loop retries: a broker
+    that is booting or shutting down accepts the socket and drops it mid-handshake, which
+    aiormq reports as ``StopAsyncIteration`` or ``RuntimeError`` as well as
+    ``AMQPConnectionError``.
     """
     return await retry_until_up(
         lambda: aio_pika.connect_robust(
@@ -71,7 +75,7 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
             heartbeat=settings.amqp_heartbeat_s,
             client_properties={"connection_name": f"{name}:{settings.instance_id}"},
         ),
-        (AMQPConnectionError, OSError),
+        CONNECTION_EXCEPTIONS,
         "waiting_for_broker",
         fatal=(ProbableAuthenticationError,),
     )
