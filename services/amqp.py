@@ -38,8 +38,10 @@ from aio_pika.abc import (
 from aio_pika.exceptions import (
     CONNECTION_EXCEPTIONS,
     ChannelInvalidStateError,
+    ChannelPreconditionFailed,
     ProbableAuthenticationError,
 )
+from aiormq.exceptions import ChannelAccessRefused
 
 from services import messages as m
 from services import metrics as prom
@@ -57,6 +59,7 @@ RETRY_MAX_S = 8.0
 DEPENDENCY_RETRY_MAX_S = 5.0
 
 M = TypeVar("M", bound=m.Message)
+T = TypeVar("T")
 
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
@@ -79,6 +82,32 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
         "waiting_for_broker",
         fatal=(ProbableAuthenticationError,),
     )
+
+
+SET_UP_FATAL = (ProbableAuthenticationError, ChannelAccessRefused, ChannelPreconditionFailed)
+"""Broker errors no retry fixes: refused credentials or permissions, a queue declared
+with other arguments."""
+
+
+async def open_until_up(
+    settings: Settings, name: str, set_up: Callable[[AbstractRobustConnection], Awaitable[T]]
+) -> tuple[AbstractRobustConnection, T]:
+    """:func:`connect`, then ``set_up`` on the new connection (channels, topology,
+    consumers), retried together until both succeed. A broker that goes away between the
+    two (a restart during a rollout) is waited for like one not up yet, instead of the
+    service exiting half set up; each failed try's connection is closed before the next.
+    Once set up, the robust connection restores its channels and consumers by itself."""
+
+    async def attempt() -> tuple[AbstractRobustConnection, T]:
+        connection = await connect(settings, name)
+        try:
+            return connection, await set_up(connection)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+
+    return await retry_until_up(attempt, CONNECTION_EXCEPTIONS, "waiting_for_broker", fatal=SET_UP_FATAL)
 
 
 def login_user(url: str) -> str:

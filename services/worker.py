@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from services import amqp, keys, redis_client, topology
 from services import messages as m
@@ -320,20 +320,9 @@ class WorkerService:
 
         self.redis = redis_client.connect(s.redis_url)
         self.adapters = AdapterCatalog.from_settings(s, self.redis)
-        self.connection = await amqp.connect(s, self.worker_id)
-        self.connection.close_callbacks.add(self._on_link_lost)
-        self.channel = await self.connection.channel()
-        self.channel.close_callbacks.add(self._on_link_lost)
-        self.channel.return_callbacks.add(self._on_reply_returned)
-        await self.channel.set_qos(prefetch_count=s.max_running)
-        topo = await topology.declare(self.channel, passive=not s.declare_topology)
-        self.events = topo.exchange(topology.EVENTS_EXCHANGE)
         await redis_client.wait_until_up(self.redis)  # claims and heartbeats need it
         await redis_client.when_up(self._heartbeat)
-        self.work_queue = topo.queues[topology.work_queue(self.pool)]
-        await self._take_work()
-        control = await topology.declare_control_queue(self.channel, amqp.login_user(s.amqp_url))
-        await amqp.consume(self.channel, control, m.CancelRequest, self.on_cancel, service=self.worker_id)
+        self.connection, _ = await amqp.open_until_up(s, self.worker_id, self._consume)
         self._tasks = [
             asyncio.create_task(self._output_loop()),
             asyncio.create_task(self._heartbeat_loop()),
@@ -342,6 +331,20 @@ class WorkerService:
         ]
         log.info("worker_started", worker_id=self.worker_id, pool=self.pool, device=self.device,
                  model=s.model_name, model_path=path, engine=s.engine)
+
+    async def _consume(self, connection: AbstractRobustConnection) -> None:
+        """Open the channel, declare (or check) the topology, take work and cancels."""
+        connection.close_callbacks.add(self._on_link_lost)
+        self.channel = await connection.channel()
+        self.channel.close_callbacks.add(self._on_link_lost)
+        self.channel.return_callbacks.add(self._on_reply_returned)
+        await self.channel.set_qos(prefetch_count=self.settings.max_running)
+        topo = await topology.declare(self.channel, passive=not self.settings.declare_topology)
+        self.events = topo.exchange(topology.EVENTS_EXCHANGE)
+        self.work_queue = topo.queues[topology.work_queue(self.pool)]
+        await self._take_work()
+        control = await topology.declare_control_queue(self.channel, amqp.login_user(self.settings.amqp_url))
+        await amqp.consume(self.channel, control, m.CancelRequest, self.on_cancel, service=self.worker_id)
 
     # --- inputs ----------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from services import amqp, keys, redis_client, topology
 from services import messages as m
@@ -185,10 +185,15 @@ class ScorerService:
         await redis_client.when_up(online.start)
         self.scorer = Scorer(tokenizer, online, s.max_model_len)
 
-        self.connection = await amqp.connect(s, "scorer")
-        self.channel = await self.connection.channel()
+        self.connection, _ = await amqp.open_until_up(s, "scorer", self._consume)
+        self._tasks.append(asyncio.create_task(self._refresh_loop()))
+        log.info("scorer_started", model=s.model_name, model_path=path)
+
+    async def _consume(self, connection: AbstractRobustConnection) -> None:
+        """Open the channel, declare (or check) the topology, consume requests and feedback."""
+        self.channel = await connection.channel()
         await self.channel.set_qos(prefetch_count=64)
-        topo = await topology.declare(self.channel, passive=not s.declare_topology)
+        topo = await topology.declare(self.channel, passive=not self.settings.declare_topology)
         self.scored_exchange = topo.exchange(topology.SCORED_EXCHANGE)
         await amqp.consume(
             self.channel,
@@ -204,8 +209,6 @@ class ScorerService:
             self.on_finished,
             service="scorer",
         )
-        self._tasks.append(asyncio.create_task(self._refresh_loop()))
-        log.info("scorer_started", model=s.model_name, model_path=path)
 
     async def on_request(
         self, request: m.CompletionRequest, message: AbstractIncomingMessage

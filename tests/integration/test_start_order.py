@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import pytest
 import redis
 import uvloop
+from aio_pika.exceptions import ChannelPreconditionFailed
 
 from services import amqp, backoff, keys
 from services import messages as m
@@ -134,6 +135,42 @@ def test_a_broker_that_drops_connections_mid_handshake_is_waited_for(rabbit_serv
 
     uvloop.run(connect_and_close())
     assert broker.accepted == 151
+
+
+async def test_a_broker_lost_while_setting_up_is_waited_for_and_a_wrong_topology_is_fatal(
+        rabbit_server, monkeypatch):
+    """Connect and set up (channel, queues, consumers) are retried together: a broker that
+    goes away between them is waited for, each failed try's connection is closed; a queue
+    that exists with other arguments fails at once (no retry fixes it)."""
+    monkeypatch.setattr(backoff, "FIRST_DELAY_S", 0.001)
+    settings = Settings(amqp_url=rabbit_server.url)
+    tries = []
+
+    async def set_up(connection):
+        tries.append(connection)
+        if len(tries) < 3:
+            await connection.close()  # the broker went away after the handshake
+        channel = await connection.channel()
+        queue = await channel.declare_queue("", exclusive=True)
+        return queue.name
+
+    connection, queue = await amqp.open_until_up(settings, "set-up-test", set_up)
+    try:
+        assert len(tries) == 3 and connection is tries[2] and not connection.is_closed
+        assert all(c.is_closed for c in tries[:2]) and queue
+        channel = await connection.channel()
+        await channel.declare_queue("fairway.test.set-up", durable=False, auto_delete=True)
+
+        async def declare_it_durable(connection):
+            tries.append(connection)
+            channel = await connection.channel()
+            await channel.declare_queue("fairway.test.set-up", durable=True)
+
+        with pytest.raises(ChannelPreconditionFailed):
+            await amqp.open_until_up(settings, "set-up-test", declare_it_durable)
+        assert len(tries) == 4 and tries[3].is_closed
+    finally:
+        await connection.close()
 
 
 def _wait_for_log(system: System, procs: dict, event: str, timeout: float = 60) -> None:
