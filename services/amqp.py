@@ -61,16 +61,19 @@ DEPENDENCY_RETRY_MAX_S = 5.0
 M = TypeVar("M", bound=m.Message)
 T = TypeVar("T")
 
+NO_RETRY_FIXES = (ProbableAuthenticationError, ChannelAccessRefused, ChannelPreconditionFailed)
+"""Broker errors that end a service's start at once: refused credentials or permissions,
+a queue declared with other arguments."""
+
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     """A robust connection (reconnects and re-declares by itself) with AMQP heartbeats.
 
     The first connection is retried with backoff while the broker is unreachable, so a
-    service may start before RabbitMQ; refused credentials fail at once (no retry fixes them).
+    service may start before RabbitMQ; refused credentials fail at once (:data:`NO_RETRY_FIXES`).
     What counts as "not up yet" is what aio-pika's own reconnect loop retries: a broker
     that is booting or shutting down accepts the socket and drops it mid-handshake, which
-    aiormq reports as ``StopAsyncIteration`` or ``RuntimeError`` as well as
-    ``AMQPConnectionError``.
+    aiormq (under uvloop) can report as ``StopAsyncIteration``, not ``AMQPConnectionError``.
     """
     return await retry_until_up(
         lambda: aio_pika.connect_robust(
@@ -80,13 +83,8 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
         ),
         CONNECTION_EXCEPTIONS,
         "waiting_for_broker",
-        fatal=(ProbableAuthenticationError,),
+        fatal=NO_RETRY_FIXES,
     )
-
-
-SET_UP_FATAL = (ProbableAuthenticationError, ChannelAccessRefused, ChannelPreconditionFailed)
-"""Broker errors no retry fixes: refused credentials or permissions, a queue declared
-with other arguments."""
 
 
 async def open_until_up(
@@ -96,6 +94,7 @@ async def open_until_up(
     consumers), retried together until both succeed. A broker that goes away between the
     two (a restart during a rollout) is waited for like one not up yet, instead of the
     service exiting half set up; each failed try's connection is closed before the next.
+    (:func:`connect` inside waits for the handshake; this loop for the set-up after it.)
     Once set up, the robust connection restores its channels and consumers by itself."""
 
     async def attempt() -> tuple[AbstractRobustConnection, T]:
@@ -107,7 +106,7 @@ async def open_until_up(
                 await connection.close()
             raise
 
-    return await retry_until_up(attempt, CONNECTION_EXCEPTIONS, "waiting_for_broker", fatal=SET_UP_FATAL)
+    return await retry_until_up(attempt, CONNECTION_EXCEPTIONS, "waiting_for_broker", fatal=NO_RETRY_FIXES)
 
 
 def login_user(url: str) -> str:
