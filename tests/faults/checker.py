@@ -79,9 +79,12 @@ class RequestLog:
     refusal: str = ""
     """The error message of a request refused at admission (429/503)."""
     started: float = field(default_factory=time.monotonic)
+    first_token_at: float = 0.0
     ended: float = 0.0
 
     def token(self, offset: int, n_tokens: int) -> None:
+        if not self.chunks:
+            self.first_token_at = time.monotonic()
         self.chunks.append((offset, n_tokens))
         self.tokens += n_tokens
 
@@ -194,7 +197,9 @@ class Checker:
             await self._tap_connection.close()
 
     async def begin(self) -> None:
-        """Start a scenario: forget the last one's requests, snapshot the counters."""
+        """Start a scenario: let the last one's work end (a failed scenario can leave streams
+        whose late charges would count here), forget its requests, snapshot the counters."""
+        await self.quiesce()
         self.logs = []
         self.strays = []
         self.finished = {}
