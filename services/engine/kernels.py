@@ -71,14 +71,16 @@ def _fused_layer_forward(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """The Llama decoder layer with its norms on the kernels (same maths)."""
+    """The Llama decoder layer with its norms on the kernels (same maths). The cache goes
+    on under the name the caller gave it: newer transformers call it ``cache``."""
+    if past_key_values is not None:
+        kwargs["past_key_values"] = past_key_values
     residual = hidden_states
     hidden_states = rms_norm(hidden_states, self.input_layernorm.weight, _eps(self.input_layernorm))
     hidden_states, _ = self.self_attn(
         hidden_states=hidden_states,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         use_cache=use_cache,
         position_embeddings=position_embeddings,
         **kwargs,
