@@ -294,14 +294,21 @@ async def consume(
     return await queue.consume(on_message)
 
 
+class ServiceFailed(RuntimeError):
+    """A part the service cannot work without died; it stopped and exits non-zero, so its
+    supervisor starts it again."""
+
+
 async def run_until_signalled(
     start: Callable[[], Awaitable[None]],
     stop: Callable[[], Awaitable[None]],
     hurry: Callable[[], None] | None = None,
+    failed: asyncio.Event | None = None,
 ) -> None:
     """Run a service: ``start`` it, wait for SIGTERM/SIGINT, then ``stop`` it gracefully.
     A second signal while it stops calls ``hurry`` (cut a drain short, as a second
-    Ctrl-C does for uvicorn)."""
+    Ctrl-C does for uvicorn). ``failed`` set once it runs means it cannot go on: it stops
+    at once (``hurry``, then ``stop``) and :class:`ServiceFailed` is raised."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -330,7 +337,15 @@ async def run_until_signalled(
                 signalled.cancel()
                 raise
             freeze_heap()
-            await signalled
+            broken = asyncio.ensure_future(failed.wait() if failed is not None else asyncio.Future())
+            await asyncio.wait({signalled, broken}, return_when=asyncio.FIRST_COMPLETED)
+            if not signalled.done():
+                signalled.cancel()
+                log.error("service_failed_stopping")
+                if hurry is not None:
+                    hurry()
+                raise ServiceFailed("a part the service cannot work without died; see the log")
+            broken.cancel()
         log.info("shutdown_requested")
     finally:
         await stop()

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import redis.asyncio as aioredis
@@ -131,9 +132,12 @@ def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
 class EngineThread(threading.Thread):
     """Runs the engine's step loop; the engine is only ever touched from this thread."""
 
-    def __init__(self, engine: LLMEngine | EchoEngine, on_outputs) -> None:
+    def __init__(self, engine: LLMEngine | EchoEngine, on_outputs,
+                 on_death: Callable[[BaseException], None] | None = None) -> None:
         super().__init__(name="engine", daemon=True)
         self.engine = engine
+        self.on_death = on_death
+        """Called (on this thread) if the step loop itself fails: nothing runs any more."""
         # A paced engine (echo) says how long until its next token: sleep on the command
         # queue meanwhile, so a new request is taken at once and nothing busy-waits.
         self._wait_s = getattr(engine, "wait_s", None)
@@ -158,16 +162,29 @@ class EngineThread(threading.Thread):
     def _handle(self, command: tuple) -> None:
         kind, arg, done = command
         if kind == "add":
+            # A caller that stopped waiting (its delivery's handler was cancelled: the broker
+            # link went, and the item is redelivered) cancelled the future: do not start it.
+            if not done.set_running_or_notify_cancel():
+                return
             try:
                 self.engine.add_request(arg)
                 self.live.add(arg.request_id)
-                done.set_result(None)
             except Exception as exc:  # noqa: BLE001 - any error goes back to the caller
                 done.set_exception(exc)
+            else:
+                done.set_result(None)
         elif kind == "abort":
             self.engine.abort_request(arg)
 
     def run(self) -> None:
+        try:
+            self._step_loop()
+        except BaseException as exc:
+            log.exception("engine_thread_died")
+            if self.on_death is not None:
+                self.on_death(exc)
+
+    def _step_loop(self) -> None:
         while not self._stopping.is_set():
             if not self.engine.has_unfinished_requests():
                 self._handle(self.commands.get())  # idle: sleep until a command arrives
@@ -293,6 +310,8 @@ class WorkerService:
         self._finishing: set[asyncio.Task] = set()
         self._consumer_tag: str | None = None
         self._hurry = asyncio.Event()
+        self.failed = asyncio.Event()
+        """The engine thread died: nothing this worker holds can progress any more."""
         # One resume-point write at a time, so an older point never lands after a newer one.
         self._saving_points = asyncio.Lock()
 
@@ -315,7 +334,8 @@ class WorkerService:
             engine = await asyncio.to_thread(LLMEngine.from_pretrained, path, self.device,
                                              s.dtype, config)
         loop = asyncio.get_running_loop()
-        self.engine = EngineThread(engine, lambda outs: loop.call_soon_threadsafe(self.outputs.put_nowait, outs))
+        self.engine = EngineThread(engine, lambda outs: loop.call_soon_threadsafe(self.outputs.put_nowait, outs),
+                                   on_death=lambda _exc: loop.call_soon_threadsafe(self.failed.set))
         self.engine.start()
 
         self.redis = redis_client.connect(s.redis_url)
@@ -776,4 +796,4 @@ class WorkerService:
 
 async def main(settings: Settings, pool: str, device: str) -> None:
     service = WorkerService(settings, pool, device)
-    await amqp.run_until_signalled(service.start, service.stop, service.hurry)
+    await amqp.run_until_signalled(service.start, service.stop, service.hurry, failed=service.failed)
