@@ -420,9 +420,8 @@ class WorkerService:
         if point is not None:
             engine_req.resume = ResumedOutput(point.output_token_ids, point.streamed_chars)
         try:
-            await asyncio.wrap_future(self.engine.add(engine_req))
+            await self._start_in_engine(active, engine_req)
         except EngineError as exc:
-            self._forget(active)
             if point is None:
                 await self._finish_early(item, message, "error", str(exc))
                 return
@@ -432,15 +431,25 @@ class WorkerService:
             active = self._activate(item, message, None)
             engine_req.request_id, engine_req.resume = active.engine_id, None
             try:
-                await asyncio.wrap_future(self.engine.add(engine_req))
+                await self._start_in_engine(active, engine_req)
             except EngineError as exc:
-                self._forget(active)
                 await self._finish_early(item, message, "error", str(exc))
             return
         if point is not None:
             prom.worker_resumed.labels(self.settings.model_name).inc()
             log.info("resumed", request_id=rid, output_tokens=len(point.output_token_ids),
                      handed_back_by=point.worker_id)
+
+    async def _start_in_engine(self, active: Active, engine_req: EngineRequest) -> None:
+        """Hand a request to the engine thread. If that fails, or the wait is cancelled
+        (the delivery then goes back to the queue), nothing of it stays tracked or running."""
+        try:
+            await asyncio.wrap_future(self.engine.add(engine_req))
+        except BaseException as exc:
+            self._forget(active)
+            if isinstance(exc, asyncio.CancelledError):
+                self.engine.abort(active.engine_id)  # in case the engine took it meanwhile
+            raise
 
     def _activate(self, item: m.WorkItem, message: AbstractIncomingMessage,
                   point: m.ResumePoint | None) -> Active:
