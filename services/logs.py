@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 
 import structlog
 
@@ -13,19 +15,72 @@ def configure(level: str = "INFO", fmt: str = "auto", service: str = "fairway") 
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
     )
+    if json_output:  # progress bars are for terminals; in a log, lines no parser reads
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+    def add_service(_logger: object, _name: str, event: dict) -> dict:
+        """On every event, from any thread (context variables stay with the main one)."""
+        event.setdefault("service", service)
+        return event
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_service,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),  # one write per line
         cache_logger_on_first_use=True,
     )
-    structlog.contextvars.bind_contextvars(service=service)
+    _route_library_logs([add_service, stamp], renderer, level)
+    threading.excepthook = _log_thread_crash
+    sys.excepthook = _log_crash
+
+
+def _route_library_logs(ours: list[structlog.typing.Processor],
+                        renderer: structlog.typing.Processor, level: str) -> None:
+    """Libraries' ``logging`` records (aio-pika's reconnects, uvicorn's errors,
+    transformers' warnings) rendered as our events, with the service and logger names,
+    instead of plain lines among the JSON ones; WARNING and up unless ``level`` is higher."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.stdlib.add_logger_name,
+            *ours,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+
+
+def _log_crash(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+    """The exception that ends the service (a failed start, ServiceFailed), as an event."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)  # type: ignore[arg-type]
+        return
+    structlog.get_logger("fairway").critical("service_crashed", exc_info=(exc_type, exc, tb))
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    """An exception that ended a thread, as an event (the default prints a bare traceback)."""
+    if issubclass(args.exc_type, SystemExit):
+        return
+    structlog.get_logger("threading").error(
+        "thread_crashed", thread=args.thread.name if args.thread else None,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:

@@ -1,0 +1,56 @@
+"""A service's stderr is one JSON event per line: its own events, the libraries' log
+records, a crashed thread's traceback and the error that ends the service alike, and no
+progress bars (run in a child, as a service runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+SERVICE = """
+import logging, threading
+from services.logs import configure, get_logger
+
+configure("INFO", "json", service="cpu-worker")
+get_logger(__name__).info("worker_started", pool="cpu")
+logging.getLogger("aio_pika.robust_connection").warning("Connection attempt to %r failed", "amqp://x")
+logging.getLogger("aio_pika").info("below the libraries' level: not shown")
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("aiormq.connection").exception("Unexpected connection close")
+
+def step_loop():
+    get_logger(__name__).info("engine_stepping")
+    raise RuntimeError("engine gone")
+
+thread = threading.Thread(target=step_loop, name="engine")
+thread.start()
+thread.join()
+
+import transformers.utils.logging as hf_logging
+print("progress bars:", hf_logging.is_progress_bar_enabled())
+raise RuntimeError("could not start")
+"""
+
+
+def test_every_line_a_service_writes_is_a_json_event_with_its_service():
+    run = subprocess.run([sys.executable, "-c", SERVICE], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.strip() == "progress bars: False"  # "Loading weights" bars: not in a log
+    events = [json.loads(line) for line in run.stderr.splitlines()]  # fails on a plain line
+    assert [e["event"] for e in events] == [
+        "worker_started", "Connection attempt to 'amqp://x' failed", "Unexpected connection close",
+        "engine_stepping", "thread_crashed", "service_crashed"]
+    assert {e["service"] for e in events} == {"cpu-worker"}  # also from another thread
+    library = events[1]
+    assert (library["level"], library["logger"]) == ("warning", "aio_pika.robust_connection")
+    assert "ZeroDivisionError" in events[2]["exception"]
+    crash = events[4]
+    assert (crash["level"], crash["thread"]) == ("error", "engine")
+    assert crash["exception"].rstrip().endswith("RuntimeError: engine gone")
+    end = events[5]
+    assert (end["level"], end["exception"].rstrip().splitlines()[-1]) == (
+        "critical", "RuntimeError: could not start")
