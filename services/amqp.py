@@ -337,7 +337,7 @@ async def run_until_signalled(
                 signalled.cancel()
                 raise
             freeze_heap()
-            broken = asyncio.ensure_future(failed.wait() if failed is not None else asyncio.Future())
+            broken = asyncio.ensure_future((failed or asyncio.Event()).wait())
             await asyncio.wait({signalled, broken}, return_when=asyncio.FIRST_COMPLETED)
             if not signalled.done():
                 signalled.cancel()

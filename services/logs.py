@@ -17,44 +17,37 @@ def configure(level: str = "INFO", fmt: str = "auto", service: str = "fairway") 
     )
     if json_output:  # progress bars are for terminals; in a log, lines no parser reads
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
 
     def add_service(_logger: object, _name: str, event: dict) -> dict:
         """On every event, from any thread (context variables stay with the main one)."""
         event.setdefault("service", service)
         return event
 
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        add_service,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            add_service,
-            structlog.processors.add_log_level,
-            stamp,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),  # one write per line
         cache_logger_on_first_use=True,
     )
-    _route_library_logs([add_service, stamp], renderer, level)
+    _route_library_logs(shared, renderer, level)
     threading.excepthook = _log_thread_crash
     sys.excepthook = _log_crash
 
 
-def _route_library_logs(ours: list[structlog.typing.Processor],
+def _route_library_logs(shared: list[structlog.typing.Processor],
                         renderer: structlog.typing.Processor, level: str) -> None:
     """Libraries' ``logging`` records (aio-pika's reconnects, uvicorn's errors,
     transformers' warnings) rendered as our events, with the service and logger names,
     instead of plain lines among the JSON ones; WARNING and up unless ``level`` is higher."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.stdlib.add_logger_name,
-            *ours,
-        ],
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
