@@ -1,0 +1,82 @@
+"""At shutdown the gateway's HTTP protocol serves a request already sent on an idle
+keep-alive connection instead of closing over it.
+
+The race is made exact: the client's second request is written into the server's socket
+and the protocol's ``shutdown`` (what uvicorn calls on SIGTERM) runs before the event
+loop has had a turn to read it, as when a busy gateway is signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from services.gateway.http import HttpToolsProtocol, protocol_options
+
+pytestmark = pytest.mark.skipif(HttpToolsProtocol is None, reason="httptools not installed")
+
+REQUEST = b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+
+async def app(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    return head + await reader.readexactly(2)
+
+
+async def shutdown_with_a_request_in_flight(protocol_class) -> tuple[bytes, bytes]:
+    """One request answered on a keep-alive connection; then a second one sent and the
+    protocol shut down before the loop reads it. Returns the first answer and all that
+    came back after the second request."""
+    config = uvicorn.Config(app, lifespan="off", log_config=None, http=protocol_class)
+    config.load()
+    state = ServerState()
+    protocols = []
+
+    def create_protocol():
+        protocol = config.http_protocol_class(config=config, server_state=state, app_state={})
+        protocols.append(protocol)
+        return protocol
+
+    server = await asyncio.get_running_loop().create_server(create_protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(REQUEST)
+        first = await asyncio.wait_for(read_response(reader), 5)
+        [protocol] = protocols
+        writer.write(REQUEST)  # an idle socket: the transport sends it at once
+        time.sleep(0.05)  # noqa: ASYNC251 - on purpose: the loop must not read it first
+        protocol.shutdown()
+        try:
+            rest = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:
+            rest = b"<reset>"
+        return first, rest
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_request_sent_as_shutdown_begins_is_served_then_the_connection_closes():
+    first, rest = await shutdown_with_a_request_in_flight(protocol_options(8192)["http"])
+    assert first.startswith(b"HTTP/1.1 200")
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"ok"), rest
+    # reader.read() returned: the server closed the connection after that answer.
+
+
+async def test_uvicorns_own_protocol_drops_it():
+    """What the gateway's protocol fixes: the stock one closes over the waiting request."""
+    first, rest = await shutdown_with_a_request_in_flight(HttpToolsProtocol)
+    assert first.startswith(b"HTTP/1.1 200")
+    assert rest in (b"", b"<reset>"), rest
