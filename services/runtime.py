@@ -1,9 +1,12 @@
-"""Process tuning every service applies once it has started."""
+"""Process tuning every service applies once it has started, and its background tasks."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from services.logs import get_logger
 
@@ -22,3 +25,33 @@ def freeze_heap() -> None:
     gc.freeze()
     log.info("heap_frozen", objects=gc.get_freeze_count(),
              ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+class BackgroundTasks:
+    """Tasks that run outside the task that started them (which may be cancelled), each
+    referenced until it ends so the loop cannot drop it. One that fails is logged as
+    ``background_task_failed`` with its traceback: never a bare "Task exception was
+    never retrieved" on stderr, which no log pipeline reads."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background_task_failed", task=task.get_coro().__qualname__,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def wait(self) -> None:
+        """Until every task running now has ended (their failures are logged, not raised)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -42,6 +42,7 @@ from services.engine.echo import EchoEngine
 from services.engine.interface import LoraRequest
 from services.engine.sampling import with_seed
 from services.logs import get_logger
+from services.runtime import BackgroundTasks
 from services.settings import Settings
 
 log = get_logger(__name__)
@@ -307,7 +308,8 @@ class WorkerService:
         self._attempts = itertools.count(1)
         self.outputs: asyncio.Queue[list[RequestOutput]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
-        self._finishing: set[asyncio.Task] = set()
+        self._background = BackgroundTasks()
+        """Final answers and hand-backs, run outside the output loop."""
         self._consumer_tag: str | None = None
         self._hurry = asyncio.Event()
         self.failed = asyncio.Event()
@@ -565,7 +567,7 @@ class WorkerService:
     def _emit(self, active: Active, out: RequestOutput) -> None:
         active.output_tokens = out.num_output_tokens
         if out.finished:  # its last tokens travel in the final answer
-            self._spawn(self._finish(active, out))
+            self._background.spawn(self._finish(active, out))
             return
         if out.new_token_ids or out.new_text:
             send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
@@ -577,17 +579,12 @@ class WorkerService:
         if len(active.unconfirmed) > 64:
             active.confirmed_prefix()  # let go of the confirmed ones
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-
     def _on_sent(self, active: Active, send: asyncio.Future) -> None:
         """A chunk the broker did not take: hand the request back (once)."""
         if send.cancelled() or send.exception() is None or active.engine_id not in self.by_engine:
             return
         log.error("emit_failed", request_id=active.item.request_id, error=repr(send.exception()))
-        self._spawn(self._hand_back(active))
+        self._background.spawn(self._hand_back(active))
 
     async def _finish(self, active: Active, out: RequestOutput) -> None:
         """Terminal answer (with the last step's tokens: one message fewer per request)
@@ -617,7 +614,14 @@ class WorkerService:
             log.exception("emit_failed", request_id=rid)
             await self._hand_back(active)
             return
-        await active.message.ack()
+        try:
+            await active.message.ack()
+        except Exception as exc:  # noqa: BLE001 - the answer is out; what is left is cleanup
+            # The broker link dropped after it confirmed the answer: it redelivers the
+            # item, and the worker that takes it drops it once the scheduler has marked
+            # the request done on this completion event (a copy that comes sooner runs
+            # again, and its caller, already answered, ignores it).
+            log.warning("ack_failed", request_id=rid, error=repr(exc))
         self._forget(active)
         if active.checkpointed:  # answered: its resume point is of no more use
             with contextlib.suppress(Exception):

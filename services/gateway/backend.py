@@ -54,6 +54,7 @@ from services.gateway.replies import TimedReplies
 from services.logs import get_logger
 from services.messages import CancelRequest, CompletionRequest, MessageError
 from services.replies import ReplyRouter
+from services.runtime import BackgroundTasks
 from services.settings import Settings
 
 log = get_logger(__name__)
@@ -196,7 +197,7 @@ class Backend:
         self._ready = asyncio.Event()
         self._connect_task: asyncio.Task[None] | None = None
         self._housekeeping_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks()
         self._submissions: dict[str, Submission] = {}
         self._pending_releases: dict[str, str] = {}
         """Request id -> tenant of admission slots whose release failed; retried later."""
@@ -376,8 +377,7 @@ class Backend:
             async with asyncio.timeout(SHUTDOWN_CLEANUP_S):
                 for submission in list(self._submissions.values()):
                     await submission.close()
-                if self._background:
-                    await asyncio.gather(*self._background, return_exceptions=True)
+                await self._background.wait()
         except TimeoutError:
             log.warning("shutdown_cleanup_timeout", left=len(self._submissions))
         self._ready.clear()
@@ -396,11 +396,8 @@ class Backend:
         await self.redis.aclose()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run cleanup outside the caller's task (which may be cancelled), keeping a reference."""
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        """Run cleanup outside the caller's task (which may be cancelled)."""
+        return self._background.spawn(coro)
 
     # --- requests --------------------------------------------------------------------
 

@@ -1,0 +1,55 @@
+"""Background tasks are kept until they end, and one that fails is a log event."""
+
+from __future__ import annotations
+
+import asyncio
+
+from structlog.testing import capture_logs
+
+from services.runtime import BackgroundTasks
+
+
+async def fails_after(delay: float) -> None:
+    await asyncio.sleep(delay)
+    raise ConnectionError("link dropped")
+
+
+async def test_a_failing_task_is_logged_with_its_traceback_and_forgotten():
+    tasks = BackgroundTasks()
+    finished = asyncio.Event()
+
+    async def succeeds() -> None:
+        await asyncio.sleep(0.01)
+        finished.set()
+
+    with capture_logs() as logs:
+        tasks.spawn(succeeds())
+        failing = tasks.spawn(fails_after(0.02))
+        assert len(tasks) == 2
+        await tasks.wait()
+        await asyncio.sleep(0)  # done callbacks run on the next turn of the loop
+    assert finished.is_set() and len(tasks) == 0
+    assert isinstance(failing.exception(), ConnectionError)
+    failures = [e for e in logs if e["event"] == "background_task_failed"]
+    assert len(failures) == 1, logs
+    assert failures[0]["task"] == "fails_after"
+    assert failures[0]["log_level"] == "error"
+    exc_type, exc, _tb = failures[0]["exc_info"]
+    assert exc_type is ConnectionError and str(exc) == "link dropped"
+
+
+async def test_a_cancelled_task_is_not_a_failure():
+    tasks = BackgroundTasks()
+    with capture_logs() as logs:
+        task = tasks.spawn(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        task.cancel()
+        await tasks.wait()
+        await asyncio.sleep(0)
+    assert len(tasks) == 0
+    assert not [e for e in logs if e["event"] == "background_task_failed"]
+
+
+async def test_wait_returns_at_once_with_nothing_running():
+    async with asyncio.timeout(1):
+        await BackgroundTasks().wait()
