@@ -17,11 +17,12 @@ then asserts the contract of ``DESIGN.md``:
   tenant is left holding gateway admission slots.
 
 "Tokens actually served" come from a tap on the workers' progress and completion
-events (a queue of the checker's own on the events exchange): per request, its prompt
-and the most output tokens any attempt generated; they are cross-checked with the usage
-that clients received in their terminal answers. Each verified scenario adds a row to the table
-that :meth:`Checker.write` saves as JSON and markdown (``FAIRWAY_FAULTS_TABLE`` names
-the path stem; a temporary directory otherwise).
+events (a quorum queue of the checker's own on the events exchange, as durable as the
+scheduler's): per request, its prompt and the most output tokens any attempt generated;
+they are cross-checked with the usage that clients received in their terminal answers.
+Each verified scenario adds a row to the table that :meth:`Checker.write` saves as JSON
+and markdown (``FAIRWAY_FAULTS_TABLE`` names the path stem; a temporary directory
+otherwise).
 """
 
 from __future__ import annotations
@@ -174,7 +175,11 @@ class Checker:
         channel = await self._tap_connection.channel()
         exchange = await channel.declare_exchange(topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC,
                                                   durable=True)
-        queue = await channel.declare_queue(TAP_QUEUE, durable=True)
+        # Quorum, as the scheduler's events queue: a worker's event that a broker restart
+        # cut off before its confirm may still have reached the scheduler's queue, and a
+        # classic queue would lose it where the scheduler's kept and charged it.
+        queue = await channel.declare_queue(TAP_QUEUE, durable=True,
+                                            arguments={"x-queue-type": "quorum"})
         await queue.bind(exchange, routing_key=topology.FINISHED_KEY)
         await queue.bind(exchange, routing_key=topology.PROGRESS_KEY)
 
