@@ -3,11 +3,13 @@
 Where each scenario of ``test_scenarios.py`` breaks one thing at a chosen moment, this
 one keeps clients sending (HTTP streams of two tenants and an AMQP producer, a few at a
 time, of random lengths) while it breaks something every few seconds, chosen by a
-seeded random draw: kill -9 or SIGTERM a worker, kill -9 the scheduler or the scorer,
-kill -9 Redis, fill Redis up, restart RabbitMQ, cut a worker's broker link, or stall
-every link. After
-the last fault it stops sending, lets everything settle, and checks the ledger: lost =
-duplicated = unexpected = 0, and the fairness counters equal the tokens served.
+seeded random draw: kill -9 or SIGTERM a worker, the scheduler or the scorer, SIGTERM
+the gateway (a rolling deploy: its streams finish, then it comes back), kill -9 Redis,
+fill Redis up, restart RabbitMQ, cut a worker's broker link, or stall every link. One
+fault in four comes with a second at the same time on another part (a worker dies while
+Redis is down, the scheduler while the broker restarts): incidents rarely come alone.
+After the last fault it stops sending, lets everything settle, and checks the ledger:
+lost = duplicated = unexpected = 0, and the fairness counters equal the tokens served.
 
 ``FAIRWAY_SOAK_S`` (default 60) sets how long faults go on and ``FAIRWAY_SOAK_SEED``
 (default 1) which faults come when; a long run (``FAIRWAY_SOAK_S=900``) is how to look
@@ -65,7 +67,8 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
         deadline = time.monotonic() + SOAK_S
         while time.monotonic() < deadline:
             await asyncio.sleep(rng.uniform(2.0, 6.0))
-            faults.append(await inject(fs, rng))
+            faults += await asyncio.gather(*(inject(fs, part, fault, rng)
+                                             for part, fault in draw(rng)))
         stop.set()
         async with asyncio.timeout(SETTLE_S):
             await asyncio.gather(*clients)
@@ -76,24 +79,45 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     assert row.answered > len(faults), "too little got through to say anything"
 
 
-async def inject(fs, rng: random.Random) -> str:
-    """One fault, drawn from ``rng``, and the repair that follows it; returns its name."""
-    fault = rng.choice(["worker_kill", "worker_sigterm", "scheduler_kill", "scorer_kill",
-                        "redis_kill", "redis_full", "worker_link_cut", "links_stalled",
-                        "rabbitmq_restart"])
-    worker = rng.choice(WORKERS)
+WORKER_FAULTS = ("worker_kill", "worker_sigterm", "worker_link_cut")
+FAULTS_BY_PART = {
+    **{worker: WORKER_FAULTS for worker in WORKERS},
+    "scheduler": ("scheduler_kill", "scheduler_sigterm"),
+    "scorer": ("scorer_kill", "scorer_sigterm"),
+    "gateway": ("gateway_sigterm",),
+    "redis": ("redis_kill", "redis_full"),
+    "rabbitmq": ("rabbitmq_restart", "links_stalled"),
+}
+"""The faults each part can suffer. Two faults at once never hit one part: one repair
+would undo the other's fault, or signal a process the other already stopped."""
+TWO_AT_ONCE = 0.25
+
+
+def draw(rng: random.Random) -> list[tuple[str, str]]:
+    """One (part, fault), or with probability :data:`TWO_AT_ONCE` two on different parts."""
+    parts = rng.sample(sorted(FAULTS_BY_PART), 2 if rng.random() < TWO_AT_ONCE else 1)
+    return [(part, rng.choice(FAULTS_BY_PART[part])) for part in parts]
+
+
+async def inject(fs, part: str, fault: str, rng: random.Random) -> str:
+    """Break ``part`` by ``fault``, then repair it; returns the fault's name."""
     if fault == "worker_kill":
-        fs.system.signal(worker, signal.SIGKILL)
+        fs.system.signal(part, signal.SIGKILL)
         await asyncio.sleep(rng.uniform(0.5, 3.0))
-        fs.start(worker)
+        fs.start(part)
     elif fault == "worker_sigterm":
-        await asyncio.to_thread(fs.system.signal, worker, signal.SIGTERM, 60)
-        fs.start(worker)
+        await asyncio.to_thread(fs.system.signal, part, signal.SIGTERM, 60)
+        fs.start(part)
     elif fault in ("scheduler_kill", "scorer_kill"):
         name = fault.removesuffix("_kill")
         fs.system.signal(name, signal.SIGKILL)
         await asyncio.sleep(rng.uniform(0.5, 2.0))
         fs.start(name)
+    elif fault in ("scheduler_sigterm", "scorer_sigterm", "gateway_sigterm"):
+        name = fault.removesuffix("_sigterm")
+        exit_code = await asyncio.to_thread(fs.system.signal, name, signal.SIGTERM, 60)
+        fs.start(name)
+        assert exit_code == 0, f"{name} exited {exit_code} on SIGTERM"
     elif fault == "redis_kill":
         fs.redis.kill()
         await asyncio.sleep(rng.uniform(0.5, 5.0))
@@ -107,7 +131,7 @@ async def inject(fs, rng: random.Random) -> str:
         finally:
             await admin.aclose()
     elif fault == "worker_link_cut":
-        fs.proxies[worker].cut(refuse_s=rng.uniform(0.0, 3.0))
+        fs.proxies[part].cut(refuse_s=rng.uniform(0.0, 3.0))
     elif fault == "rabbitmq_restart":
         # Replies the restart drops end their requests with one clear error
         # (broker_connection_lost), which is an answer; nothing may be lost or doubled.
