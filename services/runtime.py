@@ -55,3 +55,27 @@ class BackgroundTasks:
         """Until every task running now has ended (their failures are logged, not raised)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def start_vital(coro: Coroutine[Any, Any, Any], broken: asyncio.Event) -> asyncio.Task[Any]:
+    """Run a loop the service cannot work without (it streams tokens, renews a lease,
+    schedules). Such a loop ends when it is cancelled or once ``broken`` is set; if it ends
+    any other way, with an error or without, it is logged as ``vital_task_died`` and
+    ``broken`` is set, so the service recovers (a scheduler gives up its term and starts a
+    new one) or stops and exits non-zero for its supervisor to restart it, instead of
+    running on with a part missing: heartbeating while no token leaves, holding a lease
+    while nothing is scheduled."""
+    task = asyncio.create_task(coro)
+
+    def done(task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None and broken.is_set():
+            return  # it saw the event and ended, as it should
+        log.error("vital_task_died", task=task.get_coro().__qualname__,
+                  exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None)
+        broken.set()
+
+    task.add_done_callback(done)
+    return task

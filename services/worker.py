@@ -42,7 +42,7 @@ from services.engine.echo import EchoEngine
 from services.engine.interface import LoraRequest
 from services.engine.sampling import with_seed
 from services.logs import get_logger
-from services.runtime import BackgroundTasks
+from services.runtime import BackgroundTasks, start_vital
 from services.settings import Settings
 
 log = get_logger(__name__)
@@ -313,7 +313,7 @@ class WorkerService:
         self._consumer_tag: str | None = None
         self._hurry = asyncio.Event()
         self.failed = asyncio.Event()
-        """The engine thread died: nothing this worker holds can progress any more."""
+        """The engine thread or one of its loops died: what this worker holds cannot progress."""
         # One resume-point write at a time, so an older point never lands after a newer one.
         self._saving_points = asyncio.Lock()
 
@@ -345,12 +345,9 @@ class WorkerService:
         await redis_client.wait_until_up(self.redis)  # claims and heartbeats need it
         await redis_client.when_up(self._heartbeat)
         self.connection, _ = await amqp.open_until_up(s, self.worker_id, self._consume)
-        self._tasks = [
-            asyncio.create_task(self._output_loop()),
-            asyncio.create_task(self._heartbeat_loop()),
-            asyncio.create_task(self._progress_loop()),
-            asyncio.create_task(self._resume_point_loop()),
-        ]
+        self._tasks = [start_vital(loop, self.failed) for loop in (
+            self._output_loop(), self._heartbeat_loop(), self._progress_loop(),
+            self._resume_point_loop())]
         log.info("worker_started", worker_id=self.worker_id, pool=self.pool, device=self.device,
                  model=s.model_name, model_path=path, engine=s.engine)
 

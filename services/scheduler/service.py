@@ -21,6 +21,7 @@ from services import messages as m
 from services import metrics as prom
 from services.latency_model import LatencyModel
 from services.logs import get_logger
+from services.runtime import start_vital
 from services.scheduler.policy import (
     PolicyConfig,
     PoolView,
@@ -229,7 +230,7 @@ class SchedulerService:
                                                         amqp.login_user(self.settings.amqp_url))
         tags.append((control, await amqp.consume(
             self.channel, control, m.CancelRequest, self.on_cancel, service="scheduler")))
-        tasks = [asyncio.create_task(self._renew_loop()), asyncio.create_task(self._schedule_loop())]
+        tasks = [start_vital(self._renew_loop(), self.lost), start_vital(self._schedule_loop(), self.lost)]
         try:
             await self.lost.wait()
         finally:

@@ -1,12 +1,14 @@
-"""Background tasks are kept until they end, and one that fails is a log event."""
+"""Background tasks are kept until they end, and one that fails is a log event; a vital
+loop that dies breaks its service instead of leaving it running with a part missing."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 from structlog.testing import capture_logs
 
-from services.runtime import BackgroundTasks
+from services.runtime import BackgroundTasks, start_vital
 
 
 async def fails_after(delay: float) -> None:
@@ -53,3 +55,39 @@ async def test_a_cancelled_task_is_not_a_failure():
 async def test_wait_returns_at_once_with_nothing_running():
     async with asyncio.timeout(1):
         await BackgroundTasks().wait()
+
+
+@pytest.mark.parametrize("raises", [True, False])
+async def test_a_vital_loop_that_fails_or_returns_breaks_its_service(raises: bool):
+    broken = asyncio.Event()
+
+    async def output_loop() -> None:
+        await asyncio.sleep(0.01)
+        if raises:
+            raise RuntimeError("output loop bug")
+
+    with capture_logs() as logs:
+        task = start_vital(output_loop(), broken)
+        await asyncio.wait_for(broken.wait(), 1)
+    assert task.done()
+    [died] = [e for e in logs if e["event"] == "vital_task_died"]
+    assert died["task"].endswith("output_loop") and died["log_level"] == "error"
+    assert (died["exc_info"] is not None) == raises
+
+
+async def test_a_vital_loop_that_ends_on_its_event_or_is_cancelled_is_no_death():
+    broken = asyncio.Event()
+
+    async def until_broken() -> None:
+        while not broken.is_set():
+            await asyncio.sleep(0.005)
+
+    with capture_logs() as logs:
+        ends = start_vital(until_broken(), broken)
+        cancelled = start_vital(asyncio.sleep(10), asyncio.Event())
+        await asyncio.sleep(0.02)
+        broken.set()
+        cancelled.cancel()
+        await asyncio.gather(ends, cancelled, return_exceptions=True)
+        await asyncio.sleep(0)
+    assert not [e for e in logs if e["event"] == "vital_task_died"]
