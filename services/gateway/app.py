@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -601,12 +602,23 @@ def create_app(settings: Settings) -> FastAPI:
 async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> None:
     """Run the gateway until SIGTERM/SIGINT; then stop accepting and drain for ``grace_s``.
 
-    After draining, uvicorn restores the handlers it found and raises the caught signal
-    again; with no-op handlers in place that ends the process normally, so a drained
-    gateway exits 0 like the other services."""
+    Our handler is in place from the start: a signal that comes while the app is built,
+    before uvicorn puts its own handlers in, is handed to the server once it exists, so
+    it starts, stops at once and exits 0 rather than serve on as if never told. After
+    draining, uvicorn puts our handler back and raises the caught signal again, which
+    then does nothing more, so a drained gateway exits 0 like the other services."""
+    server: uvicorn.Server | None = None
+    early: list[int] = []
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        if server is None:
+            early.append(sig)
+        else:
+            server.handle_exit(sig, frame)
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
+            signal.signal(sig, on_signal)
     app = create_app(settings)
     freeze_heap()
     config = uvicorn.Config(
@@ -619,4 +631,8 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
         timeout_graceful_shutdown=int(grace_s),
         **protocol_options(MAX_HEAD_READ_BYTES),
     )
-    await uvicorn.Server(config).serve()
+    server = uvicorn.Server(config)
+    for sig in early:
+        log.info("stop_requested_while_starting", signal=signal.Signals(sig).name)
+        server.handle_exit(sig, None)
+    await server.serve()

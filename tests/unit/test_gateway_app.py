@@ -224,3 +224,33 @@ def test_gateway_does_not_import_torch() -> None:
         timeout=60,
         cwd=Path(__file__).resolve().parents[2],
     )
+
+
+SIGNALLED_WHILE_STARTING = """
+import asyncio, os, signal, sys
+import services.gateway.app as gateway_app
+from services.logs import configure
+from services.settings import Settings
+
+configure("INFO", "json", service="gateway")
+
+def freeze_heap_then_a_deploy_stops_us():  # in the window before uvicorn's own handlers
+    os.kill(os.getpid(), signal.SIGTERM)
+
+gateway_app.freeze_heap = freeze_heap_then_a_deploy_stops_us
+settings = Settings(port=int(sys.argv[1]), api_keys="acme:key-a",
+                    redis_url="redis://127.0.0.1:1/0", amqp_url="amqp://guest:guest@127.0.0.1:1/")
+asyncio.run(gateway_app.serve(settings, grace_s=1))
+print("stopped")
+"""
+
+
+def test_a_sigterm_while_the_gateway_starts_stops_it():
+    """A SIGTERM that comes while the app is built (a deploy stopping a gateway that has
+    just started) stops it, exit 0, instead of being swallowed and serving on."""
+    run = subprocess.run([sys.executable, "-c", SIGNALLED_WHILE_STARTING, str(free_port())],
+                         capture_output=True, text=True, timeout=60, check=False,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "stopped"
+    assert "stop_requested_while_starting" in run.stderr
