@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import unquote, urlparse
@@ -115,11 +116,17 @@ def login_user(url: str) -> str:
 
 
 def to_amqp(msg: m.Message, *, reply_to: str | None = None, user_id: str | None = None) -> aio_pika.Message:
+    """The AMQP message for ``msg``. Its request id is the ``correlation_id``, AMQP's
+    property for what a message is about; the ``message_id`` is this publish's own, as
+    aiormq finds the publish a returned message belongs to by it: with every chunk of a
+    stream under one id, a chunk returned unroutable (its caller gone) was matched to the
+    stream's latest publish, and the returns after it were logged as unhandled errors."""
     return aio_pika.Message(
         body=m.encode(msg),
         content_type=CONTENT_TYPE,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=msg.request_id or None,
+        message_id=uuid.uuid4().hex,
+        correlation_id=msg.request_id or None,
         type=msg.TYPE,
         reply_to=reply_to,
         user_id=user_id,
@@ -252,7 +259,8 @@ async def consume(
             log.warning("message_rejected", service=service, queue=queue.name, error=str(exc))
             if on_invalid is not None:
                 on_invalid()
-            request_id = m.peek_request_id(message.body) or message.message_id or ""
+            request_id = (m.peek_request_id(message.body) or message.correlation_id
+                          or message.message_id or "")
             reply_to = message.reply_to or m.peek_reply_to(message.body)
             if reply_to:
                 try:

@@ -145,12 +145,37 @@ async def _get(queue, timeout: float, fail: bool = True):
     return None
 
 
-async def _find(queue, message_id: str, timeout: float) -> bool:
+async def _find(queue, ident: str, timeout: float) -> bool:
+    """Whether a dead letter with ``ident`` as its message id (set by the test's own
+    publish) or its correlation id (our services' publishes: the request id) arrives."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         letter = await queue.get(no_ack=True, fail=False)
         if letter is None:
             await asyncio.sleep(0.1)
-        elif letter.message_id == message_id:
+        elif ident in (letter.message_id, letter.correlation_id):
             return True
     return False
+
+
+async def test_every_chunk_returned_unroutable_reaches_the_return_callbacks(amqp_url):
+    """A worker learns that a caller is gone from its token chunks coming back unroutable;
+    with a stream's chunks published together, each return must reach the callbacks (and
+    none be logged as an unhandled message), which needs a message id per publish."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        returned: list[tuple[str | None, int]] = []
+        channel.return_callbacks.add(lambda _channel, message: returned.append(
+            (m.peek_request_id(message.body), m.decode(message.body, m.TokenChunk).token_offset)))
+        gone = f"fairway.replies.nobody.{uuid.uuid4().hex[:8]}"  # no such queue
+        await asyncio.gather(*(
+            amqp.reply(channel, gone, m.TokenChunk(request_id="r1", token_offset=i, text_offset=i,
+                                                   text="x", token_ids=[7]), mandatory=True)
+            for i in range(5)))
+        async with asyncio.timeout(5):
+            while len(returned) < 5:
+                await asyncio.sleep(0.02)
+        assert sorted(returned) == [("r1", i) for i in range(5)]
+    finally:
+        await connection.close()
