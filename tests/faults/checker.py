@@ -302,7 +302,8 @@ class Checker:
                 grew = served.get(tenant, 0.0) - self._served_before.get(tenant, 0.0)
                 want = expected.get(tenant, 0.0)
                 if abs(grew - want) > 1e-6:
-                    problems.append(f"served counter of {tenant} grew by {grew}, served {want}")
+                    problems.append(f"served counter of {tenant} grew by {grew}, served {want} "
+                                    f"(the tap's events per request: {self.write_ledger()})")
                 vtc_grew = vtc.get(tenant, 0.0) - self._vtc_before.get(tenant, 0.0)
                 if vtc_grew + 1e-6 < min(want, grew) / 8:  # tenant weights are at most 8
                     problems.append(f"VTC counter of {tenant} grew by {vtc_grew} for {want} served")
@@ -311,6 +312,23 @@ class Checker:
             problems.append(f"admission slots still held: {leaked}")
         assert not problems, f"{scenario}: " + "; ".join(problems)
         return row
+
+    def write_ledger(self) -> Path:
+        """The tap's view per request (its completion event and the most output any
+        progress event reported), as JSON lines beside the table: with Redis' append-only
+        file (the scheduler's charges) it says which request a counter mismatch is in."""
+        path = self.write().with_suffix(".ledger.jsonl")
+        with path.open("w") as out:
+            for rid in sorted(set(self.finished) | set(self.generated)):
+                event = self.finished.get(rid)
+                out.write(json.dumps({
+                    "request_id": rid, "tenant": event.tenant if event else None,
+                    "finish_reason": event.finish_reason if event else None,
+                    "prompt_tokens": event.prompt_tokens if event else None,
+                    "output_tokens": event.output_tokens if event else None,
+                    "progress_tokens": self.generated.get(rid),
+                    "completions": self.completions.get(rid, 0)}) + "\n")
+        return path
 
     # --- the table -------------------------------------------------------------------
 
