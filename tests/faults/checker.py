@@ -146,7 +146,7 @@ class Checker:
         self.logs: list[RequestLog] = []
         self.strays: list[tuple[str, str]] = []
         self.finished: dict[str, m.RequestFinished] = {}
-        """Completion events seen by the tap, latest per request (requeues excluded)."""
+        """Completion events seen by the tap, the first per request (requeues excluded)."""
         self.completions: Counter[str] = Counter()
         """Completion events per request: more than one means a request ran twice."""
         self.generated: dict[str, int] = {}
@@ -183,13 +183,18 @@ class Checker:
         await queue.bind(exchange, routing_key=topology.FINISHED_KEY)
         await queue.bind(exchange, routing_key=topology.PROGRESS_KEY)
 
+        # As the scheduler counts: a request's first completion ends its charge; what a
+        # second run of it reports (a redelivered copy that ran before the request was
+        # marked done) is neither charged nor what its caller was answered with.
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             event = m.decode(message.body)
-            if isinstance(event, m.RequestProgress):
+            done = event.request_id in self.finished
+            if isinstance(event, m.RequestProgress) and not done:
                 self.generated[event.request_id] = max(self.generated.get(event.request_id, 0),
                                                        event.total_tokens)
             elif isinstance(event, m.RequestFinished) and not event.requeue:
-                self.finished[event.request_id] = event
+                if not done:
+                    self.finished[event.request_id] = event
                 self.completions[event.request_id] += 1
             await message.ack()
 
