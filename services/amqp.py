@@ -117,10 +117,11 @@ def login_user(url: str) -> str:
 
 def to_amqp(msg: m.Message, *, reply_to: str | None = None, user_id: str | None = None) -> aio_pika.Message:
     """The AMQP message for ``msg``. Its request id is the ``correlation_id``, AMQP's
-    property for what a message is about; the ``message_id`` is this publish's own, as
-    aiormq finds the publish a returned message belongs to by it: with every chunk of a
-    stream under one id, a chunk returned unroutable (its caller gone) was matched to the
-    stream's latest publish, and the returns after it were logged as unhandled errors."""
+    property for what a message is about; the ``message_id`` is this publish's own:
+    aiormq finds the publish a returned message belongs to by its ``message_id``, so
+    publishes sharing one (a stream's chunks) would have a return matched to the wrong
+    publish, and the returns after the first logged as unhandled, never reaching the
+    channel's return callbacks (how a worker learns that a caller is gone)."""
     return aio_pika.Message(
         body=m.encode(msg),
         content_type=CONTENT_TYPE,
