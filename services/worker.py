@@ -345,7 +345,7 @@ class WorkerService:
         await redis_client.wait_until_up(self.redis)  # claims and heartbeats need it
         await redis_client.when_up(self._heartbeat)
         self.connection, _ = await amqp.open_until_up(s, self.worker_id, self._consume)
-        self._tasks = [start_vital(loop, self.failed) for loop in (
+        self._tasks = [start_vital(coro, self.failed) for coro in (
             self._output_loop(), self._heartbeat_loop(), self._progress_loop(),
             self._resume_point_loop())]
         log.info("worker_started", worker_id=self.worker_id, pool=self.pool, device=self.device,
