@@ -28,6 +28,15 @@ Redis' memory and keys per completed request. What a request leaves (its markers
 lists filling up) and ``request_key_bytes_per_request`` (``MEMORY USAGE`` of its keys);
 ``bytes_per_request`` also counts client buffers grown under load, which do not pile up
 with time. ``--plot DIR`` writes the CDF of added latency per phase.
+
+Also on a started system: ``amqp_messages_per_request`` per phase, as RabbitMQ's global
+counters count them (published, delivered, acknowledged), and last a
+``messaging_floor`` phase: what durable messaging alone costs here, with nothing else
+running (CPU per message of the broker and an aio-pika client to publish with a confirm
+into a quorum queue, and to deliver and ack; one hop's latency). Its ``bound`` applies
+that cost to the messages each request took: the most requests/s the cores could carry
+if messaging were all the pipeline did, and the least added latency of the
+``CRITICAL_PATH_HOPS`` hops before the first token.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ import contextlib
 import json
 import os
 import random
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -49,8 +60,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from services import keys
-from services.localinfra import RabbitServer, RedisServer, free_port
+from services import keys, topology
+from services.localinfra import RabbitServer, RedisServer, free_port, rabbitmqctl
 from services.settings import DEFAULT_MODEL_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,6 +396,164 @@ class CpuMeter:
         return out
 
 
+# --- what messaging alone costs -----------------------------------------------------
+
+CRITICAL_PATH_HOPS = 4
+"""AMQP hops between a request's arrival and its first token back at the gateway:
+gateway -> scorer -> scheduler -> worker -> gateway."""
+
+FLOOR_QUEUE = "fairway.bench.messaging-floor"
+
+
+def parse_global_counters(text: str) -> dict[str, int]:
+    """Message totals from ``rabbit_global_counters:overview()`` as ``rabbitmqctl eval``
+    prints it (an Erlang map of label lists to counter maps)."""
+    out = {"published": 0, "confirmed": 0, "delivered_quorum": 0, "delivered_classic": 0,
+           "acknowledged": 0}
+    for labels, body in re.findall(r"\[([^\]]*)\]\s*=>\s*#\{([^}]*)\}", text):
+        values = {k: int(v) for k, v in re.findall(r"(\w+) => (\d+)", body)}
+        if labels == "{protocol,amqp091}":
+            out["published"] = values.get("messages_received_total", 0)
+            out["confirmed"] = values.get("messages_confirmed_total", 0)
+        elif labels.startswith("{protocol,amqp091},{queue_type,"):
+            kind = "quorum" if "quorum" in labels else "classic" if "classic" in labels else None
+            if kind is not None:
+                out[f"delivered_{kind}"] = values.get("messages_delivered_total", 0)
+                out["acknowledged"] += values.get("messages_acknowledged_total", 0)
+    return out
+
+
+class BrokerCounters:
+    """RabbitMQ's own count of the messages a phase published and delivered, so messages
+    per request are measured, not assumed."""
+
+    def __init__(self, rabbit: RabbitServer) -> None:
+        self.rabbit = rabbit
+
+    def sample(self) -> dict[str, int]:
+        return parse_global_counters(rabbitmqctl(self.rabbit, "eval", "rabbit_global_counters:overview()."))
+
+    @staticmethod
+    def per_request(before: dict[str, int], after: dict[str, int], requests: int) -> dict[str, float]:
+        out = {k: round((after[k] - before[k]) / max(requests, 1), 2) for k in before}
+        out["delivered"] = round(out["delivered_quorum"] + out["delivered_classic"], 2)
+        return out
+
+
+def client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def messaging_floor(amqp_url: str, broker_pids: list[int], messages: int,
+                          body_bytes: int = 400, latency_samples: int = 200) -> dict:
+    """The cost of durable messaging alone, with nothing else running: CPU per message
+    (broker and an aio-pika client) to publish with a confirm into a quorum queue like the
+    pipeline's, then to deliver and ack it; and one hop's latency (publish -> delivery)."""
+    import aio_pika
+
+    def cpu() -> tuple[float, float]:
+        return sum(cpu_seconds(p) for p in broker_pids), client_cpu_seconds()
+
+    def per_message(before: tuple[float, float], after: tuple[float, float]) -> dict[str, float]:
+        broker, client = ((a - b) * 1000 / messages for a, b in zip(after, before, strict=True))
+        return {"broker_cpu_ms": round(broker, 4), "client_cpu_ms": round(client, 4),
+                "cpu_ms": round(broker + client, 4)}
+
+    body = b"x" * body_bytes
+    conn = await aio_pika.connect(amqp_url)
+    try:
+        publisher = await conn.channel(publisher_confirms=True)
+        consumer = await conn.channel()
+        await consumer.set_qos(prefetch_count=256)
+        queue = await consumer.declare_queue(FLOOR_QUEUE, durable=True,
+                                             arguments=topology.quorum_arguments())
+        await queue.purge()
+
+        window = asyncio.Semaphore(256)
+
+        async def publish_one() -> None:
+            try:
+                await publisher.default_exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=FLOOR_QUEUE)
+            finally:
+                window.release()
+
+        before = cpu()
+        started = time.perf_counter()
+        pending = []
+        for _ in range(messages):
+            await window.acquire()
+            pending.append(asyncio.ensure_future(publish_one()))
+        await asyncio.gather(*pending)
+        publish_s = time.perf_counter() - started
+        publish = per_message(before, cpu())
+
+        drained = asyncio.Event()
+        received = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal received
+            await message.ack()
+            received += 1
+            if received == messages:
+                drained.set()
+
+        before = cpu()
+        started = time.perf_counter()
+        tag = await queue.consume(on_message)
+        await asyncio.wait_for(drained.wait(), 120)
+        deliver_s = time.perf_counter() - started
+        deliver = per_message(before, cpu())
+        await queue.cancel(tag)
+
+        arrived: asyncio.Queue[float] = asyncio.Queue()
+
+        async def on_probe(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            arrived.put_nowait(time.perf_counter())
+            await message.ack()
+
+        tag = await queue.consume(on_probe)
+        hops = []
+        for _ in range(latency_samples):
+            sent = time.perf_counter()
+            await publisher.default_exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=FLOOR_QUEUE)
+            hops.append((await asyncio.wait_for(arrived.get(), 10) - sent) * 1000)
+            await asyncio.sleep(0.002)
+        await queue.cancel(tag)
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await conn.close()
+    return {
+        "messages": messages,
+        "body_bytes": body_bytes,
+        "queue_type": topology.quorum_arguments()["x-queue-type"],
+        "publish": {**publish, "messages_per_s": round(messages / publish_s)},
+        "deliver": {**deliver, "messages_per_s": round(messages / deliver_s)},
+        "hop_latency_ms": {"median": pct(hops, 50), "p90": pct(hops, 90), "p99": pct(hops, 99)},
+    }
+
+
+def messaging_bound(floor: dict, per_request: dict[str, float], cores: int) -> dict:
+    """What the pipeline could reach if messaging were all it did: each request's measured
+    messages at the floor's cost per message, on ``cores`` cores, and its hops' latency.
+    A lower bound on cost (a message routed to two queues is charged one enqueue)."""
+    cpu_ms = (per_request["published"] * floor["publish"]["cpu_ms"]
+              + per_request["delivered"] * floor["deliver"]["cpu_ms"])
+    return {
+        "published_per_request": per_request["published"],
+        "delivered_per_request": per_request["delivered"],
+        "messaging_cpu_ms_per_request": round(cpu_ms, 3),
+        "max_request_throughput": round(cores * 1000 / cpu_ms, 1) if cpu_ms else None,
+        "critical_path_hops": CRITICAL_PATH_HOPS,
+        "min_added_latency_ms": round(CRITICAL_PATH_HOPS * floor["hop_latency_ms"]["median"], 2),
+    }
+
+
+
 # --- main ---------------------------------------------------------------------------
 
 
@@ -455,7 +624,7 @@ class QueueProbe:
 
 
 async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None,
-                  probe: QueueProbe | None = None) -> dict:
+                  probe: QueueProbe | None = None, counters: BrokerCounters | None = None) -> dict:
     client = Client(url, args.api_key, args.model, not args.no_stream, parse_range(args.max_tokens))
     report: dict = {}
     try:
@@ -480,6 +649,7 @@ async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None,
             phases.append(("throughput", lambda: closed_loop(client, args.concurrency, args.duration)))
         for name, run in phases:
             before = meter.sample() if meter else None
+            messages_before = counters.sample() if counters else None
             stop = asyncio.Event()
             probing = asyncio.ensure_future(probe.run(stop)) if probe else None
             results, duration = await run()
@@ -494,6 +664,9 @@ async def measure(args, url: str, tokens_per_s: float, meter: CpuMeter | None,
                 probe.samples.clear()
             if meter:
                 report[name]["cpu_cores"] = CpuMeter.diff(before, meter.sample(), duration)
+            if counters:
+                report[name]["amqp_messages_per_request"] = BrokerCounters.per_request(
+                    messages_before, counters.sample(), len(results))
             report[name]["_results"] = results
         if footprint is not None and completed:
             after = await probe.redis_footprint()
@@ -564,6 +737,8 @@ def main() -> None:
                         help="echo worker slots (FAIRWAY_MAX_RUNNING) of a started system")
     parser.add_argument("--cpu-workers", type=int, default=1)
     parser.add_argument("--log-level", default="INFO", help="FAIRWAY_LOG_LEVEL of a started system")
+    parser.add_argument("--floor-messages", type=int, default=4000,
+                        help="messages for the messaging-floor phase on a started system (0: skip)")
     parser.add_argument("--keep-logs", metavar="DIR", help="workdir of a started system")
     parser.add_argument("--plot", metavar="DIR")
     parser.add_argument("--json", metavar="OUT", help="also write the JSON here")
@@ -592,7 +767,16 @@ def main() -> None:
             args.api_key = API_KEY
             meter = CpuMeter(system.pids())
         probe = QueueProbe(system.rabbit.url, system.redis.url) if system else None
-        report = asyncio.run(measure(args, url, args.echo_tokens_per_s, meter, probe))
+        counters = BrokerCounters(system.rabbit) if system else None
+        report = asyncio.run(measure(args, url, args.echo_tokens_per_s, meter, probe, counters))
+        if system is not None and args.floor_messages:
+            floor = asyncio.run(messaging_floor(
+                system.rabbit.url, system.pids()["rabbitmq"], args.floor_messages))
+            phase = report.get("throughput") or report.get("latency")
+            if phase:
+                floor["bound"] = messaging_bound(
+                    floor, phase["amqp_messages_per_request"], os.cpu_count() or 1)
+            report["messaging_floor"] = floor
     finally:
         if system is not None:
             system.stop()
