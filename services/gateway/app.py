@@ -56,7 +56,7 @@ from services.gateway.errors import (
     timed_out,
     unauthorized,
 )
-from services.gateway.http import protocol_options
+from services.gateway.http import GatewayServer, protocol_options
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.responses import (
     ResponseMeta,
@@ -631,7 +631,7 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
         timeout_graceful_shutdown=int(grace_s),
         **protocol_options(MAX_HEAD_READ_BYTES),
     )
-    server = uvicorn.Server(config)
+    server = GatewayServer(config)
     for sig in early:
         log.info("stop_requested_while_starting", signal=signal.Signals(sig).name)
         server.handle_exit(sig, None)

@@ -17,12 +17,22 @@ drain, and the connection closes after that response. Only a request that lands 
 the look and the close (microseconds) still meets the reset.
 
 Without httptools, h11 is used, with uvicorn's own shutdown.
+
+Closing the listening socket at shutdown resets, in the kernel, every connection still
+waiting in its backlog to be accepted: connected as far as the client knows, its request
+perhaps already sent. :class:`GatewayServer` accepts those first, so their requests are
+served in the drain like the ones already read, and only then stops listening.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import select
+import socket
 from typing import Any
+
+import uvicorn
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -83,3 +93,38 @@ def protocol_options(max_head_bytes: int) -> dict[str, Any]:
             super().shutdown()
 
     return {"http": GatewayHttpTools}
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown takes in the connections waiting in the listen
+    backlog before it stops listening (see the module docstring)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.accept_backlog()
+        await super().shutdown(sockets)
+
+    async def accept_backlog(self) -> int:
+        """Accept every connection the kernel holds for the listening sockets and serve it
+        as uvicorn would; returns how many there were."""
+        loop = asyncio.get_running_loop()
+        accepted = 0
+        for server in getattr(self, "servers", []):
+            for listener in server.sockets:
+                # A duplicate of the listening descriptor: closing it leaves uvicorn's open.
+                with socket.socket(fileno=os.dup(listener.fileno())) as sock:
+                    sock.setblocking(False)
+                    while True:
+                        try:
+                            conn, _ = sock.accept()
+                        except OSError:  # BlockingIOError: the backlog is empty
+                            break
+                        conn.setblocking(False)
+                        await loop.connect_accepted_socket(self._new_protocol, conn, ssl=self.config.ssl)
+                        accepted += 1
+        return accepted
+
+    def _new_protocol(self) -> asyncio.Protocol:
+        """What uvicorn's startup creates for each connection."""
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )

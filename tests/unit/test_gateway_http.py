@@ -9,13 +9,14 @@ loop has had a turn to read it, as when a busy gateway is signalled.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from services.gateway.http import HttpToolsProtocol, protocol_options
+from services.gateway.http import GatewayServer, HttpToolsProtocol, protocol_options
 
 pytestmark = pytest.mark.skipif(HttpToolsProtocol is None, reason="httptools not installed")
 
@@ -80,3 +81,49 @@ async def test_uvicorns_own_protocol_drops_it():
     first, rest = await shutdown_with_a_request_in_flight(HttpToolsProtocol)
     assert first.startswith(b"HTTP/1.1 200")
     assert rest in (b"", b"<reset>"), rest
+
+
+async def shutdown_with_a_connection_in_the_backlog(server_class) -> bytes:
+    """A client connects and sends its request while the loop is busy (the connection
+    waits in the listen backlog, unaccepted), then the server shuts down before the loop
+    has a turn. Returns all the client got back."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None,
+                            http=protocol_options(8192)["http"])
+    config.load()
+    server = server_class(config)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    port = server.servers[0].sockets[0].getsockname()[1]
+    # Blocking on purpose: the loop must not get a turn to accept it.
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        client.sendall(REQUEST)
+        await server.shutdown()
+        client.settimeout(5)
+        got = b""
+        try:
+            while chunk := client.recv(4096):
+                got += chunk
+        except ConnectionResetError:
+            got += b"<reset>"
+        return got
+    finally:
+        client.close()
+
+
+async def test_a_connection_waiting_in_the_backlog_at_shutdown_is_served():
+    got = await shutdown_with_a_connection_in_the_backlog(GatewayServer)
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
+
+
+async def test_uvicorns_own_server_resets_it():
+    """What GatewayServer fixes: closing the listener resets the waiting connection."""
+    got = await shutdown_with_a_connection_in_the_backlog(uvicorn.Server)
+    assert got in (b"", b"<reset>"), got
+
+
+def test_the_backlog_is_served_under_uvloop_too():
+    """The gateway runs on uvloop, whose servers and sockets are its own C types."""
+    uvloop = pytest.importorskip("uvloop")
+    got = uvloop.run(shutdown_with_a_connection_in_the_backlog(GatewayServer))
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
