@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Self
 
 import httpx
@@ -26,6 +27,12 @@ CLIENT_TIMEOUT_S = 90.0
 
 
 DEFAULT_PROMPT = "Tell me a story about fault tolerance"
+
+
+def say(text: str) -> None:
+    """Print with the UTC time of day, as the services' logs stamp their events, so a
+    failed run's output lines up with those logs."""
+    print(f"{datetime.now(UTC).strftime('%H:%M:%S.%f')[:-3]} {text}")
 
 
 def completion_body(prompt: str, max_tokens: int, **extra: object) -> dict:
@@ -115,7 +122,7 @@ async def _http_stream(http, log, base_url, key, payload, read_delay_s, leave_af
         # Sent, and the answer broke off or never came: the client got no answer.
         log.accepted = True
         log.request_id = log.request_id or f"unanswered-{log.local_id}"
-        print(f"http client {log.local_id} got no answer: {exc!r}")
+        say(f"http client {log.local_id} got no answer: {exc!r}")
     return log
 
 
@@ -157,7 +164,7 @@ class AmqpTenant:
         try:
             stream = await self.client.publish(request)
         except Exception as exc:  # noqa: BLE001 - not confirmed by the broker: not accepted
-            print(f"amqp publish of {request.request_id} failed: {exc!r}")
+            say(f"amqp publish of {request.request_id} failed: {exc!r}")
             return log
         log.accepted, log.status = True, 200
         try:
@@ -170,7 +177,7 @@ class AmqpTenant:
                         log.final(reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,
                                   code=error.code if error else None, status=error.status if error else None)
         except TimeoutError:
-            print(f"amqp request {request.request_id} got no answer")
+            say(f"amqp request {request.request_id} got no answer")
         finally:
             log.ended = time.monotonic()
         return log

@@ -4,9 +4,10 @@ Where each scenario of ``test_scenarios.py`` breaks one thing at a chosen moment
 one keeps clients sending (HTTP streams of two tenants and an AMQP producer, a few at a
 time, of random lengths) while it breaks something every few seconds, chosen by a
 seeded random draw: kill -9 or SIGTERM a worker, the scheduler, the scorer or the
-gateway (SIGTERM is a rolling deploy: its streams finish, then it comes back), kill -9
-Redis, fill Redis up, restart RabbitMQ, cut a worker's broker link, or stall every
-link. One fault in four comes with a second at the same time on another part (a worker
+gateway (SIGTERM is a rolling deploy: its streams finish, then it comes back), pause
+one of them or Redis for up to 8 s (SIGSTOP, then SIGCONT: it wakes after its peers may
+have given it up), kill -9 Redis, fill Redis up, restart RabbitMQ, cut a worker's
+broker link, or stall every link. One fault in four comes with a second at the same time on another part (a worker
 dies while Redis is down, the scheduler while the broker restarts): incidents rarely
 come alone.
 After the last fault it stops sending, lets everything settle, and checks the ledger:
@@ -27,11 +28,12 @@ import os
 import random
 import signal
 import time
+from collections import Counter
 
 import pytest
 import redis.asyncio as aioredis
 
-from tests.faults.clients import AmqpTenant, http_stream
+from tests.faults.clients import AmqpTenant, http_stream, say
 from tests.faults.conftest import WORKERS
 
 SOAK_S = float(os.environ.get("FAIRWAY_SOAK_S", "60"))
@@ -65,7 +67,7 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
                 await asyncio.sleep(0.5)
 
     faults: list[str] = []
-    gateway_kills: list[float] = []
+    gateway_kills: list[tuple[float, float]] = []
     async with AmqpTenant(checker, fs.tenant_url("initech"), "initech") as producer:
         clients = [asyncio.create_task(http_client(i)) for i in range(HTTP_CLIENTS)]
         clients += [asyncio.create_task(amqp_client(producer, i)) for i in range(AMQP_CLIENTS)]
@@ -80,7 +82,7 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     cut = 0
     for log in checker.logs:
         if log.transport == "http" and log.accepted and not log.finals and any(
-                log.started <= killed <= log.ended for killed in gateway_kills):
+                log.started <= dead and killed <= log.ended for killed, dead in gateway_kills):
             log.gateway_killed = True
             cut += 1
     await fs.wait_workers()
@@ -88,18 +90,23 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     note = ", ".join(f"{k} x{v}" for k, v in counts.items())
     if cut:
         note += f"; {cut} streams cut by the gateway kills (owed no answer)"
+    # Any terminal answer counts as answered; which errors the faults cost is worth seeing.
+    errors = Counter(final.code or final.reason for log in checker.logs if log.accepted
+                     for final in log.finals if final.reason not in ("stop", "length"))
+    if errors:
+        note += "; answered with errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(errors.items()))
     row = await checker.verify(f"soak: {len(faults)} random faults in {SOAK_S:.0f} s under load "
                                f"(seed {SOAK_SEED})", note=note)
     assert row.answered > len(faults), "too little got through to say anything"
 
 
-WORKER_FAULTS = ("worker_kill", "worker_sigterm", "worker_link_cut")
+WORKER_FAULTS = ("worker_kill", "worker_sigterm", "worker_link_cut", "worker_freeze")
 FAULTS_BY_PART = {
     **{worker: WORKER_FAULTS for worker in WORKERS},
-    "scheduler": ("scheduler_kill", "scheduler_sigterm"),
-    "scorer": ("scorer_kill", "scorer_sigterm"),
-    "gateway": ("gateway_kill", "gateway_sigterm"),
-    "redis": ("redis_kill", "redis_full"),
+    "scheduler": ("scheduler_kill", "scheduler_sigterm", "scheduler_freeze"),
+    "scorer": ("scorer_kill", "scorer_sigterm", "scorer_freeze"),
+    "gateway": ("gateway_kill", "gateway_sigterm", "gateway_freeze"),
+    "redis": ("redis_kill", "redis_full", "redis_freeze"),
     "rabbitmq": ("rabbitmq_restart", "links_stalled"),
 }
 """The faults each part can suffer. Two faults at once never hit one part: one repair
@@ -113,9 +120,20 @@ def draw(rng: random.Random) -> list[tuple[str, str]]:
     return [(part, rng.choice(FAULTS_BY_PART[part])) for part in parts]
 
 
-async def inject(fs, part: str, fault: str, rng: random.Random, gateway_kills: list[float]) -> str:
-    """Break ``part`` by ``fault``, then repair it; returns the fault's name. The time of
-    each gateway kill goes to ``gateway_kills``."""
+async def inject(fs, part: str, fault: str, rng: random.Random,
+                 gateway_kills: list[tuple[float, float]]) -> str:
+    """Break ``part`` by ``fault``, then repair it; returns the fault's name. Each gateway
+    kill goes to ``gateway_kills`` as (signal sent, process gone): a stream that overlaps
+    it is cut, also one sent in between to the dying process's listen backlog."""
+    say(f"fault {fault} on {part}")
+    try:
+        return await _inject(fs, part, fault, rng, gateway_kills)
+    finally:
+        say(f"fault {fault} on {part} repaired")
+
+
+async def _inject(fs, part: str, fault: str, rng: random.Random,
+                  gateway_kills: list[tuple[float, float]]) -> str:
     if fault == "worker_kill":
         fs.system.signal(part, signal.SIGKILL)
         await asyncio.sleep(rng.uniform(0.5, 3.0))
@@ -125,9 +143,10 @@ async def inject(fs, part: str, fault: str, rng: random.Random, gateway_kills: l
         fs.start(part)
     elif fault in ("scheduler_kill", "scorer_kill", "gateway_kill"):
         name = fault.removesuffix("_kill")
+        killed = time.monotonic()
+        fs.system.signal(name, signal.SIGKILL)  # returns once the process is gone
         if name == "gateway":
-            gateway_kills.append(time.monotonic())
-        fs.system.signal(name, signal.SIGKILL)
+            gateway_kills.append((killed, time.monotonic()))
         await asyncio.sleep(rng.uniform(0.5, 2.0))
         fs.start(name)
     elif fault in ("scheduler_sigterm", "scorer_sigterm", "gateway_sigterm"):
@@ -135,6 +154,17 @@ async def inject(fs, part: str, fault: str, rng: random.Random, gateway_kills: l
         exit_code = await asyncio.to_thread(fs.system.signal, name, signal.SIGTERM, 60)
         fs.start(name)
         assert exit_code == 0, f"{name} exited {exit_code} on SIGTERM"
+    elif fault.endswith("_freeze"):
+        # Paused with its sockets open (a long GC pause, a VM migration), then resumed:
+        # meanwhile its peers may have given it up (AMQP heartbeat 2 s, scheduler lease
+        # 1 s, worker timeout 3 s), so it wakes holding deliveries, a term or claims that
+        # are no longer its own, and must let them go without a second answer.
+        proc = fs.redis.proc if part == "redis" else fs.system.procs[part]
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(rng.uniform(0.5, 5.0 if part == "redis" else 8.0))
+        finally:
+            proc.send_signal(signal.SIGCONT)
     elif fault == "redis_kill":
         fs.redis.kill()
         await asyncio.sleep(rng.uniform(0.5, 5.0))
