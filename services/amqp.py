@@ -42,7 +42,7 @@ from aio_pika.exceptions import (
     ChannelPreconditionFailed,
     ProbableAuthenticationError,
 )
-from aiormq.exceptions import ChannelAccessRefused
+from aiormq.exceptions import AMQPConnectionError, ChannelAccessRefused
 
 from services import messages as m
 from services import metrics as prom
@@ -65,6 +65,23 @@ T = TypeVar("T")
 NO_RETRY_FIXES = (ProbableAuthenticationError, ChannelAccessRefused, ChannelPreconditionFailed)
 """Broker errors that end a service's start at once: refused credentials or permissions,
 a queue declared with other arguments."""
+
+LINK_DOWN = (ChannelInvalidStateError, AMQPConnectionError, ConnectionError)
+
+
+def link_down(exc: BaseException) -> bool:
+    """Whether ``exc`` says the broker link is down (a broker restart, a cut link): an
+    outage to wait out, not a fault to report. The robust connection comes back by
+    itself, and the broker delivers again whatever a closed channel held."""
+    return isinstance(exc, LINK_DOWN)
+
+
+class HandBack(Exception):
+    """A handler's consumer is going away for a reason that is not the message's (the
+    scheduler replica lost its term, and closes its channel): the message is left
+    unsettled, as everything else the consumer holds, and the broker delivers it again
+    once the channel closes. Not a failed delivery: no error is logged, and no nack now,
+    which would have the broker hand it straight back to this consumer."""
 
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
@@ -281,7 +298,16 @@ async def consume(
                 if still_held(message):
                     await message.nack(requeue=True)
                 raise
+            except HandBack as exc:
+                log.info("message_left_to_broker", service=service, queue=queue.name,
+                         request_id=msg.request_id, reason=str(exc))
+                return
             except Exception as exc:
+                if link_down(exc) and not still_held(message):
+                    # Its channel closed with the link: the broker delivers it again.
+                    log.warning("handler_link_down", service=service, queue=queue.name,
+                                request_id=msg.request_id, error=repr(exc))
+                    return
                 if not redis_client.cannot_serve(exc):
                     log.exception("handler_failed", service=service, queue=queue.name,
                                   request_id=msg.request_id, deliveries=delivery_count(message) + 1)

@@ -607,8 +607,11 @@ class WorkerService:
             prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS]), topology.FINISHED_KEY)
         try:
             await asyncio.gather(final, event, *active.publishes)
-        except Exception:
-            log.exception("emit_failed", request_id=rid)
+        except Exception as exc:
+            if amqp.link_down(exc):  # a broker restart or a cut link: expected, no trace
+                log.warning("emit_failed", request_id=rid, error=repr(exc))
+            else:
+                log.exception("emit_failed", request_id=rid)
             await self._hand_back(active)
             return
         try:

@@ -201,8 +201,11 @@ class SchedulerService:
             try:
                 if await self.store.try_acquire():
                     await self._lead()
-            except Exception:
-                log.exception("scheduler_cycle_failed")
+            except Exception as exc:
+                if redis_client.cannot_serve(exc) or amqp.link_down(exc):
+                    log.warning("scheduler_cycle_waiting", error=repr(exc))
+                else:
+                    log.exception("scheduler_cycle_failed")
             if not self.stopping.is_set():
                 await asyncio.sleep(self.settings.lease_ttl_s / 3)
 
@@ -299,7 +302,10 @@ class SchedulerService:
         self._inbox.append((step, msg, future))
         if self._draining is None or self._draining.done():
             self._draining = asyncio.create_task(self._drain())
-        after = await future
+        try:
+            after = await future
+        except NotLeader as exc:  # the next leader takes it, maybe this replica again
+            raise amqp.HandBack("not the leader") from exc
         if after is not None:
             await after()
 
@@ -437,6 +443,8 @@ class SchedulerService:
             except Exception as exc:
                 if redis_client.cannot_serve(exc):
                     log.warning("schedule_waiting_for_redis", error=repr(exc))
+                elif amqp.link_down(exc):
+                    log.warning("schedule_waiting_for_broker", error=repr(exc))
                 else:
                     log.exception("schedule_failed")
                 await asyncio.sleep(0.5)

@@ -12,7 +12,9 @@ import uuid
 
 import aio_pika
 import pytest
+from aiormq.exceptions import ChannelInvalidStateError
 from redis import exceptions as redis_errors
+from structlog.testing import capture_logs
 
 from services import amqp, topology
 from services import messages as m
@@ -105,6 +107,78 @@ async def test_a_handler_redis_cannot_serve_runs_again_in_place_without_spending
         assert await _get(replies, timeout=1, fail=False) is None  # no error answer
         dead = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
         assert not await _find(dead, rid, timeout=1)
+
+
+async def taken_elsewhere(amqp_url: str, first_handler, held_s: float) -> tuple[list[str], bool]:
+    """One request to ``first_handler``, consuming on a channel of its own; after
+    ``held_s`` another consumer starts and that channel closes (if it is still open), and
+    the request must reach the other consumer. Returns the events logged meanwhile and
+    whether an error answer came back."""
+    async with consumed_queue(amqp_url) as (channel, queue, replies):
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            first = await connection.channel()
+            taken = asyncio.Event()
+
+            async def take(msg: m.CompletionRequest, message) -> None:
+                await message.ack()
+                taken.set()
+
+            with capture_logs() as logs:
+                await amqp.consume(first, await first.get_queue(queue.name), m.CompletionRequest,
+                                   lambda msg, message: first_handler(first, msg, message),
+                                   service="test")
+                rid = f"elsewhere-{uuid.uuid4().hex}"
+                await amqp.publish(channel.default_exchange, request(rid, replies.name), queue.name)
+                await asyncio.sleep(held_s)
+                await amqp.consume(channel, queue, m.CompletionRequest, take, service="test")
+                if not first.is_closed:
+                    await first.close()
+                await asyncio.wait_for(taken.wait(), 10)
+            return [e["event"] for e in logs], await _get(replies, 0.5, fail=False) is not None
+        finally:
+            await connection.close()
+
+
+async def test_a_handed_back_message_waits_for_its_channel_to_close_then_goes_elsewhere(amqp_url):
+    """HandBack (a scheduler replica that lost its term): no error, and no nack that would
+    bounce the message straight back to the same consumer; once that consumer's channel
+    closes, the broker delivers it to another."""
+    seen: list[int] = []
+
+    async def hand_back(_channel, msg: m.CompletionRequest, message) -> None:
+        seen.append(amqp.delivery_count(message))
+        raise amqp.HandBack("not the leader")
+
+    events, error_answer = await taken_elsewhere(amqp_url, hand_back, held_s=1.0)
+    assert seen == [0]  # held for the whole second, not bounced back and forth
+    assert "message_left_to_broker" in events and "handler_failed" not in events, events
+    assert not error_answer
+
+
+async def test_a_handler_whose_channel_closed_with_the_link_is_left_to_the_broker(amqp_url):
+    """The broker link dropped under a handler (its channel is closed): an outage, not a
+    fault of the message. No traceback, no error answer; the broker delivers it again."""
+
+    async def link_drops(channel, msg: m.CompletionRequest, message) -> None:
+        await channel.close()
+        raise ChannelInvalidStateError("closed")
+
+    events, error_answer = await taken_elsewhere(amqp_url, link_drops, held_s=0.5)
+    assert "handler_link_down" in events and "handler_failed" not in events, events
+    assert not error_answer
+
+
+def test_link_down_is_the_broker_link_only():
+    from aiormq.exceptions import AMQPConnectionError, ConnectionClosed
+
+    assert amqp.link_down(ChannelInvalidStateError("closed"))
+    assert amqp.link_down(ConnectionClosed(320, "CONNECTION_FORCED"))
+    assert amqp.link_down(AMQPConnectionError("Server connection unexpectedly closed"))
+    assert amqp.link_down(ConnectionResetError())
+    assert not amqp.link_down(RuntimeError("a bug"))
+    assert not amqp.link_down(redis_errors.ConnectionError("Connection refused"))
+    assert not amqp.link_down(m.MessageError("bad"))
 
 
 def test_dependency_retry_backs_off_to_a_cap():

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services import keys
+from services import amqp, keys
 from services import messages as m
 from services.scheduler.service import expiry_answer, pool_views, queued_view
 from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerStore
@@ -165,8 +165,9 @@ async def test_progress_charges_survive_a_reload_and_a_lost_lease_exactly_once(r
                                  total_tokens=total)
 
     await redis_client.delete(keys.SCHED_LEASE)  # the lease lapsed
-    with pytest.raises(NotLeader):
+    with pytest.raises(amqp.HandBack) as lost:  # left to the broker for the next leader
         await service._batched(service._take_event, progress("r1", 5))
+    assert isinstance(lost.value.__cause__, NotLeader)
     assert await service.store.try_acquire()  # leads again
     await service._batched(service._take_event, progress("r2", 3))
     await service._batched(service._take_event, progress("r1", 5))  # the redelivery
