@@ -54,9 +54,37 @@ def _route_library_logs(shared: list[structlog.typing.Processor],
             renderer,
         ],
     ))
+    handler.addFilter(BrokerRestartNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+
+
+class BrokerRestartNoise(logging.Filter):
+    """Logs a broker restart makes aiormq and aio-pika write at ERROR, lowered to WARNING:
+    an outage every service waits out by itself (the robust connection comes back) should
+    not page an operator the way a fault does. Only these two, matched exactly:
+
+    - aiormq: the broker closed the connection with ``CONNECTION_FORCED`` (it is shutting
+      down, or an operator closed the connection);
+    - aio-pika: a robust channel's close callback found the connection already gone
+      (mosquito/aio-pika#668, upstream; the channel comes back with the connection).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and self.is_restart_noise(record):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+    @staticmethod
+    def is_restart_noise(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.name == "aiormq.connection":
+            return message.startswith("Unexpected connection close") and "CONNECTION_FORCED" in message
+        if record.name == "aio_pika.tools":
+            return "RobustChannel._on_close" in message and (
+                "ChannelInvalidStateError" in message or "closed" in message)
+        return False
 
 
 def _log_crash(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:

@@ -20,6 +20,13 @@ try:
     1 / 0
 except ZeroDivisionError:
     logging.getLogger("aiormq.connection").exception("Unexpected connection close")
+logging.getLogger("aiormq.connection").error(
+    "Unexpected connection close from remote %r, %s", "amqp://x",
+    "Connection.Close(reply_code=320, reply_text=CONNECTION_FORCED - broker forced connection "
+    "closure with reason shutdown)")
+logging.getLogger("aio_pika.tools").error(
+    "Callback %s error: %s", "<OneShotCallback: cb=<bound method RobustChannel._on_close of x>>",
+    "ChannelInvalidStateError: No active transport in channel")
 
 def step_loop():
     get_logger(__name__).info("engine_stepping")
@@ -41,9 +48,16 @@ def test_every_line_a_service_writes_is_a_json_event_with_its_service():
     assert run.returncode == 1, run.stderr
     assert run.stdout.strip() == "progress bars: False"  # "Loading weights" bars: not in a log
     events = [json.loads(line) for line in run.stderr.splitlines()]  # fails on a plain line
+    restart = [e for e in events if e["event"].startswith(("Unexpected connection close from",
+                                                          "Callback <OneShotCallback"))]
+    # A broker restart's two upstream ERROR records are lowered to warnings; a connection
+    # closed for another reason stays an error.
+    assert [e["level"] for e in restart] == ["warning", "warning"]
+    events = [e for e in events if e not in restart]
     assert [e["event"] for e in events] == [
         "worker_started", "Connection attempt to 'amqp://x' failed", "Unexpected connection close",
         "engine_stepping", "thread_crashed", "service_crashed"]
+    assert events[2]["level"] == "error"
     assert {e["service"] for e in events} == {"cpu-worker"}  # also from another thread
     library = events[1]
     assert (library["level"], library["logger"]) == ("warning", "aio_pika.robust_connection")
