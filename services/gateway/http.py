@@ -105,23 +105,24 @@ class GatewayServer(uvicorn.Server):
 
     async def accept_backlog(self) -> int:
         """Accept every connection the kernel holds for the listening sockets and serve it
-        as uvicorn would; returns how many there were."""
-        loop = asyncio.get_running_loop()
-        accepted = 0
+        as uvicorn would; returns how many there were. At most a backlog's worth per
+        socket: connections that keep arriving meanwhile must not hold the shutdown open."""
+        waiting: list[socket.socket] = []
         for server in getattr(self, "servers", []):
             for listener in server.sockets:
                 # A duplicate of the listening descriptor: closing it leaves uvicorn's open.
                 with socket.socket(fileno=os.dup(listener.fileno())) as sock:
                     sock.setblocking(False)
-                    while True:
+                    for _ in range(self.config.backlog):
                         try:
-                            conn, _ = sock.accept()
+                            waiting.append(sock.accept()[0])
                         except OSError:  # BlockingIOError: the backlog is empty
                             break
-                        conn.setblocking(False)
-                        await loop.connect_accepted_socket(self._new_protocol, conn, ssl=self.config.ssl)
-                        accepted += 1
-        return accepted
+        loop = asyncio.get_running_loop()
+        for conn in waiting:
+            conn.setblocking(False)
+            await loop.connect_accepted_socket(self._new_protocol, conn, ssl=self.config.ssl)
+        return len(waiting)
 
     def _new_protocol(self) -> asyncio.Protocol:
         """What uvicorn's startup creates for each connection."""

@@ -83,17 +83,22 @@ async def test_uvicorns_own_protocol_drops_it():
     assert rest in (b"", b"<reset>"), rest
 
 
-async def shutdown_with_a_connection_in_the_backlog(server_class) -> bytes:
-    """A client connects and sends its request while the loop is busy (the connection
-    waits in the listen backlog, unaccepted), then the server shuts down before the loop
-    has a turn. Returns all the client got back."""
+async def started(server_class) -> tuple[uvicorn.Server, int]:
+    """A server of ``server_class`` listening on a free port (as ``serve`` would start it)."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None,
                             http=protocol_options(8192)["http"])
     config.load()
     server = server_class(config)
     server.lifespan = config.lifespan_class(config)
     await server.startup()
-    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, server.servers[0].sockets[0].getsockname()[1]
+
+
+async def shutdown_with_a_connection_in_the_backlog(server_class) -> bytes:
+    """A client connects and sends its request while the loop is busy (the connection
+    waits in the listen backlog, unaccepted), then the server shuts down before the loop
+    has a turn. Returns all the client got back."""
+    server, port = await started(server_class)
     # Blocking on purpose: the loop must not get a turn to accept it.
     client = socket.create_connection(("127.0.0.1", port))
     try:
@@ -127,3 +132,17 @@ def test_the_backlog_is_served_under_uvloop_too():
     uvloop = pytest.importorskip("uvloop")
     got = uvloop.run(shutdown_with_a_connection_in_the_backlog(GatewayServer))
     assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
+
+
+async def test_the_backlog_taken_at_shutdown_is_bounded():
+    """Connections that keep arriving during the shutdown must not hold it open: at most a
+    backlog's worth is taken in."""
+    server, port = await started(GatewayServer)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        server.config.backlog = 2
+        assert await server.accept_backlog() == 2  # of three waiting
+    finally:
+        await server.shutdown()
+        for client in clients:
+            client.close()
