@@ -61,9 +61,10 @@ def _route_library_logs(shared: list[structlog.typing.Processor],
 
 
 class BrokerRestartNoise(logging.Filter):
-    """Logs a broker restart makes aiormq and aio-pika write at ERROR, lowered to WARNING:
-    an outage every service waits out by itself (the robust connection comes back) should
-    not page an operator the way a fault does. Only these two, matched exactly:
+    """The records a broker restart makes aiormq and aio-pika write at ERROR, lowered to
+    WARNING: an outage every service waits out by itself (the robust connection comes
+    back) should not page an operator the way a fault does. Only these two, matched
+    exactly:
 
     - aiormq: the broker closed the connection with ``CONNECTION_FORCED`` (it is shutting
       down, or an operator closed the connection);

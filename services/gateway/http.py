@@ -120,8 +120,11 @@ class GatewayServer(uvicorn.Server):
                             break
         loop = asyncio.get_running_loop()
         for conn in waiting:
-            conn.setblocking(False)
-            await loop.connect_accepted_socket(self._new_protocol, conn, ssl=self.config.ssl)
+            try:
+                conn.setblocking(False)
+                await loop.connect_accepted_socket(self._new_protocol, conn, ssl=self.config.ssl)
+            except OSError:  # the client gave up meanwhile: nothing to serve, go on stopping
+                conn.close()
         return len(waiting)
 
     def _new_protocol(self) -> asyncio.Protocol:
