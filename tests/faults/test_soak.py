@@ -7,9 +7,9 @@ seeded random draw: kill -9 or SIGTERM a worker, the scheduler, the scorer or th
 gateway (SIGTERM is a rolling deploy: its streams finish, then it comes back), pause
 one of them or Redis for up to 8 s (SIGSTOP, then SIGCONT: it wakes after its peers may
 have given it up), kill -9 Redis, fill Redis up, restart RabbitMQ, cut a worker's
-broker link, or stall every link. One fault in four comes with a second at the same time on another part (a worker
-dies while Redis is down, the scheduler while the broker restarts): incidents rarely
-come alone.
+broker link, or stall every link. One fault in four comes with a second at the same
+time on another part (a worker dies while Redis is down, the scheduler while the broker
+restarts): incidents rarely come alone.
 After the last fault it stops sending, lets everything settle, and checks the ledger:
 lost = duplicated = unexpected = 0, and the fairness counters equal the tokens served.
 An HTTP stream in flight when its gateway is killed breaks at once and is owed no
