@@ -48,7 +48,6 @@ import json
 import os
 import random
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -440,11 +439,6 @@ class BrokerCounters:
         return out
 
 
-def client_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def messaging_floor(amqp_url: str, broker_pids: list[int], messages: int,
                           body_bytes: int = 400, latency_samples: int = 200) -> dict:
     """The cost of durable messaging alone, with nothing else running: CPU per message
@@ -453,7 +447,7 @@ async def messaging_floor(amqp_url: str, broker_pids: list[int], messages: int,
     import aio_pika
 
     def cpu() -> tuple[float, float]:
-        return sum(cpu_seconds(p) for p in broker_pids), client_cpu_seconds()
+        return sum(cpu_seconds(p) for p in broker_pids), cpu_seconds(os.getpid())
 
     def per_message(before: tuple[float, float], after: tuple[float, float]) -> dict[str, float]:
         broker, client = ((a - b) * 1000 / messages for a, b in zip(after, before, strict=True))

@@ -80,6 +80,16 @@ class WorkClaim:
         return self.done or (not self.claimed and not redelivered)
 
 
+def emit_failed(request_id: str, exc: BaseException) -> None:
+    """A reply or event the broker did not take (the request is handed back): a warning
+    when the link is down (a broker restart or a cut link, which the worker rides out),
+    an error with its trace otherwise."""
+    if amqp.link_down(exc):
+        log.warning("emit_failed", request_id=request_id, error=repr(exc))
+    else:
+        log.error("emit_failed", request_id=request_id, exc_info=exc)
+
+
 def claimant(worker_id: str, life: str, delivery_tag: int) -> str:
     """Who takes a request's claim: one delivery of its work item to one worker process.
     A handler run again in place (Redis failed it) is the same delivery and still holds
@@ -580,7 +590,7 @@ class WorkerService:
         """A chunk the broker did not take: hand the request back (once)."""
         if send.cancelled() or send.exception() is None or active.engine_id not in self.by_engine:
             return
-        log.error("emit_failed", request_id=active.item.request_id, error=repr(send.exception()))
+        emit_failed(active.item.request_id, send.exception())
         self._background.spawn(self._hand_back(active))
 
     async def _finish(self, active: Active, out: RequestOutput) -> None:
@@ -607,11 +617,8 @@ class WorkerService:
             prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS]), topology.FINISHED_KEY)
         try:
             await asyncio.gather(final, event, *active.publishes)
-        except Exception as exc:
-            if amqp.link_down(exc):  # a broker restart or a cut link: expected, no trace
-                log.warning("emit_failed", request_id=rid, error=repr(exc))
-            else:
-                log.exception("emit_failed", request_id=rid)
+        except Exception as exc:  # noqa: BLE001 - logged by emit_failed, then handed back
+            emit_failed(rid, exc)
             await self._hand_back(active)
             return
         try:
