@@ -76,6 +76,17 @@ def link_down(exc: BaseException) -> bool:
     return isinstance(exc, LINK_DOWN)
 
 
+def publishing_blocked(connection: AbstractRobustConnection | None) -> bool:
+    """Whether the broker has blocked this connection's publishes (``connection.blocked``:
+    a memory or disk alarm). A publish then waits, unconfirmed, until the alarm clears.
+    The broker says so as the connection first publishes during the alarm. aiormq keeps
+    that in a private event (its ``ready()`` waits on it) and offers no property to read;
+    ``tests/integration/test_amqp_blocked.py`` pins this reading on a real broker."""
+    transport = connection.transport if connection is not None else None
+    unblocked = getattr(getattr(transport, "connection", None), "_Connection__connection_unblocked", None)
+    return unblocked is not None and not unblocked.is_set()
+
+
 class HandBack(Exception):
     """A handler's consumer is going away for a reason that is not the message's (the
     scheduler replica lost its term, and closes its channel): the message is left

@@ -6,12 +6,15 @@ rather than a fixture-only context.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,3 +145,22 @@ def rabbitmqctl(server: RabbitServer, *args: str) -> str:
         env=server.env(), capture_output=True, text=True, timeout=60, check=True,
     )
     return out.stdout
+
+
+@contextlib.asynccontextmanager
+async def memory_alarm(server: RabbitServer) -> AsyncIterator[None]:
+    """Raise the node's memory alarm, as RabbitMQ does when it runs short of memory (a
+    watermark of 1 byte), and restore the watermark after: every connection that
+    publishes meanwhile is blocked."""
+    def ctl(*args: str) -> str:
+        return rabbitmqctl(server, *args).strip()
+
+    watermark = await asyncio.to_thread(ctl, "eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+    await asyncio.to_thread(ctl, "set_vm_memory_high_watermark", "absolute", "1")
+    try:
+        yield
+    finally:
+        # The watermark reads as a fraction (0.4) or as {absolute,Bytes}.
+        restore = (["absolute", watermark.strip("{}").split(",")[1]] if watermark.startswith("{")
+                   else [watermark])
+        await asyncio.to_thread(ctl, "set_vm_memory_high_watermark", *restore)

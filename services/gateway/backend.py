@@ -11,7 +11,9 @@ plus a prompt estimate), else 429 with ``Retry-After``; all tenants together at 
 ``max_queued_total``, else 503 (global back-pressure). Each admitted request is an entry
 of a Redis sorted set scored by the time it stops counting (its timeout), so a slot whose
 release was lost (gateway killed, Redis unreachable at that moment) frees itself then
-instead of leaking; releases that fail are retried with the next Redis call.
+instead of leaking; releases that fail are retried with the next Redis call. While the
+broker blocks the gateway's publishes (a memory or disk alarm) a request is refused with
+a 503 at once, rather than holding its slot for the publish timeout.
 
 The reply queue is exclusive to the gateway's connection: when that connection drops
 (broker restart, network cut) the broker deletes it with any replies in it, so every
@@ -114,6 +116,9 @@ return redis.call('ZREM', KEYS[4], ARGV[1])
 MAX_PENDING_RELEASES = 100_000
 MAX_ORPHANED = 100_000
 CONNECTION_LOST = "broker_connection_lost"
+BROKER_BLOCKED = (
+    "The message broker is refusing new messages (a memory or disk alarm); retry later."
+)
 
 def redis_refusal(exc: BaseException) -> str:
     """The 503 message of a request Redis failed to admit."""
@@ -406,6 +411,9 @@ class Backend:
         exchange = self._requests_exchange
         if not self.amqp_connected or exchange is None:
             raise unavailable("The message broker is not reachable; retry later.")
+        if amqp.publishing_blocked(self._connection):
+            # Its publish would wait out PUBLISH_TIMEOUT_S holding an admission slot.
+            raise unavailable(BROKER_BLOCKED)
         # user_id is checked by the broker and tells the scorer to trust request.tenant.
         try:
             message = amqp.to_amqp(request, reply_to=self.reply_queue_name, user_id=self.amqp_user)
@@ -534,8 +542,11 @@ class Backend:
     # --- readiness -------------------------------------------------------------------
 
     async def readiness(self, now: float) -> dict[str, bool]:
-        """Broker connected, Redis answering, and a worker heartbeat within worker_alive_s."""
-        checks = {"amqp": self.amqp_connected, "redis": False, "worker": False}
+        """Broker connected and taking messages, Redis answering, and a worker heartbeat
+        within worker_alive_s."""
+        checks = {"amqp": self.amqp_connected,
+                  "amqp_publishing": not amqp.publishing_blocked(self._connection),
+                  "redis": False, "worker": False}
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 checks["redis"] = bool(await self.redis.ping())

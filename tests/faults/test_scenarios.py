@@ -25,7 +25,7 @@ from services import amqp, keys, topology
 from services import messages as m
 from services.engine import EngineConfig, EngineRequest, LLMEngine
 from services.engine.sampling import with_seed
-from services.localinfra import rabbitmqctl
+from services.localinfra import memory_alarm
 from services.messages import SamplingParams
 from services.models import DEFAULT_MODEL_NAME
 from services.scheduler.store import InflightRecord
@@ -392,26 +392,29 @@ async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant):
 
 async def test_rabbitmq_memory_alarm(fault_system, checker, http, keys_by_tenant):
     """RabbitMQ raises its memory alarm mid-run, as it does when it runs short of memory or
-    disk: it blocks every connection that publishes, so streams stall. A request sent
-    meanwhile is refused with a 503 once its publish times out (nothing was queued), and
-    when the alarm clears every stream goes on to its end."""
+    disk: it blocks every connection that publishes, so streams stall. The first request
+    sent meanwhile is refused with a 503 once its publish times out (nothing was queued);
+    by then the broker has told the gateway it is blocked, so the next is refused at once
+    and ``/ready`` says why. When the alarm clears every stream goes on to its end."""
     await checker.begin()
     fs = fault_system
     tasks = streams(http, checker, fs, keys_by_tenant, 12, max_tokens=40)
     await some_tokens(checker, n=2)
-    watermark = (await asyncio.to_thread(rabbitmqctl, fs.rabbit, "eval",
-                                         "vm_memory_monitor:get_vm_memory_high_watermark().")).strip()
-    await asyncio.to_thread(rabbitmqctl, fs.rabbit, "set_vm_memory_high_watermark", "absolute", "1")
-    try:
+    tenant, key = next(iter(keys_by_tenant.items()))
+    async with memory_alarm(fs.rabbit):
         await asyncio.sleep(1.0)
-        during = await http_stream(http, checker, fs.gateway_url, *next(iter(keys_by_tenant.items())),
-                                   max_tokens=8)
-    finally:
-        await asyncio.to_thread(rabbitmqctl, fs.rabbit, "set_vm_memory_high_watermark", watermark)
+        first = await http_stream(http, checker, fs.gateway_url, tenant, key, max_tokens=8)
+        second = await http_stream(http, checker, fs.gateway_url, tenant, key, max_tokens=8)
+        ready = await http.get(f"{fs.gateway_url}/ready", timeout=5)
     logs = await asyncio.gather(*tasks)
-    assert during.status == 503 and not during.accepted, (during.status, during.refusal, during.finals)
+    during = (first, second)
+    assert all(log.status == 503 and not log.accepted for log in during), \
+        [(log.status, log.refusal, log.finals) for log in during]
+    assert second.ended - second.started < 2.0, second.ended - second.started
+    assert ready.status_code == 503 and ready.json()["checks"]["amqp_publishing"] is False, ready.text
     await checker.verify("RabbitMQ memory alarm (publishers blocked)",
-                         note=f"sent during it: {during.status}; in flight: {outcomes(logs)}")
+                         note=f"sent during it: {first.status} after the publish timeout, then "
+                              f"{second.status} at once; in flight: {outcomes(logs)}")
     assert all(log.done for log in logs), outcomes(logs)
 
 
