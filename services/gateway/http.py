@@ -8,13 +8,17 @@ memory. This subclass counts the bytes received while a head is being
 read and answers 400 and closes the connection past ``max_head_bytes``, as uvicorn's h11
 protocol does past ``h11_max_incomplete_event_size``.
 
-On SIGTERM uvicorn closes every idle keep-alive connection at once. A client (or a load
-balancer's pool) may have just sent its next request on one: the bytes sit in the
-socket, unread, and the close throws them away, so the client gets a reset and no
-answer, and cannot tell whether its POST was taken. This protocol looks first: an idle
-connection with bytes waiting is left open, its request is served like any other in the
-drain, and the connection closes after that response. Only a request that lands between
-the look and the close (microseconds) still meets the reset.
+On SIGTERM uvicorn closes every idle connection at once. A client (or a load balancer's
+pool) may have just sent its next request on one, or be about to: it took the
+connection from its pool, or has just connected. The close throws that request away, so
+the client gets a reset and no answer, and cannot tell whether its POST was taken. This
+protocol gives an idle connection ``idle_grace_s`` (1 s) to send its request instead: a
+request that comes is served in the drain like any other, and the connection closes
+after that response (``Connection: close``); one still idle after the grace is closed
+then. A client busy on a connection sends its next request within milliseconds of the
+last response, so what is still idle after the grace is a connection its client is not
+using. A request sent just as the grace ends still meets the close; HTTP/1.1 has no way
+to tell an idle client to stop.
 
 Without httptools, h11 is used, with uvicorn's own shutdown.
 
@@ -50,24 +54,32 @@ def bytes_waiting(transport: Any) -> bool:
     return bool(poller.poll(0))
 
 
-def protocol_options(max_head_bytes: int) -> dict[str, Any]:
+IDLE_GRACE_S = 1.0
+"""How long a connection idle at shutdown may still send a request that is then served."""
+
+
+def protocol_options(max_head_bytes: int, idle_grace_s: float = IDLE_GRACE_S) -> dict[str, Any]:
     """``uvicorn.Config`` keyword arguments for the gateway's HTTP protocol."""
     if HttpToolsProtocol is None:
         return {"http": "h11", "h11_max_incomplete_event_size": max_head_bytes}
 
     class GatewayHttpTools(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         """httptools that refuses a request head longer than ``max_head_bytes`` and
-        serves, at shutdown, a request already waiting on an idle connection."""
+        serves, at shutdown, a request sent on an idle connection within the grace."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._in_head = True
             self._head_bytes = 0
             self._close_after_next = False
+            self._idle_close: asyncio.TimerHandle | None = None
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head, self._head_bytes = True, 0
+            if self._idle_close is not None:
+                self._idle_close.cancel()
+                self._idle_close = None
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -85,12 +97,21 @@ def protocol_options(max_head_bytes: int) -> dict[str, Any]:
             super().data_received(data)
 
         def shutdown(self) -> None:
-            idle = self.cycle is None or self.cycle.response_complete
-            if idle and not self.transport.is_closing() and bytes_waiting(self.transport):
-                # Served by the drain, then closed: the server waits for this connection.
-                self._close_after_next = True
+            if not self._idle() or self.transport.is_closing():
+                super().shutdown()  # a response under way: it is the connection's last
                 return
-            super().shutdown()
+            # Left open, the server's drain waits for it: a request that comes is served,
+            # then the connection closes; none within the grace, and it closes then.
+            self._close_after_next = True
+            self._idle_close = self.loop.call_later(idle_grace_s, self._close_if_idle)
+
+        def _idle(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _close_if_idle(self) -> None:
+            self._idle_close = None
+            if self._idle() and not self.transport.is_closing() and not bytes_waiting(self.transport):
+                self.transport.close()
 
     return {"http": GatewayHttpTools}
 

@@ -1,14 +1,16 @@
-"""At shutdown the gateway's HTTP protocol serves a request already sent on an idle
-keep-alive connection instead of closing over it.
+"""At shutdown the gateway's HTTP protocol serves a request sent on an idle connection
+(kept alive, or just connected) within a grace, instead of closing over it.
 
-The race is made exact: the client's second request is written into the server's socket
-and the protocol's ``shutdown`` (what uvicorn calls on SIGTERM) runs before the event
-loop has had a turn to read it, as when a busy gateway is signalled.
+The race is made exact: the client's request is written into the server's socket and the
+protocol's ``shutdown`` (what uvicorn calls on SIGTERM) runs before the event loop has
+had a turn to read it, as when a busy gateway is signalled; or the request is sent just
+after the shutdown began.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -34,10 +36,10 @@ async def read_response(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(2)
 
 
-async def shutdown_with_a_request_in_flight(protocol_class) -> tuple[bytes, bytes]:
-    """One request answered on a keep-alive connection; then a second one sent and the
-    protocol shut down before the loop reads it. Returns the first answer and all that
-    came back after the second request."""
+@contextlib.asynccontextmanager
+async def one_connection(protocol_class):
+    """A server of ``protocol_class`` and one client connection to it: yields the client's
+    reader and writer and a function that returns the server's protocol of it."""
     config = uvicorn.Config(app, lifespan="off", log_config=None, http=protocol_class)
     config.load()
     state = ServerState()
@@ -48,25 +50,41 @@ async def shutdown_with_a_request_in_flight(protocol_class) -> tuple[bytes, byte
         protocols.append(protocol)
         return protocol
 
+    async def protocol():
+        while not protocols:
+            await asyncio.sleep(0.01)
+        return protocols[0]
+
     server = await asyncio.get_running_loop().create_server(create_protocol, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(REQUEST)
-        first = await asyncio.wait_for(read_response(reader), 5)
-        [protocol] = protocols
-        writer.write(REQUEST)  # an idle socket: the transport sends it at once
-        time.sleep(0.05)  # noqa: ASYNC251 - on purpose: the loop must not read it first
-        protocol.shutdown()
-        try:
-            rest = await asyncio.wait_for(reader.read(), 5)
-        except ConnectionResetError:
-            rest = b"<reset>"
-        return first, rest
+        yield reader, writer, protocol
     finally:
         writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def read_rest(reader: asyncio.StreamReader) -> bytes:
+    """All the server sends until it closes (a reset reads as ``<reset>``)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:
+        return b"<reset>"
+
+
+async def shutdown_with_a_request_in_flight(protocol_class) -> tuple[bytes, bytes]:
+    """One request answered on a keep-alive connection; then a second one sent and the
+    protocol shut down before the loop reads it. Returns the first answer and all that
+    came back after the second request."""
+    async with one_connection(protocol_class) as (reader, writer, protocol):
+        writer.write(REQUEST)
+        first = await asyncio.wait_for(read_response(reader), 5)
+        writer.write(REQUEST)  # an idle socket: the transport sends it at once
+        time.sleep(0.05)  # noqa: ASYNC251 - on purpose: the loop must not read it first
+        (await protocol()).shutdown()
+        return first, await read_rest(reader)
 
 
 async def test_a_request_sent_as_shutdown_begins_is_served_then_the_connection_closes():
@@ -74,6 +92,41 @@ async def test_a_request_sent_as_shutdown_begins_is_served_then_the_connection_c
     assert first.startswith(b"HTTP/1.1 200")
     assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"ok"), rest
     # reader.read() returned: the server closed the connection after that answer.
+
+
+GRACE_S = 0.5
+
+
+async def shutdown_then_request(*, served_before: bool,
+                                delay_s: float | None) -> tuple[bytes, float]:
+    """An idle connection (after one answered request, or just connected) at shutdown; a
+    request sent ``delay_s`` later (``None``: none). Returns all that came back after the
+    shutdown and the seconds from the shutdown to the server's close."""
+    options = protocol_options(8192, idle_grace_s=GRACE_S)
+    async with one_connection(options["http"]) as (reader, writer, protocol):
+        if served_before:
+            writer.write(REQUEST)
+            assert (await asyncio.wait_for(read_response(reader), 5)).startswith(b"HTTP/1.1 200")
+        (await protocol()).shutdown()
+        began = time.monotonic()
+        if delay_s is not None:
+            await asyncio.sleep(delay_s)
+            writer.write(REQUEST)
+        rest = await read_rest(reader)
+        return rest, time.monotonic() - began
+
+
+@pytest.mark.parametrize("served_before", [True, False], ids=["kept-alive", "just-connected"])
+async def test_a_request_sent_within_the_grace_after_shutdown_is_served_then_closed(served_before):
+    rest, _ = await shutdown_then_request(served_before=served_before, delay_s=0.05)
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"ok"), rest
+    assert b"connection: close" in rest.lower()
+
+
+async def test_a_connection_still_idle_after_the_grace_is_closed_then():
+    rest, closed_after = await shutdown_then_request(served_before=True, delay_s=None)
+    assert rest == b"", rest
+    assert GRACE_S * 0.9 <= closed_after < GRACE_S + 2, closed_after
 
 
 async def test_uvicorns_own_protocol_drops_it():
