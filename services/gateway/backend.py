@@ -413,7 +413,7 @@ class Backend:
             raise unavailable("The message broker is not reachable; retry later.")
         if amqp.publishing_blocked(self._connection):
             # Its publish would wait out PUBLISH_TIMEOUT_S holding an admission slot.
-            raise unavailable(BROKER_BLOCKED)
+            raise unavailable(BROKER_BLOCKED, reason="broker_blocked")
         # user_id is checked by the broker and tells the scorer to trust request.tenant.
         try:
             message = amqp.to_amqp(request, reply_to=self.reply_queue_name, user_id=self.amqp_user)

@@ -147,11 +147,11 @@ def overloaded() -> ApiError:
     )
 
 
-def unavailable(message: str) -> ApiError:
+def unavailable(message: str, reason: str = "unavailable") -> ApiError:
     return ApiError(
         503,
         message,
-        reason="unavailable",
+        reason=reason,
         code="service_unavailable",
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )

@@ -412,6 +412,8 @@ async def test_rabbitmq_memory_alarm(fault_system, checker, http, keys_by_tenant
         [(log.status, log.refusal, log.finals) for log in during]
     assert second.ended - second.started < 2.0, second.ended - second.started
     assert ready.status_code == 503 and ready.json()["checks"]["amqp_publishing"] is False, ready.text
+    metrics = (await http.get(f"{fs.gateway_url}/metrics", timeout=5)).text
+    assert 'gateway_requests_rejected_total{reason="broker_blocked"}' in metrics
     await checker.verify("RabbitMQ memory alarm (publishers blocked)",
                          note=f"sent during it: {first.status} after the publish timeout, then "
                               f"{second.status} at once; in flight: {outcomes(logs)}")
