@@ -120,6 +120,7 @@ BROKER_BLOCKED = (
     "The message broker is refusing new messages (a memory or disk alarm); retry later."
 )
 
+
 def redis_refusal(exc: BaseException) -> str:
     """The 503 message of a request Redis failed to admit."""
     if redis_client.refuses_writes(exc):
