@@ -160,7 +160,7 @@ async def memory_alarm(server: RabbitServer) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        # The watermark reads as a fraction (0.4) or as {absolute,Bytes}.
-        restore = (["absolute", watermark.strip("{}").split(",")[1]] if watermark.startswith("{")
-                   else [watermark])
+        # The watermark reads as a fraction (0.4), or as {absolute,Bytes} or {relative,F}.
+        kind, _, value = watermark.strip("{}").rpartition(",")
+        restore = ["absolute", value] if kind == "absolute" else [value]
         await asyncio.to_thread(ctl, "set_vm_memory_high_watermark", *restore)
