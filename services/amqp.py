@@ -108,6 +108,7 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
         lambda: aio_pika.connect_robust(
             settings.amqp_url,
             heartbeat=settings.amqp_heartbeat_s,
+            reconnect_interval=settings.amqp_reconnect_s,
             client_properties={"connection_name": f"{name}:{settings.instance_id}"},
         ),
         CONNECTION_EXCEPTIONS,
