@@ -63,11 +63,14 @@ def _route_library_logs(shared: list[structlog.typing.Processor],
 class BrokerRestartNoise(logging.Filter):
     """The records a broker restart makes aiormq and aio-pika write at ERROR, lowered to
     WARNING: an outage every service waits out by itself (the robust connection comes
-    back) should not page an operator the way a fault does. Only these two, matched
+    back) should not page an operator the way a fault does. Only these three, matched
     exactly:
 
     - aiormq: the broker closed the connection with ``CONNECTION_FORCED`` (it is shutting
       down, or an operator closed the connection);
+    - aiormq: a reconnect attempt was refused (the broker is not listening yet). aio-pika
+      reports the same attempt as a warning; with a reconnect every second this would be
+      an error a second per service for as long as the broker is down;
     - aio-pika: a robust channel's close callback found the connection already gone
       (mosquito/aio-pika#668, upstream; the channel comes back with the connection).
     """
@@ -81,6 +84,8 @@ class BrokerRestartNoise(logging.Filter):
     def is_restart_noise(record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if record.name == "aiormq.connection":
+            if message.startswith("error when creating transport"):
+                return "Connect call failed" in message or "refused" in message.lower()
             return message.startswith("Unexpected connection close") and "CONNECTION_FORCED" in message
         if record.name == "aio_pika.tools":
             return "RobustChannel._on_close" in message and (

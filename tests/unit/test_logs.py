@@ -27,6 +27,10 @@ logging.getLogger("aiormq.connection").error(
 logging.getLogger("aio_pika.tools").error(
     "Callback %s error: %s", "<OneShotCallback: cb=<bound method RobustChannel._on_close of x>>",
     "ChannelInvalidStateError: No active transport in channel")
+logging.getLogger("aiormq.connection").error(
+    "error when creating transport: %r", "AMQPConnectionError(111, Connect call failed ('127.0.0.1', 5672))")
+logging.getLogger("aiormq.connection").error(
+    "error when creating transport: %r", "SSLError('certificate verify failed')")
 
 def step_loop():
     get_logger(__name__).info("engine_stepping")
@@ -48,11 +52,12 @@ def test_every_line_a_service_writes_is_a_json_event_with_its_service():
     assert run.returncode == 1, run.stderr
     assert run.stdout.strip() == "progress bars: False"  # "Loading weights" bars: not in a log
     events = [json.loads(line) for line in run.stderr.splitlines()]  # fails on a plain line
-    restart = [e for e in events if e["event"].startswith(("Unexpected connection close from",
-                                                          "Callback <OneShotCallback"))]
-    # A broker restart's two upstream ERROR records are lowered to warnings; a connection
-    # closed for another reason stays an error.
-    assert [e["level"] for e in restart] == ["warning", "warning"]
+    restart = [e for e in events if e["event"].startswith((
+        "Unexpected connection close from", "Callback <OneShotCallback", "error when creating transport"))]
+    # A broker restart's upstream ERROR records are lowered to warnings; a connection
+    # closed for another reason, or a connect that failed for another reason, stays an error.
+    assert [e["level"] for e in restart] == ["warning", "warning", "warning", "error"]
+    assert "SSLError" in restart[-1]["event"]
     events = [e for e in events if e not in restart]
     assert [e["event"] for e in events] == [
         "worker_started", "Connection attempt to 'amqp://x' failed", "Unexpected connection close",
