@@ -30,13 +30,17 @@ CONNECTION_LOST = "broker_connection_lost"
 
 
 class AmqpClient:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, reconnect_s: float = 1.0) -> None:
+        """``reconnect_s``: seconds between reconnect attempts while the broker is away
+        (as the services' ``FAIRWAY_AMQP_RECONNECT_S``)."""
         self.url = url
+        self.reconnect_s = reconnect_s
         self.user = unquote(urlparse(url).username or "guest")
         self.router = ReplyRouter()
 
     async def __aenter__(self) -> Self:
-        self.connection: AbstractRobustConnection = await aio_pika.connect_robust(self.url)
+        self.connection: AbstractRobustConnection = await aio_pika.connect_robust(
+            self.url, reconnect_interval=self.reconnect_s)
         self.channel: AbstractChannel = await self.connection.channel()
         self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)
         self.reply_queue: AbstractQueue = await self.channel.declare_queue(

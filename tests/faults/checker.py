@@ -154,6 +154,7 @@ class Checker:
         fault cut short still generated (and was charged for) that many."""
         self._seq = 0
         self._tap_connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._tap_queue: aio_pika.abc.AbstractQueue | None = None
         self._served_before: dict[str, float] = {}
         self._vtc_before: dict[str, float] = {}
 
@@ -171,15 +172,16 @@ class Checker:
 
     async def start_tap(self, amqp_url: str) -> None:
         """Count the workers' completion events on a queue of our own (survives restarts)."""
-        self._tap_connection = await aio_pika.connect_robust(amqp_url)
+        # Back as soon as the services are after a broker restart (they try every second).
+        self._tap_connection = await aio_pika.connect_robust(amqp_url, reconnect_interval=1.0)
         channel = await self._tap_connection.channel()
         exchange = await channel.declare_exchange(topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC,
                                                   durable=True)
         # Quorum, as the scheduler's events queue: a worker's event that a broker restart
         # cut off before its confirm may still have reached the scheduler's queue, and a
         # classic queue would lose it where the scheduler's kept and charged it.
-        queue = await channel.declare_queue(TAP_QUEUE, durable=True,
-                                            arguments={"x-queue-type": "quorum"})
+        queue = self._tap_queue = await channel.declare_queue(TAP_QUEUE, durable=True,
+                                                              arguments={"x-queue-type": "quorum"})
         await queue.bind(exchange, routing_key=topology.FINISHED_KEY)
         await queue.bind(exchange, routing_key=topology.PROGRESS_KEY)
 
@@ -252,7 +254,22 @@ class Checker:
                                      f"in flight {held}, queued {queued}")
         finally:
             await redis.aclose()
-        await asyncio.sleep(0.5)  # the last completion events reach the tap
+        await self._tap_drained(deadline)
+        await asyncio.sleep(0.5)  # the last completion events delivered are counted
+
+    async def _tap_drained(self, deadline: float) -> None:
+        """Wait until the tap is connected (after a broker restart it may still be
+        reconnecting) and has taken every completion event the workers published."""
+        if self._tap_queue is None:
+            return
+        while time.monotonic() < deadline:
+            try:
+                if (await self._tap_queue.declare(timeout=2)).message_count == 0:
+                    return
+            except Exception:  # noqa: BLE001 - the tap's link is not back yet
+                pass
+            await asyncio.sleep(0.2)
+        raise AssertionError("the completion-event tap did not drain")
 
     async def admission_slots(self, tenants: set[str]) -> dict[str, int]:
         redis = aioredis.from_url(self.redis_url)
