@@ -28,6 +28,7 @@ otherwise).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -263,11 +264,9 @@ class Checker:
         if self._tap_queue is None:
             return
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(Exception):  # the tap's link is not back yet
                 if (await self._tap_queue.declare(timeout=2)).message_count == 0:
                     return
-            except Exception:  # noqa: BLE001 - the tap's link is not back yet
-                pass
             await asyncio.sleep(0.2)
         raise AssertionError("the completion-event tap did not drain")
 
