@@ -25,12 +25,13 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from services import amqp, topology
 from services import messages as m
 from services.replies import Reply, ReplyRouter, ReplyStream
+from services.settings import DEFAULT_AMQP_RECONNECT_S
 
 CONNECTION_LOST = "broker_connection_lost"
 
 
 class AmqpClient:
-    def __init__(self, url: str, reconnect_s: float = 1.0) -> None:
+    def __init__(self, url: str, reconnect_s: float = DEFAULT_AMQP_RECONNECT_S) -> None:
         """``reconnect_s``: seconds between reconnect attempts while the broker is away
         (as the services' ``FAIRWAY_AMQP_RECONNECT_S``)."""
         self.url = url

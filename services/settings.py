@@ -20,6 +20,10 @@ def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+DEFAULT_AMQP_RECONNECT_S = 1.0
+"""Seconds between reconnect attempts to the broker, for services and AMQP clients alike."""
+
+
 class Settings(BaseSettings):
     """Every knob of every service. Each service reads the fields it needs."""
 
@@ -29,7 +33,7 @@ class Settings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
     amqp_heartbeat_s: int = 10
-    amqp_reconnect_s: float = Field(default=1.0, gt=0)
+    amqp_reconnect_s: float = Field(default=DEFAULT_AMQP_RECONNECT_S, gt=0)
     """Seconds between attempts to reconnect to the broker. aio-pika's 5 s default keeps a
     service away for up to 5 s after a restarted broker is back (``bench/bench_broker_restart.py``:
     2.4 s on average, 3.8 s at most, against 0.5 s and 0.8 s at 1 s); an attempt on a

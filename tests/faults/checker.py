@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from services import keys, topology
 from services import messages as m
 from services.scheduler.store import InflightRecord
+from services.settings import DEFAULT_AMQP_RECONNECT_S
 
 TAP_QUEUE = "fairway.test.finished-tap"
 
@@ -174,7 +175,8 @@ class Checker:
     async def start_tap(self, amqp_url: str) -> None:
         """Count the workers' completion events on a queue of our own (survives restarts)."""
         # Back as soon as the services are after a broker restart (they try every second).
-        self._tap_connection = await aio_pika.connect_robust(amqp_url, reconnect_interval=1.0)
+        self._tap_connection = await aio_pika.connect_robust(
+            amqp_url, reconnect_interval=DEFAULT_AMQP_RECONNECT_S)
         channel = await self._tap_connection.channel()
         exchange = await channel.declare_exchange(topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC,
                                                   durable=True)
