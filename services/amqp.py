@@ -190,6 +190,34 @@ async def reply(channel: AbstractChannel, reply_to: str, msg: m.Message, *,
                                                mandatory=mandatory)
 
 
+class BatchedAcks:
+    """Acks a consumer's messages in batches: the last message handled within
+    ``interval_s`` is acked, with ``multiple``, for every one before it, so the consumer
+    sends at most one ack per interval however busy it is. For messages worth acking only
+    so that the broker requeues those a dropped link took in transit (written to the dead
+    socket, or handled but not acked yet), at close to ``no_ack``'s cost; a consumer that
+    takes them again must bear repeats. The handler must be done with a message when it
+    calls :meth:`handled`."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self._last: AbstractIncomingMessage | None = None
+        self._flush: asyncio.Task[None] | None = None
+
+    def handled(self, message: AbstractIncomingMessage) -> None:
+        self._last = message
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().create_task(self._ack())
+
+    async def _ack(self) -> None:
+        await asyncio.sleep(self.interval_s)
+        message, self._last, self._flush = self._last, None, None
+        if message is not None:
+            # A channel that closed meanwhile: the broker requeued them, nothing to ack.
+            with contextlib.suppress(Exception):
+                await message.ack(multiple=True)
+
+
 def error_answer(request_id: str, message: str, *, status: int = 400,
                  type_: str = "invalid_request_error", code: str | None = None) -> m.FinalAnswer:
     """An error ends a stream at once, wherever it is, so it needs no position."""

@@ -264,6 +264,11 @@ class ResumePoint(Message):
     """Every output token the caller was sent, in order."""
     streamed_chars: int
     """Characters of text the caller was sent."""
+    streamed_text: str = ""
+    """That text, which the next worker sends again with the tokens before it continues:
+    a caller that missed some of it (dropped with its reply queue's content in a broker
+    restart) gets it back, one that has it drops it. Empty in points written before it was
+    kept, whose callers are not sent it again."""
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

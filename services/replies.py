@@ -123,9 +123,15 @@ class ReplyRouter:
 
     def fail_all(self, code: str, message: str, status: int = 503) -> None:
         """End every open stream with one error answer (its replies can no longer arrive)."""
-        for stream in list(self.streams.values()):
+        for request_id in list(self.streams):
+            self.fail(request_id, code, message, status)
+
+    def fail(self, request_id: str, code: str, message: str, status: int = 503) -> None:
+        """End one open stream with an error answer (nothing if it is not open)."""
+        stream = self.streams.get(request_id)
+        if stream is not None:
             stream.offer(m.FinalAnswer(
-                request_id=stream.request_id, token_offset=stream.next_token,
+                request_id=request_id, token_offset=stream.next_token,
                 text_offset=stream.next_char, finish_reason="error",
                 error=m.ErrorInfo(message=message, type="service_unavailable", code=code,
                                   status=status)))
@@ -144,3 +150,49 @@ class ReplyRouter:
             return
         if isinstance(msg, m.TokenChunk | m.FinalAnswer):
             self.dispatch(msg)
+
+
+class LinkLossWatch:
+    """Which open streams lost their answer in a broker outage. Pure: times are arguments.
+
+    A reply queue that outlives its link (durable, not exclusive) keeps a stream open across
+    a dropped connection: replies published after the link is back arrive, and a worker that
+    lost its own link continues the request from its resume point, re-sending what came
+    before it. What a broker restart drops for good are the messages that sat in the queue
+    (they are transient), so a stream whose final answer was among them would wait forever.
+    Such a request is done (the scheduler marks it so on the worker's completion event) and
+    yet gets no answer: a stream that was open across an outage and whose request has been
+    done for ``grace_s`` without its final answer is lost, and its caller gets an error.
+    """
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._watched: dict[str, float | None] = {}
+        """Request id -> when it was first seen done (None: not yet)."""
+
+    def link_lost(self, request_ids: list[str]) -> None:
+        """These streams were open when the link dropped."""
+        for rid in request_ids:
+            self._watched.setdefault(rid, None)
+
+    def forget(self, request_id: str) -> None:
+        """The stream ended (answered, failed or closed by its caller)."""
+        self._watched.pop(request_id, None)
+
+    @property
+    def watched(self) -> list[str]:
+        """Requests whose done marker to look up."""
+        return list(self._watched)
+
+    def lost(self, done: dict[str, bool], now: float) -> list[str]:
+        """Given which watched requests are done now, those whose answer is lost."""
+        out = []
+        for rid, is_done in done.items():
+            if rid not in self._watched or not is_done:
+                continue
+            since = self._watched[rid]
+            if since is None:
+                self._watched[rid] = now
+            elif now - since >= self.grace_s:
+                out.append(rid)
+        return out

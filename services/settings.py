@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     """Unfinished requests of all tenants together; beyond it every tenant gets 503."""
     request_timeout_s: float = 600.0
     worker_alive_s: float = 10.0
+    broker_outage_grace_s: float = Field(default=30.0, gt=0)
+    """How long the gateway's open streams wait for a lost broker connection to come back
+    before each gets an error answer (``broker_connection_lost``); within it they go on
+    where they were once the gateway has reconnected."""
     gateway_dead_after_s: float = 15.0
     """A gateway whose heartbeat in Redis is this old is dead: the other gateways free its
     admission slots and cancel its requests downstream. A restarted gateway (same

@@ -55,12 +55,28 @@ def work_queue(pool: str) -> str:
 
 
 def reply_queue(owner: str) -> str:
-    """Name of an exclusive reply queue: a gateway instance's, or an AMQP producer's.
+    """Name of a reply queue: a gateway instance's, or an AMQP producer's.
 
     Producers name theirs ``fairway.replies.<rabbitmq-user>.<anything>`` so that a
     least-privilege user may be granted exactly its own reply queues.
     """
     return f"{REPLY_QUEUE_PREFIX}.{owner}"
+
+
+REPLY_QUEUE_EXPIRES_S = 120
+"""How long a gateway's reply queue outlives its last consumer. A gateway whose link to the
+broker drops finds its queue again when it is back, with the replies sent meanwhile; the
+queue of one gone for longer is deleted, and replies to it come back unroutable."""
+
+
+async def declare_gateway_reply_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
+    """A gateway's reply queue. Durable, so that a broker restart keeps the queue (not its
+    messages, which are transient): a worker that replies while the gateway reconnects finds
+    it, instead of having its reply returned unroutable and stopping the request as if the
+    caller were gone. Not exclusive, so that a dropped link leaves it in place; the gateway
+    consumes it exclusively, which keeps two gateways of one instance id apart."""
+    return await channel.declare_queue(
+        name, durable=True, arguments={"x-expires": REPLY_QUEUE_EXPIRES_S * 1000})
 
 
 def quorum_arguments() -> dict[str, object]:

@@ -254,6 +254,8 @@ class Active:
     """Every output token sent to the caller (a hand-back leaves them as a resume point)."""
     streamed_chars: int = 0
     """Characters of text sent to the caller."""
+    streamed_text: list[str] = field(default_factory=list)
+    """That text, in the pieces it was sent in."""
     checkpointed: int = 0
     """Output tokens in its resume point in Redis (0: none), the one it was resumed from
     or the last this worker wrote; deleted once the request is answered."""
@@ -262,6 +264,7 @@ class Active:
         """A chunk went out (``publish`` completes with the broker's confirm)."""
         self.output_token_ids.extend(token_ids)
         self.streamed_chars += len(text)
+        self.streamed_text.append(text)
         self.unconfirmed.append((publish, len(self.output_token_ids), self.streamed_chars))
 
     @property
@@ -294,7 +297,8 @@ class Active:
             return None
         tokens, chars = prefix
         return m.ResumePoint(request_id=self.item.request_id, worker_id=worker_id,
-                             output_token_ids=self.output_token_ids[:tokens], streamed_chars=chars)
+                             output_token_ids=self.output_token_ids[:tokens], streamed_chars=chars,
+                             streamed_text="".join(self.streamed_text)[:chars])
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -445,9 +449,22 @@ class WorkerService:
                 await self._finish_early(item, message, "error", str(exc))
             return
         if point is not None:
+            self._send_again(active, point)
             prom.worker_resumed.labels(self.settings.model_name).inc()
             log.info("resumed", request_id=rid, output_tokens=len(point.output_token_ids),
                      handed_back_by=point.worker_id)
+
+    def _send_again(self, active: Active, point: m.ResumePoint) -> None:
+        """Send the caller what the resumed request's earlier workers sent it, from the
+        start: it drops what it has and gets what a broker restart took from its reply
+        queue (else that gap would never fill). The final answer waits for its confirm."""
+        if len(point.streamed_text) != point.streamed_chars:  # a point without its text
+            return
+        send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
+            request_id=active.item.request_id, token_offset=0, text_offset=0,
+            text=point.streamed_text, token_ids=list(point.output_token_ids)), mandatory=True))
+        send.add_done_callback(lambda f: self._on_sent(active, f))
+        active.unconfirmed.appendleft((send, len(point.output_token_ids), point.streamed_chars))
 
     async def _start_in_engine(self, active: Active, engine_req: EngineRequest) -> None:
         """Hand a request to the engine thread. If that fails, or the wait is cancelled
@@ -467,6 +484,7 @@ class WorkerService:
         if point is not None:
             active.output_token_ids = list(point.output_token_ids)
             active.streamed_chars = point.streamed_chars
+            active.streamed_text = [point.streamed_text]
             active.confirmed = (len(point.output_token_ids), point.streamed_chars)
             active.checkpointed = len(point.output_token_ids)  # that point is in Redis
         self.active[item.request_id] = active

@@ -15,10 +15,15 @@ instead of leaking; releases that fail are retried with the next Redis call. Whi
 broker blocks the gateway's publishes (a memory or disk alarm) a request is refused with
 a 503 at once, rather than holding its slot for the publish timeout.
 
-The reply queue is exclusive to the gateway's connection: when that connection drops
-(broker restart, network cut) the broker deletes it with any replies in it, so every
-request in flight gets one clear error (``broker_connection_lost``, 503) at once and is
-cancelled downstream.
+The reply queue outlives the gateway's connection (:func:`topology.declare_gateway_reply_queue`),
+so a stream stays open when that connection drops (broker restart, network cut) and goes
+on once the gateway has reconnected: workers continue its request from a resume point and
+send again what came before it, which the stream trims to what its caller lacks. A broker
+restart drops the replies that sat in the queue; a request whose final answer was among
+them is done without an answer, which :class:`~services.replies.LinkLossWatch` notices
+from its done marker, and its caller gets one clear error (``broker_connection_lost``,
+503). So does every stream still open when the broker stays away for
+``broker_outage_grace_s``; those requests are cancelled downstream.
 
 A cancel is a marker in Redis, which workers check as they start a request and with
 every heartbeat while it runs, plus a broadcast on the control exchange that reaches
@@ -39,7 +44,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from redis.exceptions import RedisError
 
 from services import amqp, keys, redis_client, topology
@@ -55,7 +60,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.replies import TimedReplies
 from services.logs import get_logger
 from services.messages import CancelRequest, CompletionRequest, MessageError
-from services.replies import ReplyRouter
+from services.replies import LinkLossWatch, ReplyRouter
 from services.runtime import BackgroundTasks
 from services.settings import Settings
 
@@ -116,6 +121,10 @@ return redis.call('ZREM', KEYS[4], ARGV[1])
 MAX_PENDING_RELEASES = 100_000
 MAX_ORPHANED = 100_000
 CONNECTION_LOST = "broker_connection_lost"
+ANSWER_LOST_GRACE_S = 5.0
+"""How long a request that lived through a broker outage may be done without its final
+answer arriving before its answer counts as lost (the answer is published before the
+completion event that makes it done, so it is normally already here)."""
 BROKER_BLOCKED = (
     "The message broker is refusing new messages (a memory or disk alarm); retry later."
 )
@@ -217,6 +226,10 @@ class Backend:
         self._refusing_writes: BaseException | None = None
         """What Redis said when it refused this gateway's last write (full, read-only,
         cannot persist): new requests are refused until a write goes through again."""
+        self.link_loss = LinkLossWatch(ANSWER_LOST_GRACE_S)
+        self._reply_acks = amqp.BatchedAcks()
+        self._outage_timer: asyncio.TimerHandle | None = None
+        """Fails every open stream once the broker has been away ``broker_outage_grace_s``."""
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -255,6 +268,7 @@ class Backend:
         await self._retry_releases()
         for request_id, tenant in list(self._orphaned.items()):
             await self.cancel_downstream(request_id, tenant)
+        await self._fail_lost_answers(time.monotonic())
         for incarnation in dead_gateways(await self._seen(), now, self.settings.gateway_dead_after_s,
                                          self.incarnation, self._owns_instance,
                                          now - self._beating_since):
@@ -329,9 +343,10 @@ class Backend:
         publish = await conn.channel(publisher_confirms=True, on_return_raises=True)
         topo = await topology.declare(publish, passive=not self.settings.declare_topology)
         consume = await conn.channel()
-        queue = await consume.declare_queue(self.reply_queue_name, exclusive=True, auto_delete=True)
-        # Replies are only worth something to this process: no redelivery, so no acks.
-        await queue.consume(self.router.on_message, no_ack=True)
+        queue = await topology.declare_gateway_reply_queue(consume, self.reply_queue_name)
+        # Acked (in batches) so that replies a dropped link took in transit are requeued
+        # for the reconnected consumer, instead of lost as with no_ack.
+        await queue.consume(self._on_reply, exclusive=True)
         self._requests_exchange = topo.exchange(topology.REQUESTS_EXCHANGE)
         self._control_exchange = topo.exchange(topology.CONTROL_EXCHANGE)
         conn.close_callbacks.add(self._on_connection_lost)
@@ -342,23 +357,65 @@ class Backend:
         self._ready.set()
         log.info("amqp_connected", reply_queue=self.reply_queue_name)
 
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        await self.router.on_message(message)
+        self._reply_acks.handled(message)
+
     def _on_connection_lost(self, *_: object) -> None:
-        """The exclusive reply queue is gone with the connection: fail what is in flight."""
+        """The link dropped: streams stay open for the broker to come back (the reply queue
+        outlives the link), up to ``broker_outage_grace_s``."""
         if not self._submissions:
             return
-        log.warning("amqp_connection_lost", in_flight=len(self._submissions))
-        for request_id, submission in self._submissions.items():
-            if not submission.stream.arrived:
-                self._orphan(request_id, submission.request.tenant)
-        self.router.fail_all(
-            CONNECTION_LOST,
-            "The gateway lost its connection to the message broker, and this request's "
-            "answer with it; retry the request.",
-        )
+        self.link_loss.link_lost(list(self._submissions))
+        if self._outage_timer is None:  # (each failed reconnect attempt calls this again)
+            log.warning("amqp_connection_lost", in_flight=len(self._submissions))
+            self._outage_timer = asyncio.get_running_loop().call_later(
+                self.settings.broker_outage_grace_s, self._fail_open_streams)
 
     def _on_reconnected(self, *_: object) -> None:
         # Orphans' cancel markers are written by the housekeeping loop, broker or not.
-        log.info("amqp_reconnected", orphaned=len(self._orphaned))
+        if self._outage_timer is not None:
+            self._outage_timer.cancel()
+            self._outage_timer = None
+        log.info("amqp_reconnected", orphaned=len(self._orphaned),
+                 open_streams=len(self.link_loss.watched))
+
+    def _fail_open_streams(self) -> None:
+        """The broker stayed away too long: fail every stream still open with one clear
+        error, and cancel its request downstream."""
+        self._outage_timer = None
+        if self.amqp_connected:
+            return
+        log.warning("broker_outage_streams_failed", n=len(self._submissions),
+                    after_s=self.settings.broker_outage_grace_s)
+        for request_id, submission in self._submissions.items():
+            if not submission.stream.arrived:
+                self._orphan(request_id, submission.request.tenant)
+            self.link_loss.forget(request_id)
+        self.router.fail_all(
+            CONNECTION_LOST,
+            "The gateway lost its connection to the message broker, which did not come back "
+            "in time; retry the request.",
+        )
+
+    async def _fail_lost_answers(self, now: float) -> None:
+        """End the streams that lived through a broker outage whose requests are done
+        without their final answer having arrived (it was dropped with the queue's content
+        in a broker restart)."""
+        watched = self.link_loss.watched
+        if not watched:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for rid in watched:
+                pipe.hexists(keys.request_markers(rid), keys.MARKER_DONE)
+            done = dict(zip(watched, map(bool, await pipe.execute())))
+        for rid in self.link_loss.lost(done, now):
+            log.warning("answer_lost_in_broker_outage", request_id=rid)
+            self.link_loss.forget(rid)
+            self.router.fail(
+                rid, CONNECTION_LOST,
+                "The broker lost this request's answer while the gateway was reconnecting "
+                "to it; retry the request.")
 
     def _orphan(self, request_id: str, tenant: str) -> None:
         if len(self._orphaned) < MAX_ORPHANED:
@@ -379,6 +436,8 @@ class Backend:
             await asyncio.gather(self._connect_task, return_exceptions=True)
         if self._housekeeping_task is not None:
             self._housekeeping_task.cancel()
+        if self._outage_timer is not None:
+            self._outage_timer.cancel()
         try:
             async with asyncio.timeout(SHUTDOWN_CLEANUP_S):
                 for submission in list(self._submissions.values()):
@@ -450,6 +509,7 @@ class Backend:
         request = submission.request
         stream = submission.stream
         self.router.close(request.request_id)
+        self.link_loss.forget(request.request_id)
         if self._submissions.pop(request.request_id, None) is not None:
             self.metrics.in_flight.dec()
         if request.request_id in self._orphaned:

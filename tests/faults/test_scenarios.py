@@ -367,15 +367,22 @@ async def test_worker_cut_off_from_redis(fault_system, checker, http, keys_by_te
 
 
 async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant):
-    """Restart RabbitMQ mid-run: requests whose replies the restart may have dropped get one
-    clear error (503, broker_connection_lost); everything else is answered; and the
-    system serves new requests once it has reconnected by itself."""
+    """Restart RabbitMQ mid-run. The gateway's streams go on once everything has
+    reconnected: the workers continue their requests from resume points and send again
+    what came before, which fills what the restart dropped from the gateway's reply queue,
+    so a stream far from its end gets its whole answer, word for word. An answer the
+    restart dropped whole (a stream near its end) and the AMQP producers' streams (their
+    reply queues die with their connections) get one clear error (503,
+    broker_connection_lost). The system serves new requests once it has reconnected."""
+    MAX_TOKENS = 140  # within the tenants' token budgets, still mid-stream at the restart
     await checker.begin()
     fs = fault_system
     async with AmqpTenant(checker, fs.tenant_url("initech"), "initech") as producer:
-        tasks = streams(http, checker, fs, keys_by_tenant, 8, max_tokens=60)
+        tasks = streams(http, checker, fs, keys_by_tenant, 8, max_tokens=MAX_TOKENS)
         tasks += [asyncio.create_task(producer.run(max_tokens=60)) for _ in range(4)]
         await some_tokens(checker, n=6)
+        far_from_done = {log.request_id for log in checker.logs if log.transport == "http"
+                         and log.request_id and not log.finals and log.tokens <= MAX_TOKENS - 80}
         await asyncio.to_thread(fs.rabbit.stop)
         await asyncio.to_thread(fs.rabbit.start)
         during = await asyncio.gather(*tasks)
@@ -385,9 +392,17 @@ async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant):
         await producer.ready()
         after = await asyncio.gather(*streams(http, checker, fs, keys_by_tenant, 4, max_tokens=12),
                                      *[producer.run(max_tokens=12) for _ in range(2)])
-    await checker.verify("RabbitMQ restarted", note=f"in flight: {outcomes(during)}; after: "
-                                                     f"{outcomes(after)}")
+    http_during = [log for log in during if log.transport == "http"]
+    await checker.verify("RabbitMQ restarted",
+                         note=f"HTTP streams in flight: {outcomes(http_during)} ({len(far_from_done)} "
+                              f"far from their end); AMQP producer's: "
+                              f"{outcomes([log for log in during if log.transport != 'http'])}; "
+                              f"after: {outcomes(after)}")
     assert all(log.done for log in after), outcomes(after)
+    kept = [log for log in http_during if log.request_id in far_from_done]
+    assert far_from_done and all(log.done for log in kept), details(kept)
+    got = {log.request_id: log.text for log in kept}
+    assert got == await asyncio.to_thread(uninterrupted_answers, fs.system.cache_dir, got, MAX_TOKENS)
 
 
 async def test_rabbitmq_memory_alarm(fault_system, checker, http, keys_by_tenant):

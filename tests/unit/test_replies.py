@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services import messages as m
-from services.replies import ReplyRouter, ReplyStream
+from services.replies import LinkLossWatch, ReplyRouter, ReplyStream
 
 ANSWER = ["He", "llo", ",", " wor", "ld", "!"]
 """The text of output tokens 0..5 (token id = position)."""
@@ -181,3 +181,74 @@ def test_fail_all_ends_each_open_stream_with_one_error():
     assert (out[-1].finish_reason, out[-1].error.code, out[-1].error.status) == (
         "error", "broker_connection_lost", 503)
     assert [x.finish_reason for x in drain(done)] == ["stop"]
+
+
+def test_a_stream_sent_its_answer_again_from_the_start_fills_a_gap_a_broker_restart_left():
+    """A broker restart dropped chunks 2-3 from the reply queue; the worker that resumes the
+    request sends everything before its resume point again (tokens 0-3) and goes on: the
+    caller gets the missing part once, and the answer whole."""
+    stream = ReplyStream("r")
+    stream.offer(chunk(0, 2))
+    stream.offer(chunk(4, 6))  # the resumed worker's first new tokens, ahead of its resend
+    stream.offer(chunk(0, 4))  # its resend of what came before its point
+    stream.offer(final(6))
+    assert delivered(stream) == ([0, 1, 2, 3, 4, 5], "".join(ANSWER),
+                                 ["TokenChunk", "TokenChunk", "TokenChunk", "FinalAnswer"])
+
+
+def test_link_loss_watch_finds_answers_lost_only_after_their_grace():
+    """Only streams open at the loss are watched; one whose request is done counts as lost
+    once it has been done for the grace without its answer (which normally arrives first)."""
+    watch = LinkLossWatch(grace_s=5.0)
+    watch.link_lost(["done-late", "running", "answered"])
+    assert sorted(watch.watched) == ["answered", "done-late", "running"]
+    assert watch.lost({"done-late": True, "running": False, "answered": True, "new": True}, now=10.0) == []
+    watch.forget("answered")  # its final answer arrived
+    assert watch.lost({"done-late": True, "running": False}, now=14.0) == []
+    assert watch.lost({"done-late": True, "running": True}, now=15.0) == ["done-late"]
+    watch.forget("done-late")
+    watch.link_lost(["running", "later"])  # a second outage keeps when it was seen done
+    assert sorted(watch.watched) == ["later", "running"]
+    assert watch.lost({"running": True, "later": False}, now=20.0) == ["running"]
+
+
+def test_fail_ends_one_open_stream_and_leaves_the_others():
+    router = ReplyRouter()
+    lost, other = router.open("r"), router.open("o")
+    router.dispatch(chunk(0))
+    router.fail("r", "broker_connection_lost", "gone")
+    router.fail("nobody", "broker_connection_lost", "gone")  # not open: nothing happens
+    assert [x.finish_reason for x in drain(lost) if isinstance(x, m.FinalAnswer)] == ["error"]
+    assert drain(other) == [] and not other.finished
+
+
+class Delivery:
+    """What BatchedAcks uses of an incoming message: its ack."""
+
+    def __init__(self, tag: int, acks: list, fail: bool = False) -> None:
+        self.delivery_tag, self.acks, self.fail = tag, acks, fail
+
+    async def ack(self, multiple: bool = False) -> None:
+        if self.fail:
+            raise ConnectionError("channel closed")
+        self.acks.append((self.delivery_tag, multiple))
+
+
+async def test_batched_acks_ack_the_last_message_of_an_interval_for_all_before_it():
+    import asyncio
+
+    from services.amqp import BatchedAcks
+
+    acks: list = []
+    batched = BatchedAcks(interval_s=0.05)
+    for tag in (1, 2, 3):
+        batched.handled(Delivery(tag, acks))
+        await asyncio.sleep(0.001)
+    assert acks == []  # within the interval
+    await asyncio.sleep(0.1)
+    assert acks == [(3, True)]
+    batched.handled(Delivery(4, acks, fail=True))  # its channel closed: the broker requeues
+    await asyncio.sleep(0.1)
+    batched.handled(Delivery(5, acks))
+    await asyncio.sleep(0.1)
+    assert acks == [(3, True), (5, True)]

@@ -168,3 +168,14 @@ async def test_a_resume_point_counts_only_chunks_the_broker_confirmed_in_order()
     assert (point.output_token_ids, point.streamed_chars) == ([5, 6], 2)
     second.set_exception(ConnectionError("channel closed"))
     assert active.resume_point("w") is None and not active.resume_point_due()
+
+
+async def test_a_resume_point_keeps_the_text_its_caller_was_sent():
+    """The next worker sends that text again with its tokens, so the point must hold
+    exactly the confirmed prefix's characters."""
+    active = _active()
+    active.sent(_published(), [5, 6], "ab")
+    active.sent(_published(), [7], "cd")
+    active.sent(_published(ok=False), [8], "e")  # not confirmed yet: not in the point
+    point = active.resume_point("w")
+    assert (point.output_token_ids, point.streamed_chars, point.streamed_text) == ([5, 6, 7], 4, "abcd")

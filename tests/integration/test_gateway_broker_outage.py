@@ -1,0 +1,155 @@
+"""The gateway's streams across a broker outage, on a private RabbitMQ node restarted
+mid-stream and the shared Redis.
+
+A stream stays open while the broker is away and goes on once the gateway has reconnected:
+its reply queue outlives the link, and a worker that resumes the request sends again what
+came before its resume point, which fills what the restart dropped from the queue. A
+request that got done meanwhile without its final answer reaching the gateway gets one
+clear error, as does every stream still open when the broker stays away too long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import aio_pika
+import pytest
+
+from services import amqp, keys
+from services import messages as m
+from services.gateway.backend import Backend
+from services.gateway.metrics import GatewayMetrics
+from services.localinfra import RabbitServer, rabbitmqctl
+from services.replies import ReplyStream
+from services.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+ANSWER = ["Sun", "ny", " and", " warm", " to", "day"]
+"""The text of output tokens 0..5 (token id = position)."""
+
+
+def chunk(request_id: str, start: int, end: int) -> m.TokenChunk:
+    return m.TokenChunk(request_id=request_id, token_offset=start, text_offset=len("".join(ANSWER[:start])),
+                        text="".join(ANSWER[start:end]), token_ids=list(range(start, end)))
+
+
+def final(request_id: str) -> m.FinalAnswer:
+    return m.FinalAnswer(request_id=request_id, token_offset=len(ANSWER), text_offset=len("".join(ANSWER)),
+                         finish_reason="length", prompt_tokens=3, completion_tokens=len(ANSWER))
+
+
+def request(request_id: str) -> m.CompletionRequest:
+    return m.CompletionRequest(request_id=request_id, tenant="acme", model="tiny", prompt="weather?",
+                               sampling=m.SamplingParams(max_tokens=len(ANSWER)))
+
+
+async def until(check, timeout_s: float = 60.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.05)
+
+
+async def read(stream: ReplyStream) -> tuple[str, list[m.FinalAnswer]]:
+    """The text a stream delivered so far, and its final answer if it came."""
+    text, finals = "", []
+    while stream.ready:
+        item = await stream.get()
+        if isinstance(item, m.FinalAnswer):
+            finals.append(item)
+        else:
+            text += item.text
+    return text, finals
+
+
+class Worker:
+    """Sends replies to the gateway's queue as a worker does (confirmed publishes)."""
+
+    def __init__(self, url: str, reply_to: str) -> None:
+        self.url, self.reply_to = url, reply_to
+
+    async def send(self, *replies: m.Message) -> None:
+        connection = await aio_pika.connect(self.url)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            for reply in replies:
+                await amqp.reply(channel, self.reply_to, reply, mandatory=True)
+        finally:
+            await connection.close()
+
+
+@pytest.fixture
+async def gateway(tmp_path, redis_url, request):
+    """A gateway backend on its own broker node; ``request.param``: settings to change."""
+    server = RabbitServer(tmp_path / "rabbit")
+    await asyncio.to_thread(server.start)
+    settings = Settings(amqp_url=server.url, redis_url=redis_url, model_name="tiny",
+                        instance_id=f"outage-{uuid.uuid4().hex[:8]}", amqp_reconnect_s=0.5,
+                        heartbeat_interval_s=0.2, **getattr(request, "param", {}))
+    backend = Backend(settings, GatewayMetrics("tiny"))
+    backend.link_loss.grace_s = 0.5
+    backend.start()
+    try:
+        await until(lambda: backend.amqp_connected)
+        yield backend, server
+    finally:
+        await backend.close()
+        await asyncio.to_thread(server.stop)
+
+
+async def test_streams_go_on_after_a_broker_restart_and_a_lost_answer_is_an_error(gateway, redis_client):
+    backend, server = gateway
+    worker = Worker(server.url, backend.reply_queue_name)
+    running, done_unanswered = f"run-{uuid.uuid4().hex}", f"lost-{uuid.uuid4().hex}"
+    streams = {rid: (await backend.submit(request(rid), time.time())).stream.stream
+               for rid in (running, done_unanswered)}
+    await worker.send(chunk(running, 0, 2))
+    await until(lambda: streams[running].ready)
+    assert await read(streams[running]) == ("Sunny", [])
+
+    await asyncio.to_thread(server.stop)
+    await asyncio.sleep(1.0)  # longer than the grace of an answer lost: nothing is judged while away
+    assert not any(s.finished for s in streams.values()), "a stream ended when the link dropped"
+    await asyncio.to_thread(server.start)
+    await until(lambda: backend.amqp_connected)
+
+    # The restart dropped chunk 2-3 from the queue; the worker resuming from its point at
+    # token 4 sends tokens 0-3 again, then the rest and the end.
+    await worker.send(chunk(running, 0, 4), chunk(running, 4, 6), final(running))
+    await until(lambda: streams[running].finished)
+    text, finals = await read(streams[running])
+    assert "Sunny" + text == "".join(ANSWER)
+    assert [f.finish_reason for f in finals] == ["length"]
+    # The queue survived the restart, and what the gateway took it acked (so that a
+    # dropped link would have the broker requeue what it had in transit).
+    listed = await asyncio.to_thread(rabbitmqctl, server, "list_queues", "-q", "--no-table-headers",
+                                     "name", "durable", "messages_ready", "messages_unacknowledged")
+    assert f"{backend.reply_queue_name}\ttrue\t0\t0" in listed.splitlines(), listed
+
+    # Done (its completion event reached the scheduler) with its answer gone in the restart.
+    await redis_client.hset(keys.request_markers(done_unanswered), keys.MARKER_DONE, "1")
+    await until(lambda: streams[done_unanswered].finished, timeout_s=10)
+    _, finals = await read(streams[done_unanswered])
+    assert [(f.finish_reason, f.error.code, f.error.status) for f in finals] == [
+        ("error", "broker_connection_lost", 503)]
+    assert not await redis_client.hexists(keys.request_markers(done_unanswered), keys.MARKER_CANCELLED)
+
+
+@pytest.mark.parametrize("gateway", [{"broker_outage_grace_s": 1.0}], indirect=True)
+async def test_streams_fail_when_the_broker_stays_away_and_their_requests_are_cancelled(gateway, redis_client):
+    backend, server = gateway
+    rid = f"away-{uuid.uuid4().hex}"
+    stream = (await backend.submit(request(rid), time.time())).stream.stream
+    await asyncio.to_thread(server.stop)
+    await until(lambda: stream.finished, timeout_s=10)
+    _, finals = await read(stream)
+    assert [(f.finish_reason, f.error.code) for f in finals] == [("error", "broker_connection_lost")]
+    assert backend.link_loss.watched == []
+
+    async def cancelled() -> bool:
+        return bool(await redis_client.hexists(keys.request_markers(rid), keys.MARKER_CANCELLED))
+    async with asyncio.timeout(10):  # written by the housekeeping loop, broker or not
+        while not await cancelled():
+            await asyncio.sleep(0.1)
