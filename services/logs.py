@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 import threading
+import time
+from collections.abc import Callable
 
 import structlog
 
@@ -55,6 +57,7 @@ def _route_library_logs(shared: list[structlog.typing.Processor],
         ],
     ))
     handler.addFilter(BrokerRestartNoise())
+    handler.addFilter(ReconnectAttemptThrottle())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
@@ -84,13 +87,56 @@ class BrokerRestartNoise(logging.Filter):
     def is_restart_noise(record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if record.name == "aiormq.connection":
-            if message.startswith("error when creating transport"):
-                return "Connect call failed" in message or "refused" in message.lower()
-            return message.startswith("Unexpected connection close") and "CONNECTION_FORCED" in message
+            return refused_connect(record) or (
+                message.startswith("Unexpected connection close") and "CONNECTION_FORCED" in message)
         if record.name == "aio_pika.tools":
             return "RobustChannel._on_close" in message and (
                 "ChannelInvalidStateError" in message or "closed" in message)
         return False
+
+
+class ReconnectAttemptThrottle(logging.Filter):
+    """At most one record per ``interval_s`` for each library's failed reconnect attempts
+    (aio-pika's "Connection attempt ... failed", aiormq's refused transport). With a
+    reconnect every second, a broker down for minutes would write two lines a second per
+    service; the first attempt of an outage is kept, then one per interval that says how
+    many like it were left out."""
+
+    def __init__(self, interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.is_reconnect_attempt(record):
+            return True
+        now, key = self.clock(), record.name
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        left_out = self._left_out.pop(key, 0)
+        if left_out:
+            record.msg, record.args = f"{record.getMessage()} ({left_out} more like it left out)", ()
+        return True
+
+    @staticmethod
+    def is_reconnect_attempt(record: logging.LogRecord) -> bool:
+        if record.name == "aio_pika.robust_connection":
+            return record.getMessage().startswith("Connection attempt to")
+        return refused_connect(record)
+
+
+def refused_connect(record: logging.LogRecord) -> bool:
+    """aiormq's record of a connect the broker refused (it is not listening yet)."""
+    if record.name != "aiormq.connection":
+        return False
+    message = record.getMessage()
+    return message.startswith("error when creating transport") and (
+        "Connect call failed" in message or "refused" in message.lower())
 
 
 def _log_crash(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:

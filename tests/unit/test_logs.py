@@ -73,3 +73,35 @@ def test_every_line_a_service_writes_is_a_json_event_with_its_service():
     end = events[5]
     assert (end["level"], end["exception"].rstrip().splitlines()[-1]) == (
         "critical", "RuntimeError: could not start")
+
+
+def test_failed_reconnect_attempts_are_logged_once_per_interval_with_a_count():
+    import logging
+
+    from services.logs import ReconnectAttemptThrottle
+
+    now = [0.0]
+    throttle = ReconnectAttemptThrottle(interval_s=30.0, clock=lambda: now[0])
+
+    def record(name: str, msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, None)
+
+    def attempt() -> logging.LogRecord:
+        return record("aio_pika.robust_connection", "Connection attempt to %r failed", "amqp://x")
+
+    refused = "AMQPConnectionError(111, Connect call failed ('127.0.0.1', 5672))"
+    kept = []
+    for second in range(65):  # a broker down for 65 s, one attempt a second
+        now[0] = float(second)
+        for rec in (attempt(), record("aiormq.connection", "error when creating transport: %r", refused)):
+            if throttle.filter(rec):
+                kept.append((second, rec.name, rec.getMessage()))
+    assert [(s, name) for s, name, _ in kept] == [
+        (0, "aio_pika.robust_connection"), (0, "aiormq.connection"),
+        (30, "aio_pika.robust_connection"), (30, "aiormq.connection"),
+        (60, "aio_pika.robust_connection"), (60, "aiormq.connection")]
+    assert kept[0][2] == "Connection attempt to 'amqp://x' failed"
+    assert kept[2][2] == "Connection attempt to 'amqp://x' failed (29 more like it left out)"
+    other = record("aio_pika.robust_connection", "Reconnecting")  # not an attempt: always kept
+    ssl = record("aiormq.connection", "error when creating transport: %r", "SSLError('bad cert')")
+    assert throttle.filter(other) and throttle.filter(ssl)
