@@ -11,11 +11,13 @@ they check that it exists, which needs no configure permission.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 DELIVERY_LIMIT = 5
 
@@ -63,20 +65,35 @@ def reply_queue(owner: str) -> str:
     return f"{REPLY_QUEUE_PREFIX}.{owner}"
 
 
-REPLY_QUEUE_EXPIRES_S = 120
-"""How long a gateway's reply queue outlives its last consumer. A gateway whose link to the
-broker drops finds its queue again when it is back, with the replies sent meanwhile; the
-queue of one gone for longer is deleted, and replies to it come back unroutable."""
+REPLY_QUEUE_EXPIRES_S = 60
+"""How long a gateway's reply queue outlives its last consumer (twice the gateway's default
+``broker_outage_grace_s``). A gateway whose link to the broker drops finds its queue again
+when it is back, with the replies sent meanwhile; the queue of one gone for longer is
+deleted, and replies to it come back unroutable, which stops their requests. Until then
+the workers go on generating for a dead gateway that no peer and no restart reaps."""
 
 
-async def declare_gateway_reply_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
-    """A gateway's reply queue. Durable, so that a broker restart keeps the queue (not its
-    messages, which are transient): a worker that replies while the gateway reconnects finds
-    it, instead of having its reply returned unroutable and stopping the request as if the
-    caller were gone. Not exclusive, so that a dropped link leaves it in place; the gateway
-    consumes it exclusively, which keeps two gateways of one instance id apart."""
-    return await channel.declare_queue(
-        name, durable=True, arguments={"x-expires": REPLY_QUEUE_EXPIRES_S * 1000})
+async def declare_gateway_reply_queue(connection: AbstractConnection, name: str) -> AbstractQueue:
+    """A gateway's reply queue, on a channel of its own. Durable, so that a broker restart
+    keeps the queue (not its messages, which are transient): a worker that replies while
+    the gateway reconnects finds it, instead of having its reply returned unroutable and
+    stopping the request as if the caller were gone. Not exclusive, so that a dropped link
+    leaves it in place; the gateway consumes it exclusively, which keeps two gateways of one
+    instance id apart.
+
+    A queue's arguments cannot change: one left by an earlier life of this gateway with
+    other arguments (another version) is deleted and declared anew. What it holds is of no
+    use to this process, which reaps that life's requests."""
+    arguments = {"x-expires": REPLY_QUEUE_EXPIRES_S * 1000}
+    channel = await connection.channel()
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        with contextlib.suppress(Exception):
+            await channel.close()
+    channel = await connection.channel()
+    await channel.queue_delete(name, if_unused=True)
+    return await channel.declare_queue(name, durable=True, arguments=arguments)
 
 
 def quorum_arguments() -> dict[str, object]:

@@ -342,8 +342,7 @@ class Backend:
         self._connection = conn
         publish = await conn.channel(publisher_confirms=True, on_return_raises=True)
         topo = await topology.declare(publish, passive=not self.settings.declare_topology)
-        consume = await conn.channel()
-        queue = await topology.declare_gateway_reply_queue(consume, self.reply_queue_name)
+        queue = await topology.declare_gateway_reply_queue(conn, self.reply_queue_name)
         # Acked (in batches) so that replies a dropped link took in transit are requeued
         # for the reconnected consumer, instead of lost as with no_ack.
         await queue.consume(self._on_reply, exclusive=True)

@@ -17,7 +17,7 @@ import uuid
 import aio_pika
 import pytest
 
-from services import amqp, keys
+from services import amqp, keys, topology
 from services import messages as m
 from services.gateway.backend import Backend
 from services.gateway.metrics import GatewayMetrics
@@ -153,3 +153,28 @@ async def test_streams_fail_when_the_broker_stays_away_and_their_requests_are_ca
     async with asyncio.timeout(10):  # written by the housekeeping loop, broker or not
         while not await cancelled():
             await asyncio.sleep(0.1)
+
+
+async def test_a_reply_queue_left_with_other_arguments_is_declared_anew(amqp_url, redis_url):
+    """An earlier life of the gateway (another version) left its queue with arguments
+    this one does not declare, which the broker refuses to change: the gateway deletes
+    that queue and declares its own rather than fail to start."""
+    settings = Settings(amqp_url=amqp_url, redis_url=redis_url, model_name="tiny",
+                        instance_id=f"args-{uuid.uuid4().hex[:8]}")
+    backend = Backend(settings, GatewayMetrics("tiny"))
+    old_arguments = {"x-expires": (topology.REPLY_QUEUE_EXPIRES_S + 60) * 1000}
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(backend.reply_queue_name, durable=True, arguments=old_arguments)
+        backend.start()
+        try:
+            await until(lambda: backend.amqp_connected, timeout_s=30)
+        finally:
+            await backend.close()
+        # Declaring it as the gateway does succeeds only if those are its arguments now.
+        await topology.declare_gateway_reply_queue(connection, backend.reply_queue_name)
+        channel = await connection.channel()
+        await channel.queue_delete(backend.reply_queue_name)
+    finally:
+        await connection.close()
