@@ -125,6 +125,25 @@ async def claim_work(redis: aioredis.Redis, request_id: str, claimed_by: str,
     return WorkClaim(cancelled=bool(cancelled), done=bool(done), claimed=bool(claimed), resume=point)
 
 
+async def ack_answered(message: AbstractIncomingMessage, redis: aioredis.Redis, request_id: str,
+                       marker_ttl_s: int = keys.DEFAULT_MARKER_TTL_S) -> None:
+    """Ack a work item whose answer the broker has confirmed. If the ack cannot go (the link
+    dropped after the confirm), the broker redelivers the item, and the worker that takes
+    it must drop it: the scheduler marks the request done on its completion event, but
+    maybe only after the redelivery (the event waits out the same outage), so the done
+    marker is set here as well."""
+    try:
+        await message.ack()
+    except Exception as exc:  # noqa: BLE001 - the answer is out; what is left is cleanup
+        log.warning("ack_failed", request_id=request_id, error=repr(exc))
+        try:
+            pipe = redis.pipeline(transaction=False)
+            redis_client.set_marker(pipe, request_id, keys.MARKER_DONE, "1", marker_ttl_s)
+            await pipe.execute()
+        except Exception as mark_exc:  # noqa: BLE001 - the copy then runs again, for nothing
+            log.warning("answered_mark_failed", request_id=request_id, error=repr(mark_exc))
+
+
 def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
     """Consecutive steps' outputs as one per request, in order of first appearance: its
     tokens and text joined, its state (ended, counts) the latest."""
@@ -639,14 +658,7 @@ class WorkerService:
             emit_failed(rid, exc)
             await self._hand_back(active)
             return
-        try:
-            await active.message.ack()
-        except Exception as exc:  # noqa: BLE001 - the answer is out; what is left is cleanup
-            # The broker link dropped after it confirmed the answer: it redelivers the
-            # item, and the worker that takes it drops it once the scheduler has marked
-            # the request done on this completion event (a copy that comes sooner runs
-            # again, and its caller, already answered, ignores it).
-            log.warning("ack_failed", request_id=rid, error=repr(exc))
+        await ack_answered(active.message, self.redis, rid, self.settings.marker_ttl_s)
         self._forget(active)
         if active.checkpointed:  # answered: its resume point is of no more use
             with contextlib.suppress(Exception):

@@ -5,7 +5,7 @@ redelivery (its first worker died) does."""
 from __future__ import annotations
 
 from services import keys
-from services.worker import claim_work, claimant, claimant_worker_id
+from services.worker import ack_answered, claim_work, claimant, claimant_worker_id
 
 
 async def test_one_delivery_holds_the_claim_and_keeps_it_when_run_again(redis_client):
@@ -35,3 +35,31 @@ async def test_done_and_cancelled_markers_are_read_with_the_claim(redis_client):
     claim = await claim_work(redis_client, "r4", claimant("cpu-a", "l", 1))
     assert claim.cancelled and not claim.done
     assert await redis_client.ttl(keys.request_markers("r4")) > 0
+
+
+class LinkGone:
+    """A delivery whose ack cannot be sent: its channel closed with the link."""
+
+    async def ack(self) -> None:
+        raise ConnectionError("channel closed")
+
+
+class Acked:
+    acked = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+
+async def test_a_request_answered_but_not_acked_is_dropped_when_redelivered(redis_client):
+    """Its worker's ack was lost with the link after the answer went out: the worker marks
+    it answered, so the broker's redelivered copy is dropped, not run a second time, even
+    before the scheduler has taken the completion event."""
+    await claim_work(redis_client, "r5", claimant("cpu-a", "l", 1))
+    await ack_answered(LinkGone(), redis_client, "r5")
+    claim = await claim_work(redis_client, "r5", claimant("cpu-b", "m", 1))
+    assert claim.done and claim.is_duplicate(redelivered=True)
+    assert await redis_client.ttl(keys.request_markers("r5")) > 0
+    acked = Acked()  # acked as usual: the scheduler alone marks it done, on its event
+    await ack_answered(acked, redis_client, "r6")
+    assert acked.acked and not await redis_client.exists(keys.request_markers("r6"))
