@@ -211,7 +211,15 @@ class BatchedAcks:
 
     async def _ack(self) -> None:
         await asyncio.sleep(self.interval_s)
-        message, self._last, self._flush = self._last, None, None
+        self._flush = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Ack what was handled now (a consumer about to close its channel)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        message, self._last = self._last, None
         if message is not None:
             # A channel that closed meanwhile: the broker requeued them, nothing to ack.
             with contextlib.suppress(Exception):

@@ -445,6 +445,7 @@ class Backend:
         except TimeoutError:
             log.warning("shutdown_cleanup_timeout", left=len(self._submissions))
         self._ready.clear()
+        await self._reply_acks.flush()
         await self._drop_connection()
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):

@@ -252,3 +252,7 @@ async def test_batched_acks_ack_the_last_message_of_an_interval_for_all_before_i
     batched.handled(Delivery(5, acks))
     await asyncio.sleep(0.1)
     assert acks == [(3, True), (5, True)]
+    batched.handled(Delivery(6, acks))
+    await batched.flush()  # closing: at once, and the timer acks nothing more
+    await asyncio.sleep(0.1)
+    assert acks == [(3, True), (5, True), (6, True)]
