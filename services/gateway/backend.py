@@ -44,6 +44,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
+from aio_pika import Message
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from redis.exceptions import RedisError
 
@@ -67,6 +68,8 @@ from services.settings import Settings
 log = get_logger(__name__)
 
 PUBLISH_TIMEOUT_S = 10.0
+BLOCKED_CHECK_S = 0.1
+"""How often a publish not confirmed yet checks whether the broker blocked the connection."""
 REDIS_TIMEOUT_S = 5.0
 CONNECT_RETRY_MAX_S = 10.0
 SHUTDOWN_CLEANUP_S = 10.0
@@ -128,6 +131,10 @@ completion event that makes it done, so it is normally already here)."""
 BROKER_BLOCKED = (
     "The message broker is refusing new messages (a memory or disk alarm); retry later."
 )
+
+
+class BrokerBlocked(Exception):
+    """The broker blocks this connection's publishes (a memory or disk alarm)."""
 
 
 def redis_refusal(exc: BaseException) -> str:
@@ -486,10 +493,14 @@ class Backend:
         self._submissions[request.request_id] = submission
         self.metrics.in_flight.inc()
         try:
-            await exchange.publish(message, topology.SUBMIT_ROUTING_KEY, timeout=PUBLISH_TIMEOUT_S)
+            await self._publish_unless_blocked(exchange, message)
         except asyncio.CancelledError:
             self.spawn(submission.close())
             raise
+        except BrokerBlocked:
+            log.warning("publish_blocked", request_id=request.request_id)
+            await submission.close()  # cancels it downstream, should the broker take it later
+            raise unavailable(BROKER_BLOCKED, reason="broker_blocked") from None
         except Exception as exc:  # noqa: BLE001 - nack, unroutable, timeout, lost connection: 503
             log.warning("publish_failed", request_id=request.request_id, error=repr(exc))
             await submission.close()
@@ -504,6 +515,23 @@ class Backend:
             max_tokens=request.sampling.max_tokens,
         )
         return submission
+
+    async def _publish_unless_blocked(self, exchange: AbstractExchange, message: Message) -> None:
+        """Publish a request and wait for the broker's confirm. Raises :class:`BrokerBlocked`
+        once the broker says it blocks this connection (a memory or disk alarm), which it
+        does as the publish reaches it: else the first request of an alarm would wait out
+        ``PUBLISH_TIMEOUT_S``."""
+        publish = asyncio.ensure_future(
+            exchange.publish(message, topology.SUBMIT_ROUTING_KEY, timeout=PUBLISH_TIMEOUT_S))
+        try:
+            while not publish.done():
+                await asyncio.wait((publish,), timeout=BLOCKED_CHECK_S)
+                if not publish.done() and amqp.publishing_blocked(self._connection):
+                    raise BrokerBlocked
+            publish.result()
+        finally:
+            if not publish.done():
+                publish.cancel()
 
     async def finish(self, submission: Submission) -> None:
         request = submission.request
@@ -540,6 +568,9 @@ class Backend:
         exchange = self._control_exchange
         if exchange is None or not self.amqp_connected:
             log.info("cancel_broadcast_skipped", request_id=request_id, reason="broker not connected")
+            return
+        if amqp.publishing_blocked(self._connection):  # it would wait out the alarm
+            log.info("cancel_broadcast_skipped", request_id=request_id, reason="broker blocks publishes")
             return
         message = amqp.to_amqp(
             CancelRequest(request_id=request_id, tenant=tenant), user_id=self.amqp_user
