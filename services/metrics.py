@@ -70,6 +70,7 @@ GATEWAY_REJECTED = "fairway:gateway_requests_rejected"
 GATEWAY_CANCELLED = "fairway:gateway_requests_cancelled"
 GATEWAY_REAPED = "fairway:dead_gateway_requests_cancelled"
 GATEWAY_IN_FLIGHT = "fairway:gateway_requests_in_flight"
+GATEWAY_BROKER_OUTAGE = "fairway:gateway_broker_outage_streams"
 
 # vLLM's buckets for the two latency histograms.
 TTFT_BUCKETS = (

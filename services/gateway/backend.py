@@ -375,6 +375,7 @@ class Backend:
         self.link_loss.link_lost(list(self._submissions))
         if self._outage_timer is None:  # (each failed reconnect attempt calls this again)
             log.warning("amqp_connection_lost", in_flight=len(self._submissions))
+            self.metrics.broker_outage.labels("open").inc(len(self._submissions))
             self._outage_timer = asyncio.get_running_loop().call_later(
                 self.settings.broker_outage_grace_s, self._fail_open_streams)
 
@@ -394,6 +395,7 @@ class Backend:
             return
         log.warning("broker_outage_streams_failed", n=len(self._submissions),
                     after_s=self.settings.broker_outage_grace_s)
+        self.metrics.broker_outage.labels("failed").inc(len(self._submissions))
         for request_id, submission in self._submissions.items():
             if not submission.stream.arrived:
                 self._orphan(request_id, submission.request.tenant)
@@ -417,6 +419,7 @@ class Backend:
             done = dict(zip(watched, map(bool, await pipe.execute())))
         for rid in self.link_loss.lost(done, now):
             log.warning("answer_lost_in_broker_outage", request_id=rid)
+            self.metrics.broker_outage.labels("answer_lost").inc()
             self.link_loss.forget(rid)
             self.router.fail(
                 rid, CONNECTION_LOST,

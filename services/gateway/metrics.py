@@ -62,6 +62,14 @@ class GatewayMetrics:
             "work it cancelled downstream.",
             registry=r,
         )
+        self.broker_outage = Counter(
+            names.GATEWAY_BROKER_OUTAGE,
+            "Streams open when the gateway's broker link dropped (outcome open), and those of them "
+            "ended with an error: failed (the broker stayed away too long) or answer_lost (done "
+            "without its answer, which a broker restart dropped); the others went on.",
+            ["outcome"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             names.GATEWAY_IN_FLIGHT,
             "Accepted requests of this gateway without a final answer yet.",

@@ -135,6 +135,9 @@ async def test_streams_go_on_after_a_broker_restart_and_a_lost_answer_is_an_erro
     assert [(f.finish_reason, f.error.code, f.error.status) for f in finals] == [
         ("error", "broker_connection_lost", 503)]
     assert not await redis_client.hexists(keys.request_markers(done_unanswered), keys.MARKER_CANCELLED)
+    metrics = backend.metrics.render().decode()
+    assert 'fairway:gateway_broker_outage_streams_total{outcome="open"} 2.0' in metrics
+    assert 'fairway:gateway_broker_outage_streams_total{outcome="answer_lost"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("gateway", [{"broker_outage_grace_s": 1.0}], indirect=True)
@@ -147,6 +150,7 @@ async def test_streams_fail_when_the_broker_stays_away_and_their_requests_are_ca
     _, finals = await read(stream)
     assert [(f.finish_reason, f.error.code) for f in finals] == [("error", "broker_connection_lost")]
     assert backend.link_loss.watched == []
+    assert 'fairway:gateway_broker_outage_streams_total{outcome="failed"} 1.0' in backend.metrics.render().decode()
 
     async def cancelled() -> bool:
         return bool(await redis_client.hexists(keys.request_markers(rid), keys.MARKER_CANCELLED))
