@@ -13,15 +13,9 @@ import pytest
 
 from services import amqp
 from services.localinfra import memory_alarm
+from tests.waits import until
 
 pytestmark = pytest.mark.integration
-
-
-async def until(condition, timeout_s: float) -> bool:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.02)
-    return True
 
 
 async def test_a_publisher_blocked_by_a_memory_alarm_is_seen_blocked_until_it_clears(

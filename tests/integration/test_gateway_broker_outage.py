@@ -24,6 +24,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.localinfra import RabbitServer, rabbitmqctl
 from services.replies import ReplyStream
 from services.settings import Settings
+from tests.waits import until
 
 pytestmark = pytest.mark.integration
 
@@ -44,12 +45,6 @@ def final(request_id: str) -> m.FinalAnswer:
 def request(request_id: str) -> m.CompletionRequest:
     return m.CompletionRequest(request_id=request_id, tenant="acme", model="tiny", prompt="weather?",
                                sampling=m.SamplingParams(max_tokens=len(ANSWER)))
-
-
-async def until(check, timeout_s: float = 60.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.05)
 
 
 async def read(stream: ReplyStream) -> tuple[str, list[m.FinalAnswer]]:
@@ -92,7 +87,7 @@ async def gateway(tmp_path, redis_url, request):
     backend.link_loss.grace_s = 0.5
     backend.start()
     try:
-        await until(lambda: backend.amqp_connected)
+        await until(lambda: backend.amqp_connected, timeout_s=60)
         yield backend, server
     finally:
         await backend.close()
@@ -106,19 +101,19 @@ async def test_streams_go_on_after_a_broker_restart_and_a_lost_answer_is_an_erro
     streams = {rid: (await backend.submit(request(rid), time.time())).stream.stream
                for rid in (running, done_unanswered)}
     await worker.send(chunk(running, 0, 2))
-    await until(lambda: streams[running].ready)
+    await until(lambda: streams[running].ready, timeout_s=60)
     assert await read(streams[running]) == ("Sunny", [])
 
     await asyncio.to_thread(server.stop)
     await asyncio.sleep(1.0)  # longer than the grace of an answer lost: nothing is judged while away
     assert not any(s.finished for s in streams.values()), "a stream ended when the link dropped"
     await asyncio.to_thread(server.start)
-    await until(lambda: backend.amqp_connected)
+    await until(lambda: backend.amqp_connected, timeout_s=60)
 
     # The restart dropped chunk 2-3 from the queue; the worker resuming from its point at
     # token 4 sends tokens 0-3 again, then the rest and the end.
     await worker.send(chunk(running, 0, 4), chunk(running, 4, 6), final(running))
-    await until(lambda: streams[running].finished)
+    await until(lambda: streams[running].finished, timeout_s=60)
     text, finals = await read(streams[running])
     assert "Sunny" + text == "".join(ANSWER)
     assert [f.finish_reason for f in finals] == ["length"]
