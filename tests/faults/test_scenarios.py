@@ -431,8 +431,8 @@ async def test_rabbitmq_memory_alarm(fault_system, checker, http, keys_by_tenant
     # Neither waits out the 10 s publish timeout.
     assert all(log.ended - log.started < 2.0 for log in during), [log.ended - log.started for log in during]
     assert ready.status_code == 503 and ready.json()["checks"]["amqp_publishing"] is False, ready.text
-    metrics = (await http.get(f"{fs.gateway_url}/metrics", timeout=5)).text
-    assert 'gateway_requests_rejected_total{reason="broker_blocked"}' in metrics
+    exposition = (await http.get(f"{fs.gateway_url}/metrics", timeout=5)).text
+    assert 'gateway_requests_rejected_total{reason="broker_blocked"}' in exposition
     await checker.verify("RabbitMQ memory alarm (publishers blocked)",
                          note=f"sent during it: {first.status} in {first.ended - first.started:.2f} s, "
                               f"then {second.status} in {second.ended - second.started:.2f} s; "
