@@ -3,15 +3,20 @@
 The tenant is the RabbitMQ user the client connects as: every request carries that
 user in the ``user_id`` property, which RabbitMQ verifies against the connection.
 
-Replies arrive on an exclusive queue of this connection. When the connection drops
-(broker restart, network cut), the broker deletes that queue and replies sent
-meanwhile are gone, so every request still open gets one clear error answer
-(``broker_connection_lost``, status 503) instead of waiting forever; the connection
-then reconnects by itself for new requests.
+Replies arrive on a reply queue of this client's own that outlives its connection
+(:func:`topology.declare_reply_queue`), so a stream stays open when the connection drops
+(broker restart or crash, network cut) and goes on once the client has reconnected: the
+broker keeps every reply it confirmed, and a worker that lost its link continues the
+request from its resume point, sending again what came before it, which the stream trims
+to what it lacks. A stream still open when the broker has been away for
+``outage_grace_s`` gets one clear error answer (``broker_connection_lost``, 503) instead
+of waiting forever. The queue is deleted when the client closes; one left by a client
+that died expires ``topology.REPLY_QUEUE_EXPIRES_S`` after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import uuid
@@ -20,43 +25,76 @@ from typing import Self
 from urllib.parse import unquote, urlparse
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from services import amqp, topology
 from services import messages as m
-from services.replies import Reply, ReplyRouter, ReplyStream
-from services.settings import DEFAULT_AMQP_RECONNECT_S
+from services.replies import OutageDeadline, Reply, ReplyRouter, ReplyStream
+from services.settings import DEFAULT_AMQP_RECONNECT_S, DEFAULT_BROKER_OUTAGE_GRACE_S
 
 CONNECTION_LOST = "broker_connection_lost"
 
 
 class AmqpClient:
-    def __init__(self, url: str, reconnect_s: float = DEFAULT_AMQP_RECONNECT_S) -> None:
+    def __init__(self, url: str, reconnect_s: float = DEFAULT_AMQP_RECONNECT_S,
+                 outage_grace_s: float = DEFAULT_BROKER_OUTAGE_GRACE_S) -> None:
         """``reconnect_s``: seconds between reconnect attempts while the broker is away
-        (as the services' ``FAIRWAY_AMQP_RECONNECT_S``)."""
+        (as the services' ``FAIRWAY_AMQP_RECONNECT_S``); ``outage_grace_s``: how long open
+        streams wait for it (as the gateway's ``FAIRWAY_BROKER_OUTAGE_GRACE_S``)."""
         self.url = url
         self.reconnect_s = reconnect_s
         self.user = unquote(urlparse(url).username or "guest")
         self.router = ReplyRouter()
+        self.outage = OutageDeadline(outage_grace_s, self._fail_open_streams)
+        self._acks = amqp.BatchedAcks()
 
     async def __aenter__(self) -> Self:
         self.connection: AbstractRobustConnection = await aio_pika.connect_robust(
             self.url, reconnect_interval=self.reconnect_s)
         self.channel: AbstractChannel = await self.connection.channel()
         self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)
-        self.reply_queue: AbstractQueue = await self.channel.declare_queue(
-            topology.reply_queue(f"{self.user}.{uuid.uuid4().hex[:12]}"), exclusive=True, auto_delete=True
-        )
-        await self.reply_queue.consume(self.router.on_message, no_ack=True)
+        self.reply_queue: AbstractQueue = await topology.declare_reply_queue(
+            self.connection, topology.reply_queue(f"{self.user}.{uuid.uuid4().hex[:12]}"))
+        # Acked (in batches) so that replies a dropped link took in transit are requeued.
+        await self.reply_queue.consume(self._on_reply, exclusive=True)
         self.connection.close_callbacks.add(self._on_connection_lost)
+        self.connection.reconnect_callbacks.add(self._on_reconnected)
         return self
 
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        await self.router.on_message(message)
+        self._acks.handled(message)
+
+    @property
+    def connected(self) -> bool:
+        return not self.connection.is_closed and self.connection.connected.is_set()
+
     def _on_connection_lost(self, *_: object) -> None:
-        self.router.fail_all(CONNECTION_LOST,
-                             "the connection to the message broker was lost; the request's "
-                             "replies may be lost with it, retry it")
+        if self.router.streams:
+            self.outage.link_lost()
+
+    def _on_reconnected(self, *_: object) -> None:
+        self.outage.link_back()
+
+    def _fail_open_streams(self) -> None:
+        if not self.connected:
+            self.router.fail_all(
+                CONNECTION_LOST,
+                "the connection to the message broker was lost and did not come back in "
+                f"{self.outage.grace_s:g} s; the request's replies may be lost with it, retry it")
 
     async def __aexit__(self, *exc: object) -> None:
+        self.outage.link_back()
+        self.connection.close_callbacks.discard(self._on_connection_lost)
+        if self.connected:
+            await self._acks.flush()
+            with contextlib.suppress(Exception):  # a queue not deleted expires by itself
+                await self.reply_queue.delete(if_unused=False, if_empty=False)
         await self.connection.close()
 
     def completion(self, model: str, prompt: str, **sampling: object) -> m.CompletionRequest:

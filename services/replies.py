@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -142,7 +142,7 @@ class ReplyRouter:
             stream.offer(msg)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """aio-pika consumer callback (the reply queue is consumed with ``no_ack=True``)."""
+        """aio-pika consumer callback; acking the message is the consumer's part."""
         try:
             msg = m.decode(message.body)
         except m.MessageError as exc:
@@ -156,13 +156,14 @@ class LinkLossWatch:
     """Which open streams lost their answer in a broker outage. Pure: times are arguments.
 
     A reply queue that outlives its link (durable, not exclusive) keeps a stream open across
-    a dropped connection: replies published after the link is back arrive, and a worker that
-    lost its own link continues the request from its resume point, re-sending what came
-    before it. What a broker restart drops for good are the messages that sat in the queue
-    (they are transient), so a stream whose final answer was among them would wait forever.
-    Such a request is done (the scheduler marks it so on the worker's completion event) and
-    yet gets no answer: a stream that was open across an outage and whose request has been
-    done for ``grace_s`` without its final answer is lost, and its caller gets an error.
+    a dropped connection: the broker keeps the replies it confirmed (they are persistent),
+    replies published after the link is back arrive, and a worker that lost its own link
+    continues the request from its resume point, re-sending what came before it. A final
+    answer can still go missing where the broker loses what it held (a node that lost its
+    disk, a queue deleted by hand), and its stream would wait forever. Such a request is
+    done (the scheduler marks it so on the worker's completion event) and yet gets no
+    answer: a stream that was open across an outage and whose request has been done for
+    ``grace_s`` without its final answer is lost, and its caller gets an error.
     """
 
     def __init__(self, grace_s: float) -> None:
@@ -171,9 +172,10 @@ class LinkLossWatch:
         """Request id -> when it was first seen done (None: not yet)."""
 
     def link_lost(self, request_ids: list[str]) -> None:
-        """These streams were open when the link dropped."""
+        """These streams were open when the link dropped (the grace of one seen done
+        before starts again: its answer may wait in the queue for the link to be back)."""
         for rid in request_ids:
-            self._watched.setdefault(rid, None)
+            self._watched[rid] = None
 
     def forget(self, request_id: str) -> None:
         """The stream ended (answered, failed or closed by its caller)."""
@@ -185,7 +187,8 @@ class LinkLossWatch:
         return list(self._watched)
 
     def lost(self, done: dict[str, bool], now: float) -> list[str]:
-        """Given which watched requests are done now, those whose answer is lost."""
+        """Given which watched requests are done now, those whose answer is lost. Only
+        while the link is up: until then their answers may wait in the queue."""
         out = []
         for rid, is_done in done.items():
             if rid not in self._watched or not is_done:
@@ -196,3 +199,34 @@ class LinkLossWatch:
             elif now - since >= self.grace_s:
                 out.append(rid)
         return out
+
+
+class OutageDeadline:
+    """Calls ``expire`` once a broker link has been down for ``grace_s``.
+
+    A reply queue that outlives its link keeps its streams open while the connection
+    reconnects, but a broker that stays away must not keep their callers waiting forever.
+    The connection's close callback calls :meth:`link_lost` (again with each failed
+    reconnect attempt), its reconnect callback :meth:`link_back`."""
+
+    def __init__(self, grace_s: float, expire: Callable[[], None]) -> None:
+        self.grace_s = grace_s
+        self._expire = expire
+        self._timer: asyncio.TimerHandle | None = None
+
+    def link_lost(self) -> bool:
+        """Start the clock; True when this starts an outage, False while one is counted."""
+        if self._timer is not None:
+            return False
+        self._timer = asyncio.get_running_loop().call_later(self.grace_s, self._expired)
+        return True
+
+    def link_back(self) -> None:
+        """The link is back (or its owner closes): no deadline."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        self._expire()

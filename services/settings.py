@@ -23,6 +23,10 @@ def _default_instance_id() -> str:
 DEFAULT_AMQP_RECONNECT_S = 1.0
 """Seconds between reconnect attempts to the broker, for services and AMQP clients alike."""
 
+DEFAULT_BROKER_OUTAGE_GRACE_S = 30.0
+"""How long open streams wait for a lost broker connection to come back, in the gateway
+and in AMQP clients alike."""
+
 
 class Settings(BaseSettings):
     """Every knob of every service. Each service reads the fields it needs."""
@@ -74,7 +78,7 @@ class Settings(BaseSettings):
     """Unfinished requests of all tenants together; beyond it every tenant gets 503."""
     request_timeout_s: float = 600.0
     worker_alive_s: float = 10.0
-    broker_outage_grace_s: float = Field(default=30.0, gt=0)
+    broker_outage_grace_s: float = Field(default=DEFAULT_BROKER_OUTAGE_GRACE_S, gt=0)
     """How long the gateway's open streams wait for a lost broker connection to come back
     before each gets an error answer (``broker_connection_lost``); within it they go on
     where they were once the gateway has reconnected."""

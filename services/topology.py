@@ -66,22 +66,27 @@ def reply_queue(owner: str) -> str:
 
 
 REPLY_QUEUE_EXPIRES_S = 60
-"""How long a gateway's reply queue outlives its last consumer (twice the gateway's default
-``broker_outage_grace_s``). A gateway whose link to the broker drops finds its queue again
-when it is back, with the replies sent meanwhile; the queue of one gone for longer is
-deleted, and replies to it come back unroutable, which stops their requests. Until then
-the workers go on generating for a dead gateway that no peer and no restart reaps."""
+"""How long a reply queue outlives its last consumer (twice the default
+``broker_outage_grace_s``). A gateway or AMQP client whose link to the broker drops finds
+its queue again when it is back, with the replies sent meanwhile; the queue of one gone
+for longer is deleted, and replies to it come back unroutable, which stops their
+requests. Until then the workers go on generating for a caller that is gone, unless a
+peer gateway or a restart reaps its requests."""
 
 
-async def declare_gateway_reply_queue(connection: AbstractConnection, name: str) -> AbstractQueue:
-    """A gateway's reply queue, on a channel of its own. Durable, so that a broker restart
-    keeps the queue (not its messages, which are transient): a worker that replies while
-    the gateway reconnects finds it, instead of having its reply returned unroutable and
+async def declare_reply_queue(connection: AbstractConnection, name: str) -> AbstractQueue:
+    """A reply queue that outlives its owner's connection, on a channel of its own.
+
+    Durable, so that a broker restart keeps the queue and what it holds: replies are
+    published persistent, and a publisher's confirm means that the broker wrote the reply
+    to disk (or handed it to the consumer, which acked it), so even a broker killed with
+    ``kill -9`` loses no reply its publisher saw confirmed. A worker that replies while its
+    caller reconnects finds the queue, instead of having its reply returned unroutable and
     stopping the request as if the caller were gone. Not exclusive, so that a dropped link
-    leaves it in place; the gateway consumes it exclusively, which keeps two gateways of one
+    leaves it in place; its owner consumes it exclusively, which keeps two gateways of one
     instance id apart.
 
-    A queue's arguments cannot change: one left by an earlier life of this gateway with
+    A queue's arguments cannot change: one left by an earlier life of its owner with
     other arguments (another version) is deleted and declared anew. What it holds is of no
     use to this process, which reaps that life's requests."""
     arguments = {"x-expires": REPLY_QUEUE_EXPIRES_S * 1000}

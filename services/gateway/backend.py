@@ -15,15 +15,16 @@ instead of leaking; releases that fail are retried with the next Redis call. Whi
 broker blocks the gateway's publishes (a memory or disk alarm) a request is refused with
 a 503 at once, rather than holding its slot for the publish timeout.
 
-The reply queue outlives the gateway's connection (:func:`topology.declare_gateway_reply_queue`),
+The reply queue outlives the gateway's connection (:func:`topology.declare_reply_queue`),
 so a stream stays open when that connection drops (broker restart, network cut) and goes
-on once the gateway has reconnected: workers continue its request from a resume point and
-send again what came before it, which the stream trims to what its caller lacks. A broker
-restart drops the replies that sat in the queue; a request whose final answer was among
-them is done without an answer, which :class:`~services.replies.LinkLossWatch` notices
-from its done marker, and its caller gets one clear error (``broker_connection_lost``,
-503). So does every stream still open when the broker stays away for
-``broker_outage_grace_s``; those requests are cancelled downstream.
+on once the gateway has reconnected: the broker keeps the replies it confirmed, and
+workers continue a request from a resume point and send again what came before it, which
+the stream trims to what its caller lacks. Should the broker lose a final answer all the
+same (a node that lost its disk), the request is done without an answer, which
+:class:`~services.replies.LinkLossWatch` notices from its done marker, and its caller gets
+one clear error (``broker_connection_lost``, 503). So does every stream still open when
+the broker stays away for ``broker_outage_grace_s``; those requests are cancelled
+downstream.
 
 A cancel is a marker in Redis, which workers check as they start a request and with
 every heartbeat while it runs, plus a broadcast on the control exchange that reaches
@@ -61,7 +62,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.replies import TimedReplies
 from services.logs import get_logger
 from services.messages import CancelRequest, CompletionRequest, MessageError
-from services.replies import LinkLossWatch, ReplyRouter
+from services.replies import LinkLossWatch, OutageDeadline, ReplyRouter
 from services.runtime import BackgroundTasks
 from services.settings import Settings
 
@@ -155,8 +156,9 @@ def dead_gateways(seen: dict[str, float], now: float, dead_after_s: float, own: 
     cancel: those whose heartbeat is older than ``dead_after_s``, judged only once this
     gateway has itself been beating (reaching Redis) for that long, so that after a Redis
     outage the first gateway back does not take the others for dead; and, once this
-    gateway ``owns_instance`` (holds the exclusive reply queue its instance id names, which
-    no live gateway of that id could let it take), every earlier life of its instance id."""
+    gateway ``owns_instance`` (consumes, exclusively, the reply queue its instance id
+    names, which no live gateway of that id could let it do), every earlier life of its
+    instance id."""
     instance = keys.gateway_instance(own)
     judge_silence = beating_s >= dead_after_s
     return [
@@ -227,7 +229,7 @@ class Backend:
         """Request id -> tenant of requests to cancel downstream whose cancel marker is not
         written yet (failed by a connection loss, or Redis was unreachable)."""
         self._owns_instance = False
-        """The exclusive reply queue is ours: no other live gateway has this instance id."""
+        """We consume our reply queue exclusively: no other live gateway has this instance id."""
         self._beating_since: float | None = None
         """Start of this gateway's unbroken run of heartbeats into Redis."""
         self._refusing_writes: BaseException | None = None
@@ -235,7 +237,7 @@ class Backend:
         cannot persist): new requests are refused until a write goes through again."""
         self.link_loss = LinkLossWatch(ANSWER_LOST_GRACE_S)
         self._reply_acks = amqp.BatchedAcks()
-        self._outage_timer: asyncio.TimerHandle | None = None
+        self._outage = OutageDeadline(settings.broker_outage_grace_s, self._fail_open_streams)
         """Fails every open stream once the broker has been away ``broker_outage_grace_s``."""
 
     # --- lifecycle -------------------------------------------------------------------
@@ -349,7 +351,7 @@ class Backend:
         self._connection = conn
         publish = await conn.channel(publisher_confirms=True, on_return_raises=True)
         topo = await topology.declare(publish, passive=not self.settings.declare_topology)
-        queue = await topology.declare_gateway_reply_queue(conn, self.reply_queue_name)
+        queue = await topology.declare_reply_queue(conn, self.reply_queue_name)
         # Acked (in batches) so that replies a dropped link took in transit are requeued
         # for the reconnected consumer, instead of lost as with no_ack.
         await queue.consume(self._on_reply, exclusive=True)
@@ -373,24 +375,19 @@ class Backend:
         if not self._submissions:
             return
         self.link_loss.link_lost(list(self._submissions))
-        if self._outage_timer is None:  # (each failed reconnect attempt calls this again)
+        if self._outage.link_lost():
             log.warning("amqp_connection_lost", in_flight=len(self._submissions))
             self.metrics.broker_outage.labels("open").inc(len(self._submissions))
-            self._outage_timer = asyncio.get_running_loop().call_later(
-                self.settings.broker_outage_grace_s, self._fail_open_streams)
 
     def _on_reconnected(self, *_: object) -> None:
         # Orphans' cancel markers are written by the housekeeping loop, broker or not.
-        if self._outage_timer is not None:
-            self._outage_timer.cancel()
-            self._outage_timer = None
+        self._outage.link_back()
         log.info("amqp_reconnected", orphaned=len(self._orphaned),
                  open_streams=len(self.link_loss.watched))
 
     def _fail_open_streams(self) -> None:
         """The broker stayed away too long: fail every stream still open with one clear
         error, and cancel its request downstream."""
-        self._outage_timer = None
         if self.amqp_connected:
             return
         log.warning("broker_outage_streams_failed", n=len(self._submissions),
@@ -408,10 +405,9 @@ class Backend:
 
     async def _fail_lost_answers(self, now: float) -> None:
         """End the streams that lived through a broker outage whose requests are done
-        without their final answer having arrived (it was dropped with the queue's content
-        in a broker restart)."""
+        without their final answer having arrived (the broker lost it)."""
         watched = self.link_loss.watched
-        if not watched:
+        if not watched or not self.amqp_connected:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for rid in watched:
@@ -445,8 +441,7 @@ class Backend:
             await asyncio.gather(self._connect_task, return_exceptions=True)
         if self._housekeeping_task is not None:
             self._housekeeping_task.cancel()
-        if self._outage_timer is not None:
-            self._outage_timer.cancel()
+        self._outage.link_back()
         try:
             async with asyncio.timeout(SHUTDOWN_CLEANUP_S):
                 for submission in list(self._submissions.values()):

@@ -180,8 +180,7 @@ async def _inject(fs, part: str, fault: str, rng: random.Random,
     elif fault == "worker_link_cut":
         fs.proxies[part].cut(refuse_s=rng.uniform(0.0, 3.0))
     elif fault == "rabbitmq_restart":
-        # Replies the restart drops end their requests with one clear error
-        # (broker_connection_lost), which is an answer; nothing may be lost or doubled.
+        # Streams go on across it; nothing may be lost or doubled.
         await asyncio.to_thread(fs.rabbit.stop)
         await asyncio.to_thread(fs.rabbit.start)
     elif fault == "links_stalled":

@@ -3,9 +3,9 @@ mid-stream and the shared Redis.
 
 A stream stays open while the broker is away and goes on once the gateway has reconnected:
 its reply queue outlives the link, and a worker that resumes the request sends again what
-came before its resume point, which fills what the restart dropped from the queue. A
-request that got done meanwhile without its final answer reaching the gateway gets one
-clear error, as does every stream still open when the broker stays away too long.
+came before its resume point, which fills what never reached the queue. A request that
+got done meanwhile without its final answer reaching the gateway gets one clear error,
+as does every stream still open when the broker stays away too long.
 """
 
 from __future__ import annotations
@@ -17,70 +17,25 @@ import uuid
 import aio_pika
 import pytest
 
-from services import amqp, keys, topology
-from services import messages as m
+from services import keys, topology
 from services.gateway.backend import Backend
 from services.gateway.metrics import GatewayMetrics
 from services.localinfra import RabbitServer, rabbitmqctl
-from services.replies import ReplyStream
 from services.settings import Settings
+from tests.faults.proxy import TcpProxy
+from tests.integration.replies import ANSWER, Worker, chunk, final, read, request
 from tests.waits import until
 
 pytestmark = pytest.mark.integration
-
-ANSWER = ["Sun", "ny", " and", " warm", " to", "day"]
-"""The text of output tokens 0..5 (token id = position)."""
-
-
-def chunk(request_id: str, start: int, end: int) -> m.TokenChunk:
-    return m.TokenChunk(request_id=request_id, token_offset=start, text_offset=len("".join(ANSWER[:start])),
-                        text="".join(ANSWER[start:end]), token_ids=list(range(start, end)))
-
-
-def final(request_id: str) -> m.FinalAnswer:
-    return m.FinalAnswer(request_id=request_id, token_offset=len(ANSWER), text_offset=len("".join(ANSWER)),
-                         finish_reason="length", prompt_tokens=3, completion_tokens=len(ANSWER))
-
-
-def request(request_id: str) -> m.CompletionRequest:
-    return m.CompletionRequest(request_id=request_id, tenant="acme", model="tiny", prompt="weather?",
-                               sampling=m.SamplingParams(max_tokens=len(ANSWER)))
-
-
-async def read(stream: ReplyStream) -> tuple[str, list[m.FinalAnswer]]:
-    """The text a stream delivered so far, and its final answer if it came."""
-    text, finals = "", []
-    while stream.ready:
-        item = await stream.get()
-        if isinstance(item, m.FinalAnswer):
-            finals.append(item)
-        else:
-            text += item.text
-    return text, finals
-
-
-class Worker:
-    """Sends replies to the gateway's queue as a worker does (confirmed publishes)."""
-
-    def __init__(self, url: str, reply_to: str) -> None:
-        self.url, self.reply_to = url, reply_to
-
-    async def send(self, *replies: m.Message) -> None:
-        connection = await aio_pika.connect(self.url)
-        try:
-            channel = await connection.channel(publisher_confirms=True)
-            for reply in replies:
-                await amqp.reply(channel, self.reply_to, reply, mandatory=True)
-        finally:
-            await connection.close()
-
 
 @pytest.fixture
 async def gateway(tmp_path, redis_url, request):
     """A gateway backend on its own broker node; ``request.param``: settings to change."""
     server = RabbitServer(tmp_path / "rabbit")
     await asyncio.to_thread(server.start)
-    settings = Settings(amqp_url=server.url, redis_url=redis_url, model_name="tiny",
+    proxy = TcpProxy(server.port).start()
+    settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", redis_url=redis_url,
+                        model_name="tiny",
                         instance_id=f"outage-{uuid.uuid4().hex[:8]}", amqp_reconnect_s=0.5,
                         heartbeat_interval_s=0.2, **getattr(request, "param", {}))
     backend = Backend(settings, GatewayMetrics("tiny"))
@@ -88,14 +43,15 @@ async def gateway(tmp_path, redis_url, request):
     backend.start()
     try:
         await until(lambda: backend.amqp_connected, timeout_s=60)
-        yield backend, server
+        yield backend, server, proxy
     finally:
         await backend.close()
+        proxy.close()
         await asyncio.to_thread(server.stop)
 
 
 async def test_streams_go_on_after_a_broker_restart_and_a_lost_answer_is_an_error(gateway, redis_client):
-    backend, server = gateway
+    backend, server, _ = gateway
     worker = Worker(server.url, backend.reply_queue_name)
     running, done_unanswered = f"run-{uuid.uuid4().hex}", f"lost-{uuid.uuid4().hex}"
     streams = {rid: (await backend.submit(request(rid), time.time())).stream.stream
@@ -110,8 +66,8 @@ async def test_streams_go_on_after_a_broker_restart_and_a_lost_answer_is_an_erro
     await asyncio.to_thread(server.start)
     await until(lambda: backend.amqp_connected, timeout_s=60)
 
-    # The restart dropped chunk 2-3 from the queue; the worker resuming from its point at
-    # token 4 sends tokens 0-3 again, then the rest and the end.
+    # Chunk 2-3 never reached the queue (its publish died with the broker); the worker
+    # resuming from its point at token 4 sends tokens 0-3 again, then the rest and the end.
     await worker.send(chunk(running, 0, 4), chunk(running, 4, 6), final(running))
     await until(lambda: streams[running].finished, timeout_s=60)
     text, finals = await read(streams[running])
@@ -123,7 +79,7 @@ async def test_streams_go_on_after_a_broker_restart_and_a_lost_answer_is_an_erro
                                      "name", "durable", "messages_ready", "messages_unacknowledged")
     assert f"{backend.reply_queue_name}\ttrue\t0\t0" in listed.splitlines(), listed
 
-    # Done (its completion event reached the scheduler) with its answer gone in the restart.
+    # Done (its completion event reached the scheduler) with its answer lost by the broker.
     await redis_client.hset(keys.request_markers(done_unanswered), keys.MARKER_DONE, "1")
     await until(lambda: streams[done_unanswered].finished, timeout_s=10)
     _, finals = await read(streams[done_unanswered])
@@ -135,9 +91,33 @@ async def test_streams_go_on_after_a_broker_restart_and_a_lost_answer_is_an_erro
     assert 'fairway:gateway_broker_outage_streams_total{outcome="answer_lost"} 1.0' in metrics
 
 
+async def test_an_answer_sent_while_the_gateway_is_away_reaches_it(gateway, redis_client):
+    """The whole answer arrives and the request is done while the gateway's link is cut;
+    then the broker is killed (``kill -9``) and started again. The answer waits in the
+    queue through both, and the done marker is no loss while the gateway cannot read it."""
+    backend, server, proxy = gateway
+    backend.link_loss.grace_s = 0.1  # two housekeeping rounds, well within a reconnect attempt
+    rid = f"away-{uuid.uuid4().hex}"
+    stream = (await backend.submit(request(rid), time.time())).stream.stream
+    proxy.cut(refuse_s=600)
+    await until(lambda: not backend.amqp_connected, timeout_s=30)
+    await Worker(server.url, backend.reply_queue_name).send(chunk(rid, 0, 6), final(rid))
+    await redis_client.hset(keys.request_markers(rid), keys.MARKER_DONE, "1")
+    await asyncio.sleep(2.0)  # ten housekeeping rounds
+    await asyncio.to_thread(server.kill)
+    await asyncio.to_thread(server.start)
+    assert not stream.finished
+
+    proxy.cut(refuse_s=0)
+    await until(lambda: stream.finished, timeout_s=60)
+    text, finals = await read(stream)
+    assert (text, [f.finish_reason for f in finals]) == ("".join(ANSWER), ["length"])
+    assert 'outcome="answer_lost"' not in backend.metrics.render().decode()
+
+
 @pytest.mark.parametrize("gateway", [{"broker_outage_grace_s": 1.0}], indirect=True)
 async def test_streams_fail_when_the_broker_stays_away_and_their_requests_are_cancelled(gateway, redis_client):
-    backend, server = gateway
+    backend, server, _ = gateway
     rid = f"away-{uuid.uuid4().hex}"
     stream = (await backend.submit(request(rid), time.time())).stream.stream
     await asyncio.to_thread(server.stop)
@@ -172,7 +152,7 @@ async def test_a_reply_queue_left_with_other_arguments_is_declared_anew(amqp_url
         finally:
             await backend.close()
         # Declaring it as the gateway does succeeds only if those are its arguments now.
-        await topology.declare_gateway_reply_queue(connection, backend.reply_queue_name)
+        await topology.declare_reply_queue(connection, backend.reply_queue_name)
         channel = await connection.channel()
         await channel.queue_delete(backend.reply_queue_name)
     finally:
