@@ -35,19 +35,27 @@ from aio_pika.abc import (
 from services import amqp, topology
 from services import messages as m
 from services.replies import OutageDeadline, Reply, ReplyRouter, ReplyStream
-from services.settings import DEFAULT_AMQP_RECONNECT_S, DEFAULT_BROKER_OUTAGE_GRACE_S
+from services.settings import (
+    DEFAULT_AMQP_HEARTBEAT_S,
+    DEFAULT_AMQP_RECONNECT_S,
+    DEFAULT_BROKER_OUTAGE_GRACE_S,
+)
 
 CONNECTION_LOST = "broker_connection_lost"
 
 
 class AmqpClient:
     def __init__(self, url: str, reconnect_s: float = DEFAULT_AMQP_RECONNECT_S,
-                 outage_grace_s: float = DEFAULT_BROKER_OUTAGE_GRACE_S) -> None:
+                 outage_grace_s: float = DEFAULT_BROKER_OUTAGE_GRACE_S,
+                 heartbeat_s: int = DEFAULT_AMQP_HEARTBEAT_S) -> None:
         """``reconnect_s``: seconds between reconnect attempts while the broker is away
         (as the services' ``FAIRWAY_AMQP_RECONNECT_S``); ``outage_grace_s``: how long open
-        streams wait for it (as the gateway's ``FAIRWAY_BROKER_OUTAGE_GRACE_S``)."""
+        streams wait for it (as the gateway's ``FAIRWAY_BROKER_OUTAGE_GRACE_S``);
+        ``heartbeat_s``: the AMQP heartbeat, which bounds how long a silently cut link
+        goes unnoticed (as ``FAIRWAY_AMQP_HEARTBEAT_S``; the broker's default is 60 s)."""
         self.url = url
         self.reconnect_s = reconnect_s
+        self.heartbeat_s = heartbeat_s
         self.user = unquote(urlparse(url).username or "guest")
         self.router = ReplyRouter()
         self.outage = OutageDeadline(outage_grace_s, self._fail_open_streams)
@@ -55,7 +63,7 @@ class AmqpClient:
 
     async def __aenter__(self) -> Self:
         self.connection: AbstractRobustConnection = await aio_pika.connect_robust(
-            self.url, reconnect_interval=self.reconnect_s)
+            self.url, heartbeat=self.heartbeat_s, reconnect_interval=self.reconnect_s)
         self.channel: AbstractChannel = await self.connection.channel()
         self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)
         self.reply_queue: AbstractQueue = await topology.declare_reply_queue(

@@ -23,6 +23,10 @@ def _default_instance_id() -> str:
 DEFAULT_AMQP_RECONNECT_S = 1.0
 """Seconds between reconnect attempts to the broker, for services and AMQP clients alike."""
 
+DEFAULT_AMQP_HEARTBEAT_S = 10
+"""AMQP heartbeat interval (seconds), for services and AMQP clients alike: a link cut
+without a reset is noticed, by both ends, within two of them."""
+
 DEFAULT_BROKER_OUTAGE_GRACE_S = 30.0
 """How long open streams wait for a lost broker connection to come back, in the gateway
 and in AMQP clients alike."""
@@ -36,7 +40,7 @@ class Settings(BaseSettings):
     # Infrastructure
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    amqp_heartbeat_s: int = 10
+    amqp_heartbeat_s: int = DEFAULT_AMQP_HEARTBEAT_S
     amqp_reconnect_s: float = Field(default=DEFAULT_AMQP_RECONNECT_S, gt=0)
     """Seconds between attempts to reconnect to the broker. aio-pika's 5 s default keeps a
     service away for up to 5 s after a restarted broker is back (``bench/bench_broker_restart.py``:
