@@ -49,7 +49,7 @@ from services import metrics as prom
 from services import redis_client, topology
 from services.backoff import retry_until_up
 from services.logs import get_logger
-from services.runtime import freeze_heap
+from services.runtime import STOP_SIGNALS, early_stops, freeze_heap
 from services.settings import Settings
 
 log = get_logger(__name__)
@@ -401,8 +401,11 @@ async def run_until_signalled(
             hurry()
         stopping.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
+    for sig in early_stops():
+        log.info("stop_requested_while_starting", signal=signal.Signals(sig).name)
+        stopping.set()
     try:
         # A signal while starting (waiting for the broker or Redis, loading the model)
         # cancels the start instead of waiting for it.

@@ -38,6 +38,9 @@ def _use_uvloop() -> None:
 
 
 def run_service(name: str) -> int:
+    from services.runtime import catch_early_stops
+
+    catch_early_stops()
     settings, configure = _settings()
     configure(settings.log_level, settings.log_format, service=name)
     _use_uvloop()

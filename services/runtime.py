@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -11,6 +12,28 @@ from typing import Any
 from services.logs import get_logger
 
 log = get_logger(__name__)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_early_stops: list[int] = []
+
+
+def catch_early_stops() -> None:
+    """Catch SIGTERM and SIGINT from a service process's first line, until the service
+    puts its own handlers in place and takes what came (:func:`early_stops`). A stop that
+    comes while it imports its modules (torch alone takes seconds) then stops it cleanly,
+    exit 0, instead of killing it with the signal."""
+    def on_signal(sig: int, frame: object) -> None:
+        _early_stops.append(sig)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+
+
+def early_stops() -> list[int]:
+    """The stop signals caught before the service's own handlers were in place."""
+    return list(_early_stops)
 
 
 def freeze_heap() -> None:

@@ -79,7 +79,7 @@ from services.gateway.schemas import (
 )
 from services.logs import get_logger
 from services.messages import FinalAnswer
-from services.runtime import freeze_heap
+from services.runtime import STOP_SIGNALS, early_stops, freeze_heap
 from services.settings import Settings
 
 log = get_logger(__name__)
@@ -617,8 +617,9 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
             server.handle_exit(sig, frame)
 
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, on_signal)
+    early += early_stops()  # (came while the process imported its modules)
     app = create_app(settings)
     freeze_heap()
     config = uvicorn.Config(

@@ -151,3 +151,31 @@ def _wait_for_log(system: System, procs: dict, event: str, timeout: float = 60) 
             assert proc.poll() is None, f"{name} exited: {system.log(name)[-3000:]}"
             assert time.monotonic() < deadline, f"{name} never logged {event}"
             time.sleep(0.2)
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler of its own for SIGTERM (Linux's SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line for line in status if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("service", ["scorer", "gateway"])
+def test_a_sigterm_while_a_service_imports_its_modules_stops_it_cleanly(redis_server, rabbit_server,
+                                                                       model_cache, tmp_path, service):
+    """The soak test sent a SIGTERM to a scorer 2 s after it was started: it was still
+    importing torch, before its event loop put its handlers in, and the signal killed it
+    (exit -15). The process catches stop signals from its first line on, so it exits 0."""
+    system = System(amqp_url=own_vhost(rabbit_server, f"early-stop-{service}"),
+                    redis_url=own_redis_db(redis_server, 5), cache_dir=model_cache, log_dir=tmp_path)
+    proc = system.start(service)
+    try:
+        deadline = time.monotonic() + 10
+        while not catches_sigterm(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, system.log(service)[-3000:]
+            time.sleep(0.005)
+        assert "_started" not in system.log(service) and "heap_frozen" not in system.log(service)
+    finally:
+        code = system.signal(service, signal.SIGTERM, wait=60)
+    assert code == 0, system.log(service)[-3000:]
+    assert "stop_requested_while_starting" in system.log(service)
