@@ -66,7 +66,7 @@ class GatewayMetrics:
             names.GATEWAY_BROKER_OUTAGE,
             "Streams open when the gateway's broker link dropped (outcome open), and those of them "
             "ended with an error: failed (the broker stayed away too long) or answer_lost (done "
-            "without its answer, which a broker restart dropped); the others went on.",
+            "without its answer, which the broker lost); the others went on.",
             ["outcome"],
             registry=r,
         )

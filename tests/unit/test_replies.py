@@ -184,9 +184,9 @@ def test_fail_all_ends_each_open_stream_with_one_error():
 
 
 def test_a_stream_sent_its_answer_again_from_the_start_fills_a_gap_a_broker_restart_left():
-    """A broker restart dropped chunks 2-3 from the reply queue; the worker that resumes the
-    request sends everything before its resume point again (tokens 0-3) and goes on: the
-    caller gets the missing part once, and the answer whole."""
+    """Chunks 2-3 never reached the reply queue (their publish died with the broker); the
+    worker that resumes the request sends everything before its resume point again
+    (tokens 0-3) and goes on: the caller gets the missing part once, and the answer whole."""
     stream = ReplyStream("r")
     stream.offer(chunk(0, 2))
     stream.offer(chunk(4, 6))  # the resumed worker's first new tokens, ahead of its resend
