@@ -363,10 +363,12 @@ async def test_worker_cut_off_from_redis(fault_system, checker, http, keys_by_te
     assert "redis_back_taking_work" in fs.system.log(victim)
 
 
-async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant):
-    """Restart RabbitMQ mid-run. Every stream, the gateway's and an AMQP producer's, goes
-    on once everything has reconnected: their reply queues and the replies in them outlive
-    the restart, and the workers continue their requests from resume points and send again
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant, how):
+    """Restart RabbitMQ mid-run, gracefully or after ``kill -9``. Every stream, the
+    gateway's and an AMQP producer's, goes on once everything has reconnected: their reply
+    queues and the replies in them outlive the restart (a confirmed persistent message is
+    on disk), and the workers continue their requests from resume points and send again
     what came before, which fills what never reached a queue, so a stream far from its end
     gets its whole answer, word for word. The system serves new requests once it has
     reconnected."""
@@ -379,7 +381,7 @@ async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant):
         await some_tokens(checker, n=6)
         far_from_done = {log.request_id for log in checker.logs if log.transport == "http"
                          and log.request_id and not log.finals and log.tokens <= MAX_TOKENS - 80}
-        await asyncio.to_thread(fs.rabbit.stop)
+        await asyncio.to_thread(fs.rabbit.stop if how == "stop" else fs.rabbit.kill)
         await asyncio.to_thread(fs.rabbit.start)
         during = await asyncio.gather(*tasks)
         # A request sent while the broker was down was refused (503, nothing queued).
@@ -389,7 +391,7 @@ async def test_rabbitmq_restarted(fault_system, checker, http, keys_by_tenant):
         after = await asyncio.gather(*streams(http, checker, fs, keys_by_tenant, 4, max_tokens=12),
                                      *[producer.run(max_tokens=12) for _ in range(2)])
     http_during = [log for log in during if log.transport == "http"]
-    await checker.verify("RabbitMQ restarted",
+    await checker.verify("RabbitMQ restarted" if how == "stop" else "RabbitMQ kill -9, restarted",
                          note=f"HTTP streams in flight: {outcomes(http_during)} ({len(far_from_done)} "
                               f"far from their end); AMQP producer's: "
                               f"{outcomes([log for log in during if log.transport != 'http'])}; "

@@ -107,7 +107,7 @@ FAULTS_BY_PART = {
     "scorer": ("scorer_kill", "scorer_sigterm", "scorer_freeze"),
     "gateway": ("gateway_kill", "gateway_sigterm", "gateway_freeze"),
     "redis": ("redis_kill", "redis_full", "redis_freeze"),
-    "rabbitmq": ("rabbitmq_restart", "links_stalled"),
+    "rabbitmq": ("rabbitmq_restart", "rabbitmq_kill", "links_stalled"),
 }
 """The faults each part can suffer. Two faults at once never hit one part: one repair
 would undo the other's fault, or signal a process the other already stopped."""
@@ -179,9 +179,9 @@ async def _inject(fs, part: str, fault: str, rng: random.Random,
             await admin.aclose()
     elif fault == "worker_link_cut":
         fs.proxies[part].cut(refuse_s=rng.uniform(0.0, 3.0))
-    elif fault == "rabbitmq_restart":
+    elif fault in ("rabbitmq_restart", "rabbitmq_kill"):
         # Streams go on across it; nothing may be lost or doubled.
-        await asyncio.to_thread(fs.rabbit.stop)
+        await asyncio.to_thread(fs.rabbit.stop if fault == "rabbitmq_restart" else fs.rabbit.kill)
         await asyncio.to_thread(fs.rabbit.start)
     elif fault == "links_stalled":
         for proxy in fs.proxies.values():
