@@ -64,12 +64,17 @@ class AmqpClient:
     async def __aenter__(self) -> Self:
         self.connection: AbstractRobustConnection = await aio_pika.connect_robust(
             self.url, heartbeat=self.heartbeat_s, reconnect_interval=self.reconnect_s)
-        self.channel: AbstractChannel = await self.connection.channel()
-        self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)
-        self.reply_queue: AbstractQueue = await topology.declare_reply_queue(
-            self.connection, topology.reply_queue(f"{self.user}.{uuid.uuid4().hex[:12]}"))
-        # Acked (in batches) so that replies a dropped link took in transit are requeued.
-        await self.reply_queue.consume(self._on_reply, exclusive=True)
+        try:
+            self.channel: AbstractChannel = await self.connection.channel()
+            # Passive: the system declares its topology; this fails clearly if it is not up.
+            self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)
+            self.reply_queue: AbstractQueue = await topology.declare_reply_queue(
+                self.connection, topology.reply_queue(f"{self.user}.{uuid.uuid4().hex[:12]}"))
+            # Acked (in batches) so that replies a dropped link took in transit are requeued.
+            await self.reply_queue.consume(self._on_reply, exclusive=True)
+        except BaseException:
+            await self.connection.close()
+            raise
         self.connection.close_callbacks.add(self._on_connection_lost)
         self.connection.reconnect_callbacks.add(self._on_reconnected)
         return self

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
+import aiormq
 import pytest
 
 from services import topology
@@ -19,6 +20,7 @@ from services.client import AmqpClient
 from services.localinfra import RabbitServer, rabbitmqctl
 from tests.faults.proxy import TcpProxy
 from tests.integration.replies import ANSWER, Worker, chunk, final, read
+from tests.integration.system import own_vhost
 from tests.waits import until
 
 pytestmark = pytest.mark.integration
@@ -114,3 +116,17 @@ async def test_streams_fail_when_the_broker_stays_away(broker):
         text, finals = await read(stream)
         assert (text, [f.finish_reason for f in finals]) == ("".join(ANSWER), ["length"])
 
+
+
+async def test_a_client_of_a_system_that_is_not_up_fails_clearly_and_leaves_no_connection(rabbit_server):
+    """No topology on the vhost (the system never started): entering the client fails
+    with the broker's "not found", and its connection is closed, not left behind."""
+    vhost = "client-without-topology"
+    url = await asyncio.to_thread(own_vhost, rabbit_server, vhost)
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity, match="fairway.requests"):
+        async with AmqpClient(url):
+            pass
+    async with asyncio.timeout(10):
+        while vhost in (await asyncio.to_thread(rabbitmqctl, rabbit_server, "list_connections", "-q",
+                                                "--no-table-headers", "vhost")).split():
+            await asyncio.sleep(0.1)
