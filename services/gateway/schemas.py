@@ -7,8 +7,9 @@ the wire message. Everything here is pure and raises :class:`ApiError` for the c
 Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``ignore_eos``,
 ``stop_token_ids``, ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms``
 header, the smaller wins) and ``fail_if_late``. Unknown fields are ignored, as OpenAI
-servers do; known OpenAI features that Fairway does not implement are refused with a 400
-instead of being silently dropped.
+servers do; known OpenAI features (and vLLM extensions) that Fairway does not implement
+are refused with a 400 when they would change the answer (``response_format`` json,
+tools, logprobs, penalties, guided decoding...) instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -109,6 +110,21 @@ class _SamplingFields(_Body):
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     deadline_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)
     fail_if_late: bool | None = False
+    # vLLM's extensions that Fairway does not implement: read only to refuse them when they
+    # would change the answer, rather than drop them as unknown fields.
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    use_beam_search: bool | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+
+
+GUIDED_DECODING_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                          "structured_outputs")
 
 
 class CompletionBody(_SamplingFields):
@@ -143,6 +159,12 @@ class ChatCompletionBody(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
 
 
 AnyBody = CompletionBody | ChatCompletionBody
@@ -197,6 +219,17 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
         )
     if body.logit_bias:
         raise _unsupported("logit_bias", "logit_bias")
+    if body.repetition_penalty not in (None, 1):
+        raise _unsupported("repetition_penalty", "repetition_penalty")
+    if body.min_p:
+        raise _unsupported("min_p", "min_p")
+    if body.min_tokens:
+        raise _unsupported("min_tokens", "min_tokens")
+    if body.use_beam_search:
+        raise _unsupported("use_beam_search", "Beam search")
+    for name in GUIDED_DECODING_FIELDS:
+        if getattr(body, name) is not None:
+            raise _unsupported(name, "Guided decoding")
     if isinstance(body, CompletionBody):
         if len(body.prompt) != 1:
             raise invalid(
@@ -217,6 +250,15 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             raise _unsupported("logprobs", "logprobs")
         if body.tools:
             raise _unsupported("tools", "Tool calling")
+        if body.tool_choice not in (None, "none", "auto"):
+            raise _unsupported("tool_choice", "Tool calling")
+        if body.functions or body.function_call not in (None, "none", "auto"):
+            raise _unsupported("functions" if body.functions else "function_call", "Function calling")
+        response_type = (body.response_format or {}).get("type", "text")
+        if response_type != "text":
+            raise _unsupported("response_format", f"response_format {response_type!r}")
+        if body.modalities not in (None, ["text"]) or body.audio is not None:
+            raise _unsupported("modalities" if body.audio is None else "audio", "Audio output")
 
 
 def requested_max_tokens(body: AnyBody) -> int | None:

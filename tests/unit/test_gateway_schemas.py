@@ -153,6 +153,46 @@ def test_chat_limits_and_unsupported() -> None:
     assert _error(chat(tools=[{"type": "function"}]), ChatCompletionBody).param == "tools"
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+         "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"min_p": 0.05}, "min_p"),
+        ({"min_tokens": 8}, "min_tokens"),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"guided_choice": ["yes", "no"]}, "guided_choice"),
+        ({"structured_outputs": {"regex": "[0-9]+"}}, "structured_outputs"),
+    ],
+)
+def test_features_that_would_change_a_chat_answer_are_refused(fields: dict[str, Any], param: str) -> None:
+    """A client that asks for JSON, a tool call or a constrained answer must not get free
+    text as if it had been honoured."""
+    err = _error(chat(**fields), ChatCompletionBody)
+    assert (err.status, err.code, err.param) == (400, "unsupported", param)
+
+
+def test_guided_decoding_is_refused_on_completions_too() -> None:
+    err = _error(completion(guided_regex="[a-z]+"))
+    assert (err.status, err.code, err.param) == (400, "unsupported", "guided_regex")
+
+
+def test_neutral_values_of_unimplemented_features_are_accepted() -> None:
+    _check(chat(response_format={"type": "text"}, tool_choice="none", function_call="auto",
+                modalities=["text"], repetition_penalty=1, min_p=0, min_tokens=0,
+                use_beam_search=False, guided_json=None), ChatCompletionBody)
+    _check(completion(repetition_penalty=1.0, min_tokens=0))
+
+
 def test_unknown_model_is_404() -> None:
     err = _error(completion(model="gpt-4"))
     assert (err.status, err.code, err.param) == (404, "model_not_found", "model")
