@@ -62,6 +62,9 @@ def _one_or_many(value: Any) -> Any:
         return [value]
     if not isinstance(value, list):
         raise ValueError("must be a string or a list of strings")  # noqa: TRY004 - for pydantic
+    if value and all(isinstance(x, int) or (isinstance(x, list) and x and isinstance(x[0], int))
+                     for x in value):
+        raise ValueError("token ids are not supported here; send text")
     return value
 
 

@@ -94,7 +94,7 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"prompt": ""}, "prompt.0"),
         ({"prompt": ["a", "b"]}, "prompt"),
-        ({"prompt": [1, 2, 3]}, "prompt.0"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
         ({"prompt": None}, "prompt"),
         ({"prompt": "\ud800"}, "prompt.0"),
         ({"model": 5}, "model"),
@@ -179,6 +179,13 @@ def test_features_that_would_change_a_chat_answer_are_refused(fields: dict[str, 
     text as if it had been honoured."""
     err = _error(chat(**fields), ChatCompletionBody)
     assert (err.status, err.code, err.param) == (400, "unsupported", param)
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2], [3]]])
+def test_a_token_id_prompt_is_refused_in_words(prompt: Any) -> None:
+    err = _error(completion(prompt=prompt))
+    assert (err.status, err.param) == (400, "prompt")
+    assert "token ids are not supported" in err.message
 
 
 def test_guided_decoding_is_refused_on_completions_too() -> None:
