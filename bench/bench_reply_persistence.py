@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import aio_pika
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_control_plane import cpu_seconds, descendants
 from services import topology
 from services.localinfra import RabbitServer
 
@@ -43,17 +43,9 @@ WINDOW = 64
 
 
 def broker_cpu_s(server: RabbitServer) -> float:
-    """User + system CPU seconds of every process of the broker's session."""
+    """User + system CPU seconds of the broker's processes."""
     assert server.proc is not None
-    session, total = server.proc.pid, 0.0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[3]) == session:  # field 6 of stat: the session id
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(cpu_seconds(pid) for pid in descendants(server.proc.pid))
 
 
 async def through(server: RabbitServer, mode: str, messages: int) -> dict:
