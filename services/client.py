@@ -27,7 +27,6 @@ from urllib.parse import unquote, urlparse
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
@@ -70,18 +69,13 @@ class AmqpClient:
             self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)
             self.reply_queue: AbstractQueue = await topology.declare_reply_queue(
                 self.connection, topology.reply_queue(f"{self.user}.{uuid.uuid4().hex[:12]}"))
-            # Acked (in batches) so that replies a dropped link took in transit are requeued.
-            await self.reply_queue.consume(self._on_reply, exclusive=True)
+            await self.router.consume(self.reply_queue, self._acks)
         except BaseException:
             await self.connection.close()
             raise
         self.connection.close_callbacks.add(self._on_connection_lost)
         self.connection.reconnect_callbacks.add(self._on_reconnected)
         return self
-
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        await self.router.on_message(message)
-        self._acks.handled(message)
 
     @property
     def connected(self) -> bool:

@@ -15,11 +15,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from services import messages as m
 from services.logs import get_logger
+
+if TYPE_CHECKING:
+    from services.amqp import BatchedAcks
 
 log = get_logger(__name__)
 
@@ -140,6 +144,17 @@ class ReplyRouter:
         stream = self.streams.get(msg.request_id)
         if stream is not None:
             stream.offer(msg)
+
+    async def consume(self, queue: AbstractQueue, acks: BatchedAcks) -> None:
+        """Consume a reply queue into this router, exclusively, acking what it read in
+        batches: the broker requeues what a dropped link took in transit (written to the
+        dead socket, or read but not acked yet) for the reconnected consumer, instead of
+        losing it as with ``no_ack``; streams drop the repeats."""
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await self.on_message(message)
+            acks.handled(message)
+
+        await queue.consume(on_message, exclusive=True)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """aio-pika consumer callback; acking the message is the consumer's part."""

@@ -46,7 +46,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aio_pika import Message
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from redis.exceptions import RedisError
 
 from services import amqp, keys, redis_client, topology
@@ -352,9 +352,7 @@ class Backend:
         publish = await conn.channel(publisher_confirms=True, on_return_raises=True)
         topo = await topology.declare(publish, passive=not self.settings.declare_topology)
         queue = await topology.declare_reply_queue(conn, self.reply_queue_name)
-        # Acked (in batches) so that replies a dropped link took in transit are requeued
-        # for the reconnected consumer, instead of lost as with no_ack.
-        await queue.consume(self._on_reply, exclusive=True)
+        await self.router.consume(queue, self._reply_acks)
         self._requests_exchange = topo.exchange(topology.REQUESTS_EXCHANGE)
         self._control_exchange = topo.exchange(topology.CONTROL_EXCHANGE)
         conn.close_callbacks.add(self._on_connection_lost)
@@ -364,10 +362,6 @@ class Backend:
         await self._reap_earlier_lives()
         self._ready.set()
         log.info("amqp_connected", reply_queue=self.reply_queue_name)
-
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        await self.router.on_message(message)
-        self._reply_acks.handled(message)
 
     def _on_connection_lost(self, *_: object) -> None:
         """The link dropped: streams stay open for the broker to come back (the reply queue
