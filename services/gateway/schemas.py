@@ -73,6 +73,10 @@ def _content_parts(value: Any) -> Any:
         return [{"type": "text", "text": value}]
     if not isinstance(value, list):
         raise ValueError("must be a string or a list of text parts")  # noqa: TRY004 - for pydantic
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise ValueError(f"only text content parts are supported, not {kind!r}")
     return value
 
 
@@ -146,7 +150,8 @@ class TextPart(_Body):
 
 
 class ChatMessageBody(_Body):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
+    """``developer`` is OpenAI's newer name for ``system`` and is sent as ``system``."""
     content: Annotated[
         list[TextPart],
         BeforeValidator(_content_parts, json_schema_input_type=Text | list[TextPart]),
@@ -340,7 +345,9 @@ def to_completion_request(
     )
     if isinstance(body, ChatCompletionBody):
         request.messages = [
-            ChatMessage(role=m.role, content=_message_text(m.content)) for m in body.messages
+            ChatMessage(role="system" if m.role == "developer" else m.role,
+                        content=_message_text(m.content))
+            for m in body.messages
         ]
     else:
         request.prompt = body.prompt[0]

@@ -134,7 +134,7 @@ def test_missing_required_fields_are_400() -> None:
         ([{"role": "user", "content": None}], "messages.0.content"),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
-            "messages.0.content.0.type",
+            "messages.0.content",
         ),
         ("hello", "messages"),
     ],
@@ -142,6 +142,14 @@ def test_missing_required_fields_are_400() -> None:
 def test_bad_chat_messages_are_400(messages: Any, param: str) -> None:
     err = _error(chat(messages=messages), ChatCompletionBody)
     assert (err.status, err.param) == (400, param)
+
+
+def test_non_text_content_part_is_refused_in_words() -> None:
+    parts = [{"type": "text", "text": "what is this?"},
+             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    err = _error(chat(messages=[{"role": "user", "content": parts}]), ChatCompletionBody)
+    assert (err.status, err.param) == (400, "messages.0.content")
+    assert "only text content parts are supported, not 'image_url'" in err.message
 
 
 def test_chat_limits_and_unsupported() -> None:
@@ -271,10 +279,11 @@ def test_chat_request_mapping_and_defaults() -> None:
     messages = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "developer", "content": "in French"},
     ]
     req = to_request(_check(chat(messages=messages, seed=-5), ChatCompletionBody))
     assert req.kind == "chat" and req.prompt == ""
-    assert [(m.role, m.content) for m in req.messages] == [("system", "be brief"), ("user", "ab")]
+    assert [(m.role, m.content) for m in req.messages] == [("system", "be brief"), ("user", "ab"), ("system", "in French")]
     # The client's seed is kept (one without gets a seed of its request id at the worker).
     assert (req.sampling.seed, req.sampling.max_tokens, req.deadline) == (
         -5,
