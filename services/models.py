@@ -12,11 +12,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.logs import get_logger
-from services.settings import DEFAULT_MODEL_NAME
+from services.settings import DEFAULT_MODEL_NAME, Settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,9 +32,11 @@ __all__ = [
     "ensure_random_llama",
     "load_model",
     "load_tokenizer",
+    "model_context_length",
     "prefers_bf16_on_cpu",
     "resolve_dtype",
     "resolve_model_path",
+    "served_max_model_len",
 ]
 
 log = get_logger(__name__)
@@ -302,6 +305,42 @@ def resolve_model_path(model_path: str | None, cache_dir: Path) -> str:
     if model_path:
         return model_path
     return str(ensure_default_model(cache_dir))
+
+
+CONTEXT_LENGTH_KEYS = (
+    "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx",
+)
+"""Keys under which a ``config.json`` gives the longest context the model was built for."""
+
+
+def model_context_length(config: Mapping[str, Any]) -> int | None:
+    """The longest context a model's ``config.json`` (as a dict) allows; None if it does
+    not say. A multimodal config gives its language model's under ``text_config``."""
+    for section in (config.get("text_config"), config):
+        if isinstance(section, Mapping):
+            lengths = [v for k in CONTEXT_LENGTH_KEYS
+                       if isinstance(v := section.get(k), int) and not isinstance(v, bool) and v > 0]
+            if lengths:
+                return min(lengths)
+    return None
+
+
+def served_max_model_len(settings: Settings) -> int:
+    """``max_model_len`` capped at the served model's own context length, read from its
+    ``config.json`` where this process can read it (a gateway may run without the model's
+    files, and a hub id has none here: then the setting as it is). Without the cap, the
+    gateway would advertise, and the scorer accept, prompts the workers then refuse."""
+    path = Path(settings.model_path) if settings.model_path else settings.cache_dir / DEFAULT_MODEL_NAME
+    try:
+        config = json.loads((path.expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return settings.max_model_len
+    limit = model_context_length(config) if isinstance(config, dict) else None
+    if limit is None or limit >= settings.max_model_len:
+        return settings.max_model_len
+    log.warning("max_model_len_capped", configured=settings.max_model_len, model_limit=limit,
+                detail="FAIRWAY_MAX_MODEL_LEN is above what the model allows; using the model's")
+    return limit
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -38,6 +38,7 @@ from services.engine.interface import (
 )
 from services.logs import get_logger
 from services.messages import SamplingParams
+from services.models import model_context_length
 
 log = get_logger(__name__)
 
@@ -106,7 +107,7 @@ class EchoEngine:
         config = config or EngineConfig()
         eos = _as_id_set(getattr(model_config, "eos_token_id", None))
         eos |= _as_id_set(getattr(tokenizer, "eos_token_id", None))
-        max_positions = getattr(text_config, "max_position_embeddings", None)
+        max_positions = model_context_length(model_config.to_dict())
         return cls(
             tokenizer,
             config,

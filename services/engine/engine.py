@@ -45,6 +45,7 @@ from services.engine.sampling import make_generator, sample_tokens, validate_sam
 from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput, Sequence
 from services.logs import get_logger
 from services.messages import SamplingParams
+from services.models import model_context_length
 
 log = get_logger(__name__)
 
@@ -124,7 +125,7 @@ class LLMEngine:
             if hasattr(model_config, "get_text_config")
             else model_config
         )
-        max_positions = getattr(text_config, "max_position_embeddings", None)
+        max_positions = model_context_length(model_config.to_dict())
         self.max_model_len = min(config.max_model_len, max_positions or config.max_model_len)
         self.vocab_size = int(text_config.vocab_size)
 

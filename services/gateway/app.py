@@ -79,6 +79,7 @@ from services.gateway.schemas import (
 )
 from services.logs import get_logger
 from services.messages import FinalAnswer
+from services.models import served_max_model_len
 from services.runtime import STOP_SIGNALS, early_stops, freeze_heap
 from services.settings import Settings
 
@@ -495,7 +496,9 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The gateway app; no I/O until its lifespan starts."""
+    """The gateway app; no I/O until its lifespan starts (but reading the served model's
+    ``config.json`` for its context length, where the model's files are here)."""
+    settings = settings.model_copy(update={"max_model_len": served_max_model_len(settings)})
     keys = KeyStore.from_config(settings.api_keys, settings.api_keys_file)
     if not len(keys):
         log.warning(

@@ -19,7 +19,7 @@ from services import metrics as prom
 from services.adapters import AdapterCatalog, CatalogUnavailable, ModelNotFound
 from services.engine.sampling import validate_sampling
 from services.logs import get_logger
-from services.models import load_tokenizer, resolve_model_path
+from services.models import load_tokenizer, resolve_model_path, served_max_model_len
 from services.recent import RecentLog
 from services.scorer.online import OnlinePredictor
 from services.scorer.predictor import LengthPredictor
@@ -183,7 +183,7 @@ class ScorerService:
         )
         online = OnlinePredictor(base, self.redis, s.model_name, marker_ttl_s=s.marker_ttl_s)
         await redis_client.when_up(online.start)
-        self.scorer = Scorer(tokenizer, online, s.max_model_len)
+        self.scorer = Scorer(tokenizer, online, served_max_model_len(s))
 
         self.connection, _ = await amqp.open_until_up(s, "scorer", self._consume)
         self._tasks.append(asyncio.create_task(self._refresh_loop()))

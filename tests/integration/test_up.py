@@ -59,8 +59,9 @@ def complete(url: str) -> httpx.Response:
 
 
 def up_env(**env: str) -> dict[str, str]:
-    return dict(os.environ, FAIRWAY_API_KEYS=f"acme:{KEY}", FAIRWAY_METRICS_PORT="0",
-                FAIRWAY_LOG_FORMAT="json", FAIRWAY_MAX_MODEL_LEN="1024", FAIRWAY_THREADS="1", **env)
+    return {**os.environ, "FAIRWAY_API_KEYS": f"acme:{KEY}", "FAIRWAY_METRICS_PORT": "0",
+            "FAIRWAY_LOG_FORMAT": "json", "FAIRWAY_MAX_MODEL_LEN": "1024", "FAIRWAY_THREADS": "1",
+            **env}
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -123,7 +124,11 @@ def test_up_restarts_a_killed_gateway_which_frees_what_its_last_life_held(
 
 def test_up_restarts_the_redis_server_it_started(model_cache, tmp_path):
     """With no Redis at the configured URL, ``fairway up`` runs its own; killed, it comes
-    back on its append-only file and the services carry on without a restart of their own."""
+    back on its append-only file and the services carry on without a restart of their own.
+
+    Its ``FAIRWAY_MAX_MODEL_LEN`` is above the model's own context (2048): every service
+    serves the model's, so the gateway advertises it and the scorer, not a worker, refuses
+    a prompt over it."""
     cache = tmp_path / "cache"
     cache.mkdir()
     for built in model_cache.iterdir():  # the tiny model, without building it again
@@ -132,12 +137,20 @@ def test_up_restarts_the_redis_server_it_started(model_cache, tmp_path):
     url = f"http://127.0.0.1:{port}"
     env = up_env(FAIRWAY_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
                  FAIRWAY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
-                 FAIRWAY_CACHE_DIR=str(cache), FAIRWAY_PORT=str(port))
+                 FAIRWAY_CACHE_DIR=str(cache), FAIRWAY_PORT=str(port), FAIRWAY_MAX_MODEL_LEN="4096")
     log = tmp_path / "up.log"
     up = start_up(env, log)
     try:
         wait_until(lambda: ready(url), 180, "fairway up never became ready")
         assert complete(url).status_code == 200
+        auth = {"Authorization": f"Bearer {KEY}"}
+        card = httpx.get(f"{url}/v1/models", headers=auth, timeout=10).json()["data"][0]
+        assert card["max_model_len"] == 2048
+        too_long = httpx.post(f"{url}/v1/completions", headers=auth, timeout=30, json={
+            "model": DEFAULT_MODEL_NAME, "prompt": "word " * 800, "max_tokens": 100})  # 2500 tokens
+        assert too_long.status_code == 400, too_long.text
+        error = too_long.json()["error"]
+        assert error["code"] == "context_length_exceeded" and "is 2048 tokens" in error["message"]
         os.kill(started_pids(log, "redis-server")[-1], signal.SIGKILL)
         wait_until(lambda: len(started_pids(log, "redis-server")) == 2, 30, "Redis was not restarted")
         wait_until(lambda: ready(url), 60, "the system did not recover")

@@ -61,6 +61,16 @@ def test_models_need_a_key(client: TestClient) -> None:
     assert_openai_error(client.get("/v1/models/other/model", headers=KEY), 404, "model_not_found")
 
 
+def test_gateway_serves_the_models_own_context_length_when_smaller(tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')
+    settings = Settings(model_name=MODEL, model_path=str(tmp_path), api_keys="acme:key-a")
+    client = TestClient(create_app(settings))
+    assert client.get("/v1/models", headers=KEY).json()["data"][0]["max_model_len"] == 512
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1000}
+    error = assert_openai_error(client.post("/v1/completions", headers=KEY, json=body), 400)
+    assert "context length (512)" in error["message"]
+
+
 def test_body_over_limit_is_413_from_content_length(client: TestClient) -> None:
     response = client.post(
         "/v1/completions", content=b"x" * 2001, headers={**KEY, "content-type": "application/json"}

@@ -14,9 +14,12 @@ from services.models import (
     ensure_default_model,
     load_model,
     load_tokenizer,
+    model_context_length,
     resolve_dtype,
     resolve_model_path,
+    served_max_model_len,
 )
+from services.settings import Settings
 
 
 def test_default_model_is_built_once(model_cache: Path):
@@ -113,3 +116,28 @@ def test_count_parameters_matches_the_loaded_model(model_cache: Path):
     path = str(model_cache / DEFAULT_MODEL_NAME)
     model = load_model(path, "cpu", "float32")
     assert count_parameters(path) == sum(p.numel() for p in model.parameters())
+
+
+def test_model_context_length_reads_the_keys_models_use() -> None:
+    assert model_context_length({"max_position_embeddings": 32768}) == 32768
+    assert model_context_length({"n_positions": 1024, "n_ctx": 1024}) == 1024  # GPT-2
+    assert model_context_length({"seq_length": 8192, "max_position_embeddings": 4096}) == 4096
+    nested = {"text_config": {"max_position_embeddings": 8192}, "max_position_embeddings": 512}
+    assert model_context_length(nested) == 8192  # the language model's, not the vision tower's
+    assert model_context_length({"text_config": {}, "n_positions": 77}) == 77
+    for silent in ({}, {"max_position_embeddings": None}, {"max_position_embeddings": True},
+                   {"max_position_embeddings": 0}, {"n_positions": "2048"}):
+        assert model_context_length(silent) is None
+
+
+def test_served_max_model_len_is_capped_at_the_models_own(tmp_path: Path, model_cache: Path) -> None:
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')
+    assert served_max_model_len(Settings(model_path=str(tmp_path), max_model_len=2048)) == 512
+    assert served_max_model_len(Settings(model_path=str(tmp_path), max_model_len=256)) == 256
+    # The built-in model (2048) when no path is set.
+    assert served_max_model_len(Settings(cache_dir=model_cache, max_model_len=4096)) == 2048
+    # Where the model's files are not here (a gateway of its own, a hub id): the setting.
+    assert served_max_model_len(Settings(model_path="org/some-model", max_model_len=4096)) == 4096
+    assert served_max_model_len(Settings(cache_dir=tmp_path / "none", max_model_len=4096)) == 4096
+    (tmp_path / "config.json").write_text("{not json")
+    assert served_max_model_len(Settings(model_path=str(tmp_path), max_model_len=2048)) == 2048
