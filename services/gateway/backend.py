@@ -178,6 +178,21 @@ def token_cost(request: CompletionRequest) -> int:
     return request.sampling.max_tokens + len(text.encode("utf-8", "replace")) // 4 + 1
 
 
+def log_finished(request: CompletionRequest, stream: TimedReplies) -> None:
+    """One line per answered request, as TGI logs one: how it ended, its tokens and its
+    times from acceptance (ms), for an operator who follows a request or a tenant."""
+    final = stream.final
+    if final is None:
+        return
+    def since_accepted(at: float | None) -> float | None:
+        return None if at is None else round((at - stream.opened_at) * 1000, 1)
+    error = {} if final.error is None else {"error_code": final.error.code, "status": final.error.status}
+    log.info("request_finished", request_id=request.request_id, tenant=request.tenant,
+             finish_reason=final.finish_reason, prompt_tokens=final.prompt_tokens,
+             completion_tokens=final.completion_tokens, ttft_ms=since_accepted(stream.first_token_at),
+             e2e_ms=since_accepted(stream.final_at), **error)
+
+
 class Submission:
     """One accepted request; :meth:`close` releases its admission slot exactly once."""
 
@@ -536,6 +551,7 @@ class Backend:
             await self.cancel_downstream(request.request_id, request.tenant)
         elif stream.final is not None:
             self.metrics.observe_finished(stream)
+            log_finished(request, stream)
         elif not stream.arrived:
             self.metrics.cancelled.inc()
             await self.cancel_downstream(request.request_id, request.tenant)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from structlog.testing import capture_logs
+
+from services.gateway.backend import log_finished
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.replies import TimedReplies
-from services.messages import FinalAnswer, TokenChunk
+from services.messages import CompletionRequest, ErrorInfo, FinalAnswer, SamplingParams, TokenChunk
 from services.replies import ReplyStream
 
 
@@ -64,3 +67,26 @@ def test_metrics_from_a_finished_stream() -> None:
     assert value("vllm:generation_tokens_total") == 3.0
     assert value("vllm:request_success_total", finished_reason="stop") == 1.0
     assert value("vllm:request_success_total", finished_reason="error") is None
+
+
+def test_each_answered_request_is_logged_once_with_its_outcome_and_times() -> None:
+    request = CompletionRequest(request_id="r", tenant="acme", model="m", kind="completion",
+                                sampling=SamplingParams(max_tokens=3), created=0.0, reply_to="q")
+    done = TimedReplies(ReplyStream("r"), opened_at=10.0)
+    done.first_token_at, done.final_at = 10.25, 12.0
+    done.final = final(3, "stop", prompt_tokens=5, completion_tokens=3)
+    refused = TimedReplies(ReplyStream("r"), opened_at=0.0)
+    refused.final_at = 0.0125
+    refused.final = final(0, "error", error=ErrorInfo("too long", code="context_length_exceeded"))
+    with capture_logs() as logs:
+        log_finished(request, done)
+        log_finished(request, refused)
+        log_finished(request, TimedReplies(ReplyStream("r"), opened_at=0.0))  # no answer: no line
+    assert [entry.pop("log_level") for entry in logs] == ["info", "info"]
+    assert logs == [
+        {"event": "request_finished", "request_id": "r", "tenant": "acme", "finish_reason": "stop",
+         "prompt_tokens": 5, "completion_tokens": 3, "ttft_ms": 250.0, "e2e_ms": 2000.0},
+        {"event": "request_finished", "request_id": "r", "tenant": "acme", "finish_reason": "error",
+         "prompt_tokens": 0, "completion_tokens": 0, "ttft_ms": None, "e2e_ms": 12.5,
+         "error_code": "context_length_exceeded", "status": 400},
+    ]
