@@ -95,6 +95,9 @@ class CompletionRequest(Message):
     fail_if_late: bool = False
     """Answer with an error instead of running once the deadline cannot be met."""
     reply_to: str = ""
+    max_tokens_defaulted: bool = False
+    """The client did not set ``max_tokens``: it is the endpoint's default, which the scorer
+    lowers to what the context leaves after the prompt instead of refusing, as vLLM does."""
 
     def prompt_text(self) -> str:
         """The text a length predictor sees: the prompt, or the chat's user turns."""

@@ -38,8 +38,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 """OpenAI's default for /v1/completions."""
 DEFAULT_CHAT_MAX_TOKENS = 256
-"""Chat default (capped at the context length). Not vLLM's "rest of the context": the
-gateway cannot count prompt tokens, and the scorer rejects prompt + max_tokens > context."""
+"""Chat default (capped at the context length). Not vLLM's "rest of the context": that
+would charge every admission the whole context. The gateway cannot count prompt tokens,
+so the scorer lowers a default to what the context leaves after the prompt."""
 DEADLINE_HEADER = "x-fairway-deadline-ms"
 
 
@@ -342,6 +343,7 @@ def to_completion_request(
         deadline=None if deadline_ms is None else now + deadline_ms / 1000.0,
         fail_if_late=bool(body.fail_if_late),
         reply_to=reply_to,
+        max_tokens_defaulted=requested_max_tokens(body) is None,
     )
     if isinstance(body, ChatCompletionBody):
         request.messages = [

@@ -9,6 +9,7 @@ cleanly on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -124,6 +125,11 @@ class Scorer:
         except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
             raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
         max_tokens = request.sampling.max_tokens
+        room = self.max_model_len - len(ids)
+        if request.max_tokens_defaulted and 0 < room < max_tokens:
+            max_tokens = room
+            request = dataclasses.replace(
+                request, sampling=dataclasses.replace(request.sampling, max_tokens=room))
         if len(ids) + max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "

@@ -128,6 +128,20 @@ def test_prompt_longer_than_context_is_rejected_by_the_scorer(system, acme_key):
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_a_long_chat_without_max_tokens_gets_what_the_context_leaves(client, tokenizer):
+    """The chat default (256) does not fit after this history; the scorer lowers it to the
+    room left instead of refusing a limit the client never set."""
+    messages = [{"role": "user", "content": "word " * 300}]
+    prompt_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=True, return_dict=True)["input_ids"])
+    room = 1024 - prompt_tokens  # the system's FAIRWAY_MAX_MODEL_LEN
+    assert 0 < room < 256
+    out = client.chat.completions.create(model=MODEL, messages=messages,
+                                         extra_body={"ignore_eos": True})
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (prompt_tokens, room)
+    assert out.choices[0].finish_reason == "length"
+
+
 def test_system_keeps_serving_after_bad_input(client):
     out = client.completions.create(model=MODEL, prompt="still here", max_tokens=3)
     assert out.usage.completion_tokens >= 1

@@ -305,6 +305,11 @@ def test_max_tokens_resolution() -> None:
     # Defaults never exceed a short context.
     short = to_request(_check(chat(), ChatCompletionBody), max_model_len=100)
     assert short.sampling.max_tokens == 100
+    # A default is marked so (the scorer may lower it to what the prompt leaves); a value the
+    # client gave is not.
+    assert short.max_tokens_defaulted and to_request(_check(completion())).max_tokens_defaulted
+    assert not to_request(_check(chat(max_completion_tokens=5), ChatCompletionBody)).max_tokens_defaulted
+    assert not to_request(_check(completion(max_tokens=16))).max_tokens_defaulted
 
 
 def test_include_usage() -> None:

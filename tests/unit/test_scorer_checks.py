@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import redis.asyncio as aioredis
 
 from services import messages as m
-from services.scorer.service import RequestRejected, check_fields
+from services.models import DEFAULT_MODEL_NAME, load_tokenizer
+from services.scorer.online import OnlinePredictor
+from services.scorer.predictor import LengthPredictor
+from services.scorer.service import RequestRejected, Scorer, check_fields
 
 
 def request(kind: str = "completion", roles=("user",), **sampling) -> m.CompletionRequest:
@@ -39,3 +43,33 @@ def test_good_parameters_pass():
     check_fields(request(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, stop=["a"] * 4,
                          stop_token_ids=list(range(256)), seed=-(2**63)))
     check_fields(request(temperature=2.0, top_p=1e-9))
+
+
+def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves(model_cache):
+    """A chat near the context's end without max_tokens is served with the room left (as
+    vLLM does), not refused for the endpoint's default of 256 that nobody asked for; a
+    max_tokens the client gave is still refused when it does not fit."""
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    unused = aioredis.Redis()  # scoring reads the learned state in memory: no I/O
+    scorer = Scorer(tokenizer, OnlinePredictor(LengthPredictor.default(), unused, "tiny"), 64)
+    prompt = "word " * 20  # 61 tokens with BOS
+    prompt_tokens = len(tokenizer.encode(prompt))
+    room = 64 - prompt_tokens
+    assert 0 < room < 16
+
+    def completion(max_tokens: int, defaulted: bool) -> m.CompletionRequest:
+        return m.CompletionRequest(request_id="r", model="tiny", prompt=prompt,
+                                   sampling=m.SamplingParams(max_tokens=max_tokens),
+                                   max_tokens_defaulted=defaulted)
+
+    scored = scorer.score(completion(16, defaulted=True))
+    assert scored.request.sampling.max_tokens == room
+    assert scored.score.p90 <= room
+    assert scorer.score(completion(2, defaulted=True)).request.sampling.max_tokens == 2
+    with pytest.raises(RequestRejected) as given:
+        scorer.score(completion(16, defaulted=False))
+    assert given.value.code == "context_length_exceeded"
+    with pytest.raises(RequestRejected) as full:  # no room left at all: refused all the same
+        scorer.score(m.CompletionRequest(request_id="r", model="tiny", prompt="word " * 30,
+                                         max_tokens_defaulted=True))
+    assert full.value.code == "context_length_exceeded"
