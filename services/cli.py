@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 SERVICES = ("gateway", "scorer", "scheduler", "gpu-worker", "cpu-worker")
@@ -83,10 +82,10 @@ def _reachable(url: str, default_port: int) -> bool:
 def ensure_infra(settings) -> dict:
     """Start Redis and RabbitMQ on loopback when nothing answers at the configured URLs;
     the servers started, by name."""
-    from services.localinfra import RabbitServer, RedisServer
+    from services.localinfra import RabbitServer, RedisServer, up_infra_dir
 
     started = {}
-    base = Path(settings.cache_dir) / "infra"
+    base = up_infra_dir(settings.cache_dir)
     if not _reachable(settings.redis_url, 6379):
         port = urlparse(settings.redis_url).port or 6379
         redis = RedisServer(workdir=base / "redis", port=port)
@@ -178,6 +177,32 @@ def up(args: argparse.Namespace) -> int:
     return code
 
 
+def amqp_user(args: argparse.Namespace) -> int:
+    """A tenant's RabbitMQ user with the least it needs (its own reply queues, publishing
+    requests), on the broker of ``FAIRWAY_AMQP_URL`` on this machine: the node that
+    ``fairway up`` started itself when it runs, else the machine's own RabbitMQ."""
+    from urllib.parse import unquote
+
+    from services import provision, topology
+
+    settings, _ = _settings()
+    vhost = args.vhost or unquote(urlparse(settings.amqp_url).path.lstrip("/")) or "/"
+    run = provision.local_rabbitmqctl(settings.amqp_url, settings.cache_dir)
+    try:
+        provision.provision_rabbitmqctl(
+            run, {args.name: (args.password, provision.tenant_grant(args.name))}, vhost)
+    except ValueError as exc:
+        print(f"fairway amqp-user: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        print(f"fairway amqp-user: rabbitmqctl failed: {str(detail).strip()}", file=sys.stderr)
+        return 1
+    print(f"fairway: RabbitMQ user {args.name!r} may publish requests on vhost {vhost!r} "
+          f"and own its reply queues ({topology.REPLY_QUEUE_PREFIX}.{args.name}.*)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop everything when a service exits, instead of restarting it")
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service")
+
+    p_user = sub.add_parser(
+        "amqp-user", help="create or update a tenant's RabbitMQ user, to publish straight to AMQP")
+    p_user.add_argument("name", help="the user, which is the tenant (letters, digits, '_', '-')")
+    p_user.add_argument("password")
+    p_user.add_argument("--vhost", default=None,
+                        help="default: the vhost of FAIRWAY_AMQP_URL ('/' when it names none)")
+    sub.add_parser("provision", help="RabbitMQ users, permissions and topology through the "
+                                     "management API, from FAIRWAY_PROVISION_* (see services/provision.py)")
 
     p_pred = sub.add_parser("predictor", help="train and evaluate the output-length predictor")
     pred_sub = p_pred.add_subparsers(dest="predictor_command", required=True)
@@ -238,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "up":
         return up(args)
+    if args.command == "amqp-user":
+        return amqp_user(args)
+    if args.command == "provision":
+        from services import provision
+
+        return provision.main()
     if args.command == "predictor":
         from services.scorer import evaluate
 

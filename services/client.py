@@ -69,7 +69,7 @@ class AmqpClient:
             self.exchange = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE)
             self.reply_queue: AbstractQueue = await topology.declare_reply_queue(
                 self.connection, topology.reply_queue(f"{self.user}.{uuid.uuid4().hex[:12]}"))
-            await self.router.consume(self.reply_queue, self._acks)
+            self._consumer_tag = await self.router.consume(self.reply_queue, self._acks)
         except BaseException:
             await self.connection.close()
             raise
@@ -101,6 +101,8 @@ class AmqpClient:
         if self.connected:
             await self._acks.flush()
             with contextlib.suppress(Exception):  # a queue not deleted expires by itself
+                # Cancelled first: the broker would cancel it itself, which aio-pika warns of.
+                await self.reply_queue.cancel(self._consumer_tag)
                 await self.reply_queue.delete(if_unused=False, if_empty=False)
         await self.connection.close()
 

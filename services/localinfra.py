@@ -75,6 +75,20 @@ class RedisServer:
             self.proc.wait(10)
 
 
+def up_infra_dir(cache_dir: Path) -> Path:
+    """Where ``fairway up`` keeps the Redis and RabbitMQ servers it starts itself."""
+    return Path(cache_dir).expanduser() / "infra"
+
+
+def pid_alive(pid_file: Path) -> bool:
+    """The process a pid file names is running."""
+    try:
+        os.kill(int(pid_file.read_text().split()[0]), 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 @dataclass
 class RabbitServer:
     """A private RabbitMQ node (own node name, ports and data dir)."""
@@ -83,6 +97,8 @@ class RabbitServer:
     port: int = field(default_factory=free_port)
     dist_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    management_port: int | None = None
+    """Where the management plugin's HTTP API listens on loopback; None: not enabled."""
 
     @property
     def url(self) -> str:
@@ -110,8 +126,13 @@ class RabbitServer:
 
     def start(self, timeout: float = 60) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "enabled_plugins").write_text("[].\n")
-        (self.workdir / "rabbitmq.conf").write_text("loopback_users = none\n")
+        config = "loopback_users = none\n"
+        plugins = "[]"
+        if self.management_port is not None:
+            plugins = "[rabbitmq_management]"
+            config += f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+        (self.workdir / "enabled_plugins").write_text(f"{plugins}.\n")
+        (self.workdir / "rabbitmq.conf").write_text(config)
         # The child keeps its own copy of the log's descriptor; ours can close right away.
         with open(self.workdir / "stdout.log", "ab") as log:
             self.proc = subprocess.Popen(
@@ -122,6 +143,8 @@ class RabbitServer:
                 start_new_session=True,
             )
         wait_for_port(self.port, timeout)
+        if self.management_port is not None:
+            wait_for_port(self.management_port, timeout)
 
     def kill(self) -> None:
         """kill -9 the whole node (beam and epmd children of its session)."""

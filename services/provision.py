@@ -34,9 +34,9 @@ RabbitMQ: publishing to the default exchange (``amq.default``, how replies reach
 reply queue) cannot be limited per queue, so the services that answer (scorer,
 scheduler, workers) may publish to any queue by name; tenants get no such right.
 
-Two ways to apply it: :func:`provision_rabbitmqctl` on the broker's host (tests, local
-runs) and :func:`provision_http` through the management API (compose's one-shot
-``provision`` service, ``fairway provision``).
+Two ways to apply it: :func:`provision_rabbitmqctl` on the broker's host (tests, and
+``fairway amqp-user`` for one tenant) and :func:`provision_http` through the management
+API (``fairway provision``, e.g. as a one-shot job beside the broker).
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import quote
+from pathlib import Path
+from urllib.parse import quote, urlparse
 
 from services import topology
 
@@ -134,6 +136,20 @@ def provision_rabbitmqctl(run: Callable[..., str], users: dict[str, tuple[str, G
         else:
             run("add_user", user, password)
         run("set_permissions", "-p", vhost, user, grant.configure, grant.write, grant.read)
+
+
+def local_rabbitmqctl(amqp_url: str, cache_dir: Path) -> Callable[..., str]:
+    """``run(*args)`` with ``rabbitmqctl`` for the broker of ``amqp_url`` on this machine:
+    the private node ``fairway up`` started under its cache directory when that one runs
+    (its own node name and Erlang cookie), else the machine's own node."""
+    from services.localinfra import RabbitServer, pid_alive, rabbitmqctl, up_infra_dir
+
+    private = RabbitServer(workdir=up_infra_dir(cache_dir) / "rabbitmq",
+                           port=urlparse(amqp_url).port or 5672)
+    if pid_alive(private.workdir / "pid"):
+        return lambda *args: rabbitmqctl(private, *args)
+    return lambda *args: subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True,
+                                        timeout=60, check=True).stdout
 
 
 def provision_http(api_url: str, admin: tuple[str, str], users: dict[str, tuple[str, Grant]],

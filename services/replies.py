@@ -145,16 +145,16 @@ class ReplyRouter:
         if stream is not None:
             stream.offer(msg)
 
-    async def consume(self, queue: AbstractQueue, acks: BatchedAcks) -> None:
+    async def consume(self, queue: AbstractQueue, acks: BatchedAcks) -> str:
         """Consume a reply queue into this router, exclusively, acking what it read in
         batches: the broker requeues what a dropped link took in transit (written to the
         dead socket, or read but not acked yet) for the reconnected consumer, instead of
-        losing it as with ``no_ack``; streams drop the repeats."""
+        losing it as with ``no_ack``; streams drop the repeats. Returns the consumer tag."""
         async def on_message(message: AbstractIncomingMessage) -> None:
             await self.on_message(message)
             acks.handled(message)
 
-        await queue.consume(on_message, exclusive=True)
+        return await queue.consume(on_message, exclusive=True)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """aio-pika consumer callback; acking the message is the consumer's part."""

@@ -170,17 +170,19 @@ async def declare(channel: AbstractChannel, passive: bool = False) -> Topology:
     return topo
 
 
-_EXCHANGES = (DEAD_LETTER_EXCHANGE, REQUESTS_EXCHANGE, SCORED_EXCHANGE, WORK_EXCHANGE,
+# What :func:`declare` creates, shared by every service (reply and control queues are each
+# user's own).
+SHARED_EXCHANGES = (DEAD_LETTER_EXCHANGE, REQUESTS_EXCHANGE, SCORED_EXCHANGE, WORK_EXCHANGE,
               EVENTS_EXCHANGE, CONTROL_EXCHANGE)
-_QUEUES = (DEAD_LETTER_QUEUE, SCORER_QUEUE, SCHEDULER_QUEUE, SCHEDULER_EVENTS_QUEUE,
+SHARED_QUEUES = (DEAD_LETTER_QUEUE, SCORER_QUEUE, SCHEDULER_QUEUE, SCHEDULER_EVENTS_QUEUE,
            SCORER_FEEDBACK_QUEUE, *[work_queue(pool) for pool in POOLS])
 
 
 async def _look_up(channel: AbstractChannel) -> Topology:
     topo = Topology()
-    for name in _EXCHANGES:
+    for name in SHARED_EXCHANGES:
         topo.exchanges[name] = await channel.get_exchange(name, ensure=True)
-    for name in _QUEUES:
+    for name in SHARED_QUEUES:
         topo.queues[name] = await channel.get_queue(name, ensure=True)
     return topo
 

@@ -3,7 +3,7 @@
 The suite kills and restarts RabbitMQ and Redis, so it does not use the session's
 servers: it starts its own pair on loopback (same classes), provisions least-privilege
 RabbitMQ users on a dedicated vhost for every service and AMQP tenant
-(:mod:`services.provision`, as compose does), declares the topology as the
+(:mod:`services.provision`, as ``fairway provision`` does), declares the topology as the
 administrator, and runs every service as a real subprocess under its own user (two CPU
 workers, so one can die). Service AMQP links go through a :class:`TcpProxy` each,
 which scenarios stall or cut.

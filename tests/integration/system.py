@@ -18,6 +18,12 @@ TENANT_KEYS = {"acme": "sk-acme-test", "globex": "sk-globex-test"}
 ADMIN_KEY = "sk-admin-test-dashboard"
 
 
+def run_fairway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """A ``fairway`` command line as a user runs it, its output captured."""
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=180, check=False)
+
+
 def own_vhost(rabbit: RabbitServer, vhost: str) -> str:
     """An AMQP URL on a fresh vhost, so a system's queues are shared with no other test."""
     rabbitmqctl(rabbit, "add_vhost", vhost)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -24,11 +25,12 @@ import redis
 from services import keys
 from services.localinfra import free_port
 from services.settings import DEFAULT_MODEL_NAME
-from tests.integration.system import TENANT_KEYS, own_redis_db, own_vhost
+from tests.integration.system import TENANT_KEYS, own_redis_db, own_vhost, run_fairway
 
 pytestmark = pytest.mark.integration
 
 KEY = TENANT_KEYS["acme"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def started_pids(log: Path, name: str) -> list[int]:
@@ -126,6 +128,10 @@ def test_up_restarts_the_redis_server_it_started(model_cache, tmp_path):
     """With no Redis at the configured URL, ``fairway up`` runs its own; killed, it comes
     back on its append-only file and the services carry on without a restart of their own.
 
+    The README's AMQP producer steps work on the RabbitMQ node it started: ``fairway
+    amqp-user`` reaches that node (a bare ``rabbitmqctl`` does not), and the example
+    producer, as that user, gets its answer.
+
     Its ``FAIRWAY_MAX_MODEL_LEN`` is above the model's own context (2048): every service
     serves the model's, so the gateway advertises it and the scorer, not a worker, refuses
     a prompt over it."""
@@ -159,5 +165,17 @@ def test_up_restarts_the_redis_server_it_started(model_cache, tmp_path):
         text = log.read_text()
         assert "redis-server exited with -9" in text
         assert not re.search(r"(gateway|scorer|scheduler|cpu-worker) exited", text), text[-3000:]
+
+        made = run_fairway(env, "amqp-user", "acme", "acme-secret")
+        assert made.returncode == 0, made.stderr
+        refused = run_fairway(env, "amqp-user", "acme.other", "x")
+        assert refused.returncode == 2 and "use 1-64 letters" in refused.stderr
+        amqp_port = urlparse(env["FAIRWAY_AMQP_URL"]).port
+        produced = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "amqp_producer.py"), "--max-tokens", "5",
+             "--url", f"amqp://acme:acme-secret@127.0.0.1:{amqp_port}/", "Hello"],
+            env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert produced.returncode == 0, produced.stderr
+        assert "[length; " in produced.stderr and "5 completion tokens]" in produced.stderr
     finally:
         stop_up(up, log)
