@@ -47,6 +47,7 @@ import json
 import math
 import os
 import re
+import zipfile
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -874,6 +875,18 @@ class LengthPredictor:
 
     @classmethod
     def load(cls, path: str | Path) -> LengthPredictor:
+        """An artifact of :meth:`save` (``fairway predictor train``); a missing file raises
+        FileNotFoundError, anything else that is not one a ValueError naming the file."""
+        try:
+            return cls._load(path)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path}: not a predictor artifact of `fairway predictor train` "
+                             f"({exc})") from None
+
+    @classmethod
+    def _load(cls, path: str | Path) -> LengthPredictor:
         with np.load(Path(path), allow_pickle=False) as data:
             header = json.loads(bytes(data["header"]).decode())
             if header.get("format") != 1:

@@ -176,10 +176,7 @@ class ScorerService:
 
     async def start(self) -> None:
         s = self.settings
-        self.redis = redis_client.connect(s.redis_url)
-        await redis_client.wait_until_up(self.redis)  # the learned predictor state lives there
-        self.adapters = AdapterCatalog.from_settings(s, self.redis)
-        self.length_samples = RecentLog(self.redis, keys.LENGTH_SAMPLES, keys.LENGTH_SAMPLES_CAP)
+        # Local files first: a wrong path fails at once, not after waiting for Redis.
         path = resolve_model_path(s.model_path, s.cache_dir)
         tokenizer = await asyncio.to_thread(load_tokenizer, path)
         base = (
@@ -187,6 +184,10 @@ class ScorerService:
             if s.predictor_artifact
             else LengthPredictor.default()
         )
+        self.redis = redis_client.connect(s.redis_url)
+        await redis_client.wait_until_up(self.redis)  # the learned predictor state lives there
+        self.adapters = AdapterCatalog.from_settings(s, self.redis)
+        self.length_samples = RecentLog(self.redis, keys.LENGTH_SAMPLES, keys.LENGTH_SAMPLES_CAP)
         online = OnlinePredictor(base, self.redis, s.model_name, marker_ttl_s=s.marker_ttl_s)
         await redis_client.when_up(online.start)
         self.scorer = Scorer(tokenizer, online, served_max_model_len(s))

@@ -144,6 +144,24 @@ async def test_a_broker_lost_while_setting_up_is_waited_for_and_a_wrong_topology
         await connection.close()
 
 
+def test_a_scorer_with_a_broken_artifact_fails_at_once_not_after_redis(model_cache, tmp_path):
+    """A wrong setting is reported as soon as the service starts, not hidden behind
+    ``waiting_for_redis`` until the infrastructure is up."""
+    artifact = tmp_path / "predictor.npz"
+    artifact.write_text("not an artifact")
+    system = System(amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+                    redis_url=f"redis://127.0.0.1:{free_port()}/0", cache_dir=model_cache,
+                    log_dir=tmp_path)
+    proc = system.start("scorer", FAIRWAY_PREDICTOR_ARTIFACT=str(artifact))
+    try:
+        assert proc.wait(60) == 1
+    finally:
+        system.stop_all()
+    log = system.log("scorer")
+    assert "not a predictor artifact of `fairway predictor train`" in log
+    assert "waiting_for_redis" not in log
+
+
 def _wait_for_log(system: System, procs: dict, event: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     for name, proc in procs.items():

@@ -107,6 +107,18 @@ def test_save_and_load_give_identical_predictions(trained, tmp_path):
         assert loaded.predict(prompt, "terse-model") == trained.predict(prompt, "terse-model")
 
 
+def test_a_file_that_is_not_an_artifact_is_refused_by_name(trained, tmp_path):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_text("not an artifact")
+    other = tmp_path / "other.npz"
+    np.savez(other, weights=np.zeros(3))  # an npz, but not ours
+    for path in (garbage, other):
+        with pytest.raises(ValueError, match="not a predictor artifact of `fairway predictor train`"):
+            LengthPredictor.load(path)
+    with pytest.raises(FileNotFoundError):
+        LengthPredictor.load(tmp_path / "missing.npz")
+
+
 @pytest.mark.parametrize(
     "prompt",
     [
