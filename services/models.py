@@ -301,8 +301,16 @@ def _ensure_built(cache_dir: Path, name: str, shape: dict[str, int]) -> Path:
 
 
 def resolve_model_path(model_path: str | None, cache_dir: Path) -> str:
-    """A configured path or hub id as given; ``None`` means the built-in default model."""
+    """A configured path or hub id as given; ``None`` means the built-in default model.
+    A path (``/``, ``.`` or ``~`` first) that is not a directory raises FileNotFoundError
+    here, instead of transformers' complaint that it is not a valid hub repo id."""
     if model_path:
+        if model_path.startswith(("/", ".", "~")):
+            local = Path(model_path).expanduser()
+            if not local.is_dir():
+                raise FileNotFoundError(
+                    f"model path {model_path!r} (FAIRWAY_MODEL_PATH) is not a directory")
+            return str(local)
         return model_path
     return str(ensure_default_model(cache_dir))
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -29,7 +30,7 @@ def test_default_model_is_built_once(model_cache: Path):
     assert ensure_default_model(model_cache) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert resolve_model_path(None, model_cache) == str(path)
-    assert resolve_model_path("/some/other/model", model_cache) == "/some/other/model"
+    assert resolve_model_path(str(path), model_cache) == str(path)
 
 
 def test_concurrent_builds_are_identical_and_complete(tmp_path: Path, model_cache: Path):
@@ -141,3 +142,15 @@ def test_served_max_model_len_is_capped_at_the_models_own(tmp_path: Path, model_
     assert served_max_model_len(Settings(cache_dir=tmp_path / "none", max_model_len=4096)) == 4096
     (tmp_path / "config.json").write_text("{not json")
     assert served_max_model_len(Settings(model_path=str(tmp_path), max_model_len=2048)) == 2048
+
+
+def test_a_model_path_that_is_not_a_directory_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    for path in (str(missing), "./no-such-model", "~/no-such-model-here"):
+        with pytest.raises(FileNotFoundError, match="FAIRWAY_MODEL_PATH"):
+            resolve_model_path(path, tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError):
+        resolve_model_path(str(tmp_path / "file"), tmp_path)
+    assert resolve_model_path(str(tmp_path), tmp_path) == str(tmp_path)
+    assert resolve_model_path("org/some-model", tmp_path) == "org/some-model"  # a hub id
