@@ -47,6 +47,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
+DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")
+"""Sampling fields a request may leave to the server (``CompletionRequest.defaulted``)."""
+
+
 @dataclass(slots=True)
 class ChatMessage:
     role: str
@@ -95,9 +99,11 @@ class CompletionRequest(Message):
     fail_if_late: bool = False
     """Answer with an error instead of running once the deadline cannot be met."""
     reply_to: str = ""
-    max_tokens_defaulted: bool = False
-    """The client did not set ``max_tokens``: it is the endpoint's default, which the scorer
-    lowers to what the context leaves after the prompt instead of refusing, as vLLM does."""
+    defaulted: list[str] = field(default_factory=list)
+    """The :class:`SamplingParams` fields the client did not set (of ``DEFAULTABLE``), as
+    vLLM treats them: the scorer takes ``temperature``, ``top_p`` and ``top_k`` from the
+    model's ``generation_config.json``, and lowers a default ``max_tokens`` to what the
+    context leaves after the prompt instead of refusing the request."""
 
     def prompt_text(self) -> str:
         """The text a length predictor sees: the prompt, or the chat's user turns."""

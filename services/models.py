@@ -30,6 +30,7 @@ __all__ = [
     "cpu_has_fast_bf16",
     "ensure_default_model",
     "ensure_random_llama",
+    "generation_defaults",
     "load_model",
     "load_tokenizer",
     "model_context_length",
@@ -349,6 +350,28 @@ def served_max_model_len(settings: Settings) -> int:
     log.warning("max_model_len_capped", configured=settings.max_model_len, model_limit=limit,
                 detail="FAIRWAY_MAX_MODEL_LEN is above what the model allows; using the model's")
     return limit
+
+
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
+"""Sampling settings a model's ``generation_config.json`` may give, which serve as the
+defaults of requests that do not set them (vLLM's ``--generation-config auto``)."""
+
+
+def generation_defaults(path: str) -> dict[str, float | int]:
+    """``temperature``, ``top_p`` and ``top_k`` from the ``generation_config.json`` of the
+    model at ``path``, those it gives as numbers; {} without the file (a hub id, say)."""
+    try:
+        config = json.loads((Path(path) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    found: dict[str, float | int] = {}
+    for key in GENERATION_DEFAULT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            found[key] = int(value) if key == "top_k" else float(value)
+    return found
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -343,7 +343,9 @@ def to_completion_request(
         deadline=None if deadline_ms is None else now + deadline_ms / 1000.0,
         fail_if_late=bool(body.fail_if_late),
         reply_to=reply_to,
-        max_tokens_defaulted=requested_max_tokens(body) is None,
+        defaulted=[name for name, given in (
+            ("max_tokens", requested_max_tokens(body)), ("temperature", body.temperature),
+            ("top_p", body.top_p), ("top_k", body.top_k)) if given is None],
     )
     if isinstance(body, ChatCompletionBody):
         request.messages = [

@@ -20,7 +20,12 @@ from services import metrics as prom
 from services.adapters import AdapterCatalog, CatalogUnavailable, ModelNotFound
 from services.engine.sampling import validate_sampling
 from services.logs import get_logger
-from services.models import load_tokenizer, resolve_model_path, served_max_model_len
+from services.models import (
+    generation_defaults,
+    load_tokenizer,
+    resolve_model_path,
+    served_max_model_len,
+)
 from services.recent import RecentLog
 from services.scorer.online import OnlinePredictor
 from services.scorer.predictor import LengthPredictor
@@ -102,17 +107,35 @@ def check_fields(request: m.CompletionRequest) -> None:
         problem = f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed"
     if problem is None and any(msg.role not in CHAT_ROLES for msg in request.messages):
         problem = f"chat roles must be one of {', '.join(CHAT_ROLES)}"
+    if problem is None and not set(request.defaulted) <= set(m.DEFAULTABLE):
+        problem = f"defaulted may only name {', '.join(m.DEFAULTABLE)}"
     if problem is not None:
         raise RequestRejected(problem)
+
+
+def usable_generation_defaults(defaults: dict[str, float | int]) -> dict[str, float | int]:
+    """The model's sampling defaults when a request may carry them (else none, with a
+    warning: a generation config with a temperature of 5 is not applied)."""
+    probe = m.CompletionRequest(request_id="-", model="-",
+                                sampling=m.SamplingParams(**defaults))  # type: ignore[arg-type]
+    try:
+        check_fields(probe)
+    except RequestRejected as exc:
+        log.warning("generation_defaults_ignored", defaults=defaults, problem=str(exc))
+        return {}
+    return defaults
 
 
 class Scorer:
     """Pure scoring step: request in, scored request out (or :class:`RequestRejected`)."""
 
-    def __init__(self, tokenizer, predictor: OnlinePredictor, max_model_len: int) -> None:
+    def __init__(self, tokenizer, predictor: OnlinePredictor, max_model_len: int,
+                 generation_defaults: dict[str, float | int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.predictor = predictor
         self.max_model_len = max_model_len
+        self.generation_defaults = generation_defaults or {}
+        """The model's own sampling defaults, for the fields a request left unset."""
 
     def score(self, request: m.CompletionRequest) -> m.ScoredRequest:
         if request.kind == "chat" and not request.messages:
@@ -124,12 +147,8 @@ class Scorer:
             ids = tokenize(self.tokenizer, request)
         except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
             raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
+        request = self._fill_defaults(request, room=self.max_model_len - len(ids))
         max_tokens = request.sampling.max_tokens
-        room = self.max_model_len - len(ids)
-        if request.max_tokens_defaulted and 0 < room < max_tokens:
-            max_tokens = room
-            request = dataclasses.replace(
-                request, sampling=dataclasses.replace(request.sampling, max_tokens=room))
         if len(ids) + max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
@@ -150,6 +169,16 @@ class Scorer:
         return m.ScoredRequest(
             request_id=request.request_id, request=request, prompt_token_ids=ids, score=score
         )
+
+    def _fill_defaults(self, request: m.CompletionRequest, room: int) -> m.CompletionRequest:
+        """The fields the client left unset: the model's sampling defaults, and a default
+        ``max_tokens`` lowered to the ``room`` the prompt leaves (none left: refused later)."""
+        updates = {k: v for k, v in self.generation_defaults.items() if k in request.defaulted}
+        if "max_tokens" in request.defaulted and 0 < room < request.sampling.max_tokens:
+            updates["max_tokens"] = room
+        if not updates:
+            return request
+        return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, **updates))
 
 
 def length_sample(event: m.RequestFinished, now: float) -> dict[str, object]:
@@ -184,13 +213,17 @@ class ScorerService:
             if s.predictor_artifact
             else LengthPredictor.default()
         )
+        defaults = usable_generation_defaults(generation_defaults(path))
+        if defaults:  # as vLLM says when a model's generation config sets the defaults
+            log.info("generation_defaults", **defaults,
+                     detail="requests that do not set these get the model's own values")
         self.redis = redis_client.connect(s.redis_url)
         await redis_client.wait_until_up(self.redis)  # the learned predictor state lives there
         self.adapters = AdapterCatalog.from_settings(s, self.redis)
         self.length_samples = RecentLog(self.redis, keys.LENGTH_SAMPLES, keys.LENGTH_SAMPLES_CAP)
         online = OnlinePredictor(base, self.redis, s.model_name, marker_ttl_s=s.marker_ttl_s)
         await redis_client.when_up(online.start)
-        self.scorer = Scorer(tokenizer, online, served_max_model_len(s))
+        self.scorer = Scorer(tokenizer, online, served_max_model_len(s), defaults)
 
         self.connection, _ = await amqp.open_until_up(s, "scorer", self._consume)
         self._tasks.append(asyncio.create_task(self._refresh_loop()))

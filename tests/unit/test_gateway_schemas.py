@@ -305,11 +305,12 @@ def test_max_tokens_resolution() -> None:
     # Defaults never exceed a short context.
     short = to_request(_check(chat(), ChatCompletionBody), max_model_len=100)
     assert short.sampling.max_tokens == 100
-    # A default is marked so (the scorer may lower it to what the prompt leaves); a value the
-    # client gave is not.
-    assert short.max_tokens_defaulted and to_request(_check(completion())).max_tokens_defaulted
-    assert not to_request(_check(chat(max_completion_tokens=5), ChatCompletionBody)).max_tokens_defaulted
-    assert not to_request(_check(completion(max_tokens=16))).max_tokens_defaulted
+    # What the client left unset is marked so (the scorer fills it from the model and lowers a
+    # max_tokens to what the prompt leaves); a value the client gave is not.
+    assert short.defaulted == ["max_tokens", "temperature", "top_p", "top_k"]
+    given = to_request(_check(chat(max_completion_tokens=5, temperature=0.0, top_k=0), ChatCompletionBody))
+    assert given.defaulted == ["top_p"]
+    assert to_request(_check(completion(max_tokens=16, top_p=0.5))).defaulted == ["temperature", "top_k"]
 
 
 def test_include_usage() -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from services.models import (
     DEFAULT_MODEL_NAME,
     ensure_default_model,
+    generation_defaults,
     load_model,
     load_tokenizer,
     model_context_length,
@@ -154,3 +155,15 @@ def test_a_model_path_that_is_not_a_directory_is_named(tmp_path: Path) -> None:
         resolve_model_path(str(tmp_path / "file"), tmp_path)
     assert resolve_model_path(str(tmp_path), tmp_path) == str(tmp_path)
     assert resolve_model_path("org/some-model", tmp_path) == "org/some-model"  # a hub id
+
+
+def test_generation_defaults_are_read_from_the_models_generation_config(tmp_path: Path,
+                                                                        model_cache: Path) -> None:
+    (tmp_path / "generation_config.json").write_text(
+        '{"do_sample": true, "temperature": 0.6, "top_p": 0.9, "top_k": 50.0, "max_length": 4096}')
+    assert generation_defaults(str(tmp_path)) == {"temperature": 0.6, "top_p": 0.9, "top_k": 50}
+    (tmp_path / "generation_config.json").write_text('{"temperature": "hot", "top_p": true}')
+    assert generation_defaults(str(tmp_path)) == {}
+    assert generation_defaults(str(tmp_path / "missing")) == {}
+    # The built-in model sets none: its requests sample as they always did.
+    assert generation_defaults(str(model_cache / DEFAULT_MODEL_NAME)) == {}

@@ -11,7 +11,12 @@ from services import messages as m
 from services.models import DEFAULT_MODEL_NAME, load_tokenizer
 from services.scorer.online import OnlinePredictor
 from services.scorer.predictor import LengthPredictor
-from services.scorer.service import RequestRejected, Scorer, check_fields
+from services.scorer.service import (
+    RequestRejected,
+    Scorer,
+    check_fields,
+    usable_generation_defaults,
+)
 
 
 def request(kind: str = "completion", roles=("user",), **sampling) -> m.CompletionRequest:
@@ -45,6 +50,36 @@ def test_good_parameters_pass():
     check_fields(request(temperature=2.0, top_p=1e-9))
 
 
+def test_defaulted_may_only_name_sampling_fields_a_server_fills():
+    check_fields(m.CompletionRequest(request_id="r", model="tiny", prompt="hi",
+                                     defaulted=list(m.DEFAULTABLE)))
+    with pytest.raises(RequestRejected, match="defaulted may only name"):
+        check_fields(m.CompletionRequest(request_id="r", model="tiny", prompt="hi",
+                                         defaulted=["seed"]))
+
+
+def test_the_models_sampling_defaults_fill_only_what_the_client_left_unset(model_cache):
+    """As vLLM's ``--generation-config auto``: a model shipping temperature 0.6 and top_p
+    0.9 samples with them unless the request says otherwise."""
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    predictor = OnlinePredictor(LengthPredictor.default(), aioredis.Redis(), "tiny")
+    scorer = Scorer(tokenizer, predictor, 1024, {"temperature": 0.6, "top_p": 0.9})
+
+    def sampling(defaulted: list[str], **given) -> m.SamplingParams:
+        request = m.CompletionRequest(request_id="r", model="tiny", prompt="hi",
+                                      sampling=m.SamplingParams(**given), defaulted=defaulted)
+        return scorer.score(request).request.sampling
+
+    unset = sampling(["max_tokens", "temperature", "top_p", "top_k"])
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.max_tokens) == (0.6, 0.9, 0, 16)
+    mine = sampling(["top_p"], temperature=0.0)
+    assert (mine.temperature, mine.top_p) == (0.0, 0.9)
+    assert sampling([], temperature=1.0).temperature == 1.0  # an AMQP producer's own value
+    assert usable_generation_defaults({"temperature": 0.7, "top_k": 20}) == {"temperature": 0.7, "top_k": 20}
+    assert usable_generation_defaults({"temperature": 5.0, "top_p": 0.9}) == {}
+    assert usable_generation_defaults({"top_p": 0.0}) == {}
+
+
 def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves(model_cache):
     """A chat near the context's end without max_tokens is served with the room left (as
     vLLM does), not refused for the endpoint's default of 256 that nobody asked for; a
@@ -60,7 +95,7 @@ def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves(model_cache)
     def completion(max_tokens: int, defaulted: bool) -> m.CompletionRequest:
         return m.CompletionRequest(request_id="r", model="tiny", prompt=prompt,
                                    sampling=m.SamplingParams(max_tokens=max_tokens),
-                                   max_tokens_defaulted=defaulted)
+                                   defaulted=["max_tokens"] if defaulted else [])
 
     scored = scorer.score(completion(16, defaulted=True))
     assert scored.request.sampling.max_tokens == room
@@ -71,5 +106,5 @@ def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves(model_cache)
     assert given.value.code == "context_length_exceeded"
     with pytest.raises(RequestRejected) as full:  # no room left at all: refused all the same
         scorer.score(m.CompletionRequest(request_id="r", model="tiny", prompt="word " * 30,
-                                         max_tokens_defaulted=True))
+                                         defaulted=["max_tokens"]))
     assert full.value.code == "context_length_exceeded"
