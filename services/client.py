@@ -107,11 +107,14 @@ class AmqpClient:
         await self.connection.close()
 
     def completion(self, model: str, prompt: str, **sampling: object) -> m.CompletionRequest:
+        """A completion request; the sampling fields not given are left to the server, as
+        over HTTP (the model's own temperature, top_p and top_k, say)."""
         params = m.SamplingParams(**sampling)  # type: ignore[arg-type]
         if params.seed is None:
             params.seed = random.getrandbits(31)
         return m.CompletionRequest(request_id=f"amqp-{uuid.uuid4().hex}", model=model,
-                                   prompt=prompt, sampling=params, created=time.time())
+                                   prompt=prompt, sampling=params, created=time.time(),
+                                   defaulted=[name for name in m.DEFAULTABLE if name not in sampling])
 
     async def publish(self, request: m.CompletionRequest) -> ReplyStream:
         """Publish and wait for the broker's confirm; the request is accepted once this returns."""

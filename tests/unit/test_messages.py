@@ -98,3 +98,12 @@ def test_peek_reply_to_of_an_invalid_message():
     assert m.peek_reply_to(msgpack.packb({"request": "not-a-map"})) is None
     assert m.peek_reply_to(msgpack.packb([1, 2])) is None
     assert m.peek_reply_to(b"\xc1garbage") is None
+
+
+def test_amqp_client_leaves_the_sampling_fields_it_was_not_given_to_the_server():
+    from services.client import AmqpClient
+
+    request = AmqpClient("amqp://acme:secret@127.0.0.1:1/").completion(
+        "m", "hi", max_tokens=4, temperature=0.0)
+    assert request.defaulted == ["top_p", "top_k"]
+    assert request.sampling.seed is not None  # its own seed, so a re-run samples the same
