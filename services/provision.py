@@ -203,10 +203,21 @@ def main(env: dict[str, str] | None = None) -> int:
     """
     env = dict(os.environ if env is None else env)
     vhost = env.get("FAIRWAY_PROVISION_VHOST", VHOST)
+    required = ["FAIRWAY_PROVISION_API", "FAIRWAY_PROVISION_ADMIN_USER",
+                "FAIRWAY_PROVISION_ADMIN_PASSWORD",
+                *(f"FAIRWAY_PROVISION_{service.upper()}_PASSWORD" for service in SERVICE_USERS)]
+    missing = [name for name in required if not env.get(name)]
+    if missing:
+        print(f"fairway provision: set {', '.join(missing)}", file=sys.stderr)
+        return 2
     admin = (env["FAIRWAY_PROVISION_ADMIN_USER"], env["FAIRWAY_PROVISION_ADMIN_PASSWORD"])
     passwords = {user: env[f"FAIRWAY_PROVISION_{service.upper()}_PASSWORD"]
                  for service, user in SERVICE_USERS.items()}
-    users = plan(passwords, _pairs(env.get("FAIRWAY_PROVISION_TENANTS", "")))
+    try:
+        users = plan(passwords, _pairs(env.get("FAIRWAY_PROVISION_TENANTS", "")))
+    except ValueError as exc:
+        print(f"fairway provision: {exc}", file=sys.stderr)
+        return 2
     provision_http(env["FAIRWAY_PROVISION_API"], admin, users, vhost)
     host = env.get("FAIRWAY_PROVISION_AMQP_HOST", "rabbitmq:5672")
     url = f"amqp://{quote(admin[0], safe='')}:{quote(admin[1], safe='')}@{host}/{quote(vhost, safe='')}"

@@ -108,3 +108,15 @@ def test_tenant_pairs_are_parsed_and_checked():
         provision._pairs("nopassword")
     with pytest.raises(ValueError):
         provision._pairs("a.b:pw")
+
+
+def test_provision_names_the_settings_it_misses(capsys):
+    assert provision.main({"FAIRWAY_PROVISION_API": "http://127.0.0.1:1"}) == 2
+    said = capsys.readouterr().err
+    assert "FAIRWAY_PROVISION_ADMIN_USER" in said and "FAIRWAY_PROVISION_WORKER_PASSWORD" in said
+    assert "FAIRWAY_PROVISION_API" not in said
+    env = {name: "x" for name in ("FAIRWAY_PROVISION_API", "FAIRWAY_PROVISION_ADMIN_USER",
+                                  "FAIRWAY_PROVISION_ADMIN_PASSWORD")}
+    env |= {f"FAIRWAY_PROVISION_{service.upper()}_PASSWORD": "x" for service in provision.SERVICE_USERS}
+    assert provision.main({**env, "FAIRWAY_PROVISION_TENANTS": "acme"}) == 2  # no password
+    assert "expected user:password" in capsys.readouterr().err
