@@ -152,7 +152,7 @@ class TextPart(_Body):
 
 class ChatMessageBody(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    """``developer`` is OpenAI's newer name for ``system`` and is sent as ``system``."""
+    """``developer`` is OpenAI's newer name for ``system`` (the scorer renders it so)."""
     content: Annotated[
         list[TextPart],
         BeforeValidator(_content_parts, json_schema_input_type=Text | list[TextPart]),
@@ -349,9 +349,7 @@ def to_completion_request(
     )
     if isinstance(body, ChatCompletionBody):
         request.messages = [
-            ChatMessage(role="system" if m.role == "developer" else m.role,
-                        content=_message_text(m.content))
-            for m in body.messages
+            ChatMessage(role=m.role, content=_message_text(m.content)) for m in body.messages
         ]
     else:
         request.prompt = body.prompt[0]

@@ -49,7 +49,8 @@ class RequestRejected(Exception):
 def tokenize(tokenizer, request: m.CompletionRequest) -> list[int]:
     if request.kind == "chat":
         ids = tokenizer.apply_chat_template(
-            [{"role": msg.role, "content": msg.content} for msg in request.messages],
+            [{"role": TEMPLATE_ROLES.get(msg.role, msg.role), "content": msg.content}
+             for msg in request.messages],
             add_generation_prompt=True,
             tokenize=True,
         )
@@ -90,7 +91,9 @@ def resolve_tenant(request: m.CompletionRequest, user_id: str | None, trusted: s
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_TOKEN_IDS = 256
 MAX_TEMPERATURE = 2.0
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+TEMPLATE_ROLES = {"developer": "system"}
+"""OpenAI's ``developer`` is its newer name for ``system``, which chat templates know."""
 
 
 def check_fields(request: m.CompletionRequest) -> None:

@@ -283,7 +283,7 @@ def test_chat_request_mapping_and_defaults() -> None:
     ]
     req = to_request(_check(chat(messages=messages, seed=-5), ChatCompletionBody))
     assert req.kind == "chat" and req.prompt == ""
-    assert [(m.role, m.content) for m in req.messages] == [("system", "be brief"), ("user", "ab"), ("system", "in French")]
+    assert [(m.role, m.content) for m in req.messages] == [("system", "be brief"), ("user", "ab"), ("developer", "in French")]
     # The client's seed is kept (one without gets a seed of its request id at the worker).
     assert (req.sampling.seed, req.sampling.max_tokens, req.deadline) == (
         -5,

@@ -15,6 +15,7 @@ from services.scorer.service import (
     RequestRejected,
     Scorer,
     check_fields,
+    tokenize,
     usable_generation_defaults,
 )
 
@@ -41,7 +42,7 @@ def test_bad_sampling_parameters_are_refused(sampling):
 def test_chat_roles_are_checked():
     with pytest.raises(RequestRejected):
         check_fields(request("chat", roles=("user", "robot")))
-    check_fields(request("chat", roles=("system", "user", "assistant")))
+    check_fields(request("chat", roles=("system", "developer", "user", "assistant")))
 
 
 def test_good_parameters_pass():
@@ -108,3 +109,14 @@ def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves(model_cache)
         scorer.score(m.CompletionRequest(request_id="r", model="tiny", prompt="word " * 30,
                                          defaulted=["max_tokens"]))
     assert full.value.code == "context_length_exceeded"
+
+
+def test_a_developer_message_is_rendered_as_the_system_message(model_cache):
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+
+    def ids(role: str) -> list[int]:
+        return tokenize(tokenizer, m.CompletionRequest(
+            request_id="r", model="tiny", kind="chat",
+            messages=[m.ChatMessage(role=role, content="be brief"), m.ChatMessage(role="user", content="hi")]))
+
+    assert ids("developer") == ids("system") != ids("user")
