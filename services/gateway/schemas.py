@@ -85,6 +85,11 @@ TextOrList = Annotated[
     list[NonEmptyText],
     BeforeValidator(_one_or_many, json_schema_input_type=NonEmptyText | list[NonEmptyText]),
 ]
+PromptOrList = Annotated[
+    list[Text],
+    BeforeValidator(_one_or_many, json_schema_input_type=Text | list[Text]),
+]
+"""A prompt may be empty, as with OpenAI: the model starts from its BOS token."""
 
 
 class _Body(BaseModel):
@@ -138,7 +143,7 @@ GUIDED_DECODING_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guide
 class CompletionBody(_SamplingFields):
     """POST /v1/completions."""
 
-    prompt: TextOrList
+    prompt: PromptOrList
     best_of: int | None = None
     echo: bool | None = False
     logprobs: int | None = None

@@ -143,13 +143,13 @@ class Scorer:
     def score(self, request: m.CompletionRequest) -> m.ScoredRequest:
         if request.kind == "chat" and not request.messages:
             raise RequestRejected("messages must not be empty")
-        if request.kind == "completion" and not request.prompt:
-            raise RequestRejected("prompt must not be empty")
         check_fields(request)
         try:
             ids = tokenize(self.tokenizer, request)
         except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
             raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
+        if not ids:  # an empty prompt, for a model without a BOS token to start from
+            raise RequestRejected("prompt must not be empty: this model has no token to start from")
         request = self._fill_defaults(request, room=self.max_model_len - len(ids))
         max_tokens = request.sampling.max_tokens
         if len(ids) + max_tokens > self.max_model_len:

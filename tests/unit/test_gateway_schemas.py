@@ -92,7 +92,6 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"deadline_ms": 0}, "deadline_ms"),
         ({"ignore_eos": 1}, "ignore_eos"),
-        ({"prompt": ""}, "prompt.0"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": [1, 2, 3]}, "prompt"),
         ({"prompt": None}, "prompt"),
@@ -230,6 +229,11 @@ def to_request(body: Any, **overrides: Any) -> CompletionRequest:
         "deadline_ms": None,
     }
     return to_completion_request(body, **{**args, **overrides})
+
+
+def test_an_empty_prompt_is_accepted_as_openai_does() -> None:
+    assert to_request(_check(completion(prompt=""))).prompt == ""
+    assert to_request(_check(completion(prompt=[""]))).prompt == ""
 
 
 def test_completion_request_mapping() -> None:

@@ -120,3 +120,18 @@ def test_a_developer_message_is_rendered_as_the_system_message(model_cache):
             messages=[m.ChatMessage(role=role, content="be brief"), m.ChatMessage(role="user", content="hi")]))
 
     assert ids("developer") == ids("system") != ids("user")
+
+
+class NoBosTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_an_empty_prompt_starts_from_bos_and_is_refused_without_one(model_cache):
+    predictor = OnlinePredictor(LengthPredictor.default(), aioredis.Redis(), "tiny")
+    empty = m.CompletionRequest(request_id="r", model="tiny", prompt="")
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    scored = Scorer(tokenizer, predictor, 64).score(empty)
+    assert scored.prompt_token_ids == [tokenizer.bos_token_id]
+    with pytest.raises(RequestRejected, match="prompt must not be empty"):
+        Scorer(NoBosTokenizer(), predictor, 64).score(empty)
