@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     on it); a worker whose heartbeats fail this long stops taking work from the queue."""
     tenant_weights: str = ""
     """Comma-separated ``tenant:weight`` pairs for VTC."""
+    idle_tenant_slots: int = Field(default=1, ge=0)
+    """Slots of each pool (of more than four times as many) kept for tenants with nothing
+    in flight, so one that becomes active starts at once (``PolicyConfig.idle_tenant_slots``)."""
 
     # Workers
     pool: Literal["gpu", "cpu"] = "cpu"

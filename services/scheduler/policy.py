@@ -33,7 +33,7 @@ import bisect
 import heapq
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -185,6 +185,13 @@ class PolicyConfig:
     """On static-batching pools, one call's batch keeps predicted lengths within this ratio."""
     latency: LatencyModel = field(default_factory=LatencyModel)
     """Reference model (the GPU's) for cost keys and deadline estimates."""
+    idle_tenant_slots: int = 1
+    """Fair policies keep this many of a pool's free slots for tenants with nothing in
+    flight: a tenant that already runs requests does not take them, so a tenant that
+    becomes active starts at once instead of waiting for a full pool to free a slot (a
+    heavy tenant holding every slot with answers of equal length frees them all at once,
+    seconds apart). Only on pools of more than four times as many slots: at most a
+    quarter of a pool is held back from a tenant alone. ``0``: off."""
     adapter_load_s: float = 0.05
     """Estimated seconds to page a LoRA adapter into a worker that does not hold it
     (disk or host memory to the device): placement adds it, weighted by the share of a
@@ -219,6 +226,8 @@ class PolicyConfig:
             raise ValueError("express_share must be in [0, 1)")
         if any(w <= 0 for w in self.tenant_weights.values()):
             raise ValueError("tenant weights must be > 0")
+        if self.idle_tenant_slots < 0:
+            raise ValueError("idle_tenant_slots must be >= 0")
 
 
 # --- charging ---------------------------------------------------------------------
@@ -420,6 +429,7 @@ class SchedulerPolicy:
             return ScheduleResult([], expired)
         scan = next(self._scans)
         scan_counters = dict(self.counters) if self.config.fair else {}
+        in_flight = Counter(req.tenant for req in self._inflight.values())
         held: dict[str, int] = {}
         popped: _Popped = []
         dispatches: list[Dispatch] = []
@@ -430,7 +440,7 @@ class SchedulerPolicy:
                 break
             looked += 1
             req = entry.req
-            choice = self._place(req, states)
+            choice = self._place(req, states, busy=in_flight[req.tenant] > 0)
             if choice is None:
                 self._remove(entry)
                 expired.append(Expired(req.request_id, "exceeds_kv_capacity"))
@@ -439,6 +449,7 @@ class SchedulerPolicy:
             if fits:
                 dispatch = self._dispatch(entry, state, need)
                 dispatches.append(dispatch)
+                in_flight[req.tenant] += 1
                 if self.config.fair:
                     scan_counters[req.tenant] += dispatch.charge
             else:
@@ -802,10 +813,11 @@ class SchedulerPolicy:
         return None
 
     def _place(
-        self, req: QueuedRequest, states: list[_PoolState]
+        self, req: QueuedRequest, states: list[_PoolState], busy: bool = False
     ) -> tuple[_PoolState, bool, int] | None:
         """The pool with the earliest estimated completion, whether the request fits there
-        now, and the KV it reserves; ``None`` if no pool could ever hold it."""
+        now, and the KV it reserves; ``None`` if no pool could ever hold it. A ``busy``
+        tenant (requests in flight) does not fit into a pool's idle-tenant slots."""
         need = self.kv_need(req)
         prompt = req.input_tokens + req.generated
         tokens = self.remaining_tokens(req)
@@ -815,7 +827,8 @@ class SchedulerPolicy:
             if cap is not None and prompt + 1 > cap:
                 continue
             need_here = min(need, cap) if cap is not None else need
-            fits = state.open and need_here <= state.free_kv and self._groups_with(tokens, state)
+            fits = (state.open and need_here <= state.free_kv and self._groups_with(tokens, state)
+                    and not (busy and state.free_slots <= self._idle_tenant_slots(state)))
             service = _service_s(state.view.latency, state.running, prompt, tokens)
             done = (0.0 if fits else state.wait_s) + service + self._adapter_load_s(req, state.view)
             if best is None or done < best[0]:
@@ -829,6 +842,10 @@ class SchedulerPolicy:
             if state.open and need_here > state.free_kv:
                 state.blocked = True
         return state, fits, need_here
+
+    def _idle_tenant_slots(self, state: _PoolState) -> int:
+        reserve = self.config.idle_tenant_slots if self.config.fair else 0
+        return reserve if state.running + state.free_slots > 4 * reserve else 0
 
     def _adapter_load_s(self, req: QueuedRequest, view: PoolView) -> float:
         """Expected adapter paging time of ``req`` on ``view``: 0 where every worker holds it."""

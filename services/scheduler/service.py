@@ -160,6 +160,7 @@ class SchedulerService:
             w_in=settings.vtc_w_in,
             w_out=settings.vtc_w_out,
             tenant_weights=parse_weights(settings.tenant_weights),
+            idle_tenant_slots=settings.idle_tenant_slots,
         )
         self.stopping = asyncio.Event()
         self.lost = asyncio.Event()

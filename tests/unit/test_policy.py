@@ -117,6 +117,31 @@ def test_vtc_serves_the_backlogged_tenant_with_the_smallest_counter() -> None:
     assert order(p, 3.0) == ["b1", "b2", "a1"]
 
 
+def test_a_tenant_with_requests_in_flight_leaves_the_idle_tenant_slot_free() -> None:
+    """A heavy tenant fills a pool of 8 but its last slot: a tenant with nothing in
+    flight starts there at once instead of waiting for the heavy answers to end."""
+    p = policy("fairway")
+    for i in range(10):
+        p.add(req(f"h{i}", "heavy", arrival=0.0), 0.0)
+    first = p.schedule(0.0, [pool(slots=8)]).dispatches
+    assert [d.request_id[0] for d in first] == ["h"] * 7  # one slot kept
+    assert p.schedule(0.1, [pool(slots=1, running=7)]).dispatches == []
+    p.add(req("l0", "light", arrival=0.2), 0.2)
+    assert [d.request_id for d in p.schedule(0.2, [pool(slots=1, running=7)]).dispatches] == ["l0"]
+    # One slot is always kept: a heavy answer ending while the light one runs frees the
+    # slot the next idle tenant will need; the light one ending frees one for heavy.
+    p.on_finished("h0", "heavy", 10, 1.0)
+    assert p.schedule(1.0, [pool(slots=1, running=7)]).dispatches == []
+    p.on_finished("l0", "light", 10, 1.1)
+    assert [d.request_id for d in p.schedule(1.1, [pool(slots=2, running=6)]).dispatches] == ["h7"]
+    # Small pools keep nothing; unfair policies neither; 0 turns it off.
+    for small in (policy("fairway"), policy("fcfs"), policy("fairway", idle_tenant_slots=0)):
+        for i in range(3):
+            small.add(req(f"s{i}", "heavy", arrival=0.0), 0.0)
+        slots = 2 if small.config.fair and small.config.idle_tenant_slots else 8
+        assert len(small.schedule(0.0, [pool(slots=slots)]).dispatches) == min(slots, 3)
+
+
 def test_progress_charges_w_out_per_token() -> None:
     p = policy("vtc", w_out=2.0, tenant_weights={"a": 4.0})
     assert p.on_progress("a", 10, 0.0) == pytest.approx(5.0)
