@@ -9,8 +9,10 @@ The light tenant sends short streamed requests one after another (``--light-requ
 ``--heavy-streams`` long requests in flight. It reports the light tenant's latency in
 both phases (``vllm bench serve``'s key names) and ``e2el_ratio``: its mean end-to-end
 latency beside the heavy tenant over alone (issue 4's goal: at most 1.2), and the heavy
-tenant's output throughput meanwhile. VTC lets the light tenant's request in at once;
-what is left is sharing decode steps, whose cost on a CPU grows with the batch.
+tenant's output throughput meanwhile. VTC puts the light tenant's request first, and
+the slot kept for tenants with nothing in flight (``FAIRWAY_IDLE_TENANT_SLOTS``) lets it
+start at once even when the heavy tenant fills every other slot; what is left is
+sharing decode steps, whose cost on a CPU grows with the batch.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def main() -> None:
     parser.add_argument("--light-requests", type=int, default=20)
     parser.add_argument("--light-max-tokens", type=int, default=20)
     parser.add_argument("--light-gap-s", type=float, default=0.2)
-    parser.add_argument("--heavy-streams", type=int, default=24)
+    parser.add_argument("--heavy-streams", type=int, default=40,
+                        help="more than a worker's slots (FAIRWAY_MAX_RUNNING, 32) fills them")
     parser.add_argument("--heavy-max-tokens", type=int, default=300)
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--request-timeout", type=float, default=300.0)
