@@ -109,7 +109,8 @@ class Settings(BaseSettings):
     """Comma-separated ``tenant:weight`` pairs for VTC."""
     idle_tenant_slots: int = Field(default=1, ge=0)
     """Slots of each pool (of more than four times as many) kept for tenants with nothing
-    in flight, so one that becomes active starts at once (``PolicyConfig.idle_tenant_slots``)."""
+    in flight while several tenants are about, so one that becomes active starts at once
+    (``PolicyConfig.idle_tenant_slots``)."""
 
     # Workers
     pool: Literal["gpu", "cpu"] = "cpu"

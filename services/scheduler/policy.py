@@ -186,12 +186,14 @@ class PolicyConfig:
     latency: LatencyModel = field(default_factory=LatencyModel)
     """Reference model (the GPU's) for cost keys and deadline estimates."""
     idle_tenant_slots: int = 1
-    """Fair policies keep this many of a pool's free slots for tenants with nothing in
-    flight: a tenant that already runs requests does not take them, so a tenant that
-    becomes active starts at once instead of waiting for a full pool to free a slot (a
-    heavy tenant holding every slot with answers of equal length frees them all at once,
-    seconds apart). Only on pools of more than four times as many slots: at most a
-    quarter of a pool is held back from a tenant alone. ``0``: off."""
+    """Fair policies keep this many of a pool's free slots from a tenant that already
+    holds an even share of all slots (their number over the tenants that sent requests
+    in the last ``idle_tenant_window_s``), so a light tenant starts at once instead of
+    waiting for a full pool to free a slot (a heavy tenant holding every slot with answers
+    of equal length frees them all at once, seconds apart). A tenant alone keeps nothing
+    from itself (at saturation a slot less is a much longer queue), nor do pools of four
+    times as many slots or fewer. ``0``: off."""
+    idle_tenant_window_s: float = 60.0
     adapter_load_s: float = 0.05
     """Estimated seconds to page a LoRA adapter into a worker that does not hold it
     (disk or host memory to the device): placement adds it, weighted by the share of a
@@ -364,6 +366,8 @@ class SchedulerPolicy:
         self._queues: dict[str, _Queue] = {}
         self._queued: dict[str, _Entry] = {}
         self._inflight: dict[str, QueuedRequest] = {}
+        self._last_arrival: dict[str, float] = {}
+        """Tenant -> when it last sent a request (for the idle-tenant slots)."""
         self._tenant_queued: dict[str, int] = {}
         self._timed_queues: set[str] = set()
         self._output_actual = 0.0
@@ -389,6 +393,7 @@ class SchedulerPolicy:
         """Enqueue a new request; a known request id is ignored (redelivery)."""
         if req.request_id in self._queued or req.request_id in self._inflight:
             return
+        self._last_arrival[req.tenant] = now
         self._enqueue(req, now, lift=True)
 
     def cancel(self, request_id: str) -> QueuedRequest | None:
@@ -430,6 +435,8 @@ class SchedulerPolicy:
         scan = next(self._scans)
         scan_counters = dict(self.counters) if self.config.fair else {}
         in_flight = Counter(req.tenant for req in self._inflight.values())
+        recent = self._recent_tenants(now)
+        share = sum(s.running + s.free_slots for s in states) / max(len(recent), 1)
         held: dict[str, int] = {}
         popped: _Popped = []
         dispatches: list[Dispatch] = []
@@ -440,7 +447,10 @@ class SchedulerPolicy:
                 break
             looked += 1
             req = entry.req
-            choice = self._place(req, states, busy=in_flight[req.tenant] > 0)
+            # Kept slots are for tenants below an even share of the slots, while others
+            # are about: not for one that holds its share (or has the system to itself).
+            keeps_out = in_flight[req.tenant] >= share and len(recent - {req.tenant}) > 0
+            choice = self._place(req, states, busy=keeps_out)
             if choice is None:
                 self._remove(entry)
                 expired.append(Expired(req.request_id, "exceeds_kv_capacity"))
@@ -452,6 +462,10 @@ class SchedulerPolicy:
                 in_flight[req.tenant] += 1
                 if self.config.fair:
                     scan_counters[req.tenant] += dispatch.charge
+            elif keeps_out and all(not s.open or s.free_slots <= self._idle_tenant_slots(s)
+                                   for s in states):
+                # Only kept slots are left: none of this tenant's requests fits this scan.
+                held[req.tenant] = self._tenant_queued[req.tenant]
             else:
                 held[req.tenant] = held.get(req.tenant, 0) + 1
                 if self.config.fair:
@@ -817,7 +831,8 @@ class SchedulerPolicy:
     ) -> tuple[_PoolState, bool, int] | None:
         """The pool with the earliest estimated completion, whether the request fits there
         now, and the KV it reserves; ``None`` if no pool could ever hold it. A ``busy``
-        tenant (requests in flight) does not fit into a pool's idle-tenant slots."""
+        request (its tenant holds its share of the slots while others are about) does
+        not fit into a pool's kept slots."""
         need = self.kv_need(req)
         prompt = req.input_tokens + req.generated
         tokens = self.remaining_tokens(req)
@@ -842,6 +857,13 @@ class SchedulerPolicy:
             if state.open and need_here > state.free_kv:
                 state.blocked = True
         return state, fits, need_here
+
+    def _recent_tenants(self, now: float) -> set[str]:
+        """Tenants that sent a request in the last ``idle_tenant_window_s``."""
+        window = self.config.idle_tenant_window_s
+        for tenant in [t for t, at in self._last_arrival.items() if now - at > window]:
+            del self._last_arrival[tenant]
+        return set(self._last_arrival)
 
     def _idle_tenant_slots(self, state: _PoolState) -> int:
         reserve = self.config.idle_tenant_slots if self.config.fair else 0

@@ -118,28 +118,48 @@ def test_vtc_serves_the_backlogged_tenant_with_the_smallest_counter() -> None:
 
 
 def test_a_tenant_with_requests_in_flight_leaves_the_idle_tenant_slot_free() -> None:
-    """A heavy tenant fills a pool of 8 but its last slot: a tenant with nothing in
-    flight starts there at once instead of waiting for the heavy answers to end."""
+    """A heavy tenant fills a pool of 8 but its last slot while another tenant is about:
+    that one starts there at once instead of waiting for the heavy answers to end."""
     p = policy("fairway")
+    p.add(req("l0", "light", arrival=0.0), 0.0)
+    assert [d.request_id for d in p.schedule(0.0, [pool(slots=8)]).dispatches] == ["l0"]
+    p.on_finished("l0", "light", 10, 0.5)
     for i in range(10):
-        p.add(req(f"h{i}", "heavy", arrival=0.0), 0.0)
-    first = p.schedule(0.0, [pool(slots=8)]).dispatches
+        p.add(req(f"h{i}", "heavy", arrival=1.0), 1.0)
+    first = p.schedule(1.0, [pool(slots=8)]).dispatches
     assert [d.request_id[0] for d in first] == ["h"] * 7  # one slot kept
-    assert p.schedule(0.1, [pool(slots=1, running=7)]).dispatches == []
-    p.add(req("l0", "light", arrival=0.2), 0.2)
-    assert [d.request_id for d in p.schedule(0.2, [pool(slots=1, running=7)]).dispatches] == ["l0"]
+    assert p.schedule(1.1, [pool(slots=1, running=7)]).dispatches == []
+    p.add(req("l1", "light", arrival=1.2), 1.2)
+    assert [d.request_id for d in p.schedule(1.2, [pool(slots=1, running=7)]).dispatches] == ["l1"]
     # One slot is always kept: a heavy answer ending while the light one runs frees the
     # slot the next idle tenant will need; the light one ending frees one for heavy.
-    p.on_finished("h0", "heavy", 10, 1.0)
-    assert p.schedule(1.0, [pool(slots=1, running=7)]).dispatches == []
-    p.on_finished("l0", "light", 10, 1.1)
-    assert [d.request_id for d in p.schedule(1.1, [pool(slots=2, running=6)]).dispatches] == ["h7"]
-    # Small pools keep nothing; unfair policies neither; 0 turns it off.
-    for small in (policy("fairway"), policy("fcfs"), policy("fairway", idle_tenant_slots=0)):
-        for i in range(3):
-            small.add(req(f"s{i}", "heavy", arrival=0.0), 0.0)
-        slots = 2 if small.config.fair and small.config.idle_tenant_slots else 8
-        assert len(small.schedule(0.0, [pool(slots=slots)]).dispatches) == min(slots, 3)
+    p.on_finished("h0", "heavy", 10, 2.0)
+    assert p.schedule(2.0, [pool(slots=1, running=7)]).dispatches == []
+    p.on_finished("l1", "light", 10, 2.1)
+    assert [d.request_id for d in p.schedule(2.1, [pool(slots=2, running=6)]).dispatches] == ["h7"]
+    # Once the light tenant has been away a window long, the heavy one takes every slot.
+    assert [d.request_id for d in p.schedule(62.0, [pool(slots=1, running=7)]).dispatches] == ["h8"]
+
+
+def test_no_slot_is_kept_for_a_tenant_alone_below_its_share_small_pools_or_unfair_policies() -> None:
+    def started(p: SchedulerPolicy, in_flight: int, free: int, running: int) -> int:
+        """``heavy`` with ``in_flight`` running, ``other`` about; heavy's new requests started."""
+        p.add(req("other0", "other", arrival=0.0), 0.0)
+        p.schedule(0.0, [pool(slots=1)])
+        for i in range(in_flight + 3):
+            p.add(req(f"heavy{i}", "heavy", arrival=0.0), 0.0)
+        p.schedule(0.0, [pool(slots=in_flight, running=1)])
+        return len(p.schedule(0.0, [pool(slots=free, running=running)]).dispatches)
+
+    assert started(policy("fairway"), 6, 3, 7) == 2  # holds 6 of 10 slots, share 5: one kept
+    assert started(policy("fairway"), 2, 3, 7) == 3  # holds 2, then 4 < 5: may take the last
+    assert started(policy("fcfs"), 6, 3, 7) == 3
+    assert started(policy("fairway", idle_tenant_slots=0), 6, 3, 7) == 3
+    assert started(policy("fairway"), 3, 1, 3) == 1  # a pool of 4 keeps nothing
+    alone = policy("fairway")
+    for i in range(10):
+        alone.add(req(f"h{i}", "heavy", arrival=0.0), 0.0)
+    assert len(alone.schedule(0.0, [pool(slots=8)]).dispatches) == 8  # nobody else about
 
 
 def test_progress_charges_w_out_per_token() -> None:
