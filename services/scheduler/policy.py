@@ -434,7 +434,8 @@ class SchedulerPolicy:
             return ScheduleResult([], expired)
         scan = next(self._scans)
         scan_counters = dict(self.counters) if self.config.fair else {}
-        in_flight = Counter(req.tenant for req in self._inflight.values())
+        keeping = bool(self.config.fair and self.config.idle_tenant_slots)
+        in_flight = Counter(req.tenant for req in self._inflight.values()) if keeping else Counter()
         recent = self._recent_tenants(now)
         share = sum(s.running + s.free_slots for s in states) / max(len(recent), 1)
         held: dict[str, int] = {}
@@ -449,7 +450,7 @@ class SchedulerPolicy:
             req = entry.req
             # Kept slots are for tenants below an even share of the slots, while others
             # are about: not for one that holds its share (or has the system to itself).
-            keeps_out = in_flight[req.tenant] >= share and len(recent - {req.tenant}) > 0
+            keeps_out = keeping and in_flight[req.tenant] >= share and len(recent - {req.tenant}) > 0
             choice = self._place(req, states, busy=keeps_out)
             if choice is None:
                 self._remove(entry)
