@@ -16,6 +16,7 @@ that died expires ``topology.REPLY_QUEUE_EXPIRES_S`` after it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -41,6 +42,7 @@ from services.settings import (
 )
 
 CONNECTION_LOST = "broker_connection_lost"
+CHANNEL_RESTORE_WAIT_S = 5.0
 
 
 class AmqpClient:
@@ -79,7 +81,9 @@ class AmqpClient:
 
     @property
     def connected(self) -> bool:
-        return not self.connection.is_closed and self.connection.connected.is_set()
+        """The link is up and the channel restored on it: a publish can go out now."""
+        return (not self.connection.is_closed and self.connection.connected.is_set()
+                and not self.channel.is_closed)
 
     def _on_connection_lost(self, *_: object) -> None:
         if self.router.streams:
@@ -117,7 +121,13 @@ class AmqpClient:
                                    defaulted=[name for name in m.DEFAULTABLE if name not in sampling])
 
     async def publish(self, request: m.CompletionRequest) -> ReplyStream:
-        """Publish and wait for the broker's confirm; the request is accepted once this returns."""
+        """Publish and wait for the broker's confirm; the request is accepted once this returns.
+        Right after a reconnect the channel may still be being restored: wait for it (a
+        few seconds at most) instead of failing on a closed channel."""
+        deadline = time.monotonic() + CHANNEL_RESTORE_WAIT_S
+        while (self.connection.connected.is_set() and self.channel.is_closed
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
         stream = self.router.open(request.request_id)
         try:
             await self.exchange.publish(
