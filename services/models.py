@@ -334,17 +334,22 @@ def model_context_length(config: Mapping[str, Any]) -> int | None:
     return None
 
 
+def _model_json(directory: Path, name: str) -> dict[str, Any]:
+    """A JSON object file of a model's directory; {} where there is none to read here."""
+    try:
+        data = json.loads((directory.expanduser() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def served_max_model_len(settings: Settings) -> int:
     """``max_model_len`` capped at the served model's own context length, read from its
     ``config.json`` where this process can read it (a gateway may run without the model's
     files, and a hub id has none here: then the setting as it is). Without the cap, the
     gateway would advertise, and the scorer accept, prompts the workers then refuse."""
     path = Path(settings.model_path) if settings.model_path else settings.cache_dir / DEFAULT_MODEL_NAME
-    try:
-        config = json.loads((path.expanduser() / "config.json").read_text())
-    except (OSError, ValueError):
-        return settings.max_model_len
-    limit = model_context_length(config) if isinstance(config, dict) else None
+    limit = model_context_length(_model_json(path, "config.json"))
     if limit is None or limit >= settings.max_model_len:
         return settings.max_model_len
     log.warning("max_model_len_capped", configured=settings.max_model_len, model_limit=limit,
@@ -360,12 +365,7 @@ defaults of requests that do not set them (vLLM's ``--generation-config auto``).
 def generation_defaults(path: str) -> dict[str, float | int]:
     """``temperature``, ``top_p`` and ``top_k`` from the ``generation_config.json`` of the
     model at ``path``, those it gives as numbers; {} without the file (a hub id, say)."""
-    try:
-        config = json.loads((Path(path) / "generation_config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(config, dict):
-        return {}
+    config = _model_json(Path(path), "generation_config.json")
     found: dict[str, float | int] = {}
     for key in GENERATION_DEFAULT_KEYS:
         value = config.get(key)
