@@ -114,6 +114,8 @@ class AmqpClient:
         """A completion request; the sampling fields not given are left to the server, as
         over HTTP (the model's own temperature, top_p and top_k, say)."""
         params = m.SamplingParams(**sampling)  # type: ignore[arg-type]
+        if "max_tokens" not in sampling:  # the default, raised to min_tokens as over HTTP
+            params.max_tokens = max(params.max_tokens, params.min_tokens)
         if params.seed is None:
             params.seed = random.getrandbits(31)
         return m.CompletionRequest(request_id=f"amqp-{uuid.uuid4().hex}", model=model,

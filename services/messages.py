@@ -34,8 +34,28 @@ RequestKind = Literal["completion", "chat"]
 
 
 @dataclass(slots=True)
+class TokenBias:
+    """One entry of OpenAI's ``logit_bias``: added to the token's logit before sampling."""
+
+    token_id: int
+    bias: float
+
+
+MAX_LOGIT_BIAS = 1024
+"""Most ``logit_bias`` entries one request may carry."""
+MAX_LOGIT_BIAS_VALUE = 100.0
+"""OpenAI's bound on a ``logit_bias`` value (either sign)."""
+MAX_PENALTY = 2.0
+"""OpenAI's bound on ``presence_penalty`` and ``frequency_penalty`` (either sign)."""
+
+
+@dataclass(slots=True)
 class SamplingParams:
-    """How to decode one request; mirrors the OpenAI fields plus vLLM's extensions."""
+    """How to decode one request; mirrors the OpenAI fields plus vLLM's extensions.
+
+    The fields after ``ignore_eos`` are optional in schema v1: a message without them
+    decodes to the neutral values (no penalty, no bias, no minimum).
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -45,6 +65,18 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token the output already holds (OpenAI)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the output already holds it (OpenAI)."""
+    repetition_penalty: float = 1.0
+    """Divides positive (multiplies negative) logits of tokens seen in the prompt or the
+    output (vLLM's and transformers' ``repetition_penalty``; 1 is off)."""
+    min_p: float = 0.0
+    """Drops tokens less likely than ``min_p`` times the most likely one (vLLM)."""
+    min_tokens: int = 0
+    """Output tokens before EOS, ``stop_token_ids`` or a stop string may end it (vLLM)."""
+    logit_bias: list[TokenBias] = field(default_factory=list)
 
 
 DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")

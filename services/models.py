@@ -357,6 +357,18 @@ def served_max_model_len(settings: Settings) -> int:
     return limit
 
 
+def model_vocab_size(path: str) -> int | None:
+    """The vocabulary size of the model at ``path`` (its ``config.json``, or its language
+    model's ``text_config``); None where this process cannot read it."""
+    config = _model_json(Path(path), "config.json")
+    for section in (config.get("text_config"), config):
+        if isinstance(section, Mapping):
+            size = section.get("vocab_size")
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                return size
+    return None
+
+
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
 """Sampling settings a model's ``generation_config.json`` may give, which serve as the
 defaults of requests that do not set them (vLLM's ``--generation-config auto``)."""

@@ -94,15 +94,17 @@ class StopStringBuffer:
         self.emitted = 0
         self.stopped = False
 
-    def append(self, delta: str) -> tuple[str, bool]:
-        """Add decoded text; return (text safe to stream now, whether a stop string matched)."""
+    def append(self, delta: str, check: bool = True) -> tuple[str, bool]:
+        """Add decoded text; return (text safe to stream now, whether a stop string matched).
+        With ``check`` false (before ``min_tokens``) no stop string may end the output yet:
+        the text streams as it comes, and a later match starts after what was streamed."""
         if self.stopped:
             return "", True
         previous = len(self.text)
         self.text += delta
-        if not self.stop:
+        if not self.stop or not check:
             return self._emit(len(self.text)), False
-        start = max(previous - self.max_stop_len + 1, 0)
+        start = max(previous - self.max_stop_len + 1, self.emitted)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
@@ -135,6 +137,18 @@ class StopStringBuffer:
         out = self.text[self.emitted : end]
         self.emitted = end
         return out
+
+
+def append_token(
+    token: int, stop_token_ids: frozenset[int], detokenizer: IncrementalDetokenizer,
+    text: StopStringBuffer, *, may_stop: bool = True,
+) -> tuple[str, bool]:
+    """One output token in: (text safe to stream now, whether it ends the request). A stop
+    token ends it without being detokenized, a stop string ends it cut before the
+    match; before ``min_tokens`` (``may_stop`` false) neither does."""
+    if may_stop and token in stop_token_ids:
+        return "", True
+    return text.append(detokenizer.add(token), check=may_stop)
 
 
 def text_state(

@@ -8,10 +8,11 @@ engine, and whatever a client measures beyond that is what the pipeline costs.
 
 Everything else follows :class:`~services.engine.engine.LLMEngine`: the same request
 checks and errors, ``max_tokens``, stop token ids (EOS unless ``ignore_eos``), stop
-strings through the same incremental detokenizer, aborts answered ``cancelled`` on the
-next step, at most ``max_num_seqs`` running with the rest waiting, a KV-token budget
+strings through the same incremental detokenizer (neither ends an answer before
+``min_tokens``), aborts answered ``cancelled`` on the next step, at most ``max_num_seqs`` running with the rest waiting, a KV-token budget
 (a request reserves prompt + ``max_tokens`` when admitted, so it is never preempted),
-and the same :class:`EngineStats`.
+and the same :class:`EngineStats`. It samples nothing, so penalties, ``logit_bias``,
+``min_p`` and the temperature are checked but have nothing to act on.
 
 :meth:`wait_s` tells the engine thread how long it may sleep (on its command queue)
 before the next token is due, so the engine never busy-waits and a new request is
@@ -27,7 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer, text_state
+from services.engine.detokenizer import (
+    IncrementalDetokenizer,
+    StopStringBuffer,
+    append_token,
+    text_state,
+)
 from services.engine.engine import _as_id_set, check_request
 from services.engine.interface import (
     EngineConfig,
@@ -237,12 +243,10 @@ class EchoEngine:
             token = req.prompt[req.generated % len(req.prompt)]
             req.generated += 1
             tokens.append(token)
-            if token in req.stop_token_ids:
-                reason = "stop"  # the stop token itself is not detokenized
-                break
-            piece, hit = req.text.append(req.detokenizer.add(token))
+            piece, stopped = append_token(token, req.stop_token_ids, req.detokenizer, req.text,
+                                          may_stop=req.generated > req.sampling.min_tokens)
             text += piece
-            if hit:
+            if stopped:
                 reason = "stop"
                 break
         if reason is None and req.generated >= req.sampling.max_tokens:

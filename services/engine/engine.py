@@ -23,7 +23,12 @@ from services.engine.attention import (
     paged_attention_reference,
     use_paged_attention,
 )
-from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer, text_state
+from services.engine.detokenizer import (
+    IncrementalDetokenizer,
+    StopStringBuffer,
+    append_token,
+    text_state,
+)
 from services.engine.forward import LlamaStepForward
 from services.engine.interface import (
     EngineConfig,
@@ -54,12 +59,22 @@ EWMA_ALPHA = 0.2
 
 @dataclass
 class _RequestState:
+    """A request in the engine; what the sampler reads of it (a ``SamplingRow``)."""
+
     seq: Sequence
     sampling: SamplingParams
     stop_token_ids: frozenset[int]
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer
     text: StopStringBuffer
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.seq.num_prompt_tokens
 
 
 def _ewma(old: float, sample: float) -> float:
@@ -83,6 +98,8 @@ def check_request(
         raise EngineError("the prompt is empty")
     if min(prompt) < 0 or max(prompt) >= vocab_size:
         raise EngineError(f"prompt token ids must be in [0, {vocab_size})")
+    if params.logit_bias and max(b.token_id for b in params.logit_bias) >= vocab_size:
+        raise EngineError(f"logit_bias token ids must be in [0, {vocab_size})")
     if resume is not None and resume.token_ids:
         if len(resume.token_ids) >= params.max_tokens:
             raise EngineError("the resumed output already has max_tokens tokens")
@@ -387,13 +404,7 @@ class LLMEngine:
                 return []
             if logits.shape[0] != len(logit_rows):
                 logits = logits[rows]
-            states = [self._requests[item.seq.request_id] for item in samplers]
-            return sample_tokens(
-                logits,
-                [s.sampling for s in states],
-                [s.generator for s in states],
-                [s.seq.num_output_tokens for s in states],
-            )
+            return sample_tokens(logits, [self._requests[item.seq.request_id] for item in samplers])
 
     def _slot(self, request_id: str) -> int:
         """The request's slot of the slot caches, the lowest free one on its first step
@@ -411,14 +422,9 @@ class LLMEngine:
     def _append_token(self, state: _RequestState, token: int) -> RequestOutput:
         seq = state.seq
         seq.token_ids.append(token)
-        reason: str | None = None
-        text = ""
-        if token in state.stop_token_ids:
-            reason = "stop"  # the stop token itself is not detokenized
-        else:
-            text, hit = state.text.append(state.detokenizer.add(token))
-            if hit:
-                reason = "stop"
+        text, stopped = append_token(token, state.stop_token_ids, state.detokenizer, state.text,
+                                     may_stop=seq.num_output_tokens > state.sampling.min_tokens)
+        reason: str | None = "stop" if stopped else None
         if reason is None and seq.num_output_tokens >= seq.max_tokens:
             reason = "length"
         if reason is None:

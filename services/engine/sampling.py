@@ -1,15 +1,40 @@
-"""Token sampling for a batch of requests, each with its own parameters and seed."""
+"""Token sampling for a batch of requests, each with its own parameters and seed.
+
+The order follows vLLM's sampler: logit bias, the ``min_tokens`` mask and the penalties
+change the raw logits (so they hold for greedy requests too); then temperature,
+``min_p``, top-k and top-p shape the distribution a sampled request draws from.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
-from services.messages import SamplingParams
+from services.messages import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_VALUE, MAX_PENALTY, SamplingParams
 
 GREEDY_EPSILON = 1e-5
+
+
+class SamplingRow(Protocol):
+    """What the sampler needs to know of one request: its parameters and RNG, its tokens
+    so far (prompt then output: the penalties' and ``min_tokens``' input) and the
+    tokens that would end it."""
+
+    @property
+    def sampling(self) -> SamplingParams: ...
+    @property
+    def generator(self) -> torch.Generator | None: ...
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+    @property
+    def num_prompt_tokens(self) -> int: ...
+    @property
+    def stop_token_ids(self) -> frozenset[int]: ...
 
 
 def validate_sampling(params: SamplingParams) -> str | None:
@@ -24,7 +49,75 @@ def validate_sampling(params: SamplingParams) -> str | None:
         return "top_k must be >= 0 (0 disables it)"
     if any(not s for s in params.stop):
         return "stop strings must not be empty"
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -MAX_PENALTY <= getattr(params, name) <= MAX_PENALTY:
+            return f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"
+    if not 0.0 < params.repetition_penalty < math.inf:
+        return "repetition_penalty must be > 0 (1 disables it)"
+    if not 0.0 <= params.min_p <= 1.0:
+        return "min_p must be in [0, 1]"
+    if not 0 <= params.min_tokens <= params.max_tokens:
+        return f"min_tokens must be in [0, max_tokens] ({params.max_tokens})"
+    return _logit_bias_problem(params)
+
+
+def _logit_bias_problem(params: SamplingParams) -> str | None:
+    if len(params.logit_bias) > MAX_LOGIT_BIAS:
+        return f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens"
+    seen: set[int] = set()
+    for entry in params.logit_bias:
+        if entry.token_id < 0:
+            return "logit_bias token ids must be >= 0"
+        if entry.token_id in seen:
+            return f"logit_bias names token {entry.token_id} twice"
+        seen.add(entry.token_id)
+        if not -MAX_LOGIT_BIAS_VALUE <= entry.bias <= MAX_LOGIT_BIAS_VALUE:
+            return f"logit_bias values must be in [-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}]"
     return None
+
+
+def adjusts_logits(params: SamplingParams) -> bool:
+    """Whether the request changes the raw logits (bias, minimum length, penalties)."""
+    return bool(
+        params.logit_bias
+        or params.min_tokens
+        or params.presence_penalty
+        or params.frequency_penalty
+        or params.repetition_penalty != 1.0
+    )
+
+
+def adjust_logits(logits: torch.Tensor, row: SamplingRow) -> None:
+    """Apply one request's logit bias, ``min_tokens`` mask and penalties to its logits
+    [V], in place. They depend only on the request's own tokens, so a request resumed
+    on another worker or recomputed after a preemption gets the same adjustments."""
+    params, vocab, dev = row.sampling, logits.shape[-1], logits.device
+    tokens, prompt_len = row.token_ids, row.num_prompt_tokens
+    if params.logit_bias:
+        entries = [b for b in params.logit_bias if b.token_id < vocab]
+        ids = torch.tensor([b.token_id for b in entries], dtype=torch.long, device=dev)
+        logits[ids] += torch.tensor([b.bias for b in entries], dtype=logits.dtype, device=dev)
+    if len(tokens) - prompt_len < params.min_tokens:
+        stops = [t for t in row.stop_token_ids if t < vocab]
+        if stops:
+            logits[torch.tensor(stops, dtype=torch.long, device=dev)] = -math.inf
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(tokens, dtype=torch.long, device=dev).unique()
+        values = logits[seen]
+        p = params.repetition_penalty
+        logits[seen] = torch.where(values > 0, values / p, values * p)
+    if (params.presence_penalty or params.frequency_penalty) and len(tokens) > prompt_len:
+        output = torch.tensor(tokens[prompt_len:], dtype=torch.long, device=dev)
+        ids, counts = output.unique(return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits [N, V] of tokens less likely than ``min_p`` [N] times each row's most
+    likely token with -inf (0 keeps every token)."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 _MASK64 = (1 << 64) - 1
@@ -79,33 +172,39 @@ def apply_top_k_top_p(
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-    positions: list[int],
-) -> list[int]:
+def sample_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
     """One token per row of ``logits`` [N, V]: argmax for temperature 0, else a draw from
-    the temperature-scaled, top-k/top-p filtered distribution; a seeded row draws with its
-    generator seeded for its output position (``positions``: output tokens before it)."""
+    the temperature-scaled, min-p/top-k/top-p filtered distribution, after each request's
+    logit adjustments (:func:`adjust_logits`). A seeded row draws with its generator
+    seeded for its output position, so its draw does not depend on the batch."""
     logits = logits.float()
+    params = [row.sampling for row in rows]
+    for i, row in enumerate(rows):
+        if adjusts_logits(params[i]):
+            adjust_logits(logits[i], row)
     result = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if p.temperature > GREEDY_EPSILON]
-    if rows:
+    sampled = [i for i, p in enumerate(params) if p.temperature > GREEDY_EPSILON]
+    if sampled:
         dev = logits.device
         sub = (
-            logits[rows] / torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
+            logits[sampled]
+            / torch.tensor([params[i].temperature for i in sampled], device=dev)[:, None]
         )
-        if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
+        if any(params[i].min_p > 0.0 for i in sampled):
+            sub = apply_min_p(
+                sub, torch.tensor([params[i].min_p for i in sampled], device=dev, dtype=sub.dtype)
+            )
+        if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in sampled):
             sub = apply_top_k_top_p(
                 sub,
-                torch.tensor([params[i].top_k for i in rows], device=dev),
-                torch.tensor([params[i].top_p for i in rows], device=dev, dtype=sub.dtype),
+                torch.tensor([params[i].top_k for i in sampled], device=dev),
+                torch.tensor([params[i].top_p for i in sampled], device=dev, dtype=sub.dtype),
             )
         probs = torch.softmax(sub, dim=-1)
-        for j, i in enumerate(rows):
-            gen = generators[i]
+        for j, i in enumerate(sampled):
+            gen = rows[i].generator
             if gen is not None:
-                gen.manual_seed(position_seed(params[i].seed or 0, positions[i]))
+                position = len(rows[i].token_ids) - rows[i].num_prompt_tokens
+                gen.manual_seed(position_seed(params[i].seed or 0, position))
             result[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
     return result.tolist()

@@ -4,12 +4,13 @@ The pydantic models give the OpenAPI spec and strict type checks (no string-to-n
 coercion, no NaN/Inf); the functions below add the checks that need settings and build
 the wire message. Everything here is pure and raises :class:`ApiError` for the client.
 
-Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``ignore_eos``,
-``stop_token_ids``, ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms``
-header, the smaller wins) and ``fail_if_late``. Unknown fields are ignored, as OpenAI
-servers do; known OpenAI features (and vLLM extensions) that Fairway does not implement
-are refused with a 400 when they would change the answer (``response_format`` json,
-tools, logprobs, penalties, guided decoding...) instead of being silently dropped.
+Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
+``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms`` header, the
+smaller wins) and ``fail_if_late``. Unknown fields are ignored, as OpenAI servers do;
+known OpenAI features (and vLLM extensions) that Fairway does not implement are refused
+with a 400 when they would change the answer (``response_format`` json, tools, logprobs,
+guided decoding...) instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from services.gateway.errors import ApiError, from_validation_error, invalid, model_not_found
 from services.messages import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_VALUE,
+    MAX_PENALTY,
     ChatMessage,
     CompletionRequest,
     RequestKind,
     SamplingParams,
+    TokenBias,
     encodes_as_utf8,
 )
 from services.settings import Settings
@@ -81,6 +86,22 @@ def _content_parts(value: Any) -> Any:
     return value
 
 
+def _token_biases(value: dict[str, float]) -> dict[str, float]:
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"may hold at most {MAX_LOGIT_BIAS} tokens")
+    for key in value:
+        if not (key.isascii() and key.isdigit() and int(key) <= MAX_TOKEN_ID):
+            raise ValueError(f"keys must be token ids (integers as strings), not {key!r}")
+    return value
+
+
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS_VALUE, le=MAX_LOGIT_BIAS_VALUE)]],
+    AfterValidator(_token_biases),
+]
+"""OpenAI's ``logit_bias``: token id (as a JSON key) -> bias in [-100, 100]."""
+
+
 TextOrList = Annotated[
     list[NonEmptyText],
     BeforeValidator(_one_or_many, json_schema_input_type=NonEmptyText | list[NonEmptyText]),
@@ -112,9 +133,9 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     stop: TextOrList | None = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: LogitBias | None = None
     user: Text | None = None
     """Accepted for compatibility and ignored: the tenant comes from the API key."""
     # Extensions (vLLM-style extra fields)
@@ -123,11 +144,11 @@ class _SamplingFields(_Body):
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     deadline_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)
     fail_if_late: bool | None = False
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(default=None, ge=0)
     # vLLM's extensions that Fairway does not implement: read only to refuse them when they
     # would change the answer, rather than drop them as unknown fields.
-    repetition_penalty: float | None = None
-    min_p: float | None = None
-    min_tokens: int | None = None
     use_beam_search: bool | None = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -227,18 +248,9 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
         raise invalid(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.", param="stop")
     if body.stream_options is not None and not body.stream:
         raise invalid("stream_options is only allowed when stream is true.", param="stream_options")
-    if body.presence_penalty or body.frequency_penalty:
-        raise _unsupported(
-            "presence_penalty" if body.presence_penalty else "frequency_penalty", "A penalty"
-        )
-    if body.logit_bias:
-        raise _unsupported("logit_bias", "logit_bias")
-    if body.repetition_penalty not in (None, 1):
-        raise _unsupported("repetition_penalty", "repetition_penalty")
-    if body.min_p:
-        raise _unsupported("min_p", "min_p")
-    if body.min_tokens:
-        raise _unsupported("min_tokens", "min_tokens")
+    if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
+        raise invalid(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens}).",
+                      param="min_tokens")
     if body.use_beam_search:
         raise _unsupported("use_beam_search", "Beam search")
     for name in GUIDED_DECODING_FIELDS:
@@ -282,13 +294,13 @@ def requested_max_tokens(body: AnyBody) -> int | None:
 
 
 def resolve_max_tokens(body: AnyBody, max_model_len: int) -> int:
-    """The client's value, else the endpoint's default."""
+    """The client's value, else the endpoint's default (raised to ``min_tokens``)."""
     requested = requested_max_tokens(body)
     if requested is not None:
         return requested
-    if isinstance(body, CompletionBody):
-        return min(DEFAULT_COMPLETION_MAX_TOKENS, max_model_len)
-    return min(DEFAULT_CHAT_MAX_TOKENS, max_model_len)
+    default = (DEFAULT_COMPLETION_MAX_TOKENS if isinstance(body, CompletionBody)
+               else DEFAULT_CHAT_MAX_TOKENS)
+    return min(max(default, body.min_tokens or 0), max_model_len)
 
 
 def resolve_deadline_ms(body_value: int | None, header_value: str | None) -> int | None:
@@ -337,6 +349,12 @@ def to_completion_request(
         stop=list(body.stop or []),
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=bool(body.ignore_eos),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        min_p=body.min_p or 0.0,
+        min_tokens=body.min_tokens or 0,
+        logit_bias=[TokenBias(int(k), v) for k, v in (body.logit_bias or {}).items()],
     )
     request = CompletionRequest(
         request_id=request_id,

@@ -23,6 +23,7 @@ from services.logs import get_logger
 from services.models import (
     generation_defaults,
     load_tokenizer,
+    model_vocab_size,
     resolve_model_path,
     served_max_model_len,
 )
@@ -133,17 +134,24 @@ class Scorer:
     """Pure scoring step: request in, scored request out (or :class:`RequestRejected`)."""
 
     def __init__(self, tokenizer, predictor: OnlinePredictor, max_model_len: int,
-                 generation_defaults: dict[str, float | int] | None = None) -> None:
+                 generation_defaults: dict[str, float | int] | None = None,
+                 vocab_size: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.predictor = predictor
         self.max_model_len = max_model_len
         self.generation_defaults = generation_defaults or {}
         """The model's own sampling defaults, for the fields a request left unset."""
+        self.vocab_size = vocab_size
+        """Token ids a ``logit_bias`` may name are below this (the model's vocabulary);
+        None leaves the check to the worker."""
 
     def score(self, request: m.CompletionRequest) -> m.ScoredRequest:
         if request.kind == "chat" and not request.messages:
             raise RequestRejected("messages must not be empty")
         check_fields(request)
+        vocab = self.vocab_size
+        if vocab is not None and any(b.token_id >= vocab for b in request.sampling.logit_bias):
+            raise RequestRejected(f"logit_bias token ids must be in [0, {vocab}) for this model")
         try:
             ids = tokenize(self.tokenizer, request)
         except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
@@ -160,7 +168,8 @@ class Scorer:
                 "context_length_exceeded",
             )
         pred = self.predictor.predict(request.prompt_text(), input_tokens=len(ids))
-        clamp = lambda x: float(min(max(x, 1.0), max_tokens))
+        shortest = max(1.0, request.sampling.min_tokens)  # no answer ends before min_tokens
+        clamp = lambda x: float(min(max(x, shortest), max_tokens))
         score = m.LengthScore(
             uncertainty=float(pred.uncertainty),
             p10=clamp(pred.p10),
@@ -177,6 +186,8 @@ class Scorer:
         """The fields the client left unset: the model's sampling defaults, and a default
         ``max_tokens`` lowered to the ``room`` the prompt leaves (none left: refused later)."""
         updates = {k: v for k, v in self.generation_defaults.items() if k in request.defaulted}
+        # Not below min_tokens: such a request does not fit, and is refused so.
+        room = max(room, request.sampling.min_tokens)
         if "max_tokens" in request.defaulted and 0 < room < request.sampling.max_tokens:
             updates["max_tokens"] = room
         if not updates:
@@ -226,7 +237,8 @@ class ScorerService:
         self.length_samples = RecentLog(self.redis, keys.LENGTH_SAMPLES, keys.LENGTH_SAMPLES_CAP)
         online = OnlinePredictor(base, self.redis, s.model_name, marker_ttl_s=s.marker_ttl_s)
         await redis_client.when_up(online.start)
-        self.scorer = Scorer(tokenizer, online, served_max_model_len(s), defaults)
+        self.scorer = Scorer(tokenizer, online, served_max_model_len(s), defaults,
+                             vocab_size=model_vocab_size(path) or len(tokenizer))
 
         self.connection, _ = await amqp.open_until_up(s, "scorer", self._consume)
         self._tasks.append(asyncio.create_task(self._refresh_loop()))

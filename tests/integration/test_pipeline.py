@@ -88,6 +88,30 @@ def test_chat_stream(client):
     assert chunks[-1].usage.completion_tokens == 6
 
 
+def test_penalties_bias_and_min_tokens_reach_the_engine(client, tokenizer):
+    """The sampling controls an OpenAI client (or vLLM's extra fields) sends are honoured
+    end to end: a token biased to certainty is all the answer holds, an EOS made certain
+    is held off for min_tokens, and a penalty changes a greedy answer."""
+    word = tokenizer.encode("fox", add_special_tokens=False)[0]
+    forced = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=5,
+                                       logit_bias={str(word): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == tokenizer.decode([word] * 5)
+    eos = tokenizer.eos_token_id
+    held = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20,
+        logit_bias={str(eos): 100}, extra_body={"min_tokens": 6})
+    assert held.usage.completion_tokens == 7 and held.choices[0].finish_reason == "stop"
+    plain = client.completions.create(model=MODEL, prompt="x", max_tokens=40, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    looping = client.completions.create(model=MODEL, prompt="x", max_tokens=40, temperature=0,
+                                        presence_penalty=-2.0, extra_body={"ignore_eos": True})
+    assert looping.choices[0].text != plain.choices[0].text
+    with pytest.raises(openai.BadRequestError) as too_big:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4,
+                                  logit_bias={str(len(tokenizer) + 10): 1})
+    assert "logit_bias token ids must be in" in too_big.value.message
+
+
 def test_two_tenants_and_bad_key(system, acme_key, globex_key):
     for key in (acme_key, globex_key):
         r = httpx.post(f"{system.gateway_url}/v1/completions", headers={"Authorization": f"Bearer {key}"},

@@ -114,6 +114,20 @@ def test_stop_strings_cut_the_text():
     assert outs[-1].finish_reason == "stop"
 
 
+def test_min_tokens_holds_off_stop_tokens_and_stop_strings():
+    clock = Clock()
+    engine = make(clock=clock)
+    engine.add_request(req("eos", [1, 0, 2], max_tokens=10, min_tokens=2))
+    engine.add_request(req("stop", [1, 2, 3, 4], max_tokens=10, stop=["bc"], min_tokens=3))
+    outs = drain(engine, clock)
+    # EOS as the 2nd token is held off; the next time it comes (5th) it ends the answer.
+    assert [t for o in outs["eos"] for t in o.new_token_ids] == [1, 0, 2, 1, 0]
+    assert outs["eos"][-1].finish_reason == "stop"
+    # "bc" within the first 3 tokens streams; after them, "bc" ends it (cut before it).
+    assert "".join(o.new_text for o in outs["stop"]) == "bcde"
+    assert outs["stop"][-1].finish_reason == "stop"
+
+
 def test_abort_running_and_waiting():
     clock = Clock()
     engine = make(clock=clock, max_num_seqs=1)
@@ -153,6 +167,7 @@ def test_capacity_slots_and_kv_budget():
         ([1, 99], {}, "token ids"),
         ([1], {"max_tokens": 0}, "max_tokens"),
         ([1], {"top_p": 0.0}, "top_p"),
+        ([1], {"max_tokens": 3, "min_tokens": 4}, "min_tokens"),
         ([1] * 60, {"max_tokens": 10}, "maximum context length"),
     ],
 )

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from services.engine import EngineConfig, EngineError, EngineRequest, LLMEngine, RequestOutput
-from services.messages import SamplingParams
+from services.messages import SamplingParams, TokenBias
 from services.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer
 
 PROMPTS = [
@@ -279,10 +279,86 @@ def test_top_k_one_is_greedy(model_path, prompt_ids, reference):
     assert run.tokens["p0"] == reference[0]
 
 
+def test_logit_bias_and_min_tokens_shape_the_answer(model_path, prompt_ids, reference):
+    engine = make_engine(model_path, kv_cache_tokens=2048)
+    forced = reference[0][0] + 1
+    eos = next(iter(engine.eos_token_ids))
+    engine.add_request(EngineRequest(
+        "forced", prompt_ids[0], greedy(6, logit_bias=[TokenBias(forced, 100.0)])))
+    # EOS made certain, yet held off for min_tokens: 4 tokens of text, then EOS.
+    eos_first = SamplingParams(max_tokens=20, temperature=0.0, min_tokens=4,
+                               logit_bias=[TokenBias(eos, 100.0)])
+    engine.add_request(EngineRequest("min4", prompt_ids[0], eos_first))
+    engine.add_request(EngineRequest(
+        "min0", prompt_ids[0], dataclasses.replace(eos_first, min_tokens=0)))
+    run = drain(engine)
+    assert run.tokens["forced"] == [forced] * 6
+    assert len(run.tokens["min4"]) == 5 and run.tokens["min4"][-1] == eos
+    assert eos not in run.tokens["min4"][:4] and run.final["min4"].finish_reason == "stop"
+    assert run.tokens["min0"] == [eos] and run.final["min0"].finish_reason == "stop"
+
+
+def test_a_stop_string_does_not_end_the_answer_before_min_tokens(model_path, prompt_ids, tokenizer):
+    engine = make_engine(model_path, kv_cache_tokens=2048)
+    engine.add_request(EngineRequest("free", prompt_ids[3], greedy(12)))
+    free = drain(engine)
+    first = tokenizer.decode(free.tokens["free"][:1], skip_special_tokens=True).strip()
+    assert first, "the first token should decode to text"
+    engine.add_request(EngineRequest("cut", prompt_ids[3], greedy(12, stop=[first])))
+    engine.add_request(EngineRequest("held", prompt_ids[3], greedy(12, stop=[first], min_tokens=12)))
+    run = drain(engine)
+    assert run.final["cut"].finish_reason == "stop" and len(run.tokens["cut"]) == 1
+    assert run.final["held"].finish_reason == "length"
+    assert run.tokens["held"] == free.tokens["free"] and run.text["held"] == free.text["free"]
+
+
+def test_penalties_steer_greedy_decoding_away_from_repeats(model_path, prompt_ids, reference):
+    engine = make_engine(model_path, kv_cache_tokens=4096)
+    n = 40
+    engine.add_request(EngineRequest("plain", prompt_ids[4], greedy(n)))
+    engine.add_request(EngineRequest("presence", prompt_ids[4], greedy(n, presence_penalty=-2.0)))
+    engine.add_request(EngineRequest("frequency", prompt_ids[4], greedy(n, frequency_penalty=-1.0)))
+    engine.add_request(EngineRequest("repetition", prompt_ids[4],
+                                     greedy(n, repetition_penalty=100.0)))
+    engine.add_request(EngineRequest("neutral", prompt_ids[4], greedy(
+        n, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, min_p=0.5)))
+    run = drain(engine)
+    plain = run.tokens["plain"]
+    assert len(set(plain)) == n  # this model does not repeat itself in 40 tokens
+    # Negative penalties reward what the output already holds: it loops.
+    assert len(set(run.tokens["presence"])) < 0.8 * n
+    assert len(set(run.tokens["frequency"])) < 0.8 * n
+    seen = set(prompt_ids[4])  # the prompt's tokens too: the plain answer starts with BOS
+    assert seen & set(plain)
+    for token in run.tokens["repetition"]:
+        assert token not in seen
+        seen.add(token)
+    assert run.tokens["neutral"] == plain  # neutral values change nothing for greedy
+
+
+def test_a_penalised_request_recomputed_after_preemption_gives_the_same_tokens(
+    model_path, prompt_ids
+):
+    params = SamplingParams(max_tokens=24, temperature=0.8, seed=5, ignore_eos=True,
+                            frequency_penalty=0.7, repetition_penalty=1.2)
+    roomy = make_engine(model_path, kv_cache_tokens=4096)
+    for i, ids in enumerate(prompt_ids):
+        roomy.add_request(EngineRequest(f"r{i}", ids, params))
+    expected = drain(roomy).tokens
+    tight = make_engine(model_path, kv_cache_tokens=96, block_size=8)
+    for i, ids in enumerate(prompt_ids):
+        tight.add_request(EngineRequest(f"r{i}", ids, params))
+    run = drain(tight)
+    assert tight.stats().num_preemptions > 0
+    assert run.tokens == expected
+
+
 @pytest.mark.parametrize(
     ("ids", "params", "message"),
     [
         ([], greedy(4), "empty"),
+        ([1, 2], greedy(4, logit_bias=[TokenBias(10**6, 1.0)]), "logit_bias token ids"),
+        ([1, 2], greedy(4, min_tokens=5), "min_tokens"),
         ([1] * 2000, greedy(100), "maximum context length"),
         ([1] * 300, greedy(10), "KV cache"),
         ([1, 10**9], greedy(4), "token ids"),

@@ -1,4 +1,5 @@
-"""Pure pieces of the engine: paged attention reference, sampling, detokenizer, stops."""
+"""Pure pieces of the engine: paged attention reference, detokenizer, stops (sampling:
+test_sampling.py)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,6 @@ from services.engine.attention import (
     write_slot_cache,
 )
 from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer, _backend_decode
-from services.engine.sampling import (
-    apply_top_k_top_p,
-    make_generator,
-    position_seed,
-    sample_tokens,
-    validate_sampling,
-    with_seed,
-)
-from services.messages import SamplingParams
 from services.models import DEFAULT_MODEL_NAME, load_tokenizer
 
 
@@ -140,79 +132,6 @@ def test_fast_detokenizer_decode_is_the_tokenizers_decode(tokenizer):
         )
 
 
-def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_seed():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 50)
-    params = [
-        SamplingParams(temperature=0.0),
-        SamplingParams(temperature=1.0, seed=7),
-        SamplingParams(temperature=1.0, seed=7),
-    ]
-    first = sample_tokens(
-        logits, params, [None, make_generator(7, "cpu"), make_generator(7, "cpu")], [0, 3, 3]
-    )
-    assert first[0] == int(logits[0].argmax())
-    again = sample_tokens(logits[1:2], params[1:2], [make_generator(7, "cpu")], [3])
-    assert again[0] == first[1]
-
-
-def test_a_seeded_draw_depends_on_its_position_not_on_the_draws_before_it():
-    """What lets a request continued on another worker (or recomputed after a preemption)
-    sample what the uninterrupted run did."""
-    logits = torch.zeros(1, 1000)  # uniform: any reuse of a draw would show
-    params = [SamplingParams(temperature=1.0, seed=11)]
-    gen = make_generator(11, "cpu")
-    run = [sample_tokens(logits, params, [gen], [k])[0] for k in range(40)]
-    fresh = [sample_tokens(logits, params, [make_generator(11, "cpu")], [k])[0] for k in (39, 17)]
-    assert fresh == [run[39], run[17]]
-    assert len(set(run)) > 30  # positions draw differently
-    other_seed = [SamplingParams(temperature=1.0, seed=12)]
-    assert [sample_tokens(logits, other_seed, [gen], [k])[0] for k in range(40)] != run
-    assert position_seed(-1, 0) != position_seed(0, 0) and 0 <= position_seed(-1, 5) < 2**64
-
-
-def test_a_sampled_request_without_a_seed_gets_one_of_its_request_id():
-    plain = SamplingParams(temperature=0.8)
-    seeded = with_seed(plain, "cmpl-1")
-    assert seeded.seed is not None and seeded.seed == with_seed(plain, "cmpl-1").seed
-    assert with_seed(plain, "cmpl-2").seed != seeded.seed and plain.seed is None
-    assert with_seed(SamplingParams(temperature=0.8, seed=3), "cmpl-1").seed == 3
-    assert with_seed(SamplingParams(temperature=0.0), "cmpl-1").seed is None  # greedy needs none
-
-
-def test_top_k_and_top_p_keep_the_right_tokens():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
-    out = apply_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.75]))
-    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]  # top-2
-    assert torch.isfinite(out[1]).tolist() == [True, True, False, False]  # 0.5 + 0.3 >= 0.75
-    tiny = apply_top_k_top_p(logits[:1], torch.tensor([0]), torch.tensor([1e-9]))
-    assert torch.isfinite(tiny[0]).tolist() == [True, False, False, False]  # never empty
-
-
-def test_sampling_draws_follow_the_distribution():
-    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(1, 1)
-    gen = make_generator(3, "cpu")
-    counts = [0, 0, 0]
-    for k in range(2000):
-        counts[sample_tokens(logits, [SamplingParams(temperature=1.0, seed=3)], [gen], [k])[0]] += 1
-    assert counts[0] > counts[1] > counts[2] > 0
-    assert abs(counts[0] / 2000 - 0.7) < 0.05
-
-
-@pytest.mark.parametrize(
-    ("params", "problem"),
-    [
-        (SamplingParams(max_tokens=0), "max_tokens"),
-        (SamplingParams(temperature=-1), "temperature"),
-        (SamplingParams(top_p=1.5), "top_p"),
-        (SamplingParams(top_k=-2), "top_k"),
-        (SamplingParams(stop=[""]), "stop"),
-        (SamplingParams(), None),
-    ],
-)
-def test_validate_sampling(params, problem):
-    result = validate_sampling(params)
-    assert (result is None) if problem is None else (problem in result)
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +198,14 @@ def test_earliest_stop_string_wins():
     buf = StopStringBuffer(["later", "ear"])
     assert buf.append("an earlier one") == ("an ", True)
     assert buf.append("more") == ("", True)
+
+
+def test_stop_strings_are_not_looked_for_while_unchecked():
+    """Before min_tokens: the text streams whole, and a later match never cuts into it."""
+    buf = StopStringBuffer(["ab"])
+    assert buf.append("xab", check=False) == ("xab", False)
+    assert buf.append("a", check=True) == ("", False)  # could start "ab": held back
+    assert buf.append("bz") == ("", True) and buf.text == "xab"
 
 
 def test_no_stop_strings_streams_everything():

@@ -19,7 +19,7 @@ from services.gateway.schemas import (
     resolve_deadline_ms,
     to_completion_request,
 )
-from services.messages import CompletionRequest, decode, encode
+from services.messages import CompletionRequest, TokenBias, decode, encode
 from services.settings import Settings
 
 MODEL = "test-model"
@@ -100,8 +100,17 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"echo": True}, "echo"),
         ({"logprobs": 2}, "logprobs"),
         ({"best_of": 3}, "best_of"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logit_bias": {"1": 5.0}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.1}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 17, "max_tokens": 16}, "min_tokens"),
+        ({"logit_bias": {"1": 101.0}}, "logit_bias.1"),
+        ({"logit_bias": {"hello": 5.0}}, "logit_bias"),
+        ({"logit_bias": {"-3": 5.0}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
     ],
 )
 def test_bad_completion_fields_are_400_with_param(fields: dict[str, Any], param: str) -> None:
@@ -172,9 +181,6 @@ def test_chat_limits_and_unsupported() -> None:
         ({"function_call": {"name": "f"}}, "function_call"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-        ({"repetition_penalty": 1.2}, "repetition_penalty"),
-        ({"min_p": 0.05}, "min_p"),
-        ({"min_tokens": 8}, "min_tokens"),
         ({"use_beam_search": True}, "use_beam_search"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
         ({"guided_choice": ["yes", "no"]}, "guided_choice"),
@@ -279,6 +285,21 @@ def test_completion_request_mapping() -> None:
     assert decode(encode(req), CompletionRequest) == req
 
 
+def test_penalties_bias_and_minimums_reach_the_wire_message() -> None:
+    body = _check(chat(presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.1,
+                       min_p=0.05, min_tokens=8, max_tokens=20,
+                       logit_bias={"50256": -100, "7": 2.5}), ChatCompletionBody)
+    req = to_request(body)
+    s = req.sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -0.25, 1.1)
+    assert (s.min_p, s.min_tokens) == (0.05, 8)
+    assert s.logit_bias == [TokenBias(50256, -100.0), TokenBias(7, 2.5)]
+    assert decode(encode(req), CompletionRequest) == req
+    plain = to_request(_check(completion())).sampling  # neutral values when left out
+    assert (plain.presence_penalty, plain.frequency_penalty, plain.repetition_penalty,
+            plain.min_p, plain.min_tokens, plain.logit_bias) == (0.0, 0.0, 1.0, 0.0, 0, [])
+
+
 def test_chat_request_mapping_and_defaults() -> None:
     messages = [
         {"role": "system", "content": "be brief"},
@@ -306,6 +327,8 @@ def test_max_tokens_resolution() -> None:
     )
     assert to_request(_check(chat(max_tokens=3), ChatCompletionBody)).sampling.max_tokens == 3
     assert to_request(_check(completion())).sampling.max_tokens == DEFAULT_COMPLETION_MAX_TOKENS
+    # A default leaves room for min_tokens.
+    assert to_request(_check(completion(min_tokens=40))).sampling.max_tokens == 40
     # Defaults never exceed a short context.
     short = to_request(_check(chat(), ChatCompletionBody), max_model_len=100)
     assert short.sampling.max_tokens == 100

@@ -26,6 +26,23 @@ def test_round_trip_preserves_every_field():
     assert m.decode(m.encode(item), m.WorkItem) == item
 
 
+def test_sampling_fields_added_in_v1_are_optional():
+    """A v1 request from a producer that predates penalties, bias and minimums decodes with
+    their neutral values; a present one round-trips and is type-checked."""
+    body = m.to_dict(_request())
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+                 "min_tokens", "logit_bias"):
+        body["sampling"].pop(name)
+    assert m.decode(msgpack.packb(body)) == _request()
+    biased = _request(sampling=m.SamplingParams(logit_bias=[m.TokenBias(7, -1.5)], min_tokens=2,
+                                                frequency_penalty=0.5))
+    assert m.decode(m.encode(biased)) == biased
+    body = m.to_dict(biased)
+    body["sampling"]["logit_bias"] = [{"token_id": "7", "bias": 1.0}]
+    with pytest.raises(m.MessageError, match="logit_bias"):
+        m.decode(msgpack.packb(body))
+
+
 def test_envelope_carries_version_and_type():
     body = msgpack.unpackb(m.encode(_request()))
     assert body["v"] == m.SCHEMA_VERSION and body["t"] == "completion_request"
@@ -107,3 +124,5 @@ def test_amqp_client_leaves_the_sampling_fields_it_was_not_given_to_the_server()
         "m", "hi", max_tokens=4, temperature=0.0)
     assert request.defaulted == ["top_p", "top_k"]
     assert request.sampling.seed is not None  # its own seed, so a re-run samples the same
+    longer = AmqpClient("amqp://acme:secret@127.0.0.1:1/").completion("m", "hi", min_tokens=40)
+    assert longer.sampling.max_tokens == 40 and "max_tokens" in longer.defaulted

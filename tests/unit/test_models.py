@@ -17,6 +17,7 @@ from services.models import (
     load_model,
     load_tokenizer,
     model_context_length,
+    model_vocab_size,
     resolve_dtype,
     resolve_model_path,
     served_max_model_len,
@@ -143,6 +144,16 @@ def test_served_max_model_len_is_capped_at_the_models_own(tmp_path: Path, model_
     assert served_max_model_len(Settings(cache_dir=tmp_path / "none", max_model_len=4096)) == 4096
     (tmp_path / "config.json").write_text("{not json")
     assert served_max_model_len(Settings(model_path=str(tmp_path), max_model_len=2048)) == 2048
+
+
+def test_model_vocab_size_is_read_from_the_models_config(tmp_path: Path, model_cache: Path) -> None:
+    assert model_vocab_size(str(model_cache / DEFAULT_MODEL_NAME)) == len(
+        load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME)))
+    (tmp_path / "config.json").write_text('{"text_config": {"vocab_size": 262208}, "vocab_size": 9}')
+    assert model_vocab_size(str(tmp_path)) == 262208  # the language model's
+    (tmp_path / "config.json").write_text('{"vocab_size": "big"}')
+    assert model_vocab_size(str(tmp_path)) is None
+    assert model_vocab_size(str(tmp_path / "missing")) is None
 
 
 def test_a_model_path_that_is_not_a_directory_is_named(tmp_path: Path) -> None:

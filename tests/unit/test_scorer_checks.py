@@ -111,6 +111,35 @@ def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves(model_cache)
     assert full.value.code == "context_length_exceeded"
 
 
+def test_min_tokens_and_logit_bias_are_checked_and_shape_the_prediction(model_cache):
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    predictor = OnlinePredictor(LengthPredictor.default(), aioredis.Redis(), "tiny")
+    scorer = Scorer(tokenizer, predictor, 64, vocab_size=len(tokenizer))
+
+    def request(**sampling) -> m.CompletionRequest:
+        return m.CompletionRequest(request_id="r", model="tiny", prompt="hi",
+                                   sampling=m.SamplingParams(**sampling))
+
+    score = scorer.score(request(max_tokens=40, min_tokens=30)).score
+    assert 30 <= score.p10 <= score.p50 <= score.p90 <= 40  # no answer ends before 30
+    with pytest.raises(RequestRejected, match="min_tokens"):
+        scorer.score(request(max_tokens=4, min_tokens=5))
+    with pytest.raises(RequestRejected, match="logit_bias token ids must be in"):
+        scorer.score(request(logit_bias=[m.TokenBias(len(tokenizer), 1.0)]))
+    with pytest.raises(RequestRejected, match="presence_penalty"):
+        scorer.score(request(presence_penalty=3.0))
+    biased = request(logit_bias=[m.TokenBias(len(tokenizer) - 1, -5.0)], repetition_penalty=1.2)
+    assert scorer.score(biased).request.sampling == biased.sampling
+    # A default max_tokens is lowered to the room the prompt leaves, but not below
+    # min_tokens: such a request does not fit and is refused as too long.
+    long_prompt = m.CompletionRequest(request_id="r", model="tiny", prompt="word " * 20,
+                                      sampling=m.SamplingParams(max_tokens=16, min_tokens=10),
+                                      defaulted=["max_tokens"])
+    with pytest.raises(RequestRejected) as refused:
+        scorer.score(long_prompt)
+    assert refused.value.code == "context_length_exceeded"
+
+
 def test_a_developer_message_is_rendered_as_the_system_message(model_cache):
     tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
 
