@@ -49,6 +49,34 @@ MAX_PENALTY = 2.0
 """OpenAI's bound on ``presence_penalty`` and ``frequency_penalty`` (either sign)."""
 
 
+MAX_LOGPROBS = 20
+"""Most alternatives per token a request may ask log-probabilities of (vLLM's default
+``max_logprobs``; OpenAI's chat ``top_logprobs`` limit)."""
+MIN_LOGPROB = -9999.0
+"""A log-probability below this (or -inf) is sent as this, as vLLM does: JSON has no -inf."""
+
+
+@dataclass(slots=True)
+class TopLogprob:
+    """One of the most likely tokens at a position, with its log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """An output token's log-probability under the model's own distribution (before
+    temperature, penalties and bias, as vLLM's default ``raw_logprobs``), with the most
+    likely tokens at that position, most likely first."""
+
+    token: str
+    """The token's own text (special tokens spelled out)."""
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to decode one request; mirrors the OpenAI fields plus vLLM's extensions.
@@ -77,6 +105,9 @@ class SamplingParams:
     min_tokens: int = 0
     """Output tokens before EOS, ``stop_token_ids`` or a stop string may end it (vLLM)."""
     logit_bias: list[TokenBias] = field(default_factory=list)
+    logprobs: int | None = None
+    """Send each output token's log-probability and those of the ``logprobs`` most likely
+    tokens at its position (0: the token's own only); None sends none."""
 
 
 DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")
@@ -180,6 +211,8 @@ class TokenChunk(Message):
     """Characters of output text before this chunk's ``text``."""
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per token of ``token_ids`` when the request asked for them, else empty."""
 
 
 @dataclass(slots=True)
@@ -206,6 +239,8 @@ class FinalAnswer(Message):
     chunk of its own); delivered before the end, like a chunk at these offsets."""
     token_ids: list[int] = field(default_factory=list)
     """The answer's last tokens, as ``text``."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Those tokens' log-probabilities, when the request asked for them."""
     finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -310,6 +345,8 @@ class ResumePoint(Message):
     a caller that missed some of it (dropped with its reply queue's content in a broker
     restart) gets it back, one that has it drops it. Empty in points written before it was
     kept, whose callers are not sent it again."""
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """The log-probabilities sent with those tokens, when the request asked for them."""
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

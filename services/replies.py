@@ -52,17 +52,18 @@ class ReplyStream:
         if isinstance(msg, m.FinalAnswer):
             if msg.finish_reason in ("error", "cancelled"):
                 # An abnormal end does not wait for missing chunks: nothing more will come.
-                self._deliver_final(dataclasses.replace(msg, text="", token_ids=[]))
+                self._deliver_final(dataclasses.replace(msg, text="", token_ids=[], logprobs=[]))
                 return
             if msg.token_ids or msg.text:  # the answer's last tokens: a chunk, then the end
                 self.offer(m.TokenChunk(request_id=msg.request_id, token_offset=msg.token_offset,
                                         text_offset=msg.text_offset, text=msg.text,
-                                        token_ids=msg.token_ids))
+                                        token_ids=msg.token_ids, logprobs=msg.logprobs))
                 if self.finished:  # that chunk let an end held earlier through
                     return
                 msg = dataclasses.replace(
                     msg, token_offset=msg.token_offset + len(msg.token_ids),
-                    text_offset=msg.text_offset + len(msg.text), text="", token_ids=[])
+                    text_offset=msg.text_offset + len(msg.text), text="", token_ids=[],
+                    logprobs=[])
             self._final = self._final or msg
         elif msg.token_offset > self.next_token:
             held = self._ahead.get(msg.token_offset)
@@ -84,6 +85,7 @@ class ReplyStream:
         if tokens or text:
             if len(tokens) < len(chunk.token_ids) or len(text) < len(chunk.text):
                 chunk = dataclasses.replace(chunk, token_ids=tokens, text=text,
+                                            logprobs=chunk.logprobs[len(chunk.token_ids) - len(tokens):],
                                             token_offset=self.next_token,
                                             text_offset=max(self.next_char, chunk.text_offset))
             self._queue.put_nowait(chunk)

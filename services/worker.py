@@ -155,7 +155,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
         else:
             merged[out.request_id] = replace(
                 out, new_token_ids=first.new_token_ids + out.new_token_ids,
-                new_text=first.new_text + out.new_text)
+                new_text=first.new_text + out.new_text, logprobs=first.logprobs + out.logprobs)
     return list(merged.values())
 
 
@@ -271,6 +271,8 @@ class Active:
     """Being aborted for a cancel marker or a caller that is gone: abort (and log) once."""
     output_token_ids: list[int] = field(default_factory=list)
     """Every output token sent to the caller (a hand-back leaves them as a resume point)."""
+    output_logprobs: list[m.TokenLogprob] = field(default_factory=list)
+    """Their log-probabilities, when the request asked for them."""
     streamed_chars: int = 0
     """Characters of text sent to the caller."""
     streamed_text: list[str] = field(default_factory=list)
@@ -279,9 +281,11 @@ class Active:
     """Output tokens in its resume point in Redis (0: none), the one it was resumed from
     or the last this worker wrote; deleted once the request is answered."""
 
-    def sent(self, publish: asyncio.Future, token_ids: list[int], text: str) -> None:
+    def sent(self, publish: asyncio.Future, token_ids: list[int], text: str,
+             logprobs: list[m.TokenLogprob] | None = None) -> None:
         """A chunk went out (``publish`` completes with the broker's confirm)."""
         self.output_token_ids.extend(token_ids)
+        self.output_logprobs.extend(logprobs or [])
         self.streamed_chars += len(text)
         self.streamed_text.append(text)
         self.unconfirmed.append((publish, len(self.output_token_ids), self.streamed_chars))
@@ -317,7 +321,8 @@ class Active:
         tokens, chars = prefix
         return m.ResumePoint(request_id=self.item.request_id, worker_id=worker_id,
                              output_token_ids=self.output_token_ids[:tokens], streamed_chars=chars,
-                             streamed_text="".join(self.streamed_text)[:chars])
+                             streamed_text="".join(self.streamed_text)[:chars],
+                             output_logprobs=self.output_logprobs[:tokens])
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -481,7 +486,8 @@ class WorkerService:
             return
         send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
             request_id=active.item.request_id, token_offset=0, text_offset=0,
-            text=point.streamed_text, token_ids=list(point.output_token_ids)), mandatory=True))
+            text=point.streamed_text, token_ids=list(point.output_token_ids),
+            logprobs=list(point.output_logprobs)), mandatory=True))
         send.add_done_callback(lambda f: self._on_sent(active, f))
         active.unconfirmed.appendleft((send, len(point.output_token_ids), point.streamed_chars))
 
@@ -502,6 +508,7 @@ class WorkerService:
         active = Active(item=item, message=message, engine_id=f"{item.request_id}#{next(self._attempts)}")
         if point is not None:
             active.output_token_ids = list(point.output_token_ids)
+            active.output_logprobs = list(point.output_logprobs)
             active.streamed_chars = point.streamed_chars
             active.streamed_text = [point.streamed_text]
             active.confirmed = (len(point.output_token_ids), point.streamed_chars)
@@ -617,9 +624,9 @@ class WorkerService:
             send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
                 request_id=active.item.request_id, token_offset=len(active.output_token_ids),
                 text_offset=active.streamed_chars, text=out.new_text,
-                token_ids=list(out.new_token_ids)), mandatory=True))
+                token_ids=list(out.new_token_ids), logprobs=out.logprobs), mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
-            active.sent(send, out.new_token_ids, out.new_text)
+            active.sent(send, out.new_token_ids, out.new_text, out.logprobs)
         if len(active.unconfirmed) > 64:
             active.confirmed_prefix()  # let go of the confirmed ones
 
@@ -645,7 +652,7 @@ class WorkerService:
         final = amqp.reply(self.channel, req.reply_to, m.FinalAnswer(
             request_id=rid, token_offset=len(active.output_token_ids), text_offset=active.streamed_chars,
             text=out.new_text if done else "", token_ids=list(out.new_token_ids) if done else [],
-            finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
+            logprobs=out.logprobs if done else [], finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
             completion_tokens=out.num_output_tokens, error=error))
         event = amqp.publish(self.events, m.RequestFinished(
             request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,

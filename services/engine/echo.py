@@ -12,7 +12,8 @@ strings through the same incremental detokenizer (neither ends an answer before
 ``min_tokens``), aborts answered ``cancelled`` on the next step, at most ``max_num_seqs`` running with the rest waiting, a KV-token budget
 (a request reserves prompt + ``max_tokens`` when admitted, so it is never preempted),
 and the same :class:`EngineStats`. It samples nothing, so penalties, ``logit_bias``,
-``min_p`` and the temperature are checked but have nothing to act on.
+``min_p`` and the temperature are checked but have nothing to act on, and each token it
+echoes is certain (log-probability 0) where log-probabilities are asked for.
 
 :meth:`wait_s` tells the engine thread how long it may sleep (on its command queue)
 before the next token is due, so the engine never busy-waits and a new request is
@@ -43,7 +44,7 @@ from services.engine.interface import (
     RequestOutput,
 )
 from services.logs import get_logger
-from services.messages import SamplingParams
+from services.messages import SamplingParams, TokenLogprob, TopLogprob
 from services.models import model_context_length
 
 log = get_logger(__name__)
@@ -237,12 +238,15 @@ class EchoEngine:
 
     def _generate(self, req: _EchoRequest, n: int) -> RequestOutput:
         tokens: list[int] = []
+        logprobs: list[TokenLogprob] = []
         text = ""
         reason: str | None = None
         for _ in range(n):
             token = req.prompt[req.generated % len(req.prompt)]
             req.generated += 1
             tokens.append(token)
+            if req.sampling.logprobs is not None:
+                logprobs.append(self._certain(token, req.sampling.logprobs))
             piece, stopped = append_token(token, req.stop_token_ids, req.detokenizer, req.text,
                                           may_stop=req.generated > req.sampling.min_tokens)
             text += piece
@@ -253,14 +257,20 @@ class EchoEngine:
             reason = "length"
         if reason is None:
             return RequestOutput(req.request_id, tokens, text, False, None,
-                                 len(req.prompt), req.generated)
+                                 len(req.prompt), req.generated, logprobs=logprobs)
         if not req.text.stopped:
             text += req.text.append(req.detokenizer.flush())[0]
             text += req.text.flush()
-        return self._final(req, tokens, text, reason)
+        return self._final(req, tokens, text, reason, logprobs)
+
+    def _certain(self, token: int, top: int) -> TokenLogprob:
+        """The echo's token is certain: log-probability 0, and the only one at its place."""
+        text = self.tokenizer.decode([token])
+        return TokenLogprob(token=text, logprob=0.0, top=[TopLogprob(token, text, 0.0)][:top])
 
     @staticmethod
-    def _final(req: _EchoRequest, tokens: list[int], text: str, reason: str) -> RequestOutput:
+    def _final(req: _EchoRequest, tokens: list[int], text: str, reason: str,
+               logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=tokens,
@@ -269,4 +279,5 @@ class EchoEngine:
             finish_reason=reason,  # type: ignore[arg-type]
             num_prompt_tokens=len(req.prompt),
             num_output_tokens=req.generated,
+            logprobs=logprobs or [],
         )

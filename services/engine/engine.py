@@ -46,10 +46,15 @@ from services.engine.kv_cache import (
     allocate_layer_caches,
 )
 from services.engine.lora import LoraConfig, LoraManager, lora_step
-from services.engine.sampling import make_generator, sample_tokens, validate_sampling
+from services.engine.sampling import (
+    make_generator,
+    sample_tokens,
+    token_logprobs,
+    validate_sampling,
+)
 from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput, Sequence
 from services.logs import get_logger
-from services.messages import SamplingParams
+from services.messages import MIN_LOGPROB, SamplingParams, TokenLogprob, TopLogprob
 from services.models import model_context_length
 
 log = get_logger(__name__)
@@ -169,6 +174,7 @@ class LLMEngine:
             self.slot_caches = allocate_layer_caches(spec, shape, self.dtype, self.device)
         self._free_slots = list(range(config.max_num_seqs))
         self._slot_of: dict[str, int] = {}
+        self._token_texts: dict[int, str] = {}
         self.lora = None
         if config.max_loras > 0:
             lora_config = LoraConfig(config.max_loras, config.max_lora_rank, config.max_cpu_loras)
@@ -304,7 +310,7 @@ class LLMEngine:
         start = time.perf_counter()
         try:
             samplers = [item for item in sched.scheduled if item.samples]
-            tokens = self._execute(sched, samplers)
+            tokens, logprobs = self._execute(sched, samplers)
         except Exception as exc:  # a failed forward must not take the worker down
             log.exception("engine_step_failed", num_seqs=len(sched.scheduled))
             for item in sched.scheduled:
@@ -317,15 +323,19 @@ class LLMEngine:
             return outputs
         self.scheduler.commit(sched)
         for item, token in zip(samplers, tokens, strict=True):
-            output = self._append_token(self._requests[item.seq.request_id], token)
+            state = self._requests[item.seq.request_id]
+            output = self._append_token(state, token, logprobs.get(item.seq.request_id))
             outputs.append(output)
         self._record_timing(
             sched.num_batched_tokens - decode_tokens, decode_tokens, time.perf_counter() - start
         )
         return outputs
 
-    def _execute(self, sched: SchedulerOutput, samplers: list[ScheduledSeq]) -> list[int]:
-        """Run the model over the scheduled tokens and sample for requests at their end."""
+    def _execute(
+        self, sched: SchedulerOutput, samplers: list[ScheduledSeq]
+    ) -> tuple[list[int], dict[str, TokenLogprob]]:
+        """Run the model over the scheduled tokens and sample for requests at their end;
+        the log-probabilities of the sampled tokens of requests that asked for them."""
         bs = self.allocator.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -397,14 +407,41 @@ class LLMEngine:
             if self._lean is not None:
                 logits = self._lean(ids, pos, rows if logit_rows else None, meta)
                 if logits is None:
-                    return []
+                    return [], {}
             else:
                 logits = self.model(**kwargs).logits[0]
             if not samplers:
-                return []
+                return [], {}
             if logits.shape[0] != len(logit_rows):
                 logits = logits[rows]
-            return sample_tokens(logits, [self._requests[item.seq.request_id] for item in samplers])
+            states = [self._requests[item.seq.request_id] for item in samplers]
+            asked = [i for i, s in enumerate(states) if s.sampling.logprobs is not None]
+            raw = logits[asked] if asked else None  # a copy: sampling adjusts logits in place
+            tokens = sample_tokens(logits, states)
+            if raw is None:
+                return tokens, {}
+            found = token_logprobs(raw, [tokens[i] for i in asked],
+                                   [states[i].sampling.logprobs or 0 for i in asked])
+            return tokens, {
+                states[i].seq.request_id: self._token_logprob(tokens[i], *entry)
+                for i, entry in zip(asked, found, strict=True)
+            }
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's own text for log-probabilities (special tokens spelled out), cached."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _token_logprob(self, token: int, logprob: float, top_ids: list[int],
+                       top_logprobs: list[float]) -> TokenLogprob:
+        return TokenLogprob(
+            token=self._token_text(token),
+            logprob=max(logprob, MIN_LOGPROB),
+            top=[TopLogprob(i, self._token_text(i), max(v, MIN_LOGPROB))
+                 for i, v in zip(top_ids, top_logprobs, strict=True)],
+        )
 
     def _slot(self, request_id: str) -> int:
         """The request's slot of the slot caches, the lowest free one on its first step
@@ -419,7 +456,9 @@ class LLMEngine:
         if slot is not None:
             heapq.heappush(self._free_slots, slot)
 
-    def _append_token(self, state: _RequestState, token: int) -> RequestOutput:
+    def _append_token(
+        self, state: _RequestState, token: int, logprob: TokenLogprob | None = None
+    ) -> RequestOutput:
         seq = state.seq
         seq.token_ids.append(token)
         text, stopped = append_token(token, state.stop_token_ids, state.detokenizer, state.text,
@@ -427,6 +466,7 @@ class LLMEngine:
         reason: str | None = "stop" if stopped else None
         if reason is None and seq.num_output_tokens >= seq.max_tokens:
             reason = "length"
+        logprobs = [] if logprob is None else [logprob]
         if reason is None:
             return RequestOutput(
                 seq.request_id,
@@ -436,6 +476,7 @@ class LLMEngine:
                 None,
                 seq.num_prompt_tokens,
                 seq.num_output_tokens,
+                logprobs=logprobs,
             )
         if not state.text.stopped:
             text += state.text.append(state.detokenizer.flush())[0]
@@ -443,11 +484,12 @@ class LLMEngine:
         del self._requests[seq.request_id]
         self.scheduler.finish(seq)
         self._release_slot(seq.request_id)
-        return self._final(state, [token], text, reason)
+        return self._final(state, [token], text, reason, logprobs=logprobs)
 
     @staticmethod
     def _final(
-        state: _RequestState, tokens: list[int], text: str, reason: str, error: str | None = None
+        state: _RequestState, tokens: list[int], text: str, reason: str, error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> RequestOutput:
         seq = state.seq
         return RequestOutput(
@@ -459,6 +501,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             error=error,
+            logprobs=logprobs or [],
         )
 
     def _record_timing(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:

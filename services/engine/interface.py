@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.messages import FinishReason, SamplingParams
+from services.messages import FinishReason, SamplingParams, TokenLogprob
 
 
 class EngineError(ValueError):
@@ -94,6 +94,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per new token when the request asked for log-probabilities."""
 
 
 @dataclass

@@ -15,7 +15,13 @@ from typing import Protocol
 
 import torch
 
-from services.messages import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_VALUE, MAX_PENALTY, SamplingParams
+from services.messages import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_VALUE,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    SamplingParams,
+)
 
 GREEDY_EPSILON = 1e-5
 
@@ -58,6 +64,8 @@ def validate_sampling(params: SamplingParams) -> str | None:
         return "min_p must be in [0, 1]"
     if not 0 <= params.min_tokens <= params.max_tokens:
         return f"min_tokens must be in [0, max_tokens] ({params.max_tokens})"
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+        return f"logprobs must be in [0, {MAX_LOGPROBS}]"
     return _logit_bias_problem(params)
 
 
@@ -208,3 +216,21 @@ def sample_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int
                 gen.manual_seed(position_seed(params[i].seed or 0, position))
             result[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
     return result.tolist()
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]
+) -> list[tuple[float, list[int], list[float]]]:
+    """For rows of raw logits [N, V] and each row's chosen token: the token's
+    log-probability, and the ids and log-probabilities of the row's ``top[i]`` most
+    likely tokens, most likely first."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)[:, None]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    k = min(max(top, default=0), logprobs.shape[-1])
+    ids: list[list[int]] = [[] for _ in tokens]
+    values: list[list[float]] = [[] for _ in tokens]
+    if k:
+        best, best_ids = logprobs.topk(k, dim=-1)
+        ids, values = best_ids.tolist(), best.tolist()
+    return [(chosen[i], ids[i][: top[i]], values[i][: top[i]]) for i in range(len(tokens))]

@@ -306,7 +306,8 @@ async def _complete(
         deadline_ms=deadline_ms,
     )
     meta = ResponseMeta(
-        request_id=request_id, kind=request_kind(body), model=body.model, created=int(now)
+        request_id=request_id, kind=request_kind(body), model=body.model, created=int(now),
+        logprobs=completion.sampling.logprobs is not None,
     )
     try:
         submission = await state.backend.submit(completion, arrived_mono)
@@ -333,7 +334,7 @@ async def _answer(
 ) -> Response:
     timeout_s = state.settings.request_timeout_s
     try:
-        text, final = await race_client(
+        text, final, logprobs = await race_client(
             request, collect_answer(submission.stream), deadline, timeout_s
         )
     finally:
@@ -341,7 +342,7 @@ async def _answer(
     error = answer_error(final)
     if error is not None:
         raise error
-    return JSONResponse(completion_response(meta, text, final), headers=headers)
+    return JSONResponse(completion_response(meta, text, final, logprobs), headers=headers)
 
 
 async def _stream(

@@ -6,6 +6,11 @@ carrying ``delta.role``). A stream ends with ``data: [DONE]``; with
 ``stream_options.include_usage`` every chunk has ``"usage": null`` and one last chunk
 with empty ``choices`` carries the usage. An error after the headers went out is sent as
 an ``{"error": {...}}`` event before ``[DONE]``, as vLLM does.
+
+Log-probabilities, when asked for, come in each API's own shape: completions the legacy
+``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset`` lists (the top
+alternatives as a map that also holds the chosen token, as vLLM gives them), chat a
+``content`` list of ``{token, logprob, bytes, top_logprobs}``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 from services.gateway.errors import ApiError, timed_out
 from services.gateway.replies import TimedReplies
-from services.messages import FinalAnswer, RequestKind, TokenChunk
+from services.messages import FinalAnswer, RequestKind, TokenChunk, TokenLogprob
 from services.replies import Reply
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -33,6 +38,8 @@ class ResponseMeta:
     kind: RequestKind
     model: str
     created: int
+    logprobs: bool = False
+    """The client asked for log-probabilities."""
 
 
 def answer_error(final: FinalAnswer) -> ApiError | None:
@@ -65,9 +72,51 @@ def finish_reason(final: FinalAnswer) -> str:
     return _FINISH_REASONS[final.finish_reason]
 
 
-def completion_response(meta: ResponseMeta, text: str, final: FinalAnswer) -> dict[str, Any]:
+def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
+    """A completion choice's ``logprobs`` for these tokens; ``text_offset`` is where the
+    first one starts in the answer's text."""
+    offsets = []
+    for entry in entries:
+        offsets.append(text_offset)
+        text_offset += len(entry.token)
+    top = []
+    for entry in entries:
+        alternatives = {alt.token: alt.logprob for alt in entry.top}
+        alternatives.setdefault(entry.token, entry.logprob)
+        top.append(alternatives)
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """A chat choice's ``logprobs`` for these tokens."""
+    return {"content": [
+        {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token.encode()),
+         "top_logprobs": [{"token": alt.token, "logprob": alt.logprob,
+                           "bytes": list(alt.token.encode())} for alt in entry.top]}
+        for entry in entries
+    ]}
+
+
+def choice_logprobs(meta: ResponseMeta, entries: list[TokenLogprob],
+                    text_offset: int = 0) -> dict[str, Any] | None:
+    """The ``logprobs`` of a choice (or streamed delta): None unless the client asked."""
+    if not meta.logprobs:
+        return None
+    if meta.kind == "chat":
+        return chat_logprobs(entries)
+    return completion_logprobs(entries, text_offset)
+
+
+def completion_response(meta: ResponseMeta, text: str, final: FinalAnswer,
+                        logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
     """The non-streaming body for a successful FinalAnswer."""
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason(final)}
+    choice: dict[str, Any] = {"index": 0, "logprobs": choice_logprobs(meta, logprobs or []),
+                              "finish_reason": finish_reason(final)}
     if meta.kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
         obj = "chat.completion"
@@ -91,6 +140,7 @@ def stream_chunk(
     role: bool = False,
     finish: str | None = None,
     include_usage: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk: text and/or a finish reason (chat: ``delta``; first has the role)."""
     choice: dict[str, Any] = {"index": 0}
@@ -106,7 +156,7 @@ def stream_chunk(
     else:
         choice["text"] = text
         obj = "text_completion"
-    choice["logprobs"] = None
+    choice["logprobs"] = logprobs
     choice["finish_reason"] = finish
     chunk: dict[str, Any] = {
         "id": meta.request_id,
@@ -145,14 +195,17 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + body.translate(_LINE_BREAKS_JSON_KEEPS_RAW).encode() + b"\n\n"
 
 
-async def collect_answer(stream: TimedReplies) -> tuple[str, FinalAnswer]:
-    """Read a request's replies up to its FinalAnswer; returns the joined text."""
+async def collect_answer(stream: TimedReplies) -> tuple[str, FinalAnswer, list[TokenLogprob]]:
+    """Read a request's replies up to its FinalAnswer; returns the joined text and the
+    tokens' log-probabilities (empty unless asked for)."""
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     while True:
         reply = await stream.next()
         if isinstance(reply, FinalAnswer):
-            return "".join(parts), reply
+            return "".join(parts), reply, logprobs
         parts.append(reply.text)
+        logprobs.extend(reply.logprobs)
 
 
 async def sse_events(
@@ -176,6 +229,7 @@ async def sse_events(
     if meta.kind == "chat":
         events.append(sse(stream_chunk(meta, role=True, include_usage=include_usage)))
     reply: Reply = first
+    text_offset = 0  # where the next token's text starts, for completions' text_offset
     while True:
         if isinstance(reply, FinalAnswer):
             error = answer_error(reply)
@@ -188,8 +242,11 @@ async def sse_events(
                 if include_usage:
                     events.append(sse(usage_chunk(meta, reply)))
             break
-        if isinstance(reply, TokenChunk) and reply.text:
-            events.append(sse(stream_chunk(meta, text=reply.text, include_usage=include_usage)))
+        if isinstance(reply, TokenChunk) and (reply.text or (meta.logprobs and reply.logprobs)):
+            events.append(sse(stream_chunk(
+                meta, text=reply.text, include_usage=include_usage,
+                logprobs=choice_logprobs(meta, reply.logprobs, text_offset))))
+            text_offset += sum(len(entry.token) for entry in reply.logprobs)
         if events and not stream.waiting:
             yield b"".join(events)
             events.clear()

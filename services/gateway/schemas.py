@@ -9,7 +9,7 @@ Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``
 ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms`` header, the
 smaller wins) and ``fail_if_late``. Unknown fields are ignored, as OpenAI servers do;
 known OpenAI features (and vLLM extensions) that Fairway does not implement are refused
-with a 400 when they would change the answer (``response_format`` json, tools, logprobs,
+with a 400 when they would change the answer (``response_format`` json, tools, ``echo``,
 guided decoding...) instead of being silently dropped.
 """
 
@@ -24,6 +24,7 @@ from services.gateway.errors import ApiError, from_validation_error, invalid, mo
 from services.messages import (
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
+    MAX_LOGPROBS,
     MAX_PENALTY,
     ChatMessage,
     CompletionRequest,
@@ -167,7 +168,8 @@ class CompletionBody(_SamplingFields):
     prompt: PromptOrList
     best_of: int | None = None
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """Log-probabilities of each output token and of the ``logprobs`` most likely ones."""
     suffix: Text | None = None
 
 
@@ -192,7 +194,7 @@ class ChatCompletionBody(_SamplingFields):
     messages: list[ChatMessageBody] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None
@@ -267,13 +269,11 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             raise _unsupported("best_of", "best_of other than 1")
         if body.echo:
             raise _unsupported("echo", "echo")
-        if body.logprobs is not None:
-            raise _unsupported("logprobs", "logprobs")
         if body.suffix:
             raise _unsupported("suffix", "suffix")
     else:
-        if body.logprobs or body.top_logprobs is not None:
-            raise _unsupported("logprobs", "logprobs")
+        if body.top_logprobs and not body.logprobs:
+            raise invalid("top_logprobs needs logprobs to be true.", param="top_logprobs")
         if body.tools:
             raise _unsupported("tools", "Tool calling")
         if body.tool_choice not in (None, "none", "auto"):
@@ -285,6 +285,13 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             raise _unsupported("response_format", f"response_format {response_type!r}")
         if body.modalities not in (None, ["text"]) or body.audio is not None:
             raise _unsupported("modalities" if body.audio is None else "audio", "Audio output")
+
+
+def requested_logprobs(body: AnyBody) -> int | None:
+    """How many alternatives per token the client wants log-probabilities of; None: none."""
+    if isinstance(body, ChatCompletionBody):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
 
 
 def requested_max_tokens(body: AnyBody) -> int | None:
@@ -355,6 +362,7 @@ def to_completion_request(
         min_p=body.min_p or 0.0,
         min_tokens=body.min_tokens or 0,
         logit_bias=[TokenBias(int(k), v) for k, v in (body.logit_bias or {}).items()],
+        logprobs=requested_logprobs(body),
     )
     request = CompletionRequest(
         request_id=request_id,

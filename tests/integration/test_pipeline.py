@@ -112,6 +112,33 @@ def test_penalties_bias_and_min_tokens_reach_the_engine(client, tokenizer):
     assert "logit_bias token ids must be in" in too_big.value.message
 
 
+def test_logprobs_in_both_apis_streamed_or_not(client, tokenizer):
+    """Log-probabilities come back in OpenAI's shapes, one per output token, the same
+    whether streamed or not."""
+    args = {"model": MODEL, "prompt": "The quick brown", "max_tokens": 6, "temperature": 0,
+            "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(logprobs=2, **args)
+    lp = whole.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == whole.choices[0].text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:k])) for k in range(6)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob <= 0 and token in top and logprob == max(top.values())  # greedy
+    streamed = list(client.completions.create(logprobs=2, stream=True, **args))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.tokens]
+    assert tokens == lp.tokens
+    assert client.completions.create(**args).choices[0].logprobs is None
+
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+        logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(c.top_logprobs) == 3 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(bytes(c.bytes).decode() == c.token for c in content)
+
+
 def test_two_tenants_and_bad_key(system, acme_key, globex_key):
     for key in (acme_key, globex_key):
         r = httpx.post(f"{system.gateway_url}/v1/completions", headers={"Authorization": f"Bearer {key}"},

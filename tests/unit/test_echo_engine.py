@@ -128,6 +128,18 @@ def test_min_tokens_holds_off_stop_tokens_and_stop_strings():
     assert outs["stop"][-1].finish_reason == "stop"
 
 
+def test_echoed_tokens_are_certain_where_logprobs_are_asked_for():
+    clock = Clock()
+    engine = make(clock=clock)
+    engine.add_request(req("lp", [1, 2], max_tokens=3, logprobs=2))
+    engine.add_request(req("plain", [1, 2], max_tokens=3))
+    outs = drain(engine, clock)
+    logprobs = [lp for o in outs["lp"] for lp in o.logprobs]
+    assert [(lp.token, lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) for lp in logprobs] == [
+        ("b", 0.0, [(1, 0.0)]), ("c", 0.0, [(2, 0.0)]), ("b", 0.0, [(1, 0.0)])]
+    assert all(o.logprobs == [] for o in outs["plain"])
+
+
 def test_abort_running_and_waiting():
     clock = Clock()
     engine = make(clock=clock, max_num_seqs=1)

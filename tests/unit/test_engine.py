@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from services.engine import EngineConfig, EngineError, EngineRequest, LLMEngine, RequestOutput
-from services.messages import SamplingParams, TokenBias
+from services.messages import SamplingParams, TokenBias, TokenLogprob
 from services.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer
 
 PROMPTS = [
@@ -74,6 +74,7 @@ class Run:
     text: dict[str, str] = field(default_factory=dict)
     deltas: dict[str, list[str]] = field(default_factory=dict)
     final: dict[str, RequestOutput] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     steps: int = 0
 
 
@@ -94,6 +95,8 @@ def step_into(engine: LLMEngine, run: Run) -> list[RequestOutput]:
         run.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
         run.text[out.request_id] = run.text.get(out.request_id, "") + out.new_text
         run.deltas.setdefault(out.request_id, []).append(out.new_text)
+        run.logprobs.setdefault(out.request_id, []).extend(out.logprobs)
+        assert len(out.logprobs) in (0, len(out.new_token_ids))
         assert out.num_output_tokens == len(run.tokens[out.request_id])
         if out.finished:
             run.final[out.request_id] = out
@@ -334,6 +337,42 @@ def test_penalties_steer_greedy_decoding_away_from_repeats(model_path, prompt_id
         assert token not in seen
         seen.add(token)
     assert run.tokens["neutral"] == plain  # neutral values change nothing for greedy
+
+
+def test_logprobs_are_the_models_own_for_the_chosen_and_the_top_tokens(
+    model_path, ref_model, prompt_ids, reference, tokenizer
+):
+    engine = make_engine(model_path, kv_cache_tokens=2048)
+    n = 7
+    engine.add_request(EngineRequest("top3", prompt_ids[1], greedy(n, logprobs=3)))
+    engine.add_request(EngineRequest("none", prompt_ids[1], greedy(n)))
+    # A bias changes what is chosen, not the distribution reported (vLLM's raw logprobs).
+    forced = reference[1][0] + 1
+    engine.add_request(EngineRequest("biased", prompt_ids[1],
+                                     greedy(n, logprobs=0, logit_bias=[TokenBias(forced, 100.0)])))
+    run = drain(engine)
+    assert run.tokens["top3"] == reference[1][:n] and run.logprobs["none"] == []
+
+    def model_logprobs(output: list[int]) -> torch.Tensor:
+        ids = prompt_ids[1] + output
+        with torch.inference_mode():
+            logits = ref_model(torch.tensor([ids])).logits[0, len(prompt_ids[1]) - 1 : -1]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    expected = model_logprobs(run.tokens["top3"])
+    for k, entry in enumerate(run.logprobs["top3"]):
+        token = run.tokens["top3"][k]
+        assert entry.token == tokenizer.decode([token])
+        assert entry.logprob == pytest.approx(float(expected[k, token]), abs=1e-4)
+        assert [alt.token_id for alt in entry.top] == expected[k].topk(3).indices.tolist()
+        assert entry.top[0].token_id == token  # greedy: the most likely one
+        assert [alt.logprob for alt in entry.top] == pytest.approx(
+            expected[k].topk(3).values.tolist(), abs=1e-4)
+    assert run.tokens["biased"] == [forced] * n
+    raw = model_logprobs(run.tokens["biased"])
+    assert [e.logprob for e in run.logprobs["biased"]] == pytest.approx(
+        [float(raw[k, forced]) for k in range(n)], abs=1e-4)
+    assert all(e.top == [] and e.logprob < -1.0 for e in run.logprobs["biased"])
 
 
 def test_a_penalised_request_recomputed_after_preemption_gives_the_same_tokens(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Any
 
@@ -18,7 +19,7 @@ from services.gateway.responses import (
     sse,
     sse_events,
 )
-from services.messages import ErrorInfo, FinalAnswer, TokenChunk
+from services.messages import ErrorInfo, FinalAnswer, TokenChunk, TokenLogprob, TopLogprob
 from services.replies import ReplyStream
 
 COMPLETION = ResponseMeta(request_id="cmpl-1", kind="completion", model="m", created=1700)
@@ -123,8 +124,49 @@ def test_answer_error_mapping() -> None:
 
 
 async def test_collect_answer_joins_text() -> None:
-    text, final = await collect_answer(filled(tok(0, "a"), tok(1, "b"), done(2)))
-    assert (text, final.completion_tokens) == ("ab", 2)
+    text, final, logprobs = await collect_answer(filled(tok(0, "a"), tok(1, "b"), done(2)))
+    assert (text, final.completion_tokens, logprobs) == ("ab", 2, [])
+
+
+def scored(i: int, text: str, text_offset: int | None = None) -> TokenChunk:
+    """``tok`` with the token's log-probability and two alternatives."""
+    chunk = tok(i, text, text_offset)
+    chunk.logprobs = [TokenLogprob(token=text, logprob=-0.5 * i,
+                                   top=[TopLogprob(7, "x", -0.1), TopLogprob(8, text, -0.5 * i)])]
+    return chunk
+
+
+async def test_completion_logprobs_in_the_legacy_shape() -> None:
+    meta = dataclasses.replace(COMPLETION, logprobs=True)
+    text, final, logprobs = await collect_answer(filled(scored(0, "he"), scored(1, "llo", 2), done(2)))
+    body = completion_response(meta, text, final, logprobs)
+    assert body["choices"][0]["logprobs"] == {
+        "tokens": ["he", "llo"],
+        "token_logprobs": [0.0, -0.5],
+        "top_logprobs": [{"x": -0.1, "he": 0.0}, {"x": -0.1, "llo": -0.5}],
+        "text_offset": [0, 2],
+    }
+    # Not asked for: null, as before.
+    assert completion_response(COMPLETION, text, final, logprobs)["choices"][0]["logprobs"] is None
+
+
+async def test_chat_logprobs_with_bytes_and_top_logprobs() -> None:
+    meta = dataclasses.replace(CHAT, logprobs=True)
+    text, final, logprobs = await collect_answer(filled(scored(0, "é"), done(1)))
+    content = completion_response(meta, text, final, logprobs)["choices"][0]["logprobs"]["content"]
+    assert content == [{"token": "é", "logprob": 0.0, "bytes": [195, 169], "top_logprobs": [
+        {"token": "x", "logprob": -0.1, "bytes": [120]}, {"token": "é", "logprob": 0.0, "bytes": [195, 169]}]}]
+
+
+async def test_streamed_logprobs_go_with_each_chunk_even_without_text() -> None:
+    meta = dataclasses.replace(COMPLETION, logprobs=True)
+    events = await run_sse(meta, filled(scored(0, "ab"), scored(1, "", 2), scored(2, "c", 2), done(3)))
+    chunks = [c["choices"][0] for c in events[:-1]]
+    assert [c["text"] for c in chunks] == ["ab", "", "c", ""]  # a token without text still goes
+    assert [c["logprobs"]["text_offset"] if c["logprobs"] else None for c in chunks] == [
+        [0], [2], [2], None]
+    chat = await run_sse(dataclasses.replace(CHAT, logprobs=True), filled(scored(0, "ab"), done(1)))
+    assert [c["choices"][0]["logprobs"] for c in chat[:-1]][1]["content"][0]["token"] == "ab"
 
 
 async def test_completion_stream_with_usage() -> None:

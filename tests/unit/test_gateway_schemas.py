@@ -98,7 +98,8 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"prompt": "\ud800"}, "prompt.0"),
         ({"model": 5}, "model"),
         ({"echo": True}, "echo"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
         ({"best_of": 3}, "best_of"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -2.1}, "frequency_penalty"),
@@ -165,7 +166,8 @@ def test_chat_limits_and_unsupported() -> None:
         _error(chat(max_completion_tokens=5000), ChatCompletionBody).param
         == "max_completion_tokens"
     )
-    assert _error(chat(logprobs=True), ChatCompletionBody).param == "logprobs"
+    assert _error(chat(top_logprobs=2), ChatCompletionBody).param == "top_logprobs"
+    assert _error(chat(logprobs=True, top_logprobs=21), ChatCompletionBody).param == "top_logprobs"
     assert _error(chat(tools=[{"type": "function"}]), ChatCompletionBody).param == "tools"
 
 
@@ -298,6 +300,18 @@ def test_penalties_bias_and_minimums_reach_the_wire_message() -> None:
     plain = to_request(_check(completion())).sampling  # neutral values when left out
     assert (plain.presence_penalty, plain.frequency_penalty, plain.repetition_penalty,
             plain.min_p, plain.min_tokens, plain.logit_bias) == (0.0, 0.0, 1.0, 0.0, 0, [])
+
+
+def test_logprobs_requests_map_to_the_number_of_alternatives() -> None:
+    def asked(body: dict[str, Any], cls: type = CompletionBody) -> int | None:
+        return to_request(_check(body, cls)).sampling.logprobs
+
+    assert asked(completion()) is None
+    assert (asked(completion(logprobs=0)), asked(completion(logprobs=5))) == (0, 5)
+    assert asked(chat(), ChatCompletionBody) is None
+    assert asked(chat(logprobs=False, top_logprobs=0), ChatCompletionBody) is None
+    assert asked(chat(logprobs=True), ChatCompletionBody) == 0
+    assert asked(chat(logprobs=True, top_logprobs=20), ChatCompletionBody) == 20
 
 
 def test_chat_request_mapping_and_defaults() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from services import messages as m
 from services.replies import LinkLossWatch, ReplyRouter, ReplyStream
 
@@ -63,6 +65,26 @@ def test_a_chunk_that_overlaps_what_was_delivered_is_trimmed_to_its_new_part():
     out = drain(stream)
     assert [(c.token_offset, c.text_offset, c.token_ids, c.text) for c in out] == [
         (0, 0, [0, 1], "Hello"), (2, 5, [2, 3], ", wor")]
+
+
+def logprob(i: int) -> m.TokenLogprob:
+    return m.TokenLogprob(token=ANSWER[i], logprob=-float(i))
+
+
+def test_log_probabilities_stay_with_their_tokens_when_a_chunk_is_trimmed():
+    stream = ReplyStream("r")
+    for start, end in [(0, 2), (1, 4)]:
+        stream.offer(dataclasses.replace(chunk(start, end),
+                                         logprobs=[logprob(i) for i in range(start, end)]))
+    last = dataclasses.replace(final(6), token_offset=4, text_offset=len("".join(ANSWER[:4])),
+                               text="ld!", token_ids=[4, 5], logprobs=[logprob(4), logprob(5)])
+    stream.offer(last)
+    out = drain(stream)
+    chunks = [c for c in out if isinstance(c, m.TokenChunk)]
+    assert [[lp.token for lp in c.logprobs] for c in chunks] == [["He", "llo"], [",", " wor"],
+                                                                  ["ld", "!"]]
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
+    assert isinstance(out[-1], m.FinalAnswer) and out[-1].logprobs == []
 
 
 def test_a_gap_is_held_until_filled():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from services import messages as m
 from services.engine import EngineConfig, EngineError, EngineRequest, LLMEngine, ResumedOutput
 from services.engine.detokenizer import StopStringBuffer, text_state
 from services.engine.echo import EchoEngine
@@ -179,3 +180,13 @@ async def test_a_resume_point_keeps_the_text_its_caller_was_sent():
     active.sent(_published(ok=False), [8], "e")  # not confirmed yet: not in the point
     point = active.resume_point("w")
     assert (point.output_token_ids, point.streamed_chars, point.streamed_text) == ([5, 6, 7], 4, "abcd")
+
+
+async def test_a_resume_point_keeps_the_logprobs_its_caller_was_sent():
+    active = _active()
+    lps = [m.TokenLogprob(token=t, logprob=-1.0) for t in "abc"]
+    active.sent(_published(), [5, 6], "ab", lps[:2])
+    active.sent(_published(ok=False), [7], "c", lps[2:])  # not confirmed yet: not in the point
+    point = active.resume_point("w")
+    assert point.output_logprobs == lps[:2]
+    assert m.decode(m.encode(point), m.ResumePoint) == point
