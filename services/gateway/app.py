@@ -58,6 +58,7 @@ from services.gateway.errors import (
 )
 from services.gateway.http import GatewayServer, protocol_options
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.replies import ChoiceStream
 from services.gateway.responses import (
     ResponseMeta,
     answer_error,
@@ -71,6 +72,7 @@ from services.gateway.schemas import (
     ChatCompletionBody,
     CompletionBody,
     check_body,
+    choice_requests,
     include_usage,
     parse_body,
     request_kind,
@@ -78,7 +80,7 @@ from services.gateway.schemas import (
     to_completion_request,
 )
 from services.logs import get_logger
-from services.messages import FinalAnswer
+from services.messages import CompletionRequest, FinalAnswer
 from services.models import served_max_model_len
 from services.runtime import STOP_SIGNALS, early_stops, freeze_heap
 from services.settings import Settings
@@ -310,12 +312,12 @@ async def _complete(
         logprobs=completion.sampling.logprobs is not None,
     )
     try:
-        submission = await state.backend.submit(completion, arrived_mono)
+        submissions = await _submit_choices(state.backend, completion, body.n or 1, arrived_mono)
         if body.stream:
             return await _stream(
-                request, state, submission, meta, include_usage(body), deadline, headers
+                request, state, submissions, meta, include_usage(body), deadline, headers
             )
-        return await _answer(request, state, submission, meta, deadline, headers)
+        return await _answer(request, state, submissions, meta, deadline, headers)
     except ApiError as err:
         err.headers.update(headers)
         raise
@@ -324,31 +326,53 @@ async def _complete(
         return Response(status_code=CLIENT_CLOSED_STATUS, headers=headers)
 
 
+async def _submit_choices(
+    backend: Backend, completion: CompletionRequest, n: int, arrived_at: float
+) -> list[Submission]:
+    """Submit a request's ``n`` choices, one child request each (each is admitted and
+    scheduled as a request of the tenant's); if one is refused, none goes on."""
+    submissions: list[Submission] = []
+    try:
+        for child in choice_requests(completion, n):
+            submissions.append(await backend.submit(child, arrived_at))
+    except BaseException:
+        await close_all(backend, submissions)
+        raise
+    return submissions
+
+
+async def close_all(backend: Backend, submissions: list[Submission],
+                    stream: ChoiceStream | None = None) -> None:
+    if stream is not None:
+        stream.close()
+    await asyncio.gather(*(close_submission(backend, s) for s in submissions))
+
+
 async def _answer(
     request: Request,
     state: GatewayState,
-    submission: Submission,
+    submissions: list[Submission],
     meta: ResponseMeta,
     deadline: float,
     headers: dict[str, str],
 ) -> Response:
     timeout_s = state.settings.request_timeout_s
+    stream = ChoiceStream([s.stream for s in submissions])
     try:
-        text, final, logprobs = await race_client(
-            request, collect_answer(submission.stream), deadline, timeout_s
-        )
+        answers = await race_client(request, collect_answer(stream), deadline, timeout_s)
     finally:
-        await close_submission(state.backend, submission)
-    error = answer_error(final)
-    if error is not None:
-        raise error
-    return JSONResponse(completion_response(meta, text, final, logprobs), headers=headers)
+        await close_all(state.backend, submissions, stream)
+    for answer in answers:
+        error = answer_error(answer.final)
+        if error is not None:
+            raise error
+    return JSONResponse(completion_response(meta, answers), headers=headers)
 
 
 async def _stream(
     request: Request,
     state: GatewayState,
-    submission: Submission,
+    submissions: list[Submission],
     meta: ResponseMeta,
     with_usage: bool,
     deadline: float,
@@ -356,31 +380,34 @@ async def _stream(
 ) -> Response:
     """Wait for the first reply before sending headers, so an early error keeps its status."""
     backend = state.backend
-    stream = submission.stream
+    stream = ChoiceStream([s.stream for s in submissions])
     timeout_s = state.settings.request_timeout_s
     try:
         first = await race_client(request, stream.next(), deadline, timeout_s)
     except BaseException:
-        await close_submission(backend, submission)
+        await close_all(backend, submissions, stream)
         raise
-    if isinstance(first, FinalAnswer):
-        await close_submission(backend, submission)
-        error = answer_error(first)
+    index, reply = first
+    if isinstance(reply, FinalAnswer):
+        error = answer_error(reply)
         if error is not None:
+            await close_all(backend, submissions, stream)
             raise error
+        await close_submission(backend, submissions[index])
 
     async def events() -> AsyncIterator[bytes]:
         async for piece in sse_events(
             meta, stream, first, include_usage=with_usage, deadline=deadline, timeout_s=timeout_s
         ):
-            if stream.final is not None and not submission.closed:
-                # The final answer is read: free the slot before the last bytes go out.
-                await close_submission(backend, submission)
+            for submission in submissions:
+                if submission.stream.final is not None and not submission.closed:
+                    # Its final answer is read: free the slot before the last bytes go out.
+                    await close_submission(backend, submission)
             yield piece
 
     return SubmissionStreamingResponse(
         events(),
-        on_close=lambda: close_submission(backend, submission),
+        on_close=lambda: close_all(backend, submissions, stream),
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.errors import ApiError, timed_out
-from services.gateway.replies import TimedReplies
-from services.messages import FinalAnswer, RequestKind, TokenChunk, TokenLogprob
+from services.gateway.replies import ChoiceStream
+from services.messages import FinalAnswer, RequestKind, TokenLogprob
 from services.replies import Reply
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -60,11 +60,23 @@ def answer_error(final: FinalAnswer) -> ApiError | None:
     )
 
 
-def usage(final: FinalAnswer) -> dict[str, int]:
+@dataclass(slots=True)
+class ChoiceAnswer:
+    """One choice of a non-streamed answer, as read."""
+
+    final: FinalAnswer
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def usage(finals: list[FinalAnswer]) -> dict[str, int]:
+    """The prompt once, the completion tokens of every choice (as OpenAI counts ``n``)."""
+    prompt = finals[0].prompt_tokens if finals else 0
+    completion = sum(final.completion_tokens for final in finals)
     return {
-        "prompt_tokens": final.prompt_tokens,
-        "completion_tokens": final.completion_tokens,
-        "total_tokens": final.prompt_tokens + final.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
 
 
@@ -112,30 +124,32 @@ def choice_logprobs(meta: ResponseMeta, entries: list[TokenLogprob],
     return completion_logprobs(entries, text_offset)
 
 
-def completion_response(meta: ResponseMeta, text: str, final: FinalAnswer,
-                        logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-    """The non-streaming body for a successful FinalAnswer."""
-    choice: dict[str, Any] = {"index": 0, "logprobs": choice_logprobs(meta, logprobs or []),
-                              "finish_reason": finish_reason(final)}
-    if meta.kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
-        obj = "chat.completion"
-    else:
-        choice["text"] = text
-        obj = "text_completion"
+def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict[str, Any]:
+    """The non-streaming body for successful answers, one per choice."""
+    choices = []
+    for index, answer in enumerate(answers):
+        choice: dict[str, Any] = {"index": index,
+                                  "logprobs": choice_logprobs(meta, answer.logprobs),
+                                  "finish_reason": finish_reason(answer.final)}
+        if meta.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": answer.text}
+        else:
+            choice["text"] = answer.text
+        choices.append(choice)
     return {
         "id": meta.request_id,
-        "object": obj,
+        "object": "chat.completion" if meta.kind == "chat" else "text_completion",
         "created": meta.created,
         "model": meta.model,
-        "choices": [choice],
-        "usage": usage(final),
+        "choices": choices,
+        "usage": usage([answer.final for answer in answers]),
     }
 
 
 def stream_chunk(
     meta: ResponseMeta,
     *,
+    index: int = 0,
     text: str = "",
     role: bool = False,
     finish: str | None = None,
@@ -143,7 +157,7 @@ def stream_chunk(
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk: text and/or a finish reason (chat: ``delta``; first has the role)."""
-    choice: dict[str, Any] = {"index": 0}
+    choice: dict[str, Any] = {"index": index}
     if meta.kind == "chat":
         delta: dict[str, Any] = {}
         if role:
@@ -170,14 +184,14 @@ def stream_chunk(
     return chunk
 
 
-def usage_chunk(meta: ResponseMeta, final: FinalAnswer) -> dict[str, Any]:
+def usage_chunk(meta: ResponseMeta, finals: list[FinalAnswer]) -> dict[str, Any]:
     return {
         "id": meta.request_id,
         "object": "chat.completion.chunk" if meta.kind == "chat" else "text_completion",
         "created": meta.created,
         "model": meta.model,
         "choices": [],
-        "usage": usage(final),
+        "usage": usage(finals),
     }
 
 
@@ -195,29 +209,37 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + body.translate(_LINE_BREAKS_JSON_KEEPS_RAW).encode() + b"\n\n"
 
 
-async def collect_answer(stream: TimedReplies) -> tuple[str, FinalAnswer, list[TokenLogprob]]:
-    """Read a request's replies up to its FinalAnswer; returns the joined text and the
-    tokens' log-probabilities (empty unless asked for)."""
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    while True:
-        reply = await stream.next()
+async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
+    """Read every choice's replies up to its FinalAnswer: each choice's joined text and
+    log-probabilities (empty unless asked for). An error ends the reading at once (the
+    answers returned then hold it)."""
+    parts: list[list[str]] = [[] for _ in stream.streams]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in stream.streams]
+    finals: dict[int, FinalAnswer] = {}
+    while len(finals) < len(stream.streams):
+        index, reply = await stream.next()
         if isinstance(reply, FinalAnswer):
-            return "".join(parts), reply, logprobs
-        parts.append(reply.text)
-        logprobs.extend(reply.logprobs)
+            finals[index] = reply
+            if answer_error(reply) is not None:
+                break
+        else:
+            parts[index].append(reply.text)
+            logprobs[index].extend(reply.logprobs)
+    return [ChoiceAnswer(final, "".join(parts[i]), logprobs[i]) for i, final in sorted(finals.items())]
 
 
 async def sse_events(
     meta: ResponseMeta,
-    stream: TimedReplies,
-    first: Reply,
+    stream: ChoiceStream,
+    first: tuple[int, Reply],
     *,
     include_usage: bool,
     deadline: float,
     timeout_s: float,
 ) -> AsyncIterator[bytes]:
-    """SSE bytes for a request whose first reply (``first``) was already read.
+    """SSE bytes for a request whose first reply (``first``: choice index and reply)
+    was already read. Each choice ends with its own finish chunk; an error in any ends
+    the stream.
 
     ``deadline`` is in event-loop time; when it passes, an error event ends the stream
     (the caller sees no final answer and cancels downstream).
@@ -226,33 +248,37 @@ async def sse_events(
     event: a busy gateway makes fewer writes, and none waits for a reply to come.
     """
     events: list[bytes] = []
+    n = len(stream.streams)
     if meta.kind == "chat":
-        events.append(sse(stream_chunk(meta, role=True, include_usage=include_usage)))
-    reply: Reply = first
-    text_offset = 0  # where the next token's text starts, for completions' text_offset
+        events.extend(sse(stream_chunk(meta, index=i, role=True, include_usage=include_usage))
+                      for i in range(n))
+    index, reply = first
+    text_offsets = [0] * n  # where each choice's next token's text starts (text_offset)
+    finals: dict[int, FinalAnswer] = {}
     while True:
         if isinstance(reply, FinalAnswer):
             error = answer_error(reply)
             if error is not None:
                 events.append(sse(error.body()))
-            else:
-                events.append(sse(
-                    stream_chunk(meta, finish=finish_reason(reply), include_usage=include_usage)
-                ))
+                break
+            finals[index] = reply
+            events.append(sse(stream_chunk(meta, index=index, finish=finish_reason(reply),
+                                           include_usage=include_usage)))
+            if len(finals) == n:
                 if include_usage:
-                    events.append(sse(usage_chunk(meta, reply)))
-            break
-        if isinstance(reply, TokenChunk) and (reply.text or (meta.logprobs and reply.logprobs)):
+                    events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))
+                break
+        elif reply.text or (meta.logprobs and reply.logprobs):
             events.append(sse(stream_chunk(
-                meta, text=reply.text, include_usage=include_usage,
-                logprobs=choice_logprobs(meta, reply.logprobs, text_offset))))
-            text_offset += sum(len(entry.token) for entry in reply.logprobs)
+                meta, index=index, text=reply.text, include_usage=include_usage,
+                logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index]))))
+            text_offsets[index] += sum(len(entry.token) for entry in reply.logprobs)
         if events and not stream.waiting:
             yield b"".join(events)
             events.clear()
         try:
             async with asyncio.timeout_at(deadline):
-                reply = await stream.next()
+                index, reply = await stream.next()
         except TimeoutError:
             events.append(sse(timed_out(timeout_s).body()))
             break

@@ -15,6 +15,7 @@ guided decoding...) instead of being silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -38,6 +39,8 @@ from services.settings import Settings
 MAX_STOP_SEQUENCES = 4
 """OpenAI's limit on ``stop`` strings."""
 MAX_STOP_TOKEN_IDS = 256
+MAX_CHOICES = 128
+"""OpenAI's limit on ``n``."""
 MAX_TOKEN_ID = 2**31 - 1
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -129,7 +132,8 @@ class _SamplingFields(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    """Choices to generate for the prompt (each one a request of the tenant's)."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: TextOrList | None = None
@@ -244,8 +248,6 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             f"{param} ({max_tokens}) exceeds the model's context length ({settings.max_model_len}).",
             param=param,
         )
-    if body.n not in (None, 1):
-        raise invalid("Only n=1 is supported.", param="n", code="unsupported")
     if body.stop is not None and len(body.stop) > MAX_STOP_SEQUENCES:
         raise invalid(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.", param="stop")
     if body.stream_options is not None and not body.stream:
@@ -285,6 +287,24 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             raise _unsupported("response_format", f"response_format {response_type!r}")
         if body.modalities not in (None, ["text"]) or body.audio is not None:
             raise _unsupported("modalities" if body.audio is None else "audio", "Audio output")
+
+
+def choice_requests(request: CompletionRequest, n: int) -> list[CompletionRequest]:
+    """The child requests of a request's ``n`` choices: the request itself for one; else
+    ids ``<id>-<index>`` and, for a seeded request, seeds ``seed + index``, so choices
+    differ unless decoding is greedy, and a seeded request gives the same choices again."""
+    if n == 1:
+        return [request]
+    seed = request.sampling.seed
+    return [
+        dataclasses.replace(
+            request, request_id=f"{request.request_id}-{index}",
+            sampling=dataclasses.replace(
+                request.sampling,
+                seed=None if seed is None else (seed + index - INT64_MIN) % 2**64 + INT64_MIN),
+        )
+        for index in range(n)
+    ]
 
 
 def requested_logprobs(body: AnyBody) -> int | None:

@@ -139,6 +139,33 @@ def test_logprobs_in_both_apis_streamed_or_not(client, tokenizer):
     assert all(bytes(c.bytes).decode() == c.token for c in content)
 
 
+def test_n_choices_streamed_or_not(client, tokenizer):
+    """n choices come back in one answer, each sampled on its own (seeded: the same again),
+    the prompt counted once in the usage."""
+    prompt = "Once upon a time"
+    args = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "n": 3, "seed": 11,
+            "temperature": 1.0, "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(**args)
+    texts = [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(whole.choices, key=lambda c: c.index)] == [0, 1, 2]
+    assert len(set(texts)) == 3
+    assert whole.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert whole.usage.completion_tokens == 24
+    streamed = list(client.completions.create(stream=True, **args))
+    again = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            again[choice.index] += choice.text
+    assert again == texts
+    finishes = [c.choices[0].index for c in streamed if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1, 2]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, n=2, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    first, second = chat.choices
+    assert first.message.content == second.message.content  # greedy: the same answer twice
+
+
 def test_two_tenants_and_bad_key(system, acme_key, globex_key):
     for key in (acme_key, globex_key):
         r = httpx.post(f"{system.gateway_url}/v1/completions", headers={"Authorization": f"Bearer {key}"},

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from services.gateway.replies import TimedReplies
+from services.gateway.replies import ChoiceStream, TimedReplies
 from services.gateway.responses import (
     SSE_DONE,
+    ChoiceAnswer,
     ResponseMeta,
     answer_error,
     collect_answer,
@@ -54,18 +55,19 @@ def filled(*replies: TokenChunk | FinalAnswer) -> TimedReplies:
 
 async def run_sse(
     meta: ResponseMeta,
-    stream: TimedReplies,
+    stream: TimedReplies | ChoiceStream,
     *,
     include_usage: bool = False,
     deadline_in: float = 5.0,
 ):
     """Events of one stream, decoded; ``[DONE]`` stays a string."""
-    first = await stream.next()
+    choices = stream if isinstance(stream, ChoiceStream) else ChoiceStream([stream])
+    first = await choices.next()
     deadline = asyncio.get_running_loop().time() + deadline_in
     raw = [
         e
         async for e in sse_events(
-            meta, stream, first, include_usage=include_usage, deadline=deadline, timeout_s=7
+            meta, choices, first, include_usage=include_usage, deadline=deadline, timeout_s=7
         )
     ]
     assert all(write.endswith(b"\n\n") for write in raw)  # whole events only
@@ -78,7 +80,7 @@ async def run_sse(
 
 
 def test_completion_body_shape() -> None:
-    body = completion_response(COMPLETION, "abc", done(3, "length"))
+    body = completion_response(COMPLETION, [ChoiceAnswer(done(3, "length"), "abc")])
     assert body == {
         "id": "cmpl-1",
         "object": "text_completion",
@@ -90,7 +92,7 @@ def test_completion_body_shape() -> None:
 
 
 def test_chat_body_shape() -> None:
-    body = completion_response(CHAT, "hi", done(1))
+    body = completion_response(CHAT, [ChoiceAnswer(done(1), "hi")])
     assert body["object"] == "chat.completion"
     assert body["choices"] == [
         {
@@ -124,8 +126,8 @@ def test_answer_error_mapping() -> None:
 
 
 async def test_collect_answer_joins_text() -> None:
-    text, final, logprobs = await collect_answer(filled(tok(0, "a"), tok(1, "b"), done(2)))
-    assert (text, final.completion_tokens, logprobs) == ("ab", 2, [])
+    [answer] = await collect_answer(ChoiceStream([filled(tok(0, "a"), tok(1, "b"), done(2))]))
+    assert (answer.text, answer.final.completion_tokens, answer.logprobs) == ("ab", 2, [])
 
 
 def scored(i: int, text: str, text_offset: int | None = None) -> TokenChunk:
@@ -138,8 +140,8 @@ def scored(i: int, text: str, text_offset: int | None = None) -> TokenChunk:
 
 async def test_completion_logprobs_in_the_legacy_shape() -> None:
     meta = dataclasses.replace(COMPLETION, logprobs=True)
-    text, final, logprobs = await collect_answer(filled(scored(0, "he"), scored(1, "llo", 2), done(2)))
-    body = completion_response(meta, text, final, logprobs)
+    answers = await collect_answer(ChoiceStream([filled(scored(0, "he"), scored(1, "llo", 2), done(2))]))
+    body = completion_response(meta, answers)
     assert body["choices"][0]["logprobs"] == {
         "tokens": ["he", "llo"],
         "token_logprobs": [0.0, -0.5],
@@ -147,13 +149,13 @@ async def test_completion_logprobs_in_the_legacy_shape() -> None:
         "text_offset": [0, 2],
     }
     # Not asked for: null, as before.
-    assert completion_response(COMPLETION, text, final, logprobs)["choices"][0]["logprobs"] is None
+    assert completion_response(COMPLETION, answers)["choices"][0]["logprobs"] is None
 
 
 async def test_chat_logprobs_with_bytes_and_top_logprobs() -> None:
     meta = dataclasses.replace(CHAT, logprobs=True)
-    text, final, logprobs = await collect_answer(filled(scored(0, "é"), done(1)))
-    content = completion_response(meta, text, final, logprobs)["choices"][0]["logprobs"]["content"]
+    answers = await collect_answer(ChoiceStream([filled(scored(0, "é"), done(1))]))
+    content = completion_response(meta, answers)["choices"][0]["logprobs"]["content"]
     assert content == [{"token": "é", "logprob": 0.0, "bytes": [195, 169], "top_logprobs": [
         {"token": "x", "logprob": -0.1, "bytes": [120]}, {"token": "é", "logprob": 0.0, "bytes": [195, 169]}]}]
 
@@ -241,7 +243,8 @@ async def test_replies_already_waiting_go_out_in_one_write_and_none_waits() -> N
     """Each event is its own, but the events of replies that were already in the stream
     share a write; a reply that is not there yet never holds back what is."""
     stream = filled(tok(0, "a"), tok(1, "b"))
-    first = await stream.next()
+    choices = ChoiceStream([stream])
+    first = await choices.next()
     writes = []
 
     async def late() -> None:
@@ -252,7 +255,7 @@ async def test_replies_already_waiting_go_out_in_one_write_and_none_waits() -> N
 
     task = asyncio.create_task(late())
     deadline = asyncio.get_running_loop().time() + 5
-    async for write in sse_events(COMPLETION, stream, first, include_usage=True, deadline=deadline,
+    async for write in sse_events(COMPLETION, choices, first, include_usage=True, deadline=deadline,
                                   timeout_s=7):
         writes.append(write)
     await task
@@ -268,3 +271,51 @@ def test_sse_event_is_one_data_line(text: str) -> None:
     assert json.loads(event[6:-2]) == {"t": text}
     assert event.decode().splitlines() == [event[:-2].decode(), ""]
     assert SSE_DONE == b"data: [DONE]\n\n"
+
+
+def child(request_id: str, *replies: TokenChunk | FinalAnswer) -> TimedReplies:
+    stream = ReplyStream(request_id)
+    for reply in replies:
+        stream.offer(dataclasses.replace(reply, request_id=request_id))
+    return TimedReplies(stream, opened_at=0.0)
+
+
+async def test_n_choices_are_read_together_and_counted_once_for_the_prompt() -> None:
+    choices = ChoiceStream([child("r-0", tok(0, "a"), done(1)),
+                            child("r-1", tok(0, "x"), tok(1, "y"), done(2, "length"))])
+    body = completion_response(COMPLETION, await collect_answer(choices))
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "a", "stop"), (1, "xy", "length")]
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+async def test_n_choices_stream_interleaved_each_with_its_own_end() -> None:
+    late = child("r-1", tok(0, "x"))
+    choices = ChoiceStream([child("r-0", tok(0, "a"), done(1)), late])
+
+    async def finish_late() -> None:
+        await asyncio.sleep(0.02)
+        late.stream.offer(dataclasses.replace(tok(1, "y"), request_id="r-1"))
+        late.stream.offer(dataclasses.replace(done(2), request_id="r-1"))
+
+    task = asyncio.create_task(finish_late())
+    events = await run_sse(CHAT, choices, include_usage=True)
+    await task
+    chunks = events[:-1]
+    assert [(c["choices"][0]["index"], c["choices"][0]["delta"]) for c in chunks[:2]] == [
+        (0, {"role": "assistant", "content": ""}), (1, {"role": "assistant", "content": ""})]
+    per_choice: dict[int, list] = {0: [], 1: []}
+    for c in chunks[2:-1]:
+        choice = c["choices"][0]
+        per_choice[choice["index"]].append(choice["delta"].get("content") or choice["finish_reason"])
+    assert per_choice == {0: ["a", "stop"], 1: ["x", "y", "stop"]}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+async def test_an_error_in_one_choice_ends_the_answer() -> None:
+    error = ErrorInfo(message="worker died", type="server_error", status=500)
+    pending = child("r-1")
+    choices = ChoiceStream([child("r-0", tok(0, "a"), done(1, "error", error)), pending])
+    answers = await collect_answer(choices)
+    assert answer_error(answers[0].final) is not None  # not waiting for the other choice
+    choices.close()

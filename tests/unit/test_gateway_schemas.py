@@ -11,9 +11,12 @@ from services.gateway.errors import ApiError
 from services.gateway.schemas import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
+    INT64_MAX,
+    INT64_MIN,
     ChatCompletionBody,
     CompletionBody,
     check_body,
+    choice_requests,
     include_usage,
     parse_body,
     resolve_deadline_ms,
@@ -82,7 +85,8 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": ""}, "stop.0"),
         ({"stop": 7}, "stop"),
@@ -312,6 +316,17 @@ def test_logprobs_requests_map_to_the_number_of_alternatives() -> None:
     assert asked(chat(logprobs=False, top_logprobs=0), ChatCompletionBody) is None
     assert asked(chat(logprobs=True), ChatCompletionBody) == 0
     assert asked(chat(logprobs=True, top_logprobs=20), ChatCompletionBody) == 20
+
+
+def test_n_choices_are_child_requests_with_their_own_ids_and_seeds() -> None:
+    request = to_request(_check(completion(n=3, seed=INT64_MAX - 1)), request_id="cmpl-9")
+    children = choice_requests(request, 3)
+    assert [c.request_id for c in children] == ["cmpl-9-0", "cmpl-9-1", "cmpl-9-2"]
+    assert [c.sampling.seed for c in children] == [INT64_MAX - 1, INT64_MAX, INT64_MIN]  # wraps
+    assert all(c.prompt == request.prompt and c.tenant == request.tenant for c in children)
+    unseeded = choice_requests(to_request(_check(completion(n=2))), 2)
+    assert [c.sampling.seed for c in unseeded] == [None, None]  # each gets one of its own id
+    assert choice_requests(request, 1) == [request]
 
 
 def test_chat_request_mapping_and_defaults() -> None:
