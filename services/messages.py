@@ -108,6 +108,9 @@ class SamplingParams:
     logprobs: int | None = None
     """Send each output token's log-probability and those of the ``logprobs`` most likely
     tokens at its position (0: the token's own only); None sends none."""
+    prompt_logprobs: int | None = None
+    """The same for the prompt's tokens (vLLM's ``prompt_logprobs``; OpenAI's ``echo``
+    with ``logprobs``), sent once, with the first output."""
 
 
 DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")
@@ -213,6 +216,9 @@ class TokenChunk(Message):
     token_ids: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per token of ``token_ids`` when the request asked for them, else empty."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per prompt token, on the answer's first chunk, when the request asked for
+    them. Nothing predicts the first: its entry has only its text (logprob 0, no top)."""
 
 
 @dataclass(slots=True)
@@ -241,6 +247,8 @@ class FinalAnswer(Message):
     """The answer's last tokens, as ``text``."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """Those tokens' log-probabilities, when the request asked for them."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """As ``TokenChunk.prompt_logprobs``, when these are the answer's first tokens."""
     finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -347,6 +355,8 @@ class ResumePoint(Message):
     kept, whose callers are not sent it again."""
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     """The log-probabilities sent with those tokens, when the request asked for them."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """The prompt's, sent with the first of them, when the request asked for them."""
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -40,6 +40,8 @@ class ReplyStream:
         self.next_char = 0
         """Characters of output text delivered."""
         self.finished = False
+        self.prompt_delivered = False
+        """The prompt's log-probabilities (sent with the first chunk, when asked) went out."""
         self._ahead: dict[int, m.TokenChunk] = {}
         """Chunks past a gap, by token offset."""
         self._final: m.FinalAnswer | None = None
@@ -52,18 +54,20 @@ class ReplyStream:
         if isinstance(msg, m.FinalAnswer):
             if msg.finish_reason in ("error", "cancelled"):
                 # An abnormal end does not wait for missing chunks: nothing more will come.
-                self._deliver_final(dataclasses.replace(msg, text="", token_ids=[], logprobs=[]))
+                self._deliver_final(dataclasses.replace(msg, text="", token_ids=[], logprobs=[],
+                                                        prompt_logprobs=[]))
                 return
             if msg.token_ids or msg.text:  # the answer's last tokens: a chunk, then the end
                 self.offer(m.TokenChunk(request_id=msg.request_id, token_offset=msg.token_offset,
                                         text_offset=msg.text_offset, text=msg.text,
-                                        token_ids=msg.token_ids, logprobs=msg.logprobs))
+                                        token_ids=msg.token_ids, logprobs=msg.logprobs,
+                                        prompt_logprobs=msg.prompt_logprobs))
                 if self.finished:  # that chunk let an end held earlier through
                     return
                 msg = dataclasses.replace(
                     msg, token_offset=msg.token_offset + len(msg.token_ids),
                     text_offset=msg.text_offset + len(msg.text), text="", token_ids=[],
-                    logprobs=[])
+                    logprobs=[], prompt_logprobs=[])
             self._final = self._final or msg
         elif msg.token_offset > self.next_token:
             held = self._ahead.get(msg.token_offset)
@@ -82,6 +86,10 @@ class ReplyStream:
         lies past what was delivered."""
         tokens = chunk.token_ids[self.next_token - chunk.token_offset:]
         text = chunk.text[max(0, self.next_char - chunk.text_offset):]
+        if chunk.prompt_logprobs:  # once: a regenerated first chunk carries them again
+            if self.prompt_delivered:
+                chunk = dataclasses.replace(chunk, prompt_logprobs=[])
+            self.prompt_delivered = True
         if tokens or text:
             if len(tokens) < len(chunk.token_ids) or len(text) < len(chunk.text):
                 chunk = dataclasses.replace(chunk, token_ids=tokens, text=text,

@@ -155,7 +155,8 @@ def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
         else:
             merged[out.request_id] = replace(
                 out, new_token_ids=first.new_token_ids + out.new_token_ids,
-                new_text=first.new_text + out.new_text, logprobs=first.logprobs + out.logprobs)
+                new_text=first.new_text + out.new_text, logprobs=first.logprobs + out.logprobs,
+                prompt_logprobs=first.prompt_logprobs or out.prompt_logprobs)
     return list(merged.values())
 
 
@@ -273,6 +274,8 @@ class Active:
     """Every output token sent to the caller (a hand-back leaves them as a resume point)."""
     output_logprobs: list[m.TokenLogprob] = field(default_factory=list)
     """Their log-probabilities, when the request asked for them."""
+    prompt_logprobs: list[m.TokenLogprob] = field(default_factory=list)
+    """The prompt's, sent with the first chunk, when the request asked for them."""
     streamed_chars: int = 0
     """Characters of text sent to the caller."""
     streamed_text: list[str] = field(default_factory=list)
@@ -322,7 +325,8 @@ class Active:
         return m.ResumePoint(request_id=self.item.request_id, worker_id=worker_id,
                              output_token_ids=self.output_token_ids[:tokens], streamed_chars=chars,
                              streamed_text="".join(self.streamed_text)[:chars],
-                             output_logprobs=self.output_logprobs[:tokens])
+                             output_logprobs=self.output_logprobs[:tokens],
+                             prompt_logprobs=self.prompt_logprobs)
 
     @property
     def request(self) -> m.CompletionRequest:
@@ -487,7 +491,8 @@ class WorkerService:
         send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
             request_id=active.item.request_id, token_offset=0, text_offset=0,
             text=point.streamed_text, token_ids=list(point.output_token_ids),
-            logprobs=list(point.output_logprobs)), mandatory=True))
+            logprobs=list(point.output_logprobs), prompt_logprobs=list(point.prompt_logprobs)),
+            mandatory=True))
         send.add_done_callback(lambda f: self._on_sent(active, f))
         active.unconfirmed.appendleft((send, len(point.output_token_ids), point.streamed_chars))
 
@@ -509,6 +514,7 @@ class WorkerService:
         if point is not None:
             active.output_token_ids = list(point.output_token_ids)
             active.output_logprobs = list(point.output_logprobs)
+            active.prompt_logprobs = list(point.prompt_logprobs)
             active.streamed_chars = point.streamed_chars
             active.streamed_text = [point.streamed_text]
             active.confirmed = (len(point.output_token_ids), point.streamed_chars)
@@ -624,9 +630,11 @@ class WorkerService:
             send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
                 request_id=active.item.request_id, token_offset=len(active.output_token_ids),
                 text_offset=active.streamed_chars, text=out.new_text,
-                token_ids=list(out.new_token_ids), logprobs=out.logprobs), mandatory=True))
+                token_ids=list(out.new_token_ids), logprobs=out.logprobs,
+                prompt_logprobs=out.prompt_logprobs), mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
             active.sent(send, out.new_token_ids, out.new_text, out.logprobs)
+            active.prompt_logprobs = active.prompt_logprobs or out.prompt_logprobs
         if len(active.unconfirmed) > 64:
             active.confirmed_prefix()  # let go of the confirmed ones
 
@@ -652,7 +660,8 @@ class WorkerService:
         final = amqp.reply(self.channel, req.reply_to, m.FinalAnswer(
             request_id=rid, token_offset=len(active.output_token_ids), text_offset=active.streamed_chars,
             text=out.new_text if done else "", token_ids=list(out.new_token_ids) if done else [],
-            logprobs=out.logprobs if done else [], finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
+            logprobs=out.logprobs if done else [],
+            prompt_logprobs=out.prompt_logprobs if done else [], finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
             completion_tokens=out.num_output_tokens, error=error))
         event = amqp.publish(self.events, m.RequestFinished(
             request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,

@@ -61,6 +61,8 @@ class _EchoRequest:
     reserved_tokens: int
     started_at: float = 0.0
     generated: int = 0
+    prompt_logprobs_due: bool = False
+    """The request asked for the prompt's log-probabilities and they are not sent yet."""
 
 
 class EchoEngine:
@@ -150,6 +152,7 @@ class EchoEngine:
             text=text,
             reserved_tokens=self._blocks(len(prompt) + params.max_tokens) * self.config.block_size,
             generated=len(resumed),  # the echo goes on where the earlier run stopped
+            prompt_logprobs_due=params.prompt_logprobs is not None and not resumed,
         ))
         self._admit(self.clock())
 
@@ -255,13 +258,20 @@ class EchoEngine:
                 break
         if reason is None and req.generated >= req.sampling.max_tokens:
             reason = "length"
+        prompt_logprobs: list[TokenLogprob] = []
+        if req.prompt_logprobs_due and tokens:
+            req.prompt_logprobs_due = False
+            first = TokenLogprob(token=self.tokenizer.decode([req.prompt[0]]), logprob=0.0)
+            top = req.sampling.prompt_logprobs or 0
+            prompt_logprobs = [first, *(self._certain(t, top) for t in req.prompt[1:])]
         if reason is None:
             return RequestOutput(req.request_id, tokens, text, False, None,
-                                 len(req.prompt), req.generated, logprobs=logprobs)
+                                 len(req.prompt), req.generated, logprobs=logprobs,
+                                 prompt_logprobs=prompt_logprobs)
         if not req.text.stopped:
             text += req.text.append(req.detokenizer.flush())[0]
             text += req.text.flush()
-        return self._final(req, tokens, text, reason, logprobs)
+        return self._final(req, tokens, text, reason, logprobs, prompt_logprobs)
 
     def _certain(self, token: int, top: int) -> TokenLogprob:
         """The echo's token is certain: log-probability 0, and the only one at its place."""
@@ -270,7 +280,8 @@ class EchoEngine:
 
     @staticmethod
     def _final(req: _EchoRequest, tokens: list[int], text: str, reason: str,
-               logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+               logprobs: list[TokenLogprob] | None = None,
+               prompt_logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=tokens,
@@ -280,4 +291,5 @@ class EchoEngine:
             num_prompt_tokens=len(req.prompt),
             num_output_tokens=req.generated,
             logprobs=logprobs or [],
+            prompt_logprobs=prompt_logprobs or [],
         )

@@ -72,6 +72,9 @@ class _RequestState:
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer
     text: StopStringBuffer
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """The prompt's log-probabilities as far as computed, while the request asked for them
+    and they are not sent yet (then None)."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -259,6 +262,9 @@ class LLMEngine:
             generator=make_generator(params.seed, self.device),
             detokenizer=detokenizer,
             text=text,
+            # A resumed request's earlier run sent them with its first output.
+            prompt_logprobs=[TokenLogprob(self._token_text(prompt[0]), 0.0)]
+            if params.prompt_logprobs is not None and not resumed else None,
         )
         self.scheduler.add(seq)
 
@@ -344,10 +350,17 @@ class LLMEngine:
         context_lens: list[int] = []
         tables: list[list[int]] = []
         logit_rows: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[tuple[_RequestState, int]] = []
         starts = [0]
         for item in sched.scheduled:
             seq, n = item.seq, item.num_new_tokens
             c = seq.num_computed_tokens
+            wanted = self._requests[seq.request_id].prompt_logprobs
+            if wanted is not None:  # positions p predict prompt token p + 1; once each
+                for p in range(max(c, len(wanted) - 1), min(c + n, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append(starts[-1] + p - c)
+                    prompt_targets.append((self._requests[seq.request_id], seq.token_ids[p + 1]))
             blocks = seq.block_ids
             if n == 1:  # a decode: one token, no ranges
                 input_ids.append(seq.token_ids[c])
@@ -391,11 +404,12 @@ class LLMEngine:
             )
         ids = torch.tensor([input_ids], dtype=torch.long).to(dev, non_blocking=True)
         pos = torch.tensor([positions], dtype=torch.long).to(dev, non_blocking=True)
-        rows = torch.tensor(logit_rows, dtype=torch.long).to(dev, non_blocking=True)
+        kept = logit_rows + prompt_rows
+        rows = torch.tensor(kept, dtype=torch.long).to(dev, non_blocking=True)
         kwargs: dict[str, Any] = {"input_ids": ids, "position_ids": pos, "use_cache": False}
         if self._takes_logits_to_keep:
             # No request samples during a pure prefill chunk: keep one row, not all.
-            kwargs["logits_to_keep"] = rows if logit_rows else 1
+            kwargs["logits_to_keep"] = rows if kept else 1
         lora = None
         if self.lora is not None:  # page in this step's adapters, between steps
             lora = self.lora.step(
@@ -405,15 +419,18 @@ class LLMEngine:
             )
         with torch.inference_mode(), forward_context(meta), lora_step(lora):
             if self._lean is not None:
-                logits = self._lean(ids, pos, rows if logit_rows else None, meta)
+                logits = self._lean(ids, pos, rows if kept else None, meta)
                 if logits is None:
                     return [], {}
             else:
                 logits = self.model(**kwargs).logits[0]
+            if logits.shape[0] != len(kept):
+                logits = logits[rows]
+            if prompt_rows:
+                self._add_prompt_logprobs(logits[len(logit_rows):], prompt_targets)
+                logits = logits[: len(logit_rows)]
             if not samplers:
                 return [], {}
-            if logits.shape[0] != len(logit_rows):
-                logits = logits[rows]
             states = [self._requests[item.seq.request_id] for item in samplers]
             asked = [i for i, s in enumerate(states) if s.sampling.logprobs is not None]
             raw = logits[asked] if asked else None  # a copy: sampling adjusts logits in place
@@ -426,6 +443,16 @@ class LLMEngine:
                 states[i].seq.request_id: self._token_logprob(tokens[i], *entry)
                 for i, entry in zip(asked, found, strict=True)
             }
+
+    def _add_prompt_logprobs(self, logits: torch.Tensor,
+                             targets: list[tuple[_RequestState, int]]) -> None:
+        """Extend each request's prompt log-probabilities by the positions computed now
+        (``logits`` rows in the order of ``targets``: request, the prompt token predicted)."""
+        found = token_logprobs(logits, [token for _, token in targets],
+                               [state.sampling.prompt_logprobs or 0 for state, _ in targets])
+        for (state, token), entry in zip(targets, found, strict=True):
+            if state.prompt_logprobs is not None:
+                state.prompt_logprobs.append(self._token_logprob(token, *entry))
 
     def _token_text(self, token_id: int) -> str:
         """A token's own text for log-probabilities (special tokens spelled out), cached."""
@@ -467,6 +494,7 @@ class LLMEngine:
         if reason is None and seq.num_output_tokens >= seq.max_tokens:
             reason = "length"
         logprobs = [] if logprob is None else [logprob]
+        prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs or [], None  # sent once
         if reason is None:
             return RequestOutput(
                 seq.request_id,
@@ -477,6 +505,7 @@ class LLMEngine:
                 seq.num_prompt_tokens,
                 seq.num_output_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         if not state.text.stopped:
             text += state.text.append(state.detokenizer.flush())[0]
@@ -484,12 +513,13 @@ class LLMEngine:
         del self._requests[seq.request_id]
         self.scheduler.finish(seq)
         self._release_slot(seq.request_id)
-        return self._final(state, [token], text, reason, logprobs=logprobs)
+        return self._final(state, [token], text, reason, logprobs=logprobs,
+                           prompt_logprobs=prompt_logprobs)
 
     @staticmethod
     def _final(
         state: _RequestState, tokens: list[int], text: str, reason: str, error: str | None = None,
-        logprobs: list[TokenLogprob] | None = None,
+        logprobs: list[TokenLogprob] | None = None, prompt_logprobs: list[TokenLogprob] | None = None,
     ) -> RequestOutput:
         seq = state.seq
         return RequestOutput(
@@ -502,6 +532,7 @@ class LLMEngine:
             num_output_tokens=seq.num_output_tokens,
             error=error,
             logprobs=logprobs or [],
+            prompt_logprobs=prompt_logprobs or [],
         )
 
     def _record_timing(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:

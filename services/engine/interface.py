@@ -96,6 +96,9 @@ class RequestOutput:
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per new token when the request asked for log-probabilities."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per prompt token, with the request's first output, when it asked for them
+    (the first entry has no log-probability: nothing predicts it)."""
 
 
 @dataclass

@@ -64,8 +64,10 @@ def validate_sampling(params: SamplingParams) -> str | None:
         return "min_p must be in [0, 1]"
     if not 0 <= params.min_tokens <= params.max_tokens:
         return f"min_tokens must be in [0, max_tokens] ({params.max_tokens})"
-    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
-        return f"logprobs must be in [0, {MAX_LOGPROBS}]"
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            return f"{name} must be in [0, {MAX_LOGPROBS}]"
     return _logit_bias_problem(params)
 
 

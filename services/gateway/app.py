@@ -310,6 +310,7 @@ async def _complete(
     meta = ResponseMeta(
         request_id=request_id, kind=request_kind(body), model=body.model, created=int(now),
         logprobs=completion.sampling.logprobs is not None,
+        echo=completion.prompt if isinstance(body, CompletionBody) and body.echo else None,
     )
     try:
         submissions = await _submit_choices(state.backend, completion, body.n or 1, arrived_mono)

@@ -40,6 +40,9 @@ class ResponseMeta:
     created: int
     logprobs: bool = False
     """The client asked for log-probabilities."""
+    echo: str | None = None
+    """The prompt, when a completion asked for it back (``echo``): each choice's text
+    starts with it, and its log-probabilities with the prompt's."""
 
 
 def answer_error(final: FinalAnswer) -> ApiError | None:
@@ -67,6 +70,7 @@ class ChoiceAnswer:
     final: FinalAnswer
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def usage(finals: list[FinalAnswer]) -> dict[str, int]:
@@ -84,21 +88,26 @@ def finish_reason(final: FinalAnswer) -> str:
     return _FINISH_REASONS[final.finish_reason]
 
 
-def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0,
+                        unscored_first: bool = False) -> dict[str, Any]:
     """A completion choice's ``logprobs`` for these tokens; ``text_offset`` is where the
-    first one starts in the answer's text."""
+    first one starts in the answer's text. ``unscored_first``: the first is the prompt's
+    first token, which nothing predicts (null, as OpenAI and vLLM give it)."""
     offsets = []
     for entry in entries:
         offsets.append(text_offset)
         text_offset += len(entry.token)
-    top = []
+    top: list[dict[str, float] | None] = []
     for entry in entries:
         alternatives = {alt.token: alt.logprob for alt in entry.top}
         alternatives.setdefault(entry.token, entry.logprob)
         top.append(alternatives)
+    token_logprobs: list[float | None] = [entry.logprob for entry in entries]
+    if unscored_first and entries:
+        token_logprobs[0] = top[0] = None
     return {
         "tokens": [entry.token for entry in entries],
-        "token_logprobs": [entry.logprob for entry in entries],
+        "token_logprobs": token_logprobs,
         "top_logprobs": top,
         "text_offset": offsets,
     }
@@ -114,13 +123,16 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     ]}
 
 
-def choice_logprobs(meta: ResponseMeta, entries: list[TokenLogprob],
-                    text_offset: int = 0) -> dict[str, Any] | None:
-    """The ``logprobs`` of a choice (or streamed delta): None unless the client asked."""
+def choice_logprobs(meta: ResponseMeta, entries: list[TokenLogprob], text_offset: int = 0,
+                    prompt: list[TokenLogprob] | None = None) -> dict[str, Any] | None:
+    """The ``logprobs`` of a choice (or streamed delta): None unless the client asked.
+    ``prompt``: the prompt's, which an echoed completion's come after."""
     if not meta.logprobs:
         return None
     if meta.kind == "chat":
         return chat_logprobs(entries)
+    if prompt:
+        return completion_logprobs(prompt + entries, text_offset, unscored_first=True)
     return completion_logprobs(entries, text_offset)
 
 
@@ -128,13 +140,14 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
     """The non-streaming body for successful answers, one per choice."""
     choices = []
     for index, answer in enumerate(answers):
+        prompt = answer.prompt_logprobs if meta.echo is not None else None
         choice: dict[str, Any] = {"index": index,
-                                  "logprobs": choice_logprobs(meta, answer.logprobs),
+                                  "logprobs": choice_logprobs(meta, answer.logprobs, prompt=prompt),
                                   "finish_reason": finish_reason(answer.final)}
         if meta.kind == "chat":
             choice["message"] = {"role": "assistant", "content": answer.text}
         else:
-            choice["text"] = answer.text
+            choice["text"] = (meta.echo or "") + answer.text
         choices.append(choice)
     return {
         "id": meta.request_id,
@@ -215,6 +228,7 @@ async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
     answers returned then hold it)."""
     parts: list[list[str]] = [[] for _ in stream.streams]
     logprobs: list[list[TokenLogprob]] = [[] for _ in stream.streams]
+    prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in stream.streams]
     finals: dict[int, FinalAnswer] = {}
     while len(finals) < len(stream.streams):
         index, reply = await stream.next()
@@ -225,7 +239,9 @@ async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
         else:
             parts[index].append(reply.text)
             logprobs[index].extend(reply.logprobs)
-    return [ChoiceAnswer(final, "".join(parts[i]), logprobs[i]) for i, final in sorted(finals.items())]
+            prompt_logprobs[index].extend(reply.prompt_logprobs)
+    return [ChoiceAnswer(final, "".join(parts[i]), logprobs[i], prompt_logprobs[i])
+            for i, final in sorted(finals.items())]
 
 
 async def sse_events(
@@ -254,6 +270,7 @@ async def sse_events(
                       for i in range(n))
     index, reply = first
     text_offsets = [0] * n  # where each choice's next token's text starts (text_offset)
+    echoed = [meta.echo is None] * n  # an echoed choice starts with the prompt
     finals: dict[int, FinalAnswer] = {}
     while True:
         if isinstance(reply, FinalAnswer):
@@ -268,11 +285,15 @@ async def sse_events(
                 if include_usage:
                     events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))
                 break
-        elif reply.text or (meta.logprobs and reply.logprobs):
+        elif reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]:
+            text, prompt = reply.text, None
+            if not echoed[index]:
+                echoed[index] = True
+                text, prompt = (meta.echo or "") + text, reply.prompt_logprobs
             events.append(sse(stream_chunk(
-                meta, index=index, text=reply.text, include_usage=include_usage,
-                logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index]))))
-            text_offsets[index] += sum(len(entry.token) for entry in reply.logprobs)
+                meta, index=index, text=text, include_usage=include_usage,
+                logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index], prompt))))
+            text_offsets[index] += sum(len(entry.token) for entry in (prompt or []) + reply.logprobs)
         if events and not stream.waiting:
             yield b"".join(events)
             events.clear()

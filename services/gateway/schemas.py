@@ -9,7 +9,7 @@ Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``
 ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms`` header, the
 smaller wins) and ``fail_if_late``. Unknown fields are ignored, as OpenAI servers do;
 known OpenAI features (and vLLM extensions) that Fairway does not implement are refused
-with a 400 when they would change the answer (``response_format`` json, tools, ``echo``,
+with a 400 when they would change the answer (``response_format`` json, tools, ``suffix``,
 guided decoding...) instead of being silently dropped.
 """
 
@@ -269,8 +269,6 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             )
         if body.best_of not in (None, 1):
             raise _unsupported("best_of", "best_of other than 1")
-        if body.echo:
-            raise _unsupported("echo", "echo")
         if body.suffix:
             raise _unsupported("suffix", "suffix")
     else:
@@ -383,6 +381,7 @@ def to_completion_request(
         min_tokens=body.min_tokens or 0,
         logit_bias=[TokenBias(int(k), v) for k, v in (body.logit_bias or {}).items()],
         logprobs=requested_logprobs(body),
+        prompt_logprobs=body.logprobs if isinstance(body, CompletionBody) and body.echo else None,
     )
     request = CompletionRequest(
         request_id=request_id,

@@ -139,6 +139,31 @@ def test_logprobs_in_both_apis_streamed_or_not(client, tokenizer):
     assert all(bytes(c.bytes).decode() == c.token for c in content)
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, tokenizer):
+    """What lm-eval-harness's loglikelihood sends: echo, logprobs 1, max_tokens 1. The
+    answer holds the prompt's tokens with their log-probabilities (the first null), then
+    the new token's."""
+    prompt = "The capital of France is Paris"
+    ids = tokenizer.encode(prompt)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                    logprobs=1, echo=True, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    lp = choice.logprobs
+    assert lp.tokens[: len(ids)] == [tokenizer.decode([t]) for t in ids]
+    assert len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v < 0 for v in lp.token_logprobs[1:])
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 1
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                              temperature=0, logprobs=1, echo=True, stream=True,
+                                              extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.tokens]
+    assert tokens == lp.tokens
+
+
 def test_n_choices_streamed_or_not(client, tokenizer):
     """n choices come back in one answer, each sampled on its own (seeded: the same again),
     the prompt counted once in the usage."""

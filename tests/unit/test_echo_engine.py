@@ -138,6 +138,11 @@ def test_echoed_tokens_are_certain_where_logprobs_are_asked_for():
     assert [(lp.token, lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) for lp in logprobs] == [
         ("b", 0.0, [(1, 0.0)]), ("c", 0.0, [(2, 0.0)]), ("b", 0.0, [(1, 0.0)])]
     assert all(o.logprobs == [] for o in outs["plain"])
+    engine.add_request(req("echo", [1, 2, 3], max_tokens=2, prompt_logprobs=1))
+    outs = drain(engine, clock)["echo"]
+    assert [(lp.token, lp.logprob, len(lp.top)) for lp in outs[0].prompt_logprobs] == [
+        ("b", 0.0, 0), ("c", 0.0, 1), ("d", 0.0, 1)]
+    assert all(o.prompt_logprobs == [] for o in outs[1:])
 
 
 def test_abort_running_and_waiting():

@@ -75,6 +75,7 @@ class Run:
     deltas: dict[str, list[str]] = field(default_factory=dict)
     final: dict[str, RequestOutput] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     steps: int = 0
 
 
@@ -96,6 +97,9 @@ def step_into(engine: LLMEngine, run: Run) -> list[RequestOutput]:
         run.text[out.request_id] = run.text.get(out.request_id, "") + out.new_text
         run.deltas.setdefault(out.request_id, []).append(out.new_text)
         run.logprobs.setdefault(out.request_id, []).extend(out.logprobs)
+        if out.prompt_logprobs:
+            assert out.request_id not in run.prompt_logprobs, "prompt logprobs sent twice"
+            run.prompt_logprobs[out.request_id] = out.prompt_logprobs
         assert len(out.logprobs) in (0, len(out.new_token_ids))
         assert out.num_output_tokens == len(run.tokens[out.request_id])
         if out.finished:
@@ -373,6 +377,34 @@ def test_logprobs_are_the_models_own_for_the_chosen_and_the_top_tokens(
     assert [e.logprob for e in run.logprobs["biased"]] == pytest.approx(
         [float(raw[k, forced]) for k in range(n)], abs=1e-4)
     assert all(e.top == [] and e.logprob < -1.0 for e in run.logprobs["biased"])
+
+
+@pytest.mark.parametrize("config", [
+    {"kv_cache_tokens": 4096},
+    {"kv_cache_tokens": 4096, "max_num_batched_tokens": 10},  # prompts prefilled in chunks
+    {"kv_cache_tokens": 96, "block_size": 8},  # preempted and recomputed
+], ids=["whole", "chunked", "preempted"])
+def test_prompt_logprobs_are_the_models_own_and_sent_once(
+    model_path, ref_model, prompt_ids, tokenizer, config
+):
+    engine = make_engine(model_path, **config)
+    for i, ids in enumerate(prompt_ids):
+        engine.add_request(EngineRequest(f"r{i}", ids, greedy(12, prompt_logprobs=2)))
+    engine.add_request(EngineRequest("plain", prompt_ids[0], greedy(3)))
+    run = drain(engine)
+    if config["kv_cache_tokens"] < 100:
+        assert engine.stats().num_preemptions > 0
+    assert "plain" not in run.prompt_logprobs
+    for i, ids in enumerate(prompt_ids):
+        entries = run.prompt_logprobs[f"r{i}"]
+        assert [e.token for e in entries] == [tokenizer.decode([t]) for t in ids]
+        assert entries[0].logprob == 0.0 and entries[0].top == []  # nothing predicts it
+        with torch.inference_mode():
+            logits = ref_model(torch.tensor([ids])).logits[0, :-1]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        for p, entry in enumerate(entries[1:]):
+            assert entry.logprob == pytest.approx(float(expected[p, ids[p + 1]]), abs=1e-4)
+            assert [a.token_id for a in entry.top] == expected[p].topk(2).indices.tolist()
 
 
 def test_a_penalised_request_recomputed_after_preemption_gives_the_same_tokens(

@@ -319,3 +319,28 @@ async def test_an_error_in_one_choice_ends_the_answer() -> None:
     answers = await collect_answer(choices)
     assert answer_error(answers[0].final) is not None  # not waiting for the other choice
     choices.close()
+
+
+async def test_an_echoed_completion_starts_with_the_prompt_and_its_logprobs() -> None:
+    meta = dataclasses.replace(COMPLETION, logprobs=True, echo="Hi")
+    first = scored(0, "!")
+    first.prompt_logprobs = [TokenLogprob(token="H", logprob=0.0),
+                             TokenLogprob(token="i", logprob=-2.0, top=[TopLogprob(3, "o", -1.0)])]
+    body = completion_response(meta, await collect_answer(ChoiceStream([filled(first, done(1))])))
+    choice = body["choices"][0]
+    assert choice["text"] == "Hi!"
+    assert choice["logprobs"] == {
+        "tokens": ["H", "i", "!"],
+        "token_logprobs": [None, -2.0, 0.0],  # nothing predicts the first
+        "top_logprobs": [None, {"o": -1.0, "i": -2.0}, {"x": -0.1, "!": 0.0}],
+        "text_offset": [0, 1, 2],
+    }
+    events = await run_sse(meta, filled(first, scored(1, "?", 1), done(2)))
+    chunks = [c["choices"][0] for c in events[:-1]]
+    assert [c["text"] for c in chunks] == ["Hi!", "?", ""]
+    assert chunks[0]["logprobs"]["tokens"] == ["H", "i", "!"]
+    assert chunks[1]["logprobs"]["text_offset"] == [3]
+    plain = dataclasses.replace(COMPLETION, echo="Hi")  # echo without logprobs: the text only
+    events = await run_sse(plain, filled(tok(0, "!"), done(1)))
+    assert [(c["choices"][0]["text"], c["choices"][0]["logprobs"]) for c in events[:-1]] == [
+        ("Hi!", None), ("", None)]

@@ -101,7 +101,7 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"prompt": None}, "prompt"),
         ({"prompt": "\ud800"}, "prompt.0"),
         ({"model": 5}, "model"),
-        ({"echo": True}, "echo"),
+        ({"suffix": "x"}, "suffix"),
         ({"logprobs": 21}, "logprobs"),
         ({"logprobs": -1}, "logprobs"),
         ({"best_of": 3}, "best_of"),
@@ -316,6 +316,11 @@ def test_logprobs_requests_map_to_the_number_of_alternatives() -> None:
     assert asked(chat(logprobs=False, top_logprobs=0), ChatCompletionBody) is None
     assert asked(chat(logprobs=True), ChatCompletionBody) == 0
     assert asked(chat(logprobs=True, top_logprobs=20), ChatCompletionBody) == 20
+    # echo with logprobs asks for the prompt's too (as lm-eval-harness's loglikelihood does).
+    echoed = to_request(_check(completion(echo=True, logprobs=1, max_tokens=1))).sampling
+    assert (echoed.logprobs, echoed.prompt_logprobs) == (1, 1)
+    assert to_request(_check(completion(echo=True))).sampling.prompt_logprobs is None
+    assert to_request(_check(completion(logprobs=1))).sampling.prompt_logprobs is None
 
 
 def test_n_choices_are_child_requests_with_their_own_ids_and_seeds() -> None:

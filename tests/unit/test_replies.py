@@ -87,6 +87,16 @@ def test_log_probabilities_stay_with_their_tokens_when_a_chunk_is_trimmed():
     assert isinstance(out[-1], m.FinalAnswer) and out[-1].logprobs == []
 
 
+def test_prompt_logprobs_are_delivered_once_when_the_first_chunk_comes_again():
+    prompt = [m.TokenLogprob(token="p", logprob=0.0)]
+    stream = ReplyStream("r")
+    stream.offer(dataclasses.replace(chunk(0, 2), prompt_logprobs=prompt))
+    stream.offer(dataclasses.replace(chunk(0, 3), prompt_logprobs=prompt))  # a regeneration
+    out = drain(stream)
+    assert [c.prompt_logprobs for c in out] == [prompt, []]
+    assert [c.token_ids for c in out] == [[0, 1], [2]]
+
+
 def test_a_gap_is_held_until_filled():
     stream = ReplyStream("r")
     stream.offer(chunk(0))
