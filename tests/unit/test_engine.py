@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from services.engine import EngineConfig, EngineError, EngineRequest, LLMEngine, RequestOutput
+from services.engine import engine as engine_module
 from services.messages import SamplingParams, TokenBias, TokenLogprob
 from services.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer
 
@@ -385,8 +386,9 @@ def test_logprobs_are_the_models_own_for_the_chosen_and_the_top_tokens(
     {"kv_cache_tokens": 96, "block_size": 8},  # preempted and recomputed
 ], ids=["whole", "chunked", "preempted"])
 def test_prompt_logprobs_are_the_models_own_and_sent_once(
-    model_path, ref_model, prompt_ids, tokenizer, config
+    model_path, ref_model, prompt_ids, tokenizer, config, monkeypatch
 ):
+    monkeypatch.setattr(engine_module, "PROMPT_LOGPROBS_ROWS", 3)  # several slices per step
     engine = make_engine(model_path, **config)
     for i, ids in enumerate(prompt_ids):
         engine.add_request(EngineRequest(f"r{i}", ids, greedy(12, prompt_logprobs=2)))
