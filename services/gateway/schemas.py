@@ -248,6 +248,10 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             f"{param} ({max_tokens}) exceeds the model's context length ({settings.max_model_len}).",
             param=param,
         )
+    if body.n is not None and body.n > settings.max_queued_per_tenant:
+        # Each choice is a request of the tenant's: more than it may hold could never run.
+        raise invalid(f"n ({body.n}) exceeds this API key's limit of "
+                      f"{settings.max_queued_per_tenant} unfinished requests.", param="n")
     if body.stop is not None and len(body.stop) > MAX_STOP_SEQUENCES:
         raise invalid(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.", param="stop")
     if body.stream_options is not None and not body.stream:

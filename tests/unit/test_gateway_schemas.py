@@ -323,6 +323,14 @@ def test_logprobs_requests_map_to_the_number_of_alternatives() -> None:
     assert to_request(_check(completion(logprobs=1))).sampling.prompt_logprobs is None
 
 
+def test_n_beyond_what_the_tenant_may_hold_is_refused_up_front() -> None:
+    body = parse_body(json.dumps(completion(n=9)).encode(), CompletionBody)
+    check_body(body, Settings(model_name=MODEL, max_queued_per_tenant=9))
+    with pytest.raises(ApiError) as refused:
+        check_body(body, Settings(model_name=MODEL, max_queued_per_tenant=8))
+    assert (refused.value.status, refused.value.param) == (400, "n")
+
+
 def test_n_choices_are_child_requests_with_their_own_ids_and_seeds() -> None:
     request = to_request(_check(completion(n=3, seed=INT64_MAX - 1)), request_id="cmpl-9")
     children = choice_requests(request, 3)
