@@ -31,6 +31,7 @@ from services.recent import RecentLog
 from services.scorer.online import OnlinePredictor
 from services.scorer.predictor import LengthPredictor
 from services.settings import Settings
+from services.tokens import tokenize
 
 log = get_logger(__name__)
 
@@ -45,20 +46,6 @@ class RequestRejected(Exception):
         super().__init__(message)
         self.code = code
         self.status = status
-
-
-def tokenize(tokenizer, request: m.CompletionRequest) -> list[int]:
-    if request.kind == "chat":
-        ids = tokenizer.apply_chat_template(
-            [{"role": TEMPLATE_ROLES.get(msg.role, msg.role), "content": msg.content}
-             for msg in request.messages],
-            add_generation_prompt=True,
-            tokenize=True,
-        )
-        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer.encode(request.prompt, add_special_tokens=True))
 
 
 async def check_model(catalog: AdapterCatalog, request: m.CompletionRequest) -> str | None:
@@ -93,8 +80,6 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_TOKEN_IDS = 256
 MAX_TEMPERATURE = 2.0
 CHAT_ROLES = ("system", "developer", "user", "assistant")
-TEMPLATE_ROLES = {"developer": "system"}
-"""OpenAI's ``developer`` is its newer name for ``system``, which chat templates know."""
 
 
 def check_fields(request: m.CompletionRequest) -> None:

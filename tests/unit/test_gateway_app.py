@@ -264,3 +264,54 @@ def test_a_sigterm_while_the_gateway_starts_stops_it():
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "stopped"
     assert "stop_requested_while_starting" in run.stderr
+
+
+@pytest.fixture
+def tokenizing_client(model_cache: Path) -> TestClient:
+    """A gateway with the built-in model's files at hand (as ``fairway up`` has them)."""
+    settings = Settings(model_name=MODEL, api_keys="acme:key-a", cache_dir=model_cache,
+                        max_model_len=2048)
+    return TestClient(create_app(settings))
+
+
+def test_tokenize_counts_as_the_scorer_does(tokenizing_client: TestClient, model_cache: Path) -> None:
+    from services import messages as m
+    from services.models import DEFAULT_MODEL_NAME, load_tokenizer
+    from services.tokens import tokenize
+
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    prompt = tokenizing_client.post("/tokenize", headers=KEY, json={"model": MODEL, "prompt": "Hello"})
+    ids = tokenize(tokenizer, m.CompletionRequest(request_id="r", model=MODEL, prompt="Hello"))
+    assert prompt.json() == {"count": len(ids), "max_model_len": 2048, "tokens": ids, "token_strs": None}
+    bare = tokenizing_client.post("/tokenize", headers=KEY,
+                                  json={"model": MODEL, "prompt": "Hello", "add_special_tokens": False})
+    assert bare.json()["tokens"] == ids[1:]  # without BOS
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    chat = tokenizing_client.post("/tokenize", headers=KEY, json={"model": MODEL, "messages": messages})
+    request = m.CompletionRequest(request_id="r", model=MODEL, kind="chat",
+                                  messages=[m.ChatMessage(**msg) for msg in messages])
+    assert chat.json()["tokens"] == tokenize(tokenizer, request)
+    back = tokenizing_client.post("/detokenize", headers=KEY, json={"model": MODEL, "tokens": ids[1:]})
+    assert back.json() == {"prompt": "Hello"}
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/tokenize", {"model": MODEL}, 400, "prompt"),
+    ("/tokenize", {"model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+     400, "messages"),
+    ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
+    ("/detokenize", {"model": MODEL, "tokens": [10**6]}, 400, "tokens"),
+    ("/detokenize", {"model": MODEL, "tokens": ["a"]}, 400, "tokens.0"),
+])
+def test_tokenize_refuses_bad_input(tokenizing_client: TestClient, path: str, body: dict,
+                                    status: int, param: str) -> None:
+    error = assert_openai_error(tokenizing_client.post(path, headers=KEY, json=body), status)
+    assert error["param"] == param
+    assert_openai_error(tokenizing_client.post(path, json=body), 401)
+
+
+def test_tokenize_without_the_models_files_says_so(tmp_path: Path) -> None:
+    client = TestClient(create_app(Settings(model_name=MODEL, api_keys="acme:key-a",
+                                            cache_dir=tmp_path)))
+    response = client.post("/tokenize", headers=KEY, json={"model": MODEL, "prompt": "x"})
+    assert_openai_error(response, 501, "tokenizer_unavailable")

@@ -15,9 +15,9 @@ from services.scorer.service import (
     RequestRejected,
     Scorer,
     check_fields,
-    tokenize,
     usable_generation_defaults,
 )
+from services.tokens import tokenize
 
 
 def request(kind: str = "completion", roles=("user",), **sampling) -> m.CompletionRequest:
