@@ -59,8 +59,19 @@ def test_engine_matches_generate_on_other_architectures(architecture, model_cach
     for i, (ids, n) in enumerate(zip(prompt_ids, OUTPUT_LENS)):
         engine.add_request(EngineRequest(f"r{i}", ids, SamplingParams(max_tokens=n, temperature=0.0,
                                                                        ignore_eos=True)))
+    # Log-probabilities of the prompt and the output come from the rows kept for them.
+    engine.add_request(EngineRequest("scored", prompt_ids[0], SamplingParams(
+        max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=1, prompt_logprobs=1)))
     tokens: dict[str, list[int]] = {}
+    logprobs: dict[str, list] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            logprobs.setdefault(out.request_id, []).extend(out.prompt_logprobs + out.logprobs)
     assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == expected
+    sequence = prompt_ids[0] + tokens["scored"]
+    with torch.inference_mode():
+        logits = reference_model(torch.tensor([sequence])).logits[0, :-1]
+    want = torch.log_softmax(logits.float(), dim=-1)
+    got = [entry.logprob for entry in logprobs["scored"][1:]]  # the first prompt token: none
+    assert got == pytest.approx([float(want[p, t]) for p, t in enumerate(sequence[1:])], abs=1e-4)
