@@ -9,8 +9,9 @@ engine, and whatever a client measures beyond that is what the pipeline costs.
 Everything else follows :class:`~services.engine.engine.LLMEngine`: the same request
 checks and errors, ``max_tokens``, stop token ids (EOS unless ``ignore_eos``), stop
 strings through the same incremental detokenizer (neither ends an answer before
-``min_tokens``), aborts answered ``cancelled`` on the next step, at most ``max_num_seqs`` running with the rest waiting, a KV-token budget
-(a request reserves prompt + ``max_tokens`` when admitted, so it is never preempted),
+``min_tokens``), aborts answered ``cancelled`` on the next step, at most
+``max_num_seqs`` running with the rest waiting, a KV-token budget (a request reserves
+prompt + ``max_tokens`` when admitted, so it is never preempted),
 and the same :class:`EngineStats`. It samples nothing, so penalties, ``logit_bias``,
 ``min_p`` and the temperature are checked but have nothing to act on, and each token it
 echoes is certain (log-probability 0) where log-probabilities are asked for.

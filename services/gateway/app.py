@@ -507,10 +507,7 @@ async def _tokenizer_request(request: Request, body_model: type[B]) -> tuple[B, 
     tenant = authenticate(state.keys, request.headers.get("authorization"))
     request.state.tenant = tenant
     check_content_type(request.headers.get("content-type"))
-    try:
-        raw = await read_body(request, state.settings.max_body_bytes)
-    except ClientDisconnected:
-        raise ApiError(400, "The client went away.", reason="client_gone") from None
+    raw = await read_body(request, state.settings.max_body_bytes)
     body = parse_body(raw, body_model)
     await _served_model(state, body.model, tenant)
     assert state.tokenizer is not None
@@ -520,7 +517,10 @@ async def _tokenizer_request(request: Request, body_model: type[B]) -> tuple[B, 
 async def tokenize_text(request: Request) -> Response:
     """vLLM's /tokenize: a prompt or a chat as the model's token ids, counted as the
     scorer counts a request's prompt."""
-    body, tokenizer = await _tokenizer_request(request, TokenizeBody)
+    try:
+        body, tokenizer = await _tokenizer_request(request, TokenizeBody)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_STATUS)
     what = tokenize_input(body)
 
     def encode() -> list[int]:
@@ -540,7 +540,10 @@ async def tokenize_text(request: Request) -> Response:
 
 async def detokenize_tokens(request: Request) -> Response:
     """vLLM's /detokenize: token ids back to text (special tokens kept)."""
-    body, tokenizer = await _tokenizer_request(request, DetokenizeBody)
+    try:
+        body, tokenizer = await _tokenizer_request(request, DetokenizeBody)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_STATUS)
     vocab = len(tokenizer)
     if any(t >= vocab for t in body.tokens):
         raise invalid(f"Token ids must be in [0, {vocab}).", param="tokens")
