@@ -63,6 +63,12 @@ class TopLogprob:
     token_id: int
     token: str
     logprob: float
+    raw: bytes = b""
+    """The token's own bytes where its text does not spell them (part of a character)."""
+
+    @property
+    def token_bytes(self) -> bytes:
+        return self.raw or self.token.encode()
 
 
 @dataclass(slots=True)
@@ -75,6 +81,13 @@ class TokenLogprob:
     """The token's own text (special tokens spelled out)."""
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
+    raw: bytes = b""
+    """The token's own bytes where its text does not spell them: a token that holds part
+    of a character decodes to U+FFFD, but its bytes joined with the next token's do."""
+
+    @property
+    def token_bytes(self) -> bytes:
+        return self.raw or self.token.encode()
 
 
 @dataclass(slots=True)
@@ -454,14 +467,14 @@ _FAST_LISTS: dict[Any, Callable[[list], bool]] = {
 path string; a list that fails is checked item by item for the exact error."""
 
 
-_EXACT: dict[Any, type] = {str: str, int: int, bool: bool}
+_EXACT: dict[Any, type] = {str: str, int: int, bool: bool, bytes: bytes}
 _NO_TYPE = type("_NoType", (), {})
 _SHAPES: dict[Any, tuple[Any, tuple[Any, ...]]] = {}
 
 
 def _check(value: Any, tp: Any, where: str) -> Any:
     """Validate and convert a decoded value against a type annotation."""
-    if type(value) is _EXACT.get(tp, _NO_TYPE):  # str, int, bool as they are
+    if type(value) is _EXACT.get(tp, _NO_TYPE):  # str, int, bool, bytes as they are
         return value
     fast = _FAST_LISTS.get(tp)
     if fast is not None and type(value) is list and len(value) <= _MAX_CONTAINER_LEN and fast(value):
@@ -516,6 +529,10 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise MessageError(f"{where}: expected a string")
+        return value
+    if tp is bytes:
+        if not isinstance(value, bytes):
+            raise MessageError(f"{where}: expected binary data")
         return value
     raise MessageError(f"{where}: unsupported type {tp!r}")
 

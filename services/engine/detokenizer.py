@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -162,3 +163,47 @@ def text_state(
     if resumed_token_ids:
         buffer.resume("".join(detokenizer.add(t) for t in resumed_token_ids), streamed_chars)
     return detokenizer, buffer
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: the printable character that stands for
+    each byte in a byte-level token's spelling -> that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenBytes:
+    """A token's own bytes, which its decoded text cannot give when it holds part of a
+    UTF-8 character (OpenAI's ``bytes`` in chat log-probabilities): read from its spelling
+    in a byte-level BPE vocabulary (GPT-2, Llama 3, Qwen), or a SentencePiece byte
+    fallback piece (``<0xE2>``); else the piece's text, ``▁`` as a space."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = decoder is not None and "ByteLevel" in str(decoder)
+        self.special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str):
+            return b""
+        if token_id in self.special:
+            return piece.encode()
+        if self.byte_level and all(c in _BYTE_LEVEL for c in piece):
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        fallback = _BYTE_FALLBACK.fullmatch(piece)
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()

@@ -26,6 +26,7 @@ from services.engine.attention import (
 from services.engine.detokenizer import (
     IncrementalDetokenizer,
     StopStringBuffer,
+    TokenBytes,
     append_token,
     text_state,
 )
@@ -179,7 +180,8 @@ class LLMEngine:
             self.slot_caches = allocate_layer_caches(spec, shape, self.dtype, self.device)
         self._free_slots = list(range(config.max_num_seqs))
         self._slot_of: dict[str, int] = {}
-        self._token_texts: dict[int, str] = {}
+        self._token_texts: dict[int, tuple[str, bytes]] = {}
+        self._token_bytes = TokenBytes(tokenizer)
         self.lora = None
         if config.max_loras > 0:
             lora_config = LoraConfig(config.max_loras, config.max_lora_rank, config.max_cpu_loras)
@@ -265,7 +267,7 @@ class LLMEngine:
             detokenizer=detokenizer,
             text=text,
             # A resumed request's earlier run sent them with its first output.
-            prompt_logprobs=[TokenLogprob(self._token_text(prompt[0]), 0.0)]
+            prompt_logprobs=[self._unscored(prompt[0])]
             if params.prompt_logprobs is not None and not resumed else None,
         )
         self.scheduler.add(seq)
@@ -459,21 +461,29 @@ class LLMEngine:
             if state.prompt_logprobs is not None:
                 state.prompt_logprobs.append(self._token_logprob(token, *entry))
 
-    def _token_text(self, token_id: int) -> str:
-        """A token's own text for log-probabilities (special tokens spelled out), cached."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
+    def _token_text(self, token_id: int) -> tuple[str, bytes]:
+        """A token's own text for log-probabilities (special tokens spelled out) and its
+        bytes where the text does not spell them (else empty), cached."""
+        known = self._token_texts.get(token_id)
+        if known is None:
+            text = self.tokenizer.decode([token_id])
+            raw = self._token_bytes(token_id)
+            known = self._token_texts[token_id] = (text, b"" if raw == text.encode() else raw)
+        return known
+
+    def _unscored(self, token: int) -> TokenLogprob:
+        """The entry of a prompt's first token, which nothing predicts: its text only."""
+        text, raw = self._token_text(token)
+        return TokenLogprob(token=text, logprob=0.0, raw=raw)
 
     def _token_logprob(self, token: int, logprob: float, top_ids: list[int],
                        top_logprobs: list[float]) -> TokenLogprob:
-        return TokenLogprob(
-            token=self._token_text(token),
-            logprob=max(logprob, MIN_LOGPROB),
-            top=[TopLogprob(i, self._token_text(i), max(v, MIN_LOGPROB))
-                 for i, v in zip(top_ids, top_logprobs, strict=True)],
-        )
+        text, raw = self._token_text(token)
+        top = []
+        for i, value in zip(top_ids, top_logprobs, strict=True):
+            alt_text, alt_raw = self._token_text(i)
+            top.append(TopLogprob(i, alt_text, max(value, MIN_LOGPROB), raw=alt_raw))
+        return TokenLogprob(token=text, logprob=max(logprob, MIN_LOGPROB), top=top, raw=raw)
 
     def _slot(self, request_id: str) -> int:
         """The request's slot of the slot caches, the lowest free one on its first step

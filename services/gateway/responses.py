@@ -114,11 +114,12 @@ def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0,
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
-    """A chat choice's ``logprobs`` for these tokens."""
+    """A chat choice's ``logprobs`` for these tokens; ``bytes`` are each token's own, so
+    the tokens of a character split between them join into it."""
     return {"content": [
-        {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token.encode()),
+        {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token_bytes),
          "top_logprobs": [{"token": alt.token, "logprob": alt.logprob,
-                           "bytes": list(alt.token.encode())} for alt in entry.top]}
+                           "bytes": list(alt.token_bytes)} for alt in entry.top]}
         for entry in entries
     ]}
 

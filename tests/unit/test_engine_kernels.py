@@ -4,6 +4,7 @@ test_sampling.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -16,7 +17,12 @@ from services.engine.attention import (
     write_kv_cache,
     write_slot_cache,
 )
-from services.engine.detokenizer import IncrementalDetokenizer, StopStringBuffer, _backend_decode
+from services.engine.detokenizer import (
+    IncrementalDetokenizer,
+    StopStringBuffer,
+    TokenBytes,
+    _backend_decode,
+)
 from services.models import DEFAULT_MODEL_NAME, load_tokenizer
 
 
@@ -211,3 +217,28 @@ def test_stop_strings_are_not_looked_for_while_unchecked():
 def test_no_stop_strings_streams_everything():
     buf = StopStringBuffer([])
     assert buf.append("abc") == ("abc", False) and buf.flush() == ""
+
+
+def test_token_bytes_join_into_the_characters_split_between_tokens(tokenizer):
+    ids = tokenizer.encode("a𝔘ᚠ 😀", add_special_tokens=False)
+    token_bytes = TokenBytes(tokenizer)
+    assert "\ufffd" in [tokenizer.decode([i]) for i in ids]  # some token holds part of one
+    assert b"".join(token_bytes(i) for i in ids) == "a𝔘ᚠ 😀".encode()
+    assert token_bytes(tokenizer.bos_token_id) == tokenizer.bos_token.encode()
+
+
+class SentencePieceLike:
+    """Pieces as a SentencePiece vocabulary with byte fallback spells them."""
+
+    all_special_ids = (0,)
+    pieces: ClassVar[dict[int, str]] = {0: "<s>", 1: "\u2581the", 2: "<0xE2>", 3: "<0x82>",
+                                        4: "<0xAC>"}
+
+    def convert_ids_to_tokens(self, token_id: int) -> str | None:
+        return self.pieces.get(token_id)
+
+
+def test_token_bytes_of_sentencepiece_pieces():
+    token_bytes = TokenBytes(SentencePieceLike())
+    assert [token_bytes(i) for i in range(6)] == [b"<s>", b" the", b"\xe2", b"\x82", b"\xac", b""]
+    assert b"".join(token_bytes(i) for i in (2, 3, 4)).decode() == "€"

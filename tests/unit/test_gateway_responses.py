@@ -344,3 +344,16 @@ async def test_an_echoed_completion_starts_with_the_prompt_and_its_logprobs() ->
     events = await run_sse(plain, filled(tok(0, "!"), done(1)))
     assert [(c["choices"][0]["text"], c["choices"][0]["logprobs"]) for c in events[:-1]] == [
         ("Hi!", None), ("", None)]
+
+
+async def test_chat_bytes_are_the_tokens_own_where_their_text_is_part_of_a_character() -> None:
+    meta = dataclasses.replace(CHAT, logprobs=True)
+    half = tok(0, "")
+    half.logprobs = [TokenLogprob(token="\ufffd", logprob=-1.0, raw=b"\xe2\x82",
+                                  top=[TopLogprob(5, "\ufffd", -1.0, raw=b"\xe2")])]
+    rest = tok(1, "€")
+    rest.logprobs = [TokenLogprob(token="\ufffd", logprob=-0.5, raw=b"\xac")]
+    [answer] = await collect_answer(ChoiceStream([filled(half, rest, done(2))]))
+    content = completion_response(meta, [answer])["choices"][0]["logprobs"]["content"]
+    assert bytes(content[0]["bytes"] + content[1]["bytes"]).decode() == "€"
+    assert content[0]["top_logprobs"][0]["bytes"] == [0xE2]

@@ -37,6 +37,13 @@ def test_sampling_fields_added_in_v1_are_optional():
     biased = _request(sampling=m.SamplingParams(logit_bias=[m.TokenBias(7, -1.5)], min_tokens=2,
                                                 frequency_penalty=0.5))
     assert m.decode(m.encode(biased)) == biased
+    chunk = m.TokenChunk(request_id="r", token_offset=0, text_offset=0, text="", token_ids=[9],
+                         logprobs=[m.TokenLogprob(token="\ufffd", logprob=-1.0, raw=b"\xe2")])
+    assert m.decode(m.encode(chunk)) == chunk
+    wrong = m.to_dict(chunk)
+    wrong["logprobs"][0]["raw"] = "e2"
+    with pytest.raises(m.MessageError, match="binary"):
+        m.decode(msgpack.packb(wrong, use_bin_type=True))
     body = m.to_dict(biased)
     body["sampling"]["logit_bias"] = [{"token_id": "7", "bias": 1.0}]
     with pytest.raises(m.MessageError, match="logit_bias"):
