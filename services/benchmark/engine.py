@@ -4,7 +4,7 @@
         [--generate-dtype DTYPE]
         [--concurrency 1,4,16,64] [--num-requests 64] [--prompt-len 32:256]
         [--min-output 16] [--max-output 512] [--seed 0] [--threads N] [--repeats 1]
-        [--max-sequential-requests 8] [--json OUT.json]
+        [--max-sequential-requests 8] [--logprobs K] [--json OUT.json]
     fairway bench engine --duration 600 [--concurrency 16] ...   (memory mode)
 
 One seeded workload (prompt and output lengths uniform in their ranges, random token
@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.logs import get_logger
+from services.messages import MAX_LOGPROBS
 
 if TYPE_CHECKING:
     import torch
@@ -72,12 +73,15 @@ class Workload:
 
     prompts: list[list[int]]
     output_lens: list[int]
+    logprobs: int | None = None
+    """Engine requests also return this many alternatives' log-probabilities per token."""
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def subset(self, indices: range | list[int]) -> Workload:
-        return Workload([self.prompts[i] for i in indices], [self.output_lens[i] for i in indices])
+        return Workload([self.prompts[i] for i in indices], [self.output_lens[i] for i in indices],
+                        self.logprobs)
 
     def summary(self) -> dict[str, Any]:
         prompt_lens = [len(p) for p in self.prompts]
@@ -218,7 +222,8 @@ def _engine_requests(workload: Workload, prefix: str):
     from services.messages import SamplingParams
 
     for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens, strict=True)):
-        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                logprobs=workload.logprobs)
         yield EngineRequest(f"{prefix}{i}", prompt, params)
 
 
@@ -454,6 +459,7 @@ def _setup(args: argparse.Namespace, with_generate: bool) -> _Setup:
         ordinary_token_ids(tokenizer, vocab),
         args.seed,
     )
+    workload.logprobs = args.logprobs
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return _Setup(path, tokenizer, engine_model, generate_model, workload, pad)
 
@@ -526,6 +532,7 @@ def measure(args: argparse.Namespace) -> dict:
             "output_len": [args.min_output, args.max_output],
             "distribution": "uniform",
             "sampling": "greedy, ignore_eos",
+            "engine_logprobs": args.logprobs,
         },
         "repeats": args.repeats,
         "levels": [],
@@ -696,6 +703,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-tokens", type=int, default=0, help="KV pool (0: enough for every running request)"
     )
+    parser.add_argument(
+        "--logprobs", type=int, default=None,
+        help="engine requests also return K alternatives' log-probabilities (their cost)",
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--cache-dir", type=Path, default=None, help="where models are built")
@@ -714,6 +725,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("need 1 <= --min-output <= --max-output and --num-requests >= 1")
     if args.repeats < 1 or args.max_sequential_requests < 1:
         raise SystemExit("--repeats and --max-sequential-requests must be at least 1")
+    if args.logprobs is not None and not 0 <= args.logprobs <= MAX_LOGPROBS:
+        raise SystemExit(f"--logprobs must be in [0, {MAX_LOGPROBS}]")
     result = measure_memory(args) if args.duration > 0 else measure(args)
     text = json.dumps(result, indent=2)
     print(text)

@@ -109,6 +109,21 @@ def test_comparison_counts_exactly_the_requested_tokens(model_cache: Path, tmp_p
         )
 
 
+def test_engine_requests_may_ask_for_logprobs(model_cache: Path, tmp_path: Path, capsys):
+    """``--logprobs K`` measures what log-probabilities cost the engine: the same tokens."""
+    out = tmp_path / "bench.json"
+    assert bench.run(parse(model_cache, *TINY, "--logprobs", "5", "--json", str(out))) == 0
+    result = json.loads(out.read_text())
+    assert result["workload"]["engine_logprobs"] == 5
+    assert all(level["engine"]["output_tokens"] == result["workload"]["total_output_tokens"]
+               for level in result["levels"])
+    with pytest.raises(SystemExit, match="--logprobs"):
+        bench.run(parse(model_cache, *TINY, "--logprobs", "21"))
+    workload = bench.Workload([[1, 2]], [3], logprobs=2)
+    [request] = bench._engine_requests(workload.subset([0]), "r")
+    assert request.sampling.logprobs == 2
+
+
 def _tokenizer_and_vocab(result: dict):
     from services.models import load_tokenizer
 
