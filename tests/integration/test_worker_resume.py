@@ -26,10 +26,11 @@ MAX_TOKENS = 12
 PROMPT_TOKEN_IDS = [1, 215, 308, 47, 1022, 96, 513, 77]  # within the tiny model's vocabulary
 
 
-def work_item(request_id: str, reply_to: str) -> m.WorkItem:
+def work_item(request_id: str, reply_to: str, **sampling) -> m.WorkItem:
     request = m.CompletionRequest(request_id=request_id, tenant="acme", model="fairway-tiny-llama",
                                   prompt="echo me", reply_to=reply_to,
-                                  sampling=m.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+                                  sampling=m.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True,
+                                                            **sampling))
     scored = m.ScoredRequest(request_id=request_id, request=request, prompt_token_ids=PROMPT_TOKEN_IDS,
                              score=m.LengthScore(uncertainty=0.5, p10=4, p50=8, p90=12))
     return m.WorkItem(request_id=request_id, scored=scored, pool="cpu", dispatched_at=time.time())
@@ -53,7 +54,9 @@ async def answer(channel, queue, item: m.WorkItem) -> list[m.TokenChunk | m.Fina
     return got
 
 
-def delivered(replies) -> tuple[list[int], str]:
+def delivered(replies, logprobs: list | None = None, prompt: list | None = None) -> tuple[list[int], str]:
+    """Tokens and text a caller gets (and, into the lists given, their log-probabilities
+    and the prompt's)."""
     stream = ReplyStream("r")
     for reply in replies:
         stream.offer(reply)
@@ -63,11 +66,19 @@ def delivered(replies) -> tuple[list[int], str]:
         if isinstance(item, m.TokenChunk):
             tokens += item.token_ids
             text += item.text
+            if logprobs is not None:
+                logprobs += item.logprobs
+            if prompt is not None:
+                prompt += item.prompt_logprobs
     return tokens, text
 
 
+@pytest.mark.parametrize("with_logprobs", [False, True], ids=["tokens", "logprobs"])
 async def test_a_resumed_request_sends_what_its_caller_was_sent_again_then_the_rest(
-        rabbit_server, redis_server, model_cache):
+        rabbit_server, redis_server, model_cache, with_logprobs):
+    """With log-probabilities asked for, they come along: each token's exactly once, and
+    the prompt's once, however the answer was cut between workers."""
+    sampling = {"logprobs": 1, "prompt_logprobs": 0} if with_logprobs else {}
     settings = Settings(amqp_url=own_vhost(rabbit_server, "worker-resume"),
                         redis_url=own_redis_db(redis_server, 6), cache_dir=model_cache,
                         engine="echo", echo_tokens_per_s=100.0, instance_id="resume-test",
@@ -79,28 +90,39 @@ async def test_a_resumed_request_sends_what_its_caller_was_sent_again_then_the_r
     try:
         channel = await connection.channel(publisher_confirms=True)
         queue = await channel.declare_queue(exclusive=True)
-        whole = await answer(channel, queue, work_item(f"whole-{uuid.uuid4().hex}", queue.name))
-        tokens, text = delivered(whole)
+        whole = await answer(channel, queue,
+                             work_item(f"whole-{uuid.uuid4().hex}", queue.name, **sampling))
+        logprobs: list = []
+        prompt: list = []
+        tokens, text = delivered(whole, logprobs, prompt)
         assert len(tokens) == MAX_TOKENS and text
+        assert len(logprobs) == (MAX_TOKENS if with_logprobs else 0)
+        assert len(prompt) == (len(PROMPT_TOKEN_IDS) if with_logprobs else 0)
 
         # Another request like it was handed back once its caller had the first chunks
         # (about half the answer).
-        sent_tokens, sent = [], ""
+        sent_tokens, sent, sent_logprobs = [], "", []
         for chunk in (r for r in whole if isinstance(r, m.TokenChunk)):
             if len(sent_tokens) >= MAX_TOKENS // 2:
                 break
             sent_tokens, sent = sent_tokens + chunk.token_ids, sent + chunk.text
+            sent_logprobs += chunk.logprobs
         assert 0 < len(sent_tokens) < MAX_TOKENS
         rid = f"resumed-{uuid.uuid4().hex}"
         point = m.ResumePoint(request_id=rid, worker_id="cpu-gone", output_token_ids=sent_tokens,
-                              streamed_chars=len(sent), streamed_text=sent)
+                              streamed_chars=len(sent), streamed_text=sent,
+                              output_logprobs=sent_logprobs, prompt_logprobs=prompt)
         await redis.set(keys.work_resume(rid), m.encode(point))
-        resumed = await answer(channel, queue, work_item(rid, queue.name))
+        resumed = await answer(channel, queue, work_item(rid, queue.name, **sampling))
         first = resumed[0]
         assert (first.token_offset, first.text_offset, first.token_ids, first.text) == (0, 0, sent_tokens, sent)
-        # The rest is generated after the point, not again.
-        assert all(r.token_offset >= len(sent_tokens) for r in resumed[1:])
-        assert delivered(resumed) == (tokens, text)
+        assert (first.logprobs, first.prompt_logprobs) == (sent_logprobs, prompt)
+        # The rest is generated after the point, not again (nor the prompt's logprobs).
+        assert all(r.token_offset >= len(sent_tokens) and not r.prompt_logprobs for r in resumed[1:])
+        again: list = []
+        again_prompt: list = []
+        assert delivered(resumed, again, again_prompt) == (tokens, text)
+        assert (again, again_prompt) == (logprobs, prompt)
         assert resumed[-1].finish_reason == "length"
     finally:
         await connection.close()
