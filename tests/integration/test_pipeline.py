@@ -273,17 +273,19 @@ async def _worker_running(redis_url: str) -> int:
         await client.aclose()
 
 
-async def test_client_disconnect_frees_the_worker_slot(system, acme_key):
+@pytest.mark.parametrize("n", [1, 3])
+async def test_client_disconnect_frees_the_worker_slot(system, acme_key, n):
+    """Every choice's slot: a client that leaves an n-choice stream cancels them all."""
     async with httpx.AsyncClient(timeout=60) as http:
         async with http.stream("POST", f"{system.gateway_url}/v1/completions",
                                headers={"Authorization": f"Bearer {acme_key}"},
                                json={"model": MODEL, "prompt": "a long story", "max_tokens": 900,
-                                     "stream": True, "ignore_eos": True}) as response:
+                                     "stream": True, "ignore_eos": True, "n": n}) as response:
             assert response.status_code == 200
-            # Keep reading until a heartbeat shows the request running, then walk away.
+            # Keep reading until a heartbeat shows the choices running, then walk away.
             seen_running = False
             async for line in response.aiter_lines():
-                if line.startswith("data:") and await _worker_running(system.redis_url) >= 1:
+                if line.startswith("data:") and await _worker_running(system.redis_url) >= n:
                     seen_running = True
                     break
         assert seen_running, "the request finished before a heartbeat showed it running"
