@@ -8,7 +8,8 @@ then asserts the contract of ``DESIGN.md``:
 - lost = 0: every accepted request has a terminal answer (a gateway timeout counts as
   lost: it means the system went silent);
 - duplicated = 0: no request has two terminal answers, a repeated or missing token
-  sequence number, or more tokens than its answer reports;
+  sequence number, more tokens than its answer reports, or (asked for) log-probabilities
+  for other than exactly its tokens;
 - unexpected = 0: no reply reached a client for a request it did not have accepted,
   nor one of another tenant;
 - fairness: the scheduler's served-token counters grew, per tenant, by exactly the
@@ -76,6 +77,9 @@ class RequestLog:
     chunks: list[tuple[int, int]] = field(default_factory=list)
     """(position of its first token in the answer, tokens) of each chunk received."""
     tokens: int = 0
+    logprob_tokens: int | None = None
+    """Tokens the log-probabilities received covered, for an HTTP request that asked for
+    them: exactly its completion tokens, each token's once."""
     text: str = ""
     """The answer's text as received (HTTP streams)."""
     finals: list[Final] = field(default_factory=list)
@@ -113,6 +117,8 @@ class RequestLog:
                 return True  # a repeat, a gap or a chunk out of order
             expected += n_tokens
         done = self.done
+        if done is not None and self.logprob_tokens not in (None, done.completion_tokens):
+            return True  # a token's log-probability repeated or missing
         # HTTP events skip chunks with no text, so they can be fewer than the tokens.
         return done is not None and self.tokens > done.completion_tokens
 

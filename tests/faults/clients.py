@@ -87,6 +87,8 @@ async def _http_stream(http, log, base_url, key, payload, read_delay_s, leave_af
             log.accepted = True
             reason = None
             index = 0
+            if payload.get("logprobs") is not None:
+                log.logprob_tokens = 0
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -103,6 +105,8 @@ async def _http_stream(http, log, base_url, key, payload, read_delay_s, leave_af
                     log.final(reason or "stop", usage["prompt_tokens"], usage["completion_tokens"])
                     continue
                 for choice in event.get("choices", []):
+                    if log.logprob_tokens is not None and choice.get("logprobs"):
+                        log.logprob_tokens += len(choice["logprobs"]["tokens"])
                     if choice.get("text"):
                         log.text += choice["text"]
                         log.token(index, 1)

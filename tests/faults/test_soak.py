@@ -33,7 +33,7 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 
-from tests.faults.clients import AmqpTenant, http_stream, say
+from tests.faults.clients import DEFAULT_PROMPT, AmqpTenant, completion_body, http_stream, say
 from tests.faults.conftest import WORKERS
 
 SOAK_S = float(os.environ.get("FAIRWAY_SOAK_S", "60"))
@@ -54,8 +54,12 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     async def http_client(i: int) -> None:
         client_rng = random.Random(SOAK_SEED * 100 + i)
         while not stop.is_set():
+            max_tokens = client_rng.randint(4, 48)
+            # Every other request asks for log-probabilities, which must come through the
+            # faults exactly once per token too.
+            extra = {"logprobs": 2} if client_rng.random() < 0.5 else {}
             log = await http_stream(http, checker, fs.gateway_url, *tenants[i % len(tenants)],
-                                    max_tokens=client_rng.randint(4, 48))
+                                    body=completion_body(DEFAULT_PROMPT, max_tokens, **extra))
             if not log.accepted:  # refused at the door (Redis or the broker away): back off
                 await asyncio.sleep(0.5)
 
