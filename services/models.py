@@ -343,13 +343,20 @@ def _model_json(directory: Path, name: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def local_model_dir(settings: Settings) -> Path:
+    """Where the served model's files are on this machine if anywhere: the configured path
+    (a hub id names none here) or the built-in model's place in the cache. Not built."""
+    if settings.model_path:
+        return Path(settings.model_path).expanduser()
+    return settings.cache_dir / DEFAULT_MODEL_NAME
+
+
 def served_max_model_len(settings: Settings) -> int:
     """``max_model_len`` capped at the served model's own context length, read from its
     ``config.json`` where this process can read it (a gateway may run without the model's
     files, and a hub id has none here: then the setting as it is). Without the cap, the
     gateway would advertise, and the scorer accept, prompts the workers then refuse."""
-    path = Path(settings.model_path) if settings.model_path else settings.cache_dir / DEFAULT_MODEL_NAME
-    limit = model_context_length(_model_json(path, "config.json"))
+    limit = model_context_length(_model_json(local_model_dir(settings), "config.json"))
     if limit is None or limit >= settings.max_model_len:
         return settings.max_model_len
     log.warning("max_model_len_capped", configured=settings.max_model_len, model_limit=limit,

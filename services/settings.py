@@ -108,9 +108,9 @@ class Settings(BaseSettings):
     tenant_weights: str = ""
     """Comma-separated ``tenant:weight`` pairs for VTC."""
     idle_tenant_slots: int = Field(default=1, ge=0)
-    """Slots of each pool (of more than four times as many) kept for tenants with nothing
-    in flight while several tenants are about, so one that becomes active starts at once
-    (``PolicyConfig.idle_tenant_slots``)."""
+    """Slots of each pool (of more than four times as many) kept from a tenant that holds
+    an even share of all slots while other tenants are about, so a light tenant starts at
+    once (``PolicyConfig.idle_tenant_slots``)."""
 
     # Workers
     pool: Literal["gpu", "cpu"] = "cpu"

@@ -285,10 +285,12 @@ class Active:
     or the last this worker wrote; deleted once the request is answered."""
 
     def sent(self, publish: asyncio.Future, token_ids: list[int], text: str,
-             logprobs: list[m.TokenLogprob] | None = None) -> None:
+             logprobs: list[m.TokenLogprob] | None = None,
+             prompt_logprobs: list[m.TokenLogprob] | None = None) -> None:
         """A chunk went out (``publish`` completes with the broker's confirm)."""
         self.output_token_ids.extend(token_ids)
         self.output_logprobs.extend(logprobs or [])
+        self.prompt_logprobs = self.prompt_logprobs or prompt_logprobs or []
         self.streamed_chars += len(text)
         self.streamed_text.append(text)
         self.unconfirmed.append((publish, len(self.output_token_ids), self.streamed_chars))
@@ -633,8 +635,7 @@ class WorkerService:
                 token_ids=list(out.new_token_ids), logprobs=out.logprobs,
                 prompt_logprobs=out.prompt_logprobs), mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
-            active.sent(send, out.new_token_ids, out.new_text, out.logprobs)
-            active.prompt_logprobs = active.prompt_logprobs or out.prompt_logprobs
+            active.sent(send, out.new_token_ids, out.new_text, out.logprobs, out.prompt_logprobs)
         if len(active.unconfirmed) > 64:
             active.confirmed_prefix()  # let go of the confirmed ones
 

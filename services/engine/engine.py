@@ -180,7 +180,7 @@ class LLMEngine:
             self.slot_caches = allocate_layer_caches(spec, shape, self.dtype, self.device)
         self._free_slots = list(range(config.max_num_seqs))
         self._slot_of: dict[str, int] = {}
-        self._token_texts: dict[int, tuple[str, bytes]] = {}
+        self._token_spellings: dict[int, tuple[str, bytes]] = {}
         self._token_bytes = TokenBytes(tokenizer)
         self.lora = None
         if config.max_loras > 0:
@@ -360,11 +360,12 @@ class LLMEngine:
         for item in sched.scheduled:
             seq, n = item.seq, item.num_new_tokens
             c = seq.num_computed_tokens
-            wanted = self._requests[seq.request_id].prompt_logprobs
-            if wanted is not None:  # positions p predict prompt token p + 1; once each
-                for p in range(max(c, len(wanted) - 1), min(c + n, seq.num_prompt_tokens - 1)):
+            state = self._requests[seq.request_id]
+            if state.prompt_logprobs is not None:  # positions p predict prompt token p + 1, once
+                done = len(state.prompt_logprobs) - 1
+                for p in range(max(c, done), min(c + n, seq.num_prompt_tokens - 1)):
                     prompt_rows.append(starts[-1] + p - c)
-                    prompt_targets.append((self._requests[seq.request_id], seq.token_ids[p + 1]))
+                    prompt_targets.append((state, seq.token_ids[p + 1]))
             blocks = seq.block_ids
             if n == 1:  # a decode: one token, no ranges
                 input_ids.append(seq.token_ids[c])
@@ -461,27 +462,27 @@ class LLMEngine:
             if state.prompt_logprobs is not None:
                 state.prompt_logprobs.append(self._token_logprob(token, *entry))
 
-    def _token_text(self, token_id: int) -> tuple[str, bytes]:
+    def _token_spelling(self, token_id: int) -> tuple[str, bytes]:
         """A token's own text for log-probabilities (special tokens spelled out) and its
         bytes where the text does not spell them (else empty), cached."""
-        known = self._token_texts.get(token_id)
+        known = self._token_spellings.get(token_id)
         if known is None:
             text = self.tokenizer.decode([token_id])
             raw = self._token_bytes(token_id)
-            known = self._token_texts[token_id] = (text, b"" if raw == text.encode() else raw)
+            known = self._token_spellings[token_id] = (text, b"" if raw == text.encode() else raw)
         return known
 
     def _unscored(self, token: int) -> TokenLogprob:
         """The entry of a prompt's first token, which nothing predicts: its text only."""
-        text, raw = self._token_text(token)
+        text, raw = self._token_spelling(token)
         return TokenLogprob(token=text, logprob=0.0, raw=raw)
 
     def _token_logprob(self, token: int, logprob: float, top_ids: list[int],
                        top_logprobs: list[float]) -> TokenLogprob:
-        text, raw = self._token_text(token)
+        text, raw = self._token_spelling(token)
         top = []
         for i, value in zip(top_ids, top_logprobs, strict=True):
-            alt_text, alt_raw = self._token_text(i)
+            alt_text, alt_raw = self._token_spelling(i)
             top.append(TopLogprob(i, alt_text, max(value, MIN_LOGPROB), raw=alt_raw))
         return TokenLogprob(token=text, logprob=max(logprob, MIN_LOGPROB), top=top, raw=raw)
 

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -70,11 +69,8 @@ from services.gateway.responses import (
 from services.gateway.schemas import (
     DEADLINE_HEADER,
     AnyBody,
-    B,
     ChatCompletionBody,
     CompletionBody,
-    DetokenizeBody,
-    TokenizeBody,
     check_body,
     choice_requests,
     include_usage,
@@ -82,14 +78,12 @@ from services.gateway.schemas import (
     request_kind,
     resolve_deadline_ms,
     to_completion_request,
-    tokenize_input,
 )
 from services.logs import get_logger
 from services.messages import CompletionRequest, FinalAnswer
-from services.models import load_tokenizer, served_max_model_len
+from services.models import served_max_model_len
 from services.runtime import STOP_SIGNALS, early_stops, freeze_heap
-from services.settings import DEFAULT_MODEL_NAME, Settings
-from services.tokens import chat_token_ids
+from services.settings import Settings
 
 log = get_logger(__name__)
 
@@ -117,36 +111,6 @@ class GatewayState:
     started_at: int
     adapters: AdapterCatalog | None = None
     """Tenant LoRA adapters; None serves the base model only."""
-    tokenizer: LazyTokenizer | None = None
-    """The served model's tokenizer, for /tokenize and /detokenize."""
-
-
-class LazyTokenizer:
-    """The served model's tokenizer, loaded (in a thread) on first use from the model's
-    local files: a gateway that never tokenizes never pays for it, and one without the
-    files (a separate machine, a hub id) answers that it cannot."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._loading: asyncio.Future[Any] | None = None
-
-    async def get(self) -> Any:
-        if self._loading is None:
-            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
-        tokenizer = await asyncio.shield(self._loading)
-        if tokenizer is None:
-            raise ApiError(501, "This gateway has no local copy of the model's tokenizer "
-                                "(FAIRWAY_MODEL_PATH): it cannot tokenize.",
-                           reason="unsupported", type="server_error", code="tokenizer_unavailable")
-        return tokenizer
-
-    def _load(self) -> Any:
-        s = self.settings
-        # Never built here: the built-in model is the workers' and the scorer's to build.
-        path = Path(s.model_path).expanduser() if s.model_path else s.cache_dir / DEFAULT_MODEL_NAME
-        if not path.is_dir():
-            return None
-        return load_tokenizer(str(path))
 
 
 class ClientDisconnected(Exception):
@@ -328,9 +292,8 @@ async def _complete(
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_STATUS)
     body = parse_body(raw, body_model)
-    if state.adapters is not None:
-        await resolve_adapter(state.adapters, body.model, tenant)  # 404 unless it may use it
-    check_body(body, settings, model_checked=state.adapters is not None)
+    await _served_model(state, body.model, tenant)
+    check_body(body, settings, model_checked=True)
     deadline_ms = resolve_deadline_ms(body.deadline_ms, request.headers.get(DEADLINE_HEADER))
     request_id = new_request_id(body)
     headers = {REQUEST_ID_HEADER: request_id}
@@ -495,60 +458,10 @@ async def retrieve_model(request: Request, model: str) -> Response:
 
 async def _served_model(state: GatewayState, model: str, tenant: str) -> None:
     """404 unless ``model`` is the served model or an adapter the tenant may use."""
-    if model == state.settings.model_name:
-        return
-    if state.adapters is None or await resolve_adapter(state.adapters, model, tenant) is None:
+    if state.adapters is not None:
+        await resolve_adapter(state.adapters, model, tenant)  # the base: None; else 404
+    elif model != state.settings.model_name:
         raise model_not_found(model)
-
-
-async def _tokenizer_request(request: Request, body_model: type[B]) -> tuple[B, Any]:
-    """Authenticate, read and check a /tokenize or /detokenize body; its tokenizer."""
-    state: GatewayState = request.app.state.gateway
-    tenant = authenticate(state.keys, request.headers.get("authorization"))
-    request.state.tenant = tenant
-    check_content_type(request.headers.get("content-type"))
-    raw = await read_body(request, state.settings.max_body_bytes)
-    body = parse_body(raw, body_model)
-    await _served_model(state, body.model, tenant)
-    assert state.tokenizer is not None
-    return body, await state.tokenizer.get()
-
-
-async def tokenize_text(request: Request) -> Response:
-    """vLLM's /tokenize: a prompt or a chat as the model's token ids, counted as the
-    scorer counts a request's prompt."""
-    try:
-        body, tokenizer = await _tokenizer_request(request, TokenizeBody)
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED_STATUS)
-    what = tokenize_input(body)
-
-    def encode() -> list[int]:
-        if isinstance(what, str):
-            special = True if body.add_special_tokens is None else body.add_special_tokens
-            return list(tokenizer.encode(what, add_special_tokens=special))
-        return chat_token_ids(tokenizer, what, add_generation_prompt=body.add_generation_prompt is not False)
-
-    try:
-        ids = await asyncio.to_thread(encode)
-    except Exception as exc:  # noqa: BLE001 - a template or tokenizer refusal is the input's
-        raise invalid(f"The input cannot be tokenized: {exc}") from None
-    max_model_len = request.app.state.gateway.settings.max_model_len
-    return JSONResponse({"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
-                         "token_strs": None})
-
-
-async def detokenize_tokens(request: Request) -> Response:
-    """vLLM's /detokenize: token ids back to text (special tokens kept)."""
-    try:
-        body, tokenizer = await _tokenizer_request(request, DetokenizeBody)
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED_STATUS)
-    vocab = len(tokenizer)
-    if any(t >= vocab for t in body.tokens):
-        raise invalid(f"Token ids must be in [0, {vocab}).", param="tokens")
-    text = await asyncio.to_thread(tokenizer.decode, body.tokens)
-    return JSONResponse({"prompt": text})
 
 
 async def health() -> Response:
@@ -632,7 +545,7 @@ def create_app(settings: Settings) -> FastAPI:
     backend = Backend(settings, gateway_metrics)
     adapters = AdapterCatalog.from_settings(settings, backend.redis)
     state = GatewayState(settings, keys, backend, gateway_metrics, started_at=int(time.time()),
-                         adapters=adapters, tokenizer=LazyTokenizer(settings))
+                         adapters=adapters)
     dashboard = Dashboard(settings, keys, backend.redis)
 
     @asynccontextmanager
@@ -673,17 +586,6 @@ def create_app(settings: Settings) -> FastAPI:
         methods=["GET"],
         openapi_extra=bearer,
         responses={**model_errors, 503: _ERROR_RESPONSES[503]},  # an adapter needs Redis
-    )
-    tokenizer_errors = {status: _ERROR_RESPONSES[status] for status in (400, 401, 404)}
-    app.add_api_route(
-        "/tokenize", tokenize_text, methods=["POST"], openapi_extra=_body_spec(TokenizeBody),
-        responses={**tokenizer_errors, 501: {"description": "No tokenizer on this gateway"}},
-        summary="Tokenize a prompt or a chat (vLLM's)",
-    )
-    app.add_api_route(
-        "/detokenize", detokenize_tokens, methods=["POST"], openapi_extra=_body_spec(DetokenizeBody),
-        responses={**tokenizer_errors, 501: {"description": "No tokenizer on this gateway"}},
-        summary="Token ids back to text (vLLM's)",
     )
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route(

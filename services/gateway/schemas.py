@@ -208,40 +208,8 @@ class ChatCompletionBody(_SamplingFields):
     audio: Any = None
 
 
-MAX_DETOKENIZE_TOKENS = 1_000_000
-
-
-class TokenizeBody(_Body):
-    """POST /tokenize (vLLM's): a prompt, or a chat, as the served model's token ids."""
-
-    model: Text
-    prompt: Text | None = None
-    messages: list[ChatMessageBody] | None = Field(default=None, min_length=1)
-    add_special_tokens: bool | None = None
-    """The tokenizer's special tokens around a prompt (BOS); default true for a prompt.
-    A chat gets what its template writes."""
-    add_generation_prompt: bool | None = True
-    """A chat ends with the assistant's turn opened, as a chat request's prompt does."""
-
-
-class DetokenizeBody(_Body):
-    """POST /detokenize (vLLM's): token ids back to text."""
-
-    model: Text
-    tokens: list[TokenId] = Field(max_length=MAX_DETOKENIZE_TOKENS)
-
-
-def tokenize_input(body: TokenizeBody) -> str | list[ChatMessage]:
-    """The prompt or the chat messages of a /tokenize body (exactly one of them)."""
-    if (body.prompt is None) == (body.messages is None):
-        raise invalid("Send either prompt or messages.", param="prompt" if body.prompt is None else "messages")
-    if body.messages is None:
-        return body.prompt or ""
-    return [ChatMessage(role=msg.role, content=_message_text(msg.content)) for msg in body.messages]
-
-
 AnyBody = CompletionBody | ChatCompletionBody
-B = TypeVar("B", bound=_Body)
+B = TypeVar("B", CompletionBody, ChatCompletionBody)
 
 
 def parse_body(raw: bytes, model_cls: type[B]) -> B:

@@ -166,18 +166,6 @@ def test_echo_with_logprobs_scores_the_prompt(client, tokenizer):
     assert tokens == lp.tokens
 
 
-def test_tokenize_counts_what_a_completion_is_charged(system, acme_key, client):
-    headers = {"Authorization": f"Bearer {acme_key}"}
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    counted = httpx.post(f"{system.gateway_url}/tokenize", headers=headers,
-                         json={"model": MODEL, "messages": messages}).json()
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
-    assert counted["count"] == out.usage.prompt_tokens == len(counted["tokens"])
-    text = httpx.post(f"{system.gateway_url}/detokenize", headers=headers,
-                      json={"model": MODEL, "tokens": counted["tokens"]}).json()["prompt"]
-    assert "Be brief." in text and "Hi there" in text
-
-
 def test_n_choices_streamed_or_not(client, tokenizer):
     """n choices come back in one answer, each sampled on its own (seeded: the same again),
     the prompt counted once in the usage."""
