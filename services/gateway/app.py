@@ -329,16 +329,9 @@ async def _complete(
 async def _submit_choices(
     backend: Backend, completion: CompletionRequest, n: int, arrived_at: float
 ) -> list[Submission]:
-    """Submit a request's ``n`` choices, one child request each (each is admitted and
-    scheduled as a request of the tenant's); if one is refused, none goes on."""
-    submissions: list[Submission] = []
-    try:
-        for child in choice_requests(completion, n):
-            submissions.append(await backend.submit(child, arrived_at))
-    except BaseException:
-        await close_all(backend, submissions)
-        raise
-    return submissions
+    """Submit a request's ``n`` choices, one child request each (each is scheduled as a
+    request of the tenant's); admitted together, so if one is refused none goes on."""
+    return await backend.submit_all(choice_requests(completion, n), arrived_at)
 
 
 async def close_all(backend: Backend, submissions: list[Submission],

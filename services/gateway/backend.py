@@ -75,12 +75,13 @@ REDIS_TIMEOUT_S = 5.0
 CONNECT_RETRY_MAX_S = 10.0
 SHUTDOWN_CLEANUP_S = 10.0
 
-# Admission in one atomic step. KEYS: tenant set, tenant token hash, tenant token total,
-# global set, this gateway's slot hash. ARGV: request id, now, expires at, max requests,
-# max tokens, cost, max total, key TTL, tenant. Entries past their expiry (a release that
-# never came) are dropped first.
+# Admission in one atomic step, of one request or all of a request's n choices (or none).
+# KEYS: tenant set, tenant token hash, tenant token total, global set, this gateway's slot
+# hash. ARGV: now, expires at, max requests, max tokens, cost of each request, max total,
+# key TTL, tenant, then the request ids. Entries past their expiry (a release that never
+# came) are dropped first.
 _ADMIT_LUA = """
-local now = ARGV[2]
+local now = ARGV[1]
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
 for _, rid in ipairs(stale) do
   redis.call('ZREM', KEYS[1], rid)
@@ -91,23 +92,27 @@ for _, rid in ipairs(stale) do
   end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+local count = #ARGV - 8
+local cost = tonumber(ARGV[5])
+if redis.call('ZCARD', KEYS[1]) + count > tonumber(ARGV[3]) then
   return 'requests'
 end
 local used = math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0'))
-if used + tonumber(ARGV[6]) > tonumber(ARGV[5]) then
+if used + count * cost > tonumber(ARGV[4]) then
   return 'tokens'
 end
-if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then
+if redis.call('ZCARD', KEYS[4]) + count > tonumber(ARGV[6]) then
   return 'total'
 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
-redis.call('INCRBY', KEYS[3], ARGV[6])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[9])
+for i = 9, #ARGV do
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i])
+  redis.call('HSET', KEYS[2], ARGV[i], cost)
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[i])
+  redis.call('HSET', KEYS[5], ARGV[i], ARGV[8])
+end
+redis.call('INCRBY', KEYS[3], count * cost)
 for i = 1, 5 do
-  redis.call('EXPIRE', KEYS[i], ARGV[8])
+  redis.call('EXPIRE', KEYS[i], ARGV[7])
 end
 return 'ok'
 """
@@ -482,6 +487,15 @@ class Backend:
 
     async def submit(self, request: CompletionRequest, arrived_at: float) -> Submission:
         """Admit, open the reply stream, publish with a confirm. Raises ApiError 429/503."""
+        return (await self.submit_all([request], arrived_at))[0]
+
+    async def submit_all(
+        self, requests: list[CompletionRequest], arrived_at: float
+    ) -> list[Submission]:
+        """Submit requests of one tenant together (the n choices of one request): all are
+        admitted in one step or none is, so a tenant near its limit gets a 429 before any
+        work starts; then each is published with a confirm. If one cannot be published,
+        all are closed (cancelled downstream, their slots freed) and the error raised."""
         exchange = self._requests_exchange
         if not self.amqp_connected or exchange is None:
             raise unavailable("The message broker is not reachable; retry later.")
@@ -490,38 +504,55 @@ class Backend:
             raise unavailable(BROKER_BLOCKED, reason="broker_blocked")
         # user_id is checked by the broker and tells the scorer to trust request.tenant.
         try:
-            message = amqp.to_amqp(request, reply_to=self.reply_queue_name, user_id=self.amqp_user)
+            messages = [amqp.to_amqp(r, reply_to=self.reply_queue_name, user_id=self.amqp_user)
+                        for r in requests]
         except MessageError as exc:  # over the wire-size cap
             raise ApiError(413, str(exc), reason="too_large", code="request_too_large") from None
-        tenant = request.tenant
-        await self._try_admit(tenant, request.request_id, token_cost(request))
+        first = requests[0]
+        await self._try_admit(first.tenant, [r.request_id for r in requests], token_cost(first))
+        submissions = [self._open(r, arrived_at) for r in requests]
+        try:
+            for submission, message in zip(submissions, messages, strict=True):
+                await self._publish_request(exchange, submission.request, message)
+        except asyncio.CancelledError:
+            for submission in submissions:
+                self.spawn(submission.close())
+            raise
+        except Exception:
+            # Closing cancels downstream those already published and frees every slot.
+            await asyncio.gather(*(submission.close() for submission in submissions))
+            raise
+        return submissions
+
+    def _open(self, request: CompletionRequest, arrived_at: float) -> Submission:
+        """An admitted request's reply stream and its :class:`Submission`."""
         stream = TimedReplies(self.router.open(request.request_id), opened_at=arrived_at)
         submission = Submission(self, request, stream)
         self._submissions[request.request_id] = submission
         self.metrics.in_flight.inc()
+        return submission
+
+    async def _publish_request(
+        self, exchange: AbstractExchange, request: CompletionRequest, message: Message
+    ) -> None:
+        """Publish an admitted request with a confirm; 503 when the broker does not take it."""
         try:
             await self._publish_unless_blocked(exchange, message)
-        except asyncio.CancelledError:
-            self.spawn(submission.close())
-            raise
         except BrokerBlocked:
             log.warning("publish_blocked", request_id=request.request_id)
-            await submission.close()  # cancels it downstream, should the broker take it later
             raise unavailable(BROKER_BLOCKED, reason="broker_blocked") from None
         except Exception as exc:  # noqa: BLE001 - nack, unroutable, timeout, lost connection: 503
             log.warning("publish_failed", request_id=request.request_id, error=repr(exc))
-            await submission.close()
             raise unavailable(
                 "The request could not be queued (broker did not confirm); retry later."
             ) from None
         log.info(
             "request_accepted",
             request_id=request.request_id,
-            tenant=tenant,
+            tenant=request.tenant,
             kind=request.kind,
             max_tokens=request.sampling.max_tokens,
         )
-        return submission
 
     async def _publish_unless_blocked(self, exchange: AbstractExchange, message: Message) -> None:
         """Publish a request and wait for the broker's confirm. Raises :class:`BrokerBlocked`
@@ -589,8 +620,9 @@ class Backend:
         except Exception as exc:  # noqa: BLE001 - unroutable, timeout, link lost: the marker stays
             log.info("cancel_broadcast_failed", request_id=request_id, error=repr(exc))
 
-    async def _try_admit(self, tenant: str, request_id: str, cost: int) -> None:
-        """Take an admission slot or raise 429 (tenant limits) / 503 (global, Redis down)."""
+    async def _try_admit(self, tenant: str, request_ids: list[str], cost: int) -> None:
+        """Take an admission slot for each request, all or none, or raise 429 (tenant
+        limits) / 503 (global, Redis down); ``cost``: each request's token cost."""
         s = self.settings
         now = time.time()
         # A request ends within request_timeout_s (504 otherwise); its slot counts until then.
@@ -604,9 +636,9 @@ class Backend:
             await self._retry_releases()
             verdict = await self._admit(
                 keys=_slot_keys(tenant, self.incarnation),
-                args=[request_id, repr(now), repr(expires), s.max_queued_per_tenant,
+                args=[repr(now), repr(expires), s.max_queued_per_tenant,
                       s.max_queued_tokens_per_tenant, cost, s.max_queued_total,
-                      int(s.request_timeout_s) + 60, tenant],
+                      int(s.request_timeout_s) + 60, tenant, *request_ids],
             )
         except (RedisError, OSError) as exc:
             log.warning("redis_unavailable", op="admit", error=repr(exc))
@@ -617,9 +649,13 @@ class Backend:
         if verdict == "requests":
             raise too_many_in_flight(s.max_queued_per_tenant)
         if verdict == "tokens":
-            if cost > s.max_queued_tokens_per_tenant:
-                raise ApiError(400, f"The request's max_tokens plus prompt ({cost} tokens) exceeds "
-                                    f"this API key's budget of {s.max_queued_tokens_per_tenant}.",
+            total = cost * len(request_ids)
+            if total > s.max_queued_tokens_per_tenant:
+                what = (f"The request's max_tokens plus prompt ({cost} tokens)" if len(request_ids) == 1
+                        else f"n={len(request_ids)} times the request's max_tokens plus prompt "
+                             f"({total} tokens)")
+                raise ApiError(400, f"{what} exceeds this API key's budget of "
+                                    f"{s.max_queued_tokens_per_tenant}.",
                                reason="too_large", param="max_tokens", code="token_budget_exceeded")
             raise token_budget_exceeded(s.max_queued_tokens_per_tenant)
         if verdict == "total":

@@ -149,11 +149,11 @@ async def gateway(tmp_path: Path, redis_url: str, redis_client):
     app = create_app(settings)  # the lifespan (AMQP) never starts
     submitted: list[m.CompletionRequest] = []
 
-    async def submit(request: m.CompletionRequest, arrived_at: float) -> FakeSubmission:
-        submitted.append(request)
-        return FakeSubmission(request)
+    async def submit_all(requests: list[m.CompletionRequest], arrived_at: float) -> list[FakeSubmission]:
+        submitted.extend(requests)
+        return [FakeSubmission(request) for request in requests]
 
-    app.state.gateway.backend.submit = submit
+    app.state.gateway.backend.submit_all = submit_all
     app.state.gateway.adapters.ttl_s = 0.0  # see every registration at once
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
