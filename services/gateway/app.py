@@ -80,7 +80,7 @@ from services.gateway.schemas import (
     to_completion_request,
 )
 from services.logs import get_logger
-from services.messages import CompletionRequest, FinalAnswer
+from services.messages import FinalAnswer
 from services.models import served_max_model_len
 from services.runtime import STOP_SIGNALS, early_stops, freeze_heap
 from services.settings import Settings
@@ -306,13 +306,15 @@ async def _complete(
         max_model_len=settings.max_model_len,
         deadline_ms=deadline_ms,
     )
+    prompts = body.prompt if isinstance(body, CompletionBody) else None
     meta = ResponseMeta(
         request_id=request_id, kind=request_kind(body), model=body.model, created=int(now),
         logprobs=completion.sampling.logprobs is not None,
-        echo=completion.prompt if isinstance(body, CompletionBody) and body.echo else None,
+        echo=tuple(prompts) if prompts is not None and body.echo else None, n=body.n or 1,
     )
     try:
-        submissions = await _submit_choices(state.backend, completion, body.n or 1, arrived_mono)
+        submissions = await state.backend.submit_all(
+            choice_requests(completion, body.n or 1, prompts), arrived_mono)
         if body.stream:
             return await _stream(
                 request, state, submissions, meta, include_usage(body), deadline, headers
@@ -324,14 +326,6 @@ async def _complete(
     except ClientDisconnected:
         log.info("client_disconnected", request_id=request_id, tenant=tenant)
         return Response(status_code=CLIENT_CLOSED_STATUS, headers=headers)
-
-
-async def _submit_choices(
-    backend: Backend, completion: CompletionRequest, n: int, arrived_at: float
-) -> list[Submission]:
-    """Submit a request's ``n`` choices, one child request each (each is scheduled as a
-    request of the tenant's); admitted together, so if one is refused none goes on."""
-    return await backend.submit_all(choice_requests(completion, n), arrived_at)
 
 
 async def close_all(backend: Backend, submissions: list[Submission],

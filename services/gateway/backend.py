@@ -39,6 +39,7 @@ by clients that are gone.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Coroutine
@@ -75,11 +76,11 @@ REDIS_TIMEOUT_S = 5.0
 CONNECT_RETRY_MAX_S = 10.0
 SHUTDOWN_CLEANUP_S = 10.0
 
-# Admission in one atomic step, of one request or all of a request's n choices (or none).
+# Admission in one atomic step, of one request or all of a request's choices (or none).
 # KEYS: tenant set, tenant token hash, tenant token total, global set, this gateway's slot
-# hash. ARGV: now, expires at, max requests, max tokens, cost of each request, max total,
-# key TTL, tenant, then the request ids. Entries past their expiry (a release that never
-# came) are dropped first.
+# hash. ARGV: now, expires at, max requests, max tokens, max total, key TTL, tenant, then
+# each request's id and token cost. Entries past their expiry (a release that never came)
+# are dropped first.
 _ADMIT_LUA = """
 local now = ARGV[1]
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
@@ -92,27 +93,30 @@ for _, rid in ipairs(stale) do
   end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-local count = #ARGV - 8
-local cost = tonumber(ARGV[5])
+local count = (#ARGV - 7) / 2
+local total = 0
+for i = 9, #ARGV, 2 do
+  total = total + tonumber(ARGV[i])
+end
 if redis.call('ZCARD', KEYS[1]) + count > tonumber(ARGV[3]) then
   return 'requests'
 end
 local used = math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0'))
-if used + count * cost > tonumber(ARGV[4]) then
+if used + total > tonumber(ARGV[4]) then
   return 'tokens'
 end
-if redis.call('ZCARD', KEYS[4]) + count > tonumber(ARGV[6]) then
+if redis.call('ZCARD', KEYS[4]) + count > tonumber(ARGV[5]) then
   return 'total'
 end
-for i = 9, #ARGV do
+for i = 8, #ARGV, 2 do
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i])
-  redis.call('HSET', KEYS[2], ARGV[i], cost)
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[i])
-  redis.call('HSET', KEYS[5], ARGV[i], ARGV[8])
+  redis.call('HSET', KEYS[5], ARGV[i], ARGV[7])
 end
-redis.call('INCRBY', KEYS[3], count * cost)
+redis.call('INCRBY', KEYS[3], total)
 for i = 1, 5 do
-  redis.call('EXPIRE', KEYS[i], ARGV[7])
+  redis.call('EXPIRE', KEYS[i], ARGV[6])
 end
 return 'ok'
 """
@@ -508,8 +512,7 @@ class Backend:
                         for r in requests]
         except MessageError as exc:  # over the wire-size cap
             raise ApiError(413, str(exc), reason="too_large", code="request_too_large") from None
-        first = requests[0]
-        await self._try_admit(first.tenant, [r.request_id for r in requests], token_cost(first))
+        await self._try_admit(requests[0].tenant, {r.request_id: token_cost(r) for r in requests})
         submissions = [self._open(r, arrived_at) for r in requests]
         try:
             for submission, message in zip(submissions, messages, strict=True):
@@ -620,9 +623,9 @@ class Backend:
         except Exception as exc:  # noqa: BLE001 - unroutable, timeout, link lost: the marker stays
             log.info("cancel_broadcast_failed", request_id=request_id, error=repr(exc))
 
-    async def _try_admit(self, tenant: str, request_ids: list[str], cost: int) -> None:
-        """Take an admission slot for each request, all or none, or raise 429 (tenant
-        limits) / 503 (global, Redis down); ``cost``: each request's token cost."""
+    async def _try_admit(self, tenant: str, costs: dict[str, int]) -> None:
+        """Take an admission slot for each request (id -> token cost), all or none, or
+        raise 429 (tenant limits) / 503 (global, Redis down)."""
         s = self.settings
         now = time.time()
         # A request ends within request_timeout_s (504 otherwise); its slot counts until then.
@@ -637,8 +640,9 @@ class Backend:
             verdict = await self._admit(
                 keys=_slot_keys(tenant, self.incarnation),
                 args=[repr(now), repr(expires), s.max_queued_per_tenant,
-                      s.max_queued_tokens_per_tenant, cost, s.max_queued_total,
-                      int(s.request_timeout_s) + 60, tenant, *request_ids],
+                      s.max_queued_tokens_per_tenant, s.max_queued_total,
+                      int(s.request_timeout_s) + 60, tenant,
+                      *itertools.chain.from_iterable(costs.items())],
             )
         except (RedisError, OSError) as exc:
             log.warning("redis_unavailable", op="admit", error=repr(exc))
@@ -649,11 +653,10 @@ class Backend:
         if verdict == "requests":
             raise too_many_in_flight(s.max_queued_per_tenant)
         if verdict == "tokens":
-            total = cost * len(request_ids)
+            total = sum(costs.values())
             if total > s.max_queued_tokens_per_tenant:
-                what = (f"The request's max_tokens plus prompt ({cost} tokens)" if len(request_ids) == 1
-                        else f"n={len(request_ids)} times the request's max_tokens plus prompt "
-                             f"({total} tokens)")
+                what = (f"The request's max_tokens plus prompt ({total} tokens)" if len(costs) == 1
+                        else f"The max_tokens plus prompt of its {len(costs)} choices ({total} tokens)")
                 raise ApiError(400, f"{what} exceeds this API key's budget of "
                                     f"{s.max_queued_tokens_per_tenant}.",
                                reason="too_large", param="max_tokens", code="token_budget_exceeded")

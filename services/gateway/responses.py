@@ -40,9 +40,15 @@ class ResponseMeta:
     created: int
     logprobs: bool = False
     """The client asked for log-probabilities."""
-    echo: str | None = None
-    """The prompt, when a completion asked for it back (``echo``): each choice's text
-    starts with it, and its log-probabilities with the prompt's."""
+    echo: tuple[str, ...] | None = None
+    """Each prompt, when a completion asked for it back (``echo``): each of its choices'
+    text starts with it, and their log-probabilities with the prompt's."""
+    n: int = 1
+    """Choices per prompt: choice ``i`` answers prompt ``i // n``."""
+
+    def echoed(self, index: int) -> str:
+        """The text choice ``index`` starts with: its prompt when echoed, else nothing."""
+        return "" if self.echo is None else self.echo[index // self.n]
 
 
 def answer_error(final: FinalAnswer) -> ApiError | None:
@@ -73,9 +79,10 @@ class ChoiceAnswer:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-def usage(finals: list[FinalAnswer]) -> dict[str, int]:
-    """The prompt once, the completion tokens of every choice (as OpenAI counts ``n``)."""
-    prompt = finals[0].prompt_tokens if finals else 0
+def usage(finals: list[FinalAnswer], n: int = 1) -> dict[str, int]:
+    """Each prompt once, the completion tokens of every choice (as OpenAI counts ``n``);
+    ``finals``: every choice's, ``n`` per prompt."""
+    prompt = sum(final.prompt_tokens for final in finals[::n])
     completion = sum(final.completion_tokens for final in finals)
     return {
         "prompt_tokens": prompt,
@@ -148,7 +155,7 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
         if meta.kind == "chat":
             choice["message"] = {"role": "assistant", "content": answer.text}
         else:
-            choice["text"] = (meta.echo or "") + answer.text
+            choice["text"] = meta.echoed(index) + answer.text
         choices.append(choice)
     return {
         "id": meta.request_id,
@@ -156,7 +163,7 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
         "created": meta.created,
         "model": meta.model,
         "choices": choices,
-        "usage": usage([answer.final for answer in answers]),
+        "usage": usage([answer.final for answer in answers], meta.n),
     }
 
 
@@ -205,7 +212,7 @@ def usage_chunk(meta: ResponseMeta, finals: list[FinalAnswer]) -> dict[str, Any]
         "created": meta.created,
         "model": meta.model,
         "choices": [],
-        "usage": usage(finals),
+        "usage": usage(finals, meta.n),
     }
 
 
@@ -290,7 +297,7 @@ async def sse_events(
             text, prompt = reply.text, None
             if not echoed[index]:
                 echoed[index] = True
-                text, prompt = (meta.echo or "") + text, reply.prompt_logprobs
+                text, prompt = meta.echoed(index) + text, reply.prompt_logprobs
             events.append(sse(stream_chunk(
                 meta, index=index, text=text, include_usage=include_usage,
                 logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index], prompt))))

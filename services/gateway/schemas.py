@@ -40,6 +40,8 @@ MAX_STOP_SEQUENCES = 4
 """OpenAI's limit on ``stop`` strings."""
 MAX_STOP_TOKEN_IDS = 256
 MAX_CHOICES = 128
+MAX_PROMPTS = 128
+"""Prompts in one completion request (a batch): each is a request of the tenant's."""
 """OpenAI's limit on ``n``."""
 MAX_TOKEN_ID = 2**31 - 1
 MAX_DEADLINE_MS = 24 * 3600 * 1000
@@ -113,8 +115,10 @@ TextOrList = Annotated[
 PromptOrList = Annotated[
     list[Text],
     BeforeValidator(_one_or_many, json_schema_input_type=Text | list[Text]),
+    Field(min_length=1, max_length=MAX_PROMPTS),
 ]
-"""A prompt may be empty, as with OpenAI: the model starts from its BOS token."""
+"""One prompt or a batch (OpenAI's list of strings). A prompt may be empty, as with
+OpenAI: the model starts from its BOS token."""
 
 
 class _Body(BaseModel):
@@ -248,10 +252,13 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             f"{param} ({max_tokens}) exceeds the model's context length ({settings.max_model_len}).",
             param=param,
         )
-    if body.n is not None and body.n > settings.max_queued_per_tenant:
+    children = choices(body)
+    if children > settings.max_queued_per_tenant:
         # Each choice is a request of the tenant's: more than it may hold could never run.
-        raise invalid(f"n ({body.n}) exceeds this API key's limit of "
-                      f"{settings.max_queued_per_tenant} unfinished requests.", param="n")
+        what = f"n ({body.n})" if children == body.n else f"{children} choices (prompts times n)"
+        raise invalid(f"{what} exceeds this API key's limit of "
+                      f"{settings.max_queued_per_tenant} unfinished requests.",
+                      param="n" if children == body.n else "prompt")
     if body.stop is not None and len(body.stop) > MAX_STOP_SEQUENCES:
         raise invalid(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.", param="stop")
     if body.stream_options is not None and not body.stream:
@@ -265,12 +272,6 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
         if getattr(body, name) is not None:
             raise _unsupported(name, "Guided decoding")
     if isinstance(body, CompletionBody):
-        if len(body.prompt) != 1:
-            raise invalid(
-                "Only one prompt per request is supported (a string or a list of one string).",
-                param="prompt",
-                code="unsupported",
-            )
         if body.best_of not in (None, 1):
             raise _unsupported("best_of", "best_of other than 1")
         if body.suffix:
@@ -291,21 +292,32 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             raise _unsupported("modalities" if body.audio is None else "audio", "Audio output")
 
 
-def choice_requests(request: CompletionRequest, n: int) -> list[CompletionRequest]:
-    """The child requests of a request's ``n`` choices: the request itself for one; else
-    ids ``<id>-<index>`` and, for a seeded request, seeds ``seed + index``, so choices
-    differ unless decoding is greedy, and a seeded request gives the same choices again."""
-    if n == 1:
-        return [request]
+def choices(body: AnyBody) -> int:
+    """How many choices a request asks for: ``n`` for each of its prompts."""
+    prompts = len(body.prompt) if isinstance(body, CompletionBody) else 1
+    return prompts * (body.n or 1)
+
+
+def choice_requests(
+    request: CompletionRequest, n: int, prompts: list[str] | None = None
+) -> list[CompletionRequest]:
+    """The child requests of a request's choices, ``n`` for each of its ``prompts`` (a
+    batched completion; default: its own prompt): the request itself for one; else ids
+    ``<id>-<index>``, choice ``index`` answering prompt ``index // n`` (as OpenAI numbers
+    them), and for a seeded request seeds ``seed + index % n``, so choices differ unless
+    decoding is greedy, and a prompt gets the same choices as when sent alone."""
+    prompts = [request.prompt] if prompts is None else prompts
+    if n == 1 and len(prompts) == 1:
+        return [dataclasses.replace(request, prompt=prompts[0])]
     seed = request.sampling.seed
     return [
         dataclasses.replace(
-            request, request_id=f"{request.request_id}-{index}",
+            request, request_id=f"{request.request_id}-{index}", prompt=prompts[index // n],
             sampling=dataclasses.replace(
                 request.sampling,
-                seed=None if seed is None else (seed + index - INT64_MIN) % 2**64 + INT64_MIN),
+                seed=None if seed is None else (seed + index % n - INT64_MIN) % 2**64 + INT64_MIN),
         )
-        for index in range(n)
+        for index in range(n * len(prompts))
     ]
 
 
@@ -406,7 +418,7 @@ def to_completion_request(
             ChatMessage(role=m.role, content=_message_text(m.content)) for m in body.messages
         ]
     else:
-        request.prompt = body.prompt[0]
+        request.prompt = body.prompt[0]  # a batch's others: choice_requests
     return request
 
 

@@ -193,6 +193,22 @@ def test_n_choices_streamed_or_not(client, tokenizer):
     assert first.message.content == second.message.content  # greedy: the same answer twice
 
 
+def test_a_batch_of_prompts_answers_each_as_if_sent_alone(client, tokenizer):
+    """A list of prompts (an eval harness's batch): choice i answers prompt i // n, each
+    echoed with its own prompt, the same tokens as that prompt sent alone, every prompt
+    counted once in the usage."""
+    prompts = ["Once upon a time", "The capital of"]
+    args = {"model": MODEL, "max_tokens": 4, "n": 2, "seed": 3, "temperature": 1.0,
+            "extra_body": {"ignore_eos": True}}
+    batch = client.completions.create(prompt=prompts, echo=True, **args)
+    texts = [c.text for c in sorted(batch.choices, key=lambda c: c.index)]
+    for i, prompt in enumerate(prompts):
+        alone = client.completions.create(prompt=prompt, **args)
+        assert texts[2 * i: 2 * i + 2] == [prompt + c.text for c in sorted(alone.choices, key=lambda c: c.index)]
+    assert batch.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert batch.usage.completion_tokens == 16
+
+
 def test_two_tenants_and_bad_key(system, acme_key, globex_key):
     for key in (acme_key, globex_key):
         r = httpx.post(f"{system.gateway_url}/v1/completions", headers={"Authorization": f"Bearer {key}"},

@@ -33,7 +33,7 @@ async def slots_held(redis_client, tenant: str) -> tuple[int, int, int]:
 async def admit(b: Backend, tenant: str, rid: str, cost: int = 10) -> int | None:
     """The HTTP status admission answered, or None when admitted."""
     try:
-        await b._try_admit(tenant, [rid], cost)
+        await b._try_admit(tenant, {rid: cost})
     except ApiError as err:
         assert err.status == 400 or err.headers.get("Retry-After")
         return err.status
@@ -74,29 +74,29 @@ async def test_choices_are_admitted_all_or_none(redis_client, redis_url):
     try:
         assert await admit(b, "acme", "r1") is None
         with pytest.raises(ApiError) as refused:
-            await b._try_admit("acme", ["n-0", "n-1", "n-2", "n-3"], 10)
+            await b._try_admit("acme", dict.fromkeys(["n-0", "n-1", "n-2", "n-3"], 10))
         assert refused.value.status == 429 and refused.value.code == "rate_limit_exceeded"
         assert await slots_held(redis_client, "acme") == (1, 10, 1)
         with pytest.raises(ApiError) as tokens:  # 3 slots are free, 3 x 31 more tokens are not
-            await b._try_admit("acme", ["t-0", "t-1", "t-2"], 31)
+            await b._try_admit("acme", dict.fromkeys(["t-0", "t-1", "t-2"], 31))
         assert tokens.value.status == 429 and tokens.value.headers.get("Retry-After")
         assert await slots_held(redis_client, "acme") == (1, 10, 1)
-        await b._try_admit("acme", ["n-0", "n-1", "n-2"], 20)
+        await b._try_admit("acme", {"n-0": 20, "n-1": 25, "n-2": 15})  # a batch's own costs
         assert await slots_held(redis_client, "acme") == (4, 70, 4)
         await b._release_slot("acme", "n-1")
-        assert await slots_held(redis_client, "acme") == (3, 50, 3)
+        assert await slots_held(redis_client, "acme") == (3, 45, 3)
     finally:
         await b.redis.aclose()
 
 
 async def test_choices_that_together_exceed_the_whole_token_budget_are_400(redis_client, redis_url):
-    """Retrying could never admit them: a 400 that says n multiplies the cost."""
+    """Retrying could never admit them: a 400 that says the choices' costs add up."""
     b = backend(redis_url, max_queued_tokens_per_tenant=100)
     try:
         with pytest.raises(ApiError) as refused:
-            await b._try_admit("acme", ["c-0", "c-1", "c-2"], 40)
+            await b._try_admit("acme", dict.fromkeys(["c-0", "c-1", "c-2"], 40))
         assert refused.value.status == 400 and refused.value.param == "max_tokens"
-        assert "n=3" in refused.value.message and "120 tokens" in refused.value.message
+        assert "its 3 choices (120 tokens)" in refused.value.message
         assert await slots_held(redis_client, "acme") == (0, 0, 0)
     finally:
         await b.redis.aclose()
@@ -188,7 +188,7 @@ async def test_a_redis_that_refuses_writes_is_503_saying_why_until_a_write_goes_
         await redis_client.execute_command("REPLICAOF", "127.0.0.1", "1")
         try:
             with pytest.raises(ApiError) as refused:
-                await b._try_admit("acme", ["r1"], 10)
+                await b._try_admit("acme", {"r1": 10})
         finally:
             await redis_client.execute_command("REPLICAOF", "NO", "ONE")
         assert refused.value.status == 503 and refused.value.headers.get("Retry-After")

@@ -283,10 +283,31 @@ def child(request_id: str, *replies: TokenChunk | FinalAnswer) -> TimedReplies:
 async def test_n_choices_are_read_together_and_counted_once_for_the_prompt() -> None:
     choices = ChoiceStream([child("r-0", tok(0, "a"), done(1)),
                             child("r-1", tok(0, "x"), tok(1, "y"), done(2, "length"))])
-    body = completion_response(COMPLETION, await collect_answer(choices))
+    body = completion_response(dataclasses.replace(COMPLETION, n=2), await collect_answer(choices))
     assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
         (0, "a", "stop"), (1, "xy", "length")]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+async def test_a_batch_echoes_each_choice_its_own_prompt_and_counts_every_prompt_once() -> None:
+    """Two prompts, two choices each: choices 0-1 answer the first prompt, 2-3 the second."""
+    first, second = dataclasses.replace(done(1), prompt_tokens=4), dataclasses.replace(done(1), prompt_tokens=9)
+    meta = dataclasses.replace(COMPLETION, echo=("Hi ", "Bye "), n=2)
+    streams = [child("b-0", tok(0, "a"), first), child("b-1", tok(0, "b"), first),
+               child("b-2", tok(0, "c"), second), child("b-3", tok(0, "d"), second)]
+    body = completion_response(meta, await collect_answer(ChoiceStream(streams)))
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [
+        (0, "Hi a"), (1, "Hi b"), (2, "Bye c"), (3, "Bye d")]
+    assert body["usage"] == {"prompt_tokens": 13, "completion_tokens": 4, "total_tokens": 17}
+    streams = [child("b-0", tok(0, "a"), first), child("b-1", tok(0, "b"), first),
+               child("b-2", tok(0, "c"), second), child("b-3", tok(0, "d"), second)]
+    events = await run_sse(meta, ChoiceStream(streams), include_usage=True)
+    texts: dict[int, str] = {}
+    for event in events[:-2]:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: "Hi a", 1: "Hi b", 2: "Bye c", 3: "Bye d"}
+    assert events[-2]["usage"] == {"prompt_tokens": 13, "completion_tokens": 4, "total_tokens": 17}
 
 
 async def test_n_choices_stream_interleaved_each_with_its_own_end() -> None:
@@ -299,7 +320,7 @@ async def test_n_choices_stream_interleaved_each_with_its_own_end() -> None:
         late.stream.offer(dataclasses.replace(done(2), request_id="r-1"))
 
     task = asyncio.create_task(finish_late())
-    events = await run_sse(CHAT, choices, include_usage=True)
+    events = await run_sse(dataclasses.replace(CHAT, n=2), choices, include_usage=True)
     await task
     chunks = events[:-1]
     assert [(c["choices"][0]["index"], c["choices"][0]["delta"]) for c in chunks[:2]] == [
@@ -322,7 +343,7 @@ async def test_an_error_in_one_choice_ends_the_answer() -> None:
 
 
 async def test_an_echoed_completion_starts_with_the_prompt_and_its_logprobs() -> None:
-    meta = dataclasses.replace(COMPLETION, logprobs=True, echo="Hi")
+    meta = dataclasses.replace(COMPLETION, logprobs=True, echo=("Hi",))
     first = scored(0, "!")
     first.prompt_logprobs = [TokenLogprob(token="H", logprob=0.0),
                              TokenLogprob(token="i", logprob=-2.0, top=[TopLogprob(3, "o", -1.0)])]
@@ -340,7 +361,7 @@ async def test_an_echoed_completion_starts_with_the_prompt_and_its_logprobs() ->
     assert [c["text"] for c in chunks] == ["Hi!", "?", ""]
     assert chunks[0]["logprobs"]["tokens"] == ["H", "i", "!"]
     assert chunks[1]["logprobs"]["text_offset"] == [3]
-    plain = dataclasses.replace(COMPLETION, echo="Hi")  # echo without logprobs: the text only
+    plain = dataclasses.replace(COMPLETION, echo=("Hi",))  # echo without logprobs: the text only
     events = await run_sse(plain, filled(tok(0, "!"), done(1)))
     assert [(c["choices"][0]["text"], c["choices"][0]["logprobs"]) for c in events[:-1]] == [
         ("Hi!", None), ("", None)]

@@ -96,7 +96,8 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"deadline_ms": 0}, "deadline_ms"),
         ({"ignore_eos": 1}, "ignore_eos"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["x"] * 129}, "prompt"),
         ({"prompt": [1, 2, 3]}, "prompt"),
         ({"prompt": None}, "prompt"),
         ({"prompt": "\ud800"}, "prompt.0"),
@@ -340,6 +341,31 @@ def test_n_choices_are_child_requests_with_their_own_ids_and_seeds() -> None:
     unseeded = choice_requests(to_request(_check(completion(n=2))), 2)
     assert [c.sampling.seed for c in unseeded] == [None, None]  # each gets one of its own id
     assert choice_requests(request, 1) == [request]
+
+
+def test_a_batch_of_prompts_is_n_child_requests_per_prompt_numbered_as_openai_does() -> None:
+    """Choice ``i`` answers prompt ``i // n``; each prompt's choices are seeded as if it
+    came alone, so a batch answers what its prompts sent one by one would."""
+    body = _check(completion(prompt=["one", "two", ""], n=2, seed=7))
+    request = to_request(body, request_id="cmpl-b")
+    children = choice_requests(request, 2, body.prompt)
+    assert [(c.request_id, c.prompt, c.sampling.seed) for c in children] == [
+        ("cmpl-b-0", "one", 7), ("cmpl-b-1", "one", 8), ("cmpl-b-2", "two", 7),
+        ("cmpl-b-3", "two", 8), ("cmpl-b-4", "", 7), ("cmpl-b-5", "", 8)]
+    alone = choice_requests(to_request(_check(completion(prompt=["two", "x"])), request_id="r"),
+                            1, ["two", "x"])
+    assert [(c.request_id, c.prompt) for c in alone] == [("r-0", "two"), ("r-1", "x")]
+
+
+def test_a_batch_with_more_choices_than_the_tenant_may_hold_is_400() -> None:
+    limited = Settings(model_name=MODEL, max_model_len=1024, max_queued_per_tenant=4)
+    for fields, param in (({"prompt": ["a", "b"], "n": 3}, "prompt"), ({"n": 5}, "n")):
+        body = parse_body(json.dumps(completion(**fields)).encode(), CompletionBody)
+        with pytest.raises(ApiError) as info:
+            check_body(body, limited)
+        assert (info.value.status, info.value.param) == (400, param)
+    check_body(parse_body(json.dumps(completion(prompt=["a", "b"], n=2)).encode(), CompletionBody),
+               limited)
 
 
 def test_chat_request_mapping_and_defaults() -> None:
