@@ -178,11 +178,23 @@ class CompletionRequest(Message):
     fail_if_late: bool = False
     """Answer with an error instead of running once the deadline cannot be met."""
     reply_to: str = ""
+    prompt_token_ids: list[int] | None = None
+    """A completion's prompt as the model's token ids (OpenAI's and vLLM's token-id
+    prompts), used as they are; the scorer checks them and puts their text in ``prompt``."""
+    echo: bool = False
+    """The caller wants the prompt back as text (a completion's ``echo``): for a token-id
+    prompt, which only the model's tokenizer can spell, the worker sends that text with
+    the answer's first tokens (``echoed_prompt``)."""
     defaulted: list[str] = field(default_factory=list)
     """The :class:`SamplingParams` fields the client did not set (of ``DEFAULTABLE``), as
     vLLM treats them: the scorer takes ``temperature``, ``top_p`` and ``top_k`` from the
     model's ``generation_config.json``, and lowers a default ``max_tokens`` to what the
     context leaves after the prompt instead of refusing the request."""
+
+    def prompt_to_echo(self) -> str | None:
+        """What a worker sends back as ``echoed_prompt``: a token-id prompt's text (the
+        scorer's decoding), when the caller asked for it; a text prompt's caller has it."""
+        return self.prompt if self.echo and self.prompt_token_ids is not None else None
 
     def prompt_text(self) -> str:
         """The text a length predictor sees: the prompt, or the chat's user turns."""
@@ -232,6 +244,8 @@ class TokenChunk(Message):
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per prompt token, on the answer's first chunk, when the request asked for
     them. Nothing predicts the first: its entry has only its text (logprob 0, no top)."""
+    echoed_prompt: str | None = None
+    """The text of a token-id prompt that asked to be echoed, on the answer's first chunk."""
 
 
 @dataclass(slots=True)
@@ -262,6 +276,8 @@ class FinalAnswer(Message):
     """Those tokens' log-probabilities, when the request asked for them."""
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     """As ``TokenChunk.prompt_logprobs``, when these are the answer's first tokens."""
+    echoed_prompt: str | None = None
+    """As ``TokenChunk.echoed_prompt``, when these are the answer's first tokens."""
     finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0

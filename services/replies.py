@@ -41,7 +41,8 @@ class ReplyStream:
         """Characters of output text delivered."""
         self.finished = False
         self.prompt_delivered = False
-        """The prompt's log-probabilities (sent with the first chunk, when asked) went out."""
+        """The prompt's log-probabilities and echoed text (sent with the first chunk, when
+        asked) went out."""
         self._ahead: dict[int, m.TokenChunk] = {}
         """Chunks past a gap, by token offset."""
         self._final: m.FinalAnswer | None = None
@@ -55,19 +56,20 @@ class ReplyStream:
             if msg.finish_reason in ("error", "cancelled"):
                 # An abnormal end does not wait for missing chunks: nothing more will come.
                 self._deliver_final(dataclasses.replace(msg, text="", token_ids=[], logprobs=[],
-                                                        prompt_logprobs=[]))
+                                                        prompt_logprobs=[], echoed_prompt=None))
                 return
             if msg.token_ids or msg.text:  # the answer's last tokens: a chunk, then the end
                 self.offer(m.TokenChunk(request_id=msg.request_id, token_offset=msg.token_offset,
                                         text_offset=msg.text_offset, text=msg.text,
                                         token_ids=msg.token_ids, logprobs=msg.logprobs,
-                                        prompt_logprobs=msg.prompt_logprobs))
+                                        prompt_logprobs=msg.prompt_logprobs,
+                                        echoed_prompt=msg.echoed_prompt))
                 if self.finished:  # that chunk let an end held earlier through
                     return
                 msg = dataclasses.replace(
                     msg, token_offset=msg.token_offset + len(msg.token_ids),
                     text_offset=msg.text_offset + len(msg.text), text="", token_ids=[],
-                    logprobs=[], prompt_logprobs=[])
+                    logprobs=[], prompt_logprobs=[], echoed_prompt=None)
             self._final = self._final or msg
         elif msg.token_offset > self.next_token:
             held = self._ahead.get(msg.token_offset)
@@ -86,9 +88,10 @@ class ReplyStream:
         lies past what was delivered."""
         tokens = chunk.token_ids[self.next_token - chunk.token_offset:]
         text = chunk.text[max(0, self.next_char - chunk.text_offset):]
-        if chunk.prompt_logprobs:  # once: a regenerated first chunk carries them again
+        if chunk.prompt_logprobs or chunk.echoed_prompt is not None:
+            # Once: a regenerated first chunk carries them again.
             if self.prompt_delivered:
-                chunk = dataclasses.replace(chunk, prompt_logprobs=[])
+                chunk = dataclasses.replace(chunk, prompt_logprobs=[], echoed_prompt=None)
             self.prompt_delivered = True
         if tokens or text:
             if len(tokens) < len(chunk.token_ids) or len(text) < len(chunk.text):

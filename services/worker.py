@@ -493,7 +493,8 @@ class WorkerService:
         send = asyncio.ensure_future(amqp.reply(self.channel, active.request.reply_to, m.TokenChunk(
             request_id=active.item.request_id, token_offset=0, text_offset=0,
             text=point.streamed_text, token_ids=list(point.output_token_ids),
-            logprobs=list(point.output_logprobs), prompt_logprobs=list(point.prompt_logprobs)),
+            logprobs=list(point.output_logprobs), prompt_logprobs=list(point.prompt_logprobs),
+            echoed_prompt=active.request.prompt_to_echo()),
             mandatory=True))
         send.add_done_callback(lambda f: self._on_sent(active, f))
         active.unconfirmed.appendleft((send, len(point.output_token_ids), point.streamed_chars))
@@ -633,7 +634,9 @@ class WorkerService:
                 request_id=active.item.request_id, token_offset=len(active.output_token_ids),
                 text_offset=active.streamed_chars, text=out.new_text,
                 token_ids=list(out.new_token_ids), logprobs=out.logprobs,
-                prompt_logprobs=out.prompt_logprobs), mandatory=True))
+                prompt_logprobs=out.prompt_logprobs,
+                echoed_prompt=None if active.output_token_ids else active.request.prompt_to_echo()),
+                mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
             active.sent(send, out.new_token_ids, out.new_text, out.logprobs, out.prompt_logprobs)
         if len(active.unconfirmed) > 64:
@@ -662,7 +665,9 @@ class WorkerService:
             request_id=rid, token_offset=len(active.output_token_ids), text_offset=active.streamed_chars,
             text=out.new_text if done else "", token_ids=list(out.new_token_ids) if done else [],
             logprobs=out.logprobs if done else [],
-            prompt_logprobs=out.prompt_logprobs if done else [], finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
+            prompt_logprobs=out.prompt_logprobs if done else [],
+            echoed_prompt=None if active.output_token_ids or not done else req.prompt_to_echo(),
+            finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
             completion_tokens=out.num_output_tokens, error=error))
         event = amqp.publish(self.events, m.RequestFinished(
             request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,

@@ -310,7 +310,8 @@ async def _complete(
     meta = ResponseMeta(
         request_id=request_id, kind=request_kind(body), model=body.model, created=int(now),
         logprobs=completion.sampling.logprobs is not None,
-        echo=tuple(prompts) if prompts is not None and body.echo else None, n=body.n or 1,
+        echo=tuple(p if isinstance(p, str) else None for p in prompts)
+        if prompts is not None and body.echo else None, n=body.n or 1,
     )
     try:
         submissions = await state.backend.submit_all(

@@ -182,6 +182,8 @@ def token_cost(request: CompletionRequest) -> int:
     """What a request counts against its tenant's token budget: ``max_tokens`` plus the
     prompt at one token per 4 UTF-8 bytes (no tokenizer here; real BPE counts are lower
     for English, so this errs on the side of the budget)."""
+    if request.prompt_token_ids is not None:
+        return request.sampling.max_tokens + len(request.prompt_token_ids)
     text = request.prompt_text() if request.kind == "completion" else "".join(
         msg.content for msg in request.messages)
     return request.sampling.max_tokens + len(text.encode("utf-8", "replace")) // 4 + 1

@@ -40,15 +40,20 @@ class ResponseMeta:
     created: int
     logprobs: bool = False
     """The client asked for log-probabilities."""
-    echo: tuple[str, ...] | None = None
+    echo: tuple[str | None, ...] | None = None
     """Each prompt, when a completion asked for it back (``echo``): each of its choices'
-    text starts with it, and their log-probabilities with the prompt's."""
+    text starts with it, and their log-probabilities with the prompt's. None for a
+    token-id prompt: its text comes with the first reply (``echoed_prompt``)."""
     n: int = 1
     """Choices per prompt: choice ``i`` answers prompt ``i // n``."""
 
-    def echoed(self, index: int) -> str:
-        """The text choice ``index`` starts with: its prompt when echoed, else nothing."""
-        return "" if self.echo is None else self.echo[index // self.n]
+    def echoed(self, index: int, reply: Reply | ChoiceAnswer) -> str:
+        """The text choice ``index`` starts with (``reply``: its first): its prompt when
+        echoed, else nothing."""
+        if self.echo is None:
+            return ""
+        prompt = self.echo[index // self.n]
+        return prompt if prompt is not None else reply.echoed_prompt or ""
 
 
 def answer_error(final: FinalAnswer) -> ApiError | None:
@@ -77,6 +82,7 @@ class ChoiceAnswer:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    echoed_prompt: str | None = None
 
 
 def usage(finals: list[FinalAnswer], n: int = 1) -> dict[str, int]:
@@ -155,7 +161,7 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
         if meta.kind == "chat":
             choice["message"] = {"role": "assistant", "content": answer.text}
         else:
-            choice["text"] = meta.echoed(index) + answer.text
+            choice["text"] = meta.echoed(index, answer) + answer.text
         choices.append(choice)
     return {
         "id": meta.request_id,
@@ -237,6 +243,7 @@ async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
     parts: list[list[str]] = [[] for _ in stream.streams]
     logprobs: list[list[TokenLogprob]] = [[] for _ in stream.streams]
     prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in stream.streams]
+    echoed: list[str | None] = [None] * len(stream.streams)
     finals: dict[int, FinalAnswer] = {}
     while len(finals) < len(stream.streams):
         index, reply = await stream.next()
@@ -248,7 +255,8 @@ async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
             parts[index].append(reply.text)
             logprobs[index].extend(reply.logprobs)
             prompt_logprobs[index].extend(reply.prompt_logprobs)
-    return [ChoiceAnswer(final, "".join(parts[i]), logprobs[i], prompt_logprobs[i])
+            echoed[index] = echoed[index] or reply.echoed_prompt
+    return [ChoiceAnswer(final, "".join(parts[i]), logprobs[i], prompt_logprobs[i], echoed[i])
             for i, final in sorted(finals.items())]
 
 
@@ -297,7 +305,7 @@ async def sse_events(
             text, prompt = reply.text, None
             if not echoed[index]:
                 echoed[index] = True
-                text, prompt = meta.echoed(index) + text, reply.prompt_logprobs
+                text, prompt = meta.echoed(index, reply) + text, reply.prompt_logprobs
             events.append(sse(stream_chunk(
                 meta, index=index, text=text, include_usage=include_usage,
                 logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index], prompt))))

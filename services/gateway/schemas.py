@@ -68,15 +68,37 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 def _one_or_many(value: Any) -> Any:
     # "x" and ["x"] mean the same; normalising before validation keeps error paths plain
-    # ("prompt.0") instead of pydantic's per-union-branch paths. ValueError, not
+    # ("stop.0") instead of pydantic's per-union-branch paths. ValueError, not
     # TypeError: only the former becomes a validation error (400) in pydantic.
     if isinstance(value, str):
         return [value]
     if not isinstance(value, list):
         raise ValueError("must be a string or a list of strings")  # noqa: TRY004 - for pydantic
-    if value and all(isinstance(x, int) or (isinstance(x, list) and x and isinstance(x[0], int))
-                     for x in value):
-        raise ValueError("token ids are not supported here; send text")
+    return value
+
+
+_PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
+def _prompts(value: Any) -> Any:
+    # OpenAI's four prompt shapes, normalised to a list of prompts (text or token ids)
+    # and checked here, so that an error names the prompt rather than pydantic's branches.
+    if isinstance(value, str) or (isinstance(value, list) and value
+                                  and all(type(x) is int for x in value)):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(x, str | list) for x in value):
+        raise ValueError(f"must be {_PROMPT_SHAPES}")
+    if len({type(x) for x in value}) > 1:
+        raise ValueError("must not mix text and token-id prompts")
+    for i, prompt in enumerate(value):
+        where = f"prompt {i}" if len(value) > 1 else "the prompt"
+        if isinstance(prompt, str):
+            if not encodes_as_utf8(prompt):
+                raise ValueError(f"{where} contains unpaired UTF-16 surrogates")
+        elif not prompt:
+            raise ValueError(f"{where} has no token ids")
+        elif not all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in prompt):
+            raise ValueError(f"{where}: token ids must be integers in [0, {MAX_TOKEN_ID}]")
     return value
 
 
@@ -112,13 +134,14 @@ TextOrList = Annotated[
     list[NonEmptyText],
     BeforeValidator(_one_or_many, json_schema_input_type=NonEmptyText | list[NonEmptyText]),
 ]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 PromptOrList = Annotated[
-    list[Text],
-    BeforeValidator(_one_or_many, json_schema_input_type=Text | list[Text]),
+    list[str | list[int]],
+    BeforeValidator(_prompts, json_schema_input_type=Text | list[Text] | TokenIds | list[TokenIds]),
     Field(min_length=1, max_length=MAX_PROMPTS),
 ]
-"""One prompt or a batch (OpenAI's list of strings). A prompt may be empty, as with
-OpenAI: the model starts from its BOS token."""
+"""One prompt or a batch, each text or the model's token ids (used as they are). A text
+prompt may be empty, as with OpenAI: the model starts from its BOS token."""
 
 
 class _Body(BaseModel):
@@ -299,26 +322,27 @@ def choices(body: AnyBody) -> int:
 
 
 def choice_requests(
-    request: CompletionRequest, n: int, prompts: list[str] | None = None
+    request: CompletionRequest, n: int, prompts: list[Prompt] | None = None
 ) -> list[CompletionRequest]:
     """The child requests of a request's choices, ``n`` for each of its ``prompts`` (a
     batched completion; default: its own prompt): the request itself for one; else ids
     ``<id>-<index>``, choice ``index`` answering prompt ``index // n`` (as OpenAI numbers
     them), and for a seeded request seeds ``seed + index % n``, so choices differ unless
     decoding is greedy, and a prompt gets the same choices as when sent alone."""
-    prompts = [request.prompt] if prompts is None else prompts
-    if n == 1 and len(prompts) == 1:
-        return [dataclasses.replace(request, prompt=prompts[0])]
+    if prompts is None:
+        prompts = [request.prompt if request.prompt_token_ids is None else request.prompt_token_ids]
     seed = request.sampling.seed
-    return [
-        dataclasses.replace(
-            request, request_id=f"{request.request_id}-{index}", prompt=prompts[index // n],
-            sampling=dataclasses.replace(
-                request.sampling,
-                seed=None if seed is None else (seed + index % n - INT64_MIN) % 2**64 + INT64_MIN),
-        )
-        for index in range(n * len(prompts))
-    ]
+    children = []
+    for index in range(n * len(prompts)):
+        child = dataclasses.replace(request)
+        _set_prompt(child, prompts[index // n])
+        if n * len(prompts) > 1:
+            child.request_id = f"{request.request_id}-{index}"
+            if seed is not None:
+                child.sampling = dataclasses.replace(
+                    request.sampling, seed=(seed + index % n - INT64_MIN) % 2**64 + INT64_MIN)
+        children.append(child)
+    return children
 
 
 def requested_logprobs(body: AnyBody) -> int | None:
@@ -418,8 +442,20 @@ def to_completion_request(
             ChatMessage(role=m.role, content=_message_text(m.content)) for m in body.messages
         ]
     else:
-        request.prompt = body.prompt[0]  # a batch's others: choice_requests
+        request.echo = bool(body.echo)
+        _set_prompt(request, body.prompt[0])  # a batch's others: choice_requests
     return request
+
+
+Prompt = str | list[int]
+"""One completion prompt: text, or the model's token ids."""
+
+
+def _set_prompt(request: CompletionRequest, prompt: Prompt) -> None:
+    if isinstance(prompt, str):
+        request.prompt, request.prompt_token_ids = prompt, None
+    else:
+        request.prompt, request.prompt_token_ids = "", list(prompt)
 
 
 def include_usage(body: AnyBody) -> bool:

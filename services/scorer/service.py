@@ -96,6 +96,8 @@ def check_fields(request: m.CompletionRequest) -> None:
         problem = f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed"
     if problem is None and any(msg.role not in CHAT_ROLES for msg in request.messages):
         problem = f"chat roles must be one of {', '.join(CHAT_ROLES)}"
+    if problem is None and request.prompt_token_ids is not None and request.kind != "completion":
+        problem = "prompt_token_ids is for completions; a chat sends messages"
     if problem is None and not set(request.defaulted) <= set(m.DEFAULTABLE):
         problem = f"defaulted may only name {', '.join(m.DEFAULTABLE)}"
     if problem is not None:
@@ -137,10 +139,14 @@ class Scorer:
         vocab = self.vocab_size
         if vocab is not None and any(b.token_id >= vocab for b in request.sampling.logit_bias):
             raise RequestRejected(f"logit_bias token ids must be in [0, {vocab}) for this model")
-        try:
-            ids = tokenize(self.tokenizer, request)
-        except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
-            raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            request = dataclasses.replace(request, prompt=self._spell(ids))
+        else:
+            try:
+                ids = tokenize(self.tokenizer, request)
+            except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
+                raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
         if not ids:  # an empty prompt, for a model without a BOS token to start from
             raise RequestRejected("prompt must not be empty: this model has no token to start from")
         request = self._fill_defaults(request, room=self.max_model_len - len(ids))
@@ -166,6 +172,17 @@ class Scorer:
         return m.ScoredRequest(
             request_id=request.request_id, request=request, prompt_token_ids=ids, score=score
         )
+
+    def _spell(self, ids: list[int]) -> str:
+        """A token-id prompt's text (what the predictor reads and ``echo`` gives back, as
+        vLLM decodes it), once its ids are checked against the model's vocabulary."""
+        vocab = self.vocab_size if self.vocab_size is not None else len(self.tokenizer)
+        if any(not 0 <= token < vocab for token in ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab}) for this model")
+        try:
+            return self.tokenizer.decode(ids)
+        except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
+            raise RequestRejected(f"the prompt's token ids cannot be decoded: {exc}") from None
 
     def _fill_defaults(self, request: m.CompletionRequest, room: int) -> m.CompletionRequest:
         """The fields the client left unset: the model's sampling defaults, and a default

@@ -209,6 +209,23 @@ def test_a_batch_of_prompts_answers_each_as_if_sent_alone(client, tokenizer):
     assert batch.usage.completion_tokens == 16
 
 
+def test_a_token_id_prompt_is_answered_as_its_text_and_echoed_spelled(client, tokenizer):
+    """lm-eval-harness's tokenized requests: the ids are the model's input as they are (the
+    same answer and prompt log-probabilities as the text they encode), a batch of them
+    too, and an echo spells them as the tokenizer does."""
+    ids = tokenizer.encode("Once upon a time")  # with BOS, as the scorer encodes text
+    args = {"model": MODEL, "max_tokens": 3, "seed": 5, "temperature": 1.0, "echo": True,
+            "logprobs": 1, "extra_body": {"ignore_eos": True}}
+    as_text = client.completions.create(prompt="Once upon a time", **args).choices[0]
+    as_ids = client.completions.create(prompt=ids, **args).choices[0]
+    assert as_ids.text == tokenizer.decode(ids) + as_text.text[len("Once upon a time"):]
+    assert as_ids.logprobs.token_logprobs == pytest.approx(as_text.logprobs.token_logprobs, abs=1e-4)
+    batch = client.completions.create(prompt=[ids, ids[:3]], **args)
+    assert min(batch.choices, key=lambda c: c.index).text == as_ids.text
+    with pytest.raises(openai.BadRequestError, match="prompt token ids must be in"):
+        client.completions.create(model=MODEL, prompt=[len(tokenizer) + 5], max_tokens=2)
+
+
 def test_two_tenants_and_bad_key(system, acme_key, globex_key):
     for key in (acme_key, globex_key):
         r = httpx.post(f"{system.gateway_url}/v1/completions", headers={"Authorization": f"Bearer {key}"},

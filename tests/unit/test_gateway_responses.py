@@ -310,6 +310,25 @@ async def test_a_batch_echoes_each_choice_its_own_prompt_and_counts_every_prompt
     assert events[-2]["usage"] == {"prompt_tokens": 13, "completion_tokens": 4, "total_tokens": 17}
 
 
+async def test_a_token_id_prompt_is_echoed_with_the_text_its_worker_spelled() -> None:
+    """The gateway cannot spell token ids: the echo of such a prompt is the text the
+    first reply brings, beside a text prompt's own in the same batch."""
+    meta = dataclasses.replace(COMPLETION, echo=("Hi ", None))
+
+    def streams() -> ChoiceStream:
+        return ChoiceStream([child("e-0", tok(0, "a"), done(1)),
+                             child("e-1", dataclasses.replace(tok(0, "b"), echoed_prompt="<s>Bye "), done(1))])
+
+    body = completion_response(meta, await collect_answer(streams()))
+    assert [c["text"] for c in body["choices"]] == ["Hi a", "<s>Bye b"]
+    events = await run_sse(meta, streams())
+    texts = {0: "", 1: ""}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            texts[choice["index"]] += choice["text"]
+    assert texts == {0: "Hi a", 1: "<s>Bye b"}
+
+
 async def test_n_choices_stream_interleaved_each_with_its_own_end() -> None:
     late = child("r-1", tok(0, "x"))
     choices = ChoiceStream([child("r-0", tok(0, "a"), done(1)), late])

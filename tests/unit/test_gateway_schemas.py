@@ -98,9 +98,13 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"prompt": []}, "prompt"),
         ({"prompt": ["x"] * 129}, "prompt"),
-        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": [[1, 2], "a"]}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [3, -1]}, "prompt"),
+        ({"prompt": [[1], [2**31]]}, "prompt"),
+        ({"prompt": [1.5]}, "prompt"),
         ({"prompt": None}, "prompt"),
-        ({"prompt": "\ud800"}, "prompt.0"),
+        ({"prompt": "\ud800"}, "prompt"),
         ({"model": 5}, "model"),
         ({"suffix": "x"}, "suffix"),
         ({"logprobs": 21}, "logprobs"),
@@ -201,11 +205,16 @@ def test_features_that_would_change_a_chat_answer_are_refused(fields: dict[str, 
     assert (err.status, err.code, err.param) == (400, "unsupported", param)
 
 
-@pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2], [3]]])
-def test_a_token_id_prompt_is_refused_in_words(prompt: Any) -> None:
+@pytest.mark.parametrize(("prompt", "words"), [
+    ([[1, 2], "a"], "must not mix text and token-id prompts"),
+    ([[1], []], "prompt 1 has no token ids"),
+    ([7, -1], "the prompt: token ids must be integers in [0, 2147483647]"),
+    ({"text": "a"}, "must be a string, a list of strings, a list of token ids or a list of token-id lists"),
+])
+def test_a_bad_prompt_is_refused_in_words(prompt: Any, words: str) -> None:
     err = _error(completion(prompt=prompt))
     assert (err.status, err.param) == (400, "prompt")
-    assert "token ids are not supported" in err.message
+    assert words in err.message
 
 
 def test_guided_decoding_is_refused_on_completions_too() -> None:
@@ -355,6 +364,20 @@ def test_a_batch_of_prompts_is_n_child_requests_per_prompt_numbered_as_openai_do
     alone = choice_requests(to_request(_check(completion(prompt=["two", "x"])), request_id="r"),
                             1, ["two", "x"])
     assert [(c.request_id, c.prompt) for c in alone] == [("r-0", "two"), ("r-1", "x")]
+
+
+def test_token_id_prompts_go_as_ids_one_or_a_batch() -> None:
+    """OpenAI's token-id shapes: a list of ids is one prompt, a list of lists a batch;
+    the ids travel as they are (the scorer checks them against the vocabulary), and an
+    echo is asked of the worker, which alone can spell them."""
+    one = to_request(_check(completion(prompt=[5, 6, 7], echo=True)))
+    assert (one.prompt, one.prompt_token_ids, one.echo) == ("", [5, 6, 7], True)
+    body = _check(completion(prompt=[[5, 6], [7]]))
+    children = choice_requests(to_request(body, request_id="ids"), 1, body.prompt)
+    assert [(c.request_id, c.prompt_token_ids) for c in children] == [("ids-0", [5, 6]), ("ids-1", [7])]
+    text = to_request(_check(completion(prompt="hi")))
+    assert (text.prompt, text.prompt_token_ids, text.echo) == ("hi", None, False)
+    assert decode(encode(one)) == one
 
 
 def test_a_batch_with_more_choices_than_the_tenant_may_hold_is_400() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -164,3 +165,28 @@ def test_an_empty_prompt_starts_from_bos_and_is_refused_without_one(model_cache)
     assert scored.prompt_token_ids == [tokenizer.bos_token_id]
     with pytest.raises(RequestRejected, match="prompt must not be empty"):
         Scorer(NoBosTokenizer(), predictor, 64).score(empty)
+
+
+def test_a_token_id_prompt_is_used_as_sent_and_spelled_for_the_predictor(model_cache):
+    """Ids go to the worker untouched (no BOS added, none re-tokenized); their text is
+    what the predictor reads, the feedback carries and an echo gives back; an id the
+    model does not have, or a chat with ids, is refused before any work."""
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    predictor = OnlinePredictor(LengthPredictor.default(), aioredis.Redis(), "tiny")
+    scorer = Scorer(tokenizer, predictor, 64, vocab_size=len(tokenizer))
+    ids = tokenizer.encode("Once upon a time", add_special_tokens=False)
+    sent = m.CompletionRequest(request_id="r", model="tiny", prompt_token_ids=ids, echo=True,
+                               sampling=m.SamplingParams(max_tokens=8))
+    scored = scorer.score(sent)
+    assert scored.prompt_token_ids == ids
+    assert scored.request.prompt == "Once upon a time" == scored.request.prompt_to_echo()
+    as_text = scorer.score(m.CompletionRequest(request_id="t", model="tiny", prompt="Once upon a time",
+                                               sampling=m.SamplingParams(max_tokens=8)))
+    assert as_text.request.prompt_to_echo() is None  # its caller has the text
+    assert as_text.prompt_token_ids == [tokenizer.bos_token_id, *ids]
+    with pytest.raises(RequestRejected, match=r"prompt token ids must be in \[0, "):
+        scorer.score(dataclasses.replace(sent, prompt_token_ids=[*ids, len(tokenizer)]))
+    with pytest.raises(RequestRejected, match="context length"):
+        scorer.score(dataclasses.replace(sent, prompt_token_ids=ids * 20))
+    with pytest.raises(RequestRejected, match="prompt_token_ids is for completions"):
+        scorer.score(dataclasses.replace(request("chat"), prompt_token_ids=ids))
