@@ -41,6 +41,18 @@ class TokenBias:
     bias: float
 
 
+@dataclass(slots=True)
+class TemplateArg:
+    """One entry of vLLM's ``chat_template_kwargs``: a variable the model's chat template
+    reads (Qwen3's ``enable_thinking``, for one)."""
+
+    name: str
+    value: str | int | float | bool | None
+
+
+MAX_TEMPLATE_ARGS = 32
+"""Most ``chat_template_kwargs`` entries one request may carry."""
+
 MAX_LOGIT_BIAS = 1024
 """Most ``logit_bias`` entries one request may carry."""
 MAX_LOGIT_BIAS_VALUE = 100.0
@@ -181,6 +193,16 @@ class CompletionRequest(Message):
     prompt_token_ids: list[int] | None = None
     """A completion's prompt as the model's token ids (OpenAI's and vLLM's token-id
     prompts), used as they are; the scorer checks them and puts their text in ``prompt``."""
+    add_special_tokens: bool | None = None
+    """Add the tokenizer's special tokens (BOS) to the prompt, as vLLM's extension field
+    of that name; None: the endpoint's default (a completion yes; a chat no, its template
+    has them)."""
+    add_generation_prompt: bool = True
+    """A chat's template opens the assistant's turn (vLLM's extension)."""
+    continue_final_message: bool = False
+    """A chat's last (assistant) message is continued rather than closed (vLLM's)."""
+    chat_template_kwargs: list[TemplateArg] = field(default_factory=list)
+    """Variables for the chat template (vLLM's ``chat_template_kwargs``)."""
     echo: bool = False
     """The caller wants the prompt back as text (a completion's ``echo``): for a token-id
     prompt, which only the model's tokenizer can spell, the worker sends that text with

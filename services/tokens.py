@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from services import messages as m
@@ -12,16 +14,55 @@ TEMPLATE_ROLES = {"developer": "system"}
 
 def tokenize(tokenizer: Any, request: m.CompletionRequest) -> list[int]:
     """The prompt a request gives the model: its chat rendered by the model's chat
-    template with the assistant's turn opened, or its completion prompt with the model's
-    special tokens (BOS)."""
+    template (with the assistant's turn opened, unless it continues the last message),
+    or its completion prompt with the model's special tokens (BOS), each as vLLM's
+    ``add_special_tokens`` and chat-template fields ask."""
     if request.kind == "chat":
-        ids = tokenizer.apply_chat_template(
-            [{"role": TEMPLATE_ROLES.get(msg.role, msg.role), "content": msg.content}
-             for msg in request.messages],
-            add_generation_prompt=True,
-            tokenize=True,
-        )
+        conversation = [{"role": TEMPLATE_ROLES.get(msg.role, msg.role), "content": msg.content}
+                        for msg in request.messages]
+        options = {"add_generation_prompt": request.add_generation_prompt,
+                   "continue_final_message": request.continue_final_message,
+                   **template_variables(tokenizer, request.chat_template_kwargs)}
+        if request.add_special_tokens:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, **options)
+            return list(tokenizer.encode(text, add_special_tokens=True))
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True, **options)
         if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
-    return list(tokenizer.encode(request.prompt, add_special_tokens=True))
+    add_special = True if request.add_special_tokens is None else request.add_special_tokens
+    return list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
+
+
+_TEMPLATE_OWN = frozenset({"messages", "tools", "documents", "add_generation_prompt",
+                           "continue_final_message", "raise_exception", "strftime_now"})
+"""Variables a chat template gets from the conversation and the renderer, not a client."""
+
+
+def template_variables(tokenizer: Any, args: list[m.TemplateArg]) -> dict[str, Any]:
+    """The ``chat_template_kwargs`` the model's chat template reads, as vLLM passes them:
+    one it does not read cannot change the prompt and is left out (a client may send
+    ``enable_thinking`` to every model); one the renderer or the conversation sets (or a
+    special token) is refused with :class:`ValueError`."""
+    if not args:
+        return {}
+    reserved = _TEMPLATE_OWN | set(inspect.signature(tokenizer.apply_chat_template).parameters)
+    reserved |= set(getattr(tokenizer, "special_tokens_map", {}))
+    taken = [arg.name for arg in args if arg.name in reserved]
+    if taken:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(sorted(taken))}")
+    template = tokenizer.chat_template or ""
+    if isinstance(template, dict):  # named templates: the one a plain chat renders with
+        template = template.get("default") or next(iter(template.values()), "")
+    read = _template_reads(template)
+    return {arg.name: arg.value for arg in args if arg.name in read}
+
+
+@functools.lru_cache(maxsize=8)
+def _template_reads(template: str) -> frozenset[str]:
+    """The variables a Jinja chat template reads from outside."""
+    import jinja2
+    import jinja2.meta
+
+    environment = jinja2.Environment()
+    return frozenset(jinja2.meta.find_undeclared_variables(environment.parse(template)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -27,10 +28,12 @@ from services.messages import (
     MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
     MAX_PENALTY,
+    MAX_TEMPLATE_ARGS,
     ChatMessage,
     CompletionRequest,
     RequestKind,
     SamplingParams,
+    TemplateArg,
     TokenBias,
     encodes_as_utf8,
 )
@@ -123,6 +126,15 @@ def _token_biases(value: dict[str, float]) -> dict[str, float]:
     return value
 
 
+def _template_kwargs(value: dict[str, Any]) -> dict[str, Any]:
+    for name, arg in value.items():
+        if not (arg is None or isinstance(arg, bool | int)
+                or (isinstance(arg, float) and math.isfinite(arg))
+                or (isinstance(arg, str) and encodes_as_utf8(arg))):
+            raise ValueError(f"{name!r} must be a string, finite number, boolean or null")
+    return value
+
+
 LogitBias = Annotated[
     dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS_VALUE, le=MAX_LOGIT_BIAS_VALUE)]],
     AfterValidator(_token_biases),
@@ -197,6 +209,7 @@ class CompletionBody(_SamplingFields):
     """POST /v1/completions."""
 
     prompt: PromptOrList
+    add_special_tokens: bool | None = None
     best_of: int | None = None
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -233,6 +246,13 @@ class ChatCompletionBody(_SamplingFields):
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: Annotated[
+        dict[Text, Any], Field(max_length=MAX_TEMPLATE_ARGS), AfterValidator(_template_kwargs)
+    ] | None = None
+    chat_template: Any = None
 
 
 AnyBody = CompletionBody | ChatCompletionBody
@@ -311,6 +331,14 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
         response_type = (body.response_format or {}).get("type", "text")
         if response_type != "text":
             raise _unsupported("response_format", f"response_format {response_type!r}")
+        if body.chat_template is not None:
+            raise _unsupported("chat_template", "A chat template of the request's own")
+        if body.continue_final_message and body.add_generation_prompt:
+            raise invalid("continue_final_message and add_generation_prompt cannot both be true.",
+                          param="continue_final_message")
+        if body.continue_final_message and body.messages[-1].role != "assistant":
+            raise invalid("continue_final_message needs the last message to be the assistant's.",
+                          param="continue_final_message")
         if body.modalities not in (None, ["text"]) or body.audio is not None:
             raise _unsupported("modalities" if body.audio is None else "audio", "Audio output")
 
@@ -437,10 +465,18 @@ def to_completion_request(
             ("max_tokens", requested_max_tokens(body)), ("temperature", body.temperature),
             ("top_p", body.top_p), ("top_k", body.top_k)) if given is None],
     )
+    request.add_special_tokens = body.add_special_tokens
     if isinstance(body, ChatCompletionBody):
         request.messages = [
             ChatMessage(role=m.role, content=_message_text(m.content)) for m in body.messages
         ]
+        request.continue_final_message = bool(body.continue_final_message)
+        # vLLM's default: the assistant's turn is opened unless the last one is continued.
+        request.add_generation_prompt = (not request.continue_final_message
+                                         if body.add_generation_prompt is None
+                                         else body.add_generation_prompt)
+        request.chat_template_kwargs = [
+            TemplateArg(name, value) for name, value in (body.chat_template_kwargs or {}).items()]
     else:
         request.echo = bool(body.echo)
         _set_prompt(request, body.prompt[0])  # a batch's others: choice_requests

@@ -98,6 +98,10 @@ def check_fields(request: m.CompletionRequest) -> None:
         problem = f"chat roles must be one of {', '.join(CHAT_ROLES)}"
     if problem is None and request.prompt_token_ids is not None and request.kind != "completion":
         problem = "prompt_token_ids is for completions; a chat sends messages"
+    if problem is None and request.continue_final_message and request.add_generation_prompt:
+        problem = "continue_final_message and add_generation_prompt cannot both be true"
+    if problem is None and len(request.chat_template_kwargs) > m.MAX_TEMPLATE_ARGS:
+        problem = f"at most {m.MAX_TEMPLATE_ARGS} chat_template_kwargs are allowed"
     if problem is None and not set(request.defaulted) <= set(m.DEFAULTABLE):
         problem = f"defaulted may only name {', '.join(m.DEFAULTABLE)}"
     if problem is not None:

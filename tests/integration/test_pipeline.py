@@ -226,6 +226,20 @@ def test_a_token_id_prompt_is_answered_as_its_text_and_echoed_spelled(client, to
         client.completions.create(model=MODEL, prompt=[len(tokenizer) + 5], max_tokens=2)
 
 
+def test_a_chat_can_continue_the_assistants_message(client, tokenizer):
+    """vLLM's prompt fields reach the model: a prefilled assistant message continued (no
+    turn closed, none opened) is the prompt the template renders so, token for token."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure,"}]
+    answer = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2,
+        extra_body={"continue_final_message": True, "ignore_eos": True})
+    expected = tokenizer.apply_chat_template(messages, continue_final_message=True,
+                                             add_generation_prompt=False, tokenize=False)
+    assert answer.usage.prompt_tokens == len(tokenizer.encode(expected, add_special_tokens=False))
+    opened = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert opened.usage.prompt_tokens > answer.usage.prompt_tokens
+
+
 def test_two_tenants_and_bad_key(system, acme_key, globex_key):
     for key in (acme_key, globex_key):
         r = httpx.post(f"{system.gateway_url}/v1/completions", headers={"Authorization": f"Bearer {key}"},

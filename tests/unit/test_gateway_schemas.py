@@ -22,7 +22,7 @@ from services.gateway.schemas import (
     resolve_deadline_ms,
     to_completion_request,
 )
-from services.messages import CompletionRequest, TokenBias, decode, encode
+from services.messages import CompletionRequest, TemplateArg, TokenBias, decode, encode
 from services.settings import Settings
 
 MODEL = "test-model"
@@ -407,6 +407,36 @@ def test_chat_request_mapping_and_defaults() -> None:
         None,
     )
     assert (req.sampling.temperature, req.sampling.top_p, req.sampling.top_k) == (1.0, 1.0, 0)
+
+
+def test_vllms_prompt_fields_travel_to_the_scorer() -> None:
+    """add_special_tokens, add_generation_prompt, continue_final_message (which turns the
+    generation prompt off unless set) and chat_template_kwargs, as vLLM takes them."""
+    plain = to_request(_check(chat(), ChatCompletionBody))
+    assert (plain.add_special_tokens, plain.add_generation_prompt, plain.continue_final_message,
+            plain.chat_template_kwargs) == (None, True, False, [])
+    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure,"}]
+    body = _check(chat(messages=prefill, continue_final_message=True, add_special_tokens=True,
+                       chat_template_kwargs={"enable_thinking": False, "style": "terse"}),
+                  ChatCompletionBody)
+    req = to_request(body)
+    assert (req.add_special_tokens, req.add_generation_prompt, req.continue_final_message) == (True, False, True)
+    assert req.chat_template_kwargs == [TemplateArg("enable_thinking", False), TemplateArg("style", "terse")]
+    assert decode(encode(req)) == req
+    assert to_request(_check(completion(add_special_tokens=False))).add_special_tokens is False
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"continue_final_message": True}, "continue_final_message"),  # the last message is the user's
+    ({"continue_final_message": True, "add_generation_prompt": True,
+      "messages": [{"role": "assistant", "content": "x"}]}, "continue_final_message"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
+    ({"chat_template_kwargs": {"k": [1]}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {f"k{i}": 1 for i in range(33)}}, "chat_template_kwargs"),
+])
+def test_bad_prompt_fields_of_a_chat_are_400(fields: dict[str, Any], param: str) -> None:
+    err = _error(chat(**fields), ChatCompletionBody)
+    assert (err.status, err.param) == (400, param)
 
 
 def test_max_tokens_resolution() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -190,3 +191,36 @@ def test_a_token_id_prompt_is_used_as_sent_and_spelled_for_the_predictor(model_c
         scorer.score(dataclasses.replace(sent, prompt_token_ids=ids * 20))
     with pytest.raises(RequestRejected, match="prompt_token_ids is for completions"):
         scorer.score(dataclasses.replace(request("chat"), prompt_token_ids=ids))
+
+
+def chat_request(**fields) -> m.CompletionRequest:
+    return m.CompletionRequest(request_id="r", model="tiny", kind="chat", messages=[
+        m.ChatMessage(role="user", content="hi"), m.ChatMessage(role="assistant", content="Sure,")],
+        **fields)
+
+
+def test_vllms_prompt_fields_shape_the_prompt_as_vllm_renders_it(model_cache):
+    """add_special_tokens, add_generation_prompt, continue_final_message and the chat
+    template's variables (those it reads; the renderer's own are refused)."""
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    text = lambda **fields: tokenizer.decode(tokenize(tokenizer, chat_request(**fields)))
+    opened = text()
+    assert opened.endswith("Sure,<|im_end|>\n<|im_start|>assistant\n")
+    assert text(add_generation_prompt=False).endswith("Sure,<|im_end|>\n")
+    assert text(add_generation_prompt=False, continue_final_message=True).rstrip().endswith("Sure,")
+    assert text(add_special_tokens=True) == tokenizer.bos_token + opened
+    completion = m.CompletionRequest(request_id="r", model="tiny", prompt="hi")
+    assert tokenize(tokenizer, completion)[0] == tokenizer.bos_token_id
+    assert tokenize(tokenizer, dataclasses.replace(completion, add_special_tokens=False)) == \
+        tokenizer.encode("hi", add_special_tokens=False)
+
+    thinking = copy.deepcopy(tokenizer)
+    thinking.chat_template = tokenizer.chat_template + "{% if enable_thinking %}<think>{% endif %}"
+    think = [m.TemplateArg("enable_thinking", True)]
+    assert tokenizer.decode(tokenize(thinking, chat_request(chat_template_kwargs=think))).endswith("<think>")
+    assert text(chat_template_kwargs=think) == opened  # a template that does not read it
+    for name in ("tokenize", "messages", "bos_token"):
+        with pytest.raises(ValueError, match=f"may not set {name}"):
+            tokenize(tokenizer, chat_request(chat_template_kwargs=[m.TemplateArg(name, 1)]))
+    with pytest.raises(RequestRejected, match="cannot both be true"):
+        check_fields(chat_request(continue_final_message=True))
