@@ -193,13 +193,34 @@ class _SamplingFields(_Body):
     min_tokens: int | None = Field(default=None, ge=0)
     # vLLM's extensions that Fairway does not implement: read only to refuse them when they
     # would change the answer, rather than drop them as unknown fields.
+    response_format: dict[str, Any] | None = None
     use_beam_search: bool | None = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    logits_processors: Any = None
+    return_tokens_as_token_ids: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
 
+
+UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
+    "include_stop_str_in_output": (False, "Keeping the stop string in the output"),
+    "skip_special_tokens": (True, "Spelling special tokens out in the text"),
+    "spaces_between_special_tokens": (True, "Special tokens without spaces between them"),
+    "allowed_token_ids": ([], "allowed_token_ids"),
+    "bad_words": ([], "bad_words"),
+    "logits_processors": ([], "Logits processors"),
+    "return_tokens_as_token_ids": (False, "Log-probability tokens as token ids"),
+    "prompt_embeds": ([], "Prompt embeddings"),
+}
+"""vLLM's fields that Fairway does not implement, with the value it always acts as:
+any other (null aside) would change the answer, so it is refused by name."""
 
 GUIDED_DECODING_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                           "structured_outputs")
@@ -210,6 +231,7 @@ class CompletionBody(_SamplingFields):
 
     prompt: PromptOrList
     add_special_tokens: bool | None = None
+    prompt_embeds: Any = None
     best_of: int | None = None
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -243,7 +265,6 @@ class ChatCompletionBody(_SamplingFields):
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any = None
     add_special_tokens: bool | None = None
@@ -311,6 +332,13 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
                       param="min_tokens")
     if body.use_beam_search:
         raise _unsupported("use_beam_search", "Beam search")
+    response_type = (body.response_format or {}).get("type", "text")
+    if response_type != "text":
+        raise _unsupported("response_format", f"response_format {response_type!r}")
+    for name, (acts_as, what) in UNIMPLEMENTED_FIELDS.items():
+        value = getattr(body, name, None)
+        if value is not None and value != acts_as:
+            raise _unsupported(name, what)
     for name in GUIDED_DECODING_FIELDS:
         if getattr(body, name) is not None:
             raise _unsupported(name, "Guided decoding")
@@ -328,9 +356,6 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             raise _unsupported("tool_choice", "Tool calling")
         if body.functions or body.function_call not in (None, "none", "auto"):
             raise _unsupported("functions" if body.functions else "function_call", "Function calling")
-        response_type = (body.response_format or {}).get("type", "text")
-        if response_type != "text":
-            raise _unsupported("response_format", f"response_format {response_type!r}")
         if body.chat_template is not None:
             raise _unsupported("chat_template", "A chat template of the request's own")
         if body.continue_final_message and body.add_generation_prompt:

@@ -13,6 +13,7 @@ from services.gateway.schemas import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     INT64_MAX,
     INT64_MIN,
+    UNIMPLEMENTED_FIELDS,
     ChatCompletionBody,
     CompletionBody,
     check_body,
@@ -215,6 +216,21 @@ def test_a_bad_prompt_is_refused_in_words(prompt: Any, words: str) -> None:
     err = _error(completion(prompt=prompt))
     assert (err.status, err.param) == (400, "prompt")
     assert words in err.message
+
+
+@pytest.mark.parametrize(("name", "refused"), [
+    ("include_stop_str_in_output", True), ("skip_special_tokens", False),
+    ("spaces_between_special_tokens", False), ("allowed_token_ids", [5, 6]), ("bad_words", ["x"]),
+    ("logits_processors", ["m.f"]), ("return_tokens_as_token_ids", True), ("prompt_embeds", "AAAA"),
+    ("response_format", {"type": "json_object"}),
+])
+def test_vllms_fields_that_would_change_the_answer_are_refused_by_name(name: str, refused: Any) -> None:
+    """Fairway acts as each of these at its default, which a client may also send."""
+    err = _error(completion(**{name: refused}))
+    assert (err.status, err.code, err.param) == (400, "unsupported", name)
+    acts_as = UNIMPLEMENTED_FIELDS[name][0] if name in UNIMPLEMENTED_FIELDS else {"type": "text"}
+    _check(completion(**{name: acts_as}))
+    _check(completion(**{name: None}))
 
 
 def test_guided_decoding_is_refused_on_completions_too() -> None:
