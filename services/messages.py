@@ -197,6 +197,9 @@ class CompletionRequest(Message):
     """Add the tokenizer's special tokens (BOS) to the prompt, as vLLM's extension field
     of that name; None: the endpoint's default (a completion yes; a chat no, its template
     has them)."""
+    truncate_prompt_tokens: int | None = None
+    """Keep only the prompt's last this many tokens (vLLM's extension; -1: the model's
+    context length), so a long conversation still fits."""
     add_generation_prompt: bool = True
     """A chat's template opens the assistant's turn (vLLM's extension)."""
     continue_final_message: bool = False

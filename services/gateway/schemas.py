@@ -191,6 +191,7 @@ class _SamplingFields(_Body):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     min_tokens: int | None = Field(default=None, ge=0)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, le=MAX_TOKEN_ID)
     # vLLM's extensions that Fairway does not implement: read only to refuse them when they
     # would change the answer, rather than drop them as unknown fields.
     response_format: dict[str, Any] | None = None
@@ -330,6 +331,9 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
     if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
         raise invalid(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens}).",
                       param="min_tokens")
+    if body.truncate_prompt_tokens == 0:
+        raise invalid("truncate_prompt_tokens must be -1 (the context length) or at least 1.",
+                      param="truncate_prompt_tokens")
     if body.use_beam_search:
         raise _unsupported("use_beam_search", "Beam search")
     response_type = (body.response_format or {}).get("type", "text")
@@ -491,6 +495,7 @@ def to_completion_request(
             ("top_p", body.top_p), ("top_k", body.top_k)) if given is None],
     )
     request.add_special_tokens = body.add_special_tokens
+    request.truncate_prompt_tokens = body.truncate_prompt_tokens
     if isinstance(body, ChatCompletionBody):
         request.messages = [
             ChatMessage(role=m.role, content=_message_text(m.content)) for m in body.messages

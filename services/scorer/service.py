@@ -98,6 +98,9 @@ def check_fields(request: m.CompletionRequest) -> None:
         problem = f"chat roles must be one of {', '.join(CHAT_ROLES)}"
     if problem is None and request.prompt_token_ids is not None and request.kind != "completion":
         problem = "prompt_token_ids is for completions; a chat sends messages"
+    keep = request.truncate_prompt_tokens
+    if problem is None and keep is not None and not (keep == -1 or keep >= 1):
+        problem = "truncate_prompt_tokens must be -1 or at least 1"
     if problem is None and request.continue_final_message and request.add_generation_prompt:
         problem = "continue_final_message and add_generation_prompt cannot both be true"
     if problem is None and len(request.chat_template_kwargs) > m.MAX_TEMPLATE_ARGS:
@@ -145,12 +148,16 @@ class Scorer:
             raise RequestRejected(f"logit_bias token ids must be in [0, {vocab}) for this model")
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
-            request = dataclasses.replace(request, prompt=self._spell(ids))
         else:
             try:
                 ids = tokenize(self.tokenizer, request)
             except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
                 raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
+        keep = request.truncate_prompt_tokens
+        if keep is not None:
+            ids = ids[-(self.max_model_len if keep == -1 else keep):]
+        if request.prompt_token_ids is not None:
+            request = dataclasses.replace(request, prompt=self._spell(ids))
         if not ids:  # an empty prompt, for a model without a BOS token to start from
             raise RequestRejected("prompt must not be empty: this model has no token to start from")
         request = self._fill_defaults(request, room=self.max_model_len - len(ids))

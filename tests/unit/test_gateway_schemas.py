@@ -440,6 +440,9 @@ def test_vllms_prompt_fields_travel_to_the_scorer() -> None:
     assert req.chat_template_kwargs == [TemplateArg("enable_thinking", False), TemplateArg("style", "terse")]
     assert decode(encode(req)) == req
     assert to_request(_check(completion(add_special_tokens=False))).add_special_tokens is False
+    assert to_request(_check(completion(truncate_prompt_tokens=-1))).truncate_prompt_tokens == -1
+    assert _error(completion(truncate_prompt_tokens=0)).param == "truncate_prompt_tokens"
+    assert _error(completion(truncate_prompt_tokens=-2)).param == "truncate_prompt_tokens"
 
 
 @pytest.mark.parametrize(("fields", "param"), [

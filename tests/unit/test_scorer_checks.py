@@ -224,3 +224,28 @@ def test_vllms_prompt_fields_shape_the_prompt_as_vllm_renders_it(model_cache):
             tokenize(tokenizer, chat_request(chat_template_kwargs=[m.TemplateArg(name, 1)]))
     with pytest.raises(RequestRejected, match="cannot both be true"):
         check_fields(chat_request(continue_final_message=True))
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(model_cache):
+    """As vLLM's extension: the last k tokens (-1: the context length), for text and ids;
+    what remains must still leave room for the answer."""
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    predictor = OnlinePredictor(LengthPredictor.default(), aioredis.Redis(), "tiny")
+    scorer = Scorer(tokenizer, predictor, 64, vocab_size=len(tokenizer))
+    text = "word " * 100
+    full = tokenize(tokenizer, m.CompletionRequest(request_id="r", model="tiny", prompt=text))
+    kept = scorer.score(m.CompletionRequest(request_id="r", model="tiny", prompt=text,
+                                            truncate_prompt_tokens=10,
+                                            sampling=m.SamplingParams(max_tokens=8)))
+    assert kept.prompt_token_ids == full[-10:]
+    ids = scorer.score(m.CompletionRequest(request_id="r", model="tiny", prompt_token_ids=full,
+                                           truncate_prompt_tokens=5, echo=True,
+                                           sampling=m.SamplingParams(max_tokens=8)))
+    assert ids.prompt_token_ids == full[-5:]
+    assert ids.request.prompt == tokenizer.decode(full[-5:])  # what an echo spells
+    whole_context = m.CompletionRequest(request_id="r", model="tiny", prompt=text, truncate_prompt_tokens=-1,
+                                        sampling=m.SamplingParams(max_tokens=8))
+    with pytest.raises(RequestRejected, match="maximum context length"):
+        scorer.score(whole_context)  # 64 prompt tokens leave no room for 8 more
+    with pytest.raises(RequestRejected, match="truncate_prompt_tokens must be"):
+        check_fields(dataclasses.replace(whole_context, truncate_prompt_tokens=0))
