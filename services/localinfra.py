@@ -21,10 +21,21 @@ from pathlib import Path
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback TCP port that is free now and that this process has not handed out
+    before: whoever gets one binds it later (a service starting up), and the kernel may
+    offer the same free port to the next caller in between (two services of one test
+    system were given one port)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float) -> None:
