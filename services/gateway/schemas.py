@@ -43,9 +43,9 @@ MAX_STOP_SEQUENCES = 4
 """OpenAI's limit on ``stop`` strings."""
 MAX_STOP_TOKEN_IDS = 256
 MAX_CHOICES = 128
+"""OpenAI's limit on ``n``."""
 MAX_PROMPTS = 128
 """Prompts in one completion request (a batch): each is a request of the tenant's."""
-"""OpenAI's limit on ``n``."""
 MAX_TOKEN_ID = 2**31 - 1
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -210,7 +210,14 @@ class _SamplingFields(_Body):
     structured_outputs: Any = None
 
 
+_GUIDED = "Guided decoding"
 UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
+    "use_beam_search": (False, "Beam search"),
+    "guided_json": (None, _GUIDED),
+    "guided_regex": (None, _GUIDED),
+    "guided_choice": (None, _GUIDED),
+    "guided_grammar": (None, _GUIDED),
+    "structured_outputs": (None, _GUIDED),
     "include_stop_str_in_output": (False, "Keeping the stop string in the output"),
     "skip_special_tokens": (True, "Spelling special tokens out in the text"),
     "spaces_between_special_tokens": (True, "Special tokens without spaces between them"),
@@ -220,11 +227,9 @@ UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
     "return_tokens_as_token_ids": (False, "Log-probability tokens as token ids"),
     "prompt_embeds": ([], "Prompt embeddings"),
 }
-"""vLLM's fields that Fairway does not implement, with the value it always acts as:
-any other (null aside) would change the answer, so it is refused by name."""
-
-GUIDED_DECODING_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                          "structured_outputs")
+"""vLLM's fields that Fairway does not implement (beam search, guided decoding, ...),
+with the value it always acts as: any other (null aside) would change the answer, so it
+is refused by name."""
 
 
 class CompletionBody(_SamplingFields):
@@ -334,18 +339,13 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
     if body.truncate_prompt_tokens == 0:
         raise invalid("truncate_prompt_tokens must be -1 (the context length) or at least 1.",
                       param="truncate_prompt_tokens")
-    if body.use_beam_search:
-        raise _unsupported("use_beam_search", "Beam search")
-    response_type = (body.response_format or {}).get("type", "text")
-    if response_type != "text":
-        raise _unsupported("response_format", f"response_format {response_type!r}")
     for name, (acts_as, what) in UNIMPLEMENTED_FIELDS.items():
         value = getattr(body, name, None)
         if value is not None and value != acts_as:
             raise _unsupported(name, what)
-    for name in GUIDED_DECODING_FIELDS:
-        if getattr(body, name) is not None:
-            raise _unsupported(name, "Guided decoding")
+    response_type = (body.response_format or {}).get("type", "text")
+    if response_type != "text":
+        raise _unsupported("response_format", f"response_format {response_type!r}")
     if isinstance(body, CompletionBody):
         if body.best_of not in (None, 1):
             raise _unsupported("best_of", "best_of other than 1")
