@@ -53,6 +53,30 @@ class TemplateArg:
 MAX_TEMPLATE_ARGS = 32
 """Most ``chat_template_kwargs`` entries one request may carry."""
 
+StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+
+
+@dataclass(slots=True)
+class StructuredOutput:
+    """A formal language the answer must belong to (OpenAI's ``response_format``, vLLM's
+    structured outputs): any JSON object, JSON matching a schema, a regular expression,
+    one of given strings, or an EBNF grammar. The worker masks every token that would
+    leave it, and the answer ends where the language allows nothing but its end."""
+
+    kind: StructuredKind
+    spec: str = ""
+    """The JSON schema (as JSON text), the regular expression or the EBNF grammar."""
+    choices: list[str] = field(default_factory=list)
+    """The strings a ``choice`` answer is one of."""
+    any_whitespace: bool = True
+    """JSON may have whitespace wherever JSON allows it; False: none, JSON's compact
+    form (vLLM's ``disable_any_whitespace``, for models that would not stop spacing)."""
+
+
+MAX_STRUCTURED_CHARS = 65536
+"""Longest schema, expression or grammar (and all choices together) a request may carry."""
+MAX_STRUCTURED_CHOICES = 1024
+
 MAX_LOGIT_BIAS = 1024
 """Most ``logit_bias`` entries one request may carry."""
 MAX_LOGIT_BIAS_VALUE = 100.0
@@ -136,6 +160,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """The same for the prompt's tokens (vLLM's ``prompt_logprobs``; OpenAI's ``echo``
     with ``logprobs``), sent once, with the first output."""
+    structured: StructuredOutput | None = None
+    """The language the answer must belong to; None: free text."""
 
 
 DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")

@@ -14,7 +14,8 @@ strings through the same incremental detokenizer (neither ends an answer before
 prompt + ``max_tokens`` when admitted, so it is never preempted),
 and the same :class:`EngineStats`. It samples nothing, so penalties, ``logit_bias``,
 ``min_p`` and the temperature are checked but have nothing to act on, and each token it
-echoes is certain (log-probability 0) where log-probabilities are asked for.
+echoes is certain (log-probability 0) where log-probabilities are asked for. A structured
+request (``response_format`` json, ...) is refused: an echoed prompt would not hold to it.
 
 :meth:`wait_s` tells the engine thread how long it may sleep (on its command queue)
 before the next token is due, so the engine never busy-waits and a new request is
@@ -138,6 +139,8 @@ class EchoEngine:
             raise EngineError(f"request id {rid!r} is already in the engine")
         check_request(prompt, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                       kv_tokens=self.total_kv_tokens, resume=req.resume)
+        if params.structured is not None:  # echoing the prompt would break the structure
+            raise EngineError("structured outputs need a model; the echo engine answers with the prompt")
         resumed = list(req.resume.token_ids) if req.resume else []
         detokenizer, text = text_state(self.tokenizer, prompt, params.stop, resumed,
                                        req.resume.streamed_chars if req.resume else 0)

@@ -54,6 +54,7 @@ from services.engine.sampling import (
     validate_sampling,
 )
 from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput, Sequence
+from services.engine.structured import GrammarCompiler, GrammarState
 from services.logs import get_logger
 from services.messages import MIN_LOGPROB, SamplingParams, TokenLogprob, TopLogprob
 from services.models import model_context_length
@@ -78,6 +79,8 @@ class _RequestState:
     prompt_logprobs: list[TokenLogprob] | None = None
     """The prompt's log-probabilities as far as computed, while the request asked for them
     and they are not sent yet (then None)."""
+    grammar: GrammarState | None = None
+    """A structured request's place in its language."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -204,6 +207,8 @@ class LLMEngine:
             else None
         )
 
+        self._grammars: GrammarCompiler | None = None
+        """Compiles structured requests' languages; made with the first of them."""
         self._requests: dict[str, _RequestState] = {}
         self._pending: list[RequestOutput] = []
         self._prefill_tokens_per_s = 0.0
@@ -242,6 +247,11 @@ class LLMEngine:
                       kv_tokens=self.allocator.num_blocks * self.allocator.block_size,
                       resume=req.resume)
         resumed = list(req.resume.token_ids) if req.resume else []
+        grammar = None
+        if params.structured is not None:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            grammar = self._grammars.state(params.structured, resumed)
         seq = Sequence(  # a resumed request prefills its earlier output too (as a recompute)
             request_id=req.request_id,
             token_ids=prompt + resumed,
@@ -269,6 +279,7 @@ class LLMEngine:
             # A resumed request's earlier run sent them with its first output.
             prompt_logprobs=[self._unscored(prompt[0])]
             if params.prompt_logprobs is not None and not resumed else None,
+            grammar=grammar,
         )
         self.scheduler.add(seq)
 
@@ -324,12 +335,8 @@ class LLMEngine:
         except Exception as exc:  # a failed forward must not take the worker down
             log.exception("engine_step_failed", num_seqs=len(sched.scheduled))
             for item in sched.scheduled:
-                state = self._requests.pop(item.seq.request_id)
-                self.scheduler.finish(state.seq)
-                self._release_slot(item.seq.request_id)
-                outputs.append(
-                    self._final(state, [], "", "error", error=f"{type(exc).__name__}: {exc}")
-                )
+                state = self._requests[item.seq.request_id]
+                outputs.append(self._fail(state, f"{type(exc).__name__}: {exc}"))
             return outputs
         self.scheduler.commit(sched)
         for item, token in zip(samplers, tokens, strict=True):
@@ -504,8 +511,14 @@ class LLMEngine:
     ) -> RequestOutput:
         seq = state.seq
         seq.token_ids.append(token)
-        text, stopped = append_token(token, state.stop_token_ids, state.detokenizer, state.text,
-                                     may_stop=seq.num_output_tokens > state.sampling.min_tokens)
+        stops, may_stop = state.stop_token_ids, seq.num_output_tokens > state.sampling.min_tokens
+        if state.grammar is not None:
+            try:
+                if state.grammar.accept(token):  # a stop token where the language is complete
+                    stops, may_stop = stops | {token}, True
+            except EngineError as exc:
+                return self._fail(state, str(exc))
+        text, stopped = append_token(token, stops, state.detokenizer, state.text, may_stop=may_stop)
         reason: str | None = "stop" if stopped else None
         if reason is None and seq.num_output_tokens >= seq.max_tokens:
             reason = "length"
@@ -531,6 +544,13 @@ class LLMEngine:
         self._release_slot(seq.request_id)
         return self._final(state, [token], text, reason, logprobs=logprobs,
                            prompt_logprobs=prompt_logprobs)
+
+    def _fail(self, state: _RequestState, error: str) -> RequestOutput:
+        """End a request with an error: its blocks and slot freed, its final output."""
+        del self._requests[state.seq.request_id]
+        self.scheduler.finish(state.seq)
+        self._release_slot(state.seq.request_id)
+        return self._final(state, [], "", "error", error=error)
 
     @staticmethod
     def _final(

@@ -1,8 +1,9 @@
 """Token sampling for a batch of requests, each with its own parameters and seed.
 
 The order follows vLLM's sampler: logit bias, the ``min_tokens`` mask and the penalties
-change the raw logits (so they hold for greedy requests too); then temperature,
-``min_p``, top-k and top-p shape the distribution a sampled request draws from.
+change the raw logits (so they hold for greedy requests too), and a structured request's
+grammar masks every token that would leave its language; then temperature, ``min_p``,
+top-k and top-p shape the distribution a sampled request draws from.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from services.engine.structured import GrammarState, shape_problem
 from services.messages import (
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
@@ -29,7 +31,7 @@ GREEDY_EPSILON = 1e-5
 class SamplingRow(Protocol):
     """What the sampler needs to know of one request: its parameters and RNG, its tokens
     so far (prompt then output: the penalties' and ``min_tokens``' input) and the
-    tokens that would end it."""
+    tokens that would end it, and a structured request's grammar state."""
 
     @property
     def sampling(self) -> SamplingParams: ...
@@ -41,6 +43,8 @@ class SamplingRow(Protocol):
     def num_prompt_tokens(self) -> int: ...
     @property
     def stop_token_ids(self) -> frozenset[int]: ...
+    @property
+    def grammar(self) -> GrammarState | None: ...
 
 
 def validate_sampling(params: SamplingParams) -> str | None:
@@ -68,6 +72,10 @@ def validate_sampling(params: SamplingParams) -> str | None:
         value = getattr(params, name)
         if value is not None and not 0 <= value <= MAX_LOGPROBS:
             return f"{name} must be in [0, {MAX_LOGPROBS}]"
+    if params.structured is not None:
+        problem = shape_problem(params.structured)
+        if problem is not None:
+            return problem
     return _logit_bias_problem(params)
 
 
@@ -107,7 +115,9 @@ def adjust_logits(logits: torch.Tensor, row: SamplingRow) -> None:
         entries = [b for b in params.logit_bias if b.token_id < vocab]
         ids = torch.tensor([b.token_id for b in entries], dtype=torch.long, device=dev)
         logits[ids] += torch.tensor([b.bias for b in entries], dtype=logits.dtype, device=dev)
-    if len(tokens) - prompt_len < params.min_tokens:
+    if len(tokens) - prompt_len < params.min_tokens and not (
+        row.grammar is not None and row.grammar.only_end_allowed()
+    ):
         stops = [t for t in row.stop_token_ids if t < vocab]
         if stops:
             logits[torch.tensor(stops, dtype=torch.long, device=dev)] = -math.inf
@@ -185,13 +195,15 @@ def apply_top_k_top_p(
 def sample_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
     """One token per row of ``logits`` [N, V]: argmax for temperature 0, else a draw from
     the temperature-scaled, min-p/top-k/top-p filtered distribution, after each request's
-    logit adjustments (:func:`adjust_logits`). A seeded row draws with its generator
+    logit adjustments (:func:`adjust_logits`) and its grammar's mask. A seeded row draws with its generator
     seeded for its output position, so its draw does not depend on the batch."""
     logits = logits.float()
     params = [row.sampling for row in rows]
     for i, row in enumerate(rows):
         if adjusts_logits(params[i]):
             adjust_logits(logits[i], row)
+        if row.grammar is not None:
+            row.grammar.mask(logits[i])
     result = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > GREEDY_EPSILON]
     if sampled:

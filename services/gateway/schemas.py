@@ -7,10 +7,12 @@ the wire message. Everything here is pure and raises :class:`ApiError` for the c
 Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
 ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms`` header, the
-smaller wins) and ``fail_if_late``. Unknown fields are ignored, as OpenAI servers do;
-known OpenAI features (and vLLM extensions) that Fairway does not implement are refused
-with a 400 when they would change the answer (``response_format`` json, tools, ``suffix``,
-guided decoding...) instead of being silently dropped.
+smaller wins) and ``fail_if_late``. Structured outputs come as OpenAI's
+``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs``
+(``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or its older ``guided_*``
+fields. Unknown fields are ignored, as OpenAI servers do; known OpenAI features (and vLLM
+extensions) that Fairway does not implement are refused with a 400 when they would change
+the answer (tools, ``suffix``, beam search...) instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from services.messages import (
     MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
     MAX_PENALTY,
+    MAX_STRUCTURED_CHARS,
+    MAX_STRUCTURED_CHOICES,
     MAX_TEMPLATE_ARGS,
     ChatMessage,
     CompletionRequest,
     RequestKind,
     SamplingParams,
+    StructuredOutput,
     TemplateArg,
     TokenBias,
     encodes_as_utf8,
@@ -192,9 +197,18 @@ class _SamplingFields(_Body):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     min_tokens: int | None = Field(default=None, ge=0)
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1, le=MAX_TOKEN_ID)
+    # Structured outputs (see structured_output): OpenAI's, vLLM's and vLLM's older fields.
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    """Which library constrains the answer in vLLM: accepted and ignored (one here)."""
     # vLLM's extensions that Fairway does not implement: read only to refuse them when they
     # would change the answer, rather than drop them as unknown fields.
-    response_format: dict[str, Any] | None = None
+    guided_whitespace_pattern: Any = None
     use_beam_search: bool | None = None
     include_stop_str_in_output: Any = None
     skip_special_tokens: Any = None
@@ -203,21 +217,11 @@ class _SamplingFields(_Body):
     bad_words: Any = None
     logits_processors: Any = None
     return_tokens_as_token_ids: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
 
 
-_GUIDED = "Guided decoding"
 UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
     "use_beam_search": (False, "Beam search"),
-    "guided_json": (None, _GUIDED),
-    "guided_regex": (None, _GUIDED),
-    "guided_choice": (None, _GUIDED),
-    "guided_grammar": (None, _GUIDED),
-    "structured_outputs": (None, _GUIDED),
+    "guided_whitespace_pattern": (None, "A whitespace pattern of the request's own"),
     "include_stop_str_in_output": (False, "Keeping the stop string in the output"),
     "skip_special_tokens": (True, "Spelling special tokens out in the text"),
     "spaces_between_special_tokens": (True, "Special tokens without spaces between them"),
@@ -227,9 +231,8 @@ UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
     "return_tokens_as_token_ids": (False, "Log-probability tokens as token ids"),
     "prompt_embeds": ([], "Prompt embeddings"),
 }
-"""vLLM's fields that Fairway does not implement (beam search, guided decoding, ...),
-with the value it always acts as: any other (null aside) would change the answer, so it
-is refused by name."""
+"""vLLM's fields that Fairway does not implement (beam search, ...), with the value it
+always acts as: any other (null aside) would change the answer, so it is refused by name."""
 
 
 class CompletionBody(_SamplingFields):
@@ -343,9 +346,6 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
         value = getattr(body, name, None)
         if value is not None and value != acts_as:
             raise _unsupported(name, what)
-    response_type = (body.response_format or {}).get("type", "text")
-    if response_type != "text":
-        raise _unsupported("response_format", f"response_format {response_type!r}")
     if isinstance(body, CompletionBody):
         if body.best_of not in (None, 1):
             raise _unsupported("best_of", "best_of other than 1")
@@ -370,6 +370,112 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
                           param="continue_final_message")
         if body.modalities not in (None, ["text"]) or body.audio is not None:
             raise _unsupported("modalities" if body.audio is None else "audio", "Audio output")
+
+
+_STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                      "guided_choice", "guided_grammar")
+_STRUCTURED_OPTIONS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def structured_output(body: AnyBody) -> StructuredOutput | None:
+    """The language the answer must belong to, from whichever one of OpenAI's
+    ``response_format``, vLLM's ``structured_outputs`` or vLLM's older ``guided_*``
+    fields the body uses; None for free text. The shapes are checked here; the syntax of
+    a schema, expression or grammar by the scorer, which has the parser."""
+    given = [name for name in _STRUCTURED_FIELDS if getattr(body, name) is not None
+             and not (name == "response_format" and _response_type(body.response_format) == "text")]
+    if len(given) > 1:
+        raise invalid(f"Only one structured output constraint may be given, not {' and '.join(given)}.",
+                      param=given[1])
+    if not given:
+        return None
+    name = given[0]
+    value = getattr(body, name)
+    if name == "response_format":
+        spec = _response_format(value)
+    elif name == "structured_outputs":
+        spec = _structured_outputs(value)
+    else:
+        spec = _constraint(name.removeprefix("guided_"), value, name)
+    return _checked(spec, name)
+
+
+def _response_type(value: Any) -> str:
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise invalid("response_format must be an object with a string type.", param="response_format")
+    return value["type"]
+
+
+def _response_format(value: dict[str, Any]) -> StructuredOutput:
+    kind = _response_type(value)
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind != "json_schema":
+        raise _unsupported("response_format", f"response_format {kind!r}")
+    inner = value.get("json_schema")
+    if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
+        raise invalid("response_format json_schema needs json_schema.schema, a JSON schema object.",
+                      param="response_format")
+    return _constraint("json", inner["schema"], "response_format")
+
+
+def _structured_outputs(value: Any) -> StructuredOutput:
+    param = "structured_outputs"
+    if not isinstance(value, dict):
+        raise invalid("structured_outputs must be an object.", param=param)
+    for option, what in (("structural_tag", "A structural tag"),
+                         ("whitespace_pattern", "A whitespace pattern of the request's own")):
+        if value.get(option) is not None:
+            raise _unsupported(f"{param}.{option}", what)
+    given = [key for key in _STRUCTURED_OPTIONS if value.get(key) not in (None, False)]
+    if len(given) != 1:
+        raise invalid(f"structured_outputs needs exactly one of {', '.join(_STRUCTURED_OPTIONS)}.",
+                      param=param)
+    compact = value.get("disable_any_whitespace", False)
+    if not isinstance(compact, bool):
+        raise invalid("structured_outputs.disable_any_whitespace must be a boolean.",
+                      param=f"{param}.disable_any_whitespace")
+    key = given[0]
+    if key == "json_object":
+        if value[key] is not True:
+            raise invalid("structured_outputs.json_object must be a boolean.", param=f"{param}.{key}")
+        spec = StructuredOutput("json_object")
+    else:
+        spec = _constraint(key, value[key], f"{param}.{key}")
+    spec.any_whitespace = not compact
+    return spec
+
+
+def _constraint(key: str, value: Any, param: str) -> StructuredOutput:
+    """One constraint of vLLM's names: ``json`` (a schema, or its JSON text), ``regex``,
+    ``choice`` (strings) or ``grammar`` (EBNF)."""
+    if key == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError):
+                raise invalid(f"{param} is not valid JSON.", param=param) from None
+        if not isinstance(value, dict | bool):
+            raise invalid(f"{param} must be a JSON schema (an object).", param=param)
+        return StructuredOutput("json_schema", json.dumps(value, ensure_ascii=False))
+    if key == "choice":
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(c, str) and c and encodes_as_utf8(c) for c in value)):
+            raise invalid(f"{param} must be a list of non-empty strings.", param=param)
+        if len(value) > MAX_STRUCTURED_CHOICES:
+            raise invalid(f"{param} may list at most {MAX_STRUCTURED_CHOICES} strings.", param=param)
+        return StructuredOutput("choice", choices=list(value))
+    if not isinstance(value, str) or not value or not encodes_as_utf8(value):
+        raise invalid(f"{param} must be a non-empty string.", param=param)
+    return StructuredOutput("regex" if key == "regex" else "grammar", value)
+
+
+def _checked(spec: StructuredOutput, param: str) -> StructuredOutput:
+    size = len(spec.spec) + sum(map(len, spec.choices))
+    if size > MAX_STRUCTURED_CHARS:
+        raise invalid(f"The structured output constraint is {size} characters long; at most "
+                      f"{MAX_STRUCTURED_CHARS} are allowed.", param=param)
+    return spec
 
 
 def choices(body: AnyBody) -> int:
@@ -479,6 +585,7 @@ def to_completion_request(
         logit_bias=[TokenBias(int(k), v) for k, v in (body.logit_bias or {}).items()],
         logprobs=requested_logprobs(body),
         prompt_logprobs=body.logprobs if isinstance(body, CompletionBody) and body.echo else None,
+        structured=structured_output(body),
     )
     request = CompletionRequest(
         request_id=request_id,

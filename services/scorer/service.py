@@ -19,6 +19,7 @@ from services import messages as m
 from services import metrics as prom
 from services.adapters import AdapterCatalog, CatalogUnavailable, ModelNotFound
 from services.engine.sampling import validate_sampling
+from services.engine.structured import grammar_problem
 from services.logs import get_logger
 from services.models import (
     generation_defaults,
@@ -143,6 +144,10 @@ class Scorer:
         if request.kind == "chat" and not request.messages:
             raise RequestRejected("messages must not be empty")
         check_fields(request)
+        if request.sampling.structured is not None:
+            problem = grammar_problem(request.sampling.structured)
+            if problem is not None:
+                raise RequestRejected(problem)
         vocab = self.vocab_size
         if vocab is not None and any(b.token_id >= vocab for b in request.sampling.logit_bias):
             raise RequestRejected(f"logit_bias token ids must be in [0, {vocab}) for this model")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 import uuid
+from typing import Annotated
 
 import aio_pika
 import httpx
 import msgpack
 import openai
+import pydantic
 import pytest
 import redis.asyncio as aioredis
 
@@ -238,6 +241,44 @@ def test_a_chat_can_continue_the_assistants_message(client, tokenizer):
     assert answer.usage.prompt_tokens == len(tokenizer.encode(expected, add_special_tokens=False))
     opened = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
     assert opened.usage.prompt_tokens > answer.usage.prompt_tokens
+
+
+class Person(pydantic.BaseModel):
+    name: Annotated[str, pydantic.Field(max_length=6)]
+    age: Annotated[int, pydantic.Field(ge=0, le=120)]
+
+
+def test_structured_outputs_hold_answers_to_their_language(client):
+    """The openai client's own parse() with a pydantic model, vLLM's choice on streamed
+    choices and a regex reach the worker, whose grammar holds a random model to them."""
+    parsed = client.beta.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Who are you?"}], max_tokens=300,
+        seed=2, response_format=Person)
+    assert parsed.choices[0].finish_reason == "stop"
+    assert isinstance(parsed.choices[0].message.parsed, Person)
+    colours = ["red", "green", "blue"]
+    chunks = list(client.completions.create(model=MODEL, prompt="Pick one:", max_tokens=20, n=3,
+                                            seed=5, stream=True, extra_body={"guided_choice": colours}))
+    for index in range(3):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.text for c in mine) in colours
+        assert mine[-1].finish_reason == "stop"
+    dated = client.completions.create(model=MODEL, prompt="Today is", max_tokens=20,
+                                      extra_body={"structured_outputs": {"regex": r"\d{4}-\d{2}-\d{2}"}})
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", dated.choices[0].text)
+
+
+@pytest.mark.parametrize(("constraint", "words"), [
+    ({"guided_regex": "(unclosed"}, "the regular expression is not valid"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},
+     "the JSON schema is not valid"),
+])
+def test_a_constraint_no_parser_reads_is_a_400_from_the_scorer(system, acme_key, constraint, words):
+    r = httpx.post(f"{system.gateway_url}/v1/completions", timeout=60,
+                   headers={"Authorization": f"Bearer {acme_key}"},
+                   json={"model": MODEL, "prompt": "hi", "max_tokens": 4, **constraint})
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]["message"]
 
 
 def test_two_tenants_and_bad_key(system, acme_key, globex_key):

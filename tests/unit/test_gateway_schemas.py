@@ -23,7 +23,14 @@ from services.gateway.schemas import (
     resolve_deadline_ms,
     to_completion_request,
 )
-from services.messages import CompletionRequest, TemplateArg, TokenBias, decode, encode
+from services.messages import (
+    CompletionRequest,
+    StructuredOutput,
+    TemplateArg,
+    TokenBias,
+    decode,
+    encode,
+)
 from services.settings import Settings
 
 MODEL = "test-model"
@@ -184,9 +191,6 @@ def test_chat_limits_and_unsupported() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-         "response_format"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
@@ -194,14 +198,11 @@ def test_chat_limits_and_unsupported() -> None:
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"use_beam_search": True}, "use_beam_search"),
-        ({"guided_json": {"type": "object"}}, "guided_json"),
-        ({"guided_choice": ["yes", "no"]}, "guided_choice"),
-        ({"structured_outputs": {"regex": "[0-9]+"}}, "structured_outputs"),
     ],
 )
 def test_features_that_would_change_a_chat_answer_are_refused(fields: dict[str, Any], param: str) -> None:
-    """A client that asks for JSON, a tool call or a constrained answer must not get free
-    text as if it had been honoured."""
+    """A client that asks for a tool call or audio must not get free text as if it had
+    been honoured."""
     err = _error(chat(**fields), ChatCompletionBody)
     assert (err.status, err.code, err.param) == (400, "unsupported", param)
 
@@ -222,20 +223,14 @@ def test_a_bad_prompt_is_refused_in_words(prompt: Any, words: str) -> None:
     ("include_stop_str_in_output", True), ("skip_special_tokens", False),
     ("spaces_between_special_tokens", False), ("allowed_token_ids", [5, 6]), ("bad_words", ["x"]),
     ("logits_processors", ["m.f"]), ("return_tokens_as_token_ids", True), ("prompt_embeds", "AAAA"),
-    ("response_format", {"type": "json_object"}),
+    ("guided_whitespace_pattern", r"[ ]*"),
 ])
 def test_vllms_fields_that_would_change_the_answer_are_refused_by_name(name: str, refused: Any) -> None:
     """Fairway acts as each of these at its default, which a client may also send."""
     err = _error(completion(**{name: refused}))
     assert (err.status, err.code, err.param) == (400, "unsupported", name)
-    acts_as = UNIMPLEMENTED_FIELDS[name][0] if name in UNIMPLEMENTED_FIELDS else {"type": "text"}
-    _check(completion(**{name: acts_as}))
+    _check(completion(**{name: UNIMPLEMENTED_FIELDS[name][0]}))
     _check(completion(**{name: None}))
-
-
-def test_guided_decoding_is_refused_on_completions_too() -> None:
-    err = _error(completion(guided_regex="[a-z]+"))
-    assert (err.status, err.code, err.param) == (400, "unsupported", "guided_regex")
 
 
 def test_neutral_values_of_unimplemented_features_are_accepted() -> None:
@@ -504,3 +499,87 @@ def test_bad_deadline_header_is_400(header: str) -> None:
     with pytest.raises(ApiError) as info:
         resolve_deadline_ms(None, header)
     assert info.value.status == 400
+
+
+# ---- structured outputs --------------------------------------------------------------
+
+_PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+def _structured(fields: dict[str, Any], model_cls: type = CompletionBody):
+    body = _check(completion(**fields) if model_cls is CompletionBody else chat(**fields), model_cls)
+    request = to_request(body)
+    assert decode(encode(request)) == request  # travels as it is
+    return request.sampling.structured
+
+
+@pytest.mark.parametrize("model_cls", [CompletionBody, ChatCompletionBody])
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"response_format": {"type": "json_object"}}, StructuredOutput("json_object")),
+    ({"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "person", "schema": _PERSON, "strict": True}}},
+     StructuredOutput("json_schema", json.dumps(_PERSON))),
+    ({"structured_outputs": {"json": _PERSON}}, StructuredOutput("json_schema", json.dumps(_PERSON))),
+    ({"structured_outputs": {"json": json.dumps(_PERSON), "disable_any_whitespace": True}},
+     StructuredOutput("json_schema", json.dumps(_PERSON), any_whitespace=False)),
+    ({"structured_outputs": {"regex": "[0-9]+"}}, StructuredOutput("regex", "[0-9]+")),
+    ({"structured_outputs": {"choice": ["yes", "no"], "disable_fallback": True}},
+     StructuredOutput("choice", choices=["yes", "no"])),
+    ({"structured_outputs": {"grammar": 'root ::= "a"'}}, StructuredOutput("grammar", 'root ::= "a"')),
+    ({"structured_outputs": {"json_object": True}}, StructuredOutput("json_object")),
+    ({"guided_json": _PERSON, "guided_decoding_backend": "xgrammar"},
+     StructuredOutput("json_schema", json.dumps(_PERSON))),
+    ({"guided_regex": r"\d+"}, StructuredOutput("regex", r"\d+")),
+    ({"guided_choice": ["a", "b"]}, StructuredOutput("choice", choices=["a", "b"])),
+    ({"guided_grammar": 'root ::= "a"'}, StructuredOutput("grammar", 'root ::= "a"')),
+    ({"response_format": {"type": "text"}}, None),
+    ({}, None),
+])
+def test_every_way_of_asking_for_structure_maps_to_one_constraint(fields, expected, model_cls):
+    assert _structured(fields, model_cls) == expected
+
+
+def _structured_error(fields: dict[str, Any]) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        _structured(fields)
+    return info.value
+
+
+@pytest.mark.parametrize(("fields", "param", "words"), [
+    ({"guided_json": _PERSON, "guided_regex": "a"}, "guided_regex", "Only one"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+     "structured_outputs", "Only one"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}}, "response_format",
+     "json_schema.schema"),
+    ({"response_format": "json"}, "response_format", "an object with a string type"),
+    ({"structured_outputs": {}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": ["regex"]}, "structured_outputs", "must be an object"),
+    ({"structured_outputs": {"json_object": "yes"}}, "structured_outputs.json_object", "boolean"),
+    ({"structured_outputs": {"regex": "a", "disable_any_whitespace": 1}},
+     "structured_outputs.disable_any_whitespace", "boolean"),
+    ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
+    ({"guided_json": [1]}, "guided_json", "JSON schema"),
+    ({"guided_choice": []}, "guided_choice", "non-empty strings"),
+    ({"guided_choice": ["a", ""]}, "guided_choice", "non-empty strings"),
+    ({"guided_choice": ["a"] * 1025}, "guided_choice", "at most 1024"),
+    ({"guided_regex": ""}, "guided_regex", "non-empty string"),
+    ({"guided_grammar": 5}, "guided_grammar", "non-empty string"),
+    ({"guided_regex": "a" * 70000}, "guided_regex", "at most 65536"),
+])
+def test_a_malformed_constraint_is_refused_naming_its_field(fields, param, words):
+    err = _structured_error(fields)
+    assert (err.status, err.param) == (400, param)
+    assert words in err.message
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"response_format": {"type": "structural_tag"}}, "response_format"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}},
+     "structured_outputs.whitespace_pattern"),
+])
+def test_structure_fairway_cannot_hold_an_answer_to_is_refused(fields, param):
+    err = _structured_error(fields)
+    assert (err.status, err.code, err.param) == (400, "unsupported", param)

@@ -30,6 +30,7 @@ class Row:
     token_ids: list[int] = field(default_factory=lambda: [0])
     num_prompt_tokens: int = 1
     stop_token_ids: frozenset[int] = frozenset()
+    grammar: None = None
 
 
 def at(position: int, params: SamplingParams, generator: torch.Generator | None = None) -> Row:

@@ -142,6 +142,27 @@ def test_min_tokens_and_logit_bias_are_checked_and_shape_the_prediction(model_ca
     assert refused.value.code == "context_length_exceeded"
 
 
+def test_a_structured_request_is_checked_before_any_work(model_cache):
+    """A producer straight on AMQP gets the gateway's words for a constraint no worker
+    could compile, before it is charged or queued."""
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    scorer = Scorer(tokenizer, OnlinePredictor(LengthPredictor.default(), aioredis.Redis(), "tiny"),
+                    64, vocab_size=len(tokenizer))
+
+    def request(spec: m.StructuredOutput) -> m.CompletionRequest:
+        return m.CompletionRequest(request_id="r", model="tiny", prompt="hi",
+                                   sampling=m.SamplingParams(structured=spec))
+
+    good = request(m.StructuredOutput("regex", "[a-z]{2}"))
+    assert scorer.score(good).request.sampling.structured == good.sampling.structured
+    with pytest.raises(RequestRejected, match="^the regular expression is not valid"):
+        scorer.score(request(m.StructuredOutput("regex", "(a")))
+    with pytest.raises(RequestRejected, match="^the JSON schema is not valid"):
+        scorer.score(request(m.StructuredOutput("json_schema", "{")))
+    with pytest.raises(RequestRejected, match="lists its strings in choices"):
+        check_fields(request(m.StructuredOutput("choice")))
+
+
 def test_a_developer_message_is_rendered_as_the_system_message(model_cache):
     tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
 

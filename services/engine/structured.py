@@ -1,0 +1,225 @@
+"""Structured outputs: an answer held to a formal language with xgrammar.
+
+A request's :class:`~services.messages.StructuredOutput` (OpenAI's ``response_format``,
+vLLM's structured outputs) is compiled once per tokenizer into a token-level automaton;
+each request then keeps a :class:`GrammarState`, which says before every draw which
+tokens may come next (the sampler masks the rest) and follows every token drawn. The
+state is rebuilt from the output so far, so a request resumed on another worker or
+recomputed after a preemption goes on where it was.
+
+xgrammar (the backend vLLM and SGLang default to) is imported on first use: a server
+without it serves everything else and refuses structured requests with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from services.engine.interface import EngineError
+from services.messages import MAX_STRUCTURED_CHARS, MAX_STRUCTURED_CHOICES, StructuredOutput
+
+XGRAMMAR_MISSING = "structured outputs need the xgrammar package, which this server lacks"
+COMPILED_CACHE_SIZE = 64
+"""Distinct languages an engine keeps compiled (a tenant's schema is usually reused)."""
+
+_WHAT = {
+    "json_object": "JSON",
+    "json_schema": "JSON schema",
+    "regex": "regular expression",
+    "choice": "choice",
+    "grammar": "EBNF grammar",
+}
+_ANY_OBJECT = '{"type": "object"}'
+_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        raise EngineError(XGRAMMAR_MISSING) from None
+    return xgrammar
+
+
+def shape_problem(spec: StructuredOutput) -> str | None:
+    """Why ``spec`` is malformed as a message (the wrong fields for its kind, too long),
+    or None; pure, for the sampling checks every service runs."""
+    if spec.kind == "choice":
+        if spec.spec or not spec.choices:
+            return "a choice constraint lists its strings in choices"
+        if len(spec.choices) > MAX_STRUCTURED_CHOICES:
+            return f"a choice constraint may list at most {MAX_STRUCTURED_CHOICES} strings"
+        if sum(map(len, spec.choices)) > MAX_STRUCTURED_CHARS:
+            return f"the choices may hold at most {MAX_STRUCTURED_CHARS} characters together"
+        return None
+    if spec.choices:
+        return f"a {_WHAT[spec.kind]} constraint has no choices"
+    if spec.kind == "json_object":
+        return "a json_object constraint has no spec" if spec.spec else None
+    if not spec.spec:
+        return f"the {_WHAT[spec.kind]} is empty"
+    if len(spec.spec) > MAX_STRUCTURED_CHARS:
+        return f"the {_WHAT[spec.kind]} may be at most {MAX_STRUCTURED_CHARS} characters"
+    return None
+
+
+def bounded_strings_as_patterns(schema: Any) -> Any:
+    """``schema`` with each string's ``minLength``/``maxLength`` (and no ``pattern`` or
+    ``format``) written as the pattern of that many characters, which means the same.
+
+    xgrammar (through 0.2.9 at least, its issue #800) lowers a length-bounded string to a
+    character class that admits raw control characters and no escapes, so a model could
+    answer with JSON that no strict parser reads; its pattern path is JSON-aware."""
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: bounded_strings_as_patterns(value) for key, value in schema.items()}
+    low, high = out.get("minLength", 0), out.get("maxLength")
+    if (out.get("type") == "string" and ("minLength" in out or "maxLength" in out)
+            and "pattern" not in out and "format" not in out
+            and type(low) is int and low >= 0 and (high is None or (type(high) is int and high >= low))):
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
+        out["pattern"] = f"^[\\s\\S]{{{low},{'' if high is None else high}}}$"
+    return out
+
+
+def _grammar(xgr: Any, spec: StructuredOutput) -> Any:
+    """The tokenizer-independent grammar of ``spec``; raises on a syntax error."""
+    if spec.kind == "json_object":  # OpenAI's JSON mode: an object, any members
+        return xgr.Grammar.from_json_schema(_ANY_OBJECT, strict_mode=False,
+                                            any_whitespace=spec.any_whitespace)
+    if spec.kind == "json_schema":
+        schema = bounded_strings_as_patterns(json.loads(spec.spec))
+        return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=spec.any_whitespace)
+    if spec.kind == "regex":
+        return xgr.Grammar.from_regex(spec.spec)
+    if spec.kind == "choice":
+        # EBNF string literals take JSON's escapes.
+        return xgr.Grammar.from_ebnf(
+            "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choices))
+    return xgr.Grammar.from_ebnf(spec.spec)
+
+
+def grammar_problem(spec: StructuredOutput) -> str | None:
+    """Why ``spec`` cannot be served (malformed, a syntax error, no xgrammar), in words
+    for the client, or None. Needs no tokenizer: the scorer checks before any work."""
+    problem = shape_problem(spec)
+    if problem is not None:
+        return problem
+    try:
+        _grammar(_xgrammar(), spec)
+    except EngineError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError for any syntax error
+        first = _LOCATION.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        return f"the {_WHAT[spec.kind]} is not valid: {first or type(exc).__name__}"
+    return None
+
+
+class GrammarState:
+    """One request's place in its language: which tokens may come next, and whether the
+    answer has reached its end."""
+
+    def __init__(self, matcher: Any, bitmask: torch.Tensor, vocab_size: int, xgr: Any) -> None:
+        self._matcher = matcher
+        self._bitmask = bitmask
+        self._vocab_size = vocab_size
+        self._xgr = xgr
+        self._filled = False
+        self._stuck = False
+        self.ended = False
+
+    def _next(self) -> torch.Tensor:
+        if not self._filled:
+            self._matcher.fill_next_token_bitmask(self._bitmask)
+            self._filled = True
+        return self._bitmask
+
+    def allowed(self) -> torch.Tensor:
+        """Bool [vocab]: the tokens that may come next."""
+        words = self._next()[0]
+        bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        return bits.flatten()[: self._vocab_size].bool()
+
+    def only_end_allowed(self) -> bool:
+        """Whether the language is complete and allows nothing but its end (a stop
+        token): then the end wins over ``min_tokens``, which would forbid every token."""
+        allowed = self.allowed()
+        stops = [t for t in self._matcher.stop_token_ids if t < self._vocab_size]
+        allowed[stops] = False
+        return not bool(allowed.any())
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set the logits [V] of the tokens that may not come next to -inf, in place."""
+        bitmask = self._next()
+        if bitmask.device != logits.device:
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+        self._xgr.apply_token_bitmask_inplace(logits.view(1, -1), bitmask,
+                                              vocab_size=logits.shape[-1])
+        if not torch.isfinite(logits).any():  # no token of the vocabulary fits
+            self._stuck = True
+            logits.zero_()  # a draw must still happen; accept() then fails the request
+
+    def accept(self, token: int) -> bool:
+        """Follow a drawn token; True when it ended the answer (a stop token where the
+        language is complete). Raises EngineError for a token the language forbids."""
+        if self._stuck:
+            raise EngineError("no token of this model continues the answer's structure")
+        if not self._matcher.accept_token(token):
+            raise EngineError(f"token {token} does not continue the answer's structure")
+        self._filled = False
+        self.ended = bool(self._matcher.is_terminated())
+        return self.ended
+
+
+
+class GrammarCompiler:
+    """Compiles languages for one tokenizer and vocabulary (the model's logits width),
+    keeping the last :data:`COMPILED_CACHE_SIZE` compiled."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
+        self._xgr = xgr = _xgrammar()
+        try:
+            info = xgr.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids) or None)
+        except Exception as exc:  # noqa: BLE001 - a tokenizer xgrammar cannot read
+            raise EngineError(f"structured outputs are not available for this tokenizer: {exc}") from None
+        self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1))
+        self._vocab_size = vocab_size
+        self._compiled: OrderedDict[tuple[str, str, tuple[str, ...], bool], Any] = OrderedDict()
+
+    def _compile(self, spec: StructuredOutput) -> Any:
+        key = (spec.kind, spec.spec, tuple(spec.choices), spec.any_whitespace)
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            self._compiled.move_to_end(key)
+            return compiled
+        problem = grammar_problem(spec)
+        if problem is not None:
+            raise EngineError(problem)
+        compiled = self._compiler.compile_grammar(_grammar(self._xgr, spec))
+        self._compiled[key] = compiled
+        if len(self._compiled) > COMPILED_CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def state(self, spec: StructuredOutput, output: Sequence[int] = ()) -> GrammarState:
+        """A request's state, past the output it already has (a resumed request's)."""
+        xgr = self._xgr
+        matcher = xgr.GrammarMatcher(self._compile(spec))
+        state = GrammarState(matcher, xgr.allocate_token_bitmask(1, self._vocab_size),
+                             self._vocab_size, xgr)
+        for token in output:
+            if state.ended or not matcher.accept_token(token):
+                raise EngineError("the resumed output does not follow the answer's structure")
+            state.ended = bool(matcher.is_terminated())
+        return state
