@@ -183,6 +183,11 @@ class EngineThread(threading.Thread):
         self.commands.put(("add", request, done))
         return done
 
+    def prepare(self, request: EngineRequest) -> None:
+        """The engine's slow set-up of a request (compiling its language), on the calling
+        thread, so the step loop does not stall on it; raises EngineError."""
+        self.engine.prepare(request)
+
     def abort(self, request_id: str) -> None:
         self.commands.put(("abort", request_id, None))
 
@@ -503,6 +508,8 @@ class WorkerService:
         """Hand a request to the engine thread. If that fails, or the wait is cancelled
         (the delivery then goes back to the queue), nothing of it stays tracked or running."""
         try:
+            if engine_req.sampling.structured is not None:
+                await asyncio.to_thread(self.engine.prepare, engine_req)
             await asyncio.wrap_future(self.engine.add(engine_req))
         except BaseException as exc:
             self._forget(active)

@@ -130,6 +130,12 @@ class EchoEngine:
 
     # ---- requests -------------------------------------------------------------------
 
+    def prepare(self, req: EngineRequest) -> None:
+        """Refuse a structured request, as early as LLMEngine would compile it: an echoed
+        prompt would not hold to its language."""
+        if req.sampling.structured is not None:
+            raise EngineError("structured outputs need a model; the echo engine answers with the prompt")
+
     def add_request(self, req: EngineRequest) -> None:
         """Queue a request; raises EngineError when it can never be served (as LLMEngine)."""
         prompt = list(req.prompt_token_ids)
@@ -139,8 +145,7 @@ class EchoEngine:
             raise EngineError(f"request id {rid!r} is already in the engine")
         check_request(prompt, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                       kv_tokens=self.total_kv_tokens, resume=req.resume)
-        if params.structured is not None:  # echoing the prompt would break the structure
-            raise EngineError("structured outputs need a model; the echo engine answers with the prompt")
+        self.prepare(req)
         resumed = list(req.resume.token_ids) if req.resume else []
         detokenizer, text = text_state(self.tokenizer, prompt, params.stop, resumed,
                                        req.resume.streamed_chars if req.resume else 0)

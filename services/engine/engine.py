@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import inspect
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -209,6 +210,7 @@ class LLMEngine:
 
         self._grammars: GrammarCompiler | None = None
         """Compiles structured requests' languages; made with the first of them."""
+        self._grammars_lock = threading.Lock()
         self._requests: dict[str, _RequestState] = {}
         self._pending: list[RequestOutput] = []
         self._prefill_tokens_per_s = 0.0
@@ -249,9 +251,7 @@ class LLMEngine:
         resumed = list(req.resume.token_ids) if req.resume else []
         grammar = None
         if params.structured is not None:
-            if self._grammars is None:
-                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
-            grammar = self._grammars.state(params.structured, resumed)
+            grammar = self._grammar_compiler().state(params.structured, resumed)
         seq = Sequence(  # a resumed request prefills its earlier output too (as a recompute)
             request_id=req.request_id,
             token_ids=prompt + resumed,
@@ -282,6 +282,20 @@ class LLMEngine:
             grammar=grammar,
         )
         self.scheduler.add(seq)
+
+    def prepare(self, req: EngineRequest) -> None:
+        """The slow part of taking ``req`` that touches no engine state, for any thread:
+        compile a structured request's language (with a large vocabulary and schema,
+        long enough to stall every running request were it done in the step loop).
+        ``add_request`` then finds it compiled. Raises EngineError as that would."""
+        if req.sampling.structured is not None:
+            self._grammar_compiler().compile(req.sampling.structured)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            return self._grammars
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request: blocks are freed now, its final output comes with the next step."""

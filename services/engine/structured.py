@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -184,7 +185,8 @@ class GrammarState:
 
 class GrammarCompiler:
     """Compiles languages for one tokenizer and vocabulary (the model's logits width),
-    keeping the last :data:`COMPILED_CACHE_SIZE` compiled."""
+    keeping the last :data:`COMPILED_CACHE_SIZE` compiled. Safe to use from several
+    threads: a worker compiles off the engine's thread, which then finds it compiled."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
         self._xgr = xgr = _xgrammar()
@@ -195,27 +197,31 @@ class GrammarCompiler:
             raise EngineError(f"structured outputs are not available for this tokenizer: {exc}") from None
         self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1))
         self._vocab_size = vocab_size
+        self._lock = threading.Lock()
         self._compiled: OrderedDict[tuple[str, str, tuple[str, ...], bool], Any] = OrderedDict()
 
-    def _compile(self, spec: StructuredOutput) -> Any:
+    def compile(self, spec: StructuredOutput) -> Any:
+        """``spec`` compiled (from the cache when it was lately); raises EngineError."""
         key = (spec.kind, spec.spec, tuple(spec.choices), spec.any_whitespace)
-        compiled = self._compiled.get(key)
-        if compiled is not None:
-            self._compiled.move_to_end(key)
-            return compiled
+        with self._lock:
+            compiled = self._compiled.get(key)
+            if compiled is not None:
+                self._compiled.move_to_end(key)
+                return compiled
         problem = grammar_problem(spec)
         if problem is not None:
             raise EngineError(problem)
         compiled = self._compiler.compile_grammar(_grammar(self._xgr, spec))
-        self._compiled[key] = compiled
-        if len(self._compiled) > COMPILED_CACHE_SIZE:
-            self._compiled.popitem(last=False)
+        with self._lock:
+            self._compiled[key] = compiled
+            if len(self._compiled) > COMPILED_CACHE_SIZE:
+                self._compiled.popitem(last=False)
         return compiled
 
     def state(self, spec: StructuredOutput, output: Sequence[int] = ()) -> GrammarState:
         """A request's state, past the output it already has (a resumed request's)."""
         xgr = self._xgr
-        matcher = xgr.GrammarMatcher(self._compile(spec))
+        matcher = xgr.GrammarMatcher(self.compile(spec))
         state = GrammarState(matcher, xgr.allocate_token_bitmask(1, self._vocab_size),
                              self._vocab_size, xgr)
         for token in output:

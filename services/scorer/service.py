@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -176,7 +177,8 @@ class Scorer:
             )
         pred = self.predictor.predict(request.prompt_text(), input_tokens=len(ids))
         shortest = max(1.0, request.sampling.min_tokens)  # no answer ends before min_tokens
-        clamp = lambda x: float(min(max(x, shortest), max_tokens))
+        longest = min(max_tokens, self._longest_choice(request.sampling.structured))
+        clamp = lambda x: float(min(max(x, shortest), longest))
         score = m.LengthScore(
             uncertainty=float(pred.uncertainty),
             p10=clamp(pred.p10),
@@ -188,6 +190,15 @@ class Scorer:
         return m.ScoredRequest(
             request_id=request.request_id, request=request, prompt_token_ids=ids, score=score
         )
+
+    def _longest_choice(self, structured: m.StructuredOutput | None) -> float:
+        """A choice's answer is one of its strings and its end: no longer than the longest
+        as the tokenizer spells it, plus the stop token (the model could spell it in
+        more, smaller tokens, but hardly does). Anything else: no bound."""
+        if structured is None or structured.kind != "choice":
+            return math.inf
+        return 1.0 + max(len(self.tokenizer.encode(choice, add_special_tokens=False))
+                         for choice in structured.choices)
 
     def _spell(self, ids: list[int]) -> str:
         """A token-id prompt's text (what the predictor reads and ``echo`` gives back, as

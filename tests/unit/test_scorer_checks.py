@@ -161,6 +161,13 @@ def test_a_structured_request_is_checked_before_any_work(model_cache):
         scorer.score(request(m.StructuredOutput("json_schema", "{")))
     with pytest.raises(RequestRejected, match="lists its strings in choices"):
         check_fields(request(m.StructuredOutput("choice")))
+    # A choice bounds the answer: the longest choice in tokens, and the stop token.
+    choice = request(m.StructuredOutput("choice", choices=["yes", "no", "not at all, never"]))
+    longest = 1 + len(tokenizer.encode("not at all, never", add_special_tokens=False))
+    score = scorer.score(choice).score
+    assert score.p10 <= score.p50 <= score.p90 <= longest
+    free = scorer.score(request(None)).score
+    assert free.p90 > longest  # the predictor's own guess for "hi", unbounded
 
 
 def test_a_developer_message_is_rendered_as_the_system_message(model_cache):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -263,8 +264,40 @@ def test_a_structured_request_and_a_free_one_share_a_batch(model_path, prompt):
     _holds(DATE, run.text["held"])
 
 
+def test_a_language_compiled_off_the_step_loop_is_not_compiled_again(model_path, prompt):
+    """A worker compiles on another thread (``prepare``), so a new schema never stalls the
+    requests running in the step loop; the engine then takes the compiled language."""
+
+    class Counting:
+        def __init__(self, inner) -> None:
+            self.inner, self.calls = inner, 0
+
+        def compile_grammar(self, grammar):
+            self.calls += 1
+            return self.inner.compile_grammar(grammar)
+
+    engine = make_engine(model_path, kv_cache_tokens=2048)
+    compiler = engine._grammar_compiler()
+    counting = compiler._compiler = Counting(compiler._compiler)
+    request = EngineRequest("r", prompt, sampled(DATE, 1))
+    worker_side = threading.Thread(target=engine.prepare, args=(request,))
+    worker_side.start()
+    worker_side.join()
+    assert counting.calls == 1
+    engine.add_request(request)
+    _holds(DATE, drain(engine).text["r"])
+    assert counting.calls == 1
+    with pytest.raises(EngineError, match="not valid"):
+        engine.prepare(EngineRequest("bad", prompt, sampled(StructuredOutput("regex", "(x"), 1)))
+    engine.prepare(EngineRequest("free", prompt, SamplingParams()))  # nothing to do
+    assert counting.calls == 1
+
+
 def test_the_echo_engine_refuses_structured_requests(tiny_tokenizer):
     engine = EchoEngine(tiny_tokenizer, EngineConfig(kv_cache_tokens=1024), tokens_per_s=0,
                         vocab_size=len(tiny_tokenizer), max_model_len=512)
-    with pytest.raises(EngineError, match="need a model"):
-        engine.add_request(EngineRequest("r", [1, 2, 3], sampled(DATE, 1)))
+    request = EngineRequest("r", [1, 2, 3], sampled(DATE, 1))
+    for take in (engine.prepare, engine.add_request):
+        with pytest.raises(EngineError, match="need a model"):
+            take(request)
+    engine.prepare(EngineRequest("free", [1, 2, 3], SamplingParams()))
