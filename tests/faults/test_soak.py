@@ -41,6 +41,7 @@ SOAK_SEED = int(os.environ.get("FAIRWAY_SOAK_SEED", "1"))
 HTTP_CLIENTS = 4
 AMQP_CLIENTS = 2
 SETTLE_S = 120.0
+STRUCTURED_REGEX = r"[a-z]+( [a-z]+)*\."
 
 
 @pytest.mark.timeout(SOAK_S + SETTLE_S + 300)
@@ -56,8 +57,11 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
         while not stop.is_set():
             max_tokens = client_rng.randint(4, 48)
             # Every other request asks for log-probabilities, which must come through the
-            # faults exactly once per token too.
-            extra = {"logprobs": 2} if client_rng.random() < 0.5 else {}
+            # faults exactly once per token too; every fourth holds its answer to a regex,
+            # whose grammar a resumed request must take up where it was.
+            extra: dict[str, object] = {"logprobs": 2} if client_rng.random() < 0.5 else {}
+            if client_rng.random() < 0.25:
+                extra["guided_regex"] = STRUCTURED_REGEX
             log = await http_stream(http, checker, fs.gateway_url, *tenants[i % len(tenants)],
                                     body=completion_body(DEFAULT_PROMPT, max_tokens, **extra))
             if not log.accepted:  # refused at the door (Redis or the broker away): back off
