@@ -50,6 +50,9 @@ class TemplateArg:
     value: str | int | float | bool | None
 
 
+MAX_TOOLS = 128
+"""Most functions one chat may offer the model (OpenAI's limit)."""
+
 MAX_TEMPLATE_ARGS = 32
 """Most ``chat_template_kwargs`` entries one request may carry."""
 
@@ -169,9 +172,35 @@ DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")
 
 
 @dataclass(slots=True)
+class ToolCall:
+    """A function call an assistant message made (an entry of OpenAI's ``tool_calls``)."""
+
+    id: str
+    name: str
+    arguments: str
+    """The arguments as the JSON text the model wrote."""
+
+
+@dataclass(slots=True)
+class Tool:
+    """A function the model may call (an entry of OpenAI's ``tools``), for the chat
+    template to show the model."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+    """Its arguments' JSON schema as JSON text; empty: none given."""
+
+
+@dataclass(slots=True)
 class ChatMessage:
+    """One chat turn. The fields after ``content`` are optional in schema v1: an
+    assistant's tool calls, and a ``tool`` message's answer to one of them."""
+
     role: str
     content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str = ""
 
 
 @dataclass(slots=True)
@@ -232,6 +261,8 @@ class CompletionRequest(Message):
     """A chat's last (assistant) message is continued rather than closed (vLLM's)."""
     chat_template_kwargs: list[TemplateArg] = field(default_factory=list)
     """Variables for the chat template (vLLM's ``chat_template_kwargs``)."""
+    tools: list[Tool] = field(default_factory=list)
+    """The functions a chat offers the model, which its chat template shows it."""
     echo: bool = False
     """The caller wants the prompt back as text (a completion's ``echo``): for a token-id
     prompt, which only the model's tokenizer can spell, the worker sends that text with

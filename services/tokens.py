@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from typing import Any
 
 from services import messages as m
@@ -18,11 +19,12 @@ def tokenize(tokenizer: Any, request: m.CompletionRequest) -> list[int]:
     or its completion prompt with the model's special tokens (BOS), each as vLLM's
     ``add_special_tokens`` and chat-template fields ask."""
     if request.kind == "chat":
-        conversation = [{"role": TEMPLATE_ROLES.get(msg.role, msg.role), "content": msg.content}
-                        for msg in request.messages]
+        conversation = [template_message(msg) for msg in request.messages]
         options = {"add_generation_prompt": request.add_generation_prompt,
                    "continue_final_message": request.continue_final_message,
                    **template_variables(tokenizer, request.chat_template_kwargs)}
+        if request.tools:
+            options["tools"] = [template_tool(tool) for tool in request.tools]
         if request.add_special_tokens:
             text = tokenizer.apply_chat_template(conversation, tokenize=False, **options)
             return list(tokenizer.encode(text, add_special_tokens=True))
@@ -32,6 +34,37 @@ def tokenize(tokenizer: Any, request: m.CompletionRequest) -> list[int]:
         return list(ids)
     add_special = True if request.add_special_tokens is None else request.add_special_tokens
     return list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
+
+
+def template_message(msg: m.ChatMessage) -> dict[str, Any]:
+    """A chat turn as chat templates read it (Hugging Face's convention, as vLLM passes
+    it): a tool call's arguments as a mapping where they are a JSON object."""
+    out: dict[str, Any] = {"role": TEMPLATE_ROLES.get(msg.role, msg.role), "content": msg.content}
+    if msg.tool_calls:
+        out["tool_calls"] = [{"id": call.id, "type": "function",
+                              "function": {"name": call.name, "arguments": _arguments(call.arguments)}}
+                             for call in msg.tool_calls]
+    if msg.tool_call_id:
+        out["tool_call_id"] = msg.tool_call_id
+    return out
+
+
+def template_tool(tool: m.Tool) -> dict[str, Any]:
+    """A tool as OpenAI's request gave it, which is what chat templates read."""
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters:
+        function["parameters"] = json.loads(tool.parameters)
+    return {"type": "function", "function": function}
+
+
+def _arguments(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 _TEMPLATE_OWN = frozenset({"messages", "tools", "documents", "add_generation_prompt",

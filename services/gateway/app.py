@@ -78,6 +78,7 @@ from services.gateway.schemas import (
     request_kind,
     resolve_deadline_ms,
     to_completion_request,
+    tool_calling,
 )
 from services.logs import get_logger
 from services.messages import FinalAnswer
@@ -312,6 +313,7 @@ async def _complete(
         logprobs=completion.sampling.logprobs is not None,
         echo=tuple(p if isinstance(p, str) else None for p in prompts)
         if prompts is not None and body.echo else None, n=body.n or 1,
+        tool_calling=tool_calling(body),
     )
     try:
         submissions = await state.backend.submit_all(

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.errors import ApiError, timed_out
 from services.gateway.replies import ChoiceStream
+from services.gateway.schemas import ToolCalling
 from services.messages import FinalAnswer, RequestKind, TokenLogprob
 from services.replies import Reply
 
@@ -46,6 +48,8 @@ class ResponseMeta:
     token-id prompt: its text comes with the first reply (``echoed_prompt``)."""
     n: int = 1
     """Choices per prompt: choice ``i`` answers prompt ``i // n``."""
+    tool_calling: ToolCalling | None = None
+    """The chat's answer is a forced tool call: sent as ``tool_calls``, not content."""
 
     def echoed(self, index: int, reply: Reply | ChoiceAnswer) -> str:
         """The text choice ``index`` starts with (``reply``: its first): its prompt when
@@ -99,6 +103,28 @@ def usage(finals: list[FinalAnswer], n: int = 1) -> dict[str, int]:
 
 def finish_reason(final: FinalAnswer) -> str:
     return _FINISH_REASONS[final.finish_reason]
+
+
+def tool_calls(calling: ToolCalling, text: str) -> list[dict[str, Any]] | None:
+    """The ``tool_calls`` of a forced call's finished answer (``text``, which its grammar
+    held to the call's language); None when it does not read as one (never, unless a
+    stop string cut it)."""
+    if calling.function is not None:
+        calls = [(calling.function, text)]
+    else:
+        try:
+            listed = json.loads(text)
+            calls = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
+                     for call in listed]
+        except (ValueError, TypeError, KeyError):
+            return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
+
+
+def tool_call_finish(calling: ToolCalling) -> str:
+    """vLLM's: a named function's call finishes ``stop``, a required one ``tool_calls``."""
+    return "stop" if calling.function is not None else "tool_calls"
 
 
 def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0,
@@ -160,6 +186,12 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
                                   "finish_reason": finish_reason(answer.final)}
         if meta.kind == "chat":
             choice["message"] = {"role": "assistant", "content": answer.text}
+            calls = (tool_calls(meta.tool_calling, answer.text)
+                     if meta.tool_calling is not None and answer.final.finish_reason == "stop"
+                     else None)
+            if calls is not None:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                choice["finish_reason"] = tool_call_finish(meta.tool_calling)
         else:
             choice["text"] = meta.echoed(index, answer) + answer.text
         choices.append(choice)
@@ -182,16 +214,20 @@ def stream_chunk(
     finish: str | None = None,
     include_usage: bool = False,
     logprobs: dict[str, Any] | None = None,
+    calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One streamed chunk: text and/or a finish reason (chat: ``delta``; first has the role)."""
+    """One streamed chunk: text, tool calls (a chat's ``delta.tool_calls``) and/or a finish
+    reason (chat: ``delta``; the first has the role)."""
     choice: dict[str, Any] = {"index": index}
     if meta.kind == "chat":
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
+            delta["content"] = "" if meta.tool_calling is None else None
+        if text:
             delta["content"] = text
-        elif text:
-            delta["content"] = text
+        if calls:
+            delta["tool_calls"] = calls
         choice["delta"] = delta
         obj = "chat.completion.chunk"
     else:
@@ -260,6 +296,44 @@ async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
             for i, final in sorted(finals.items())]
 
 
+class ToolCallStream:
+    """One choice's forced tool call, streamed as OpenAI streams calls: a named
+    function's arguments as they come (the first delta with the call's id and name); a
+    required call's list, whose calls are known only once it is complete, in one delta
+    at the end. An answer that is no call (cut by ``max_tokens``) ends as content."""
+
+    def __init__(self, calling: ToolCalling) -> None:
+        self.calling = calling
+        self.call_id: str | None = None
+        self.held: list[str] = []
+        self.held_logprobs: list[TokenLogprob] = []
+
+    def add(self, reply: Reply) -> list[dict[str, Any]] | None:
+        """The ``tool_calls`` delta for a reply's text, or None (nothing to send yet)."""
+        if self.calling.function is None or (not reply.text and not reply.logprobs):
+            self.held.append(reply.text)
+            self.held_logprobs.extend(reply.logprobs)
+            return None
+        delta: dict[str, Any] = {"index": 0, "function": {"arguments": reply.text}}
+        if self.call_id is None:
+            self.call_id = f"call_{uuid.uuid4().hex[:24]}"
+            delta.update(id=self.call_id, type="function")
+            delta["function"] = {"name": self.calling.function, "arguments": reply.text}
+        return [delta]
+
+    def finish(self, final: FinalAnswer, reason: str) -> tuple[str, dict[str, Any]]:
+        """The finish reason, and what to send before it: held text or calls."""
+        text = "".join(self.held)
+        if self.calling.function is not None:
+            return (tool_call_finish(self.calling) if final.finish_reason == "stop" else reason,
+                    {"logprobs": self.held_logprobs} if self.held_logprobs else {})
+        found = tool_calls(self.calling, text) if final.finish_reason == "stop" else None
+        if found is None:
+            return reason, {"text": text, "logprobs": self.held_logprobs} if text else {}
+        listed = [{"index": i, **call} for i, call in enumerate(found)]
+        return tool_call_finish(self.calling), {"calls": listed, "logprobs": self.held_logprobs}
+
+
 async def sse_events(
     meta: ResponseMeta,
     stream: ChoiceStream,
@@ -287,20 +361,36 @@ async def sse_events(
     index, reply = first
     text_offsets = [0] * n  # where each choice's next token's text starts (text_offset)
     echoed = [meta.echo is None] * n  # an echoed choice starts with the prompt
+    calls = [ToolCallStream(meta.tool_calling) if meta.tool_calling else None for _ in range(n)]
     finals: dict[int, FinalAnswer] = {}
     while True:
+        call = calls[index]
         if isinstance(reply, FinalAnswer):
             error = answer_error(reply)
             if error is not None:
                 events.append(sse(error.body()))
                 break
             finals[index] = reply
-            events.append(sse(stream_chunk(meta, index=index, finish=finish_reason(reply),
+            finish = finish_reason(reply)
+            if call is not None:
+                finish, fields = call.finish(reply, finish)
+                if fields:
+                    events.append(sse(stream_chunk(
+                        meta, index=index, include_usage=include_usage, text=fields.get("text", ""),
+                        calls=fields.get("calls"),
+                        logprobs=choice_logprobs(meta, fields.get("logprobs", [])))))
+            events.append(sse(stream_chunk(meta, index=index, finish=finish,
                                            include_usage=include_usage)))
             if len(finals) == n:
                 if include_usage:
                     events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))
                 break
+        elif call is not None:
+            delta = call.add(reply)
+            if delta is not None:
+                events.append(sse(stream_chunk(meta, index=index, include_usage=include_usage,
+                                               calls=delta,
+                                               logprobs=choice_logprobs(meta, reply.logprobs))))
         elif reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]:
             text, prompt = reply.text, None
             if not echoed[index]:

@@ -10,9 +10,11 @@ Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``
 smaller wins) and ``fail_if_late``. Structured outputs come as OpenAI's
 ``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs``
 (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or its older ``guided_*``
-fields. Unknown fields are ignored, as OpenAI servers do; known OpenAI features (and vLLM
-extensions) that Fairway does not implement are refused with a 400 when they would change
-the answer (tools, ``suffix``, beam search...) instead of being silently dropped.
+fields; a chat's ``tools`` with ``tool_choice`` required or named become the same kind
+of constraint (:func:`tool_call_constraint`). Unknown fields are ignored, as OpenAI
+servers do; known OpenAI features (and vLLM extensions) that Fairway does not implement
+are refused with a 400 when they would change the answer (``tool_choice`` auto,
+``suffix``, beam search...) instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ import json
 import math
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from services.gateway.errors import ApiError, from_validation_error, invalid, model_not_found
 from services.messages import (
@@ -33,6 +44,7 @@ from services.messages import (
     MAX_STRUCTURED_CHARS,
     MAX_STRUCTURED_CHOICES,
     MAX_TEMPLATE_ARGS,
+    MAX_TOOLS,
     ChatMessage,
     CompletionRequest,
     RequestKind,
@@ -40,6 +52,8 @@ from services.messages import (
     StructuredOutput,
     TemplateArg,
     TokenBias,
+    Tool,
+    ToolCall,
     encodes_as_utf8,
 )
 from services.settings import Settings
@@ -253,14 +267,86 @@ class TextPart(_Body):
     text: Text
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+"""OpenAI's rule for a function's name."""
+
+
+class FunctionCallBody(_Body):
+    name: Text
+    arguments: Text
+    """The arguments as JSON text."""
+
+
+class ToolCallBody(_Body):
+    """A call an earlier assistant message made, sent back with the conversation."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
 class ChatMessageBody(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    """``developer`` is OpenAI's newer name for ``system`` (the scorer renders it so)."""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """``developer`` is OpenAI's newer name for ``system`` (the scorer renders it so);
+    ``tool`` answers an assistant's tool call (``tool_call_id``)."""
+    tool_calls: list[ToolCallBody] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: Text | None = Field(default=None, validate_default=True)
     content: Annotated[
         list[TextPart],
         BeforeValidator(_content_parts, json_schema_input_type=Text | list[TextPart]),
-    ]
+    ] | None = Field(default=None, validate_default=True)
+    """Only an assistant message that makes tool calls may go without."""
     name: Text | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _only_an_assistant_calls(cls, value: list[ToolCallBody] | None, info: ValidationInfo) -> Any:
+        if value and info.data.get("role", "assistant") != "assistant":
+            raise ValueError("only an assistant message makes tool calls")
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _a_tool_message_names_its_call(cls, value: str | None, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if role == "tool" and value is None:
+            raise ValueError("a tool message names the call it answers")
+        if role not in (None, "tool") and value is not None:
+            raise ValueError("only a tool message answers a call")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calling(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and "role" in info.data and not info.data.get("tool_calls"):
+            raise ValueError("content is required, but for an assistant message with tool_calls")
+        return value
+
+
+class FunctionBody(_Body):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    """The arguments' JSON schema."""
+    strict: bool | None = None
+
+
+class ToolBody(_Body):
+    """A function the model may call (OpenAI's ``tools`` entry)."""
+
+    type: Literal["function"]
+    function: FunctionBody
+
+
+class NamedFunction(_Body):
+    name: Text
+
+
+class NamedToolChoice(_Body):
+    """``tool_choice`` naming the function the model must call."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionBody(_SamplingFields):
@@ -270,8 +356,10 @@ class ChatCompletionBody(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolBody] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    """With ``tool_choice`` required: whether the answer may make several calls."""
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
     modalities: list[str] | None = None
@@ -354,10 +442,7 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
     else:
         if body.top_logprobs and not body.logprobs:
             raise invalid("top_logprobs needs logprobs to be true.", param="top_logprobs")
-        if body.tools:
-            raise _unsupported("tools", "Tool calling")
-        if body.tool_choice not in (None, "none", "auto"):
-            raise _unsupported("tool_choice", "Tool calling")
+        _check_tools(body)
         if body.functions or body.function_call not in (None, "none", "auto"):
             raise _unsupported("functions" if body.functions else "function_call", "Function calling")
         if body.chat_template is not None:
@@ -478,6 +563,69 @@ def _checked(spec: StructuredOutput, param: str) -> StructuredOutput:
     return spec
 
 
+def _check_tools(body: ChatCompletionBody) -> None:
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none", "auto"):
+            raise invalid("tool_choice needs tools to choose from.", param="tool_choice")
+        return
+    names = [tool.function.name for tool in body.tools]
+    if len(set(names)) != len(names):
+        raise invalid("Each tool needs a name of its own.", param="tools")
+    if choice is None or choice == "auto":
+        raise _unsupported("tool_choice", 'tool_choice "auto" (the model choosing between an '
+                           'answer and a call, in its own format, which this server does not '
+                           'parse); ask for "required" or a named function')
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise invalid(f"tool_choice names {choice.function.name!r}, which is not among the tools.",
+                      param="tool_choice")
+    if tool_calling(body) is not None and structured_output(body) is not None:
+        raise invalid("A forced tool call already fixes the answer's structure; it cannot also "
+                      "have a structured output constraint.", param="tool_choice")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolCalling:
+    """A chat whose answer is a forced tool call: its arguments for ``function``, or with
+    ``function`` None (``tool_choice`` required) a JSON list of ``{"name", "parameters"}``
+    calls of any of the tools, as vLLM has the model write them."""
+
+    function: str | None
+
+
+def tool_calling(body: AnyBody) -> ToolCalling | None:
+    """How the answer of a checked body is a tool call; None: it is not."""
+    if not isinstance(body, ChatCompletionBody) or not body.tools:
+        return None
+    if isinstance(body.tool_choice, NamedToolChoice):
+        return ToolCalling(body.tool_choice.function.name)
+    return ToolCalling(None) if body.tool_choice == "required" else None
+
+
+_ANY_ARGUMENTS: dict[str, Any] = {"type": "object"}
+
+
+def tool_call_constraint(body: AnyBody) -> StructuredOutput | None:
+    """The language a forced tool call's answer is held to: the named function's
+    arguments, or a list of calls (at least one; one unless ``parallel_tool_calls``)."""
+    calling = tool_calling(body)
+    if calling is None:
+        return None
+    assert isinstance(body, ChatCompletionBody) and body.tools
+    schemas = {tool.function.name: tool.function.parameters or _ANY_ARGUMENTS for tool in body.tools}
+    if calling.function is not None:
+        schema = schemas[calling.function]
+    else:
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
+                                              "parameters": parameters},
+             "required": ["name", "parameters"]}
+            for name, parameters in schemas.items()]}}
+        if body.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+    return _checked(StructuredOutput("json_schema", json.dumps(schema, ensure_ascii=False)), "tools")
+
+
 def choices(body: AnyBody) -> int:
     """How many choices a request asks for: ``n`` for each of its prompts."""
     prompts = len(body.prompt) if isinstance(body, CompletionBody) else 1
@@ -545,8 +693,14 @@ def resolve_deadline_ms(body_value: int | None, header_value: str | None) -> int
     return min(values) if values else None
 
 
-def _message_text(content: list[TextPart]) -> str:
-    return "".join(part.text for part in content)
+def chat_message(message: ChatMessageBody) -> ChatMessage:
+    return ChatMessage(
+        role=message.role,
+        content="".join(part.text for part in message.content or []),
+        tool_calls=[ToolCall(call.id, call.function.name, call.function.arguments)
+                    for call in message.tool_calls or []],
+        tool_call_id=message.tool_call_id or "",
+    )
 
 
 def request_kind(body: AnyBody) -> RequestKind:
@@ -585,7 +739,7 @@ def to_completion_request(
         logit_bias=[TokenBias(int(k), v) for k, v in (body.logit_bias or {}).items()],
         logprobs=requested_logprobs(body),
         prompt_logprobs=body.logprobs if isinstance(body, CompletionBody) and body.echo else None,
-        structured=structured_output(body),
+        structured=tool_call_constraint(body) or structured_output(body),
     )
     request = CompletionRequest(
         request_id=request_id,
@@ -604,9 +758,11 @@ def to_completion_request(
     request.add_special_tokens = body.add_special_tokens
     request.truncate_prompt_tokens = body.truncate_prompt_tokens
     if isinstance(body, ChatCompletionBody):
-        request.messages = [
-            ChatMessage(role=m.role, content=_message_text(m.content)) for m in body.messages
-        ]
+        request.messages = [chat_message(message) for message in body.messages]
+        request.tools = [Tool(tool.function.name, tool.function.description or "",
+                              "" if tool.function.parameters is None
+                              else json.dumps(tool.function.parameters, ensure_ascii=False))
+                         for tool in body.tools or []]
         request.continue_final_message = bool(body.continue_final_message)
         # vLLM's default: the assistant's turn is opened unless the last one is continued.
         request.add_generation_prompt = (not request.continue_final_message

@@ -81,7 +81,7 @@ def resolve_tenant(request: m.CompletionRequest, user_id: str | None, trusted: s
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_TOKEN_IDS = 256
 MAX_TEMPERATURE = 2.0
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def check_fields(request: m.CompletionRequest) -> None:
@@ -107,6 +107,8 @@ def check_fields(request: m.CompletionRequest) -> None:
         problem = "continue_final_message and add_generation_prompt cannot both be true"
     if problem is None and len(request.chat_template_kwargs) > m.MAX_TEMPLATE_ARGS:
         problem = f"at most {m.MAX_TEMPLATE_ARGS} chat_template_kwargs are allowed"
+    if problem is None and len(request.tools) > m.MAX_TOOLS:
+        problem = f"at most {m.MAX_TOOLS} tools are allowed"
     if problem is None and not set(request.defaulted) <= set(m.DEFAULTABLE):
         problem = f"defaulted may only name {', '.join(m.DEFAULTABLE)}"
     if problem is not None:

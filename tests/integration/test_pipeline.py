@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import time
 import uuid
@@ -266,6 +267,41 @@ def test_structured_outputs_hold_answers_to_their_language(client):
     dated = client.completions.create(model=MODEL, prompt="Today is", max_tokens=20,
                                       extra_body={"structured_outputs": {"regex": r"\d{4}-\d{2}-\d{2}"}})
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", dated.choices[0].text)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_a_forced_tool_call_comes_back_as_tool_calls_and_its_answer_goes_on(client):
+    """A named function's call (streamed), a required one, and the conversation that
+    sends the call and its result back: the flow of an agent loop."""
+    question = [{"role": "user", "content": "Weather in Oslo?"}]
+    required = client.chat.completions.create(
+        model=MODEL, messages=question, tools=[WEATHER_TOOL], tool_choice="required",
+        parallel_tool_calls=False, max_tokens=300, seed=4)
+    assert required.choices[0].finish_reason == "tool_calls"
+    [call] = required.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=question, tools=[WEATHER_TOOL], max_tokens=300, seed=4, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    deltas = [chunk.choices[0] for chunk in streamed if chunk.choices]
+    pieces = [d.delta.tool_calls[0] for d in deltas if d.delta.tool_calls]
+    assert pieces[0].id.startswith("call_") and pieces[0].function.name == "get_weather"
+    assert json.loads("".join(p.function.arguments for p in pieces))["unit"] in ("c", "f")
+    assert deltas[-1].finish_reason == "stop"
+    follow = question + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+        {"role": "tool", "tool_call_id": call.id, "content": "7 degrees, rain"}]
+    answer = client.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER_TOOL],
+                                            tool_choice="none", max_tokens=4)
+    assert answer.choices[0].message.content is not None and not answer.choices[0].message.tool_calls
+    assert answer.usage.prompt_tokens > required.usage.prompt_tokens  # the call and its result
 
 
 @pytest.mark.parametrize(("constraint", "words"), [

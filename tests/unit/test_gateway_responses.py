@@ -20,6 +20,7 @@ from services.gateway.responses import (
     sse,
     sse_events,
 )
+from services.gateway.schemas import ToolCalling
 from services.messages import ErrorInfo, FinalAnswer, TokenChunk, TokenLogprob, TopLogprob
 from services.replies import ReplyStream
 
@@ -397,3 +398,57 @@ async def test_chat_bytes_are_the_tokens_own_where_their_text_is_part_of_a_chara
     content = completion_response(meta, [answer])["choices"][0]["logprobs"]["content"]
     assert bytes(content[0]["bytes"] + content[1]["bytes"]).decode() == "€"
     assert content[0]["top_logprobs"][0]["bytes"] == [0xE2]
+
+
+# ---- forced tool calls -----------------------------------------------------------------
+
+NAMED = dataclasses.replace(CHAT, tool_calling=ToolCalling("get_weather"))
+REQUIRED = dataclasses.replace(CHAT, tool_calling=ToolCalling(None))
+CALLS = '[{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "get_time", "parameters": {}}]'
+
+
+def test_a_forced_call_is_answered_as_tool_calls_not_content() -> None:
+    named = completion_response(NAMED, [ChoiceAnswer(done(3), '{"city": "Oslo"}')])["choices"][0]
+    assert named["finish_reason"] == "stop"  # vLLM's for a named function
+    assert named["message"]["content"] is None
+    [call] = named["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    required = completion_response(REQUIRED, [ChoiceAnswer(done(9), CALLS)])["choices"][0]
+    assert required["finish_reason"] == "tool_calls"
+    assert [c["function"] for c in required["message"]["tool_calls"]] == [
+        {"name": "get_weather", "arguments": '{"city": "Oslo"}'}, {"name": "get_time", "arguments": "{}"}]
+    assert len({c["id"] for c in required["message"]["tool_calls"]}) == 2
+
+
+def test_a_forced_call_cut_by_max_tokens_is_content() -> None:
+    for meta in (NAMED, REQUIRED):
+        choice = completion_response(meta, [ChoiceAnswer(done(3, "length"), '[{"na')])["choices"][0]
+        assert choice["finish_reason"] == "length"
+        assert choice["message"] == {"role": "assistant", "content": '[{"na'}
+
+
+async def test_a_named_call_streams_its_arguments_as_they_come() -> None:
+    events = await run_sse(NAMED, filled(tok(0, '{"ci'), tok(1, 'ty": 1}', 4), done(2)))
+    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in events[:-1]]
+    assert deltas[0] == ({"role": "assistant", "content": None}, None)
+    first, second = deltas[1][0]["tool_calls"], deltas[2][0]["tool_calls"]
+    assert first[0]["id"].startswith("call_")
+    assert first == [{"index": 0, "id": first[0]["id"], "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"ci'}}]
+    assert second == [{"index": 0, "function": {"arguments": 'ty": 1}'}}]
+    assert deltas[3] == ({}, "stop")
+
+
+async def test_a_required_call_list_streams_whole_once_complete() -> None:
+    half = len(CALLS) // 2
+    events = await run_sse(REQUIRED, filled(tok(0, CALLS[:half]), tok(1, CALLS[half:], half), done(2)))
+    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in events[:-1]]
+    assert len(deltas) == 3
+    calls = deltas[1][0]["tool_calls"]
+    assert [(c["index"], c["function"]) for c in calls] == [
+        (0, {"name": "get_weather", "arguments": '{"city": "Oslo"}'}), (1, {"name": "get_time", "arguments": "{}"})]
+    assert deltas[2] == ({}, "tool_calls")
+    cut = await run_sse(REQUIRED, filled(tok(0, '[{"na'), done(1, "length")))
+    assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in cut[1:-1]] == [
+        ({"content": '[{"na'}, None), ({}, "length")]

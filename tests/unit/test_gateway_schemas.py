@@ -24,10 +24,13 @@ from services.gateway.schemas import (
     to_completion_request,
 )
 from services.messages import (
+    ChatMessage,
     CompletionRequest,
     StructuredOutput,
     TemplateArg,
     TokenBias,
+    Tool,
+    ToolCall,
     decode,
     encode,
 )
@@ -154,7 +157,12 @@ def test_missing_required_fields_are_400() -> None:
     [
         ([], "messages"),
         ([{"role": "robot", "content": "x"}], "messages.0.role"),
-        ([{"role": "tool", "content": "x"}], "messages.0.role"),
+        ([{"role": "tool", "content": "x"}], "messages.0.tool_call_id"),
+        ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages.0.tool_call_id"),
+        ([{"role": "user", "content": "x", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+         "messages.0.tool_calls"),
+        ([{"role": "assistant"}], "messages.0.content"),
         ([{"content": "x"}], "messages.0.role"),
         ([{"role": "user"}], "messages.0.content"),
         ([{"role": "user", "content": None}], "messages.0.content"),
@@ -185,14 +193,12 @@ def test_chat_limits_and_unsupported() -> None:
     )
     assert _error(chat(top_logprobs=2), ChatCompletionBody).param == "top_logprobs"
     assert _error(chat(logprobs=True, top_logprobs=21), ChatCompletionBody).param == "top_logprobs"
-    assert _error(chat(tools=[{"type": "function"}]), ChatCompletionBody).param == "tools"
+    assert _error(chat(tools=[{"type": "function"}]), ChatCompletionBody).param == "tools.0.function"
 
 
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"function_call": {"name": "f"}}, "function_call"),
         ({"modalities": ["text", "audio"]}, "modalities"),
@@ -583,3 +589,71 @@ def test_a_malformed_constraint_is_refused_naming_its_field(fields, param, words
 def test_structure_fairway_cannot_hold_an_answer_to_is_refused(fields, param):
     err = _structured_error(fields)
     assert (err.status, err.code, err.param) == (400, "unsupported", param)
+
+
+# ---- tools ---------------------------------------------------------------------------
+
+_WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                             "parameters": _PERSON}}
+_TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def _chat_request(**fields: Any) -> CompletionRequest:
+    request = to_request(_check(chat(**fields), ChatCompletionBody))
+    assert decode(encode(request)) == request
+    return request
+
+
+def test_a_named_tool_choice_holds_the_answer_to_that_functions_arguments() -> None:
+    request = _chat_request(tools=[_WEATHER, _TIME],
+                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert request.sampling.structured == StructuredOutput("json_schema", json.dumps(_PERSON))
+    assert request.tools == [Tool("get_weather", "Weather now", json.dumps(_PERSON)), Tool("get_time")]
+    untyped = _chat_request(tools=[_TIME], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert json.loads(untyped.sampling.structured.spec) == {"type": "object"}
+
+
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_a_required_tool_choice_holds_the_answer_to_a_list_of_calls(parallel: bool | None) -> None:
+    request = _chat_request(tools=[_WEATHER, _TIME], tool_choice="required",
+                            **({} if parallel is None else {"parallel_tool_calls": parallel}))
+    schema = json.loads(request.sampling.structured.spec)
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    assert ("maxItems" in schema) == (parallel is False)
+    shapes = schema["items"]["anyOf"]
+    assert [s["properties"]["name"] for s in shapes] == [{"type": "string", "enum": ["get_weather"]},
+                                                         {"type": "string", "enum": ["get_time"]}]
+    assert [s["properties"]["parameters"] for s in shapes] == [_PERSON, {"type": "object"}]
+
+
+def test_tools_with_tool_choice_none_reach_the_template_and_leave_the_answer_free() -> None:
+    request = _chat_request(tools=[_TIME], tool_choice="none")
+    assert request.tools == [Tool("get_time")] and request.sampling.structured is None
+
+
+def test_a_conversation_with_tool_calls_and_their_answers_travels() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "utc"}'}}
+    request = _chat_request(tools=[_TIME], tool_choice="none", messages=[
+        {"role": "user", "content": "time?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}])
+    assert request.messages[1] == ChatMessage("assistant", "", [ToolCall("call_1", "get_time", '{"tz": "utc"}')])
+    assert request.messages[2] == ChatMessage("tool", "12:00", tool_call_id="call_1")
+
+
+@pytest.mark.parametrize(("fields", "code", "words"), [
+    ({"tools": [_TIME]}, "unsupported", 'tool_choice "auto"'),
+    ({"tools": [_TIME], "tool_choice": "auto"}, "unsupported", 'tool_choice "auto"'),
+    ({"tool_choice": "required"}, None, "needs tools"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, None, "needs tools"),
+    ({"tools": [_TIME], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None,
+     "not among the tools"),
+    ({"tools": [_TIME], "tool_choice": "required", "response_format": {"type": "json_object"}}, None,
+     "cannot also"),
+    ({"tools": [_TIME, _TIME], "tool_choice": "required"}, None, "name of its own"),
+])
+def test_tool_choices_that_cannot_be_served_are_refused(fields: dict[str, Any], code: str | None,
+                                                        words: str) -> None:
+    err = _error(chat(**fields), ChatCompletionBody)
+    assert (err.status, err.code) == (400, code)
+    assert err.param in ("tool_choice", "tools") and words in err.message

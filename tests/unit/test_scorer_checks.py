@@ -277,3 +277,27 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(model_cache):
         scorer.score(whole_context)  # 64 prompt tokens leave no room for 8 more
     with pytest.raises(RequestRejected, match="truncate_prompt_tokens must be"):
         check_fields(dataclasses.replace(whole_context, truncate_prompt_tokens=0))
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }}({{ t.function.parameters.required"
+    " | join(',') if t.function.parameters else '' }});{% endfor %}|{% endif %}"
+    "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} tz={{ c.function.arguments.tz }}{% endfor %}"
+    "{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}|{% endfor %}"
+)
+
+
+def test_tools_and_tool_calls_reach_the_chat_template_as_templates_read_them(model_cache):
+    """Tools as OpenAI sent them, and an earlier call's arguments as a mapping (what
+    templates index into), as vLLM renders them."""
+    tokenizer = copy.copy(load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME)))
+    tokenizer.chat_template = TOOL_TEMPLATE
+    request = m.CompletionRequest(
+        request_id="r", model="tiny", kind="chat",
+        tools=[m.Tool("get_time", "", '{"type": "object", "required": ["tz"]}'), m.Tool("ping")],
+        messages=[m.ChatMessage("user", "time?"),
+                  m.ChatMessage("assistant", "", [m.ToolCall("call_1", "get_time", '{"tz": "utc"}')]),
+                  m.ChatMessage("tool", "12:00", tool_call_id="call_1")])
+    text = tokenizer.decode(tokenize(tokenizer, request))
+    assert text == "TOOLS:get_time(tz);ping();|user:time?|assistant:CALL get_time tz=utc|tool:12:00[call_1]|"
