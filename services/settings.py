@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     """How long the gateway's open streams wait for a lost broker connection to come back
     before each gets an error answer (``broker_connection_lost``); within it they go on
     where they were once the gateway has reconnected."""
+    tool_call_parser: Literal["", "hermes"] = ""
+    """The model's own format of tool calls, read out of its answers when a chat lets it
+    choose (``tool_choice`` auto), as vLLM's ``--tool-call-parser``; empty: such chats are
+    refused. ``hermes``: ``<tool_call>{...}</tool_call>`` (Hermes, Qwen 2.5 and 3)."""
     gateway_dead_after_s: float = 15.0
     """A gateway whose heartbeat in Redis is this old is dead: the other gateways free its
     admission slots and cancel its requests downstream. A restarted gateway (same

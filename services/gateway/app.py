@@ -313,7 +313,7 @@ async def _complete(
         logprobs=completion.sampling.logprobs is not None,
         echo=tuple(p if isinstance(p, str) else None for p in prompts)
         if prompts is not None and body.echo else None, n=body.n or 1,
-        tool_calling=tool_calling(body),
+        tool_calling=tool_calling(body, settings.tool_call_parser),
     )
     try:
         submissions = await state.backend.submit_all(

@@ -25,6 +25,7 @@ from typing import Any
 from services.gateway.errors import ApiError, timed_out
 from services.gateway.replies import ChoiceStream
 from services.gateway.schemas import ToolCalling
+from services.gateway.tool_parsers import ToolCallReader, parse_tool_calls
 from services.messages import FinalAnswer, RequestKind, TokenLogprob
 from services.replies import Reply
 
@@ -105,26 +106,44 @@ def finish_reason(final: FinalAnswer) -> str:
     return _FINISH_REASONS[final.finish_reason]
 
 
-def tool_calls(calling: ToolCalling, text: str) -> list[dict[str, Any]] | None:
-    """The ``tool_calls`` of a forced call's finished answer (``text``, which its grammar
-    held to the call's language); None when it does not read as one (never, unless a
-    stop string cut it)."""
+def _call_object(name: str, arguments: str, index: int | None = None) -> dict[str, Any]:
+    call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+    return call if index is None else {"index": index, **call}
+
+
+def forced_calls(calling: ToolCalling, text: str) -> list[tuple[str, str]] | None:
+    """The calls (name, arguments) of a forced call's finished answer, which its grammar
+    held to the call's language; None when it does not read as one (a stop string cut it)."""
     if calling.function is not None:
-        calls = [(calling.function, text)]
-    else:
-        try:
-            listed = json.loads(text)
-            calls = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
-                     for call in listed]
-        except (ValueError, TypeError, KeyError):
+        return [(calling.function, text)]
+    try:
+        return [(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
+                for call in json.loads(text)]
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def tool_call_message(calling: ToolCalling, text: str,
+                      final: FinalAnswer) -> tuple[dict[str, Any], str] | None:
+    """The message and finish reason of an answer that made tool calls; None when it is
+    content. A forced call's finishes as vLLM's do (named ``stop``, required
+    ``tool_calls``); a call the model chose to make (auto) ``tool_calls``, its content
+    what it wrote before the first call."""
+    if calling.parser:
+        parsed = parse_tool_calls(text)
+        if parsed is None:
             return None
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
-
-
-def tool_call_finish(calling: ToolCalling) -> str:
-    """vLLM's: a named function's call finishes ``stop``, a required one ``tool_calls``."""
-    return "stop" if calling.function is not None else "tool_calls"
+        content, calls = parsed
+        message = {"role": "assistant", "content": content or None,
+                   "tool_calls": [_call_object(call.name, call.arguments) for call in calls]}
+        return message, "tool_calls" if final.finish_reason == "stop" else finish_reason(final)
+    found = forced_calls(calling, text) if final.finish_reason == "stop" else None
+    if found is None:
+        return None
+    return ({"role": "assistant", "content": None,
+             "tool_calls": [_call_object(name, arguments) for name, arguments in found]},
+            "stop" if calling.function is not None else "tool_calls")
 
 
 def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0,
@@ -186,12 +205,10 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
                                   "finish_reason": finish_reason(answer.final)}
         if meta.kind == "chat":
             choice["message"] = {"role": "assistant", "content": answer.text}
-            calls = (tool_calls(meta.tool_calling, answer.text)
-                     if meta.tool_calling is not None and answer.final.finish_reason == "stop"
-                     else None)
-            if calls is not None:
-                choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
-                choice["finish_reason"] = tool_call_finish(meta.tool_calling)
+            called = (tool_call_message(meta.tool_calling, answer.text, answer.final)
+                      if meta.tool_calling is not None else None)
+            if called is not None:
+                choice["message"], choice["finish_reason"] = called
         else:
             choice["text"] = meta.echoed(index, answer) + answer.text
         choices.append(choice)
@@ -223,7 +240,8 @@ def stream_chunk(
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
-            delta["content"] = "" if meta.tool_calling is None else None
+            forced = meta.tool_calling is not None and not meta.tool_calling.parser
+            delta["content"] = None if forced else ""
         if text:
             delta["content"] = text
         if calls:
@@ -297,41 +315,62 @@ async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
 
 
 class ToolCallStream:
-    """One choice's forced tool call, streamed as OpenAI streams calls: a named
-    function's arguments as they come (the first delta with the call's id and name); a
-    required call's list, whose calls are known only once it is complete, in one delta
-    at the end. An answer that is no call (cut by ``max_tokens``) ends as content."""
+    """One choice's tool calls, streamed as OpenAI streams them: a named function's
+    arguments as they come (the first delta with the call's id and name); a required
+    call's list, whose calls are known only once it is complete, in one delta at the
+    end; a call the model chose to make (auto) whole once closed, its content around it
+    as it comes. A forced answer that is no call (cut by ``max_tokens``) ends as content."""
 
     def __init__(self, calling: ToolCalling) -> None:
         self.calling = calling
         self.call_id: str | None = None
+        self.reader = ToolCallReader() if calling.parser else None
         self.held: list[str] = []
         self.held_logprobs: list[TokenLogprob] = []
 
-    def add(self, reply: Reply) -> list[dict[str, Any]] | None:
-        """The ``tool_calls`` delta for a reply's text, or None (nothing to send yet)."""
-        if self.calling.function is None or (not reply.text and not reply.logprobs):
+    def add(self, reply: Reply) -> dict[str, Any] | None:
+        """What to send for a reply (``text``, ``calls``, ``logprobs``), or None yet."""
+        self.held_logprobs.extend(reply.logprobs)
+        if self.reader is not None:
+            return self._read(self.reader.feed(reply.text))
+        if self.calling.function is None or not (reply.text or self.held_logprobs):
             self.held.append(reply.text)
-            self.held_logprobs.extend(reply.logprobs)
             return None
         delta: dict[str, Any] = {"index": 0, "function": {"arguments": reply.text}}
         if self.call_id is None:
             self.call_id = f"call_{uuid.uuid4().hex[:24]}"
             delta.update(id=self.call_id, type="function")
             delta["function"] = {"name": self.calling.function, "arguments": reply.text}
-        return [delta]
+        return {"text": "", "calls": [delta], "logprobs": self._logprobs()}
 
-    def finish(self, final: FinalAnswer, reason: str) -> tuple[str, dict[str, Any]]:
-        """The finish reason, and what to send before it: held text or calls."""
+    def finish(self, final: FinalAnswer, reason: str) -> tuple[str, dict[str, Any] | None]:
+        """The finish reason, and what to send before it (held text or calls)."""
+        if self.reader is not None:
+            fields = self._read(self.reader.finish())
+            called = self.reader.calls and final.finish_reason == "stop"
+            return ("tool_calls" if called else reason), fields
         text = "".join(self.held)
+        found = forced_calls(self.calling, text) if final.finish_reason == "stop" else None
         if self.calling.function is not None:
-            return (tool_call_finish(self.calling) if final.finish_reason == "stop" else reason,
-                    {"logprobs": self.held_logprobs} if self.held_logprobs else {})
-        found = tool_calls(self.calling, text) if final.finish_reason == "stop" else None
+            return ("stop" if found is not None else reason), self._read([])
         if found is None:
-            return reason, {"text": text, "logprobs": self.held_logprobs} if text else {}
-        listed = [{"index": i, **call} for i, call in enumerate(found)]
-        return tool_call_finish(self.calling), {"calls": listed, "logprobs": self.held_logprobs}
+            return reason, self._read([("content", text)] if text else [])
+        return "tool_calls", {"text": "", "calls": [_call_object(name, arguments, i)
+                                        for i, (name, arguments) in enumerate(found)],
+                              "logprobs": self._logprobs()}
+
+    def _read(self, events: list[tuple[str, Any]]) -> dict[str, Any] | None:
+        text = "".join(value for kind, value in events if kind == "content")
+        first = self.reader.calls - sum(kind == "call" for kind, _ in events) if self.reader else 0
+        calls = [_call_object(value.name, value.arguments, first + i)
+                 for i, value in enumerate(v for kind, v in events if kind == "call")]
+        if not text and not calls and not self.held_logprobs:
+            return None
+        return {"text": text, "calls": calls or None, "logprobs": self._logprobs()}
+
+    def _logprobs(self) -> list[TokenLogprob]:
+        out, self.held_logprobs = self.held_logprobs, []
+        return out
 
 
 async def sse_events(
@@ -374,11 +413,10 @@ async def sse_events(
             finish = finish_reason(reply)
             if call is not None:
                 finish, fields = call.finish(reply, finish)
-                if fields:
+                if fields is not None:
                     events.append(sse(stream_chunk(
-                        meta, index=index, include_usage=include_usage, text=fields.get("text", ""),
-                        calls=fields.get("calls"),
-                        logprobs=choice_logprobs(meta, fields.get("logprobs", [])))))
+                        meta, index=index, include_usage=include_usage, text=fields["text"],
+                        calls=fields["calls"], logprobs=choice_logprobs(meta, fields["logprobs"]))))
             events.append(sse(stream_chunk(meta, index=index, finish=finish,
                                            include_usage=include_usage)))
             if len(finals) == n:
@@ -386,11 +424,11 @@ async def sse_events(
                     events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))
                 break
         elif call is not None:
-            delta = call.add(reply)
-            if delta is not None:
-                events.append(sse(stream_chunk(meta, index=index, include_usage=include_usage,
-                                               calls=delta,
-                                               logprobs=choice_logprobs(meta, reply.logprobs))))
+            fields = call.add(reply)
+            if fields is not None:
+                events.append(sse(stream_chunk(
+                    meta, index=index, include_usage=include_usage, text=fields["text"],
+                    calls=fields["calls"], logprobs=choice_logprobs(meta, fields["logprobs"]))))
         elif reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]:
             text, prompt = reply.text, None
             if not echoed[index]:

@@ -442,7 +442,7 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
     else:
         if body.top_logprobs and not body.logprobs:
             raise invalid("top_logprobs needs logprobs to be true.", param="top_logprobs")
-        _check_tools(body)
+        _check_tools(body, settings.tool_call_parser)
         if body.functions or body.function_call not in (None, "none", "auto"):
             raise _unsupported("functions" if body.functions else "function_call", "Function calling")
         if body.chat_template is not None:
@@ -563,7 +563,7 @@ def _checked(spec: StructuredOutput, param: str) -> StructuredOutput:
     return spec
 
 
-def _check_tools(body: ChatCompletionBody) -> None:
+def _check_tools(body: ChatCompletionBody, parser: str) -> None:
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none", "auto"):
@@ -572,10 +572,11 @@ def _check_tools(body: ChatCompletionBody) -> None:
     names = [tool.function.name for tool in body.tools]
     if len(set(names)) != len(names):
         raise invalid("Each tool needs a name of its own.", param="tools")
-    if choice is None or choice == "auto":
+    if (choice is None or choice == "auto") and not parser:
         raise _unsupported("tool_choice", 'tool_choice "auto" (the model choosing between an '
                            'answer and a call, in its own format, which this server does not '
-                           'parse); ask for "required" or a named function')
+                           'parse unless it is started with a tool call parser); ask for '
+                           '"required" or a named function')
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         raise invalid(f"tool_choice names {choice.function.name!r}, which is not among the tools.",
                       param="tool_choice")
@@ -586,20 +587,25 @@ def _check_tools(body: ChatCompletionBody) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ToolCalling:
-    """A chat whose answer is a forced tool call: its arguments for ``function``, or with
-    ``function`` None (``tool_choice`` required) a JSON list of ``{"name", "parameters"}``
-    calls of any of the tools, as vLLM has the model write them."""
+    """A chat whose answer may be tool calls: a forced call's arguments for ``function``;
+    with ``function`` None, ``tool_choice`` required (a JSON list of ``{"name",
+    "parameters"}`` calls of any of the tools, as vLLM has the model write them), or with
+    a ``parser``, auto (the model's own answer, its calls in its own format)."""
 
     function: str | None
+    parser: str = ""
 
 
-def tool_calling(body: AnyBody) -> ToolCalling | None:
-    """How the answer of a checked body is a tool call; None: it is not."""
+def tool_calling(body: AnyBody, parser: str = "") -> ToolCalling | None:
+    """How the answer of a checked body may be tool calls (``parser``: the server's
+    tool call parser, for auto); None: it is not."""
     if not isinstance(body, ChatCompletionBody) or not body.tools:
         return None
     if isinstance(body.tool_choice, NamedToolChoice):
         return ToolCalling(body.tool_choice.function.name)
-    return ToolCalling(None) if body.tool_choice == "required" else None
+    if body.tool_choice == "required":
+        return ToolCalling(None)
+    return ToolCalling(None, parser) if parser and body.tool_choice in (None, "auto") else None
 
 
 _ANY_ARGUMENTS: dict[str, Any] = {"type": "object"}
@@ -609,7 +615,7 @@ def tool_call_constraint(body: AnyBody) -> StructuredOutput | None:
     """The language a forced tool call's answer is held to: the named function's
     arguments, or a list of calls (at least one; one unless ``parallel_tool_calls``)."""
     calling = tool_calling(body)
-    if calling is None:
+    if calling is None or calling.parser:
         return None
     assert isinstance(body, ChatCompletionBody) and body.tools
     schemas = {tool.function.name: tool.function.parameters or _ANY_ARGUMENTS for tool in body.tools}

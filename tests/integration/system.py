@@ -68,6 +68,7 @@ class System:
             FAIRWAY_MAX_MODEL_LEN="1024",
             FAIRWAY_THREADS="1",
             FAIRWAY_HEARTBEAT_INTERVAL_S="0.5",
+            FAIRWAY_TOOL_CALL_PARSER="hermes",
         )
         env.update(self.extra_env)
         return env

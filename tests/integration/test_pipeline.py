@@ -304,6 +304,22 @@ def test_a_forced_tool_call_comes_back_as_tool_calls_and_its_answer_goes_on(clie
     assert answer.usage.prompt_tokens > required.usage.prompt_tokens  # the call and its result
 
 
+def test_a_chat_the_model_may_answer_or_call_is_served_with_the_parser(client):
+    """The system runs with FAIRWAY_TOOL_CALL_PARSER=hermes: tools without a tool_choice
+    (OpenAI's auto) are served, and a random model's answer, which calls nothing, comes
+    back as content, streamed or not."""
+    question = [{"role": "user", "content": "Weather in Oslo?"}]
+    answer = client.chat.completions.create(model=MODEL, messages=question, tools=[WEATHER_TOOL],
+                                            max_tokens=6, seed=1, extra_body={"ignore_eos": True})
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    streamed = client.chat.completions.create(model=MODEL, messages=question, tools=[WEATHER_TOOL],
+                                              max_tokens=6, seed=1, stream=True,
+                                              extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == (
+        answer.choices[0].message.content)
+
+
 @pytest.mark.parametrize(("constraint", "words"), [
     ({"guided_regex": "(unclosed"}, "the regular expression is not valid"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},

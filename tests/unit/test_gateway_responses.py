@@ -452,3 +452,29 @@ async def test_a_required_call_list_streams_whole_once_complete() -> None:
     cut = await run_sse(REQUIRED, filled(tok(0, '[{"na'), done(1, "length")))
     assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in cut[1:-1]] == [
         ({"content": '[{"na'}, None), ({}, "length")]
+
+
+AUTO = dataclasses.replace(CHAT, tool_calling=ToolCalling(None, "hermes"))
+HERMES_CALL = '<tool_call>{"name": "get_time", "arguments": {"tz": "utc"}}</tool_call>'
+
+
+def test_a_call_the_model_chose_to_make_is_read_out_of_its_answer() -> None:
+    called = completion_response(AUTO, [ChoiceAnswer(done(9), "Checking. " + HERMES_CALL)])["choices"][0]
+    assert called["finish_reason"] == "tool_calls"
+    assert called["message"]["content"] == "Checking. "
+    assert [c["function"] for c in called["message"]["tool_calls"]] == [
+        {"name": "get_time", "arguments": '{"tz": "utc"}'}]
+    plain = completion_response(AUTO, [ChoiceAnswer(done(2), "It is noon.")])["choices"][0]
+    assert (plain["finish_reason"], plain["message"]) == ("stop", {"role": "assistant", "content": "It is noon."})
+
+
+async def test_a_chosen_call_streams_whole_between_its_content() -> None:
+    text = "Checking. " + HERMES_CALL
+    events = await run_sse(AUTO, filled(tok(0, text[:12]), tok(1, text[12:30], 12), tok(2, text[30:], 30),
+                                        done(3)))
+    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in events[:-1]]
+    assert deltas[1] == ({"content": "Checking. "}, None)
+    [call] = [d["tool_calls"] for d, _ in deltas if "tool_calls" in d]
+    assert [(c["index"], c["function"]) for c in call] == [(0, {"name": "get_time", "arguments": '{"tz": "utc"}'})]
+    assert deltas[-1] == ({}, "tool_calls")
+    assert not any("<tool" in d.get("content", "") for d, _ in deltas)

@@ -16,12 +16,14 @@ from services.gateway.schemas import (
     UNIMPLEMENTED_FIELDS,
     ChatCompletionBody,
     CompletionBody,
+    ToolCalling,
     check_body,
     choice_requests,
     include_usage,
     parse_body,
     resolve_deadline_ms,
     to_completion_request,
+    tool_calling,
 )
 from services.messages import (
     ChatMessage,
@@ -657,3 +659,12 @@ def test_tool_choices_that_cannot_be_served_are_refused(fields: dict[str, Any], 
     err = _error(chat(**fields), ChatCompletionBody)
     assert (err.status, err.code) == (400, code)
     assert err.param in ("tool_choice", "tools") and words in err.message
+
+
+def test_tool_choice_auto_is_served_with_a_tool_call_parser() -> None:
+    settings = SETTINGS.model_copy(update={"tool_call_parser": "hermes"})
+    for fields in ({"tools": [_TIME]}, {"tools": [_TIME], "tool_choice": "auto"}):
+        body = parse_body(json.dumps(chat(**fields)).encode(), ChatCompletionBody)
+        check_body(body, settings)
+        assert tool_calling(body, "hermes") == ToolCalling(None, "hermes")
+        assert to_request(body).sampling.structured is None  # the model's own answer
