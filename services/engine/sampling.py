@@ -195,8 +195,9 @@ def apply_top_k_top_p(
 def sample_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
     """One token per row of ``logits`` [N, V]: argmax for temperature 0, else a draw from
     the temperature-scaled, min-p/top-k/top-p filtered distribution, after each request's
-    logit adjustments (:func:`adjust_logits`) and its grammar's mask. A seeded row draws with its generator
-    seeded for its output position, so its draw does not depend on the batch."""
+    logit adjustments (:func:`adjust_logits`) and its grammar's mask. A seeded row draws
+    with its generator seeded for its output position, so its draw does not depend on the
+    batch."""
     logits = logits.float()
     params = [row.sampling for row in rows]
     for i, row in enumerate(rows):

@@ -13,6 +13,7 @@ without it serves everything else and refuses structured requests with a clear e
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -112,10 +113,18 @@ def _grammar(xgr: Any, spec: StructuredOutput) -> Any:
 
 def grammar_problem(spec: StructuredOutput) -> str | None:
     """Why ``spec`` cannot be served (malformed, a syntax error, no xgrammar), in words
-    for the client, or None. Needs no tokenizer: the scorer checks before any work."""
+    for the client, or None. Needs no tokenizer: the scorer checks before any work, and
+    remembers the last languages it checked (an application sends its schema again and
+    again; parsing one costs about a millisecond)."""
     problem = shape_problem(spec)
     if problem is not None:
         return problem
+    return _syntax_problem(spec.kind, spec.spec, tuple(spec.choices), spec.any_whitespace)
+
+
+@functools.lru_cache(maxsize=128)
+def _syntax_problem(kind: str, text: str, choices: tuple[str, ...], any_whitespace: bool) -> str | None:
+    spec = StructuredOutput(kind, text, list(choices), any_whitespace)  # type: ignore[arg-type]
     try:
         _grammar(_xgrammar(), spec)
     except EngineError as exc:
