@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     """The model's own format of tool calls, read out of its answers when a chat lets it
     choose (``tool_choice`` auto), as vLLM's ``--tool-call-parser``; empty: such chats are
     refused. ``hermes``: ``<tool_call>{...}</tool_call>`` (Hermes, Qwen 2.5 and 3)."""
+    reasoning_parser: Literal["", "deepseek_r1", "qwen3"] = ""
+    """How a reasoning model's thinking is split from its chat answers into
+    ``reasoning_content``, as vLLM's ``--reasoning-parser``; empty: it stays in the content."""
     gateway_dead_after_s: float = 15.0
     """A gateway whose heartbeat in Redis is this old is dead: the other gateways free its
     admission slots and cancel its requests downstream. A restarted gateway (same

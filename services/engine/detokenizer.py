@@ -6,6 +6,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from services.streaming_text import held_back
+
 REPLACEMENT_CHAR = "\ufffd"
 _PROMPT_CONTEXT_TOKENS = 6
 
@@ -126,11 +128,7 @@ class StopStringBuffer:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        for n in range(min(self.max_stop_len - 1, len(self.text)), 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self.stop):
-                return n
-        return 0
+        return held_back(self.text, self.stop)
 
     def _emit(self, end: int) -> str:
         if end <= self.emitted:

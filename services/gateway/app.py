@@ -314,6 +314,7 @@ async def _complete(
         echo=tuple(p if isinstance(p, str) else None for p in prompts)
         if prompts is not None and body.echo else None, n=body.n or 1,
         tool_calling=tool_calling(body, settings.tool_call_parser),
+        reasoning_parser=settings.reasoning_parser if isinstance(body, ChatCompletionBody) else "",
     )
     try:
         submissions = await state.backend.submit_all(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.errors import ApiError, timed_out
+from services.gateway.reasoning import ReasoningReader, split_reasoning
 from services.gateway.replies import ChoiceStream
 from services.gateway.schemas import ToolCalling
 from services.gateway.tool_parsers import ToolCallReader, parse_tool_calls
@@ -50,7 +51,9 @@ class ResponseMeta:
     n: int = 1
     """Choices per prompt: choice ``i`` answers prompt ``i // n``."""
     tool_calling: ToolCalling | None = None
-    """The chat's answer is a forced tool call: sent as ``tool_calls``, not content."""
+    """The chat's answer may be tool calls: sent as ``tool_calls``, not content."""
+    reasoning_parser: str = ""
+    """A chat's thinking is split from its answer (``reasoning_content``) this way."""
 
     def echoed(self, index: int, reply: Reply | ChoiceAnswer) -> str:
         """The text choice ``index`` starts with (``reply``: its first): its prompt when
@@ -204,11 +207,17 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
                                   "logprobs": choice_logprobs(meta, answer.logprobs, prompt=prompt),
                                   "finish_reason": finish_reason(answer.final)}
         if meta.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": answer.text}
-            called = (tool_call_message(meta.tool_calling, answer.text, answer.final)
+            text, thinking = answer.text, None
+            if meta.reasoning_parser:
+                thinking, text = split_reasoning(meta.reasoning_parser, text)
+            choice["message"] = {"role": "assistant",
+                                 "content": None if thinking is not None and not text else text}
+            called = (tool_call_message(meta.tool_calling, text, answer.final)
                       if meta.tool_calling is not None else None)
             if called is not None:
                 choice["message"], choice["finish_reason"] = called
+            if meta.reasoning_parser:
+                choice["message"]["reasoning_content"] = thinking
         else:
             choice["text"] = meta.echoed(index, answer) + answer.text
         choices.append(choice)
@@ -232,6 +241,7 @@ def stream_chunk(
     include_usage: bool = False,
     logprobs: dict[str, Any] | None = None,
     calls: list[dict[str, Any]] | None = None,
+    reasoning: str = "",
 ) -> dict[str, Any]:
     """One streamed chunk: text, tool calls (a chat's ``delta.tool_calls``) and/or a finish
     reason (chat: ``delta``; the first has the role)."""
@@ -242,6 +252,8 @@ def stream_chunk(
             delta["role"] = "assistant"
             forced = meta.tool_calling is not None and not meta.tool_calling.parser
             delta["content"] = None if forced else ""
+        if reasoning:
+            delta["reasoning_content"] = reasoning
         if text:
             delta["content"] = text
         if calls:
@@ -328,19 +340,19 @@ class ToolCallStream:
         self.held: list[str] = []
         self.held_logprobs: list[TokenLogprob] = []
 
-    def add(self, reply: Reply) -> dict[str, Any] | None:
-        """What to send for a reply (``text``, ``calls``, ``logprobs``), or None yet."""
-        self.held_logprobs.extend(reply.logprobs)
+    def add(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+        """What to send for more of the answer (``text``, ``calls``, ``logprobs``), or None yet."""
+        self.held_logprobs.extend(logprobs)
         if self.reader is not None:
-            return self._read(self.reader.feed(reply.text))
-        if self.calling.function is None or not (reply.text or self.held_logprobs):
-            self.held.append(reply.text)
+            return self._read(self.reader.feed(text))
+        if self.calling.function is None or not (text or self.held_logprobs):
+            self.held.append(text)
             return None
-        delta: dict[str, Any] = {"index": 0, "function": {"arguments": reply.text}}
+        delta: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
         if self.call_id is None:
             self.call_id = f"call_{uuid.uuid4().hex[:24]}"
             delta.update(id=self.call_id, type="function")
-            delta["function"] = {"name": self.calling.function, "arguments": reply.text}
+            delta["function"] = {"name": self.calling.function, "arguments": text}
         return {"text": "", "calls": [delta], "logprobs": self._logprobs()}
 
     def finish(self, final: FinalAnswer, reason: str) -> tuple[str, dict[str, Any] | None]:
@@ -373,6 +385,58 @@ class ToolCallStream:
         return out
 
 
+class ChatAnswerStream:
+    """A chat choice's answer through the server's parsers as it streams: its thinking
+    split off (``reasoning_content``), then its calls read out (:class:`ToolCallStream`).
+    Each step gives the fields of one chunk (``reasoning``, ``text``, ``calls``,
+    ``logprobs``), or None when there is nothing to send yet."""
+
+    def __init__(self, meta: ResponseMeta) -> None:
+        self.thinking = ReasoningReader(meta.reasoning_parser) if meta.reasoning_parser else None
+        self.calls = ToolCallStream(meta.tool_calling) if meta.tool_calling else None
+
+    def add(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+        thinking = ""
+        if self.thinking is not None:
+            thinking, text = self.thinking.feed(text)
+        return _joined(thinking, self._content(text, logprobs))
+
+    def finish(self, final: FinalAnswer, reason: str) -> tuple[str, dict[str, Any] | None]:
+        thinking, fields = "", None
+        if self.thinking is not None:
+            thinking, text = self.thinking.finish()
+            fields = self._content(text, []) if text else None
+        if self.calls is not None:
+            reason, last = self.calls.finish(final, reason)
+            fields = _merged(fields, last)
+        return reason, _joined(thinking, fields)
+
+    def _content(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.calls is not None:
+            return self.calls.add(text, logprobs)
+        return {"text": text, "calls": None, "logprobs": logprobs} if text or logprobs else None
+
+
+def _merged(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    if a is None or b is None:
+        return a or b
+    return {"text": a["text"] + b["text"], "calls": (a["calls"] or []) + (b["calls"] or []) or None,
+            "logprobs": a["logprobs"] + b["logprobs"]}
+
+
+def _joined(thinking: str, fields: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not thinking:
+        return fields
+    return {"text": "", "calls": None, "logprobs": [], **(fields or {}), "reasoning": thinking}
+
+
+def answer_chunk(meta: ResponseMeta, index: int, fields: dict[str, Any],
+                 include_usage: bool) -> dict[str, Any]:
+    return stream_chunk(meta, index=index, include_usage=include_usage, text=fields["text"],
+                        calls=fields["calls"], reasoning=fields.get("reasoning", ""),
+                        logprobs=choice_logprobs(meta, fields["logprobs"]))
+
+
 async def sse_events(
     meta: ResponseMeta,
     stream: ChoiceStream,
@@ -400,10 +464,11 @@ async def sse_events(
     index, reply = first
     text_offsets = [0] * n  # where each choice's next token's text starts (text_offset)
     echoed = [meta.echo is None] * n  # an echoed choice starts with the prompt
-    calls = [ToolCallStream(meta.tool_calling) if meta.tool_calling else None for _ in range(n)]
+    parsed = meta.kind == "chat" and (meta.tool_calling is not None or bool(meta.reasoning_parser))
+    answers = [ChatAnswerStream(meta) if parsed else None for _ in range(n)]
     finals: dict[int, FinalAnswer] = {}
     while True:
-        call = calls[index]
+        answer = answers[index]
         if isinstance(reply, FinalAnswer):
             error = answer_error(reply)
             if error is not None:
@@ -411,24 +476,20 @@ async def sse_events(
                 break
             finals[index] = reply
             finish = finish_reason(reply)
-            if call is not None:
-                finish, fields = call.finish(reply, finish)
+            if answer is not None:
+                finish, fields = answer.finish(reply, finish)
                 if fields is not None:
-                    events.append(sse(stream_chunk(
-                        meta, index=index, include_usage=include_usage, text=fields["text"],
-                        calls=fields["calls"], logprobs=choice_logprobs(meta, fields["logprobs"]))))
+                    events.append(sse(answer_chunk(meta, index, fields, include_usage)))
             events.append(sse(stream_chunk(meta, index=index, finish=finish,
                                            include_usage=include_usage)))
             if len(finals) == n:
                 if include_usage:
                     events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))
                 break
-        elif call is not None:
-            fields = call.add(reply)
+        elif answer is not None:
+            fields = answer.add(reply.text, reply.logprobs)
             if fields is not None:
-                events.append(sse(stream_chunk(
-                    meta, index=index, include_usage=include_usage, text=fields["text"],
-                    calls=fields["calls"], logprobs=choice_logprobs(meta, fields["logprobs"]))))
+                events.append(sse(answer_chunk(meta, index, fields, include_usage)))
         elif reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]:
             text, prompt = reply.text, None
             if not echoed[index]:

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.streaming_text import held_back
+
 TOOL_CALL_PARSERS = ("hermes",)
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|\Z)", re.DOTALL)
@@ -53,14 +55,6 @@ def parse_tool_calls(text: str) -> tuple[str, list[ParsedCall]] | None:
     return text[:start], [call for call in calls if call is not None]
 
 
-def _held_back(text: str) -> int:
-    """How many characters at the end of ``text`` could begin the call tag."""
-    for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-size:]):
-            return size
-    return 0
-
-
 @dataclass(slots=True)
 class ToolCallReader:
     """Reads an answer as it streams: content goes out as it comes, except what could
@@ -85,7 +79,7 @@ class ToolCallReader:
                 continue
             start = self.pending.find(OPEN)
             if start < 0:
-                keep = _held_back(self.pending)
+                keep = held_back(self.pending, (OPEN,))
                 self._content(self.pending[: len(self.pending) - keep])
                 self.pending = self.pending[len(self.pending) - keep:]
                 break

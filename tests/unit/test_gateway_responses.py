@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 from typing import Any
 
@@ -478,3 +479,30 @@ async def test_a_chosen_call_streams_whole_between_its_content() -> None:
     assert [(c["index"], c["function"]) for c in call] == [(0, {"name": "get_time", "arguments": '{"tz": "utc"}'})]
     assert deltas[-1] == ({}, "tool_calls")
     assert not any("<tool" in d.get("content", "") for d, _ in deltas)
+
+
+THINKING = dataclasses.replace(CHAT, reasoning_parser="qwen3")
+
+
+def test_a_thinking_models_answer_has_its_thinking_apart() -> None:
+    message = completion_response(THINKING, [ChoiceAnswer(done(5), "<think>Hm.</think>Paris.")])[
+        "choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "Paris.", "reasoning_content": "Hm."}
+    plain = completion_response(THINKING, [ChoiceAnswer(done(1), "Paris.")])["choices"][0]["message"]
+    assert plain == {"role": "assistant", "content": "Paris.", "reasoning_content": None}
+    cut = completion_response(THINKING, [ChoiceAnswer(done(2, "length"), "<think>Hm")])["choices"][0]
+    assert cut["message"] == {"role": "assistant", "content": None, "reasoning_content": "Hm"}
+
+
+async def test_thinking_streams_as_reasoning_content_then_the_answer_with_its_calls() -> None:
+    meta = dataclasses.replace(THINKING, tool_calling=ToolCalling(None, "hermes"))
+    text = "<think>Need the time.</think>Checking. " + HERMES_CALL
+    cuts = [0, 9, 20, 33, 45, len(text)]
+    replies = [tok(i, text[a:b], a) for i, (a, b) in enumerate(itertools.pairwise(cuts))]
+    events = await run_sse(meta, filled(*replies, done(len(replies))))
+    deltas = [c["choices"][0]["delta"] for c in events[1:-2]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "Need the time."
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking. "
+    [call] = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert call[0]["function"]["name"] == "get_time"
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
