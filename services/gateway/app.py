@@ -75,6 +75,7 @@ from services.gateway.schemas import (
     choice_requests,
     include_usage,
     parse_body,
+    reasoning_parser_for,
     request_kind,
     resolve_deadline_ms,
     to_completion_request,
@@ -314,7 +315,7 @@ async def _complete(
         echo=tuple(p if isinstance(p, str) else None for p in prompts)
         if prompts is not None and body.echo else None, n=body.n or 1,
         tool_calling=tool_calling(body, settings.tool_call_parser),
-        reasoning_parser=settings.reasoning_parser if isinstance(body, ChatCompletionBody) else "",
+        reasoning_parser=reasoning_parser_for(completion, settings.reasoning_parser),
     )
     try:
         submissions = await state.backend.submit_all(

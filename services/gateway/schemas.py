@@ -632,6 +632,13 @@ def tool_call_constraint(body: AnyBody) -> StructuredOutput | None:
     return _checked(StructuredOutput("json_schema", json.dumps(schema, ensure_ascii=False)), "tools")
 
 
+def reasoning_parser_for(request: CompletionRequest, parser: str) -> str:
+    """The reasoning parser a request's answer goes through (``parser``, the server's):
+    none for a completion, nor for an answer a grammar holds from its first token (a
+    structured output or a forced call), which has no thinking to split off."""
+    return parser if request.kind == "chat" and request.sampling.structured is None else ""
+
+
 def choices(body: AnyBody) -> int:
     """How many choices a request asks for: ``n`` for each of its prompts."""
     prompts = len(body.prompt) if isinstance(body, CompletionBody) else 1

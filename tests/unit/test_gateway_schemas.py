@@ -21,6 +21,7 @@ from services.gateway.schemas import (
     choice_requests,
     include_usage,
     parse_body,
+    reasoning_parser_for,
     resolve_deadline_ms,
     to_completion_request,
     tool_calling,
@@ -668,3 +669,13 @@ def test_tool_choice_auto_is_served_with_a_tool_call_parser() -> None:
         check_body(body, settings)
         assert tool_calling(body, "hermes") == ToolCalling(None, "hermes")
         assert to_request(body).sampling.structured is None  # the model's own answer
+
+
+def test_only_a_free_chat_answer_has_thinking_to_split_off() -> None:
+    """A grammar holds a structured answer or a forced call from its first token: a
+    reasoning parser would take the whole of it for unfinished thinking."""
+    assert reasoning_parser_for(to_request(_check(chat(), ChatCompletionBody)), "qwen3") == "qwen3"
+    assert reasoning_parser_for(to_request(_check(completion())), "qwen3") == ""
+    for fields in ({"response_format": {"type": "json_object"}},
+                   {"tools": [_TIME], "tool_choice": "required"}):
+        assert reasoning_parser_for(to_request(_check(chat(**fields), ChatCompletionBody)), "qwen3") == ""
