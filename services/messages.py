@@ -59,6 +59,20 @@ MAX_TEMPLATE_ARGS = 32
 StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 
 
+MAX_STRUCTURED_CHARS = 65536
+"""Longest schema, expression or grammar (and all choices together) a request may carry."""
+MAX_STRUCTURED_CHOICES = 1024
+
+STRUCTURED_KIND_NAMES: dict[str, str] = {
+    "json_object": "JSON",
+    "json_schema": "JSON schema",
+    "regex": "regular expression",
+    "choice": "choice",
+    "grammar": "EBNF grammar",
+}
+"""What each kind of constraint is called in an error message."""
+
+
 @dataclass(slots=True)
 class StructuredOutput:
     """A formal language the answer must belong to (OpenAI's ``response_format``, vLLM's
@@ -75,10 +89,28 @@ class StructuredOutput:
     """JSON may have whitespace wherever JSON allows it; False: none, JSON's compact
     form (vLLM's ``disable_any_whitespace``, for models that would not stop spacing)."""
 
+    def problem(self) -> str | None:
+        """Why the constraint is malformed (the wrong fields for its kind, too long), or
+        None; whether it parses is the engine's question."""
+        what = STRUCTURED_KIND_NAMES[self.kind]
+        if self.kind == "choice":
+            if self.spec or not self.choices:
+                return "a choice constraint lists its strings in choices"
+            if len(self.choices) > MAX_STRUCTURED_CHOICES:
+                return f"a choice constraint may list at most {MAX_STRUCTURED_CHOICES} strings"
+            if sum(map(len, self.choices)) > MAX_STRUCTURED_CHARS:
+                return f"the choices may hold at most {MAX_STRUCTURED_CHARS} characters together"
+            return None
+        if self.choices:
+            return f"a {what} constraint has no choices"
+        if self.kind == "json_object":
+            return "a json_object constraint has no spec" if self.spec else None
+        if not self.spec:
+            return f"the {what} is empty"
+        if len(self.spec) > MAX_STRUCTURED_CHARS:
+            return f"the {what} may be at most {MAX_STRUCTURED_CHARS} characters"
+        return None
 
-MAX_STRUCTURED_CHARS = 65536
-"""Longest schema, expression or grammar (and all choices together) a request may carry."""
-MAX_STRUCTURED_CHOICES = 1024
 
 MAX_LOGIT_BIAS = 1024
 """Most ``logit_bias`` entries one request may carry."""

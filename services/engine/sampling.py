@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from services.engine.structured import GrammarState, shape_problem
+from services.engine.structured import GrammarState
 from services.messages import (
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
@@ -73,7 +73,7 @@ def validate_sampling(params: SamplingParams) -> str | None:
         if value is not None and not 0 <= value <= MAX_LOGPROBS:
             return f"{name} must be in [0, {MAX_LOGPROBS}]"
     if params.structured is not None:
-        problem = shape_problem(params.structured)
+        problem = params.structured.problem()
         if problem is not None:
             return problem
     return _logit_bias_problem(params)

@@ -25,19 +25,12 @@ from typing import Any
 import torch
 
 from services.engine.interface import EngineError
-from services.messages import MAX_STRUCTURED_CHARS, MAX_STRUCTURED_CHOICES, StructuredOutput
+from services.messages import STRUCTURED_KIND_NAMES, StructuredOutput
 
 XGRAMMAR_MISSING = "structured outputs need the xgrammar package, which this server lacks"
 COMPILED_CACHE_SIZE = 64
 """Distinct languages an engine keeps compiled (a tenant's schema is usually reused)."""
 
-_WHAT = {
-    "json_object": "JSON",
-    "json_schema": "JSON schema",
-    "regex": "regular expression",
-    "choice": "choice",
-    "grammar": "EBNF grammar",
-}
 _ANY_OBJECT = '{"type": "object"}'
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
@@ -48,28 +41,6 @@ def _xgrammar() -> Any:
     except ImportError:
         raise EngineError(XGRAMMAR_MISSING) from None
     return xgrammar
-
-
-def shape_problem(spec: StructuredOutput) -> str | None:
-    """Why ``spec`` is malformed as a message (the wrong fields for its kind, too long),
-    or None; pure, for the sampling checks every service runs."""
-    if spec.kind == "choice":
-        if spec.spec or not spec.choices:
-            return "a choice constraint lists its strings in choices"
-        if len(spec.choices) > MAX_STRUCTURED_CHOICES:
-            return f"a choice constraint may list at most {MAX_STRUCTURED_CHOICES} strings"
-        if sum(map(len, spec.choices)) > MAX_STRUCTURED_CHARS:
-            return f"the choices may hold at most {MAX_STRUCTURED_CHARS} characters together"
-        return None
-    if spec.choices:
-        return f"a {_WHAT[spec.kind]} constraint has no choices"
-    if spec.kind == "json_object":
-        return "a json_object constraint has no spec" if spec.spec else None
-    if not spec.spec:
-        return f"the {_WHAT[spec.kind]} is empty"
-    if len(spec.spec) > MAX_STRUCTURED_CHARS:
-        return f"the {_WHAT[spec.kind]} may be at most {MAX_STRUCTURED_CHARS} characters"
-    return None
 
 
 def bounded_strings_as_patterns(schema: Any) -> Any:
@@ -111,27 +82,36 @@ def _grammar(xgr: Any, spec: StructuredOutput) -> Any:
     return xgr.Grammar.from_ebnf(spec.spec)
 
 
+def _key(spec: StructuredOutput) -> tuple[str, str, tuple[str, ...], bool]:
+    """What makes two constraints the same language (for the caches)."""
+    return spec.kind, spec.spec, tuple(spec.choices), spec.any_whitespace
+
+
+def _parsed(xgr: Any, spec: StructuredOutput) -> Any:
+    """The grammar of a well-shaped ``spec``; EngineError in words for the client when it
+    does not parse."""
+    try:
+        return _grammar(xgr, spec)
+    except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError for any syntax error
+        first = _LOCATION.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise EngineError(f"the {STRUCTURED_KIND_NAMES[spec.kind]} is not valid: {first or type(exc).__name__}") from None
+
+
 def grammar_problem(spec: StructuredOutput) -> str | None:
     """Why ``spec`` cannot be served (malformed, a syntax error, no xgrammar), in words
     for the client, or None. Needs no tokenizer: the scorer checks before any work, and
     remembers the last languages it checked (an application sends its schema again and
     again; parsing one costs about a millisecond)."""
-    problem = shape_problem(spec)
-    if problem is not None:
-        return problem
-    return _syntax_problem(spec.kind, spec.spec, tuple(spec.choices), spec.any_whitespace)
+    return spec.problem() or _syntax_problem(_key(spec))
 
 
 @functools.lru_cache(maxsize=128)
-def _syntax_problem(kind: str, text: str, choices: tuple[str, ...], any_whitespace: bool) -> str | None:
-    spec = StructuredOutput(kind, text, list(choices), any_whitespace)  # type: ignore[arg-type]
+def _syntax_problem(key: tuple[str, str, tuple[str, ...], bool]) -> str | None:
+    kind, text, choices, any_whitespace = key
     try:
-        _grammar(_xgrammar(), spec)
+        _parsed(_xgrammar(), StructuredOutput(kind, text, list(choices), any_whitespace))  # type: ignore[arg-type]
     except EngineError as exc:
         return str(exc)
-    except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError for any syntax error
-        first = _LOCATION.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
-        return f"the {_WHAT[spec.kind]} is not valid: {first or type(exc).__name__}"
     return None
 
 
@@ -146,7 +126,6 @@ class GrammarState:
         self._xgr = xgr
         self._filled = False
         self._stuck = False
-        self.ended = False
 
     def _next(self) -> torch.Tensor:
         if not self._filled:
@@ -187,9 +166,7 @@ class GrammarState:
         if not self._matcher.accept_token(token):
             raise EngineError(f"token {token} does not continue the answer's structure")
         self._filled = False
-        self.ended = bool(self._matcher.is_terminated())
-        return self.ended
-
+        return bool(self._matcher.is_terminated())
 
 
 class GrammarCompiler:
@@ -211,16 +188,16 @@ class GrammarCompiler:
 
     def compile(self, spec: StructuredOutput) -> Any:
         """``spec`` compiled (from the cache when it was lately); raises EngineError."""
-        key = (spec.kind, spec.spec, tuple(spec.choices), spec.any_whitespace)
+        key = _key(spec)
         with self._lock:
             compiled = self._compiled.get(key)
             if compiled is not None:
                 self._compiled.move_to_end(key)
                 return compiled
-        problem = grammar_problem(spec)
+        problem = spec.problem()
         if problem is not None:
             raise EngineError(problem)
-        compiled = self._compiler.compile_grammar(_grammar(self._xgr, spec))
+        compiled = self._compiler.compile_grammar(_parsed(self._xgr, spec))
         with self._lock:
             self._compiled[key] = compiled
             if len(self._compiled) > COMPILED_CACHE_SIZE:
@@ -234,7 +211,8 @@ class GrammarCompiler:
         state = GrammarState(matcher, xgr.allocate_token_bitmask(1, self._vocab_size),
                              self._vocab_size, xgr)
         for token in output:
-            if state.ended or not matcher.accept_token(token):
-                raise EngineError("the resumed output does not follow the answer's structure")
-            state.ended = bool(matcher.is_terminated())
+            try:
+                state.accept(token)
+            except EngineError:
+                raise EngineError("the resumed output does not follow the answer's structure") from None
         return state

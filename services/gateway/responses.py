@@ -127,26 +127,33 @@ def forced_calls(calling: ToolCalling, text: str) -> list[tuple[str, str]] | Non
         return None
 
 
+def called_finish_reason(calling: ToolCalling, final: FinalAnswer) -> str:
+    """The finish reason of an answer that made tool calls, as vLLM's: a named function's
+    ``stop``, a required or chosen (auto) call's ``tool_calls``; ``length`` when cut."""
+    if final.finish_reason != "stop":
+        return finish_reason(final)
+    return "stop" if calling.function is not None else "tool_calls"
+
+
 def tool_call_message(calling: ToolCalling, text: str,
                       final: FinalAnswer) -> tuple[dict[str, Any], str] | None:
     """The message and finish reason of an answer that made tool calls; None when it is
-    content. A forced call's finishes as vLLM's do (named ``stop``, required
-    ``tool_calls``); a call the model chose to make (auto) ``tool_calls``, its content
-    what it wrote before the first call."""
+    content. A call the model chose to make (auto) has as content what it wrote before
+    the first call; a forced answer cut short is no call."""
     if calling.parser:
         parsed = parse_tool_calls(text)
         if parsed is None:
             return None
         content, calls = parsed
-        message = {"role": "assistant", "content": content or None,
-                   "tool_calls": [_call_object(call.name, call.arguments) for call in calls]}
-        return message, "tool_calls" if final.finish_reason == "stop" else finish_reason(final)
-    found = forced_calls(calling, text) if final.finish_reason == "stop" else None
-    if found is None:
-        return None
-    return ({"role": "assistant", "content": None,
+        found = [(call.name, call.arguments) for call in calls]
+    else:
+        content = ""
+        found = forced_calls(calling, text) if final.finish_reason == "stop" else None
+        if found is None:
+            return None
+    return ({"role": "assistant", "content": content or None,
              "tool_calls": [_call_object(name, arguments) for name, arguments in found]},
-            "stop" if calling.function is not None else "tool_calls")
+            called_finish_reason(calling, final))
 
 
 def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0,
@@ -326,6 +333,28 @@ async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
             for i, final in sorted(finals.items())]
 
 
+@dataclass(slots=True)
+class Delta:
+    """What one streamed chunk of a chat choice carries, past the role and finish."""
+
+    text: str = ""
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    reasoning: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.text or self.calls or self.logprobs or self.reasoning)
+
+    def __add__(self, other: Delta) -> Delta:
+        return Delta(self.text + other.text, self.calls + other.calls,
+                     self.logprobs + other.logprobs, self.reasoning + other.reasoning)
+
+    def chunk(self, meta: ResponseMeta, index: int, include_usage: bool) -> dict[str, Any]:
+        return stream_chunk(meta, index=index, include_usage=include_usage, text=self.text,
+                            calls=self.calls or None, reasoning=self.reasoning,
+                            logprobs=choice_logprobs(meta, self.logprobs))
+
+
 class ToolCallStream:
     """One choice's tool calls, streamed as OpenAI streams them: a named function's
     arguments as they come (the first delta with the call's id and name); a required
@@ -335,50 +364,47 @@ class ToolCallStream:
 
     def __init__(self, calling: ToolCalling) -> None:
         self.calling = calling
-        self.call_id: str | None = None
+        self.named_started = False
         self.reader = ToolCallReader() if calling.parser else None
         self.held: list[str] = []
         self.held_logprobs: list[TokenLogprob] = []
 
-    def add(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
-        """What to send for more of the answer (``text``, ``calls``, ``logprobs``), or None yet."""
+    def add(self, text: str, logprobs: list[TokenLogprob]) -> Delta:
+        """What to send for more of the answer (empty: nothing yet)."""
         self.held_logprobs.extend(logprobs)
         if self.reader is not None:
             return self._read(self.reader.feed(text))
         if self.calling.function is None or not (text or self.held_logprobs):
             self.held.append(text)
-            return None
-        delta: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
-        if self.call_id is None:
-            self.call_id = f"call_{uuid.uuid4().hex[:24]}"
-            delta.update(id=self.call_id, type="function")
-            delta["function"] = {"name": self.calling.function, "arguments": text}
-        return {"text": "", "calls": [delta], "logprobs": self._logprobs()}
+            return Delta()
+        if self.named_started:
+            call = {"index": 0, "function": {"arguments": text}}
+        else:
+            self.named_started = True
+            call = _call_object(self.calling.function, text, index=0)
+        return Delta(calls=[call], logprobs=self._logprobs())
 
-    def finish(self, final: FinalAnswer, reason: str) -> tuple[str, dict[str, Any] | None]:
+    def finish(self, final: FinalAnswer) -> tuple[str, Delta]:
         """The finish reason, and what to send before it (held text or calls)."""
         if self.reader is not None:
-            fields = self._read(self.reader.finish())
-            called = self.reader.calls and final.finish_reason == "stop"
-            return ("tool_calls" if called else reason), fields
+            delta = self._read(self.reader.finish())
+            return (called_finish_reason(self.calling, final) if self.reader.calls
+                    else finish_reason(final)), delta
         text = "".join(self.held)
         found = forced_calls(self.calling, text) if final.finish_reason == "stop" else None
-        if self.calling.function is not None:
-            return ("stop" if found is not None else reason), self._read([])
         if found is None:
-            return reason, self._read([("content", text)] if text else [])
-        return "tool_calls", {"text": "", "calls": [_call_object(name, arguments, i)
-                                        for i, (name, arguments) in enumerate(found)],
-                              "logprobs": self._logprobs()}
+            return finish_reason(final), self._read([("content", text)])
+        if self.calling.function is not None:  # its arguments went out as they came
+            return called_finish_reason(self.calling, final), self._read([])
+        calls = [_call_object(name, arguments, i) for i, (name, arguments) in enumerate(found)]
+        return called_finish_reason(self.calling, final), Delta(calls=calls, logprobs=self._logprobs())
 
-    def _read(self, events: list[tuple[str, Any]]) -> dict[str, Any] | None:
+    def _read(self, events: list[tuple[str, Any]]) -> Delta:
         text = "".join(value for kind, value in events if kind == "content")
-        first = self.reader.calls - sum(kind == "call" for kind, _ in events) if self.reader else 0
-        calls = [_call_object(value.name, value.arguments, first + i)
-                 for i, value in enumerate(v for kind, v in events if kind == "call")]
-        if not text and not calls and not self.held_logprobs:
-            return None
-        return {"text": text, "calls": calls or None, "logprobs": self._logprobs()}
+        new_calls = [value for kind, value in events if kind == "call"]
+        first = self.reader.calls - len(new_calls) if self.reader else 0
+        calls = [_call_object(call.name, call.arguments, first + i) for i, call in enumerate(new_calls)]
+        return Delta(text, calls, self._logprobs())
 
     def _logprobs(self) -> list[TokenLogprob]:
         out, self.held_logprobs = self.held_logprobs, []
@@ -387,54 +413,34 @@ class ToolCallStream:
 
 class ChatAnswerStream:
     """A chat choice's answer through the server's parsers as it streams: its thinking
-    split off (``reasoning_content``), then its calls read out (:class:`ToolCallStream`).
-    Each step gives the fields of one chunk (``reasoning``, ``text``, ``calls``,
-    ``logprobs``), or None when there is nothing to send yet."""
+    split off (``reasoning_content``), then its calls read out (:class:`ToolCallStream`)."""
 
     def __init__(self, meta: ResponseMeta) -> None:
         self.thinking = ReasoningReader(meta.reasoning_parser) if meta.reasoning_parser else None
         self.calls = ToolCallStream(meta.tool_calling) if meta.tool_calling else None
 
-    def add(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+    def add(self, text: str, logprobs: list[TokenLogprob]) -> Delta:
+        """What to send for more of the answer (empty: nothing yet)."""
         thinking = ""
         if self.thinking is not None:
             thinking, text = self.thinking.feed(text)
-        return _joined(thinking, self._content(text, logprobs))
+        return Delta(reasoning=thinking) + self._content(text, logprobs)
 
-    def finish(self, final: FinalAnswer, reason: str) -> tuple[str, dict[str, Any] | None]:
-        thinking, fields = "", None
+    def finish(self, final: FinalAnswer) -> tuple[str, Delta]:
+        """The finish reason, and what to send before it."""
+        delta, reason = Delta(), finish_reason(final)
         if self.thinking is not None:
             thinking, text = self.thinking.finish()
-            fields = self._content(text, []) if text else None
+            delta = Delta(reasoning=thinking) + (self._content(text, []) if text else Delta())
         if self.calls is not None:
-            reason, last = self.calls.finish(final, reason)
-            fields = _merged(fields, last)
-        return reason, _joined(thinking, fields)
+            reason, last = self.calls.finish(final)
+            delta += last
+        return reason, delta
 
-    def _content(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+    def _content(self, text: str, logprobs: list[TokenLogprob]) -> Delta:
         if self.calls is not None:
             return self.calls.add(text, logprobs)
-        return {"text": text, "calls": None, "logprobs": logprobs} if text or logprobs else None
-
-
-def _merged(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
-    if a is None or b is None:
-        return a or b
-    return {"text": a["text"] + b["text"], "calls": (a["calls"] or []) + (b["calls"] or []) or None,
-            "logprobs": a["logprobs"] + b["logprobs"]}
-
-
-def _joined(thinking: str, fields: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not thinking:
-        return fields
-    return {"text": "", "calls": None, "logprobs": [], **(fields or {}), "reasoning": thinking}
-
-
-def answer_chunk(meta: ResponseMeta, index: int, fields: dict[str, Any],
-                 include_usage: bool) -> dict[str, Any]:
-    return stream_chunk(meta, index=index, include_usage=include_usage, text=fields["text"],
-                        calls=fields["calls"], reasoning=fields.get("reasoning", ""),
-                        logprobs=choice_logprobs(meta, fields["logprobs"]))
+        return Delta(text, logprobs=logprobs)
 
 
 async def sse_events(
@@ -477,9 +483,9 @@ async def sse_events(
             finals[index] = reply
             finish = finish_reason(reply)
             if answer is not None:
-                finish, fields = answer.finish(reply, finish)
-                if fields is not None:
-                    events.append(sse(answer_chunk(meta, index, fields, include_usage)))
+                finish, delta = answer.finish(reply)
+                if delta:
+                    events.append(sse(delta.chunk(meta, index, include_usage)))
             events.append(sse(stream_chunk(meta, index=index, finish=finish,
                                            include_usage=include_usage)))
             if len(finals) == n:
@@ -487,9 +493,9 @@ async def sse_events(
                     events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))
                 break
         elif answer is not None:
-            fields = answer.add(reply.text, reply.logprobs)
-            if fields is not None:
-                events.append(sse(answer_chunk(meta, index, fields, include_usage)))
+            delta = answer.add(reply.text, reply.logprobs)
+            if delta:
+                events.append(sse(delta.chunk(meta, index, include_usage)))
         elif reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]:
             text, prompt = reply.text, None
             if not echoed[index]:

@@ -41,8 +41,6 @@ from services.messages import (
     MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
     MAX_PENALTY,
-    MAX_STRUCTURED_CHARS,
-    MAX_STRUCTURED_CHOICES,
     MAX_TEMPLATE_ARGS,
     MAX_TOOLS,
     ChatMessage,
@@ -547,8 +545,6 @@ def _constraint(key: str, value: Any, param: str) -> StructuredOutput:
         if (not isinstance(value, list) or not value
                 or not all(isinstance(c, str) and c and encodes_as_utf8(c) for c in value)):
             raise invalid(f"{param} must be a list of non-empty strings.", param=param)
-        if len(value) > MAX_STRUCTURED_CHOICES:
-            raise invalid(f"{param} may list at most {MAX_STRUCTURED_CHOICES} strings.", param=param)
         return StructuredOutput("choice", choices=list(value))
     if not isinstance(value, str) or not value or not encodes_as_utf8(value):
         raise invalid(f"{param} must be a non-empty string.", param=param)
@@ -556,10 +552,9 @@ def _constraint(key: str, value: Any, param: str) -> StructuredOutput:
 
 
 def _checked(spec: StructuredOutput, param: str) -> StructuredOutput:
-    size = len(spec.spec) + sum(map(len, spec.choices))
-    if size > MAX_STRUCTURED_CHARS:
-        raise invalid(f"The structured output constraint is {size} characters long; at most "
-                      f"{MAX_STRUCTURED_CHARS} are allowed.", param=param)
+    problem = spec.problem()  # the limits every service checks (too long, too many choices)
+    if problem is not None:
+        raise invalid(f"{param}: {problem}.", param=param)
     return spec
 
 

@@ -19,7 +19,6 @@ from services.engine.structured import (
     GrammarCompiler,
     bounded_strings_as_patterns,
     grammar_problem,
-    shape_problem,
 )
 from services.messages import MAX_STRUCTURED_CHARS, SamplingParams, StructuredOutput
 from tests.unit.test_engine import drain, make_engine
@@ -63,7 +62,7 @@ def prompt(model_path) -> list[int]:
 
 @pytest.mark.parametrize("spec", [PERSON, DATE, COLOURS, CALL, StructuredOutput("json_object")])
 def test_well_formed_languages_pass(spec):
-    assert shape_problem(spec) is None
+    assert spec.problem() is None
     assert grammar_problem(spec) is None
 
 
