@@ -5,7 +5,7 @@ to RabbitMQ (retrying in the background, so ``/health`` answers at once) and clo
 everything on shutdown. ``serve(settings)`` runs it under uvicorn and drains in-flight
 requests on SIGTERM.
 
-Order of checks on the two completion routes: header size (431, on every route), API
+Order of checks on the generation routes (completions, chat, responses): header size (431, on every route), API
 key (401), Content-Type (415 unless ``application/json`` or ``*+json``; a missing
 Content-Type is read as JSON), body size (413, from Content-Length and while reading),
 JSON and field types (400), model (404), settings-dependent limits (400), tenant
@@ -60,11 +60,19 @@ from services.gateway.http import GatewayServer, protocol_options
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.replies import ChoiceStream
 from services.gateway.responses import (
+    ChoiceAnswer,
     ResponseMeta,
     answer_error,
     collect_answer,
     completion_response,
     sse_events,
+)
+from services.gateway.responses_api import (
+    ResponsesBody,
+    answered_response,
+    read_request,
+    response_events,
+    responses_error,
 )
 from services.gateway.schemas import (
     DEADLINE_HEADER,
@@ -84,6 +92,7 @@ from services.gateway.schemas import (
 from services.logs import get_logger
 from services.messages import FinalAnswer
 from services.models import served_max_model_len
+from services.replies import Reply
 from services.runtime import STOP_SIGNALS, early_stops, freeze_heap
 from services.settings import Settings
 
@@ -172,6 +181,57 @@ def check_content_length(content_length: str | None, limit: int) -> None:
 def new_request_id(body: AnyBody) -> str:
     prefix = "chatcmpl" if isinstance(body, ChatCompletionBody) else "cmpl"
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+Events = Callable[[ResponseMeta, ChoiceStream, tuple[int, Reply], float, float],
+                  AsyncIterator[bytes]]
+"""SSE bytes of a streamed answer whose first reply was read: (meta, stream, first
+reply, deadline in event-loop time, timeout in seconds)."""
+
+
+def _same_error(err: ApiError) -> ApiError:
+    return err
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A generation request as its route reads it: the completion or chat body it runs
+    as, and how its answer is written, whole or streamed."""
+
+    body: AnyBody
+    request_id: str
+    whole: Callable[[ResponseMeta, list[ChoiceAnswer]], dict[str, Any]]
+    events: Events
+    named: Callable[[ApiError], ApiError] = _same_error
+    """An error of the body's checks, in the route's own field names."""
+
+
+def read_openai_body(raw: bytes, model: type[CompletionBody | ChatCompletionBody]) -> Generation:
+    """/v1/completions and /v1/chat/completions: answered in their own shapes."""
+    body = parse_body(raw, model)
+    with_usage = include_usage(body)
+
+    def events(meta: ResponseMeta, stream: ChoiceStream, first: tuple[int, Reply],
+               deadline: float, timeout_s: float) -> AsyncIterator[bytes]:
+        return sse_events(meta, stream, first, include_usage=with_usage, deadline=deadline,
+                          timeout_s=timeout_s)
+
+    return Generation(body, new_request_id(body), completion_response, events)
+
+
+def read_responses_body(raw: bytes) -> Generation:
+    """/v1/responses: run as the chat it means, answered as a ``response``."""
+    request = read_request(parse_body(raw, ResponsesBody))
+
+    def whole(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict[str, Any]:
+        return answered_response(meta, request.echo, answers[0])
+
+    def events(meta: ResponseMeta, stream: ChoiceStream, first: tuple[int, Reply],
+               deadline: float, timeout_s: float) -> AsyncIterator[bytes]:
+        return response_events(meta, request.echo, stream, first, deadline=deadline,
+                               timeout_s=timeout_s)
+
+    return Generation(request.chat, f"resp_{uuid.uuid4().hex}", whole, events, responses_error)
 
 
 # --- I/O helpers -----------------------------------------------------------------------
@@ -276,9 +336,7 @@ class HeaderLimit:
 # --- handlers --------------------------------------------------------------------------
 
 
-async def _complete(
-    request: Request, body_model: type[CompletionBody | ChatCompletionBody]
-) -> Response:
+async def _complete(request: Request, read: Callable[[bytes], Generation]) -> Response:
     state: GatewayState = request.app.state.gateway
     settings = state.settings
     loop = asyncio.get_running_loop()
@@ -293,21 +351,24 @@ async def _complete(
         raw = await read_body(request, settings.max_body_bytes)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_STATUS)
-    body = parse_body(raw, body_model)
-    await _served_model(state, body.model, tenant)
-    check_body(body, settings, model_checked=True)
-    deadline_ms = resolve_deadline_ms(body.deadline_ms, request.headers.get(DEADLINE_HEADER))
-    request_id = new_request_id(body)
+    generation = read(raw)
+    body, request_id = generation.body, generation.request_id
     headers = {REQUEST_ID_HEADER: request_id}
-    completion = to_completion_request(
-        body,
-        request_id=request_id,
-        tenant=tenant,
-        now=now,
-        reply_to=state.backend.reply_queue_name,
-        max_model_len=settings.max_model_len,
-        deadline_ms=deadline_ms,
-    )
+    try:
+        await _served_model(state, body.model, tenant)
+        check_body(body, settings, model_checked=True)
+        deadline_ms = resolve_deadline_ms(body.deadline_ms, request.headers.get(DEADLINE_HEADER))
+        completion = to_completion_request(
+            body,
+            request_id=request_id,
+            tenant=tenant,
+            now=now,
+            reply_to=state.backend.reply_queue_name,
+            max_model_len=settings.max_model_len,
+            deadline_ms=deadline_ms,
+        )
+    except ApiError as err:
+        raise generation.named(err) from None
     prompts = body.prompt if isinstance(body, CompletionBody) else None
     meta = ResponseMeta(
         request_id=request_id, kind=request_kind(body), model=body.model, created=int(now),
@@ -322,9 +383,9 @@ async def _complete(
             choice_requests(completion, body.n or 1, prompts), arrived_mono)
         if body.stream:
             return await _stream(
-                request, state, submissions, meta, include_usage(body), deadline, headers
+                request, state, submissions, meta, generation.events, deadline, headers
             )
-        return await _answer(request, state, submissions, meta, deadline, headers)
+        return await _answer(request, state, submissions, meta, generation, deadline, headers)
     except ApiError as err:
         err.headers.update(headers)
         raise
@@ -345,6 +406,7 @@ async def _answer(
     state: GatewayState,
     submissions: list[Submission],
     meta: ResponseMeta,
+    generation: Generation,
     deadline: float,
     headers: dict[str, str],
 ) -> Response:
@@ -358,7 +420,7 @@ async def _answer(
         error = answer_error(answer.final)
         if error is not None:
             raise error
-    return JSONResponse(completion_response(meta, answers), headers=headers)
+    return JSONResponse(generation.whole(meta, answers), headers=headers)
 
 
 async def _stream(
@@ -366,7 +428,7 @@ async def _stream(
     state: GatewayState,
     submissions: list[Submission],
     meta: ResponseMeta,
-    with_usage: bool,
+    events_of: Events,
     deadline: float,
     headers: dict[str, str],
 ) -> Response:
@@ -388,9 +450,7 @@ async def _stream(
         await close_submission(backend, submissions[index])
 
     async def events() -> AsyncIterator[bytes]:
-        async for piece in sse_events(
-            meta, stream, first, include_usage=with_usage, deadline=deadline, timeout_s=timeout_s
-        ):
+        async for piece in events_of(meta, stream, first, deadline, timeout_s):
             for submission in submissions:
                 if submission.stream.final is not None and not submission.closed:
                     # Its final answer is read: free the slot before the last bytes go out.
@@ -406,11 +466,15 @@ async def _stream(
 
 
 async def completions(request: Request) -> Response:
-    return await _complete(request, CompletionBody)
+    return await _complete(request, lambda raw: read_openai_body(raw, CompletionBody))
 
 
 async def chat_completions(request: Request) -> Response:
-    return await _complete(request, ChatCompletionBody)
+    return await _complete(request, lambda raw: read_openai_body(raw, ChatCompletionBody))
+
+
+async def responses(request: Request) -> Response:
+    return await _complete(request, read_responses_body)
 
 
 def _model_card(state: GatewayState) -> dict[str, Any]:
@@ -505,7 +569,7 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             _, defs = models_json_schema(
-                [(CompletionBody, "validation"), (ChatCompletionBody, "validation")],
+                [(model, "validation") for model in (CompletionBody, ChatCompletionBody, ResponsesBody)],
                 ref_template="#/components/schemas/{model}",
             )
             components = spec.setdefault("components", {})
@@ -566,6 +630,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route(
         "/v1/chat/completions", chat_completions, methods=["POST"], responses=_ERROR_RESPONSES,
         openapi_extra=_body_spec(ChatCompletionBody), summary="Create a chat completion",
+    )  # fmt: skip
+    app.add_api_route(
+        "/v1/responses", responses, methods=["POST"], responses=_ERROR_RESPONSES,
+        openapi_extra=_body_spec(ResponsesBody), summary="Create a response",
     )  # fmt: skip
     bearer = {"security": [{"bearerAuth": []}]}
     model_errors = {status: _ERROR_RESPONSES[status] for status in (401, 404)}

@@ -16,6 +16,7 @@ alternatives as a map that also holds the chosen token, as vLLM gives them), cha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -205,6 +206,25 @@ def choice_logprobs(meta: ResponseMeta, entries: list[TokenLogprob], text_offset
     return completion_logprobs(entries, text_offset)
 
 
+def chat_message(meta: ResponseMeta, answer: ChoiceAnswer) -> tuple[dict[str, Any], str]:
+    """A chat choice's ``message`` and finish reason, through the server's parsers: its
+    thinking apart (``reasoning_content``, with a reasoning parser), its calls as
+    ``tool_calls``."""
+    text, thinking = answer.text, None
+    if meta.reasoning_parser:
+        thinking, text = split_reasoning(meta.reasoning_parser, text)
+    message: dict[str, Any] = {"role": "assistant",
+                               "content": None if thinking is not None and not text else text}
+    reason = finish_reason(answer.final)
+    called = (tool_call_message(meta.tool_calling, text, answer.final)
+              if meta.tool_calling is not None else None)
+    if called is not None:
+        message, reason = called
+    if meta.reasoning_parser:
+        message["reasoning_content"] = thinking
+    return message, reason
+
+
 def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict[str, Any]:
     """The non-streaming body for successful answers, one per choice."""
     choices = []
@@ -214,17 +234,7 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
                                   "logprobs": choice_logprobs(meta, answer.logprobs, prompt=prompt),
                                   "finish_reason": finish_reason(answer.final)}
         if meta.kind == "chat":
-            text, thinking = answer.text, None
-            if meta.reasoning_parser:
-                thinking, text = split_reasoning(meta.reasoning_parser, text)
-            choice["message"] = {"role": "assistant",
-                                 "content": None if thinking is not None and not text else text}
-            called = (tool_call_message(meta.tool_calling, text, answer.final)
-                      if meta.tool_calling is not None else None)
-            if called is not None:
-                choice["message"], choice["finish_reason"] = called
-            if meta.reasoning_parser:
-                choice["message"]["reasoning_content"] = thinking
+            choice["message"], choice["finish_reason"] = chat_message(meta, answer)
         else:
             choice["text"] = meta.echoed(index, answer) + answer.text
         choices.append(choice)
@@ -303,10 +313,12 @@ line breaks: clients that split an SSE stream that way (httpx's ``aiter_lines``,
 one) would cut an event in two when a model generates one, so they are escaped."""
 
 
-def sse(payload: dict[str, Any]) -> bytes:
-    """One ``data:`` event. Text is valid UTF-8 here: it was decoded from msgpack."""
+def sse(payload: dict[str, Any], event: str = "") -> bytes:
+    """One ``data:`` event (named by an ``event:`` line when ``event`` is given). Text is
+    valid UTF-8 here: it was decoded from msgpack."""
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return b"data: " + body.translate(_LINE_BREAKS_JSON_KEEPS_RAW).encode() + b"\n\n"
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + body.translate(_LINE_BREAKS_JSON_KEEPS_RAW).encode() + b"\n\n"
 
 
 async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
@@ -443,6 +455,21 @@ class ChatAnswerStream:
         return Delta(text, logprobs=logprobs)
 
 
+async def replies_in_time(stream: ChoiceStream, first: tuple[int, Reply],
+                          deadline: float) -> AsyncIterator[tuple[int, Reply] | None]:
+    """``first`` (a choice's index and reply, already read), then each reply as it
+    arrives; None once ``deadline`` (event-loop time) passes, and nothing after it."""
+    read = first
+    while True:
+        yield read
+        try:
+            async with asyncio.timeout_at(deadline):
+                read = await stream.next()
+        except TimeoutError:
+            yield None
+            return
+
+
 async def sse_events(
     meta: ResponseMeta,
     stream: ChoiceStream,
@@ -467,52 +494,50 @@ async def sse_events(
     if meta.kind == "chat":
         events.extend(sse(stream_chunk(meta, index=i, role=True, include_usage=include_usage))
                       for i in range(n))
-    index, reply = first
     text_offsets = [0] * n  # where each choice's next token's text starts (text_offset)
     echoed = [meta.echo is None] * n  # an echoed choice starts with the prompt
     parsed = meta.kind == "chat" and (meta.tool_calling is not None or bool(meta.reasoning_parser))
     answers = [ChatAnswerStream(meta) if parsed else None for _ in range(n)]
     finals: dict[int, FinalAnswer] = {}
-    while True:
-        answer = answers[index]
-        if isinstance(reply, FinalAnswer):
-            error = answer_error(reply)
-            if error is not None:
-                events.append(sse(error.body()))
+    async with contextlib.aclosing(replies_in_time(stream, first, deadline)) as replies:
+        async for read in replies:
+            if read is None:
+                events.append(sse(timed_out(timeout_s).body()))
                 break
-            finals[index] = reply
-            finish = finish_reason(reply)
-            if answer is not None:
-                finish, delta = answer.finish(reply)
+            index, reply = read
+            answer = answers[index]
+            if isinstance(reply, FinalAnswer):
+                error = answer_error(reply)
+                if error is not None:
+                    events.append(sse(error.body()))
+                    break
+                finals[index] = reply
+                finish = finish_reason(reply)
+                if answer is not None:
+                    finish, delta = answer.finish(reply)
+                    if delta:
+                        events.append(sse(delta.chunk(meta, index, include_usage)))
+                events.append(sse(stream_chunk(meta, index=index, finish=finish,
+                                               include_usage=include_usage)))
+                if len(finals) == n:
+                    if include_usage:
+                        events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))
+                    break
+            elif answer is not None:
+                delta = answer.add(reply.text, reply.logprobs)
                 if delta:
                     events.append(sse(delta.chunk(meta, index, include_usage)))
-            events.append(sse(stream_chunk(meta, index=index, finish=finish,
-                                           include_usage=include_usage)))
-            if len(finals) == n:
-                if include_usage:
-                    events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))
-                break
-        elif answer is not None:
-            delta = answer.add(reply.text, reply.logprobs)
-            if delta:
-                events.append(sse(delta.chunk(meta, index, include_usage)))
-        elif reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]:
-            text, prompt = reply.text, None
-            if not echoed[index]:
-                echoed[index] = True
-                text, prompt = meta.echoed(index, reply) + text, reply.prompt_logprobs
-            events.append(sse(stream_chunk(
-                meta, index=index, text=text, include_usage=include_usage,
-                logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index], prompt))))
-            text_offsets[index] += sum(len(entry.token) for entry in (prompt or []) + reply.logprobs)
-        if events and not stream.waiting:
-            yield b"".join(events)
-            events.clear()
-        try:
-            async with asyncio.timeout_at(deadline):
-                index, reply = await stream.next()
-        except TimeoutError:
-            events.append(sse(timed_out(timeout_s).body()))
-            break
+            elif reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]:
+                text, prompt = reply.text, None
+                if not echoed[index]:
+                    echoed[index] = True
+                    text, prompt = meta.echoed(index, reply) + text, reply.prompt_logprobs
+                events.append(sse(stream_chunk(
+                    meta, index=index, text=text, include_usage=include_usage,
+                    logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index], prompt))))
+                text_offsets[index] += sum(len(entry.token) for entry in (prompt or []) + reply.logprobs)
+            if events and not stream.waiting:
+                yield b"".join(events)
+                events.clear()
     events.append(SSE_DONE)
     yield b"".join(events)

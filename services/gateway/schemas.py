@@ -173,15 +173,15 @@ PromptOrList = Annotated[
 prompt may be empty, as with OpenAI: the model starts from its BOS token."""
 
 
-class _Body(BaseModel):
+class StrictBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
-class StreamOptions(_Body):
+class StreamOptions(StrictBody):
     include_usage: bool | None = False
 
 
-class _SamplingFields(_Body):
+class _SamplingFields(StrictBody):
     """Fields shared by both endpoints."""
 
     model: Text
@@ -260,7 +260,7 @@ class CompletionBody(_SamplingFields):
     suffix: Text | None = None
 
 
-class TextPart(_Body):
+class TextPart(StrictBody):
     type: Literal["text"]
     text: Text
 
@@ -269,13 +269,13 @@ FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 """OpenAI's rule for a function's name."""
 
 
-class FunctionCallBody(_Body):
+class FunctionCallBody(StrictBody):
     name: Text
     arguments: Text
     """The arguments as JSON text."""
 
 
-class ToolCallBody(_Body):
+class ToolCallBody(StrictBody):
     """A call an earlier assistant message made, sent back with the conversation."""
 
     id: Text
@@ -283,7 +283,7 @@ class ToolCallBody(_Body):
     function: FunctionCallBody
 
 
-class ChatMessageBody(_Body):
+class ChatMessageBody(StrictBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     """``developer`` is OpenAI's newer name for ``system`` (the scorer renders it so);
     ``tool`` answers an assistant's tool call (``tool_call_id``)."""
@@ -321,7 +321,7 @@ class ChatMessageBody(_Body):
         return value
 
 
-class FunctionBody(_Body):
+class FunctionBody(StrictBody):
     name: FunctionName
     description: Text | None = None
     parameters: dict[str, Any] | None = None
@@ -329,18 +329,18 @@ class FunctionBody(_Body):
     strict: bool | None = None
 
 
-class ToolBody(_Body):
+class ToolBody(StrictBody):
     """A function the model may call (OpenAI's ``tools`` entry)."""
 
     type: Literal["function"]
     function: FunctionBody
 
 
-class NamedFunction(_Body):
+class NamedFunction(StrictBody):
     name: Text
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(StrictBody):
     """``tool_choice`` naming the function the model must call."""
 
     type: Literal["function"]
@@ -372,7 +372,7 @@ class ChatCompletionBody(_SamplingFields):
 
 
 AnyBody = CompletionBody | ChatCompletionBody
-B = TypeVar("B", CompletionBody, ChatCompletionBody)
+B = TypeVar("B", bound=StrictBody)
 
 
 def parse_body(raw: bytes, model_cls: type[B]) -> B:

@@ -40,6 +40,52 @@ def completion_body(prompt: str, max_tokens: int, **extra: object) -> dict:
             "ignore_eos": True, "stream_options": {"include_usage": True}, **extra}
 
 
+def response_body(prompt: str, max_tokens: int, *, logprobs: bool = False, **extra: object) -> dict:
+    """A streamed request of the Responses API (``/v1/responses``), which runs as a chat."""
+    include = {"include": ["message.output_text.logprobs"], "top_logprobs": 2} if logprobs else {}
+    return {"model": MODEL, "input": prompt, "max_output_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, **include, **extra}
+
+
+def _completion_event(log: RequestLog, event: dict, finish: list[str]) -> list[str]:
+    """The texts of a completion stream's event; its finish reason goes into ``finish``,
+    its usage or error into the log."""
+    if "error" in event:
+        code = event["error"].get("code")
+        log.final("error", code="timeout" if code == "timeout" else code)
+        return []
+    if event.get("usage") and not event.get("choices"):
+        usage = event["usage"]
+        log.final(finish[-1] if finish else "stop", usage["prompt_tokens"], usage["completion_tokens"])
+        return []
+    texts = []
+    for choice in event.get("choices", []):
+        if log.logprob_tokens is not None and choice.get("logprobs"):
+            log.logprob_tokens += len(choice["logprobs"]["tokens"])
+        if choice.get("text"):
+            texts.append(choice["text"])
+        if choice.get("finish_reason"):
+            finish.append(choice["finish_reason"])
+    return texts
+
+
+def _response_event(log: RequestLog, event: dict) -> list[str]:
+    """The texts of a Responses stream's event; its end (with usage) or failure into the log.
+    Log-probabilities are counted once, from the text's done event, which holds all of them."""
+    kind = event["type"]
+    if kind == "response.output_text.delta":
+        return [event["delta"]]
+    if kind == "response.output_text.done" and log.logprob_tokens is not None:
+        log.logprob_tokens += len(event["logprobs"])
+    elif kind in ("response.completed", "response.incomplete"):
+        usage = event["response"]["usage"]
+        log.final("stop" if kind == "response.completed" else "length",
+                  usage["input_tokens"], usage["output_tokens"])
+    elif kind == "response.failed":
+        log.final("error", code=event["response"]["error"]["code"])
+    return []
+
+
 async def http_stream(
     http: httpx.AsyncClient,
     checker: Checker,
@@ -66,8 +112,9 @@ async def http_stream(
 
 async def _http_stream(http, log, base_url, key, payload, read_delay_s, leave_after, on_token):
     try:
+        path = "/v1/responses" if "input" in payload else "/v1/completions"
         async with asyncio.timeout(CLIENT_TIMEOUT_S), http.stream(
-            "POST", f"{base_url}/v1/completions", json=payload,
+            "POST", f"{base_url}{path}", json=payload,
             headers={"Authorization": f"Bearer {key}"},
         ) as response:
             log.status = response.status_code
@@ -85,9 +132,9 @@ async def _http_stream(http, log, base_url, key, payload, read_delay_s, leave_af
                           status=response.status_code)
                 return log
             log.accepted = True
-            reason = None
+            finish: list[str] = []
             index = 0
-            if payload.get("logprobs") is not None:
+            if payload.get("logprobs") is not None or payload.get("include"):
                 log.logprob_tokens = 0
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
@@ -96,30 +143,19 @@ async def _http_stream(http, log, base_url, key, payload, read_delay_s, leave_af
                 if data == "[DONE]":
                     break
                 event = json.loads(data)
-                if "error" in event:
-                    code = event["error"].get("code")
-                    log.final("error", code="timeout" if code == "timeout" else code)
-                    continue
-                if event.get("usage") and not event.get("choices"):
-                    usage = event["usage"]
-                    log.final(reason or "stop", usage["prompt_tokens"], usage["completion_tokens"])
-                    continue
-                for choice in event.get("choices", []):
-                    if log.logprob_tokens is not None and choice.get("logprobs"):
-                        log.logprob_tokens += len(choice["logprobs"]["tokens"])
-                    if choice.get("text"):
-                        log.text += choice["text"]
-                        log.token(index, 1)
-                        index += 1
-                        if on_token is not None:
-                            on_token(log)
-                        if leave_after is not None and index >= leave_after:
-                            log.abandoned = True
-                            return log
-                        if read_delay_s:
-                            await asyncio.sleep(read_delay_s)
-                    if choice.get("finish_reason"):
-                        reason = choice["finish_reason"]
+                texts = (_response_event(log, event) if "type" in event
+                         else _completion_event(log, event, finish))
+                for text in texts:
+                    log.text += text
+                    log.token(index, 1)
+                    index += 1
+                    if on_token is not None:
+                        on_token(log)
+                    if leave_after is not None and index >= leave_after:
+                        log.abandoned = True
+                        return log
+                    if read_delay_s:
+                        await asyncio.sleep(read_delay_s)
     except httpx.ConnectError:
         return log  # nothing listened: not accepted
     except (httpx.HTTPError, TimeoutError) as exc:

@@ -33,7 +33,14 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 
-from tests.faults.clients import DEFAULT_PROMPT, AmqpTenant, completion_body, http_stream, say
+from tests.faults.clients import (
+    DEFAULT_PROMPT,
+    AmqpTenant,
+    completion_body,
+    http_stream,
+    response_body,
+    say,
+)
 from tests.faults.conftest import WORKERS
 
 SOAK_S = float(os.environ.get("FAIRWAY_SOAK_S", "60"))
@@ -58,12 +65,16 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
             max_tokens = client_rng.randint(4, 48)
             # Every other request asks for log-probabilities, which must come through the
             # faults exactly once per token too; every fourth holds its answer to a regex,
-            # whose grammar a resumed request must take up where it was.
-            extra: dict[str, object] = {"logprobs": 2} if client_rng.random() < 0.5 else {}
+            # whose grammar a resumed request must take up where it was; every fifth goes
+            # through the Responses API (a chat, streamed as its events).
+            logprobs = client_rng.random() < 0.5
+            extra: dict[str, object] = {}
             if client_rng.random() < 0.25:
                 extra["guided_regex"] = STRUCTURED_REGEX
-            log = await http_stream(http, checker, fs.gateway_url, *tenants[i % len(tenants)],
-                                    body=completion_body(DEFAULT_PROMPT, max_tokens, **extra))
+            body = (response_body(DEFAULT_PROMPT, max_tokens, logprobs=logprobs, **extra)
+                    if client_rng.random() < 0.2 else
+                    completion_body(DEFAULT_PROMPT, max_tokens, **extra, **({"logprobs": 2} if logprobs else {})))
+            log = await http_stream(http, checker, fs.gateway_url, *tenants[i % len(tenants)], body=body)
             if not log.accepted:  # refused at the door (Redis or the broker away): back off
                 await asyncio.sleep(0.5)
 

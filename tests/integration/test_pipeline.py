@@ -320,6 +320,38 @@ def test_a_chat_the_model_may_answer_or_call_is_served_with_the_parser(client):
         answer.choices[0].message.content)
 
 
+def test_the_responses_api_answers_streams_calls_and_parses(client):
+    """OpenAI's Responses API through its client: an answer cut by max_output_tokens, the
+    same streamed as events, a forced call sent back with its output (an agent's turn),
+    and a structured answer the client parses."""
+    ask = {"model": MODEL, "input": "Hello", "instructions": "Be brief", "max_output_tokens": 6,
+           "extra_body": {"seed": 3, "ignore_eos": True}}
+    answer = client.responses.create(**ask)
+    assert answer.id.startswith("resp_") and answer.status == "incomplete"
+    assert answer.incomplete_details.reason == "max_output_tokens" and answer.usage.output_tokens == 6
+    events = list(client.responses.create(**ask, stream=True))
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1].type == "response.incomplete"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == answer.output_text
+    weather = {"type": "function", **WEATHER_TOOL["function"]}
+    question = {"role": "user", "content": "Weather in Oslo?"}
+    called = client.responses.create(model=MODEL, input=[question], tools=[weather],
+                                     tool_choice="required", parallel_tool_calls=False,
+                                     max_output_tokens=300, extra_body={"seed": 4})
+    [call] = called.output
+    assert (call.type, call.name, called.status) == ("function_call", "get_weather", "completed")
+    assert set(json.loads(call.arguments)) == {"city", "unit"}
+    turn = client.responses.create(
+        model=MODEL, tools=[weather], tool_choice="none", max_output_tokens=4,
+        input=[question, call.model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": call.call_id, "output": "7 degrees"}])
+    assert turn.output[0].type == "message"
+    assert turn.usage.input_tokens > called.usage.input_tokens  # the call and its output
+    parsed = client.responses.parse(model=MODEL, input="Who are you?", text_format=Person,
+                                    max_output_tokens=300, extra_body={"seed": 2})
+    assert isinstance(parsed.output_parsed, Person)
+
+
 @pytest.mark.parametrize(("constraint", "words"), [
     ({"guided_regex": "(unclosed"}, "the regular expression is not valid"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},

@@ -39,7 +39,7 @@ def assert_openai_error(response, status: int, code: str | None = None) -> dict:
     return error
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses"])
 @pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-a"}]
 )
@@ -153,6 +153,22 @@ def test_valid_request_without_broker_is_503_with_request_id(client: TestClient)
     assert response.headers["x-request-id"].startswith("chatcmpl-")
 
 
+def test_a_response_request_is_checked_as_the_chat_it_means(client: TestClient) -> None:
+    """Bad Responses bodies are 400s naming the Responses field; a good one gets as far as
+    the broker (503 here), with a response id."""
+    for body, param in (
+        ({"model": MODEL}, "input"),
+        ({"model": MODEL, "input": "hi", "max_output_tokens": 65}, "max_output_tokens"),
+        ({"model": MODEL, "input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"model": MODEL, "input": [{"role": "user", "content": 5}]}, "input.0.content"),
+    ):
+        assert assert_openai_error(client.post("/v1/responses", json=body, headers=KEY), 400)["param"] == param
+    assert_openai_error(client.post("/v1/responses", json={"model": "other", "input": "hi"}, headers=KEY), 404)
+    response = client.post("/v1/responses", json={"model": MODEL, "input": "hi"}, headers=KEY)
+    assert_openai_error(response, 503, "service_unavailable")
+    assert response.headers["x-request-id"].startswith("resp_")
+
+
 def test_health_and_metrics(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
@@ -174,6 +190,7 @@ def test_openapi_documents_bodies_and_no_422(client: TestClient) -> None:
     for path, model in (
         ("/v1/completions", "CompletionBody"),
         ("/v1/chat/completions", "ChatCompletionBody"),
+        ("/v1/responses", "ResponsesBody"),
     ):
         operation = spec["paths"][path]["post"]
         ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
