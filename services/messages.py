@@ -395,6 +395,8 @@ class FinalAnswer(Message):
     finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Of the prompt tokens, those the worker found in its prefix cache."""
     error: ErrorInfo | None = None
 
 

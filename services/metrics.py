@@ -51,6 +51,8 @@ GENERATION_TOKENS = "vllm:generation_tokens"
 REQUEST_SUCCESS = "vllm:request_success"
 NUM_PREEMPTIONS = "vllm:num_preemptions"
 KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"
+PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"
 
 TENANT_SERVED_TOKENS = "fairway:tenant_served_tokens"
 TENANT_VIRTUAL_COUNTER = "fairway:tenant_virtual_token_counter"
@@ -224,10 +226,14 @@ def _worker_families(s: dict) -> Iterable[Metric]:
         family = GaugeMetricFamily(name, doc, labels=[MODEL])
         family.add_metric(labels, s[key])
         out.append(family)
-    preempted = CounterMetricFamily(NUM_PREEMPTIONS, "Engine preemptions since the worker started.",
-                                    labels=[MODEL])
-    preempted.add_metric(labels, s["preemptions"])
-    out.append(preempted)
+    for name, doc, key in (
+        (NUM_PREEMPTIONS, "Engine preemptions since the worker started.", "preemptions"),
+        (PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+        (PREFIX_CACHE_HITS, "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+    ):
+        counter = CounterMetricFamily(name, doc, labels=[MODEL])
+        counter.add_metric(labels, s.get(key, 0))
+        out.append(counter)
     return out
 
 

@@ -157,6 +157,14 @@ class Settings(BaseSettings):
     """Largest adapter rank the pool holds; smaller ranks are zero-padded to it."""
     max_cpu_loras: int = 64
     """Adapters kept in host memory (LRU), loaded from disk on first use."""
+    enable_prefix_caching: bool = True
+    """A worker keeps computed KV blocks named by their tokens, so a request that starts
+    as an earlier one did (a system prompt, a conversation's earlier turns) skips
+    computing them (vLLM's automatic prefix caching)."""
+    prefix_cache_scope: Literal["tenant", "global"] = "tenant"
+    """Whose requests share cached prefixes: each tenant's own (the default, so that no
+    tenant can time another's prompts, as vLLM's ``cache_salt`` keeps them apart), or
+    every tenant's (a system prompt all tenants send is computed once)."""
 
 
 @lru_cache(maxsize=1)

@@ -377,7 +377,8 @@ class WorkerService:
             torch.set_num_threads(s.threads)
         config = EngineConfig(max_num_seqs=s.max_running, kv_cache_tokens=s.kv_tokens,
                               max_model_len=s.max_model_len, max_loras=s.max_loras,
-                              max_lora_rank=s.max_lora_rank, max_cpu_loras=s.max_cpu_loras)
+                              max_lora_rank=s.max_lora_rank, max_cpu_loras=s.max_cpu_loras,
+                              enable_prefix_caching=s.enable_prefix_caching)
         if s.engine == "echo":  # no model: the tokenizer and config only
             engine = await asyncio.to_thread(EchoEngine.from_pretrained, path, config,
                                              s.echo_tokens_per_s)
@@ -464,7 +465,7 @@ class WorkerService:
         engine_req = EngineRequest(request_id=active.engine_id,
                                    prompt_token_ids=item.scored.prompt_token_ids,
                                    sampling=with_seed(req.sampling, rid),
-                                   lora=lora)
+                                   lora=lora, cache_salt=self._cache_salt(req))
         if point is not None:
             engine_req.resume = ResumedOutput(point.output_token_ids, point.streamed_chars)
         try:
@@ -675,7 +676,8 @@ class WorkerService:
             prompt_logprobs=out.prompt_logprobs if done else [],
             echoed_prompt=None if active.output_token_ids or not done else req.prompt_to_echo(),
             finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
-            completion_tokens=out.num_output_tokens, error=error))
+            completion_tokens=out.num_output_tokens, cached_tokens=out.num_cached_tokens,
+            error=error))
         event = amqp.publish(self.events, m.RequestFinished(
             request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
             pool=self.pool, finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
@@ -727,12 +729,17 @@ class WorkerService:
 
     # --- capacity --------------------------------------------------------------
 
+    def _cache_salt(self, request: m.CompletionRequest) -> str:
+        """Whose cached prefixes the request may share (``prefix_cache_scope``)."""
+        return request.tenant if self.settings.prefix_cache_scope == "tenant" else ""
+
     def heartbeat(self) -> m.WorkerHeartbeat:
         st = self.engine.stats
         prom.worker_state.publish({
             "model": self.settings.model_name, "running": st.num_running, "waiting": st.num_waiting,
             "kv_usage": 1.0 - st.num_free_kv_tokens / max(st.num_total_kv_tokens, 1),
-            "preemptions": st.num_preemptions,
+            "preemptions": st.num_preemptions, "prefix_cache_queries": st.prefix_cache_queries,
+            "prefix_cache_hits": st.prefix_cache_hits,
         })
         decode_tps = 1000.0 * max(st.num_running, 1) / st.decode_step_ms if st.decode_step_ms else 0.0
         return m.WorkerHeartbeat(

@@ -424,6 +424,9 @@ def _engine_config(args: argparse.Namespace, concurrency: int, workload: Workloa
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=max(longest, 16),
+        # Every method computes every prompt: a warm-up pass must not leave the measured
+        # one its prompts cached (bench/bench_prefix_cache.py measures the cache).
+        enable_prefix_caching=False,
     )
 
 

@@ -82,6 +82,7 @@ def measure(
         kv_cache_tokens=args.max_num_seqs * (args.prompt_len + args.output_len + 16),
         max_model_len=args.prompt_len + args.output_len + 16,
         max_loras=args.max_loras, max_lora_rank=max(args.rank, 1), max_cpu_loras=max(len(adapters), 1),
+        enable_prefix_caching=False,  # every prompt computed: the adapters' cost, not the cache's
     )  # fmt: skip
     engine = LLMEngine(model, tokenizer, config, args.device)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)

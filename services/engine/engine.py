@@ -104,6 +104,13 @@ def _as_id_set(value: Any) -> set[int]:
     return {int(v) for v in value}
 
 
+def _cache_salt(req: EngineRequest) -> bytes:
+    """What a request's K/V depend on besides its tokens: its adapter, and the salt the
+    worker gives it."""
+    adapter = (req.lora.name, req.lora.path) if req.lora is not None else ("", "")
+    return "\0".join((*adapter, req.cache_salt)).encode()
+
+
 def check_request(
     prompt: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int, kv_tokens: int,
     resume: ResumedOutput | None = None,
@@ -167,7 +174,8 @@ class LLMEngine:
         self.attention_fn = attention_fn or install_kernels(model, self.device)
         self.dtype = next(model.parameters()).dtype
         spec = KVCacheSpec.from_model_config(model_config)
-        self.allocator = BlockAllocator(config.num_blocks, config.block_size)
+        self.allocator = BlockAllocator(config.num_blocks, config.block_size,
+                                        enable_caching=config.enable_prefix_caching)
         self.kv_caches = allocate_kv_cache(
             spec, config.num_blocks, config.block_size, self.dtype, self.device
         )
@@ -258,6 +266,8 @@ class LLMEngine:
             num_prompt_tokens=len(prompt),
             max_tokens=params.max_tokens,
             priority=req.priority,
+            cache_salt=_cache_salt(req),
+            reads_prefix_cache=params.prompt_logprobs is None,
         )
         if req.lora is not None:
             if self.lora is None:
@@ -321,6 +331,8 @@ class LLMEngine:
             prefill_tokens_per_s=self._prefill_tokens_per_s,
             decode_step_ms=self._decode_step_ms,
             adapters=self.lora.resident_names() if self.lora is not None else [],
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
         )
 
     # ---- the step -------------------------------------------------------------------
@@ -403,6 +415,10 @@ class LLMEngine:
             if item.samples:
                 logit_rows.append(starts[-1] - 1)
         width = max(len(blocks) for blocks in tables)
+        if self.slot_caches is not None:
+            for item in sched.scheduled:
+                if item.seq.num_computed_tokens and item.seq.request_id not in self._slot_of:
+                    self._fill_slot(item.seq)
 
         dev = self.device
         meta = PagedAttentionMetadata(
@@ -515,6 +531,20 @@ class LLMEngine:
             slot = self._slot_of[request_id] = heapq.heappop(self._free_slots)
         return slot
 
+    def _fill_slot(self, seq: Sequence) -> None:
+        """Copy the K/V a request starts with (cached blocks) into its new slot, where
+        attention reads its context on CPU."""
+        slot, bs = self._slot(seq.request_id), self.allocator.block_size
+        computed = seq.num_computed_tokens
+        blocks = torch.tensor(seq.block_ids[: computed // bs], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            for (key_cache, value_cache), (key_slots, value_slots) in zip(
+                    self.kv_caches, self.slot_caches or [], strict=True):
+                for paged, slots in ((key_cache, key_slots), (value_cache, value_slots)):
+                    # [blocks, block_size, heads, dim] -> [heads, positions, dim]
+                    context = paged.index_select(0, blocks).flatten(0, 1).transpose(0, 1)
+                    slots[slot, :, :computed].copy_(context)
+
     def _release_slot(self, request_id: str) -> None:
         slot = self._slot_of.pop(request_id, None)
         if slot is not None:
@@ -583,6 +613,7 @@ class LLMEngine:
             error=error,
             logprobs=logprobs or [],
             prompt_logprobs=prompt_logprobs or [],
+            num_cached_tokens=min(seq.num_cached_tokens or 0, seq.num_prompt_tokens),
         )
 
     def _record_timing(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:

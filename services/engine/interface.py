@@ -28,6 +28,10 @@ class EngineConfig:
     """Pool rank: adapters of rank up to this are served, smaller ones zero-padded."""
     max_cpu_loras: int = 64
     """Adapters kept in host memory (LRU; those of live requests always stay)."""
+    enable_prefix_caching: bool = True
+    """Keep computed KV blocks named by their tokens, so that a request starting as an
+    earlier one did (a system prompt, a conversation's earlier turns) skips computing
+    them (vLLM's automatic prefix caching, on by default as in vLLM)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -80,6 +84,9 @@ class EngineRequest:
     """The adapter to apply; None: the base model."""
     resume: ResumedOutput | None = None
     """Continue after this output of an earlier run; None: a fresh request."""
+    cache_salt: str = ""
+    """Only requests of the same salt share cached prefixes (the worker's: the tenant,
+    when the cache is kept per tenant)."""
 
 
 @dataclass
@@ -99,6 +106,8 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per prompt token, with the request's first output, when it asked for them
     (the first entry has no log-probability: nothing predicts it)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens its first admission found in the prefix cache (final output only)."""
 
 
 @dataclass
@@ -115,3 +124,7 @@ class EngineStats:
     """EWMA of the time of steps that only decoded."""
     adapters: list[str] = field(default_factory=list)
     """LoRA adapters resident in the device pool (for the scheduler's affinity)."""
+    prefix_cache_queries: int = 0
+    """Tokens of admitted requests looked up in the prefix cache, since the start."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached."""

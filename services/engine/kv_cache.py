@@ -1,26 +1,60 @@
-"""Paged KV cache: a block allocator (pure) and the per-layer K/V block tensors."""
+"""Paged KV cache: a block allocator with prefix caching (pure) and the per-layer K/V
+block tensors."""
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 
-class BlockAllocator:
-    """Hands out fixed-size KV blocks by id; a request's block table is a list of ids."""
+def block_hash(parent: bytes, token_ids: list[int], salt: bytes = b"") -> bytes:
+    """The name of a full block's contents: its tokens, every token before them (through
+    the parent block's name) and a salt (what else the K/V depend on: the adapter, and
+    the tenant when the cache is kept per tenant). SHA-256, so that no prompt can be
+    made to collide with another's and read its cache."""
+    digest = hashlib.sha256(parent)
+    digest.update(salt)
+    digest.update(b"\0")
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+
+class BlockAllocator:
+    """Hands out fixed-size KV blocks by id; a request's block table is a list of ids.
+
+    With prefix caching (``enable_caching``), a full block's contents are named by
+    :func:`block_hash` once computed (:meth:`register`), and a later request whose tokens
+    start the same way takes those blocks (:meth:`cached_prefix`, :meth:`take`) instead of
+    computing them again, as vLLM's automatic prefix caching does. Blocks are shared by
+    reference count; one that no request holds any more stays cached, and is handed out
+    again (its name forgotten) only when no block that names nothing is free: least
+    recently freed first, and a request's later blocks before its earlier ones.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_caching = enable_caching
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        """Blocks no request holds, the next to hand out first."""
+        self._refs = [0] * num_blocks
+        self._name_of: dict[int, bytes] = {}
+        self._block_named: dict[bytes, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks that can be handed out, cached ones no request holds included."""
         return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._name_of)
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
@@ -32,10 +66,54 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        blocks = []
+        for _ in range(n):
+            block, _ = self._free.popitem(last=False)
+            name = self._name_of.pop(block, None)
+            if name is not None:  # evicted: its contents are about to change
+                del self._block_named[name]
+            self._refs[block] = 1
+            blocks.append(block)
+        return blocks
 
     def free(self, block_ids: list[int]) -> None:
-        self._free.extend(block_ids)
+        """Drop a request's hold on its blocks (given in its order)."""
+        for block in reversed(block_ids):  # its last blocks are the first to go
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+                if block not in self._name_of:  # nothing cached in it: hand it out first
+                    self._free.move_to_end(block, last=False)
+
+    def cached_prefix(self, names: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of ``names`` from the first."""
+        blocks = []
+        if self.enable_caching:
+            for name in names:
+                block = self._block_named.get(name)
+                if block is None:
+                    break
+                blocks.append(block)
+        return blocks
+
+    def num_held_by_none(self, block_ids: list[int]) -> int:
+        """How many of these blocks are free (cached, held by no request): taking them
+        uses up that many free blocks."""
+        return sum(1 for block in block_ids if self._refs[block] == 0)
+
+    def take(self, block_ids: list[int]) -> None:
+        """Hold cached blocks (from :meth:`cached_prefix`) for one more request."""
+        for block in block_ids:
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+
+    def register(self, block: int, name: bytes) -> None:
+        """Name a held block whose contents are complete. A block already named so
+        (another request computed the same tokens alongside) stays the cached one."""
+        if self.enable_caching and name not in self._block_named and block not in self._name_of:
+            self._block_named[name] = block
+            self._name_of[block] = name
 
 
 @dataclass

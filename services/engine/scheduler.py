@@ -3,7 +3,9 @@
 Each step it picks which requests run and how many of their tokens are computed, within
 ``max_num_seqs``, the token budget and the free KV blocks. A request's state is just
 ``num_computed_tokens`` against its ``token_ids`` (prompt + output so far): decode,
-prefill, chunked prefill and recompute after preemption are the same rule.
+prefill, chunked prefill and recompute after preemption are the same rule. With prefix
+caching, a request admitted with nothing computed first takes the cached blocks its
+tokens start with (:class:`BlockAllocator`), and begins with those tokens computed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import itertools
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from services.engine.kv_cache import BlockAllocator
+from services.engine.kv_cache import BlockAllocator, block_hash
 
 LORA_MAX_SKIPS = 64
 """Steps a request may be passed over for want of a free LoRA slot before admission
@@ -45,6 +47,17 @@ class Sequence:
     lora: Hashable | None = None
     """The request's adapter (the engine's key), or None for the base model."""
     lora_skips: int = 0
+    cache_salt: bytes = b""
+    """What its K/V depend on besides its tokens (adapter, tenant): part of its blocks' names."""
+    reads_prefix_cache: bool = True
+    """Whether it may start from cached blocks (not when its prompt's log-probabilities
+    are wanted: they are computed with the prompt). Its own blocks are cached either way."""
+    num_cached_tokens: int | None = None
+    """Tokens its first admission found cached (None: not admitted yet)."""
+    block_names: list[bytes] = field(default_factory=list)
+    """Names of its full blocks of known tokens, as far as computed so far."""
+    num_registered_blocks: int = 0
+    """Its first blocks named in the cache (taken from it, or computed and registered)."""
 
     @property
     def num_tokens(self) -> int:
@@ -84,7 +97,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Admission, chunked prefill and preemption by recompute over a block allocator."""
+    """Admission, chunked prefill, prefix caching and preemption by recompute over a block
+    allocator."""
 
     def __init__(
         self,
@@ -101,6 +115,10 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        """Tokens of admitted requests looked up in the prefix cache (vLLM's counters)."""
+        self.prefix_cache_hits = 0
+        """Of those, tokens found cached."""
         self._arrivals = itertools.count()
 
     def add(self, seq: Sequence) -> None:
@@ -156,11 +174,14 @@ class Scheduler:
                         break
                     passed.append(self.waiting.pop(0))
                     continue
-                num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                need = self._blocks_needed(seq, num_new)
-                if not self.allocator.can_allocate(need):
+                cached = self._cached_prefix(seq)
+                computed = seq.num_computed_tokens + len(cached) * self.allocator.block_size
+                num_new = min(seq.num_tokens - computed, budget)
+                need = self.allocator.blocks_for(computed + num_new) - len(cached)
+                if not self.allocator.can_allocate(need + self.allocator.num_held_by_none(cached)):
                     break
                 self.waiting.pop(0)
+                self._take_cached(seq, cached)
                 seq.block_ids.extend(self.allocator.allocate(need))
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
@@ -173,9 +194,17 @@ class Scheduler:
         return SchedulerOutput(scheduled, preempted, self.max_num_batched_tokens - budget)
 
     def commit(self, output: SchedulerOutput) -> None:
-        """Mark the scheduled tokens as computed once the forward pass ran."""
+        """Mark the scheduled tokens as computed once the forward pass ran, and name the
+        blocks they completed in the prefix cache."""
         for item in output.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if self.allocator.enable_caching:
+                full = seq.num_computed_tokens // self.allocator.block_size
+                names = self._block_names(seq, full)
+                for i in range(seq.num_registered_blocks, full):
+                    self.allocator.register(seq.block_ids[i], names[i])
+                seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a request wherever it is and free its blocks."""
@@ -196,6 +225,36 @@ class Scheduler:
             and len(loras) >= self.max_loras
         )
 
+    def _block_names(self, seq: Sequence, count: int) -> list[bytes]:
+        """The names of the sequence's first ``count`` full blocks (made as needed)."""
+        bs = self.allocator.block_size
+        names = seq.block_names
+        while len(names) < count:
+            i = len(names)
+            names.append(block_hash(names[-1] if names else b"", seq.token_ids[i * bs : (i + 1) * bs],
+                                    seq.cache_salt))
+        return names[:count]
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a request admitted with nothing computed may start from: of
+        its tokens before the last, which is computed to sample from (and so no write
+        ever lands in a shared block)."""
+        if not self.allocator.enable_caching or seq.num_computed_tokens or not seq.reads_prefix_cache:
+            return []
+        return self.allocator.cached_prefix(
+            self._block_names(seq, (seq.num_tokens - 1) // self.allocator.block_size))
+
+    def _take_cached(self, seq: Sequence, cached: list[int]) -> None:
+        self.allocator.take(cached)
+        seq.block_ids = list(cached)
+        seq.num_computed_tokens += len(cached) * self.allocator.block_size
+        seq.num_registered_blocks = len(cached)
+        if seq.num_cached_tokens is None:  # its first admission: what the client is told
+            seq.num_cached_tokens = seq.num_computed_tokens
+            if self.allocator.enable_caching and seq.reads_prefix_cache:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += seq.num_computed_tokens
+
     def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
         total = self.allocator.blocks_for(seq.num_computed_tokens + num_new)
         return max(total - len(seq.block_ids), 0)
@@ -207,6 +266,7 @@ class Scheduler:
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
         seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

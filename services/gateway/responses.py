@@ -96,13 +96,15 @@ class ChoiceAnswer:
 
 def usage(finals: list[FinalAnswer], n: int = 1) -> dict[str, int]:
     """Each prompt once, the completion tokens of every choice (as OpenAI counts ``n``);
-    ``finals``: every choice's, ``n`` per prompt."""
+    ``finals``: every choice's, ``n`` per prompt. ``cached_tokens``: of the prompt tokens,
+    those found in the worker's prefix cache (each prompt's first choice's)."""
     prompt = sum(final.prompt_tokens for final in finals[::n])
     completion = sum(final.completion_tokens for final in finals)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(final.cached_tokens for final in finals[::n])},
     }
 
 

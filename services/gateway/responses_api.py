@@ -395,7 +395,7 @@ def response_object(meta: ResponseMeta, echo: dict[str, Any], status: str, *,
     usage = None
     if final is not None:
         usage = {"input_tokens": final.prompt_tokens,
-                 "input_tokens_details": {"cached_tokens": 0},
+                 "input_tokens_details": {"cached_tokens": final.cached_tokens},
                  "output_tokens": final.completion_tokens,
                  "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": final.prompt_tokens + final.completion_tokens}

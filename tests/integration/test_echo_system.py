@@ -230,7 +230,8 @@ VLLM_NAMES = {
                      "vllm:request_success_total"],
     "echo-cpu-worker": ["vllm:num_requests_running", "vllm:num_requests_waiting",
                         "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
-                        "vllm:num_preemptions_total", "vllm:kv_cache_usage_perc"],
+                        "vllm:num_preemptions_total", "vllm:kv_cache_usage_perc",
+                        "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"],
     "echo-scheduler": ["vllm:num_requests_waiting"],
 }
 FAIRWAY_NAMES = {

@@ -365,6 +365,25 @@ def test_a_constraint_no_parser_reads_is_a_400_from_the_scorer(system, acme_key,
     assert words in r.json()["error"]["message"]
 
 
+def test_a_tenants_repeated_prefix_is_served_from_the_cache_and_only_its_own(system, acme_key, globex_key):
+    """A conversation's earlier turns sent again are read from the worker's prefix cache
+    (usage.prompt_tokens_details.cached_tokens), and another tenant's same prompt is not
+    (FAIRWAY_PREFIX_CACHE_SCOPE is per tenant by default)."""
+    system_prompt = {"role": "system", "content": "You answer questions about the weather. " * 6}
+    first = [system_prompt, {"role": "user", "content": "Is it raining in Oslo?"}]
+
+    def ask(key: str, messages: list[dict]):
+        tenant = openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=key, max_retries=0)
+        return tenant.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, seed=1)
+
+    ask(acme_key, first)
+    again = ask(acme_key, first + [{"role": "assistant", "content": "Yes."},
+                                   {"role": "user", "content": "And in Rome?"}])
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < again.usage.prompt_tokens and cached % 16 == 0
+    assert ask(globex_key, first).usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_two_tenants_and_bad_key(system, acme_key, globex_key):
     for key in (acme_key, globex_key):
         r = httpx.post(f"{system.gateway_url}/v1/completions", headers={"Authorization": f"Bearer {key}"},

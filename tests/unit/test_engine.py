@@ -506,3 +506,66 @@ def test_bf16_engine_with_prepacked_weights_matches_unpacked(model_path, prompt_
         runs.append(drain(engine).tokens)
     assert runs[0] == runs[1]
     assert [len(runs[0][f"r{i}"]) for i in range(len(OUTPUT_LENS))] == OUTPUT_LENS
+
+
+SYSTEM = "You are a careful assistant who answers in one short sentence. " * 3
+
+
+@pytest.mark.parametrize("slots", [True, False], ids=["slot-caches", "paged"])
+def test_a_shared_prefix_is_computed_once_and_gives_the_same_tokens(
+    model_path, tokenizer, ref_model, slots
+):
+    """Requests that start as an earlier one did take its cached blocks (a whole number
+    of blocks, never the last prompt token) and answer exactly as computed afresh: over
+    the CPU slot caches, which the cached context is copied into, and the paged cache."""
+    first, second = (tokenizer(SYSTEM + question)["input_ids"]
+                     for question in ("What is rain?", "Why is the sky blue?"))
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    engine = make_engine(model_path, kv_cache_tokens=4096 if not slots else 65536, max_model_len=512)
+    assert (engine.slot_caches is not None) is slots
+    engine.add_request(EngineRequest("first", first, greedy(8)))
+    run = drain(engine)
+    assert run.final["first"].num_cached_tokens == 0
+    engine.add_request(EngineRequest("second", second, greedy(8)))
+    engine.add_request(EngineRequest("again", first, greedy(8)))
+    run = drain(engine, run)
+    assert run.tokens["second"] == greedy_reference(ref_model, second, 8)
+    assert run.tokens["again"] == run.tokens["first"] == greedy_reference(ref_model, first, 8)
+    assert run.final["second"].num_cached_tokens == shared // 16 * 16 > 0
+    # Its prompt and the first answer's blocks: all but the block of its last token.
+    assert run.final["again"].num_cached_tokens == (len(first) - 1) // 16 * 16
+    stats = engine.stats()
+    assert stats.prefix_cache_queries == 2 * len(first) + len(second)
+    assert stats.prefix_cache_hits == shared // 16 * 16 + (len(first) - 1) // 16 * 16
+    assert stats.num_free_kv_tokens == stats.num_total_kv_tokens  # cached blocks are free ones
+
+
+def test_prefix_caching_is_kept_apart_by_salt_and_skipped_for_prompt_logprobs(model_path, tokenizer):
+    prompt = tokenizer(SYSTEM + "Hello")["input_ids"]
+    engine = make_engine(model_path, kv_cache_tokens=4096, max_model_len=512)
+    engine.add_request(EngineRequest("acme", prompt, greedy(2), cache_salt="acme"))
+    drain(engine)
+    engine.add_request(EngineRequest("globex", prompt, greedy(2), cache_salt="globex"))
+    engine.add_request(EngineRequest("scored", prompt, greedy(2, prompt_logprobs=1), cache_salt="acme"))
+    run = drain(engine)
+    assert run.final["globex"].num_cached_tokens == 0  # another tenant's prompt is not read
+    assert run.final["scored"].num_cached_tokens == 0  # its prompt's logprobs are computed
+    assert len(run.prompt_logprobs["scored"]) == len(prompt)
+    engine.add_request(EngineRequest("acme-again", prompt, greedy(2), cache_salt="acme"))
+    assert drain(engine).final["acme-again"].num_cached_tokens > 0
+    off = make_engine(model_path, kv_cache_tokens=4096, max_model_len=512, enable_prefix_caching=False)
+    for name in ("a", "b"):
+        off.add_request(EngineRequest(name, prompt, greedy(2)))
+        assert drain(off).final[name].num_cached_tokens == 0
+    assert off.stats().prefix_cache_queries == 0
+
+
+def test_a_small_pool_evicts_cached_blocks_and_stays_exact(model_path, prompt_ids, reference):
+    # 7 blocks of 8 tokens: the cached blocks are reused for new requests (and preempted
+    # ones find their own again) without a token changing.
+    engine = make_engine(model_path, kv_cache_tokens=56, block_size=8)
+    for _ in range(2):
+        add_all(engine, prompt_ids, OUTPUT_LENS)
+        run = drain(engine)
+        assert [run.tokens[f"r{i}"] for i in range(len(reference))] == reference
+    assert engine.stats().num_free_kv_tokens == 56

@@ -158,3 +158,73 @@ def test_finish_frees_blocks_from_running_and_waiting():
     s.finish(b)
     assert s.allocator.num_free_blocks == 8 and not s.has_unfinished()
     assert a.status is SeqStatus.FINISHED
+
+
+def caching(num_blocks: int = 16, block_size: int = 4, budget: int = 64) -> Scheduler:
+    return Scheduler(8, budget, BlockAllocator(num_blocks, block_size, enable_caching=True))
+
+
+def serve(s: Scheduler, q: Sequence) -> SchedulerOutput:
+    s.add(q)
+    first = run_step(s)
+    while q.num_output_tokens < q.max_tokens:
+        run_step(s)
+    s.finish(q)
+    return first
+
+
+def test_a_request_starts_from_the_cached_blocks_of_its_prefix():
+    s = caching()
+    serve(s, Sequence("a", list(range(10)), 10, 2))
+    assert s.allocator.num_cached_blocks == 2  # tokens 0-7 (the third block was not full)
+    b = Sequence("b", list(range(9)) + [99], 10, 2)
+    first = serve(s, b)
+    assert first.scheduled[0].num_new_tokens == 2 and b.num_cached_tokens == 8
+    c = Sequence("c", list(range(8)), 8, 2)  # all cached: its last block is computed again
+    assert serve(s, c).scheduled[0].num_new_tokens == 4 and c.num_cached_tokens == 4
+    assert (s.prefix_cache_queries, s.prefix_cache_hits) == (28, 12)
+    other = Sequence("d", list(range(10)), 10, 2, cache_salt=b"another tenant")
+    assert serve(s, other).scheduled[0].num_new_tokens == 10 and other.num_cached_tokens == 0
+    assert s.allocator.num_free_blocks == 16
+
+
+def test_cached_blocks_are_shared_while_held_and_evicted_last_recently_freed_first():
+    a = BlockAllocator(4, 4, enable_caching=True)
+    x, y = a.allocate(2)
+    a.register(x, b"x")
+    a.register(y, b"y")
+    a.free([x, y])
+    assert a.num_free_blocks == 4 and a.cached_prefix([b"x", b"y", b"z"]) == [x, y]
+    assert a.num_held_by_none([x, y]) == 2
+    a.take([x])
+    a.take([x])  # two requests share it
+    assert a.num_free_blocks == 3 and a.num_held_by_none([x]) == 0
+    fresh = a.allocate(2)  # the blocks that name nothing go first
+    assert y not in fresh and a.cached_prefix([b"x", b"y"]) == [x, y]
+    assert a.allocate(1) == [y] and a.cached_prefix([b"x", b"y"]) == [x]  # y evicted
+    a.free([x])
+    assert a.num_free_blocks == 0  # still held by the other
+    a.free([x])
+    assert a.num_free_blocks == 1 and a.cached_prefix([b"x"]) == [x]
+    a.register(fresh[0], b"x")  # computed alongside: the first stays the cached one
+    assert a.cached_prefix([b"x"]) == [x]
+    plain = BlockAllocator(4, 4)
+    block = plain.allocate(1)[0]
+    plain.register(block, b"x")
+    assert plain.cached_prefix([b"x"]) == []
+
+
+def test_admission_counts_the_free_cached_blocks_it_takes_and_preemption_finds_its_own():
+    s = caching(num_blocks=4, block_size=4, budget=64)
+    serve(s, Sequence("a", list(range(9)), 9, 1))  # caches blocks 0-1 (tokens 0-7)
+    # 8 cached tokens + 8 new: 4 blocks, two of them the free cached ones.
+    big = Sequence("big", list(range(16)), 16, 1)
+    s.add(big)
+    out = s.schedule()
+    assert out.scheduled[0].num_new_tokens == 8 and s.allocator.num_free_blocks == 0
+    s.commit(out)
+    s._preempt(big)  # its blocks stay cached
+    assert s.allocator.num_free_blocks == 4
+    again = s.schedule()
+    assert again.scheduled[0].seq is big and again.scheduled[0].num_new_tokens == 4
+    assert big.num_cached_tokens == 8  # what its first admission found

@@ -89,7 +89,8 @@ def test_completion_body_shape() -> None:
         "created": 1700,
         "model": "m",
         "choices": [{"index": 0, "logprobs": None, "finish_reason": "length", "text": "abc"}],
-        "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
+        "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
+                  "prompt_tokens_details": {"cached_tokens": 0}},
     }
 
 
@@ -184,7 +185,8 @@ async def test_completion_stream_with_usage() -> None:
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None, None, "stop"]
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
+                                  "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def test_chat_stream_starts_with_role_and_has_no_usage_by_default() -> None:
@@ -288,19 +290,22 @@ async def test_n_choices_are_read_together_and_counted_once_for_the_prompt() -> 
     body = completion_response(dataclasses.replace(COMPLETION, n=2), await collect_answer(choices))
     assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
         (0, "a", "stop"), (1, "xy", "length")]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
+                                  "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def test_a_batch_echoes_each_choice_its_own_prompt_and_counts_every_prompt_once() -> None:
     """Two prompts, two choices each: choices 0-1 answer the first prompt, 2-3 the second."""
-    first, second = dataclasses.replace(done(1), prompt_tokens=4), dataclasses.replace(done(1), prompt_tokens=9)
+    first = dataclasses.replace(done(1), prompt_tokens=4)
+    second = dataclasses.replace(done(1), prompt_tokens=9, cached_tokens=8)
     meta = dataclasses.replace(COMPLETION, echo=("Hi ", "Bye "), n=2)
     streams = [child("b-0", tok(0, "a"), first), child("b-1", tok(0, "b"), first),
                child("b-2", tok(0, "c"), second), child("b-3", tok(0, "d"), second)]
     body = completion_response(meta, await collect_answer(ChoiceStream(streams)))
     assert [(c["index"], c["text"]) for c in body["choices"]] == [
         (0, "Hi a"), (1, "Hi b"), (2, "Bye c"), (3, "Bye d")]
-    assert body["usage"] == {"prompt_tokens": 13, "completion_tokens": 4, "total_tokens": 17}
+    assert body["usage"] == {"prompt_tokens": 13, "completion_tokens": 4, "total_tokens": 17,
+                             "prompt_tokens_details": {"cached_tokens": 8}}
     streams = [child("b-0", tok(0, "a"), first), child("b-1", tok(0, "b"), first),
                child("b-2", tok(0, "c"), second), child("b-3", tok(0, "d"), second)]
     events = await run_sse(meta, ChoiceStream(streams), include_usage=True)
@@ -309,7 +314,8 @@ async def test_a_batch_echoes_each_choice_its_own_prompt_and_counts_every_prompt
         for choice in event["choices"]:
             texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
     assert texts == {0: "Hi a", 1: "Hi b", 2: "Bye c", 3: "Bye d"}
-    assert events[-2]["usage"] == {"prompt_tokens": 13, "completion_tokens": 4, "total_tokens": 17}
+    assert events[-2]["usage"] == {"prompt_tokens": 13, "completion_tokens": 4, "total_tokens": 17,
+                             "prompt_tokens_details": {"cached_tokens": 8}}
 
 
 async def test_a_token_id_prompt_is_echoed_with_the_text_its_worker_spelled() -> None:
@@ -351,7 +357,8 @@ async def test_n_choices_stream_interleaved_each_with_its_own_end() -> None:
         choice = c["choices"][0]
         per_choice[choice["index"]].append(choice["delta"].get("content") or choice["finish_reason"])
     assert per_choice == {0: ["a", "stop"], 1: ["x", "y", "stop"]}
-    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
+                                  "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def test_an_error_in_one_choice_ends_the_answer() -> None:

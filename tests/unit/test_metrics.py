@@ -18,7 +18,8 @@ def test_snapshot_collectors_expose_vllm_and_fairway_names():
     assert generate_latest(registry) == b""  # nothing published yet
     scheduler.publish({"model": "m", "served": {"a": 30.0}, "counters": {"a": 12.5, "b": 3.0},
                        "queued": {"a": 2, "b": 0}, "inflight": {"cpu": 1, "gpu": 0}})
-    worker.publish({"model": "m", "running": 3, "waiting": 1, "kv_usage": 0.25, "preemptions": 7})
+    worker.publish({"model": "m", "running": 3, "waiting": 1, "kv_usage": 0.25, "preemptions": 7,
+                    "prefix_cache_queries": 90, "prefix_cache_hits": 64})
     text = generate_latest(registry).decode()
     for line in (
         'fairway:tenant_served_tokens_total{tenant="a"} 30.0',
@@ -29,6 +30,8 @@ def test_snapshot_collectors_expose_vllm_and_fairway_names():
         'vllm:num_requests_running{model_name="m"} 3.0',
         'vllm:kv_cache_usage_perc{model_name="m"} 0.25',
         'vllm:num_preemptions_total{model_name="m"} 7.0',
+        'vllm:prefix_cache_queries_total{model_name="m"} 90.0',
+        'vllm:prefix_cache_hits_total{model_name="m"} 64.0',
     ):
         assert line in text, line
 
