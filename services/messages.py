@@ -57,6 +57,10 @@ MAX_TEMPLATE_ARGS = 32
 """Most ``chat_template_kwargs`` entries one request may carry."""
 
 StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+ReasoningFormat = Literal["", "deepseek_r1", "qwen3"]
+"""How a thinking model sets its thinking apart (vLLM's reasoning parsers); "" for none.
+``qwen3``: the model may open ``<think>`` itself; ``deepseek_r1``: the chat template
+opened it, so the answer starts thinking. Both end it with ``</think>``."""
 
 
 MAX_STRUCTURED_CHARS = 65536
@@ -88,6 +92,10 @@ class StructuredOutput:
     any_whitespace: bool = True
     """JSON may have whitespace wherever JSON allows it; False: none, JSON's compact
     form (vLLM's ``disable_any_whitespace``, for models that would not stop spacing)."""
+    after_reasoning: ReasoningFormat = ""
+    """The answer may think first, free, in this format; the language holds from the end
+    of its thinking (as vLLM's structured outputs with a reasoning parser). "" holds it
+    from the first token."""
 
     def problem(self) -> str | None:
         """Why the constraint is malformed (the wrong fields for its kind, too long), or

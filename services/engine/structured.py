@@ -5,7 +5,9 @@ vLLM's structured outputs) is compiled once per tokenizer into a token-level aut
 each request then keeps a :class:`GrammarState`, which says before every draw which
 tokens may come next (the sampler masks the rest) and follows every token drawn. The
 state is rebuilt from the output so far, so a request resumed on another worker or
-recomputed after a preemption goes on where it was.
+recomputed after a preemption goes on where it was. A thinking model's answer
+(``after_reasoning``) thinks first, free, and is held to the language from the end of
+its thinking (``</think>``), as vLLM does with a reasoning parser.
 
 xgrammar (the backend vLLM and SGLang default to) is imported on first use: a server
 without it serves everything else and refuses structured requests with a clear error.
@@ -115,17 +117,28 @@ def _syntax_problem(key: tuple[str, str, tuple[str, ...], bool]) -> str | None:
     return None
 
 
+THINK_START, THINK_END = "<think>", "</think>"
+
+
 class GrammarState:
     """One request's place in its language: which tokens may come next, and whether the
-    answer has reached its end."""
+    answer has reached its end.
 
-    def __init__(self, matcher: Any, bitmask: torch.Tensor, vocab_size: int, xgr: Any) -> None:
+    With ``thinking`` (the ids of ``<think>`` and ``</think>``) and a ``phase``, the
+    answer may think before the language holds: ``"may_think"`` (its first token may
+    open the thinking, or start the answer), ``"thinking"`` (free until the end of
+    thinking), ``"answer"`` (held)."""
+
+    def __init__(self, matcher: Any, bitmask: torch.Tensor, vocab_size: int, xgr: Any,
+                 thinking: tuple[int, int] | None = None, phase: str = "answer") -> None:
         self._matcher = matcher
         self._bitmask = bitmask
         self._vocab_size = vocab_size
         self._xgr = xgr
         self._filled = False
         self._stuck = False
+        self._thinking = thinking
+        self.phase = phase if thinking is not None else "answer"
 
     def _next(self) -> torch.Tensor:
         if not self._filled:
@@ -142,6 +155,8 @@ class GrammarState:
     def only_end_allowed(self) -> bool:
         """Whether the language is complete and allows nothing but its end (a stop
         token): then the end wins over ``min_tokens``, which would forbid every token."""
+        if self.phase != "answer":
+            return False
         allowed = self.allowed()
         stops = [t for t in self._matcher.stop_token_ids if t < self._vocab_size]
         allowed[stops] = False
@@ -149,11 +164,19 @@ class GrammarState:
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set the logits [V] of the tokens that may not come next to -inf, in place."""
+        if self.phase == "thinking":
+            return
+        opener = None
+        if self.phase == "may_think" and self._thinking is not None:
+            start = self._thinking[0]
+            opener = logits[start].clone()
         bitmask = self._next()
         if bitmask.device != logits.device:
             bitmask = bitmask.to(logits.device, non_blocking=True)
         self._xgr.apply_token_bitmask_inplace(logits.view(1, -1), bitmask,
                                               vocab_size=logits.shape[-1])
+        if opener is not None:
+            logits[start] = opener  # the answer may open its thinking instead
         if not torch.isfinite(logits).any():  # no token of the vocabulary fits
             self._stuck = True
             logits.zero_()  # a draw must still happen; accept() then fails the request
@@ -161,6 +184,16 @@ class GrammarState:
     def accept(self, token: int) -> bool:
         """Follow a drawn token; True when it ended the answer (a stop token where the
         language is complete). Raises EngineError for a token the language forbids."""
+        if self._thinking is not None and self.phase != "answer":
+            start, end = self._thinking
+            if self.phase == "may_think" and token == start:
+                self.phase = "thinking"
+                return False
+            if self.phase == "thinking":
+                if token == end:
+                    self.phase = "answer"
+                return False
+            self.phase = "answer"  # it answered at once
         if self._stuck:
             raise EngineError("no token of this model continues the answer's structure")
         if not self._matcher.accept_token(token):
@@ -183,6 +216,11 @@ class GrammarCompiler:
             raise EngineError(f"structured outputs are not available for this tokenizer: {exc}") from None
         self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1))
         self._vocab_size = vocab_size
+        ids = [tokenizer.convert_tokens_to_ids(mark) for mark in (THINK_START, THINK_END)]
+        self._thinking: tuple[int, int] | None = (
+            (ids[0], ids[1]) if all(isinstance(i, int) and 0 <= i < vocab_size
+                                    and i != tokenizer.unk_token_id for i in ids) else None)
+        """The ids of the thinking marks, where the tokenizer has them as tokens of their own."""
         self._lock = threading.Lock()
         self._compiled: OrderedDict[tuple[str, str, tuple[str, ...], bool], Any] = OrderedDict()
 
@@ -205,11 +243,14 @@ class GrammarCompiler:
         return compiled
 
     def state(self, spec: StructuredOutput, output: Sequence[int] = ()) -> GrammarState:
-        """A request's state, past the output it already has (a resumed request's)."""
+        """A request's state, past the output it already has (a resumed request's). A
+        thinking answer (``after_reasoning``) of a tokenizer without the thinking marks as
+        tokens of their own is held from its first token."""
         xgr = self._xgr
         matcher = xgr.GrammarMatcher(self.compile(spec))
+        phase = {"qwen3": "may_think", "deepseek_r1": "thinking"}.get(spec.after_reasoning, "answer")
         state = GrammarState(matcher, xgr.allocate_token_bitmask(1, self._vocab_size),
-                             self._vocab_size, xgr)
+                             self._vocab_size, xgr, self._thinking, phase)
         for token in output:
             try:
                 state.accept(token)

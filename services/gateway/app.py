@@ -366,6 +366,7 @@ async def _complete(request: Request, read: Callable[[bytes], Generation]) -> Re
             reply_to=state.backend.reply_queue_name,
             max_model_len=settings.max_model_len,
             deadline_ms=deadline_ms,
+            reasoning_parser=settings.reasoning_parser,
         )
     except ApiError as err:
         raise generation.named(err) from None

@@ -45,6 +45,7 @@ from services.messages import (
     MAX_TOOLS,
     ChatMessage,
     CompletionRequest,
+    ReasoningFormat,
     RequestKind,
     SamplingParams,
     StructuredOutput,
@@ -629,9 +630,9 @@ def tool_call_constraint(body: AnyBody) -> StructuredOutput | None:
 
 def reasoning_parser_for(request: CompletionRequest, parser: str) -> str:
     """The reasoning parser a request's answer goes through (``parser``, the server's):
-    none for a completion, nor for an answer a grammar holds from its first token (a
-    structured output or a forced call), which has no thinking to split off."""
-    return parser if request.kind == "chat" and request.sampling.structured is None else ""
+    a chat's, none for a completion. A structured chat answer (or forced call) thinks
+    first too: its grammar holds from the end of its thinking (:func:`to_completion_request`)."""
+    return parser if request.kind == "chat" else ""
 
 
 def choices(body: AnyBody) -> int:
@@ -724,8 +725,11 @@ def to_completion_request(
     reply_to: str,
     max_model_len: int,
     deadline_ms: int | None,
+    reasoning_parser: ReasoningFormat = "",
 ) -> CompletionRequest:
     """The wire message for a checked body. ``tenant`` comes from the API key only.
+    ``reasoning_parser``: the server's; a chat's structured answer may think first in
+    its format, and is held to its language from the end of its thinking.
 
     A request without a seed gets one from its id at the worker, so a re-run after a
     worker crash samples the same tokens.
@@ -766,6 +770,8 @@ def to_completion_request(
     request.add_special_tokens = body.add_special_tokens
     request.truncate_prompt_tokens = body.truncate_prompt_tokens
     if isinstance(body, ChatCompletionBody):
+        if sampling.structured is not None:
+            sampling.structured.after_reasoning = reasoning_parser
         request.messages = [chat_message(message) for message in body.messages]
         request.tools = [Tool(tool.function.name, tool.function.description or "",
                               "" if tool.function.parameters is None

@@ -197,7 +197,7 @@ class Scorer:
         """A choice's answer is one of its strings and its end: no longer than the longest
         as the tokenizer spells it, plus the stop token (the model could spell it in
         more, smaller tokens, but hardly does). Anything else: no bound."""
-        if structured is None or structured.kind != "choice":
+        if structured is None or structured.kind != "choice" or structured.after_reasoning:
             return math.inf
         return 1.0 + max(len(self.tokenizer.encode(choice, add_special_tokens=False))
                          for choice in structured.choices)

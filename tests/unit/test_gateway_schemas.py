@@ -671,11 +671,17 @@ def test_tool_choice_auto_is_served_with_a_tool_call_parser() -> None:
         assert to_request(body).sampling.structured is None  # the model's own answer
 
 
-def test_only_a_free_chat_answer_has_thinking_to_split_off() -> None:
-    """A grammar holds a structured answer or a forced call from its first token: a
-    reasoning parser would take the whole of it for unfinished thinking."""
+def test_a_chats_answer_structured_or_not_thinks_first_with_a_reasoning_parser() -> None:
+    """A structured answer or a forced call is held to its language from the end of its
+    thinking, which the reasoning parser splits off as for any chat."""
     assert reasoning_parser_for(to_request(_check(chat(), ChatCompletionBody)), "qwen3") == "qwen3"
     assert reasoning_parser_for(to_request(_check(completion())), "qwen3") == ""
     for fields in ({"response_format": {"type": "json_object"}},
                    {"tools": [_TIME], "tool_choice": "required"}):
-        assert reasoning_parser_for(to_request(_check(chat(**fields), ChatCompletionBody)), "qwen3") == ""
+        body = _check(chat(**fields), ChatCompletionBody)
+        request = to_request(body, reasoning_parser="deepseek_r1")
+        assert reasoning_parser_for(request, "deepseek_r1") == "deepseek_r1"
+        assert request.sampling.structured.after_reasoning == "deepseek_r1"
+        assert to_request(body).sampling.structured.after_reasoning == ""
+    structured = completion(response_format={"type": "json_object"})
+    assert to_request(_check(structured), reasoning_parser="qwen3").sampling.structured.after_reasoning == ""

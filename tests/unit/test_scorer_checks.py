@@ -168,6 +168,9 @@ def test_a_structured_request_is_checked_before_any_work(model_cache):
     assert score.p10 <= score.p50 <= score.p90 <= longest
     free = scorer.score(request(None)).score
     assert free.p90 > longest  # the predictor's own guess for "hi", unbounded
+    thinking = request(m.StructuredOutput("choice", choices=["yes", "no", "not at all, never"],
+                                          after_reasoning="qwen3"))
+    assert scorer.score(thinking).score.p90 == free.p90  # thinks first: no bound
 
 
 def test_a_developer_message_is_rendered_as_the_system_message(model_cache):

@@ -20,7 +20,7 @@ from services.engine.structured import (
     bounded_strings_as_patterns,
     grammar_problem,
 )
-from services.messages import MAX_STRUCTURED_CHARS, SamplingParams, StructuredOutput
+from services.messages import MAX_STRUCTURED_CHARS, SamplingParams, StructuredOutput, TokenBias
 from tests.unit.test_engine import drain, make_engine
 
 SCHEMA = {
@@ -300,3 +300,93 @@ def test_the_echo_engine_refuses_structured_requests(tiny_tokenizer):
         with pytest.raises(EngineError, match="need a model"):
             take(request)
     engine.prepare(EngineRequest("free", [1, 2, 3], SamplingParams()))
+
+
+# ---- thinking first ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def thinking_tokenizer(model_path):
+    """The tiny tokenizer with Qwen3's thinking marks as tokens of their own (added, not
+    special: the text keeps them, as Qwen3's does)."""
+    from services.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    tokenizer.add_tokens(["<think>", "</think>"], special_tokens=False)
+    return tokenizer
+
+
+YES_NO = StructuredOutput("choice", choices=["yes", "no"])
+
+
+def test_a_thinking_answer_is_free_until_its_thinking_ends(thinking_tokenizer):
+    tok = thinking_tokenizer
+    start, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    grammars = GrammarCompiler(tok, len(tok), {tok.eos_token_id})
+    held = grammars.state(YES_NO).allowed()
+    qwen3 = grammars.state(StructuredOutput("choice", choices=["yes", "no"], after_reasoning="qwen3"))
+    logits = torch.zeros(len(tok))
+    qwen3.mask(logits)  # its first token may open its thinking, or answer
+    expected = held.clone()
+    expected[start] = True
+    assert torch.isfinite(logits).tolist() == expected.tolist()
+    assert not qwen3.accept(start) and qwen3.phase == "thinking"
+    logits = torch.zeros(len(tok))
+    qwen3.mask(logits)
+    assert torch.isfinite(logits).all() and not qwen3.only_end_allowed()
+    for token in [*tok.encode("maybe so", add_special_tokens=False), tok.eos_token_id, end]:
+        assert not qwen3.accept(token)  # thinking is free, its end included
+    assert qwen3.phase == "answer"
+    logits = torch.zeros(len(tok))
+    qwen3.mask(logits)
+    assert torch.isfinite(logits).tolist() == held.tolist()
+    for token in tok.encode("no", add_special_tokens=False):
+        qwen3.accept(token)
+    assert qwen3.only_end_allowed()
+    at_once = grammars.state(StructuredOutput("choice", choices=["yes", "no"], after_reasoning="qwen3"))
+    at_once.accept(tok.encode("yes", add_special_tokens=False)[0])
+    assert at_once.phase == "answer"
+    r1 = StructuredOutput("choice", choices=["yes", "no"], after_reasoning="deepseek_r1")
+    assert grammars.state(r1).phase == "thinking"  # the template opened it
+    resumed = grammars.state(r1, [*tok.encode("hm", add_special_tokens=False), end,
+                                  *tok.encode("yes", add_special_tokens=False)])
+    assert resumed.phase == "answer" and resumed.only_end_allowed()
+
+
+def test_without_thinking_marks_a_thinking_answer_is_held_from_its_first_token(tiny_tokenizer):
+    grammars = GrammarCompiler(tiny_tokenizer, len(tiny_tokenizer), {tiny_tokenizer.eos_token_id})
+    state = grammars.state(StructuredOutput("choice", choices=["yes", "no"], after_reasoning="deepseek_r1"))
+    assert state.phase == "answer"
+
+
+def test_an_engine_answer_thinks_then_holds_to_its_language(model_path, thinking_tokenizer, prompt):
+    """The tiny model with the marks in its vocabulary: pushed to end its thinking at once
+    (a bias on ``</think>``), its answer is then held to the date; without thinking first,
+    the grammar never lets it write the mark."""
+    from services.engine import LLMEngine
+    from services.models import load_model
+
+    tok = thinking_tokenizer
+    model = load_model(model_path, "cpu", "float32")
+    model.resize_token_embeddings(len(tok))
+    engine = LLMEngine(model, tok, EngineConfig(kv_cache_tokens=2048), "cpu")
+    start, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    think_date = StructuredOutput("regex", DATE.spec, after_reasoning="deepseek_r1")
+    bias = [TokenBias(end, 100.0)]
+    engine.add_request(EngineRequest("thinks", prompt, sampled(think_date, 1, max_tokens=40, logit_bias=bias)))
+    engine.add_request(EngineRequest("held", prompt, sampled(DATE, 1, max_tokens=40, logit_bias=bias)))
+    run = drain(engine)
+    assert run.tokens["thinks"][0] == end
+    thought, _, answer = run.text["thinks"].partition("</think>")
+    assert thought == "" and re.fullmatch(DATE.spec, answer)
+    assert end not in run.tokens["held"] and re.fullmatch(DATE.spec, run.text["held"])
+    # Resumed mid-thought (on another worker): it thinks on, then answers held.
+    engine.add_request(EngineRequest("resumed", prompt, sampled(think_date, 2, max_tokens=40, logit_bias=bias),
+                                     resume=ResumedOutput([start, 7, 9], 0)))
+    tokens, text = [], ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            text += out.new_text
+    assert tokens[0] == end and text.startswith("<think>")
+    assert re.fullmatch(DATE.spec, text.partition("</think>")[2])
