@@ -18,7 +18,10 @@ after that response (``Connection: close``); one still idle after the grace is c
 then. A client busy on a connection sends its next request within milliseconds of the
 last response, so what is still idle after the grace is a connection its client is not
 using. A request sent just as the grace ends still meets the close; HTTP/1.1 has no way
-to tell an idle client to stop.
+to tell an idle client to stop. A connection with a response under way at shutdown gets
+the same grace once that response is complete: its headers went out without
+``Connection: close``, so its client may send its next request on it the moment it has
+read the answer (closing then would throw that request away).
 
 Without httptools, h11 is used, with uvicorn's own shutdown.
 
@@ -97,13 +100,23 @@ def protocol_options(max_head_bytes: int, idle_grace_s: float = IDLE_GRACE_S) ->
             super().data_received(data)
 
         def shutdown(self) -> None:
-            if not self._idle() or self.transport.is_closing():
-                super().shutdown()  # a response under way: it is the connection's last
+            if self.transport.is_closing():
+                super().shutdown()
                 return
             # Left open, the server's drain waits for it: a request that comes is served,
-            # then the connection closes; none within the grace, and it closes then.
+            # then the connection closes; none within the grace, and it closes then. A
+            # response under way first completes (the grace starts then).
             self._close_after_next = True
-            self._idle_close = self.loop.call_later(idle_grace_s, self._close_if_idle)
+            if self._idle():
+                self._idle_close = self.loop.call_later(idle_grace_s, self._close_if_idle)
+            elif self.cycle is not None and not self.cycle.response_started:
+                self.cycle.keep_alive = False  # its headers can still say so: its last
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if (self._close_after_next and self._idle_close is None
+                    and not self.transport.is_closing()):
+                self._idle_close = self.loop.call_later(idle_grace_s, self._close_if_idle)
 
         def _idle(self) -> bool:
             return self.cycle is None or self.cycle.response_complete

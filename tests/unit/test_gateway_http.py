@@ -26,8 +26,14 @@ REQUEST = b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n\r\n"
 
 
 async def app(scope, receive, send) -> None:
+    """``ok``; on ``/slow``, the body a moment after the headers (a response under way),
+    on ``/late`` the whole answer a moment later (a response not started)."""
+    if scope["path"] == "/late":
+        await asyncio.sleep(0.3)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")]})
+    if scope["path"] == "/slow":
+        await asyncio.sleep(0.3)
     await send({"type": "http.response.body", "body": b"ok"})
 
 
@@ -121,6 +127,36 @@ async def test_a_request_sent_within_the_grace_after_shutdown_is_served_then_clo
     rest, _ = await shutdown_then_request(served_before=served_before, delay_s=0.05)
     assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"ok"), rest
     assert b"connection: close" in rest.lower()
+
+
+async def test_a_request_sent_right_after_a_response_under_way_at_shutdown_is_served():
+    """The response's headers went out before the shutdown, without ``Connection:
+    close``: its client sends its next request the moment it has the answer, which is
+    served (its own answer says close) instead of meeting a closed connection."""
+    options = protocol_options(8192, idle_grace_s=GRACE_S)
+    async with one_connection(options["http"]) as (reader, writer, protocol):
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"connection: close" not in head.lower()
+        (await protocol()).shutdown()
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+        writer.write(REQUEST)
+        rest = await read_rest(reader)
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"ok"), rest
+    assert b"connection: close" in rest.lower()
+
+
+async def test_a_response_not_started_at_shutdown_says_it_is_the_last():
+    options = protocol_options(8192, idle_grace_s=GRACE_S)
+    async with one_connection(options["http"]) as (reader, writer, protocol):
+        writer.write(b"GET /late HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        server = await protocol()
+        while server.cycle is None:
+            await asyncio.sleep(0.005)
+        assert not server.cycle.response_started
+        server.shutdown()
+        rest = await read_rest(reader)
+    assert rest.startswith(b"HTTP/1.1 200") and b"connection: close" in rest.lower(), rest
 
 
 async def test_a_connection_still_idle_after_the_grace_is_closed_then():
