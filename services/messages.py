@@ -312,6 +312,10 @@ class CompletionRequest(Message):
     vLLM treats them: the scorer takes ``temperature``, ``top_p`` and ``top_k`` from the
     model's ``generation_config.json``, and lowers a default ``max_tokens`` to what the
     context leaves after the prompt instead of refusing the request."""
+    tokenize_only: bool = False
+    """Generate nothing: the scorer answers with the prompt's token ids as the model sees
+    them (a chat's as its template renders it) and their text (vLLM's ``/tokenize`` and
+    ``/detokenize``), and the request goes no further."""
 
     def prompt_to_echo(self) -> str | None:
         """What a worker sends back as ``echoed_prompt``: a token-id prompt's text (the
@@ -380,6 +384,16 @@ class ErrorInfo:
     status: int = 400
 
 
+@dataclass(slots=True)
+class Tokenized:
+    """A prompt as the model sees it, for a tokenize-only request: its token ids, their
+    names in the vocabulary, and (for a token-id prompt) the text they decode to."""
+
+    token_ids: list[int]
+    token_strs: list[str] = field(default_factory=list)
+    text: str = ""
+
+
 @dataclass(slots=True, kw_only=True)
 class FinalAnswer(Message):
     """The one terminal answer of a request: done (stop/length), error or cancelled."""
@@ -405,6 +419,8 @@ class FinalAnswer(Message):
     completion_tokens: int = 0
     cached_tokens: int = 0
     """Of the prompt tokens, those the worker found in its prefix cache."""
+    tokenized: Tokenized | None = None
+    """A tokenize-only request's answer: its prompt's tokens."""
     error: ErrorInfo | None = None
 
 

@@ -89,6 +89,15 @@ from services.gateway.schemas import (
     to_completion_request,
     tool_calling,
 )
+from services.gateway.tokenization import (
+    DetokenizeBody,
+    TokenizeChatBody,
+    TokenizeCompletionBody,
+    detokenize_response,
+    read_detokenize,
+    read_tokenize,
+    tokenize_response,
+)
 from services.logs import get_logger
 from services.messages import FinalAnswer
 from services.models import served_max_model_len
@@ -336,6 +345,18 @@ class HeaderLimit:
 # --- handlers --------------------------------------------------------------------------
 
 
+async def _authorized_body(request: Request, state: GatewayState) -> tuple[str, bytes | None]:
+    """The tenant of the request's key and its JSON body (None: the client went away
+    while sending it); 401, 415 and 413 as the module docstring orders them."""
+    tenant = authenticate(state.keys, request.headers.get("authorization"))
+    request.state.tenant = tenant  # for the recent-errors log
+    check_content_type(request.headers.get("content-type"))
+    try:
+        return tenant, await read_body(request, state.settings.max_body_bytes)
+    except ClientDisconnected:
+        return tenant, None
+
+
 async def _complete(request: Request, read: Callable[[bytes], Generation]) -> Response:
     state: GatewayState = request.app.state.gateway
     settings = state.settings
@@ -344,12 +365,8 @@ async def _complete(request: Request, read: Callable[[bytes], Generation]) -> Re
     arrived_mono = time.monotonic()
     now = time.time()
 
-    tenant = authenticate(state.keys, request.headers.get("authorization"))
-    request.state.tenant = tenant  # for the recent-errors log
-    check_content_type(request.headers.get("content-type"))
-    try:
-        raw = await read_body(request, settings.max_body_bytes)
-    except ClientDisconnected:
+    tenant, raw = await _authorized_body(request, state)
+    if raw is None:
         return Response(status_code=CLIENT_CLOSED_STATUS)
     generation = read(raw)
     body, request_id = generation.body, generation.request_id
@@ -411,17 +428,24 @@ async def _answer(
     deadline: float,
     headers: dict[str, str],
 ) -> Response:
-    timeout_s = state.settings.request_timeout_s
+    answers = await _collect(request, state, submissions, deadline)
+    return JSONResponse(generation.whole(meta, answers), headers=headers)
+
+
+async def _collect(request: Request, state: GatewayState, submissions: list[Submission],
+                   deadline: float) -> list[ChoiceAnswer]:
+    """Every choice's whole answer (the submissions closed after); an error one's raised."""
     stream = ChoiceStream([s.stream for s in submissions])
     try:
-        answers = await race_client(request, collect_answer(stream), deadline, timeout_s)
+        answers = await race_client(request, collect_answer(stream), deadline,
+                                    state.settings.request_timeout_s)
     finally:
         await close_all(state.backend, submissions, stream)
     for answer in answers:
         error = answer_error(answer.final)
         if error is not None:
             raise error
-    return JSONResponse(generation.whole(meta, answers), headers=headers)
+    return answers
 
 
 async def _stream(
@@ -476,6 +500,53 @@ async def chat_completions(request: Request) -> Response:
 
 async def responses(request: Request) -> Response:
     return await _complete(request, read_responses_body)
+
+
+async def _tokenization(request: Request, read: Callable[[bytes], tuple[AnyBody, Answer]]) -> Response:
+    """/tokenize and /detokenize: a request the scorer answers with its tokens (see
+    :mod:`services.gateway.tokenization`), admitted and checked as any other."""
+    state: GatewayState = request.app.state.gateway
+    deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
+    arrived_mono = time.monotonic()
+    tenant, raw = await _authorized_body(request, state)
+    if raw is None:
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+    body, shape = read(raw)
+    await _served_model(state, body.model, tenant)
+    check_body(body, state.settings, model_checked=True)
+    request_id = f"tokenize-{uuid.uuid4().hex}"
+    headers = {REQUEST_ID_HEADER: request_id}
+    wire = to_completion_request(body, request_id=request_id, tenant=tenant, now=time.time(),
+                                 reply_to=state.backend.reply_queue_name,
+                                 max_model_len=state.settings.max_model_len, deadline_ms=None)
+    wire.tokenize_only = True
+    try:
+        submission = await state.backend.submit(wire, arrived_mono)
+        [answer] = await _collect(request, state, [submission], deadline)
+    except ApiError as err:
+        err.headers.update(headers)
+        raise
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_STATUS, headers=headers)
+    return JSONResponse(shape(answer.final), headers=headers)
+
+
+Answer = Callable[[FinalAnswer], dict[str, Any]]
+"""The JSON answer of a tokenize or detokenize request, from the scorer's final answer."""
+
+
+async def tokenize(request: Request) -> Response:
+    max_model_len = request.app.state.gateway.settings.max_model_len
+
+    def read(raw: bytes) -> tuple[AnyBody, Answer]:
+        body, token_strs = read_tokenize(raw)
+        return body, lambda final: tokenize_response(final, max_model_len, token_strs)
+
+    return await _tokenization(request, read)
+
+
+async def detokenize(request: Request) -> Response:
+    return await _tokenization(request, lambda raw: (read_detokenize(raw), detokenize_response))
 
 
 def _model_card(state: GatewayState) -> dict[str, Any]:
@@ -570,7 +641,8 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             _, defs = models_json_schema(
-                [(model, "validation") for model in (CompletionBody, ChatCompletionBody, ResponsesBody)],
+                [(model, "validation") for model in (CompletionBody, ChatCompletionBody, ResponsesBody,
+                                                     TokenizeCompletionBody, TokenizeChatBody, DetokenizeBody)],
                 ref_template="#/components/schemas/{model}",
             )
             components = spec.setdefault("components", {})
@@ -636,6 +708,12 @@ def create_app(settings: Settings) -> FastAPI:
         "/v1/responses", responses, methods=["POST"], responses=_ERROR_RESPONSES,
         openapi_extra=_body_spec(ResponsesBody), summary="Create a response",
     )  # fmt: skip
+    for path, handler, model, summary in (
+        ("/tokenize", tokenize, TokenizeCompletionBody, "Tokenize a prompt or a chat"),
+        ("/detokenize", detokenize, DetokenizeBody, "The text of token ids"),
+    ):
+        app.add_api_route(path, handler, methods=["POST"], responses=_ERROR_RESPONSES,
+                          openapi_extra=_body_spec(model), summary=summary)
     bearer = {"security": [{"bearerAuth": []}]}
     model_errors = {status: _ERROR_RESPONSES[status] for status in (401, 404)}
     app.add_api_route(

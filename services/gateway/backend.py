@@ -586,7 +586,8 @@ class Backend:
         if request.request_id in self._orphaned:
             await self.cancel_downstream(request.request_id, request.tenant)
         elif stream.final is not None:
-            self.metrics.observe_finished(stream)
+            if not request.tokenize_only:  # no generation to count
+                self.metrics.observe_finished(stream)
             log_finished(request, stream)
         elif not stream.arrived:
             self.metrics.cancelled.inc()

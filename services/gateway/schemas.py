@@ -153,6 +153,12 @@ def _template_kwargs(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+TemplateKwargs = Annotated[
+    dict[Text, Any], Field(max_length=MAX_TEMPLATE_ARGS), AfterValidator(_template_kwargs)
+]
+"""vLLM's ``chat_template_kwargs``: variables the chat template reads."""
+
+
 LogitBias = Annotated[
     dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS_VALUE, le=MAX_LOGIT_BIAS_VALUE)]],
     AfterValidator(_token_biases),
@@ -366,9 +372,7 @@ class ChatCompletionBody(_SamplingFields):
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    chat_template_kwargs: Annotated[
-        dict[Text, Any], Field(max_length=MAX_TEMPLATE_ARGS), AfterValidator(_template_kwargs)
-    ] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     chat_template: Any = None
 
 
@@ -378,6 +382,11 @@ B = TypeVar("B", bound=StrictBody)
 
 def parse_body(raw: bytes, model_cls: type[B]) -> B:
     """JSON bytes -> validated body; malformed JSON and wrong types are 400s."""
+    return validated(json_object(raw), model_cls)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body's JSON object; 400 for anything else."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -387,6 +396,11 @@ def parse_body(raw: bytes, model_cls: type[B]) -> B:
         ) from None
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def validated(data: dict[str, Any], model_cls: type[B]) -> B:
+    """A body's JSON object as ``model_cls``; wrong types are 400s naming the field."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:

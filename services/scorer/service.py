@@ -88,6 +88,8 @@ def check_fields(request: m.CompletionRequest) -> None:
     """The gateway's schema limits, for requests that come straight over AMQP: bad
     sampling parameters are refused here, before any work or charge, and never reach a
     worker's batch."""
+    if request.kind == "chat" and not request.messages:
+        raise RequestRejected("messages must not be empty")
     params = request.sampling
     problem = validate_sampling(params)
     if problem is None and not params.temperature <= MAX_TEMPERATURE:
@@ -144,8 +146,6 @@ class Scorer:
         None leaves the check to the worker."""
 
     def score(self, request: m.CompletionRequest) -> m.ScoredRequest:
-        if request.kind == "chat" and not request.messages:
-            raise RequestRejected("messages must not be empty")
         check_fields(request)
         if request.sampling.structured is not None:
             problem = grammar_problem(request.sampling.structured)
@@ -154,16 +154,7 @@ class Scorer:
         vocab = self.vocab_size
         if vocab is not None and any(b.token_id >= vocab for b in request.sampling.logit_bias):
             raise RequestRejected(f"logit_bias token ids must be in [0, {vocab}) for this model")
-        if request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
-        else:
-            try:
-                ids = tokenize(self.tokenizer, request)
-            except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
-                raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
-        keep = request.truncate_prompt_tokens
-        if keep is not None:
-            ids = ids[-(self.max_model_len if keep == -1 else keep):]
+        ids = self._prompt_ids(request)
         if request.prompt_token_ids is not None:
             request = dataclasses.replace(request, prompt=self._spell(ids))
         if not ids:  # an empty prompt, for a model without a BOS token to start from
@@ -192,6 +183,33 @@ class Scorer:
         return m.ScoredRequest(
             request_id=request.request_id, request=request, prompt_token_ids=ids, score=score
         )
+
+    def tokenized(self, request: m.CompletionRequest) -> m.FinalAnswer:
+        """The answer to a tokenize-only request: its prompt's token ids as the model
+        would see them (a chat's as its template renders it, truncated as asked), their
+        names in the vocabulary and the text they decode to. A prompt longer than the
+        context is tokenized all the same: the caller counts it to know."""
+        check_fields(request)
+        ids = self._prompt_ids(request)
+        text = self._spell(ids) if request.prompt_token_ids is not None else ""
+        names = [str(t) for t in self.tokenizer.convert_ids_to_tokens(ids)]
+        return m.FinalAnswer(request_id=request.request_id, token_offset=0, text_offset=0,
+                             finish_reason="stop", prompt_tokens=len(ids),
+                             tokenized=m.Tokenized(ids, names, text))
+
+    def _prompt_ids(self, request: m.CompletionRequest) -> list[int]:
+        """The prompt's token ids, truncated as the request asks."""
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+        else:
+            try:
+                ids = tokenize(self.tokenizer, request)
+            except Exception as exc:  # noqa: BLE001 - any tokenizer refusal is a 400, not a crash
+                raise RequestRejected(f"the input cannot be tokenized: {exc}") from None
+        keep = request.truncate_prompt_tokens
+        if keep is not None:
+            ids = ids[-(self.max_model_len if keep == -1 else keep):]
+        return ids
 
     def _longest_choice(self, structured: m.StructuredOutput | None) -> float:
         """A choice's answer is one of its strings and its end: no longer than the longest
@@ -307,6 +325,10 @@ class ScorerService:
                     f"request_id {request.request_id!r} is in use by another tenant; "
                     "choose a unique id", "duplicate_request_id", 409)
             adapter = await check_model(self.adapters, request)
+            if request.tokenize_only:
+                await amqp.reply(self.channel, request.reply_to, self.scorer.tokenized(request))
+                await message.ack()
+                return
             if not request.created:
                 request.created = time.time()
             scored = self.scorer.score(request)

@@ -384,6 +384,29 @@ def test_a_tenants_repeated_prefix_is_served_from_the_cache_and_only_its_own(sys
     assert ask(globex_key, first).usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_tokenize_counts_what_a_request_is_charged_and_detokenize_spells_it(system, acme_key, tokenizer):
+    """vLLM's /tokenize and /detokenize, answered by the scorer: a chat's count is the
+    prompt_tokens the same chat is charged, a prompt's tokens are the tokenizer's, and
+    token ids come back as their text."""
+    post = lambda path, body: httpx.post(f"{system.gateway_url}{path}", json={"model": MODEL, **body},
+                                         headers={"Authorization": f"Bearer {acme_key}"}, timeout=60)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
+    counted = post("/tokenize", {"messages": messages, "tools": [WEATHER_TOOL]})
+    assert counted.status_code == 200, counted.text
+    client = openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=acme_key, max_retries=0)
+    charged = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                             tool_choice="none", max_tokens=1)
+    assert counted.json()["count"] == charged.usage.prompt_tokens
+    assert counted.json()["max_model_len"] == 1024 and counted.json()["token_strs"] is None
+    prompt = post("/tokenize", {"prompt": "Hello world", "return_token_strs": True}).json()
+    assert prompt["tokens"] == tokenizer.encode("Hello world")
+    assert prompt["token_strs"] == tokenizer.convert_ids_to_tokens(prompt["tokens"])
+    ids = tokenizer.encode("Hello world", add_special_tokens=False)
+    assert post("/detokenize", {"tokens": ids}).json() == {"prompt": "Hello world"}
+    refused = post("/detokenize", {"tokens": [len(tokenizer) + 5]})
+    assert refused.status_code == 400 and "token ids must be in" in refused.json()["error"]["message"]
+
+
 def test_two_tenants_and_bad_key(system, acme_key, globex_key):
     for key in (acme_key, globex_key):
         r = httpx.post(f"{system.gateway_url}/v1/completions", headers={"Authorization": f"Bearer {key}"},

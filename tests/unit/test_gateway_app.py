@@ -169,6 +169,34 @@ def test_a_response_request_is_checked_as_the_chat_it_means(client: TestClient) 
     assert response.headers["x-request-id"].startswith("resp_")
 
 
+def test_tokenize_and_detokenize_are_checked_then_sent_as_requests(client: TestClient) -> None:
+    """The bodies are read as vLLM's (a prompt, a chat, token ids); a bad one is a 400
+    naming its field, a good one gets as far as the broker (503 here)."""
+    from services.gateway.tokenization import read_detokenize, read_tokenize
+
+    prompt, strs = read_tokenize(json.dumps({"model": MODEL, "prompt": "hi", "return_token_strs": True}).encode())
+    assert (prompt.prompt, prompt.add_special_tokens, strs) == (["hi"], True, True)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    chat, strs = read_tokenize(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                           "tools": [tool], "add_generation_prompt": False}).encode())
+    assert (chat.tool_choice, chat.add_generation_prompt, chat.add_special_tokens, strs) == (
+        "none", False, False, False)
+    assert read_detokenize(json.dumps({"model": MODEL, "tokens": [1, 2]}).encode()).prompt == [[1, 2]]
+    for path, body, param in (
+        ("/tokenize", {"model": MODEL}, "prompt"),
+        ("/tokenize", {"model": MODEL, "messages": []}, "messages"),
+        ("/tokenize", {"model": MODEL, "prompt": "x", "return_token_strs": "yes"}, "return_token_strs"),
+        ("/detokenize", {"model": MODEL, "tokens": []}, "tokens"),
+        ("/detokenize", {"model": MODEL, "tokens": [-1]}, "tokens.0"),
+    ):
+        assert assert_openai_error(client.post(path, json=body, headers=KEY), 400)["param"] == param
+    assert_openai_error(client.post("/tokenize", json={"model": "other", "prompt": "x"}, headers=KEY), 404)
+    assert_openai_error(client.post("/detokenize", json={"model": MODEL, "tokens": [1]}), 401)
+    response = client.post("/tokenize", json={"model": MODEL, "prompt": "hi"}, headers=KEY)
+    assert_openai_error(response, 503, "service_unavailable")
+    assert response.headers["x-request-id"].startswith("tokenize-")
+
+
 def test_health_and_metrics(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})

@@ -304,3 +304,29 @@ def test_tools_and_tool_calls_reach_the_chat_template_as_templates_read_them(mod
                   m.ChatMessage("tool", "12:00", tool_call_id="call_1")])
     text = tokenizer.decode(tokenize(tokenizer, request))
     assert text == "TOOLS:get_time(tz);ping();|user:time?|assistant:CALL get_time tz=utc|tool:12:00[call_1]|"
+
+
+def test_a_tokenize_only_request_is_answered_with_its_tokens(model_cache):
+    """What /tokenize and /detokenize get: the ids as the model sees them (a chat's as
+    its template renders it), however long; their names; a token-id prompt's text."""
+    tokenizer = load_tokenizer(str(model_cache / DEFAULT_MODEL_NAME))
+    scorer = Scorer(tokenizer, OnlinePredictor(LengthPredictor.default(), aioredis.Redis(), "tiny"),
+                    8, vocab_size=len(tokenizer))
+    long = m.CompletionRequest(request_id="t", model="tiny", prompt="word " * 20, tokenize_only=True)
+    answer = scorer.tokenized(long)
+    tokens = answer.tokenized
+    assert tokens.token_ids == tokenizer.encode("word " * 20) and answer.prompt_tokens > 8
+    assert tokens.token_strs == tokenizer.convert_ids_to_tokens(tokens.token_ids)
+    assert (answer.finish_reason, answer.text, answer.token_ids, tokens.text) == ("stop", "", [], "")
+    assert m.decode(m.encode(answer)) == answer  # as it crosses AMQP
+    chat = m.CompletionRequest(request_id="t", model="tiny", kind="chat", tokenize_only=True,
+                               messages=[m.ChatMessage(role="user", content="hi")])
+    assert scorer.tokenized(chat).tokenized.token_ids == tokenize(tokenizer, chat)
+    ids = tokenizer.encode("hello there", add_special_tokens=False)
+    back = m.CompletionRequest(request_id="t", model="tiny", prompt_token_ids=ids, tokenize_only=True)
+    assert scorer.tokenized(back).tokenized.text == tokenizer.decode(ids)
+    with pytest.raises(RequestRejected, match="token ids must be in"):
+        scorer.tokenized(m.CompletionRequest(request_id="t", model="tiny", tokenize_only=True,
+                                             prompt_token_ids=[len(tokenizer)]))
+    with pytest.raises(RequestRejected, match="messages must not be empty"):
+        scorer.tokenized(m.CompletionRequest(request_id="t", model="tiny", kind="chat", tokenize_only=True))
