@@ -128,6 +128,13 @@ def gateway_slots(incarnation: str) -> str:
     return f"{PREFIX}:gateway:{incarnation}:slots"
 
 
+def stored_response(response_id: str) -> str:
+    """String (JSON): a Responses API answer kept for ``previous_response_id`` and
+    ``GET /v1/responses/{id}`` (its tenant, its conversation's items, the response),
+    expiring after the gateway's ``responses_ttl_s``."""
+    return f"{PREFIX}:responses:{response_id}"
+
+
 # --- dashboard (capped lists of recent events, newest first; JSON entries) ---
 LENGTH_SAMPLES = f"{PREFIX}:recent:lengths"
 """List of finished requests' predicted (p10/p50/p90) and actual output lengths."""

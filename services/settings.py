@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     reasoning_parser: Literal["", "deepseek_r1", "qwen3"] = ""
     """How a reasoning model's thinking is split from its chat answers into
     ``reasoning_content``, as vLLM's ``--reasoning-parser``; empty: it stays in the content."""
+    responses_ttl_s: int = Field(default=3600, ge=0)
+    """How long the gateway keeps a Responses API answer stored (``store``, OpenAI's
+    default) for ``previous_response_id`` and ``GET /v1/responses/{id}``, in Redis; 0
+    stores none (then ``previous_response_id`` is refused)."""
     gateway_dead_after_s: float = 15.0
     """A gateway whose heartbeat in Redis is this old is dead: the other gateways free its
     admission slots and cancel its requests downstream. A restarted gateway (same

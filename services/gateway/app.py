@@ -16,6 +16,7 @@ its own status; 504 on timeout).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import threading
 import time
@@ -69,6 +70,7 @@ from services.gateway.responses import (
 )
 from services.gateway.responses_api import (
     ResponsesBody,
+    ResponseStore,
     answered_response,
     read_request,
     response_events,
@@ -131,6 +133,8 @@ class GatewayState:
     started_at: int
     adapters: AdapterCatalog | None = None
     """Tenant LoRA adapters; None serves the base model only."""
+    responses: ResponseStore = dataclasses.field(default_factory=lambda: ResponseStore(None, 0))
+    """Stored Responses API answers."""
 
 
 class ClientDisconnected(Exception):
@@ -213,6 +217,8 @@ class Generation:
     events: Events
     named: Callable[[ApiError], ApiError] = _same_error
     """An error of the body's checks, in the route's own field names."""
+    keep: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    """What to do with a whole answer before it goes out (store it)."""
 
 
 def read_openai_body(raw: bytes, model: type[CompletionBody | ChatCompletionBody]) -> Generation:
@@ -228,9 +234,17 @@ def read_openai_body(raw: bytes, model: type[CompletionBody | ChatCompletionBody
     return Generation(body, new_request_id(body), completion_response, events)
 
 
-def read_responses_body(raw: bytes) -> Generation:
-    """/v1/responses: run as the chat it means, answered as a ``response``."""
-    request = read_request(parse_body(raw, ResponsesBody))
+async def read_responses_body(raw: bytes, store: ResponseStore, tenant: str) -> Generation:
+    """/v1/responses: run as the chat it means (going on from the stored conversation of
+    its ``previous_response_id``), answered as a ``response``, which is stored."""
+    body = parse_body(raw, ResponsesBody)
+    earlier = None
+    if body.previous_response_id is not None and store.enabled:
+        earlier = await store.conversation(body.previous_response_id, tenant)
+    request = read_request(body, earlier, store=store.enabled and body.store is not False)
+
+    async def keep(response: dict[str, Any]) -> None:
+        await store.keep(tenant, request.items, response)
 
     def whole(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict[str, Any]:
         return answered_response(meta, request.echo, answers[0])
@@ -238,9 +252,9 @@ def read_responses_body(raw: bytes) -> Generation:
     def events(meta: ResponseMeta, stream: ChoiceStream, first: tuple[int, Reply],
                deadline: float, timeout_s: float) -> AsyncIterator[bytes]:
         return response_events(meta, request.echo, stream, first, deadline=deadline,
-                               timeout_s=timeout_s)
+                               timeout_s=timeout_s, on_done=keep)
 
-    return Generation(request.chat, f"resp_{uuid.uuid4().hex}", whole, events, responses_error)
+    return Generation(request.chat, f"resp_{uuid.uuid4().hex}", whole, events, responses_error, keep)
 
 
 # --- I/O helpers -----------------------------------------------------------------------
@@ -357,7 +371,7 @@ async def _authorized_body(request: Request, state: GatewayState) -> tuple[str, 
         return tenant, None
 
 
-async def _complete(request: Request, read: Callable[[bytes], Generation]) -> Response:
+async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Generation]]) -> Response:
     state: GatewayState = request.app.state.gateway
     settings = state.settings
     loop = asyncio.get_running_loop()
@@ -368,7 +382,7 @@ async def _complete(request: Request, read: Callable[[bytes], Generation]) -> Re
     tenant, raw = await _authorized_body(request, state)
     if raw is None:
         return Response(status_code=CLIENT_CLOSED_STATUS)
-    generation = read(raw)
+    generation = await read(raw, tenant)
     body, request_id = generation.body, generation.request_id
     headers = {REQUEST_ID_HEADER: request_id}
     try:
@@ -429,7 +443,10 @@ async def _answer(
     headers: dict[str, str],
 ) -> Response:
     answers = await _collect(request, state, submissions, deadline)
-    return JSONResponse(generation.whole(meta, answers), headers=headers)
+    whole = generation.whole(meta, answers)
+    if generation.keep is not None:
+        await generation.keep(whole)
+    return JSONResponse(whole, headers=headers)
 
 
 async def _collect(request: Request, state: GatewayState, submissions: list[Submission],
@@ -491,15 +508,40 @@ async def _stream(
 
 
 async def completions(request: Request) -> Response:
-    return await _complete(request, lambda raw: read_openai_body(raw, CompletionBody))
+    async def read(raw: bytes, _tenant: str) -> Generation:
+        return read_openai_body(raw, CompletionBody)
+
+    return await _complete(request, read)
 
 
 async def chat_completions(request: Request) -> Response:
-    return await _complete(request, lambda raw: read_openai_body(raw, ChatCompletionBody))
+    async def read(raw: bytes, _tenant: str) -> Generation:
+        return read_openai_body(raw, ChatCompletionBody)
+
+    return await _complete(request, read)
 
 
 async def responses(request: Request) -> Response:
-    return await _complete(request, read_responses_body)
+    store = request.app.state.gateway.responses
+
+    async def read(raw: bytes, tenant: str) -> Generation:
+        return await read_responses_body(raw, store, tenant)
+
+    return await _complete(request, read)
+
+
+async def retrieve_response(request: Request, response_id: str) -> Response:
+    """A stored response (the caller's tenant's)."""
+    state: GatewayState = request.app.state.gateway
+    tenant = authenticate(state.keys, request.headers.get("authorization"))
+    return JSONResponse(await state.responses.get(response_id, tenant))
+
+
+async def delete_response(request: Request, response_id: str) -> Response:
+    state: GatewayState = request.app.state.gateway
+    tenant = authenticate(state.keys, request.headers.get("authorization"))
+    await state.responses.delete(response_id, tenant)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
 async def _tokenization(request: Request, read: Callable[[bytes], tuple[AnyBody, Answer]]) -> Response:
@@ -674,7 +716,8 @@ def create_app(settings: Settings) -> FastAPI:
     backend = Backend(settings, gateway_metrics)
     adapters = AdapterCatalog.from_settings(settings, backend.redis)
     state = GatewayState(settings, keys, backend, gateway_metrics, started_at=int(time.time()),
-                         adapters=adapters)
+                         adapters=adapters,
+                         responses=ResponseStore(backend.redis, settings.responses_ttl_s))
     dashboard = Dashboard(settings, keys, backend.redis)
 
     @asynccontextmanager
@@ -715,6 +758,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_api_route(path, handler, methods=["POST"], responses=_ERROR_RESPONSES,
                           openapi_extra=_body_spec(model), summary=summary)
     bearer = {"security": [{"bearerAuth": []}]}
+    stored_errors = {status: _ERROR_RESPONSES[status] for status in (401, 404, 503)}
+    app.add_api_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"],
+                      openapi_extra=bearer, responses=stored_errors, summary="A stored response")
+    app.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"],
+                      openapi_extra=bearer, responses=stored_errors, summary="Forget a stored response")
     model_errors = {status: _ERROR_RESPONSES[status] for status in (401, 404)}
     app.add_api_route(
         "/v1/models", list_models, methods=["GET"], openapi_extra=bearer, responses=model_errors

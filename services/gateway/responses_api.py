@@ -13,24 +13,38 @@ to ``response.completed`` (``response.incomplete`` when cut by ``max_output_toke
 ``response.failed`` on an error), each numbered by ``sequence_number``
 (:class:`ResponseEvents`).
 
-This server keeps no responses: ``store`` is answered false, as vLLM does unless told
-to store them, and what needs a stored response (``previous_response_id``,
-``conversation``, ``item_reference`` inputs, ``background``) is refused with a 400 that
-says to send the conversation in ``input``. Built-in tools (web search and the like),
-non-text inputs and ``truncation: auto`` are refused too, never silently dropped.
+An answer is stored (``store``, OpenAI's default) in Redis for the gateway's
+``responses_ttl_s`` (:class:`ResponseStore`): its tenant, its conversation's items and
+the response. A later request's ``previous_response_id`` continues that conversation (its
+items, then the new input; the earlier ``instructions`` are not carried over, as with
+OpenAI), and ``GET``/``DELETE /v1/responses/{id}`` read and forget it, each for its own
+tenant only. What needs more than that (``conversation`` objects, stored prompts,
+``item_reference`` inputs, ``background``) is refused with a 400 that says to send the
+conversation in ``input``. Built-in tools (web search and the like), non-text inputs and
+``truncation: auto`` are refused too, never silently dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
+from redis.exceptions import RedisError
 
-from services.gateway.errors import ApiError, from_validation_error, invalid, timed_out
+from services import keys
+from services.gateway.errors import (
+    ApiError,
+    from_validation_error,
+    invalid,
+    timed_out,
+    unavailable,
+)
 from services.gateway.replies import ChoiceStream
 from services.gateway.responses import (
     ChatAnswerStream,
@@ -51,8 +65,11 @@ from services.gateway.schemas import (
     StrictBody,
     Text,
 )
+from services.logs import get_logger
 from services.messages import MAX_LOGPROBS, MAX_TOOLS, FinalAnswer, TokenLogprob
 from services.replies import Reply
+
+log = get_logger(__name__)
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 """The ``include`` entry that asks for the answer's log-probabilities."""
@@ -71,7 +88,6 @@ _PASSED_THROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "log
 """Fields a Responses body may carry as the chat's extensions (vLLM's extra sampling
 fields and Fairway's deadlines), checked as the chat checks them."""
 _NEEDS_A_STORED_RESPONSE = {
-    "previous_response_id": "Continuing a stored response",
     "conversation": "A stored conversation",
     "prompt": "A stored prompt template",
 }
@@ -135,8 +151,13 @@ def _unsupported(param: str, what: str) -> ApiError:
 
 
 def _not_stored(param: str, what: str) -> ApiError:
-    return invalid(f"{what} ({param}) is not supported: this server keeps no responses; "
+    return invalid(f"{what} ({param}) is not supported: this server keeps no such thing; "
                    "send the whole conversation in input.", param=param, code="unsupported")
+
+
+def not_found(response_id: str) -> ApiError:
+    return ApiError(404, f"Response with id {response_id!r} not found.", reason="not_found",
+                    param="response_id", code="not_found")
 
 
 # --- reading a request -------------------------------------------------------------------
@@ -149,15 +170,23 @@ class ResponsesRequest:
     chat: ChatCompletionBody
     echo: dict[str, Any]
     """The request's own settings, as every response object of it repeats them."""
+    items: list[dict[str, Any]]
+    """The conversation's items up to this request's input: what its answer is stored with."""
 
 
-def read_request(body: ResponsesBody) -> ResponsesRequest:
-    """The chat a Responses body means (400 for what this server does not serve)."""
+def read_request(body: ResponsesBody, earlier: list[dict[str, Any]] | None = None,
+                 store: bool = False) -> ResponsesRequest:
+    """The chat a Responses body means (400 for what this server does not serve);
+    ``earlier``: the items of the conversation its ``previous_response_id`` continues;
+    ``store``: its answer will be stored."""
     _check_unserved(body)
+    if body.previous_response_id is not None and earlier is None:
+        raise _not_stored("previous_response_id", "Continuing a stored response")
+    items = [*(earlier or []), *input_items(body.input)]
     wants_logprobs = LOGPROBS_INCLUDE in (body.include or [])
     data: dict[str, Any] = {
         "model": body.model,
-        "messages": _messages(body),
+        "messages": _messages(body.instructions, items, len(earlier or [])),
         "stream": body.stream,
         "max_completion_tokens": body.max_output_tokens,
         "temperature": body.temperature,
@@ -184,7 +213,7 @@ def read_request(body: ResponsesBody) -> ResponsesRequest:
         chat = ChatCompletionBody.model_validate(data)
     except ValidationError as exc:
         raise responses_error(from_validation_error(exc)) from None
-    return ResponsesRequest(chat, _echo(body))
+    return ResponsesRequest(chat, _echo(body, store), items)
 
 
 def responses_error(err: ApiError) -> ApiError:
@@ -248,15 +277,19 @@ def _text_of(content: Any, where: str) -> str:
     return "".join(texts)
 
 
-def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
-    """The chat messages of the instructions and the input items."""
+def input_items(value: str | list[Any]) -> list[Any]:
+    """The input as items (a string is one user message)."""
+    return [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else value
+
+
+def _messages(instructions: str | None, items: list[Any], first: int = 0) -> list[dict[str, Any]]:
+    """The chat messages of the instructions and the conversation's items (the input's
+    from index ``first``, which errors name)."""
     messages: list[dict[str, Any]] = []
-    if body.instructions:
-        messages.append({"role": "system", "content": body.instructions})
-    if isinstance(body.input, str):
-        return [*messages, {"role": "user", "content": body.input}]
-    for i, item in enumerate(body.input):
-        where = f"input.{i}"
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    for i, item in enumerate(items):
+        where = f"input.{i - first}"
         if not isinstance(item, dict):
             raise invalid(f"{where} must be an object (an input item).", param=where)
         kind = item.get("type", "message")
@@ -352,7 +385,7 @@ def _reasoning_effort(reasoning: Any) -> str | None:
     return effort
 
 
-def _echo(body: ResponsesBody) -> dict[str, Any]:
+def _echo(body: ResponsesBody, store: bool) -> dict[str, Any]:
     """The request's settings as a response object repeats them (OpenAI's defaults where
     the request gave none)."""
     text = body.text if isinstance(body.text, dict) and body.text.get("format") else {
@@ -363,10 +396,10 @@ def _echo(body: ResponsesBody) -> dict[str, Any]:
         "max_tool_calls": body.max_tool_calls,
         "metadata": body.metadata or {},
         "parallel_tool_calls": body.parallel_tool_calls is not False,
-        "previous_response_id": None,
+        "previous_response_id": body.previous_response_id,
         "reasoning": {"effort": _reasoning_effort(body.reasoning), "summary": None},
         "service_tier": "default",
-        "store": False,
+        "store": store,
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "text": text,
         "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
@@ -481,6 +514,8 @@ class ResponseEvents:
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
         self.open: _OpenItem | None = None
+        self.response: dict[str, Any] = {}
+        """The finished response, once :meth:`finish` wrote it."""
         self.held_logprobs: list[dict[str, Any]] = []
         """Log-probabilities of tokens whose text is not the message's (thinking, calls,
         a held-back stop string): they go with the next text, as the whole answer's do."""
@@ -535,8 +570,8 @@ class ResponseEvents:
             self.open.logprobs += self.held_logprobs
         events += self._close(status)
         kind = "response.completed" if status == "completed" else "response.incomplete"
-        response = response_object(self.meta, self.echo, status, output=self.output, final=final)
-        return [*events, self.event(kind, response=response)]
+        self.response = response_object(self.meta, self.echo, status, output=self.output, final=final)
+        return [*events, self.event(kind, response=self.response)]
 
     def fail(self, error: ApiError) -> list[bytes]:
         """The event that ends a response an error stopped."""
@@ -594,11 +629,14 @@ class ResponseEvents:
 
 
 async def response_events(meta: ResponseMeta, echo: dict[str, Any], stream: ChoiceStream,
-                          first: tuple[int, Reply], *, deadline: float,
-                          timeout_s: float) -> AsyncIterator[bytes]:
+                          first: tuple[int, Reply], *, deadline: float, timeout_s: float,
+                          on_done: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+                          ) -> AsyncIterator[bytes]:
     """SSE bytes of a response whose first reply was already read (as
     :func:`services.gateway.responses.sse_events`, whose pacing it shares): events whose
-    replies were already waiting go out in one write."""
+    replies were already waiting go out in one write. ``on_done`` gets the finished
+    response before its last event goes out (to store it: a client that goes on from it
+    at once finds it)."""
     writer = ResponseEvents(meta, echo)
     answer = ChatAnswerStream(meta)
     events = writer.start()
@@ -615,9 +653,80 @@ async def response_events(meta: ResponseMeta, echo: dict[str, Any], stream: Choi
                     break
                 _, last = answer.finish(reply)
                 events += writer.add(last) + writer.finish(reply)
+                if on_done is not None:
+                    await on_done(writer.response)
                 break
             events += writer.add(answer.add(reply.text, reply.logprobs))
             if events and not stream.waiting:
                 yield b"".join(events)
                 events.clear()
     yield b"".join(events)
+
+
+# --- keeping answers -----------------------------------------------------------------------
+
+
+MAX_STORED_BYTES = 8 * 2**20
+"""A stored response (its whole conversation) larger than this is not kept."""
+STORE_TIMEOUT_S = 2.0
+"""How long storing an answer may hold it back (a slow Redis): then it goes out unstored."""
+READ_TIMEOUT_S = 5.0
+
+
+class ResponseStore:
+    """Answers kept in Redis for ``previous_response_id`` and ``GET``/``DELETE
+    /v1/responses/{id}``, each readable by its own tenant only (another's reads as not
+    found), expiring ``ttl_s`` after they were stored."""
+
+    def __init__(self, redis: Any, ttl_s: int) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0
+
+    async def _record(self, response_id: str, tenant: str) -> dict[str, Any]:
+        if not isinstance(response_id, str) or not response_id:
+            raise invalid("previous_response_id must be a response's id.", param="previous_response_id")
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                raw = await self.redis.get(keys.stored_response(response_id))
+        except (RedisError, TimeoutError):
+            raise unavailable("Stored responses cannot be read now; retry later.") from None
+        record = json.loads(raw) if raw is not None else None
+        if record is None or record.get("tenant") != tenant:
+            raise not_found(response_id)
+        return record
+
+    async def conversation(self, response_id: str, tenant: str) -> list[dict[str, Any]]:
+        """The items of a stored response's conversation, its output last."""
+        record = await self._record(response_id, tenant)
+        return [*record["items"], *record["response"]["output"]]
+
+    async def get(self, response_id: str, tenant: str) -> dict[str, Any]:
+        return (await self._record(response_id, tenant))["response"]
+
+    async def delete(self, response_id: str, tenant: str) -> None:
+        await self._record(response_id, tenant)
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                await self.redis.delete(keys.stored_response(response_id))
+        except (RedisError, TimeoutError):
+            raise unavailable("Stored responses cannot be changed now; retry later.") from None
+
+    async def keep(self, tenant: str, items: list[dict[str, Any]], response: dict[str, Any]) -> None:
+        """Store a finished response (one that failed is not: there is nothing to go on
+        from); a Redis error is logged, the answer goes out all the same."""
+        if not response.get("store") or response.get("status") == "failed":
+            return
+        data = json.dumps({"tenant": tenant, "items": items, "response": response},
+                          ensure_ascii=False, separators=(",", ":")).encode()
+        if len(data) > MAX_STORED_BYTES:
+            log.warning("response_not_stored", response_id=response["id"], bytes=len(data))
+            return
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                await self.redis.set(keys.stored_response(response["id"]), data, ex=self.ttl_s)
+        except (RedisError, TimeoutError) as exc:
+            log.warning("response_not_stored", response_id=response["id"], error=repr(exc))

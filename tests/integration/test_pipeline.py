@@ -352,6 +352,36 @@ def test_the_responses_api_answers_streams_calls_and_parses(client):
     assert isinstance(parsed.output_parsed, Person)
 
 
+def test_a_stored_response_is_continued_read_and_forgotten_by_its_tenant_only(client, system, globex_key):
+    """Responses are stored (OpenAI's default): previous_response_id goes on from one
+    (its conversation before the new input), GET reads it, DELETE forgets it; another
+    tenant finds none of it, and store=false keeps nothing."""
+    first = client.responses.create(model=MODEL, input="Hello", max_output_tokens=4, instructions="Be brief")
+    assert first.store is True
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    second = client.responses.create(model=MODEL, input="And then?", max_output_tokens=4,
+                                     previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    alone = client.responses.create(model=MODEL, input="And then?", max_output_tokens=4)
+    assert second.usage.input_tokens > alone.usage.input_tokens  # the first turn came with it
+    streamed = list(client.responses.create(model=MODEL, input="More", max_output_tokens=3, stream=True,
+                                            previous_response_id=second.id))
+    final = streamed[-1].response
+    assert client.responses.retrieve(final.id).output_text == final.output_text
+    other = openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=globex_key, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model=MODEL, input="x", max_output_tokens=2, previous_response_id=first.id)
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    unkept = client.responses.create(model=MODEL, input="x", max_output_tokens=2, store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+
+
 @pytest.mark.parametrize(("constraint", "words"), [
     ({"guided_regex": "(unclosed"}, "the regular expression is not valid"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},

@@ -159,11 +159,12 @@ def test_a_response_request_is_checked_as_the_chat_it_means(client: TestClient) 
     for body, param in (
         ({"model": MODEL}, "input"),
         ({"model": MODEL, "input": "hi", "max_output_tokens": 65}, "max_output_tokens"),
-        ({"model": MODEL, "input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
         ({"model": MODEL, "input": [{"role": "user", "content": 5}]}, "input.0.content"),
     ):
         assert assert_openai_error(client.post("/v1/responses", json=body, headers=KEY), 400)["param"] == param
     assert_openai_error(client.post("/v1/responses", json={"model": "other", "input": "hi"}, headers=KEY), 404)
+    continued = {"model": MODEL, "input": "hi", "previous_response_id": "resp_1"}
+    assert_openai_error(client.post("/v1/responses", json=continued, headers=KEY), 503)  # no Redis here
     response = client.post("/v1/responses", json={"model": MODEL, "input": "hi"}, headers=KEY)
     assert_openai_error(response, 503, "service_unavailable")
     assert response.headers["x-request-id"].startswith("resp_")

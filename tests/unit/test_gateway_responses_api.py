@@ -74,6 +74,25 @@ def test_input_items_become_the_conversation_with_its_calls_and_their_outputs() 
     assert lone.messages[0].role == "assistant" and lone.messages[0].content is None
 
 
+def test_a_continued_conversation_has_the_earlier_items_before_the_input() -> None:
+    earlier = [{"type": "message", "role": "user", "content": "Hi"},
+               {"type": "reasoning", "id": "rs_1", "summary": []},
+               {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+                "content": [{"type": "output_text", "text": "Hello!", "annotations": [], "logprobs": []}]}]
+    body = parse_body(json.dumps({"model": "m", "input": "And you?", "instructions": "Be brief",
+                                  "previous_response_id": "resp_0"}).encode(), ResponsesBody)
+    request = read_request(body, earlier, store=True)
+    assert [(m.role, m.content[0].text) for m in request.chat.messages] == [
+        ("system", "Be brief"), ("user", "Hi"), ("assistant", "Hello!"), ("user", "And you?")]
+    assert request.items == [*earlier, {"type": "message", "role": "user", "content": "And you?"}]
+    assert (request.echo["store"], request.echo["previous_response_id"]) == (True, "resp_0")
+    bad = parse_body(json.dumps({"model": "m", "input": [{"role": "robot", "content": "x"}],
+                                 "previous_response_id": "resp_0"}).encode(), ResponsesBody)
+    with pytest.raises(ApiError) as caught:
+        read_request(bad, earlier)
+    assert caught.value.param == "input.0.role"  # the input's own index
+
+
 def test_tools_tool_choice_format_logprobs_and_effort_map_to_the_chats_fields() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     request = read(input="x", tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"},
@@ -108,10 +127,10 @@ def test_the_wire_request_is_a_chat_with_the_extensions_passed_through() -> None
 
 
 @pytest.mark.parametrize(("fields", "param", "words"), [
-    ({"previous_response_id": "resp_0"}, "previous_response_id", "keeps no responses"),
-    ({"conversation": "conv_1"}, "conversation", "keeps no responses"),
-    ({"background": True}, "background", "keeps no responses"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type", "keeps no responses"),
+    ({"previous_response_id": "resp_0"}, "previous_response_id", "keeps no such thing"),
+    ({"conversation": "conv_1"}, "conversation", "keeps no such thing"),
+    ({"background": True}, "background", "keeps no such thing"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type", "keeps no such thing"),
     ({"truncation": "auto"}, "truncation", "truncation"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input.0.content.0.type", "'input_image'"),
