@@ -493,6 +493,10 @@ class WorkerHeartbeat(Message):
     """LoRA adapters resident in the worker's device pool (scheduler affinity)."""
     draining: bool = False
     """Stopping (SIGTERM): it takes no new work and finishes or hands back what it runs."""
+    prefix_cache_queries: int = 0
+    """Prompt tokens its engine looked up in its prefix cache since it started."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens it found cached."""
 
     @property
     def offered_slots(self) -> int:

@@ -749,7 +749,8 @@ class WorkerService:
             speed=m.SpeedReport(prefill_tokens_per_s=st.prefill_tokens_per_s,
                                 decode_tokens_per_s=decode_tps, decode_step_ms=st.decode_step_ms),
             sent_at=time.time(), running_ids=sorted(self.active), adapters=list(st.adapters),
-            draining=self.draining,
+            draining=self.draining, prefix_cache_queries=st.prefix_cache_queries,
+            prefix_cache_hits=st.prefix_cache_hits,
         )
 
     async def _heartbeat(self) -> None:

@@ -261,7 +261,9 @@ function render(data) {
     tr.append(cell(w.id), cell(w.pool), cell(state[0], state[1]),
       bar(w.load, fmt(w.running) + " / " + fmt(w.max_running)), cell(fmt(w.waiting)),
       cell(pct(w.kv_used)), cell(fmt(w.decode_tokens_per_s, 1)), cell(fmt(w.prefill_tokens_per_s, 1)),
-      cell(fmt(w.decode_step_ms, 1)), cell(fmt(w.age_s, 1) + " s ago"));
+      cell(fmt(w.decode_step_ms, 1)),
+      cell(w.prefix_cache_hit_rate == null ? "–" : pct(w.prefix_cache_hit_rate)),
+      cell(fmt(w.age_s, 1) + " s ago"));
     return tr;
   }));
 

@@ -184,6 +184,8 @@ def _workers(raw: RawSnapshot, alive_s: float) -> list[dict[str, Any]]:
             "decode_tokens_per_s": beat.speed.decode_tokens_per_s,
             "prefill_tokens_per_s": beat.speed.prefill_tokens_per_s,
             "decode_step_ms": beat.speed.decode_step_ms,
+            "prefix_cache_hit_rate": (beat.prefix_cache_hits / beat.prefix_cache_queries
+                                      if beat.prefix_cache_queries else None),
         })  # fmt: skip
     out.sort(key=lambda w: (w["pool"], w["id"]))
     return out

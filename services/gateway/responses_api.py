@@ -87,7 +87,7 @@ _PASSED_THROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "log
                    "guided_grammar")
 """Fields a Responses body may carry as the chat's extensions (vLLM's extra sampling
 fields and Fairway's deadlines), checked as the chat checks them."""
-_NEEDS_A_STORED_RESPONSE = {
+_KEPT_ELSEWHERE = {
     "conversation": "A stored conversation",
     "prompt": "A stored prompt template",
 }
@@ -231,7 +231,7 @@ def responses_error(err: ApiError) -> ApiError:
 
 
 def _check_unserved(body: ResponsesBody) -> None:
-    for param, what in _NEEDS_A_STORED_RESPONSE.items():
+    for param, what in _KEPT_ELSEWHERE.items():
         if getattr(body, param) is not None:
             raise _not_stored(param, what)
     if body.background:

@@ -42,6 +42,7 @@ def heartbeat(worker_id: str, pool: str, running: int, sent_at: float, draining:
         m.WorkerHeartbeat(
             worker_id=worker_id, pool=pool, model="x", max_running=8, running=running, waiting=1,
             free_kv_tokens=3000, total_kv_tokens=4000, sent_at=sent_at, draining=draining,
+            prefix_cache_queries=400 if running < 5 else 0, prefix_cache_hits=100 if running < 5 else 0,
             speed=m.SpeedReport(prefill_tokens_per_s=900.0, decode_tokens_per_s=120.0,
                                 decode_step_ms=8.5),
         )
@@ -117,6 +118,8 @@ def test_builder_reports_workers_with_load_speed_and_liveness() -> None:
     assert live["load"] == pytest.approx(2 / 8) and live["kv_used"] == pytest.approx(0.25)
     assert live["decode_tokens_per_s"] == 120.0 and live["prefill_tokens_per_s"] == 900.0
     assert live["decode_step_ms"] == 8.5
+    assert live["prefix_cache_hit_rate"] == pytest.approx(0.25)
+    assert workers["w-stale"]["prefix_cache_hit_rate"] is None  # nothing looked up yet
     assert not workers["w-stale"]["alive"] and workers["w-stale"]["load"] == 1.0
     assert not live["draining"]
 
