@@ -5,7 +5,10 @@ Each step it picks which requests run and how many of their tokens are computed,
 ``num_computed_tokens`` against its ``token_ids`` (prompt + output so far): decode,
 prefill, chunked prefill and recompute after preemption are the same rule. With prefix
 caching, a request admitted with nothing computed first takes the cached blocks its
-tokens start with (:class:`BlockAllocator`), and begins with those tokens computed.
+tokens start with (:class:`BlockAllocator`), and begins with those tokens computed; one
+whose next block a running request is computing now waits for it rather than computing
+it too (a burst of requests with one system prompt, or a request's ``n`` choices,
+computes the prompt once).
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ class Scheduler:
         """Tokens of admitted requests looked up in the prefix cache (vLLM's counters)."""
         self.prefix_cache_hits = 0
         """Of those, tokens found cached."""
+        self._computing: dict[bytes, str] = {}
+        """Names of the blocks running requests are computing, and whose they are."""
         self._arrivals = itertools.count()
 
     def add(self, seq: Sequence) -> None:
@@ -175,6 +180,9 @@ class Scheduler:
                     passed.append(self.waiting.pop(0))
                     continue
                 cached = self._cached_prefix(seq)
+                if self._next_block_computing(seq, cached):
+                    passed.append(self.waiting.pop(0))  # it finds it cached in a step or two
+                    continue
                 computed = seq.num_computed_tokens + len(cached) * self.allocator.block_size
                 num_new = min(seq.num_tokens - computed, budget)
                 need = self.allocator.blocks_for(computed + num_new) - len(cached)
@@ -185,6 +193,7 @@ class Scheduler:
                 seq.block_ids.extend(self.allocator.allocate(need))
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
+                self._computes(seq)
                 scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
                 if seq.lora is not None:
@@ -204,6 +213,8 @@ class Scheduler:
                 names = self._block_names(seq, full)
                 for i in range(seq.num_registered_blocks, full):
                     self.allocator.register(seq.block_ids[i], names[i])
+                    if self._computing.get(names[i]) == seq.request_id:
+                        del self._computing[names[i]]
                 seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
     def finish(self, seq: Sequence) -> None:
@@ -213,6 +224,7 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         self.allocator.free(seq.block_ids)
+        self._stops_computing(seq)
         seq.block_ids = []
         seq.status = SeqStatus.FINISHED
 
@@ -244,6 +256,27 @@ class Scheduler:
         return self.allocator.cached_prefix(
             self._block_names(seq, (seq.num_tokens - 1) // self.allocator.block_size))
 
+    def _next_block_computing(self, seq: Sequence, cached: list[int]) -> bool:
+        """Whether another running request is computing the block a request admitted
+        now would compute first (so it would be computed twice)."""
+        if not self.allocator.enable_caching or seq.num_computed_tokens or not seq.reads_prefix_cache:
+            return False
+        names = self._block_names(seq, (seq.num_tokens - 1) // self.allocator.block_size)
+        owner = self._computing.get(names[len(cached)]) if len(cached) < len(names) else None
+        return owner is not None and owner != seq.request_id
+
+    def _computes(self, seq: Sequence) -> None:
+        """Note the full blocks of known tokens an admitted request is to compute."""
+        if self.allocator.enable_caching:
+            names = self._block_names(seq, seq.num_tokens // self.allocator.block_size)
+            for name in names[seq.num_registered_blocks:]:
+                self._computing.setdefault(name, seq.request_id)
+
+    def _stops_computing(self, seq: Sequence) -> None:
+        for name in seq.block_names:
+            if self._computing.get(name) == seq.request_id:
+                del self._computing[name]
+
     def _take_cached(self, seq: Sequence, cached: list[int]) -> None:
         self.allocator.take(cached)
         seq.block_ids = list(cached)
@@ -264,6 +297,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.allocator.free(seq.block_ids)
+        self._stops_computing(seq)
         seq.block_ids = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0

@@ -569,3 +569,15 @@ def test_a_small_pool_evicts_cached_blocks_and_stays_exact(model_path, prompt_id
         run = drain(engine)
         assert [run.tokens[f"r{i}"] for i in range(len(reference))] == reference
     assert engine.stats().num_free_kv_tokens == 56
+
+
+def test_requests_sent_together_with_one_prompt_compute_it_once(model_path, tokenizer, ref_model):
+    prompt = tokenizer(SYSTEM + "Hello")["input_ids"]
+    engine = make_engine(model_path, kv_cache_tokens=4096, max_model_len=512)
+    for i in range(4):
+        engine.add_request(EngineRequest(f"r{i}", prompt, greedy(4)))
+    run = drain(engine)
+    expected = greedy_reference(ref_model, prompt, 4)
+    assert all(run.tokens[f"r{i}"] == expected for i in range(4))
+    shared = (len(prompt) - 1) // 16 * 16
+    assert [run.final[f"r{i}"].num_cached_tokens for i in range(4)] == [0, shared, shared, shared]

@@ -228,3 +228,26 @@ def test_admission_counts_the_free_cached_blocks_it_takes_and_preemption_finds_i
     again = s.schedule()
     assert again.scheduled[0].seq is big and again.scheduled[0].num_new_tokens == 4
     assert big.num_cached_tokens == 8  # what its first admission found
+
+
+def test_a_request_whose_next_block_is_being_computed_waits_for_it():
+    """Two requests with one prompt at once: the second waits a step and starts from the
+    first's blocks instead of computing them too; if the first ends before computing
+    them, it waits no more."""
+    s = caching()
+    a, b = (Sequence(rid, list(range(10)), 10, 1) for rid in "ab")
+    s.add(a)
+    s.add(b)
+    first = s.schedule()
+    assert [(item.seq.request_id, item.num_new_tokens) for item in first.scheduled] == [("a", 10)]
+    s.commit(first)
+    second = s.schedule()
+    assert [(item.seq.request_id, item.num_new_tokens) for item in second.scheduled] == [("b", 2)]
+    assert b.num_cached_tokens == 8
+    s = caching()
+    c, d = (Sequence(rid, [7] * 12, 12, 1) for rid in "cd")
+    s.add(c)
+    s.add(d)
+    assert [item.seq.request_id for item in s.schedule().scheduled] == ["c"]
+    s.finish(c)  # cancelled before its blocks were computed: d waits for them no more
+    assert [(item.seq.request_id, item.num_new_tokens) for item in s.schedule().scheduled] == [("d", 12)]
