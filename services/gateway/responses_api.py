@@ -206,9 +206,8 @@ def read_request(body: ResponsesBody, earlier: list[dict[str, Any]] | None = Non
     if response_format is not None:
         data["response_format"] = response_format
     effort = _reasoning_effort(body.reasoning)
-    if effort is not None:  # as vLLM: the chat template reads it (gpt-oss, Qwen3...)
-        data["chat_template_kwargs"] = {"reasoning_effort": effort,
-                                        **(body.chat_template_kwargs or {})}
+    if effort is not None:
+        data["reasoning_effort"] = effort
     try:
         chat = ChatCompletionBody.model_validate(data)
     except ValidationError as exc:

@@ -373,6 +373,10 @@ class ChatCompletionBody(_SamplingFields):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: TemplateKwargs | None = None
+    reasoning_effort: Annotated[str, Field(max_length=64), AfterValidator(_no_surrogates)] | None = None
+    """OpenAI's reasoning effort; handed to the chat template as ``reasoning_effort``
+    (as vLLM does: gpt-oss's and other templates read it), unless
+    ``chat_template_kwargs`` sets it."""
     chat_template: Any = None
 
 
@@ -796,8 +800,10 @@ def to_completion_request(
         request.add_generation_prompt = (not request.continue_final_message
                                          if body.add_generation_prompt is None
                                          else body.add_generation_prompt)
-        request.chat_template_kwargs = [
-            TemplateArg(name, value) for name, value in (body.chat_template_kwargs or {}).items()]
+        template_args = dict(body.chat_template_kwargs or {})
+        if body.reasoning_effort is not None:
+            template_args.setdefault("reasoning_effort", body.reasoning_effort)
+        request.chat_template_kwargs = [TemplateArg(name, value) for name, value in template_args.items()]
     else:
         request.echo = bool(body.echo)
         _set_prompt(request, body.prompt[0])  # a batch's others: choice_requests

@@ -104,7 +104,11 @@ def test_tools_tool_choice_format_logprobs_and_effort_map_to_the_chats_fields() 
         "get_weather", "The weather", WEATHER["parameters"])
     assert chat.tool_choice.function.name == "get_weather" and chat.parallel_tool_calls is False
     assert (chat.logprobs, chat.top_logprobs) == (True, 3)
-    assert chat.chat_template_kwargs == {"reasoning_effort": "low", "enable_thinking": False}
+    assert (chat.reasoning_effort, chat.chat_template_kwargs) == ("low", {"enable_thinking": False})
+    wire = to_completion_request(chat, request_id="resp_1", tenant="t", now=0.0, reply_to="q",
+                                 max_model_len=2048, deadline_ms=None)
+    assert {(a.name, a.value) for a in wire.chat_template_kwargs} == {
+        ("enable_thinking", False), ("reasoning_effort", "low")}
     assert request.echo["tool_choice"] == {"type": "function", "name": "get_weather"}
     assert request.echo["tools"] == [WEATHER] and request.echo["parallel_tool_calls"] is False
     formatted = read(input="x", text={"format": {"type": "json_schema", "name": "a", "schema": schema}}).chat

@@ -685,3 +685,13 @@ def test_a_chats_answer_structured_or_not_thinks_first_with_a_reasoning_parser()
         assert to_request(body).sampling.structured.after_reasoning == ""
     structured = completion(response_format={"type": "json_object"})
     assert to_request(_check(structured), reasoning_parser="qwen3").sampling.structured.after_reasoning == ""
+
+
+def test_a_chats_reasoning_effort_reaches_the_chat_template() -> None:
+    """As vLLM hands it to the template (gpt-oss's reads it), unless the request's own
+    chat_template_kwargs set it."""
+    effort = to_request(_check(chat(reasoning_effort="high"), ChatCompletionBody))
+    assert [(a.name, a.value) for a in effort.chat_template_kwargs] == [("reasoning_effort", "high")]
+    own = to_request(_check(chat(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "low"}),
+                            ChatCompletionBody))
+    assert [(a.name, a.value) for a in own.chat_template_kwargs] == [("reasoning_effort", "low")]
