@@ -5,12 +5,13 @@ to RabbitMQ (retrying in the background, so ``/health`` answers at once) and clo
 everything on shutdown. ``serve(settings)`` runs it under uvicorn and drains in-flight
 requests on SIGTERM.
 
-Order of checks on the generation routes (completions, chat, responses): header size (431, on every route), API
-key (401), Content-Type (415 unless ``application/json`` or ``*+json``; a missing
-Content-Type is read as JSON), body size (413, from Content-Length and while reading),
-JSON and field types (400), model (404), settings-dependent limits (400), tenant
-admission (429), publish confirm (503), the first reply (an upstream error answers with
-its own status; 504 on timeout).
+Order of checks on the generation routes (completions, chat, responses; also tokenize
+and detokenize): header size (431, on every route), API key (401), Content-Type (415
+unless ``application/json`` or ``*+json``; a missing Content-Type is read as JSON), body
+size (413, from Content-Length and while reading), JSON and field types (400), a
+``previous_response_id`` (404, or 503 without Redis), model (404), settings-dependent
+limits (400), tenant admission (429), publish confirm (503), the first reply (an
+upstream error answers with its own status; 504 on timeout).
 """
 
 from __future__ import annotations
