@@ -391,13 +391,16 @@ class Backend:
 
     def _on_connection_lost(self, *_: object) -> None:
         """The link dropped: streams stay open for the broker to come back (the reply queue
-        outlives the link), up to ``broker_outage_grace_s``."""
-        if not self._submissions:
+        outlives the link), up to ``broker_outage_grace_s``. A stream already ended (its
+        answer read, or failed by an earlier outage while a reconnect attempt was failing)
+        has nothing to wait for."""
+        open_ids = [rid for rid, s in self._submissions.items() if not s.stream.stream.finished]
+        if not open_ids:
             return
-        self.link_loss.link_lost(list(self._submissions))
+        self.link_loss.link_lost(open_ids)
         if self._outage.link_lost():
-            log.warning("amqp_connection_lost", in_flight=len(self._submissions))
-            self.metrics.broker_outage.labels("open").inc(len(self._submissions))
+            log.warning("amqp_connection_lost", in_flight=len(open_ids))
+            self.metrics.broker_outage.labels("open").inc(len(open_ids))
 
     def _on_reconnected(self, *_: object) -> None:
         # Orphans' cancel markers are written by the housekeeping loop, broker or not.

@@ -125,6 +125,10 @@ async def test_streams_fail_when_the_broker_stays_away_and_their_requests_are_ca
     _, finals = await read(stream)
     assert [(f.finish_reason, f.error.code) for f in finals] == [("error", "broker_connection_lost")]
     assert backend.link_loss.watched == []
+    # A reconnect attempt that fails calls the close callbacks again: the failed stream
+    # has nothing more to wait for and is not watched again.
+    backend._on_connection_lost()
+    assert backend.link_loss.watched == []
     assert 'fairway:gateway_broker_outage_streams_total{outcome="failed"} 1.0' in backend.metrics.render().decode()
 
     async def cancelled() -> bool:
