@@ -64,6 +64,7 @@ from services.gateway.schemas import (
     NonEmptyText,
     StrictBody,
     Text,
+    unsupported,
 )
 from services.logs import get_logger
 from services.messages import MAX_LOGPROBS, MAX_TOOLS, FinalAnswer, TokenLogprob
@@ -144,10 +145,6 @@ class ResponsesBody(StrictBody):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
-
-
-def _unsupported(param: str, what: str) -> ApiError:
-    return invalid(f"{what} is not supported by this server.", param=param, code="unsupported")
 
 
 def _not_stored(param: str, what: str) -> ApiError:
@@ -236,7 +233,7 @@ def _check_unserved(body: ResponsesBody) -> None:
     if body.background:
         raise _not_stored("background", "Running a response in the background")
     if body.truncation == "auto":
-        raise _unsupported("truncation", 'truncation "auto" (dropping the conversation\'s first '
+        raise unsupported("truncation", 'truncation "auto" (dropping the conversation\'s first '
                            "items to fit the context)")
     if body.metadata is not None:
         if len(body.metadata) > MAX_METADATA_KEYS:
@@ -270,7 +267,7 @@ def _text_of(content: Any, where: str) -> str:
         elif kind in _TEXT_PART_TYPES:
             texts.append(_field(part, "text", f"{where}.{i}"))
         elif isinstance(kind, str):
-            raise _unsupported(f"{where}.{i}.type", f"Content of type {kind!r} (only text is)")
+            raise unsupported(f"{where}.{i}.type", f"Content of type {kind!r} (only text is)")
         else:
             raise invalid(f"{where}.{i} must be a content part with a type.", param=f"{where}.{i}")
     return "".join(texts)
@@ -315,7 +312,7 @@ def _messages(instructions: str | None, items: list[Any], first: int = 0) -> lis
         elif kind == "item_reference":
             raise _not_stored(f"{where}.type", "An item reference")
         elif isinstance(kind, str):
-            raise _unsupported(f"{where}.type", f"An input item of type {kind!r}")
+            raise unsupported(f"{where}.type", f"An input item of type {kind!r}")
         else:
             raise invalid(f"{where}.type must be a string.", param=f"{where}.type")
     return messages
@@ -326,7 +323,7 @@ def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
     kind = tool.get("type") if isinstance(tool, dict) else None
     if kind != "function":
         if isinstance(kind, str):
-            raise _unsupported(f"{where}.type", f"The built-in tool {kind!r} (only function "
+            raise unsupported(f"{where}.type", f"The built-in tool {kind!r} (only function "
                                "tools are)")
         raise invalid(f"{where} must be a tool object with a type.", param=where)
     function = {key: tool[key] for key in ("name", "description", "parameters", "strict")
@@ -341,7 +338,7 @@ def _chat_tool_choice(choice: Any) -> Any:
     if kind == "function":
         return {"type": "function", "function": {"name": choice.get("name")}}
     if isinstance(kind, str):
-        raise _unsupported("tool_choice", f"tool_choice of type {kind!r}")
+        raise unsupported("tool_choice", f"tool_choice of type {kind!r}")
     raise invalid("tool_choice must be none, auto, required or a function to call.",
                   param="tool_choice")
 
@@ -353,7 +350,7 @@ def _response_format(text: Any) -> dict[str, Any] | None:
     if not isinstance(text, dict):
         raise invalid("text must be an object.", param="text")
     if text.get("verbosity") not in (None, "medium"):
-        raise _unsupported("text.verbosity", "A verbosity other than medium")
+        raise unsupported("text.verbosity", "A verbosity other than medium")
     fmt = text.get("format")
     if fmt is None:
         return None
@@ -369,7 +366,7 @@ def _response_format(text: Any) -> dict[str, Any] | None:
     if kind == "json_object":
         return {"type": "json_object"}
     if isinstance(kind, str):
-        raise _unsupported("text.format.type", f"text.format {kind!r}")
+        raise unsupported("text.format.type", f"text.format {kind!r}")
     raise invalid("text.format must be an object with a type.", param="text.format")
 
 

@@ -411,7 +411,8 @@ def validated(data: dict[str, Any], model_cls: type[B]) -> B:
         raise from_validation_error(exc) from None
 
 
-def _unsupported(param: str, what: str) -> ApiError:
+def unsupported(param: str, what: str) -> ApiError:
+    """A 400 for what this server does not implement, naming the field (``unsupported``)."""
     return invalid(f"{what} is not supported by this server.", param=param, code="unsupported")
 
 
@@ -450,20 +451,20 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
     for name, (acts_as, what) in UNIMPLEMENTED_FIELDS.items():
         value = getattr(body, name, None)
         if value is not None and value != acts_as:
-            raise _unsupported(name, what)
+            raise unsupported(name, what)
     if isinstance(body, CompletionBody):
         if body.best_of not in (None, 1):
-            raise _unsupported("best_of", "best_of other than 1")
+            raise unsupported("best_of", "best_of other than 1")
         if body.suffix:
-            raise _unsupported("suffix", "suffix")
+            raise unsupported("suffix", "suffix")
     else:
         if body.top_logprobs and not body.logprobs:
             raise invalid("top_logprobs needs logprobs to be true.", param="top_logprobs")
         _check_tools(body, settings.tool_call_parser)
         if body.functions or body.function_call not in (None, "none", "auto"):
-            raise _unsupported("functions" if body.functions else "function_call", "Function calling")
+            raise unsupported("functions" if body.functions else "function_call", "Function calling")
         if body.chat_template is not None:
-            raise _unsupported("chat_template", "A chat template of the request's own")
+            raise unsupported("chat_template", "A chat template of the request's own")
         if body.continue_final_message and body.add_generation_prompt:
             raise invalid("continue_final_message and add_generation_prompt cannot both be true.",
                           param="continue_final_message")
@@ -471,7 +472,7 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
             raise invalid("continue_final_message needs the last message to be the assistant's.",
                           param="continue_final_message")
         if body.modalities not in (None, ["text"]) or body.audio is not None:
-            raise _unsupported("modalities" if body.audio is None else "audio", "Audio output")
+            raise unsupported("modalities" if body.audio is None else "audio", "Audio output")
 
 
 _STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
@@ -513,7 +514,7 @@ def _response_format(value: dict[str, Any]) -> StructuredOutput:
     if kind == "json_object":
         return StructuredOutput("json_object")
     if kind != "json_schema":
-        raise _unsupported("response_format", f"response_format {kind!r}")
+        raise unsupported("response_format", f"response_format {kind!r}")
     inner = value.get("json_schema")
     if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
         raise invalid("response_format json_schema needs json_schema.schema, a JSON schema object.",
@@ -528,7 +529,7 @@ def _structured_outputs(value: Any) -> StructuredOutput:
     for option, what in (("structural_tag", "A structural tag"),
                          ("whitespace_pattern", "A whitespace pattern of the request's own")):
         if value.get(option) is not None:
-            raise _unsupported(f"{param}.{option}", what)
+            raise unsupported(f"{param}.{option}", what)
     given = [key for key in _STRUCTURED_OPTIONS if value.get(key) not in (None, False)]
     if len(given) != 1:
         raise invalid(f"structured_outputs needs exactly one of {', '.join(_STRUCTURED_OPTIONS)}.",
@@ -587,7 +588,7 @@ def _check_tools(body: ChatCompletionBody, parser: str) -> None:
     if len(set(names)) != len(names):
         raise invalid("Each tool needs a name of its own.", param="tools")
     if (choice is None or choice == "auto") and not parser:
-        raise _unsupported("tool_choice", 'tool_choice "auto" (the model choosing between an '
+        raise unsupported("tool_choice", 'tool_choice "auto" (the model choosing between an '
                            'answer and a call, in its own format, which this server does not '
                            'parse unless it is started with a tool call parser); ask for '
                            '"required" or a named function')
