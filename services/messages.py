@@ -461,6 +461,9 @@ class RequestFinished(Message):
     """The prompt text (truncated), so the scorer can learn from the real length."""
     requeue: bool = False
     """True when the worker handed the request back (preempted, shutting down)."""
+    cached_tokens: int = 0
+    """Prompt tokens the run read from the worker's prefix cache: a completed request's
+    are re-priced from ``w_in`` to ``w_cached`` by VTC."""
 
 
 @dataclass(slots=True)

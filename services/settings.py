@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     policy: Literal["fcfs", "vtc", "rtlm", "fairway"] = "fairway"
     vtc_w_in: float = 1.0
     vtc_w_out: float = 2.0
+    vtc_w_cached: float = Field(default=0.1, ge=0)
+    """VTC charge per prompt token a worker read from its prefix cache instead of
+    computing it (``PolicyConfig.w_cached``); ``vtc_w_in`` charges it in full."""
     lease_ttl_s: float = 3.0
     worker_timeout_s: float = 6.0
     """A worker whose last heartbeat is older is dead to the scheduler (no work is placed

@@ -682,7 +682,8 @@ class WorkerService:
             request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
             pool=self.pool, finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
             output_tokens=out.num_output_tokens, score=active.item.scored.score,
-            prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS]), topology.FINISHED_KEY)
+            prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS], cached_tokens=out.num_cached_tokens),
+            topology.FINISHED_KEY)
         try:
             await asyncio.gather(final, event, *active.publishes)
         except Exception as exc:  # noqa: BLE001 - logged by emit_failed, then handed back

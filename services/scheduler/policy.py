@@ -7,6 +7,9 @@ the simulator drive the same :class:`SchedulerPolicy`. It combines
   per input token at dispatch and ``w_out`` per generated token, divided by the tenant's
   weight; the backlogged tenant with the smallest counter is served next, and a tenant
   that becomes backlogged is lifted to the smallest counter among the backlogged ones.
+  Prompt tokens a worker read from its prefix cache instead of computing them are
+  re-priced at ``w_cached`` when the request completes, so a tenant is charged for the
+  compute it took, not for repeating its system prompt.
 - RT-LM (Li et al., RTSS 2023): inside a tenant, cheaper predicted work first (prefill
   plus predicted output, in seconds of the worker latency model) with linear aging;
   admission by a KV budget from predicted lengths instead of ``max_tokens``
@@ -140,6 +143,9 @@ class PolicyConfig:
     name: str = "fairway"
     w_in: float = 1.0
     w_out: float = 2.0
+    w_cached: float = 0.1
+    """Charge per prompt token read from a worker's prefix cache (charged ``w_in`` at
+    dispatch, before anyone knows, and re-priced when the request completes)."""
     tenant_weights: dict[str, float] = field(default_factory=dict)
     aging_rate: float = 0.05
     """Seconds of predicted cost forgiven per second waited."""
@@ -218,11 +224,13 @@ class PolicyConfig:
                 self.tail_target_s,
                 self.w_in,
                 self.w_out,
+                self.w_cached,
             )
             < 0
         ):
             raise ValueError(
-                "aging_rate, tail_slack, tail_margin_s, tail_target_s, w_in and w_out must be >= 0"
+                "aging_rate, tail_slack, tail_margin_s, tail_target_s, w_in, w_out and "
+                "w_cached must be >= 0"
             )
         if self.express_share is not None and not 0 <= self.express_share < 1:
             raise ValueError("express_share must be in [0, 1)")
@@ -486,6 +494,18 @@ class SchedulerPolicy:
             return 0.0
         self.served[tenant] = self.served.get(tenant, 0.0) + self.config.w_out * new_tokens
         delta = self.config.w_out * self._charging.on_progress(new_tokens) / self._weight(tenant)
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + delta
+        return delta
+
+    def on_cached_input(self, tenant: str, cached_tokens: int) -> float:
+        """Re-price ``cached_tokens`` prompt tokens, charged ``w_in`` at dispatch, that a
+        worker read from its prefix cache: they cost ``w_cached``. Returns the counter
+        change (negative while ``w_cached < w_in``). Called once a request, at its end."""
+        if cached_tokens <= 0:
+            return 0.0
+        change = (self.config.w_cached - self.config.w_in) * cached_tokens
+        self.served[tenant] = self.served.get(tenant, 0.0) + change
+        delta = change / self._weight(tenant)
         self.counters[tenant] = self.counters.get(tenant, 0.0) + delta
         return delta
 

@@ -76,6 +76,12 @@ def queued_view(scored: m.ScoredRequest, arrival: float, generated: int | None =
     )
 
 
+def cached_prompt_tokens(event: m.RequestFinished, scored: m.ScoredRequest) -> int:
+    """Of the prompt's tokens (charged ``w_in`` at dispatch), those the completing run
+    read from its worker's prefix cache."""
+    return max(0, min(event.cached_tokens, len(scored.prompt_token_ids)))
+
+
 def kv_reservation(scored: m.ScoredRequest) -> int:
     """KV tokens a dispatched request is expected to hold: prompt + predicted p90 output."""
     return len(scored.prompt_token_ids) + int(min(scored.score.p90, scored.request.sampling.max_tokens))
@@ -159,6 +165,7 @@ class SchedulerService:
             name=settings.policy,
             w_in=settings.vtc_w_in,
             w_out=settings.vtc_w_out,
+            w_cached=settings.vtc_w_cached,
             tenant_weights=parse_weights(settings.tenant_weights),
             idle_tenant_slots=settings.idle_tenant_slots,
         )
@@ -398,6 +405,9 @@ class SchedulerService:
             ops.enqueue(record.scored, arrival, generated=event.output_tokens)
         else:
             self.policy.on_finished(rid, event.tenant, event.output_tokens, now)
+            # The completing run's cache hits, once (the record is gone for a redelivery);
+            # a resumed run's prompt holds output, charged w_out: only the prompt counts.
+            self.policy.on_cached_input(event.tenant, cached_prompt_tokens(event, record.scored))
             ops.mark_done(rid)
         ops.counters(self.policy.counters, self.policy.served, {event.tenant})
 

@@ -414,6 +414,36 @@ def test_a_tenants_repeated_prefix_is_served_from_the_cache_and_only_its_own(sys
     assert ask(globex_key, first).usage.prompt_tokens_details.cached_tokens == 0
 
 
+async def test_a_prompt_read_from_the_prefix_cache_is_charged_at_the_cached_rate(system, rabbit_server):
+    """VTC charges a prompt w_in per token at dispatch; the tokens its worker read from its
+    prefix cache are re-priced at w_cached when it completes (defaults 1, 2 and 0.1), once."""
+    url = amqp_tenant(system, rabbit_server, "cache-tenant")
+    prompt = "Tell me about the weather in the mountains, in a few words. " * 4
+    async with AmqpClient(url) as client:
+        finals = []
+        for _ in range(2):
+            request = client.completion(MODEL, prompt, max_tokens=3, ignore_eos=True)
+            finals.append([r async for r in client.submit(request)][-1])
+    first, second = finals
+    assert first.cached_tokens == 0 and 16 <= second.cached_tokens < second.prompt_tokens
+    expected = sum(1.0 * f.prompt_tokens + 2.0 * f.completion_tokens for f in finals)
+    expected -= (1.0 - 0.1) * second.cached_tokens
+    redis = aioredis.from_url(system.redis_url)
+    try:
+        deadline = time.monotonic() + 15
+        served = None
+        while time.monotonic() < deadline:  # completion events reach the scheduler after the answer
+            served = float(await redis.hget(keys.SCHED_SERVED, "cache-tenant") or 0)
+            if served == pytest.approx(expected):
+                break
+            await asyncio.sleep(0.1)
+        assert served == pytest.approx(expected)
+        await asyncio.sleep(0.5)  # a redelivered or late report would re-price it again
+        assert float(await redis.hget(keys.SCHED_SERVED, "cache-tenant")) == pytest.approx(expected)
+    finally:
+        await redis.aclose()
+
+
 def test_tokenize_counts_what_a_request_is_charged_and_detokenize_spells_it(system, acme_key, tokenizer):
     """vLLM's /tokenize and /detokenize, answered by the scorer: a chat's count is the
     prompt_tokens the same chat is charged, a prompt's tokens are the tokenizer's, and
@@ -529,13 +559,18 @@ async def test_client_disconnect_frees_the_worker_slot(system, acme_key, n):
     pytest.fail("the worker still runs the request of a client that left")
 
 
-async def test_amqp_producer_round_trip_without_gateway(system, rabbit_server, tokenizer):
-    rabbitmqctl(rabbit_server, "add_user", "amqp-tenant", "secret")
-    own_replies = "^fairway\\.replies\\.amqp-tenant\\..*"
+def amqp_tenant(system, rabbit_server, user: str) -> str:
+    """A RabbitMQ user of its own (the tenant of what it sends): its AMQP URL."""
+    rabbitmqctl(rabbit_server, "add_user", user, "secret")
+    own_replies = f"^fairway\\.replies\\.{user}\\..*"
     vhost = system.amqp_url.rsplit("/", 1)[1]
-    rabbitmqctl(rabbit_server, "set_permissions", "-p", vhost, "amqp-tenant", own_replies,
+    rabbitmqctl(rabbit_server, "set_permissions", "-p", vhost, user, own_replies,
                 "^fairway\\.requests$", own_replies)
-    url = f"amqp://amqp-tenant:secret@127.0.0.1:{rabbit_server.port}/{vhost}"
+    return f"amqp://{user}:secret@127.0.0.1:{rabbit_server.port}/{vhost}"
+
+
+async def test_amqp_producer_round_trip_without_gateway(system, rabbit_server, tokenizer):
+    url = amqp_tenant(system, rabbit_server, "amqp-tenant")
     async with AmqpClient(url) as client:
         request = client.completion(MODEL, "over the wire", max_tokens=5, ignore_eos=True)
         replies = [r async for r in client.submit(request)]

@@ -229,6 +229,28 @@ def test_requeue_does_not_charge_the_input_twice() -> None:
     assert p.served["a"] == pytest.approx(40.0 + 2 * 3)
 
 
+def test_cached_prompt_tokens_are_repriced_at_w_cached() -> None:
+    """Charged w_in at dispatch (nobody knows yet what a worker holds), the prompt tokens
+    a worker read from its prefix cache cost w_cached in the end."""
+    p = policy("vtc", w_in=1.0, w_cached=0.1, tenant_weights={"a": 2.0})
+    p.add(req("x", inp=40), 0.0)
+    (first,) = p.schedule(0.0, [pool()]).dispatches
+    assert first.charge == pytest.approx(20.0)
+    assert p.on_cached_input("a", 32) == pytest.approx(-0.9 * 32 / 2)
+    assert p.counters["a"] == pytest.approx((40 - 0.9 * 32) / 2)
+    assert p.served["a"] == pytest.approx(40 - 0.9 * 32)
+    assert p.on_cached_input("a", 0) == 0.0
+
+
+def test_w_cached_equal_to_w_in_charges_cached_tokens_in_full() -> None:
+    p = policy("vtc", w_cached=1.0)
+    p.add(req("x", inp=40), 0.0)
+    p.schedule(0.0, [pool()])
+    assert p.on_cached_input("a", 32) == 0.0 and p.counters["a"] == 40.0
+    with pytest.raises(ValueError, match="w_cached"):
+        PolicyConfig(name="vtc", w_cached=-0.1)
+
+
 def test_requeue_of_a_request_unknown_to_this_replica_is_not_charged_either() -> None:
     p = policy("vtc")
     p.requeue(req("x", inp=40), 0.0)

@@ -226,3 +226,54 @@ async def test_a_requeued_request_is_charged_only_past_what_it_had_produced(redi
     await service._batched(service._take_event, finished(7, requeue=False))
     served = float(await redis_client.hget(keys.SCHED_SERVED, "acme"))
     assert served == service.config.w_out * 7
+
+
+async def test_a_completed_requests_cached_prompt_tokens_are_repriced_once(redis_client, redis_url):
+    """A completion event's cached prompt tokens are re-priced (w_in -> w_cached), once: a
+    hand-back's event and a redelivered completion are not. A resumed run's cached
+    tokens count only up to the prompt, as only the prompt was charged w_in."""
+    import time
+
+    from services.scheduler.service import SchedulerService
+    from services.settings import Settings
+
+    service = SchedulerService(Settings(redis_url=redis_url, instance_id="s1"))
+    service.redis = redis_client
+    service.store = SchedulerStore(redis_client, "s1", lease_ttl_s=30)
+    assert await service.store.try_acquire()
+
+    async def no_publish(records):
+        return None
+
+    service._publish = no_publish
+    service._workers, service._workers_at = [_beat("w1", 500)], time.time() + 60
+    service._restore(await service.store.load())
+    w_in, w_out, w_cached = service.config.w_in, service.config.w_out, service.config.w_cached
+
+    def long(rid: str) -> m.ScoredRequest:
+        return m.ScoredRequest(request_id=rid, request=scored(rid).request,
+                               prompt_token_ids=list(range(40)), score=scored(rid).score)
+
+    def finished(rid: str, output: int, cached: int, requeue: bool = False) -> m.RequestFinished:
+        return m.RequestFinished(request_id=rid, tenant="acme", worker_id="w1", model="tiny", pool="cpu",
+                                 finish_reason="length", prompt_tokens=40, output_tokens=output,
+                                 score=scored(rid).score, requeue=requeue, cached_tokens=cached)
+
+    async def served() -> float:
+        return float(await redis_client.hget(keys.SCHED_SERVED, "acme"))
+
+    await service._batched(service._take_scored, long("r1"))
+    assert await service.schedule_once() == 1
+    await service._batched(service._take_event, finished("r1", 3, 32, requeue=True))
+    assert await served() == pytest.approx(w_in * 40 + w_out * 3)  # handed back: not yet
+    service._restore(await service.store.load())  # a failover while it waits
+    assert await service.schedule_once() == 1
+    await service._batched(service._take_event, finished("r1", 5, 16))
+    await service._batched(service._take_event, finished("r1", 5, 16))  # the redelivery
+    assert await served() == pytest.approx(w_in * 40 + w_out * 5 - (w_in - w_cached) * 16)
+
+    before = await served()
+    await service._batched(service._take_scored, long("r2"))
+    assert await service.schedule_once() == 1
+    await service._batched(service._take_event, finished("r2", 4, 48))  # resumed: 8 were output
+    assert await served() - before == pytest.approx(w_in * 40 + w_out * 4 - (w_in - w_cached) * 40)
