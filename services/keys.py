@@ -135,6 +135,46 @@ def stored_response(response_id: str) -> str:
     return f"{PREFIX}:responses:{response_id}"
 
 
+# --- files and batches (OpenAI's Files and Batch APIs, served by the gateways) ---
+def stored_file(file_id: str) -> str:
+    """Hash of one uploaded or batch output file: ``meta`` (JSON: its tenant and file
+    object) and ``content`` (bytes), expiring with the file."""
+    return f"{PREFIX}:files:{file_id}"
+
+
+def tenant_files(tenant: str) -> str:
+    """Sorted set: a tenant's file ids by creation time (ids of expired files are dropped
+    when a listing finds them gone)."""
+    return f"{PREFIX}:tenant:{tenant}:files"
+
+
+def batch(batch_id: str) -> str:
+    """Hash of one batch: its tenant, input, status, counts and times (see
+    ``services.gateway.batches``)."""
+    return f"{PREFIX}:batches:{batch_id}"
+
+
+def batch_results(batch_id: str) -> str:
+    """Hash: input line index -> its result (JSON), written once per line while the batch
+    runs; the output and error files are made from it."""
+    return f"{PREFIX}:batches:{batch_id}:results"
+
+
+def batch_lease(batch_id: str) -> str:
+    """The gateway that runs the batch (value: its runner id, with TTL)."""
+    return f"{PREFIX}:batches:{batch_id}:lease"
+
+
+def tenant_batches(tenant: str) -> str:
+    """Sorted set: a tenant's batch ids by creation time."""
+    return f"{PREFIX}:tenant:{tenant}:batches"
+
+
+BATCHES_ACTIVE = f"{PREFIX}:batches:active"
+"""Set of the batches not yet ended (validating, in progress, finalizing, cancelling):
+what the gateways' batch runners take leases on."""
+
+
 # --- dashboard (capped lists of recent events, newest first; JSON entries) ---
 LENGTH_SAMPLES = f"{PREFIX}:recent:lengths"
 """List of finished requests' predicted (p10/p50/p90) and actual output lengths."""

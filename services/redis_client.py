@@ -25,6 +25,22 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
+# A lease is a key whose value is its holder, with a TTL: taken with SET NX PX, renewed
+# and let go only by its holder (KEYS[1]: the lease; ARGV[1]: the holder; ARGV[2]: ms).
+RENEW_LEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+RELEASE_LEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 CANNOT_SERVE: tuple[type[Exception], ...] = (
     redis_exc.ConnectionError,  # refused, reset, loading its data, no free connection
     redis_exc.TimeoutError,

@@ -97,6 +97,15 @@ class Settings(BaseSettings):
     """How long the gateway keeps a Responses API answer stored (``store``, OpenAI's
     default) for ``previous_response_id`` and ``GET /v1/responses/{id}``, in Redis; 0
     stores none (then ``previous_response_id`` is refused)."""
+    files_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    """How long uploaded files, batch output files and ended batches are kept in Redis."""
+    max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """The largest file ``POST /v1/files`` takes (it is held in Redis)."""
+    batch_max_requests: int = Field(default=50_000, ge=1)
+    """The most requests one batch input file may hold (OpenAI's limit)."""
+    batch_concurrency: int = Field(default=8, ge=1)
+    """Requests of batches one gateway runs at once (they take the tenant's admission
+    slots as any request does; a 429 or 503 is retried, not failed)."""
     gateway_dead_after_s: float = 15.0
     """A gateway whose heartbeat in Redis is this old is dead: the other gateways free its
     admission slots and cancel its requests downstream. A restarted gateway (same

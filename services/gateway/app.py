@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import signal
 import threading
 import time
@@ -43,8 +44,10 @@ from services import __version__
 from services.adapters import AdapterCatalog
 from services.gateway.adapters import adapter_card, resolve_adapter, usable_adapters
 from services.gateway.adapters import install as install_adapters
-from services.gateway.auth import AdminAuth, KeyStore, bearer_token
+from services.gateway.auth import AdminAuth, KeyStore, authenticate
 from services.gateway.backend import Backend, Submission
+from services.gateway.batches import BatchBody, BatchRunner, BatchStore
+from services.gateway.batches import install as install_batches
 from services.gateway.dashboard import Dashboard
 from services.gateway.dashboard import install as install_dashboard
 from services.gateway.errors import (
@@ -56,8 +59,9 @@ from services.gateway.errors import (
     invalid,
     model_not_found,
     timed_out,
-    unauthorized,
 )
+from services.gateway.files import FileStore
+from services.gateway.files import install as install_files
 from services.gateway.http import GatewayServer, protocol_options
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.replies import ChoiceStream
@@ -102,7 +106,7 @@ from services.gateway.tokenization import (
     tokenize_response,
 )
 from services.logs import get_logger
-from services.messages import FinalAnswer
+from services.messages import CompletionRequest, FinalAnswer
 from services.models import served_max_model_len
 from services.replies import Reply
 from services.runtime import STOP_SIGNALS, early_stops, freeze_heap
@@ -136,6 +140,8 @@ class GatewayState:
     """Tenant LoRA adapters; None serves the base model only."""
     responses: ResponseStore = dataclasses.field(default_factory=lambda: ResponseStore(None, 0))
     """Stored Responses API answers."""
+    files: FileStore | None = None
+    batches: BatchStore | None = None
 
 
 class ClientDisconnected(Exception):
@@ -143,17 +149,6 @@ class ClientDisconnected(Exception):
 
 
 # --- pure request helpers --------------------------------------------------------------
-
-
-def authenticate(keys: KeyStore, authorization: str | None) -> str:
-    """Tenant of the request's API key; 401 when missing or unknown."""
-    token = bearer_token(authorization)
-    if token is None:
-        raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-    tenant = keys.lookup(token)
-    if tenant is None:
-        raise unauthorized("Invalid API key.")
-    return tenant
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -285,11 +280,13 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def race_client(
-    request: Request, work: Awaitable[Any], deadline: float, timeout_s: float
+    request: Request | None, work: Awaitable[Any], deadline: float, timeout_s: float
 ) -> Any:
-    """Await ``work`` unless the client disconnects (ClientDisconnected) or ``deadline`` passes (504)."""
+    """Await ``work`` unless the client disconnects (ClientDisconnected) or ``deadline``
+    passes (504). ``request`` None: no client to watch, only the deadline."""
     work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(_wait_disconnect(request))
+    watch_task = asyncio.ensure_future(
+        _wait_disconnect(request) if request is not None else asyncio.Event().wait())
     loop = asyncio.get_running_loop()
     try:
         done, _ = await asyncio.wait(
@@ -372,6 +369,40 @@ async def _authorized_body(request: Request, state: GatewayState) -> tuple[str, 
         return tenant, None
 
 
+def prepare_generation(
+    state: GatewayState, generation: Generation, tenant: str, now: float, deadline_header: str | None
+) -> tuple[list[CompletionRequest], ResponseMeta]:
+    """The checks every generation passes once its model is known to be served, and what
+    it runs as: one request per choice, and how its answer is written."""
+    settings = state.settings
+    body = generation.body
+    try:
+        check_body(body, settings, model_checked=True)
+        deadline_ms = resolve_deadline_ms(body.deadline_ms, deadline_header)
+        completion = to_completion_request(
+            body,
+            request_id=generation.request_id,
+            tenant=tenant,
+            now=now,
+            reply_to=state.backend.reply_queue_name,
+            max_model_len=settings.max_model_len,
+            deadline_ms=deadline_ms,
+            reasoning_parser=settings.reasoning_parser,
+        )
+    except ApiError as err:
+        raise generation.named(err) from None
+    prompts = body.prompt if isinstance(body, CompletionBody) else None
+    meta = ResponseMeta(
+        request_id=generation.request_id, kind=request_kind(body), model=body.model, created=int(now),
+        logprobs=completion.sampling.logprobs is not None,
+        echo=tuple(p if isinstance(p, str) else None for p in prompts)
+        if prompts is not None and body.echo else None, n=body.n or 1,
+        tool_calling=tool_calling(body, settings.tool_call_parser),
+        reasoning_parser=reasoning_parser_for(completion, settings.reasoning_parser),
+    )
+    return choice_requests(completion, body.n or 1, prompts), meta
+
+
 async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Generation]]) -> Response:
     state: GatewayState = request.app.state.gateway
     settings = state.settings
@@ -384,37 +415,16 @@ async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Gen
     if raw is None:
         return Response(status_code=CLIENT_CLOSED_STATUS)
     generation = await read(raw, tenant)
-    body, request_id = generation.body, generation.request_id
+    request_id = generation.request_id
     headers = {REQUEST_ID_HEADER: request_id}
     try:
-        await _served_model(state, body.model, tenant)
-        check_body(body, settings, model_checked=True)
-        deadline_ms = resolve_deadline_ms(body.deadline_ms, request.headers.get(DEADLINE_HEADER))
-        completion = to_completion_request(
-            body,
-            request_id=request_id,
-            tenant=tenant,
-            now=now,
-            reply_to=state.backend.reply_queue_name,
-            max_model_len=settings.max_model_len,
-            deadline_ms=deadline_ms,
-            reasoning_parser=settings.reasoning_parser,
-        )
+        await _served_model(state, generation.body.model, tenant)
     except ApiError as err:
         raise generation.named(err) from None
-    prompts = body.prompt if isinstance(body, CompletionBody) else None
-    meta = ResponseMeta(
-        request_id=request_id, kind=request_kind(body), model=body.model, created=int(now),
-        logprobs=completion.sampling.logprobs is not None,
-        echo=tuple(p if isinstance(p, str) else None for p in prompts)
-        if prompts is not None and body.echo else None, n=body.n or 1,
-        tool_calling=tool_calling(body, settings.tool_call_parser),
-        reasoning_parser=reasoning_parser_for(completion, settings.reasoning_parser),
-    )
+    choices, meta = prepare_generation(state, generation, tenant, now, request.headers.get(DEADLINE_HEADER))
     try:
-        submissions = await state.backend.submit_all(
-            choice_requests(completion, body.n or 1, prompts), arrived_mono)
-        if body.stream:
+        submissions = await state.backend.submit_all(choices, arrived_mono)
+        if generation.body.stream:
             return await _stream(
                 request, state, submissions, meta, generation.events, deadline, headers
             )
@@ -425,6 +435,41 @@ async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Gen
     except ClientDisconnected:
         log.info("client_disconnected", request_id=request_id, tenant=tenant)
         return Response(status_code=CLIENT_CLOSED_STATUS, headers=headers)
+
+
+async def answer_whole(state: GatewayState, generation: Generation, tenant: str) -> dict[str, Any]:
+    """A generation answered whole with no HTTP client waiting (a batch's request): the
+    same checks, admission and answer as the route's; an error is raised as ApiError."""
+    deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
+    arrived_mono, now = time.monotonic(), time.time()
+    try:
+        await _served_model(state, generation.body.model, tenant)
+    except ApiError as err:
+        raise generation.named(err) from None
+    choices, meta = prepare_generation(state, generation, tenant, now, None)
+    submissions = await state.backend.submit_all(choices, arrived_mono)
+    answers = await _collect(None, state, submissions, deadline)
+    whole = generation.whole(meta, answers)
+    if generation.keep is not None:
+        await generation.keep(whole)
+    return whole
+
+
+async def execute_batch_request(state: GatewayState, tenant: str, endpoint: str,
+                                body: dict[str, Any]) -> tuple[int, dict[str, Any], str]:
+    """One request of a batch, run as if ``tenant`` sent ``body`` to ``endpoint``:
+    its HTTP status, its answer (or OpenAI error object) and its request id."""
+    raw = json.dumps(body).encode()
+    generation = None
+    try:
+        if endpoint == "/v1/responses":
+            generation = await read_responses_body(raw, state.responses, tenant)
+        else:
+            model = ChatCompletionBody if endpoint == "/v1/chat/completions" else CompletionBody
+            generation = read_openai_body(raw, model)
+        return 200, await answer_whole(state, generation, tenant), generation.request_id
+    except ApiError as err:
+        return err.status, err.body(), generation.request_id if generation is not None else ""
 
 
 async def close_all(backend: Backend, submissions: list[Submission],
@@ -450,7 +495,7 @@ async def _answer(
     return JSONResponse(whole, headers=headers)
 
 
-async def _collect(request: Request, state: GatewayState, submissions: list[Submission],
+async def _collect(request: Request | None, state: GatewayState, submissions: list[Submission],
                    deadline: float) -> list[ChoiceAnswer]:
     """Every choice's whole answer (the submissions closed after); an error one's raised."""
     stream = ChoiceStream([s.stream for s in submissions])
@@ -685,7 +730,8 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
             )
             _, defs = models_json_schema(
                 [(model, "validation") for model in (CompletionBody, ChatCompletionBody, ResponsesBody,
-                                                     TokenizeCompletionBody, TokenizeChatBody, DetokenizeBody)],
+                                                     TokenizeCompletionBody, TokenizeChatBody, DetokenizeBody,
+                                                     BatchBody)],
                 ref_template="#/components/schemas/{model}",
             )
             components = spec.setdefault("components", {})
@@ -720,14 +766,25 @@ def create_app(settings: Settings) -> FastAPI:
                          adapters=adapters,
                          responses=ResponseStore(backend.redis, settings.responses_ttl_s))
     dashboard = Dashboard(settings, keys, backend.redis)
+    state.files = FileStore(backend.redis, settings.files_ttl_s)
+    state.batches = BatchStore(backend.redis, settings.files_ttl_s)
+
+    async def execute(tenant: str, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], str]:
+        return await execute_batch_request(state, tenant, endpoint, body)
+
+    runner = BatchRunner(state.batches, state.files, execute, owner=f"{backend.incarnation}",
+                         concurrency=settings.batch_concurrency, max_requests=settings.batch_max_requests,
+                         on_outcome=lambda outcome: gateway_metrics.batch_requests.labels(outcome).inc())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         backend.start()
+        runner.start()
         log.info("gateway_started", model=settings.model_name, tenants=len(keys.tenants))
         try:
             yield
         finally:
+            await runner.close()
             await dashboard.close()
             await backend.close()
             log.info("gateway_stopped")
@@ -780,6 +837,8 @@ def create_app(settings: Settings) -> FastAPI:
         "/ready", ready, methods=["GET"], responses={503: {"description": "Not ready"}}
     )
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    install_files(app)
+    install_batches(app)
     install_adapters(app, adapters, AdminAuth(settings.admin_key, keys))
     install_dashboard(app, dashboard)
 

@@ -47,6 +47,17 @@ def bearer_token(authorization: str | None) -> str | None:
     return token
 
 
+def authenticate(keys: KeyStore, authorization: str | None) -> str:
+    """Tenant of the request's API key; 401 when missing or unknown."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+    tenant = keys.lookup(token)
+    if tenant is None:
+        raise unauthorized("Invalid API key.")
+    return tenant
+
+
 @dataclass(slots=True)
 class _Entry:
     digest: bytes

@@ -70,6 +70,14 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.batch_requests = Counter(
+            names.GATEWAY_BATCH_REQUESTS,
+            "Batch requests this gateway ran, by outcome: completed (answered 200), failed "
+            "(answered with an error, in the batch's error file) or retried (the tenant was at "
+            "its admission limit or the system unavailable: tried again).",
+            ["outcome"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             names.GATEWAY_IN_FLIGHT,
             "Accepted requests of this gateway without a final answer yet.",

@@ -17,25 +17,11 @@ import redis.asyncio as aioredis
 
 from services import keys
 from services import messages as m
+from services.redis_client import RELEASE_LEASE_LUA, RENEW_LEASE_LUA
 
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
-end
-return 0
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -171,8 +157,8 @@ class SchedulerStore:
         self.replica_id = replica_id
         self.lease_ms = int(lease_ttl_s * 1000)
         self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(RENEW_LEASE_LUA)
+        self._release = redis.register_script(RELEASE_LEASE_LUA)
         self._apply = redis.register_script(_FENCED_APPLY)
         self.fence = 0
 

@@ -591,6 +591,73 @@ async def test_gateway_killed_mid_stream(fault_system, checker, http, keys_by_te
     assert all(log.done for log in after), outcomes(after)
 
 
+async def test_gateway_killed_mid_batch(fault_system, checker, http, keys_by_tenant):
+    """kill -9 the gateway that runs a batch while some of its requests are answered and
+    two are under way, then restart it: the restarted gateway takes the batch over once
+    the dead one's lease lapses and runs the lines without a result. The batch completes
+    with every request answered exactly once; the two under way ran again (the killed
+    gateway's runs of them were cancelled downstream or, if short enough, finished with
+    no one to answer; what they generated is charged all the same)."""
+    LINES, MAX_TOKENS = 10, 60
+    await checker.begin()
+    fs = fault_system
+    tenant, key = next(iter(keys_by_tenant.items()))
+    auth = {"Authorization": f"Bearer {key}"}
+    fs.system.signal("gateway")
+    fs.start("gateway", FAIRWAY_BATCH_CONCURRENCY="2")
+    await fs.wait_workers()
+    rows = [{"custom_id": f"job-{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"model": MODEL, "prompt": DEFAULT_PROMPT, "max_tokens": MAX_TOKENS, "ignore_eos": True}}
+            for i in range(LINES)]
+    data = "\n".join(json.dumps(row) for row in rows).encode()
+    uploaded = await http.post(f"{fs.gateway_url}/v1/files", headers=auth, data={"purpose": "batch"},
+                               files={"file": ("jobs.jsonl", data)}, timeout=10)
+    assert uploaded.status_code == 200, uploaded.text
+    created = await http.post(f"{fs.gateway_url}/v1/batches", headers=auth, timeout=10, json={
+        "input_file_id": uploaded.json()["id"], "endpoint": "/v1/completions", "completion_window": "24h"})
+    batch_id = created.json()["id"]
+
+    async def batch() -> dict:
+        return (await http.get(f"{fs.gateway_url}/v1/batches/{batch_id}", headers=auth, timeout=5)).json()
+
+    async def some_answered() -> bool:
+        return (await batch())["request_counts"]["completed"] >= 3
+    assert await until(some_answered, 120), await batch()
+    fs.system.signal("gateway", signal.SIGKILL)
+    killed_at = time.monotonic()
+    fs.start("gateway", FAIRWAY_BATCH_CONCURRENCY="2")
+    await fs.wait_workers()
+
+    async def ended() -> bool:
+        return (await batch())["status"] not in ("in_progress", "finalizing")
+    assert await until(ended, 240, interval=0.5), await batch()
+    took = time.monotonic() - killed_at
+    done = await batch()
+    assert done["status"] == "completed" and done["request_counts"] == {
+        "total": LINES, "completed": LINES, "failed": 0}, done
+    content = await http.get(f"{fs.gateway_url}/v1/files/{done['output_file_id']}/content", headers=auth,
+                             timeout=10)
+    output = [json.loads(x) for x in content.text.splitlines()]
+    assert [o["custom_id"] for o in output] == [row["custom_id"] for row in rows]
+    for o in output:  # the client's view of each request, for the ledger
+        log = checker.new(tenant, "batch")
+        log.request_id, log.status, log.accepted = o["response"]["request_id"], 200, True
+        usage = o["response"]["body"]["usage"]
+        log.final(o["response"]["body"]["choices"][0]["finish_reason"], usage["prompt_tokens"],
+                  usage["completion_tokens"])
+    cut = Counter(e.finish_reason for rid, e in checker.finished.items()
+                  if rid not in {o["response"]["request_id"] for o in output})
+    await checker.verify("gateway kill -9 mid-batch, restarted",
+                         note=f"batch completed {took:.1f} s after the kill, each of {LINES} lines "
+                              f"answered once; runs cut short: {dict(cut)}")
+    assert all(u["response"]["body"]["usage"]["completion_tokens"] == MAX_TOKENS for u in output)
+    assert sum(cut.values()) <= 2 and set(cut) <= {"cancelled", "length"}, cut
+    assert await checker.admission_slots({tenant}) == {tenant: 0}
+    fs.system.signal("gateway")
+    fs.start("gateway")
+    await fs.wait_workers()
+
+
 async def test_same_request_id_published_twice(fault_system, checker):
     """A producer publishes one request twice (a retry after a lost confirm); another
     tenant then reuses its id. The first gets one answer; the other one clear error."""
