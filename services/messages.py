@@ -284,6 +284,9 @@ class CompletionRequest(Message):
     """Absolute unix time by which the request should finish (extension)."""
     fail_if_late: bool = False
     """Answer with an error instead of running once the deadline cannot be met."""
+    background: bool = False
+    """Run only from capacity no other request waits for (a batch's request): the
+    scheduler takes it after every request that is not background, of any tenant."""
     reply_to: str = ""
     prompt_token_ids: list[int] | None = None
     """A completion's prompt as the model's token ids (OpenAI's and vLLM's token-id

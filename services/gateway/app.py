@@ -370,10 +370,12 @@ async def _authorized_body(request: Request, state: GatewayState) -> tuple[str, 
 
 
 def prepare_generation(
-    state: GatewayState, generation: Generation, tenant: str, now: float, deadline_header: str | None
+    state: GatewayState, generation: Generation, tenant: str, now: float, deadline_header: str | None,
+    background: bool = False,
 ) -> tuple[list[CompletionRequest], ResponseMeta]:
     """The checks every generation passes once its model is known to be served, and what
-    it runs as: one request per choice, and how its answer is written."""
+    it runs as: one request per choice (``background``: from spare capacity only), and
+    how its answer is written."""
     settings = state.settings
     body = generation.body
     try:
@@ -391,6 +393,7 @@ def prepare_generation(
         )
     except ApiError as err:
         raise generation.named(err) from None
+    completion.background = background
     prompts = body.prompt if isinstance(body, CompletionBody) else None
     meta = ResponseMeta(
         request_id=generation.request_id, kind=request_kind(body), model=body.model, created=int(now),
@@ -437,7 +440,8 @@ async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Gen
         return Response(status_code=CLIENT_CLOSED_STATUS, headers=headers)
 
 
-async def answer_whole(state: GatewayState, generation: Generation, tenant: str) -> dict[str, Any]:
+async def answer_whole(state: GatewayState, generation: Generation, tenant: str,
+                       background: bool = False) -> dict[str, Any]:
     """A generation answered whole with no HTTP client waiting (a batch's request): the
     same checks, admission and answer as the route's; an error is raised as ApiError."""
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
@@ -446,7 +450,7 @@ async def answer_whole(state: GatewayState, generation: Generation, tenant: str)
         await _served_model(state, generation.body.model, tenant)
     except ApiError as err:
         raise generation.named(err) from None
-    choices, meta = prepare_generation(state, generation, tenant, now, None)
+    choices, meta = prepare_generation(state, generation, tenant, now, None, background)
     submissions = await state.backend.submit_all(choices, arrived_mono)
     answers = await _collect(None, state, submissions, deadline)
     whole = generation.whole(meta, answers)
@@ -457,8 +461,9 @@ async def answer_whole(state: GatewayState, generation: Generation, tenant: str)
 
 async def execute_batch_request(state: GatewayState, tenant: str, endpoint: str,
                                 body: dict[str, Any]) -> tuple[int, dict[str, Any], str]:
-    """One request of a batch, run as if ``tenant`` sent ``body`` to ``endpoint``:
-    its HTTP status, its answer (or OpenAI error object) and its request id."""
+    """One request of a batch, run as if ``tenant`` sent ``body`` to ``endpoint`` but
+    from spare capacity only (background): its HTTP status, its answer (or OpenAI error
+    object) and its request id."""
     raw = json.dumps(body).encode()
     generation = None
     try:
@@ -467,7 +472,7 @@ async def execute_batch_request(state: GatewayState, tenant: str, endpoint: str,
         else:
             model = ChatCompletionBody if endpoint == "/v1/chat/completions" else CompletionBody
             generation = read_openai_body(raw, model)
-        return 200, await answer_whole(state, generation, tenant), generation.request_id
+        return 200, await answer_whole(state, generation, tenant, background=True), generation.request_id
     except ApiError as err:
         return err.status, err.body(), generation.request_id if generation is not None else ""
 

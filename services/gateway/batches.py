@@ -4,9 +4,8 @@ A client uploads a JSONL file (``purpose: batch``; one ``{"custom_id", "method":
 "url", "body"}`` per line) and creates a batch of it for one endpoint
 (``/v1/chat/completions``, ``/v1/completions`` or ``/v1/responses``). The gateways run
 it: each request goes through the same checks, admission and pipeline as one sent over
-HTTP, as its tenant's request, so VTC shares capacity between a tenant's batch and the
-other tenants' traffic as it shares any backlog, and an idle system gives the batch all
-of it. When every request has answered, the batch's answers are an output file and its
+HTTP, as its tenant's request, but marked background: the scheduler starts it only when
+no other request waits, so a batch fills spare capacity. When every request has answered, the batch's answers are an output file and its
 failed requests an error file, each line naming its ``custom_id``.
 
 Nothing is lost when a gateway dies. A batch lives in Redis (``keys.batch``): its

@@ -27,6 +27,10 @@ be delayed by only ``tail_slack`` of its wait); an operator with a tail SLO can 
 requests precede the (then larger) express tier.
 Deadlines near their latest safe start beat everything inside a tenant.
 
+A *background* request (a batch's) runs only from capacity no other request waits for:
+inside its tenant it comes after every other request, and a tenant with only background
+requests left is served after every tenant with others. It is charged as any request.
+
 The named policies ``fcfs``, ``vtc``, ``rtlm`` and ``fairway`` switch these parts on.
 """
 
@@ -84,6 +88,8 @@ class QueuedRequest:
     """Output tokens charged in advance (predicted charging), settled at finish."""
     adapter: str | None = None
     """The tenant LoRA adapter the request runs with; None: the base model."""
+    background: bool = False
+    """Runs from spare capacity only (a batch's request): after every other request."""
 
 
 @dataclass(slots=True)
@@ -314,8 +320,9 @@ class _Queue:
     """One queue (per tenant when fair, else one for all) as heaps with lazy deletion.
 
     Requests are taken from the first non-empty tier: ``due`` (deadline near), then
-    ``express`` (cheapest share of the work), ``late`` (past the tail guard), ``main``.
-    ``soon_due``/``soon_late`` hold requests until they enter ``due``/``late``.
+    ``express`` (cheapest share of the work), ``late`` (past the tail guard), ``main``,
+    then ``background``. ``soon_due``/``soon_late`` hold requests until they enter
+    ``due``/``late``.
     """
 
     main: list[_HeapItem] = field(default_factory=list)
@@ -325,6 +332,7 @@ class _Queue:
     soon_late: list[_HeapItem] = field(default_factory=list)
     soon_due: list[_HeapItem] = field(default_factory=list)
     expiry: list[_HeapItem] = field(default_factory=list)
+    background: list[_HeapItem] = field(default_factory=list)
     work: float = 0.0
     """Predicted work queued here (reference-worker seconds), for the tail guard."""
     decode_work: float = 0.0
@@ -377,6 +385,8 @@ class SchedulerPolicy:
         self._last_arrival: dict[str, float] = {}
         """Tenant -> when it last sent a request (for the idle-tenant slots)."""
         self._tenant_queued: dict[str, int] = {}
+        self._tenant_foreground: dict[str, int] = {}
+        """Tenant -> its queued requests that are not background."""
         self._timed_queues: set[str] = set()
         self._output_actual = 0.0
         self._output_predicted = 0.0
@@ -544,6 +554,7 @@ class SchedulerPolicy:
         self._queued.clear()
         self._inflight.clear()
         self._tenant_queued.clear()
+        self._tenant_foreground.clear()
         self._timed_queues.clear()
         for req in sorted(queued, key=lambda r: r.arrival):
             if req.request_id not in self._queued:
@@ -653,7 +664,10 @@ class SchedulerPolicy:
         queue = self._queues.setdefault(qkey, _Queue())
         entry = _Entry(req, self._order_key(req), next(self._seq))
         tier = queue.main
-        if self.config.cost_order:
+        if req.background:
+            # Neither guarded nor counted as work ahead of others: it waits for them all.
+            tier = queue.background
+        elif self.config.cost_order:
             prefill, entry.decode_work = self._work_parts(req)
             entry.work = prefill + entry.decode_work
             if requeued:
@@ -688,6 +702,8 @@ class SchedulerPolicy:
             self._timed_queues.add(qkey)
         self._queued[req.request_id] = entry
         self._tenant_queued[tenant] = self._tenant_queued.get(tenant, 0) + 1
+        if not req.background:
+            self._tenant_foreground[tenant] = self._tenant_foreground.get(tenant, 0) + 1
 
     def _fcfs_wait(self, queue: _Queue, tenant: str) -> float:
         """How long FCFS would make a request arriving now wait: the work queued ahead of
@@ -745,6 +761,12 @@ class SchedulerPolicy:
             self._tenant_queued[req.tenant] = left
         else:
             del self._tenant_queued[req.tenant]
+        if not req.background:
+            foreground = self._tenant_foreground[req.tenant] - 1
+            if foreground:
+                self._tenant_foreground[req.tenant] = foreground
+            else:
+                del self._tenant_foreground[req.tenant]
         queue = self._queues[req.tenant if self.config.fair else ""]
         if left == 0 and (self.config.fair or not self._queued):
             queue.work = queue.decode_work = 0.0  # empty: no rounding drift
@@ -821,14 +843,18 @@ class SchedulerPolicy:
         held: dict[str, int],
         popped: _Popped,
     ) -> _Entry | None:
-        """Next request in policy order: VTC picks the tenant, the queue picks the request."""
+        """Next request in policy order: VTC picks the tenant (one with requests other than
+        background ones first), the queue picks the request."""
         if not self.config.fair:
             return self._pop_queue(self._queues[""], scan, popped) if self._queued else None
         while True:
             candidates = [t for t, n in self._tenant_queued.items() if n > held.get(t, 0)]
             if not candidates:
                 return None
-            tenant = min(candidates, key=lambda t: (scan_counters[t], t))
+            # A tenant's queue gives its other requests first: past as many as it holds
+            # back this scan, only background ones are left.
+            tenant = min(candidates, key=lambda t: (
+                held.get(t, 0) >= self._tenant_foreground.get(t, 0), scan_counters[t], t))
             entry = self._pop_queue(self._queues[tenant], scan, popped)
             if entry is not None:
                 return entry
@@ -836,11 +862,11 @@ class SchedulerPolicy:
 
     def _pop_queue(self, queue: _Queue, scan: int, popped: _Popped) -> _Entry | None:
         if not self.config.cost_order:
-            tiers: tuple[list[_HeapItem], ...] = (queue.main,)
+            tiers: tuple[list[_HeapItem], ...] = (queue.main, queue.background)
         elif self.config.late_first:
-            tiers = (queue.due, queue.late, queue.express, queue.main)
+            tiers = (queue.due, queue.late, queue.express, queue.main, queue.background)
         else:
-            tiers = (queue.due, queue.express, queue.late, queue.main)
+            tiers = (queue.due, queue.express, queue.late, queue.main, queue.background)
         for tier in tiers:
             entry = self._pop_valid(tier, scan, popped)
             if entry is not None:

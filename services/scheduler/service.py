@@ -73,6 +73,7 @@ def queued_view(scored: m.ScoredRequest, arrival: float, generated: int | None =
         generated=generated or 0,
         input_charged=generated is not None,
         adapter=scored.adapter,
+        background=req.background,
     )
 
 

@@ -281,3 +281,46 @@ async def test_another_tenants_file_reads_as_not_found(stores) -> None:
     assert await files.listed("acme", "batch_output") == [] and await files.listed("globex") == []
     await files.delete(info["id"], "acme")
     assert await files.listed("acme") == []
+
+
+# --- the gateway's side ----------------------------------------------------------------------
+
+
+async def test_a_batch_request_runs_as_the_same_request_sent_over_http_but_in_the_background(
+    redis_url, redis_client
+) -> None:
+    """What the gateway submits for a batch line is what it submits for the same body
+    sent over HTTP, marked background; a refusal comes back as its status and error."""
+    import httpx
+
+    from services.gateway.app import create_app, execute_batch_request
+    from services.settings import Settings
+    from tests.unit.test_adapters import FakeSubmission
+
+    app = create_app(Settings(model_name="tiny", api_keys="acme:key-acme", redis_url=redis_url))
+    submitted = []
+
+    async def submit_all(requests, arrived_at):
+        submitted.extend(requests)
+        return [FakeSubmission(request) for request in requests]
+
+    state = app.state.gateway
+    state.backend.submit_all = submit_all
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    try:
+        status, answer, request_id = await execute_batch_request(state, "acme", CHAT, body)
+        assert status == 200 and answer["object"] == "chat.completion" and answer["id"] == request_id
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+            sent = await http.post(CHAT, json=body, headers={"Authorization": "Bearer key-acme"})
+        assert sent.status_code == 200, sent.text
+        batch, direct = submitted
+        assert batch.background and not direct.background
+        assert (batch.tenant, batch.messages, batch.sampling) == (direct.tenant, direct.messages, direct.sampling)
+        status, answer, _ = await execute_batch_request(state, "acme", "/v1/completions",
+                                                        {"model": "other", "prompt": "x"})
+        assert status == 404 and answer["error"]["code"] == "model_not_found"
+        status, answer, _ = await execute_batch_request(state, "acme", CHAT, {"model": "tiny", "messages": 3})
+        assert status == 400 and answer["error"]["param"] == "messages"
+    finally:
+        await app.state.dashboard.close()
+        await state.backend.redis.aclose()

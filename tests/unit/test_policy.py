@@ -477,3 +477,31 @@ def test_schedule_respects_free_slots_and_kv_per_pool() -> None:
         per_pool[d.pool] = per_pool.get(d.pool, 0) + 1
     assert per_pool == {"gpu": 3, "gpu2": 3}
     assert p.num_queued() == 4
+
+
+@pytest.mark.parametrize("name", ["fcfs", "vtc", "rtlm", "fairway"])
+def test_background_requests_wait_for_every_other_request(name) -> None:
+    """A batch's (background) requests run only from capacity nothing else waits for: a
+    tenant's own cheap background request after its costly one, and a tenant with only
+    background requests left after any other tenant's requests, however low its counter."""
+    p = policy(name)
+    p.restore({"a": 0.0, "b": 1000.0}, {}, [], [])
+    p.add(req("a-bg-cheap", "a", out=1, arrival=0.0, background=True), 0.0)
+    p.add(req("a-bg", "a", out=5, arrival=0.5, background=True), 0.5)
+    p.add(req("a-costly", "a", out=50, arrival=1.0), 1.0)
+    p.add(req("b-1", "b", out=20, arrival=2.0), 2.0)
+    p.add(req("b-2", "b", out=20, arrival=3.0), 3.0)
+    got = order(p, now=3.0)
+    assert got[-2:] == ["a-bg-cheap", "a-bg"]
+    assert set(got[:3]) == {"a-costly", "b-1", "b-2"}
+    if name in ("vtc", "fairway"):
+        assert got[0] == "a-costly"  # the lower counter goes first among foreground work
+
+
+def test_background_requests_run_at_once_when_nothing_else_waits_and_are_charged() -> None:
+    p = policy("fairway")
+    p.add(req("bg", "a", inp=30, background=True), 0.0)
+    (dispatch,) = p.schedule(0.0, [pool(slots=2)]).dispatches
+    assert dispatch.request_id == "bg" and dispatch.charge == 30.0
+    assert p.num_queued() == 0
+
