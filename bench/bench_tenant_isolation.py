@@ -101,15 +101,28 @@ async def run(args) -> dict:
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def light_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server and the light (interactive) tenant's requests."""
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--light-key", required=True)
-    parser.add_argument("--heavy-key", required=True)
     parser.add_argument("--model", default=None, help="default: the first of GET /v1/models")
     parser.add_argument("--light-requests", type=int, default=20)
     parser.add_argument("--light-max-tokens", type=int, default=20)
     parser.add_argument("--light-gap-s", type=float, default=0.2)
+
+
+def print_report(report: dict, path: str | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    light_arguments(parser)
+    parser.add_argument("--heavy-key", required=True)
     parser.add_argument("--heavy-streams", type=int, default=40,
                         help="more than a worker's slots (FAIRWAY_MAX_RUNNING, 32) fills them")
     parser.add_argument("--heavy-max-tokens", type=int, default=300)
@@ -117,12 +130,7 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    report = asyncio.run(run(args))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    print_report(asyncio.run(run(args)), args.json)
 
 
 if __name__ == "__main__":

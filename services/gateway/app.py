@@ -93,6 +93,7 @@ from services.gateway.schemas import (
     reasoning_parser_for,
     request_kind,
     resolve_deadline_ms,
+    served_tier,
     to_completion_request,
     tool_calling,
 )
@@ -393,7 +394,7 @@ def prepare_generation(
         )
     except ApiError as err:
         raise generation.named(err) from None
-    completion.background = background
+    completion.background = completion.background or background
     prompts = body.prompt if isinstance(body, CompletionBody) else None
     meta = ResponseMeta(
         request_id=generation.request_id, kind=request_kind(body), model=body.model, created=int(now),
@@ -402,6 +403,7 @@ def prepare_generation(
         if prompts is not None and body.echo else None, n=body.n or 1,
         tool_calling=tool_calling(body, settings.tool_call_parser),
         reasoning_parser=reasoning_parser_for(completion, settings.reasoning_parser),
+        service_tier=served_tier(body),
     )
     return choice_requests(completion, body.n or 1, prompts), meta
 

@@ -55,6 +55,17 @@ class ResponseMeta:
     """The chat's answer may be tool calls: sent as ``tool_calls``, not content."""
     reasoning_parser: str = ""
     """A chat's thinking is split from its answer (``reasoning_content``) this way."""
+    service_tier: str | None = None
+    """The tier that served it (``flex`` or ``default``), said in every object when the
+    request named one (``service_tier``)."""
+
+    def head(self, obj: str) -> dict[str, Any]:
+        """The fields every response object of the request starts with."""
+        fields: dict[str, Any] = {"id": self.request_id, "object": obj, "created": self.created,
+                                  "model": self.model}
+        if self.service_tier is not None:
+            fields["service_tier"] = self.service_tier
+        return fields
 
     def echoed(self, index: int, reply: Reply | ChoiceAnswer) -> str:
         """The text choice ``index`` starts with (``reply``: its first): its prompt when
@@ -241,10 +252,7 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
             choice["text"] = meta.echoed(index, answer) + answer.text
         choices.append(choice)
     return {
-        "id": meta.request_id,
-        "object": "chat.completion" if meta.kind == "chat" else "text_completion",
-        "created": meta.created,
-        "model": meta.model,
+        **meta.head("chat.completion" if meta.kind == "chat" else "text_completion"),
         "choices": choices,
         "usage": usage([answer.final for answer in answers], meta.n),
     }
@@ -284,13 +292,7 @@ def stream_chunk(
         obj = "text_completion"
     choice["logprobs"] = logprobs
     choice["finish_reason"] = finish
-    chunk: dict[str, Any] = {
-        "id": meta.request_id,
-        "object": obj,
-        "created": meta.created,
-        "model": meta.model,
-        "choices": [choice],
-    }
+    chunk: dict[str, Any] = {**meta.head(obj), "choices": [choice]}
     if include_usage:
         chunk["usage"] = None
     return chunk
@@ -298,10 +300,7 @@ def stream_chunk(
 
 def usage_chunk(meta: ResponseMeta, finals: list[FinalAnswer]) -> dict[str, Any]:
     return {
-        "id": meta.request_id,
-        "object": "chat.completion.chunk" if meta.kind == "chat" else "text_completion",
-        "created": meta.created,
-        "model": meta.model,
+        **meta.head("chat.completion.chunk" if meta.kind == "chat" else "text_completion"),
         "choices": [],
         "usage": usage(finals, meta.n),
     }

@@ -85,7 +85,7 @@ _PASSED_THROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "log
                    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
                    "stop_token_ids", "deadline_ms", "fail_if_late", "chat_template_kwargs",
                    "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                   "guided_grammar")
+                   "guided_grammar", "service_tier")
 """Fields a Responses body may carry as the chat's extensions (vLLM's extra sampling
 fields and Fairway's deadlines), checked as the chat checks them."""
 _KEPT_ELSEWHERE = {
@@ -394,7 +394,7 @@ def _echo(body: ResponsesBody, store: bool) -> dict[str, Any]:
         "parallel_tool_calls": body.parallel_tool_calls is not False,
         "previous_response_id": body.previous_response_id,
         "reasoning": {"effort": _reasoning_effort(body.reasoning), "summary": None},
-        "service_tier": "default",
+        "service_tier": "flex" if body.service_tier == "flex" else "default",
         "store": store,
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "text": text,

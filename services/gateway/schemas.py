@@ -85,6 +85,8 @@ def _no_surrogates(value: str) -> str:
 Text = Annotated[str, AfterValidator(_no_surrogates)]
 NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_no_surrogates)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+"""OpenAI's tiers; ``flex`` is served in the background, every other as ``default``."""
 
 
 def _one_or_many(value: Any) -> Any:
@@ -212,6 +214,9 @@ class _SamplingFields(StrictBody):
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     deadline_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)
     fail_if_late: bool | None = False
+    service_tier: ServiceTier | None = None
+    """OpenAI's: ``flex`` runs the request in the background (only from capacity no other
+    request waits for, as a batch's); the others are served as ``default``."""
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     min_tokens: int | None = Field(default=None, ge=0)
@@ -735,6 +740,13 @@ def request_kind(body: AnyBody) -> RequestKind:
     return "chat" if isinstance(body, ChatCompletionBody) else "completion"
 
 
+def served_tier(body: AnyBody) -> str | None:
+    """The tier a request that named one is served in (None: it named none)."""
+    if body.service_tier is None:
+        return None
+    return "flex" if body.service_tier == "flex" else "default"
+
+
 def to_completion_request(
     body: AnyBody,
     *,
@@ -781,6 +793,7 @@ def to_completion_request(
         created=now,
         deadline=None if deadline_ms is None else now + deadline_ms / 1000.0,
         fail_if_late=bool(body.fail_if_late),
+        background=body.service_tier == "flex",
         reply_to=reply_to,
         defaulted=[name for name, given in (
             ("max_tokens", requested_max_tokens(body)), ("temperature", body.temperature),

@@ -130,3 +130,12 @@ def test_a_batch_of_responses_and_one_cancelled(acme):
     done = finished(acme, batch.id, timeout=60)
     assert done.status == "cancelled" and done.cancelled_at is not None
     assert done.request_counts.completed < 40
+
+
+def test_a_flex_request_is_served_in_the_background_tier(acme):
+    """OpenAI's service_tier "flex" asks for what a batch's requests get: spare capacity."""
+    answer = acme.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2, service_tier="flex")
+    assert answer.service_tier == "flex" and answer.usage.completion_tokens <= 2
+    plain = acme.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert plain.service_tier is None

@@ -107,6 +107,14 @@ def test_chat_body_shape() -> None:
     ]
 
 
+async def test_a_named_service_tier_is_said_in_every_object() -> None:
+    flex = dataclasses.replace(CHAT, service_tier="flex")
+    assert completion_response(flex, [ChoiceAnswer(done(1), "hi")])["service_tier"] == "flex"
+    assert "service_tier" not in completion_response(CHAT, [ChoiceAnswer(done(1), "hi")])
+    events = await run_sse(flex, filled(tok(0, "h"), tok(1, "i"), done(2)), include_usage=True)
+    assert all(e["service_tier"] == "flex" for e in events if e != "[DONE]") and len(events) > 2
+
+
 def test_answer_error_mapping() -> None:
     assert answer_error(done(2, "stop")) is None
     assert answer_error(done(2, "length")) is None

@@ -318,3 +318,11 @@ async def test_an_empty_answer_is_an_empty_message_and_logprobs_go_with_the_text
     assert delta["logprobs"] == [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
                                   "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}]}]
     assert events[-1][1]["response"]["output"][0]["content"][0]["logprobs"] == delta["logprobs"]
+
+
+def test_the_flex_service_tier_reaches_the_chat_and_the_answer_says_it() -> None:
+    flex = read(input="hi", service_tier="flex")
+    assert flex.chat.service_tier == "flex" and flex.echo["service_tier"] == "flex"
+    plain = read(input="hi", service_tier="priority")
+    assert plain.chat.service_tier == "priority" and plain.echo["service_tier"] == "default"
+    assert read(input="hi").echo["service_tier"] == "default"

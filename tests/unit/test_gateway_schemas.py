@@ -23,6 +23,7 @@ from services.gateway.schemas import (
     parse_body,
     reasoning_parser_for,
     resolve_deadline_ms,
+    served_tier,
     to_completion_request,
     tool_calling,
 )
@@ -695,3 +696,23 @@ def test_a_chats_reasoning_effort_reaches_the_chat_template() -> None:
     own = to_request(_check(chat(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "low"}),
                             ChatCompletionBody))
     assert [(a.name, a.value) for a in own.chat_template_kwargs] == [("reasoning_effort", "low")]
+
+
+@pytest.mark.parametrize(("tier", "background", "served"), [
+    (None, False, None), ("auto", False, "default"), ("default", False, "default"),
+    ("priority", False, "default"), ("flex", True, "flex"),
+])
+def test_service_tier_flex_runs_in_the_background(tier, background, served) -> None:
+    """OpenAI's flex tier is Fairway's background class (spare capacity only); the
+    others are served as default, which the answer says."""
+    for raw, model_cls in ((completion(service_tier=tier), CompletionBody),
+                           (chat(service_tier=tier), ChatCompletionBody)):
+        body = _check({k: v for k, v in raw.items() if v is not None}, model_cls)
+        assert to_request(body).background is background
+        assert served_tier(body) == served
+
+
+def test_an_unknown_service_tier_is_400() -> None:
+    with pytest.raises(ApiError) as bad:
+        _check(chat(service_tier="turbo"), ChatCompletionBody)
+    assert bad.value.status == 400 and bad.value.param == "service_tier"
