@@ -293,7 +293,8 @@ class BatchStore:
 
     async def results(self, batch_id: str) -> dict[int, dict[str, Any]]:
         raw = await self.redis.hgetall(keys.batch_results(batch_id))
-        return {int(index): json.loads(value) for index, value in raw.items()}
+        # A big batch's results take a while to decode: not on the event loop.
+        return await asyncio.to_thread(lambda: {int(i): json.loads(value) for i, value in raw.items()})
 
     async def answered(self, batch_id: str) -> set[int]:
         return {int(index) for index in await self.redis.hkeys(keys.batch_results(batch_id))}
@@ -320,7 +321,7 @@ class BatchStore:
         """The tenant's batches, newest first."""
         index = keys.tenant_batches(tenant)
         ids = [i.decode() for i in await self.redis.zrevrange(index, 0, -1)]
-        records = [await self.load(i) for i in ids]
+        records = list(await asyncio.gather(*(self.load(i) for i in ids)))
         gone = [i for i, r in zip(ids, records) if r is None]
         if gone:
             await self.redis.zrem(index, *gone)
@@ -408,15 +409,20 @@ class BatchRunner:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _claim_loop(self) -> None:
+        failures = 0
         while True:
             try:
                 for batch_id in await self.store.active():
                     if batch_id not in self._running and await self.store.take_lease(
                             batch_id, self.owner, self.lease_s):
                         self._running[batch_id] = asyncio.create_task(self._hold(batch_id))
+                failures = 0
             except (RedisError, OSError) as exc:
-                log.warning("batch_claim_failed", error=repr(exc))
-            await asyncio.sleep(self.poll_s * random.uniform(0.5, 1.5))
+                if failures == 0:
+                    log.warning("batch_claim_failed", error=repr(exc))
+                failures += 1
+            # Redis away: look again less and less often (at most every 30 polls).
+            await asyncio.sleep(self.poll_s * min(2 ** failures, 30) * random.uniform(0.5, 1.5))
 
     async def _hold(self, batch_id: str) -> None:
         """Run a batch while the lease is ours; let it go after, also when cancelled."""
@@ -452,8 +458,9 @@ class BatchRunner:
         if record is None or record.status in ENDED:
             await self.store.redis.srem(keys.BATCHES_ACTIVE, batch_id)
             return
-        lines = parse_batch_input(await self.store.input(batch_id), record.static["endpoint"],
-                                  self.max_requests)
+        data = await self.store.input(batch_id)
+        lines = await asyncio.to_thread(parse_batch_input, data, record.static["endpoint"],
+                                        self.max_requests)
         if record.status == "in_progress":
             await self._run_lines(record, lines, lost)
         if not lost.is_set():
@@ -527,7 +534,8 @@ class BatchRunner:
         for rows, kind, name in ((output, "output", "output_file_id"), (errors, "error", "error_file_id")):
             if rows:
                 fields[name] = (await self.files.create(
-                    record.tenant, f"{batch_id}_{kind}.jsonl", OUTPUT_PURPOSE, _jsonl(rows),
+                    record.tenant, f"{batch_id}_{kind}.jsonl", OUTPUT_PURPOSE,
+                    await asyncio.to_thread(_jsonl, rows),
                     file_id=f"file-{hexid}-{kind}"))["id"]
         await self.store.move(batch_id, ("finalizing", "cancelling"), ended, **fields)
         await self.store.ended(batch_id, record.tenant)
@@ -589,7 +597,9 @@ async def create_batch(request: Request) -> Response:
     data = await files.content(body.input_file_id, tenant)
     lines, errors = None, None
     try:
-        lines = parse_batch_input(data, body.endpoint, state.settings.batch_max_requests)
+        # Up to 50,000 lines: parsed off the event loop, which streams other answers.
+        lines = await asyncio.to_thread(parse_batch_input, data, body.endpoint,
+                                        state.settings.batch_max_requests)
     except BatchInputError as exc:
         errors = exc.errors
     now = int(time.time())

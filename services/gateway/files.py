@@ -119,7 +119,10 @@ class FileStore:
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 ids = [i.decode() for i in await self.redis.zrange(index, 0, -1)]
-                metas = [await self.redis.hget(keys.stored_file(i), "meta") for i in ids]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for file_id in ids:
+                        pipe.hget(keys.stored_file(file_id), "meta")
+                    metas = await pipe.execute()
                 gone = [i for i, meta in zip(ids, metas) if meta is None]
                 if gone:
                     await self.redis.zrem(index, *gone)

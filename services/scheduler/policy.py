@@ -411,7 +411,8 @@ class SchedulerPolicy:
         """Enqueue a new request; a known request id is ignored (redelivery)."""
         if req.request_id in self._queued or req.request_id in self._inflight:
             return
-        self._last_arrival[req.tenant] = now
+        if not req.background:  # slots are kept for tenants waiting on an answer, not batches
+            self._last_arrival[req.tenant] = now
         self._enqueue(req, now, lift=True)
 
     def cancel(self, request_id: str) -> QueuedRequest | None:
@@ -467,8 +468,10 @@ class SchedulerPolicy:
             looked += 1
             req = entry.req
             # Kept slots are for tenants below an even share of the slots, while others
-            # are about: not for one that holds its share (or has the system to itself).
-            keeps_out = keeping and in_flight[req.tenant] >= share and len(recent - {req.tenant}) > 0
+            # are about: not for one that holds its share (or has the system to itself),
+            # nor for background work, which a kept slot would start ahead of the others.
+            keeps_out = keeping and (req.background or (
+                in_flight[req.tenant] >= share and len(recent - {req.tenant}) > 0))
             choice = self._place(req, states, busy=keeps_out)
             if choice is None:
                 self._remove(entry)

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tenants", default="", help="NAME:SHARE[:WEIGHT],... for traces without a tenant column"
     )
+    parser.add_argument(
+        "--background-tenants", default="",
+        help="NAME,...: these tenants' requests are background (a batch's: spare capacity only)",
+    )
     parser.add_argument("--gpu-workers", type=int, default=1)
     parser.add_argument("--cpu-workers", type=int, default=0)
     parser.add_argument(
@@ -198,6 +202,7 @@ def run_simulation(args: argparse.Namespace) -> tuple[dict, SimResult]:
         model=args.model,
         deadline_s=args.deadline_s,
         fail_if_late=args.fail_if_late,
+        background_tenants=frozenset(filter(None, args.background_tenants.split(","))),
     )
     gpu, cpu = load_latency_models(args.latency_model, args.cpu_latency_model)
     kv = gpu.kv_tokens if args.kv_tokens is None else (args.kv_tokens or None)
@@ -245,6 +250,7 @@ def run_simulation(args: argparse.Namespace) -> tuple[dict, SimResult]:
         "tenants": [{"name": t.name, "share": t.share, "weight": t.weight} for t in tenants]
         if tenants
         else None,
+        "background_tenants": sorted(filter(None, args.background_tenants.split(","))),
         "seed": args.seed,
         "cluster": {
             "gpu_workers": args.gpu_workers,

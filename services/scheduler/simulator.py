@@ -61,6 +61,8 @@ class SimRequest:
     uncertainty: float = 0.0
     deadline: float | None = None
     fail_if_late: bool = False
+    background: bool = False
+    """Served from spare capacity only (a batch's request)."""
     # Outcome.
     generated: int = 0
     first_dispatch: float | None = None
@@ -84,6 +86,7 @@ class SimRequest:
             fail_if_late=self.fail_if_late,
             uncertainty=self.uncertainty,
             generated=self.generated,
+            background=self.background,
         )
 
 
@@ -746,12 +749,14 @@ def make_requests(
     model: str = "",
     deadline_s: float | None = None,
     fail_if_late: bool = False,
+    background_tenants: frozenset[str] = frozenset(),
 ) -> list[SimRequest]:
     """Turn trace records into simulated requests.
 
     Records without a tenant are assigned one at random by ``tenants`` shares (seeded);
     ``max_tokens`` applies where the record has none and never undercuts the true
-    length; ``deadline_s`` applies where the record has no ``deadline_s``.
+    length; ``deadline_s`` applies where the record has no ``deadline_s``; the requests
+    of ``background_tenants`` are background (as a batch's).
     """
     rng = np.random.default_rng(seed + 1)
     names = [t.name for t in tenants] if tenants else ["default"]
@@ -770,10 +775,11 @@ def make_requests(
     out = []
     for i, (r, cap, (p50, p90, unc)) in enumerate(zip(records, caps, predictions, strict=True)):
         relative = r.deadline_s if r.deadline_s is not None else deadline_s
+        tenant = r.tenant or names[int(drawn[i])]
         out.append(
             SimRequest(
                 request_id=f"r{i}",
-                tenant=r.tenant or names[int(drawn[i])],
+                tenant=tenant,
                 arrival=r.timestamp,
                 input_tokens=r.input_tokens,
                 output_tokens=r.output_tokens,
@@ -783,6 +789,7 @@ def make_requests(
                 uncertainty=unc,
                 deadline=None if relative is None else r.timestamp + relative,
                 fail_if_late=fail_if_late and relative is not None,
+                background=tenant in background_tenants,
             )
         )
     return out

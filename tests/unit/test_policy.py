@@ -505,3 +505,19 @@ def test_background_requests_run_at_once_when_nothing_else_waits_and_are_charged
     assert dispatch.request_id == "bg" and dispatch.charge == 30.0
     assert p.num_queued() == 0
 
+
+
+def test_background_requests_never_take_the_slots_kept_for_waiting_tenants() -> None:
+    """A pool keeps a slot for a tenant with nothing in flight; a batch is not waited on,
+    so its requests leave that slot for the next interactive request (and a tenant with
+    only a batch under way does not make the others keep slots for it)."""
+    p = policy("fairway")
+    for i in range(5):
+        p.add(req(f"chat-{i}", "chat"), 0.0)
+    assert len(p.schedule(0.0, [pool(slots=8)]).dispatches) == 5
+    for i in range(3):
+        p.add(req(f"bg-{i}", "batch", background=True), 0.0)
+    started = p.schedule(0.0, [pool(slots=3, running=5)]).dispatches
+    assert [d.request_id for d in started] == ["bg-0", "bg-1"]  # one of the three is kept
+    p.add(req("chat-5", "chat"), 1.0)
+    assert [d.request_id for d in p.schedule(1.0, [pool(slots=1, running=7)]).dispatches] == ["chat-5"]

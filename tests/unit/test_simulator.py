@@ -233,6 +233,21 @@ def test_make_requests_oracle_noise_and_none_predictor() -> None:
     assert 0.75 < sum(r.tenant == "x" for r in split) / len(split) < 0.85
 
 
+def test_background_requests_run_after_every_other_on_the_simulated_clock() -> None:
+    """On one slot, the background tenant's request that arrived first runs last: the
+    production policy's background class, on the virtual clock."""
+    records = [TraceRecord(0.0, 10, 2, tenant="batch"), TraceRecord(0.0, 100, 5, tenant="chat"),
+               TraceRecord(0.0, 100, 20, tenant="chat")]
+    requests = make_requests(records, background_tenants=frozenset({"batch"}))
+    assert [r.background for r in requests] == [True, False, False]
+    for name in ("fcfs", "fairway"):
+        result = simulate(requests, PolicyConfig(name=name, latency=ONE_SLOT),
+                          ClusterConfig(gpu_latency=ONE_SLOT))
+        order = sorted(result.requests, key=lambda r: r.finish)
+        assert order[-1].tenant == "batch", name
+        assert order[-1].finish == pytest.approx(0.43 + 0.02)
+
+
 def test_fairway_predictor_needs_prompts() -> None:
     with pytest.raises(ValueError, match="needs prompts"):
         make_requests([TraceRecord(0.0, 10, 5)], predictor="fairway")
