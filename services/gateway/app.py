@@ -27,10 +27,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -71,6 +71,7 @@ from services.gateway.responses import (
     answer_error,
     collect_answer,
     completion_response,
+    cursor_page,
     sse_events,
 )
 from services.gateway.responses_api import (
@@ -241,7 +242,7 @@ async def read_responses_body(raw: bytes, store: ResponseStore, tenant: str) -> 
     request = read_request(body, earlier, store=store.enabled and body.store is not False)
 
     async def keep(response: dict[str, Any]) -> None:
-        await store.keep(tenant, request.items, response)
+        await store.keep(tenant, request.items, response, request.inputs)
 
     def whole(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict[str, Any]:
         return answered_response(meta, request.echo, answers[0])
@@ -590,6 +591,16 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
     return JSONResponse(await state.responses.get(response_id, tenant))
 
 
+async def list_input_items(request: Request, response_id: str,
+                           limit: int = Query(20, ge=1, le=100), after: str | None = None,
+                           order: Literal["asc", "desc"] = "desc") -> Response:
+    """A stored response's input items (the caller's tenant's), newest first by default."""
+    state: GatewayState = request.app.state.gateway
+    tenant = authenticate(state.keys, request.headers.get("authorization"))
+    items = await state.responses.input_items(response_id, tenant)
+    return JSONResponse(cursor_page(items[::-1] if order == "desc" else items, limit, after))
+
+
 async def delete_response(request: Request, response_id: str) -> Response:
     state: GatewayState = request.app.state.gateway
     tenant = authenticate(state.keys, request.headers.get("authorization"))
@@ -779,7 +790,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def execute(tenant: str, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], str]:
         return await execute_batch_request(state, tenant, endpoint, body)
 
-    runner = BatchRunner(state.batches, state.files, execute, owner=f"{backend.incarnation}",
+    runner = BatchRunner(state.batches, state.files, execute, owner=backend.incarnation,
                          concurrency=settings.batch_concurrency, max_requests=settings.batch_max_requests,
                          on_outcome=lambda outcome: gateway_metrics.batch_requests.labels(outcome).inc())
 
@@ -826,6 +837,8 @@ def create_app(settings: Settings) -> FastAPI:
     stored_errors = {status: _ERROR_RESPONSES[status] for status in (401, 404, 503)}
     app.add_api_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"],
                       openapi_extra=bearer, responses=stored_errors, summary="A stored response")
+    app.add_api_route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"],
+                      openapi_extra=bearer, responses=stored_errors, summary="A stored response's input")
     app.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"],
                       openapi_extra=bearer, responses=stored_errors, summary="Forget a stored response")
     model_errors = {status: _ERROR_RESPONSES[status] for status in (401, 404)}

@@ -43,7 +43,8 @@ from starlette.responses import JSONResponse, Response
 from services import keys
 from services.gateway.auth import authenticate
 from services.gateway.errors import ApiError, documented_errors, unavailable
-from services.gateway.files import OUTPUT_PURPOSE, FileStore, page
+from services.gateway.files import OUTPUT_PURPOSE, FileStore
+from services.gateway.responses import cursor_page
 from services.gateway.schemas import NonEmptyText, StrictBody, Text, parse_body
 from services.logs import get_logger
 from services.redis_client import RELEASE_LEASE_LUA, RENEW_LEASE_LUA
@@ -314,6 +315,10 @@ class BatchStore:
             pipe.expire(keys.batch(batch_id), self.ttl_s)
             await pipe.execute()
 
+    async def forget(self, batch_id: str) -> None:
+        """No runner takes the batch again (it ended, or is gone)."""
+        await self.redis.srem(keys.BATCHES_ACTIVE, batch_id)
+
     async def active(self) -> list[str]:
         return sorted(i.decode() for i in await self.redis.smembers(keys.BATCHES_ACTIVE))
 
@@ -456,7 +461,7 @@ class BatchRunner:
         lost = lost or asyncio.Event()
         record = await self.store.load(batch_id)
         if record is None or record.status in ENDED:
-            await self.store.redis.srem(keys.BATCHES_ACTIVE, batch_id)
+            await self.store.forget(batch_id)
             return
         data = await self.store.input(batch_id)
         lines = await asyncio.to_thread(parse_batch_input, data, record.static["endpoint"],
@@ -645,7 +650,7 @@ async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100),
             records = await store.listed(tenant)
     except (RedisError, OSError, TimeoutError):
         raise _unavailable() from None
-    return JSONResponse(page([r.to_openai() for r in records], limit, after))
+    return JSONResponse(cursor_page([r.to_openai() for r in records], limit, after))
 
 
 def install(app: FastAPI) -> None:

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from services import keys
 from services.gateway.auth import authenticate
 from services.gateway.errors import ApiError, documented_errors, invalid, unavailable
+from services.gateway.responses import cursor_page
 
 UPLOAD_PURPOSES = ("batch",)
 """What a client may upload a file for (``batch``: a Batch API input file)."""
@@ -132,16 +133,6 @@ class FileStore:
         return [f for f in files if purpose is None or f["purpose"] == purpose]
 
 
-def page(items: list[dict[str, Any]], limit: int, after: str | None) -> dict[str, Any]:
-    """OpenAI's cursor page: the ``limit`` items after the one whose id is ``after``."""
-    if after is not None:
-        ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
-    shown = items[:limit]
-    return {"object": "list", "data": shown, "first_id": shown[0]["id"] if shown else None,
-            "last_id": shown[-1]["id"] if shown else None, "has_more": len(items) > limit}
-
-
 # --- routes ------------------------------------------------------------------------------
 
 
@@ -191,7 +182,7 @@ async def list_files(request: Request, purpose: str | None = None,
                      order: Literal["asc", "desc"] = "desc") -> Response:
     store, tenant = _files(request)
     files = await store.listed(tenant, purpose)
-    return JSONResponse(page(files[::-1] if order == "desc" else files, limit, after))
+    return JSONResponse(cursor_page(files[::-1] if order == "desc" else files, limit, after))
 
 
 async def retrieve_file(request: Request, file_id: str) -> Response:

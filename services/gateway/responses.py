@@ -35,6 +35,15 @@ SSE_DONE = b"data: [DONE]\n\n"
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
+def cursor_page(items: list[dict[str, Any]], limit: int, after: str | None) -> dict[str, Any]:
+    """OpenAI's list page: the ``limit`` items after the one whose id is ``after``."""
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    shown = items[:limit]
+    return {"object": "list", "data": shown, "first_id": shown[0]["id"] if shown else None,
+            "last_id": shown[-1]["id"] if shown else None, "has_more": len(items) > limit}
+
 @dataclass(frozen=True, slots=True)
 class ResponseMeta:
     """What every response object of one request repeats."""

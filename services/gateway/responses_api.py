@@ -169,6 +169,8 @@ class ResponsesRequest:
     """The request's own settings, as every response object of it repeats them."""
     items: list[dict[str, Any]]
     """The conversation's items up to this request's input: what its answer is stored with."""
+    inputs: int = 0
+    """How many of ``items`` are this request's own input (the rest came before it)."""
 
 
 def read_request(body: ResponsesBody, earlier: list[dict[str, Any]] | None = None,
@@ -179,7 +181,8 @@ def read_request(body: ResponsesBody, earlier: list[dict[str, Any]] | None = Non
     _check_unserved(body)
     if body.previous_response_id is not None and earlier is None:
         raise _not_stored("previous_response_id", "Continuing a stored response")
-    items = [*(earlier or []), *input_items(body.input)]
+    own = input_items(body.input)
+    items = [*(earlier or []), *own]
     wants_logprobs = LOGPROBS_INCLUDE in (body.include or [])
     data: dict[str, Any] = {
         "model": body.model,
@@ -209,7 +212,7 @@ def read_request(body: ResponsesBody, earlier: list[dict[str, Any]] | None = Non
         chat = ChatCompletionBody.model_validate(data)
     except ValidationError as exc:
         raise responses_error(from_validation_error(exc)) from None
-    return ResponsesRequest(chat, _echo(body, store), items)
+    return ResponsesRequest(chat, _echo(body, store), items, len(own))
 
 
 def responses_error(err: ApiError) -> ApiError:
@@ -409,6 +412,19 @@ def _echo(body: ResponsesBody, store: bool) -> dict[str, Any]:
 
 
 # --- writing the answer ------------------------------------------------------------------
+
+
+def listed_item(item: dict[str, Any]) -> dict[str, Any]:
+    """An input item as ``input_items`` lists it: a message's string content as one text
+    part (``input_text``; ``output_text`` in an assistant's message)."""
+    if item.get("type", "message") != "message":
+        return item
+    content = item.get("content")
+    if isinstance(content, str):
+        kind = "output_text" if item.get("role") == "assistant" else "input_text"
+        content = [{"type": kind, "text": content}]
+    return {"id": item.get("id"), "type": "message", "role": item.get("role"), "content": content,
+            **({"status": item["status"]} if "status" in item else {})}
 
 
 def _id(prefix: str) -> str:
@@ -711,12 +727,25 @@ class ResponseStore:
         except (RedisError, TimeoutError):
             raise unavailable("Stored responses cannot be changed now; retry later.") from None
 
-    async def keep(self, tenant: str, items: list[dict[str, Any]], response: dict[str, Any]) -> None:
+    async def input_items(self, response_id: str, tenant: str) -> list[dict[str, Any]]:
+        """A stored response's own input, as OpenAI lists it: items with ids, a message's
+        text as content parts."""
+        record = await self._record(response_id, tenant)
+        own = record["items"][len(record["items"]) - record.get("inputs", len(record["items"])):]
+        return [listed_item(item) for item in own]
+
+    async def keep(self, tenant: str, items: list[dict[str, Any]], response: dict[str, Any],
+                   inputs: int = 0) -> None:
         """Store a finished response (one that failed is not: there is nothing to go on
-        from); a Redis error is logged, the answer goes out all the same."""
+        from) with its conversation's ``items``, the last ``inputs`` of them its own input
+        (named by ids of their own, as its output items are); a Redis error is logged,
+        the answer goes out all the same."""
         if not response.get("store") or response.get("status") == "failed":
             return
-        data = json.dumps({"tenant": tenant, "items": items, "response": response},
+        first = len(items) - inputs
+        items = [*items[:first], *({"id": _id("msg") if item.get("type", "message") == "message"
+                                    else _id("item"), **item} for item in items[first:])]
+        data = json.dumps({"tenant": tenant, "items": items, "inputs": inputs, "response": response},
                           ensure_ascii=False, separators=(",", ":")).encode()
         if len(data) > MAX_STORED_BYTES:
             log.warning("response_not_stored", response_id=response["id"], bytes=len(data))

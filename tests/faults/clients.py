@@ -221,3 +221,97 @@ class AmqpTenant:
         finally:
             log.ended = time.monotonic()
         return log
+
+
+class BatchJobs:
+    """A tenant's batches through the Batch API: every request of a batch the gateway
+    accepted is one log, owed exactly one line in the batch's output or error file once
+    the batch ends. Creating a batch and reading it are retried while the gateway is
+    away (that is what a batch client does); nothing else is."""
+
+    def __init__(self, http: httpx.AsyncClient, checker: Checker, base_url: str, tenant: str,
+                 key: str) -> None:
+        self.http, self.checker, self.base_url, self.tenant = http, checker, base_url, tenant
+        self.auth = {"Authorization": f"Bearer {key}"}
+        self.batches: dict[str, dict[str, RequestLog]] = {}
+        """Batch id -> custom id -> the log of that request."""
+
+    async def _call(self, method: str, path: str, stop: asyncio.Event | None = None,
+                    **kw) -> httpx.Response | None:
+        """The answer once the gateway gives one that is not a 5xx (None if ``stop`` is
+        set first)."""
+        while stop is None or not stop.is_set():
+            try:
+                answer = await self.http.request(method, f"{self.base_url}{path}", headers=self.auth,
+                                                 timeout=10, **kw)
+                if answer.status_code < 500:
+                    return answer
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+        return None
+
+    async def submit(self, lines: int, max_tokens: int, stop: asyncio.Event) -> None:
+        rows = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                 "body": {"model": MODEL, "prompt": DEFAULT_PROMPT, "max_tokens": max_tokens,
+                          "ignore_eos": True}} for i in range(lines)]
+        data = "\n".join(json.dumps(row) for row in rows).encode()
+        uploaded = await self._call("POST", "/v1/files", stop, data={"purpose": "batch"},
+                                    files={"file": ("jobs.jsonl", data)})
+        if uploaded is None:
+            return
+        assert uploaded.status_code == 200, uploaded.text
+        # Not retried: a create whose answer a fault cut would be a second batch.
+        try:
+            created = await self.http.post(f"{self.base_url}/v1/batches", headers=self.auth, timeout=10, json={
+                "input_file_id": uploaded.json()["id"], "endpoint": "/v1/completions",
+                "completion_window": "24h"})
+        except httpx.HTTPError:
+            return
+        if created.status_code != 200:
+            return
+        batch = created.json()
+        assert batch["status"] == "in_progress", batch
+        logs = {}
+        for row in rows:
+            log = self.checker.new(self.tenant, "batch")
+            log.accepted, log.status = True, 200
+            logs[row["custom_id"]] = log
+        self.batches[batch["id"]] = logs
+        say(f"batch {batch['id']} of {lines} requests created")
+
+    async def settle(self, timeout: float) -> dict[str, str]:
+        """Wait for every batch to end; log each request's lines; each batch's status."""
+        deadline = time.monotonic() + timeout
+        statuses = {}
+        for batch_id, logs in self.batches.items():
+            while True:
+                answer = await self._call("GET", f"/v1/batches/{batch_id}")
+                batch = answer.json()
+                if batch["status"] not in ("in_progress", "finalizing", "cancelling") or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            statuses[batch_id] = batch["status"]
+            for field in ("output_file_id", "error_file_id"):
+                if batch.get(field):
+                    content = await self._call("GET", f"/v1/files/{batch[field]}/content")
+                    for line in content.text.splitlines():
+                        self._answered(logs, json.loads(line))
+            for log in logs.values():
+                log.ended = time.monotonic()
+        return statuses
+
+    @staticmethod
+    def _answered(logs: dict[str, RequestLog], line: dict) -> None:
+        log = logs[line["custom_id"]]
+        response = line["response"]
+        if response is None:  # never run (the batch expired)
+            log.final("error", code=line["error"]["code"])
+            return
+        log.request_id = response["request_id"]
+        body = response["body"]
+        if response["status_code"] == 200:
+            usage = body["usage"]
+            log.final(body["choices"][0]["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"])
+        else:
+            log.final("error", code=body["error"]["code"], status=response["status_code"])

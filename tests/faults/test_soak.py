@@ -2,7 +2,7 @@
 
 Where each scenario of ``test_scenarios.py`` breaks one thing at a chosen moment, this
 one keeps clients sending (HTTP streams of two tenants and an AMQP producer, a few at a
-time, of random lengths) while it breaks something every few seconds, chosen by a
+time, of random lengths, and a batch now and then through the Batch API) while it breaks something every few seconds, chosen by a
 seeded random draw: kill -9 or SIGTERM a worker, the scheduler, the scorer or the
 gateway (SIGTERM is a rolling deploy: its streams finish, then it comes back), pause
 one of them or Redis for up to 8 s (SIGSTOP, then SIGCONT: it wakes after its peers may
@@ -24,6 +24,7 @@ for the rare interleavings that a scenario written by hand does not think of.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -36,6 +37,7 @@ import redis.asyncio as aioredis
 from tests.faults.clients import (
     DEFAULT_PROMPT,
     AmqpTenant,
+    BatchJobs,
     completion_body,
     http_stream,
     response_body,
@@ -78,6 +80,17 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
             if not log.accepted:  # refused at the door (Redis or the broker away): back off
                 await asyncio.sleep(0.5)
 
+    batch_tenant, batch_key = tenants[0]
+    batches = BatchJobs(http, checker, fs.gateway_url, batch_tenant, batch_key)
+
+    async def batch_client() -> None:
+        """A small batch every 20-40 s: its requests run in the background, between the others."""
+        client_rng = random.Random(SOAK_SEED * 10_000)
+        while not stop.is_set():
+            await batches.submit(client_rng.randint(3, 8), client_rng.randint(4, 32), stop)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), client_rng.uniform(20.0, 40.0))
+
     async def amqp_client(producer: AmqpTenant, i: int) -> None:
         client_rng = random.Random(SOAK_SEED * 1000 + i)
         while not stop.is_set():
@@ -90,6 +103,7 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     async with AmqpTenant(checker, fs.tenant_url("initech"), "initech") as producer:
         clients = [asyncio.create_task(http_client(i)) for i in range(HTTP_CLIENTS)]
         clients += [asyncio.create_task(amqp_client(producer, i)) for i in range(AMQP_CLIENTS)]
+        clients.append(asyncio.create_task(batch_client()))
         deadline = time.monotonic() + SOAK_S
         while time.monotonic() < deadline:
             await asyncio.sleep(rng.uniform(2.0, 6.0))
@@ -98,6 +112,7 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
         stop.set()
         async with asyncio.timeout(SETTLE_S):
             await asyncio.gather(*clients)
+    batch_statuses = await batches.settle(SETTLE_S)
     cut = 0
     for log in checker.logs:
         if log.transport == "http" and log.accepted and not log.finals and any(
@@ -109,6 +124,7 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     note = ", ".join(f"{k} x{v}" for k, v in counts.items())
     if cut:
         note += f"; {cut} streams cut by the gateway kills (owed no answer)"
+    note += f"; batches: {dict(Counter(batch_statuses.values()))}"
     # Any terminal answer counts as answered; which errors the faults cost is worth seeing.
     errors = Counter(final.code or final.reason for log in checker.logs if log.accepted
                      for final in log.finals if final.reason not in ("stop", "length"))
@@ -117,6 +133,7 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     row = await checker.verify(f"soak: {len(faults)} random faults in {SOAK_S:.0f} s under load "
                                f"(seed {SOAK_SEED})", note=note)
     assert row.answered > len(faults), "too little got through to say anything"
+    assert set(batch_statuses.values()) <= {"completed"}, batch_statuses
 
 
 WORKER_FAULTS = ("worker_kill", "worker_sigterm", "worker_link_cut", "worker_freeze")

@@ -354,7 +354,8 @@ def test_the_responses_api_answers_streams_calls_and_parses(client):
 
 def test_a_stored_response_is_continued_read_and_forgotten_by_its_tenant_only(client, system, globex_key):
     """Responses are stored (OpenAI's default): previous_response_id goes on from one
-    (its conversation before the new input), GET reads it, DELETE forgets it; another
+    (its conversation before the new input), GET reads it (and its input_items), DELETE
+    forgets it; another
     tenant finds none of it, and store=false keeps nothing."""
     first = client.responses.create(model=MODEL, input="Hello", max_output_tokens=4, instructions="Be brief")
     assert first.store is True
@@ -368,9 +369,16 @@ def test_a_stored_response_is_continued_read_and_forgotten_by_its_tenant_only(cl
                                             previous_response_id=second.id))
     final = streamed[-1].response
     assert client.responses.retrieve(final.id).output_text == final.output_text
+    # A response's own input, not the conversation it went on from.
+    [item] = client.responses.input_items.list(second.id).data
+    assert (item.type, item.role, item.content[0].type, item.content[0].text) == (
+        "message", "user", "input_text", "And then?")
+    assert item.id.startswith("msg_") and client.responses.input_items.list(second.id).data[0].id == item.id
     other = openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=globex_key, max_retries=0)
     with pytest.raises(openai.NotFoundError):
         other.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.input_items.list(first.id)
     with pytest.raises(openai.NotFoundError):
         other.responses.create(model=MODEL, input="x", max_output_tokens=2, previous_response_id=first.id)
     client.responses.delete(first.id)

@@ -18,7 +18,8 @@ from services.gateway.batches import (
     batch_usage,
     parse_batch_input,
 )
-from services.gateway.files import FileStore, page
+from services.gateway.files import FileStore
+from services.gateway.responses import cursor_page as page
 
 CHAT = "/v1/chat/completions"
 

@@ -326,3 +326,28 @@ def test_the_flex_service_tier_reaches_the_chat_and_the_answer_says_it() -> None
     plain = read(input="hi", service_tier="priority")
     assert plain.chat.service_tier == "priority" and plain.echo["service_tier"] == "default"
     assert read(input="hi").echo["service_tier"] == "default"
+
+
+async def test_stored_input_items_are_the_requests_own_with_ids(redis_client) -> None:
+    from services.gateway.responses_api import ResponseStore
+
+    store = ResponseStore(redis_client, ttl_s=60)
+    earlier = [{"type": "message", "role": "user", "content": "first"},
+               {"id": "msg_out", "type": "message", "role": "assistant",
+                "content": [{"type": "output_text", "text": "ok"}], "status": "completed"}]
+    request = read_request(parse_body(json.dumps({"model": "m", "input": [
+        {"role": "user", "content": "second"},
+        {"type": "function_call_output", "call_id": "c1", "output": "42"}]}).encode(), ResponsesBody),
+        earlier, store=True)
+    assert request.inputs == 2 and len(request.items) == 4
+    await store.keep("acme", request.items, {"id": "resp_9", "store": True, "status": "completed",
+                                             "output": []}, request.inputs)
+    listed = await store.input_items("resp_9", "acme")
+    assert [(i["type"], i.get("role")) for i in listed] == [("message", "user"), ("function_call_output", None)]
+    assert listed[0]["content"] == [{"type": "input_text", "text": "second"}]
+    assert listed[0]["id"].startswith("msg_") and listed[1]["id"].startswith("item_")
+    assert await store.input_items("resp_9", "acme") == listed  # the ids are kept
+    # The conversation goes on from all of it, the ids notwithstanding.
+    assert len(await store.conversation("resp_9", "acme")) == 4
+    with pytest.raises(ApiError):
+        await store.input_items("resp_9", "globex")
