@@ -275,6 +275,16 @@ function render(data) {
     return tr;
   }));
 
+  fillTable("batches", (data.batches || []).map((b) => {
+    const tr = document.createElement("tr");
+    tr.dataset.batch = b.id;
+    const done = b.completed + b.failed;
+    tr.append(cell(b.id, "left"), cell(b.tenant, "left"), cell(b.status, "left"),
+      bar(b.total ? done / b.total : 0, `${fmt(done)} (${fmt(b.failed)}) / ${fmt(b.total)}`),
+      cell(fmt(Math.max(data.now - b.created_at, 0), 0) + " s ago"));
+    return tr;
+  }));
+
   scatterChart($("chart-lengths"), data.lengths);
   const s = data.length_summary;
   $("length-summary").textContent = s.n

@@ -34,6 +34,7 @@ from services.gateway.auth import (  # AdminAuth: shared with /admin/adapters
     AdminAuth,
     KeyStore,
 )
+from services.gateway.batches import BatchRecord, BatchStore
 from services.gateway.errors import ApiError, documented_errors, unavailable
 from services.logs import get_logger
 from services.recent import RecentLog, decode_entries
@@ -48,6 +49,8 @@ WORKER_FORGET_S = 300.0
 SNAPSHOT_TTL_S = 0.5
 """Polls within this window share one Redis read (several open dashboards)."""
 ERRORS_SHOWN = 50
+BATCHES_SHOWN = 50
+"""Batches in progress the page lists (the oldest first)."""
 MESSAGE_CHARS = 300
 REDIS_TIMEOUT_S = 5.0
 
@@ -97,6 +100,8 @@ class RawSnapshot:
     """Gateway life -> admission slots it holds (its requests in flight)."""
     redis_now: float | None = None
     """Redis server time of the read, the clock of the gateways' heartbeats."""
+    batches: list[BatchRecord] = field(default_factory=list)
+    """The batches not yet ended (the first ``BATCHES_SHOWN``), read."""
 
 
 def _text(value: bytes | str) -> str:
@@ -325,6 +330,11 @@ def build_dashboard(
         "lengths": points,
         "length_summary": length_summary(points),
         "errors": _errors(raw.errors),
+        "batches": [
+            {"id": b.batch_id, "tenant": b.tenant, "status": b.status, "total": b.total,
+             "completed": b.completed, "failed": b.failed, "created_at": b.static["created_at"]}
+            for b in sorted(raw.batches, key=lambda b: (b.static["created_at"], b.batch_id))
+        ],
     }
 
 
@@ -358,10 +368,11 @@ async def read_snapshot(
         pipe.time()
         (counters, served, queued_total, inflight_total, heartbeats, seen, samples, errors,
          leader, fence, gateways, (seconds, micros)) = await pipe.execute()  # fmt: skip
-    queued, inflight, slots = await asyncio.gather(
+    queued, inflight, slots, batches = await asyncio.gather(
         _hash_values(redis, keys.SCHED_QUEUED, queued_total, scan_limit),
         _hash_values(redis, keys.SCHED_INFLIGHT, inflight_total, scan_limit),
         _slot_counts(redis, [life for life, _ in gateways]),
+        _active_batches(redis),
     )
     return RawSnapshot(
         now=now,
@@ -380,7 +391,14 @@ async def read_snapshot(
         gateways={life: float(at) for life, at in gateways},
         gateway_slots=slots,
         redis_now=seconds + micros / 1e6,
+        batches=batches,
     )
+
+
+async def _active_batches(redis: aioredis.Redis) -> list[BatchRecord]:
+    store = BatchStore(redis, ttl_s=0)
+    active = sorted(_text(i) for i in await redis.smembers(keys.BATCHES_ACTIVE))[:BATCHES_SHOWN]
+    return [r for r in await asyncio.gather(*(store.load(i) for i in active)) if r is not None]
 
 
 async def _slot_counts(redis: aioredis.Redis, lives: list[bytes]) -> dict[bytes, int]:

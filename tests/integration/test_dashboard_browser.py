@@ -7,6 +7,7 @@ in the test's tmp dir and, when ``FAIRWAY_TEST_ARTIFACTS`` names a directory, th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -93,6 +94,22 @@ def send_traffic(system: System, per_tenant: int) -> threading.Thread:
     return thread
 
 
+def start_batch(system: System) -> str:
+    """A batch of long requests for acme (cancelled once seen): its id."""
+    auth = {"Authorization": f"Bearer {TENANT_KEYS['acme']}"}
+    rows = [{"custom_id": f"b{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"model": DEFAULT_MODEL_NAME, "prompt": "A long tale", "max_tokens": 300,
+                      "ignore_eos": True}} for i in range(8)]
+    with httpx.Client(base_url=system.gateway_url, timeout=30, headers=auth) as http:
+        uploaded = http.post("/v1/files", data={"purpose": "batch"},
+                             files={"file": ("b.jsonl", "\n".join(json.dumps(r) for r in rows))})
+        uploaded.raise_for_status()
+        created = http.post("/v1/batches", json={"input_file_id": uploaded.json()["id"],
+                                                 "endpoint": "/v1/completions", "completion_window": "24h"})
+        created.raise_for_status()
+        return created.json()["id"]
+
+
 def served(driver: WebDriver, tenant: str) -> float | None:
     # Read in the page in one go: the table is re-rendered on every poll, so an element
     # found first and read after can already be gone.
@@ -135,6 +152,13 @@ def test_dashboard_shows_live_numbers(system: System, browser: WebDriver, tmp_pa
         row.get_attribute("data-gateway").startswith("gateway:") and "alive" in row.text
         for row in browser.find_elements(By.CSS_SELECTOR, "#gateways tbody tr")
     ))  # fmt: skip
+    batch_id = start_batch(system)
+    wait_for("the batch in progress", lambda: any(
+        row.get_attribute("data-batch") == batch_id and "in_progress" in row.text
+        for row in browser.find_elements(By.CSS_SELECTOR, "#batches tbody tr")
+    ))  # fmt: skip
+    httpx.post(f"{system.gateway_url}/v1/batches/{batch_id}/cancel", timeout=10,
+               headers={"Authorization": f"Bearer {TENANT_KEYS['acme']}"}).raise_for_status()
     scatter = browser.find_element(By.ID, "chart-lengths")
     wait_for("points in the length scatter", lambda: int(scatter.get_attribute("data-points") or 0))
     assert "finished requests" in browser.find_element(By.ID, "length-summary").text

@@ -263,7 +263,16 @@ async def test_data_endpoint_reads_redis_and_errors_are_logged(redis_client, red
                                     "queued": 1, "dispatched": 0}]  # fmt: skip
         assert [w["id"] for w in data["workers"]] == ["w1"] and data["workers"][0]["alive"]
         assert [(g["id"], g["alive"], g["in_flight"]) for g in data["gateways"]] == [("gw:1", True, 2)]
-        assert data["queue"]["queued"] == 1
+        assert data["queue"]["queued"] == 1 and data["batches"] == []
+        # A batch in progress is listed with its progress.
+        batches = app.state.gateway.batches
+        static = {"endpoint": "/v1/completions", "input_file_id": "file-1", "completion_window": "24h",
+                  "created_at": 100, "expires_at": 100 + 86400, "metadata": None, "model": "test-model"}
+        batch = await batches.create("acme", static, b"x", [None, None, None], None)
+        await batches.record(batch.batch_id, 0, {"custom_id": "a"}, ok=False)
+        data = (await http.get("/dashboard/data", headers=ADMIN_HEADER)).json()
+        assert data["batches"] == [{"id": batch.batch_id, "tenant": "acme", "status": "in_progress",
+                                    "total": 3, "completed": 0, "failed": 1, "created_at": 100}]
         # Errors: one without a tenant (bad key), one with (unknown model).
         await http.post("/v1/completions", json={"model": "test-model", "prompt": "x"})
         await http.post("/v1/completions", json={"model": "other", "prompt": "x"},
