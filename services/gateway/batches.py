@@ -595,7 +595,11 @@ async def create_batch(request: Request) -> Response:
         raise ApiError(400, f"completion_window must be {COMPLETION_WINDOW!r}.", reason="invalid_request",
                        param="completion_window", code="invalid_value")
     files: FileStore = state.files
-    info = await files.get(body.input_file_id, tenant)
+    try:
+        info = await files.get(body.input_file_id, tenant)
+    except ApiError as err:
+        err.param = "input_file_id" if err.status == 404 else err.param
+        raise
     if info["purpose"] != "batch":
         raise ApiError(400, "The input file was not uploaded with purpose 'batch'.", reason="invalid_request",
                        param="input_file_id", code="invalid_file_purpose")

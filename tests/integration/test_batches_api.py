@@ -104,9 +104,10 @@ def test_a_bad_input_file_fails_the_batch_with_its_line_errors(acme):
         with pytest.raises(openai.BadRequestError) as refused:
             acme.batches.create(**args)
         assert refused.value.body["param"] == param
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as missing:
         acme.batches.create(input_file_id="file-missing", endpoint="/v1/chat/completions",
                             completion_window="24h")
+    assert missing.value.body["param"] == "input_file_id"
 
 
 def test_a_batch_of_responses_and_one_cancelled(acme):
