@@ -838,7 +838,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"],
                       openapi_extra=bearer, responses=stored_errors, summary="A stored response")
     app.add_api_route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"],
-                      openapi_extra=bearer, responses=stored_errors, summary="A stored response's input")
+                      openapi_extra=bearer, responses={**stored_errors, 400: _ERROR_RESPONSES[400]},
+                      summary="A stored response's input")
     app.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"],
                       openapi_extra=bearer, responses=stored_errors, summary="Forget a stored response")
     model_errors = {status: _ERROR_RESPONSES[status] for status in (401, 404)}
