@@ -454,7 +454,9 @@ class SchedulerPolicy:
         scan = next(self._scans)
         scan_counters = dict(self.counters) if self.config.fair else {}
         keeping = bool(self.config.fair and self.config.idle_tenant_slots)
-        in_flight = Counter(req.tenant for req in self._inflight.values()) if keeping else Counter()
+        # A tenant's batch does not count against the slots kept for its own waiting requests.
+        in_flight = Counter(req.tenant for req in self._inflight.values()
+                            if not req.background) if keeping else Counter()
         recent = self._recent_tenants(now)
         share = sum(s.running + s.free_slots for s in states) / max(len(recent), 1)
         held: dict[str, int] = {}
@@ -481,7 +483,7 @@ class SchedulerPolicy:
             if fits:
                 dispatch = self._dispatch(entry, state, need)
                 dispatches.append(dispatch)
-                in_flight[req.tenant] += 1
+                in_flight[req.tenant] += not req.background
                 if self.config.fair:
                     scan_counters[req.tenant] += dispatch.charge
             elif keeps_out and all(not s.open or s.free_slots <= self._idle_tenant_slots(s)

@@ -521,3 +521,16 @@ def test_background_requests_never_take_the_slots_kept_for_waiting_tenants() -> 
     assert [d.request_id for d in started] == ["bg-0", "bg-1"]  # one of the three is kept
     p.add(req("chat-5", "chat"), 1.0)
     assert [d.request_id for d in p.schedule(1.0, [pool(slots=1, running=7)]).dispatches] == ["chat-5"]
+
+
+def test_a_tenants_own_batch_does_not_keep_its_waiting_requests_from_the_kept_slot() -> None:
+    """A tenant whose batch holds most slots is still a tenant waiting on one answer: its
+    interactive request takes the slot kept for tenants with nothing (interactive) in flight."""
+    p = policy("fairway")
+    p.add(req("other-0", "other"), 0.0)  # another tenant about, so slots are kept
+    for i in range(6):
+        p.add(req(f"bg-{i}", "acme", background=True), 0.0)
+    started = [d.request_id for d in p.schedule(0.0, [pool(slots=8)]).dispatches]
+    assert started[0] == "other-0" and len(started) == 7  # the batch leaves the kept slot
+    p.add(req("acme-live", "acme"), 1.0)
+    assert [d.request_id for d in p.schedule(1.0, [pool(slots=1, running=7)]).dispatches] == ["acme-live"]
