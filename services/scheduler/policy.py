@@ -8,8 +8,9 @@ the simulator drive the same :class:`SchedulerPolicy`. It combines
   weight; the backlogged tenant with the smallest counter is served next, and a tenant
   that becomes backlogged is lifted to the smallest counter among the backlogged ones.
   Prompt tokens a worker read from its prefix cache instead of computing them are
-  re-priced at ``w_cached`` when the request completes, so a tenant is charged for the
-  compute it took, not for repeating its system prompt.
+  re-priced at ``w_cached`` in the counter when the request completes, so a tenant is
+  charged for the compute it took, not for repeating its system prompt (``served``, a
+  count of tokens served, keeps them: it only ever grows).
 - RT-LM (Li et al., RTSS 2023): inside a tenant, cheaper predicted work first (prefill
   plus predicted output, in seconds of the worker latency model) with linear aging;
   admission by a KV budget from predicted lengths instead of ``max_tokens``
@@ -514,13 +515,12 @@ class SchedulerPolicy:
 
     def on_cached_input(self, tenant: str, cached_tokens: int) -> float:
         """Re-price ``cached_tokens`` prompt tokens, charged ``w_in`` at dispatch, that a
-        worker read from its prefix cache: they cost ``w_cached``. Returns the counter
+        worker read from its prefix cache: they cost ``w_cached`` in the VTC counter (not
+        in ``served``, a counter of tokens served that only grows). Returns the counter
         change (negative while ``w_cached < w_in``). Called once a request, at its end."""
         if cached_tokens <= 0:
             return 0.0
-        change = (self.config.w_cached - self.config.w_in) * cached_tokens
-        self.served[tenant] = self.served.get(tenant, 0.0) + change
-        delta = change / self._weight(tenant)
+        delta = (self.config.w_cached - self.config.w_in) * cached_tokens / self._weight(tenant)
         self.counters[tenant] = self.counters.get(tenant, 0.0) + delta
         return delta
 

@@ -14,8 +14,7 @@ then asserts the contract of ``DESIGN.md``:
   nor one of another tenant;
 - fairness: the scheduler's served-token counters grew, per tenant, by exactly the
   tokens the workers report having served (``w_in`` per input and ``w_out`` per output
-  token, ``w_cached`` per prompt token its completing run read from the prefix cache),
-  each request counted once; the VTC counters grew at least as much; and no
+  token), each request counted once; the VTC counters grew at least as much; and no
   tenant is left holding gateway admission slots.
 
 "Tokens actually served" come from a tap on the workers' progress and completion
@@ -147,12 +146,10 @@ def record_external(row: Row) -> None:
 class Checker:
     """Ledger of one test session; scenarios share it and each adds a row."""
 
-    def __init__(self, redis_url: str, w_in: float = 1.0, w_out: float = 2.0,
-                 w_cached: float = 0.1) -> None:
+    def __init__(self, redis_url: str, w_in: float = 1.0, w_out: float = 2.0) -> None:
         self.redis_url = redis_url
         self.w_in = w_in
         self.w_out = w_out
-        self.w_cached = w_cached
         self.rows: list[Row] = []
         self.logs: list[RequestLog] = []
         self.strays: list[tuple[str, str]] = []
@@ -293,8 +290,6 @@ class Checker:
         for event in self.finished.values():
             output = max(event.output_tokens, self.generated.get(event.request_id, 0))
             charge = self.w_in * event.prompt_tokens + self.w_out * output
-            # The completing run's prefix cache hits are re-priced (up to the prompt).
-            charge -= (self.w_in - self.w_cached) * min(event.cached_tokens, event.prompt_tokens)
             expected[event.tenant] = expected.get(event.tenant, 0.0) + charge
         return expected
 

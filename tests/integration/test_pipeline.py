@@ -424,7 +424,8 @@ def test_a_tenants_repeated_prefix_is_served_from_the_cache_and_only_its_own(sys
 
 async def test_a_prompt_read_from_the_prefix_cache_is_charged_at_the_cached_rate(system, rabbit_server):
     """VTC charges a prompt w_in per token at dispatch; the tokens its worker read from its
-    prefix cache are re-priced at w_cached when it completes (defaults 1, 2 and 0.1), once."""
+    prefix cache are re-priced at w_cached in the tenant's counter when it completes
+    (defaults 1, 2 and 0.1), once. The served-tokens counter counts every token."""
     url = amqp_tenant(system, rabbit_server, "cache-tenant")
     prompt = "Tell me about the weather in the mountains, in a few words. " * 4
     async with AmqpClient(url) as client:
@@ -434,20 +435,22 @@ async def test_a_prompt_read_from_the_prefix_cache_is_charged_at_the_cached_rate
             finals.append([r async for r in client.submit(request)][-1])
     first, second = finals
     assert first.cached_tokens == 0 and 16 <= second.cached_tokens < second.prompt_tokens
-    expected = sum(1.0 * f.prompt_tokens + 2.0 * f.completion_tokens for f in finals)
-    expected -= (1.0 - 0.1) * second.cached_tokens
+    served = sum(1.0 * f.prompt_tokens + 2.0 * f.completion_tokens for f in finals)
+    charged = served - (1.0 - 0.1) * second.cached_tokens
     redis = aioredis.from_url(system.redis_url)
+
+    async def counts() -> tuple[float, float]:
+        return (float(await redis.hget(keys.SCHED_SERVED, "cache-tenant") or 0),
+                float(await redis.hget(keys.SCHED_COUNTERS, "cache-tenant") or 0))
     try:
         deadline = time.monotonic() + 15
-        served = None
         while time.monotonic() < deadline:  # completion events reach the scheduler after the answer
-            served = float(await redis.hget(keys.SCHED_SERVED, "cache-tenant") or 0)
-            if served == pytest.approx(expected):
+            if await counts() == (pytest.approx(served), pytest.approx(charged)):
                 break
             await asyncio.sleep(0.1)
-        assert served == pytest.approx(expected)
+        assert await counts() == (pytest.approx(served), pytest.approx(charged))
         await asyncio.sleep(0.5)  # a redelivered or late report would re-price it again
-        assert float(await redis.hget(keys.SCHED_SERVED, "cache-tenant")) == pytest.approx(expected)
+        assert await counts() == (pytest.approx(served), pytest.approx(charged))
     finally:
         await redis.aclose()
 

@@ -260,7 +260,8 @@ async def test_a_completed_requests_cached_prompt_tokens_are_repriced_once(redis
                                  score=scored(rid).score, requeue=requeue, cached_tokens=cached)
 
     async def served() -> float:
-        return float(await redis_client.hget(keys.SCHED_SERVED, "acme"))
+        """The tenant's VTC counter (weight 1); the served-tokens counter is not re-priced."""
+        return float(await redis_client.hget(keys.SCHED_COUNTERS, "acme"))
 
     await service._batched(service._take_scored, long("r1"))
     assert await service.schedule_once() == 1
@@ -277,3 +278,4 @@ async def test_a_completed_requests_cached_prompt_tokens_are_repriced_once(redis
     assert await service.schedule_once() == 1
     await service._batched(service._take_event, finished("r2", 4, 48))  # resumed: 8 were output
     assert await served() - before == pytest.approx(w_in * 40 + w_out * 4 - (w_in - w_cached) * 40)
+    assert float(await redis_client.hget(keys.SCHED_SERVED, "acme")) == w_in * 80 + w_out * 9
