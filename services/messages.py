@@ -437,6 +437,14 @@ class CancelRequest(Message):
 
 
 @dataclass(slots=True, kw_only=True)
+class PreemptRequest(Message):
+    """Scheduler to every worker: hand a running background request back to the scheduler's
+    queue (its caller keeps what it has), so that waiting foreground requests get its slot."""
+
+    TYPE: ClassVar[str] = "preempt_request"
+
+
+@dataclass(slots=True, kw_only=True)
 class RequestProgress(Message):
     """Worker event: ``new_tokens`` generated since the last report (charged by VTC)."""
 
@@ -463,7 +471,9 @@ class RequestFinished(Message):
     prompt: str = ""
     """The prompt text (truncated), so the scorer can learn from the real length."""
     requeue: bool = False
-    """True when the worker handed the request back (preempted, shutting down)."""
+    """True when the worker handed the request back to the scheduler's queue (a background
+    request preempted for foreground work): not an answer. ``output_tokens`` is then what
+    its run generated, charged once; the next run continues from its resume point."""
     cached_tokens: int = 0
     """Prompt tokens the run read from the worker's prefix cache: a completed request's
     are re-priced from ``w_in`` to ``w_cached`` by VTC."""
@@ -547,6 +557,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         TokenChunk,
         FinalAnswer,
         CancelRequest,
+        PreemptRequest,
         RequestProgress,
         RequestFinished,
         WorkerHeartbeat,

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     vtc_w_cached: float = Field(default=0.1, ge=0)
     """VTC charge per prompt token a worker read from its prefix cache instead of
     computing it (``PolicyConfig.w_cached``); ``vtc_w_in`` charges it in full."""
+    preempt_background: bool = True
+    """Hand a running background request (a batch's, or ``service_tier: "flex"``) back to
+    the queue when a foreground request would wait for its room (``PolicyConfig``)."""
+    preempt_background_after_s: float = Field(default=0.5, ge=0)
+    """...only when that request's estimated wait is at least this long
+    (``PolicyConfig.preempt_after_s``)."""
     lease_ttl_s: float = 3.0
     worker_timeout_s: float = 6.0
     """A worker whose last heartbeat is older is dead to the scheduler (no work is placed

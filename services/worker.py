@@ -58,6 +58,9 @@ since the last one, at most every interval: a worker that dies loses at most abo
 interval or this fraction of each answer, whichever is more, and an answer of n tokens
 costs O(n) bytes of writes, not O(n^2)."""
 FEEDBACK_PROMPT_CHARS = 4000
+BACKGROUND_PRIORITY = 1.0
+"""Engine priority of background requests (0 for the others): when KV memory runs short,
+the engine preempts them first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +278,8 @@ class Active:
     """(output tokens, characters) of the chunks the broker confirmed, in order."""
     stopping: bool = False
     """Being aborted for a cancel marker or a caller that is gone: abort (and log) once."""
+    finishing: bool = False
+    """Its last output came: the final answer is on its way."""
     output_token_ids: list[int] = field(default_factory=list)
     """Every output token sent to the caller (a hand-back leaves them as a resume point)."""
     output_logprobs: list[m.TokenLogprob] = field(default_factory=list)
@@ -413,7 +418,7 @@ class WorkerService:
         self.work_queue = topo.queues[topology.work_queue(self.pool)]
         await self._take_work()
         control = await topology.declare_control_queue(self.channel, amqp.login_user(self.settings.amqp_url))
-        await amqp.consume(self.channel, control, m.CancelRequest, self.on_cancel, service=self.worker_id)
+        await amqp.consume(self.channel, control, m.Message, self.on_control, service=self.worker_id)
 
     # --- inputs ----------------------------------------------------------------
 
@@ -465,6 +470,7 @@ class WorkerService:
         engine_req = EngineRequest(request_id=active.engine_id,
                                    prompt_token_ids=item.scored.prompt_token_ids,
                                    sampling=with_seed(req.sampling, rid),
+                                   priority=BACKGROUND_PRIORITY if req.background else 0.0,
                                    lora=lora, cache_salt=self._cache_salt(req))
         if point is not None:
             engine_req.resume = ResumedOutput(point.output_token_ids, point.streamed_chars)
@@ -553,11 +559,65 @@ class WorkerService:
                                num_output_tokens=0, error=error)
         await self._finish(active, output)
 
-    async def on_cancel(self, cancel: m.CancelRequest, message: AbstractIncomingMessage) -> None:
-        active = self.active.get(cancel.request_id)
-        if active is not None and active.request.tenant == cancel.tenant:
+    async def on_control(self, msg: m.Message, message: AbstractIncomingMessage) -> None:
+        """The control fanout: a caller's cancel, or the scheduler's hand-back of a
+        background request (acted on by the worker that runs it)."""
+        active = self.active.get(msg.request_id)
+        if active is not None and isinstance(msg, m.CancelRequest) and active.request.tenant == msg.tenant:
             self._stop(active)
+        elif active is not None and isinstance(msg, m.PreemptRequest):
+            self._preempt(active)
         await message.ack()
+
+    def _preempt(self, active: Active) -> None:
+        """Start handing a background request back to the scheduler, unless it is ending
+        anyway (answered, cancelled) or the worker drains (which hands it back itself)."""
+        if (not active.request.background or active.stopping or active.finishing or self.draining
+                or active.engine_id not in self.by_engine):
+            return
+        log.info("preempted_by_scheduler", request_id=active.item.request_id,
+                 output_tokens=len(active.output_token_ids))
+        self._background.spawn(self._hand_back_to_scheduler(active))
+
+    async def _hand_back_to_scheduler(self, active: Active) -> None:
+        """Stop the request and give it to the scheduler's queue rather than the pool's: the
+        scheduler starts it again once no foreground request waits for its room.
+
+        As a drain does, the resume point (what the caller has) is written once the broker
+        answered for every chunk sent; the claim is released with it, so the scheduler's
+        next dispatch may run it; then the requeue event, and only then the ack. If the
+        worker dies before the event, the broker redelivers the item, which continues from
+        the point; if it cannot write the point or send the event, it gives the item back
+        to the broker the same way."""
+        rid = active.item.request_id
+        self._forget(active)
+        self.engine.abort(active.engine_id)
+        await asyncio.gather(*active.publishes, return_exceptions=True)
+        req = active.request
+        try:
+            async with self._saving_points:  # not beside a periodic write of an older point
+                point = active.resume_point(self.worker_id)
+                pipe = self.redis.pipeline(transaction=True)
+                if point is not None:
+                    pipe.set(keys.work_resume(rid), m.encode(point), ex=self.settings.marker_ttl_s)
+                pipe.hdel(keys.request_markers(rid), keys.MARKER_CLAIM)
+                await pipe.execute()
+            # All this run generated is charged, once: the next run charges past it only.
+            generated = max(len(point.output_token_ids) if point else 0, active.output_tokens)
+            await amqp.publish(self.events, m.RequestFinished(
+                request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
+                pool=self.pool, finish_reason="cancelled", prompt_tokens=len(active.item.scored.prompt_token_ids),
+                output_tokens=generated, score=active.item.scored.score, requeue=True),
+                topology.FINISHED_KEY)
+        except Exception as exc:  # noqa: BLE001 - the broker's redelivery continues it instead
+            log.warning("hand_back_to_scheduler_failed", request_id=rid, error=repr(exc))
+            prom.worker_handed_back.labels(self.settings.model_name).inc()
+            with contextlib.suppress(Exception):
+                await active.message.nack(requeue=True)
+            return
+        prom.worker_handed_back.labels(self.settings.model_name).inc()
+        with contextlib.suppress(Exception):
+            await active.message.ack()
 
     def _stop(self, active: Active, event: str | None = None) -> None:
         """Abort a running request (once, however many cancels arrive); it finishes as
@@ -635,6 +695,7 @@ class WorkerService:
     def _emit(self, active: Active, out: RequestOutput) -> None:
         active.output_tokens = out.num_output_tokens
         if out.finished:  # its last tokens travel in the final answer
+            active.finishing = True
             self._background.spawn(self._finish(active, out))
             return
         if out.new_token_ids or out.new_text:

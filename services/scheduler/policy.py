@@ -31,6 +31,11 @@ Deadlines near their latest safe start beat everything inside a tenant.
 A *background* request (a batch's) runs only from capacity no other request waits for:
 inside its tenant it comes after every other request, and a tenant with only background
 requests left is served after every tenant with others. It is charged as any request.
+When a foreground request would wait ``preempt_after_s`` or more for room on its pool
+while background requests run there, one of them is handed back to the queue for it
+(``preempt`` in the result: the one with the least context to recompute; the worker
+keeps what the caller has, and the next run continues from it), as vLLM preempts its
+lowest priority first.
 
 The named policies ``fcfs``, ``vtc``, ``rtlm`` and ``fairway`` switch these parts on.
 """
@@ -91,6 +96,10 @@ class QueuedRequest:
     """The tenant LoRA adapter the request runs with; None: the base model."""
     background: bool = False
     """Runs from spare capacity only (a batch's request): after every other request."""
+    pool: str | None = None
+    """The pool an in-flight request was dispatched to."""
+    run_output: int = 0
+    """Output tokens its current run reported (in flight): what a hand-back recomputes."""
 
 
 @dataclass(slots=True)
@@ -140,6 +149,8 @@ class Expired:
 class ScheduleResult:
     dispatches: list[Dispatch]
     expired: list[Expired]
+    preempt: list[str] = field(default_factory=list)
+    """In-flight background requests to hand back: foreground requests wait for their room."""
 
 
 @dataclass
@@ -207,6 +218,18 @@ class PolicyConfig:
     from itself (at saturation a slot less is a much longer queue), nor do pools of four
     times as many slots or fewer. ``0``: off."""
     idle_tenant_window_s: float = 60.0
+    preempt_background: bool = True
+    """Hand running background requests back when foreground ones wait for their room."""
+    preempt_after_s: float = 0.5
+    """Only a foreground request estimated to wait this long for room (a slot or KV that
+    running requests free) has a background one handed back: below it, recomputing the
+    background request's context costs more than the wait saves. (Simulated on the Azure
+    conversation trace at saturation with 30% batch traffic: 0 cuts the foreground's
+    mean time to first token from 0.51 to 0.27 s for 5% of the throughput, spent on
+    recomputation; 0.5 s to 0.35 s for 2%.)"""
+    preempt_retry_s: float = 5.0
+    """A hand-back not seen this long after it was asked (the request had not reached a
+    worker yet, or the message was lost) may be asked again."""
     adapter_load_s: float = 0.05
     """Estimated seconds to page a LoRA adapter into a worker that does not hold it
     (disk or host memory to the device): placement adds it, weighted by the share of a
@@ -383,6 +406,11 @@ class SchedulerPolicy:
         self._queues: dict[str, _Queue] = {}
         self._queued: dict[str, _Entry] = {}
         self._inflight: dict[str, QueuedRequest] = {}
+        """In dispatch order (a requeued request's next dispatch moves it to the end)."""
+        self._background_inflight: dict[str, None] = {}
+        """The in-flight requests that are background, in dispatch order."""
+        self._preempting: dict[str, float] = {}
+        """In-flight background request -> when its hand-back was asked."""
         self._last_arrival: dict[str, float] = {}
         """Tenant -> when it last sent a request (for the idle-tenant slots)."""
         self._tenant_queued: dict[str, int] = {}
@@ -428,6 +456,8 @@ class SchedulerPolicy:
         """Put a dispatched request back (worker died, preempted) without charging its
         input again. It keeps its arrival (FCFS order) or counts as late at once (cost
         order), so it goes near the front of its tenant's queue."""
+        self._preempting.pop(req.request_id, None)
+        self._background_inflight.pop(req.request_id, None)
         if req.request_id in self._queued:
             return
         known = self._inflight.pop(req.request_id, None)
@@ -444,12 +474,15 @@ class SchedulerPolicy:
         Only capacity the pools advertise is used. A request whose best pool (earliest
         estimated completion) is full waits for it; one that waits for KV on a pool
         with free slots holds that pool, so smaller later requests cannot starve it.
+        Foreground requests that wait while background ones run on their pool have those
+        handed back (``preempt``).
         """
         expired = self._expire(now)
         states = self._pool_states(pools)
-        if not self._queued or not any(s.open for s in states):
+        askable, preemptable = self._preemptable(now)
+        if not self._queued or not (any(s.open for s in states) or askable):
             return ScheduleResult([], expired)
-        offload_only = not any(s.open and s.primary for s in states)
+        offload_only = any(s.open for s in states) and not any(s.open and s.primary for s in states)
         if offload_only and now < self._offload_idle_until:
             return ScheduleResult([], expired)
         scan = next(self._scans)
@@ -463,13 +496,19 @@ class SchedulerPolicy:
         held: dict[str, int] = {}
         popped: _Popped = []
         dispatches: list[Dispatch] = []
+        waiting: list[str] = []
+        """Pools of the foreground requests that would wait ``preempt_after_s`` or more."""
         looked = 0
-        while looked < self.config.lookahead and any(s.open for s in states):
+        while looked < self.config.lookahead and (
+            any(s.open for s in states) or len(waiting) < preemptable
+        ):
             entry = self._next_candidate(scan, scan_counters, held, popped)
             if entry is None:
                 break
             looked += 1
             req = entry.req
+            if req.background and not any(s.open for s in states):
+                break  # looking on for foreground requests to preempt for: none is left
             # Kept slots are for tenants below an even share of the slots, while others
             # are about: not for one that holds its share (or has the system to itself),
             # nor for background work, which a kept slot would start ahead of the others.
@@ -480,7 +519,7 @@ class SchedulerPolicy:
                 self._remove(entry)
                 expired.append(Expired(req.request_id, "exceeds_kv_capacity"))
                 continue
-            state, fits, need = choice
+            state, fits, need, wait_s = choice
             if fits:
                 dispatch = self._dispatch(entry, state, need)
                 dispatches.append(dispatch)
@@ -495,12 +534,56 @@ class SchedulerPolicy:
                 held[req.tenant] = held.get(req.tenant, 0) + 1
                 if self.config.fair:
                     scan_counters[req.tenant] += self._expected_charge(req)
+            if not fits and not req.background and wait_s >= self.config.preempt_after_s:
+                waiting.append(state.view.name)
         for heap, item in popped:
             if self._live(item[2]):
                 heapq.heappush(heap, item)
         if offload_only and not dispatches:
             self._offload_idle_until = now + self.config.offload_idle_rescan_s
-        return ScheduleResult(dispatches, expired)
+        return ScheduleResult(dispatches, expired, self._hand_backs(now, waiting) if askable else [])
+
+    @staticmethod
+    def _context_tokens(req: QueuedRequest) -> int:
+        return req.input_tokens + req.generated + req.run_output
+
+    def _preemptable(self, now: float) -> tuple[int, int]:
+        """In-flight background requests whose hand-back may be asked now, and all of them
+        (those asked already count for as many waiting requests)."""
+        if not self.config.preempt_background:
+            return 0, 0
+        retry = self.config.preempt_retry_s
+        askable = sum(1 for rid in self._background_inflight
+                      if rid not in self._preempting or now - self._preempting[rid] >= retry)
+        return askable, len(self._background_inflight)
+
+    def _hand_backs(self, now: float, waiting: list[str]) -> list[str]:
+        """One background request per foreground request waiting on its pool, the one
+        with the least context to recompute first (then the latest dispatched); a
+        hand-back asked earlier and not overdue counts for one."""
+        retry = self.config.preempt_retry_s
+        asked: Counter[str] = Counter()
+        running: dict[str, list[str]] = {}
+        for rid in self._background_inflight:
+            req = self._inflight[rid]
+            if req.pool is None:
+                continue
+            if rid in self._preempting and now - self._preempting[rid] < retry:
+                asked[req.pool] += 1
+            else:
+                running.setdefault(req.pool, []).append(rid)
+        victims: list[str] = []
+        for pool in waiting:
+            if asked[pool]:
+                asked[pool] -= 1
+            elif running.get(pool):
+                candidates = running[pool]
+                cheapest = min(range(len(candidates)), key=lambda i: (
+                    self._context_tokens(self._inflight[candidates[i]]), -i))
+                rid = candidates.pop(cheapest)
+                self._preempting[rid] = now
+                victims.append(rid)
+        return victims
 
     def on_progress(
         self, tenant: str, new_tokens: int, now: float, request_id: str | None = None
@@ -508,6 +591,9 @@ class SchedulerPolicy:
         """Charge ``new_tokens`` generated output tokens; returns the counter increment."""
         if new_tokens <= 0:
             return 0.0
+        running = self._inflight.get(request_id) if request_id is not None else None
+        if running is not None:
+            running.run_output += new_tokens
         self.served[tenant] = self.served.get(tenant, 0.0) + self.config.w_out * new_tokens
         delta = self.config.w_out * self._charging.on_progress(new_tokens) / self._weight(tenant)
         self.counters[tenant] = self.counters.get(tenant, 0.0) + delta
@@ -526,6 +612,8 @@ class SchedulerPolicy:
 
     def on_finished(self, request_id: str, tenant: str, output_tokens: int, now: float) -> float:
         """Forget an in-flight request and settle its charge; returns the counter change."""
+        self._preempting.pop(request_id, None)
+        self._background_inflight.pop(request_id, None)
         req = self._inflight.pop(request_id, None)
         if req is None:
             return 0.0
@@ -558,6 +646,8 @@ class SchedulerPolicy:
         self._queues.clear()
         self._queued.clear()
         self._inflight.clear()
+        self._preempting.clear()
+        self._background_inflight.clear()
         self._tenant_queued.clear()
         self._tenant_foreground.clear()
         self._timed_queues.clear()
@@ -569,6 +659,8 @@ class SchedulerPolicy:
             if self.config.charge_predicted and req.prepaid_output == 0.0:
                 req.prepaid_output = self._charging.prepay(req)
             self._inflight[req.request_id] = req
+            if req.background:
+                self._background_inflight[req.request_id] = None
 
     def num_queued(self, tenant: str | None = None) -> int:
         if tenant is None:
@@ -880,11 +972,11 @@ class SchedulerPolicy:
 
     def _place(
         self, req: QueuedRequest, states: list[_PoolState], busy: bool = False
-    ) -> tuple[_PoolState, bool, int] | None:
+    ) -> tuple[_PoolState, bool, int, float] | None:
         """The pool with the earliest estimated completion, whether the request fits there
-        now, and the KV it reserves; ``None`` if no pool could ever hold it. A ``busy``
-        request (its tenant holds its share of the slots while others are about) does
-        not fit into a pool's kept slots."""
+        now, the KV it reserves and its estimated wait there; ``None`` if no pool could
+        ever hold it. A ``busy`` request (its tenant holds its share of the slots while
+        others are about) does not fit into a pool's kept slots."""
         need = self.kv_need(req)
         prompt = req.input_tokens + req.generated
         tokens = self.remaining_tokens(req)
@@ -903,12 +995,14 @@ class SchedulerPolicy:
         if best is None:
             return None
         _, service, state, fits, need_here = best
-        if not fits:
-            # Queue behind this pool: the next request that waits for it starts later.
-            state.wait_s += service / max(state.running + state.free_slots, 1)
-            if state.open and need_here > state.free_kv:
-                state.blocked = True
-        return state, fits, need_here
+        if fits:
+            return state, fits, need_here, 0.0
+        wait_s = state.wait_s
+        # Queue behind this pool: the next request that waits for it starts later.
+        state.wait_s += service / max(state.running + state.free_slots, 1)
+        if state.open and need_here > state.free_kv:
+            state.blocked = True
+        return state, fits, need_here, wait_s
 
     def _recent_tenants(self, now: float) -> set[str]:
         """Tenants that sent a request in the last ``idle_tenant_window_s``."""
@@ -954,6 +1048,9 @@ class SchedulerPolicy:
         charge /= self._weight(req.tenant)
         self.counters[req.tenant] = self.counters.get(req.tenant, 0.0) + charge
         self._inflight[req.request_id] = req
+        if req.background:
+            self._background_inflight[req.request_id] = None
+        req.pool = state.view.name
         state.free_slots -= 1
         state.free_kv -= need
         state.running += 1

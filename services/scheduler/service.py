@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -26,6 +27,7 @@ from services.scheduler.policy import (
     PolicyConfig,
     PoolView,
     QueuedRequest,
+    ScheduleResult,
     SchedulerPolicy,
 )
 from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerStore
@@ -169,6 +171,8 @@ class SchedulerService:
             w_cached=settings.vtc_w_cached,
             tenant_weights=parse_weights(settings.tenant_weights),
             idle_tenant_slots=settings.idle_tenant_slots,
+            preempt_background=settings.preempt_background,
+            preempt_after_s=settings.preempt_background_after_s,
         )
         self.stopping = asyncio.Event()
         self.lost = asyncio.Event()
@@ -228,6 +232,7 @@ class SchedulerService:
         await self.channel.set_qos(prefetch_count=256)
         topo = await topology.declare(self.channel, passive=not self.settings.declare_topology)
         self.work_exchange = topo.exchange(topology.WORK_EXCHANGE)
+        self.control_exchange = topo.exchange(topology.CONTROL_EXCHANGE)
         # Dispatches whose publish may not have happened before the last leader died.
         await self._publish_unconfirmed()
         tags = [
@@ -241,7 +246,7 @@ class SchedulerService:
         control = await topology.declare_control_queue(self.channel,
                                                         amqp.login_user(self.settings.amqp_url))
         tags.append((control, await amqp.consume(
-            self.channel, control, m.CancelRequest, self.on_cancel, service="scheduler")))
+            self.channel, control, m.Message, self.on_control, service="scheduler")))
         tasks = [start_vital(self._renew_loop(), self.lost), start_vital(self._schedule_loop(), self.lost)]
         try:
             await self.lost.wait()
@@ -266,7 +271,8 @@ class SchedulerService:
             state.served,
             [queued_view(s, state.arrival[rid], state.requeued.get(rid))
              for rid, s in state.queued.items()],
-            [queued_view(r.scored, r.arrival or r.dispatched_at) for r in state.inflight.values()],
+            [replace(queued_view(r.scored, r.arrival or r.dispatched_at), pool=r.pool)
+             for r in state.inflight.values()],
         )
         self._dirty = False
 
@@ -412,8 +418,10 @@ class SchedulerService:
             ops.mark_done(rid)
         ops.counters(self.policy.counters, self.policy.served, {event.tenant})
 
-    async def on_cancel(self, cancel: m.CancelRequest, message: AbstractIncomingMessage) -> None:
-        await self._batched(self._take_cancel, cancel)
+    async def on_control(self, msg: m.Message, message: AbstractIncomingMessage) -> None:
+        """The control fanout: cancels; the hand-backs this scheduler asked for are the workers'."""
+        if isinstance(msg, m.CancelRequest):
+            await self._batched(self._take_cancel, msg)
         await message.ack()
 
     async def _take_cancel(self, cancel: m.CancelRequest, ops: Ops, done: dict[str, bool]):
@@ -490,46 +498,62 @@ class SchedulerService:
         async with self._lock:
             await self._sync()
             result = self.policy.schedule(now, pool_views(workers, self.inflight))
-            if not result.dispatches and not result.expired:
-                return 0
-            ops = Ops(self.settings.marker_ttl_s)
-            records = []
-            tenants = set()
-            for d in result.dispatches:
-                scored = self.queued.pop(d.request_id)
-                # A handed-back request's output so far was charged on its last run; its
-                # new run regenerates it, and only tokens past it are charged again.
-                record = InflightRecord(scored=scored, pool=d.pool, dispatched_at=now,
-                                        kv_tokens=d.kv_tokens,
-                                        arrival=self.arrival.pop(d.request_id, now),
-                                        charged_output=d.request.generated if d.request else 0)
-                self.inflight[d.request_id] = record
-                records.append(record)
-                tenants.add(scored.request.tenant)
-                ops.unqueue(d.request_id)
-                ops.put_inflight(record)
-            expired = []
-            for e in result.expired:
-                scored = self.queued.pop(e.request_id)
-                self.arrival.pop(e.request_id, None)
-                expired.append((scored, e.reason))
-                tenants.add(scored.request.tenant)
-                ops.unqueue(e.request_id)
-                ops.mark_done(e.request_id)
-            ops.counters(self.policy.counters, self.policy.served, tenants)
-            await self._apply(ops)
-            for record in records:
-                prom.placements.labels(record.pool).inc()
-            for _, reason in expired:
-                prom.requests_expired.labels(reason).inc()
+            records, expired = await self._record(result, now)
         # The dispatches are durable: publish without the lock, so inputs keep flowing
         # while the broker confirms.
-        await self._publish(records)
+        if records:
+            await self._publish(records)
+            log.debug("dispatched", n=len(records), pools=[r.pool for r in records])
         for scored, reason in expired:
             await amqp.reply(self.channel, scored.request.reply_to, expiry_answer(scored, reason))
-        if records:
-            log.debug("dispatched", n=len(records), pools=[r.pool for r in records])
+        await self._ask_hand_backs(result.preempt)
         return len(records)
+
+    async def _record(self, result: ScheduleResult, now: float
+                      ) -> tuple[list[InflightRecord], list[tuple[m.ScoredRequest, str]]]:
+        """Under the lock: make the policy's dispatches and expiries durable."""
+        if not result.dispatches and not result.expired:
+            return [], []
+        ops = Ops(self.settings.marker_ttl_s)
+        records = []
+        tenants = set()
+        for d in result.dispatches:
+            scored = self.queued.pop(d.request_id)
+            # A handed-back request's output so far was charged on its last run; its
+            # new run regenerates it, and only tokens past it are charged again.
+            record = InflightRecord(scored=scored, pool=d.pool, dispatched_at=now,
+                                    kv_tokens=d.kv_tokens,
+                                    arrival=self.arrival.pop(d.request_id, now),
+                                    charged_output=d.request.generated if d.request else 0)
+            self.inflight[d.request_id] = record
+            records.append(record)
+            tenants.add(scored.request.tenant)
+            ops.unqueue(d.request_id)
+            ops.put_inflight(record)
+        expired = []
+        for e in result.expired:
+            scored = self.queued.pop(e.request_id)
+            self.arrival.pop(e.request_id, None)
+            expired.append((scored, e.reason))
+            tenants.add(scored.request.tenant)
+            ops.unqueue(e.request_id)
+            ops.mark_done(e.request_id)
+        ops.counters(self.policy.counters, self.policy.served, tenants)
+        await self._apply(ops)
+        for record in records:
+            prom.placements.labels(record.pool).inc()
+        for _, reason in expired:
+            prom.requests_expired.labels(reason).inc()
+        return records, expired
+
+    async def _ask_hand_backs(self, request_ids: list[str]) -> None:
+        """Ask the workers to hand these background requests back (see PreemptRequest). Not
+        durable: one that does not happen is asked again (``preempt_retry_s``)."""
+        if not request_ids:
+            return
+        log.info("preempting_background", request_ids=request_ids)
+        await asyncio.gather(*(amqp.publish(self.control_exchange, m.PreemptRequest(request_id=rid), "")
+                               for rid in request_ids))
 
     async def _publish(self, records: list[InflightRecord]) -> None:
         """Publish work items (all at once, confirms awaited together), then record which

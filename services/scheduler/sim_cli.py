@@ -127,6 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="VTC charges predicted output, settles at finish",
     )
+    parser.add_argument(
+        "--no-preempt-background",
+        action="store_true",
+        help="let running background requests finish while foreground ones wait (no hand-back)",
+    )
+    parser.add_argument(
+        "--preempt-after-s", type=float, default=None, help="policy knob (see PolicyConfig)"
+    )
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
     parser.add_argument(
         "--plot", type=Path, default=None, help="write latency CDF and tenant service plots here"
@@ -216,6 +224,7 @@ def run_simulation(args: argparse.Namespace) -> tuple[dict, SimResult]:
             ("express_share", args.express_share),
             ("late_first", args.late_first),
             ("kv_quantile", args.kv_quantile),
+            ("preempt_after_s", args.preempt_after_s),
         )
         if v is not None
     }
@@ -223,6 +232,7 @@ def run_simulation(args: argparse.Namespace) -> tuple[dict, SimResult]:
         name=args.policy,
         tenant_weights={t.name: t.weight for t in tenants} if tenants else {},
         charge_predicted=args.charge_predicted,
+        preempt_background=not args.no_preempt_background,
         latency=gpu,
         **knobs,
     )
@@ -272,6 +282,8 @@ def run_simulation(args: argparse.Namespace) -> tuple[dict, SimResult]:
             "late_first": config.late_first,
             "kv_quantile": config.kv_quantile,
             "charge_predicted": config.charge_predicted,
+            "preempt_background": config.preempt_background,
+            "preempt_after_s": config.preempt_after_s,
             "w_in": config.w_in,
             "w_out": config.w_out,
         },

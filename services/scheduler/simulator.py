@@ -153,6 +153,8 @@ class _Seq:
     """Tokens in this sequence's KV cache."""
     reported: int = 0
     """Generated tokens already reported to the policy."""
+    leaving: bool = False
+    """Its hand-back was asked: it leaves at the end of the running segment."""
 
 
 @dataclass(slots=True)
@@ -492,6 +494,27 @@ class Simulation:
                 req.first_dispatch = now
             req.pool = worker.spec.name
             self.tracker.waiting[req.tenant] -= 1
+        for request_id in result.preempt:
+            self._ask_hand_back(self.by_id[request_id], now)
+
+    def _ask_hand_back(self, req: SimRequest, now: float) -> None:
+        """A running request leaves at the next step boundary (as a worker aborts it between
+        steps); one not started yet leaves at once."""
+        worker = self.by_name[req.pool]
+        for seq in worker.pending:
+            if seq.req is req:
+                worker.pending.remove(seq)
+                self._hand_back(seq, now)
+                return
+        for seq in worker.running:
+            if seq.req is req:
+                if worker.segment is None:  # between two segments: a step boundary
+                    worker.running.remove(seq)
+                    self._hand_back(seq, now)
+                else:
+                    seq.leaving = True
+                    self._cut_segment(worker, now)
+                return
 
     def _report_progress(self, now: float) -> None:
         """Report tokens generated so far in running segments (workers report progress)."""
@@ -514,7 +537,9 @@ class Simulation:
 
     def _preempt(self, worker: VirtualWorker, now: float) -> None:
         """Evict the most recently admitted sequence and hand it back to the scheduler."""
-        seq = worker.pending.pop() if worker.pending else worker.running.pop()
+        self._hand_back(worker.pending.pop() if worker.pending else worker.running.pop(), now)
+
+    def _hand_back(self, seq: _Seq, now: float) -> None:
         seq.req.preemptions += 1
         self.preemptions += 1
         self.tracker.waiting[seq.req.tenant] += 1
@@ -605,6 +630,11 @@ class Simulation:
                 self.policy.on_finished(
                     seq.req.request_id, seq.req.tenant, seq.req.output_tokens, now
                 )
+        leaving = [s for s in worker.running if s.leaving]
+        if leaving:
+            worker.running = [s for s in worker.running if not s.leaving]
+            for seq in leaving:
+                self._hand_back(seq, now)
 
 
 def simulate(requests: list[SimRequest], config: PolicyConfig, cluster: ClusterConfig) -> SimResult:

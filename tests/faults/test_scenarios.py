@@ -32,7 +32,7 @@ from services.models import DEFAULT_MODEL_NAME
 from services.scheduler.store import InflightRecord
 from services.worker import claimant_worker_id
 from tests.faults.checker import RequestLog
-from tests.faults.clients import DEFAULT_PROMPT, MODEL, AmqpTenant, http_stream
+from tests.faults.clients import DEFAULT_PROMPT, MODEL, AmqpTenant, completion_body, http_stream
 from tests.faults.conftest import WORKERS
 from tests.faults.proxy import TcpProxy
 
@@ -656,6 +656,37 @@ async def test_gateway_killed_mid_batch(fault_system, checker, http, keys_by_ten
     fs.system.signal("gateway")
     fs.start("gateway")
     await fs.wait_workers()
+
+
+async def test_background_streams_handed_back_for_interactive_ones(fault_system, checker, http,
+                                                                   keys_by_tenant):
+    """Flex (background) streams fill the workers; interactive streams then arrive. The
+    scheduler has running flex requests handed back (the suite sets no minimum wait), the
+    interactive ones take their slots, and each handed-back stream goes on where its
+    client is once nothing else waits: word for word what one uninterrupted run answers,
+    every token once, charged once."""
+    FLEX_TOKENS, SHORT_TOKENS = 60, 12
+    await checker.begin()
+    fs = fault_system
+    logs_before = {w: len(fs.system.log(w)) for w in WORKERS}
+    flex_body = completion_body(DEFAULT_PROMPT, FLEX_TOKENS, service_tier="flex")
+    flex = streams(http, checker, fs, keys_by_tenant, 8, body=flex_body)
+    await some_tokens(checker, n=7, at_least=3)  # a slot of the eight is kept for live tenants
+    short = streams(http, checker, fs, keys_by_tenant, 4, max_tokens=SHORT_TOKENS)
+    short_logs = await asyncio.gather(*short)
+    flex_logs = await asyncio.gather(*flex)
+    preempted = set()
+    for worker in WORKERS:
+        for line in fs.system.log(worker)[logs_before[worker]:].splitlines():
+            if '"preempted_by_scheduler"' in line:
+                preempted.add(json.loads(line)["request_id"])
+    row = await checker.verify("background streams handed back for interactive ones",
+                               note=f"{len(preempted)} flex streams handed back and resumed")
+    assert row.answered == 12 and all(log.done for log in short_logs + flex_logs), outcomes(checker.logs)
+    flex_ids = {log.request_id for log in flex_logs}
+    assert preempted and preempted <= flex_ids, (preempted, flex_ids)
+    got = {log.request_id: log.text for log in flex_logs if log.request_id in preempted}
+    assert got == await asyncio.to_thread(uninterrupted_answers, fs.system.cache_dir, got, FLEX_TOKENS)
 
 
 async def test_same_request_id_published_twice(fault_system, checker):

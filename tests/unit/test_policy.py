@@ -534,3 +534,74 @@ def test_a_tenants_own_batch_does_not_keep_its_waiting_requests_from_the_kept_sl
     assert started[0] == "other-0" and len(started) == 7  # the batch leaves the kept slot
     p.add(req("acme-live", "acme"), 1.0)
     assert [d.request_id for d in p.schedule(1.0, [pool(slots=1, running=7)]).dispatches] == ["acme-live"]
+
+
+def running_batch(p: SchedulerPolicy, *inputs: int) -> None:
+    """Dispatch one background request per input length, in order, onto one pool."""
+    for i, inp in enumerate(inputs):
+        p.add(req(f"bg-{i}", "batch", inp=inp, background=True), 0.0)
+    assert len(p.schedule(0.0, [pool(slots=len(inputs))]).dispatches) == len(inputs)
+
+
+def test_a_waiting_foreground_request_has_the_cheapest_background_request_handed_back() -> None:
+    """The background request with the least context to recompute goes (its output so far
+    counts), once: asked again only after ``preempt_retry_s``; handed back, it waits
+    while the foreground request takes its slot."""
+    p = policy("fairway")
+    running_batch(p, 10, 50)
+    p.on_progress("batch", 100, 0.5, request_id="bg-0")  # bg-0: 110 tokens of context now
+    p.add(req("chat-0", "chat"), 1.0)
+    full = [pool(slots=0, running=2, backlog=5.0)]
+    result = p.schedule(1.0, full)
+    assert result.dispatches == [] and result.preempt == ["bg-1"]
+    assert p.schedule(2.0, full).preempt == []  # asked; its slot is on its way
+    assert p.schedule(6.0, full).preempt == ["bg-1"]  # not seen for 5 s: ask again
+    p.requeue(req("bg-1", "batch", inp=50, background=True, generated=7), 6.5)
+    one_free = [pool(slots=1, running=1)]
+    assert [d.request_id for d in p.schedule(6.5, one_free).dispatches] == ["chat-0"]
+    assert [d.request_id for d in p.schedule(7.0, one_free).dispatches] == ["bg-1"]
+
+
+def test_one_background_request_handed_back_per_waiting_foreground_request() -> None:
+    p = policy("fairway")
+    running_batch(p, 10, 20, 30)
+    p.add(req("chat-0", "chat"), 1.0)
+    p.add(req("chat-1", "chat"), 1.0)
+    result = p.schedule(1.0, [pool(slots=0, running=3, backlog=5.0)])
+    assert result.preempt == ["bg-0", "bg-1"]
+    p.add(req("chat-2", "chat"), 2.0)  # the two asked count for the first two waiting
+    assert p.schedule(2.0, [pool(slots=0, running=3, backlog=5.0)]).preempt == ["bg-2"]
+
+
+def test_no_hand_back_for_a_short_wait_a_background_waiter_or_foreground_work() -> None:
+    p = policy("fairway")
+    running_batch(p, 10)
+    p.add(req("chat-0", "chat"), 1.0)
+    # The slot frees in 0.2 s: recomputing the batch request would cost more.
+    assert p.schedule(1.0, [pool(slots=0, running=1, backlog=0.2)]).preempt == []
+    p.cancel("chat-0")
+    p.add(req("bg-late", "batch", background=True), 1.0)  # background waits for background
+    assert p.schedule(1.0, [pool(slots=0, running=1, backlog=5.0)]).preempt == []
+    off = policy("fairway", preempt_background=False)
+    running_batch(off, 10)
+    off.add(req("chat-0", "chat"), 1.0)
+    assert off.schedule(1.0, [pool(slots=0, running=1, backlog=5.0)]).preempt == []
+    foreground = policy("fairway")
+    foreground.add(req("chat-0", "chat"), 0.0)
+    foreground.schedule(0.0, [pool(slots=1)])
+    foreground.add(req("chat-1", "other"), 1.0)
+    assert foreground.schedule(1.0, [pool(slots=0, running=1, backlog=5.0)]).preempt == []
+
+
+def test_hand_back_is_asked_on_the_pool_the_waiting_request_would_use() -> None:
+    """A background request on another pool stays: freeing it would not start the waiting one."""
+    p = policy("fairway", offload=False)
+    p.add(req("bg-0", "batch", background=True), 0.0)
+    assert p.schedule(0.0, [pool("gpu", slots=1)]).dispatches[0].pool == "gpu"
+    p.add(req("chat-0", "chat"), 1.0)
+    cpu = pool("cpu", slots=0, running=1, backlog=5.0)
+    assert p.schedule(1.0, [pool("gpu", slots=0, running=1, backlog=5.0), cpu]).preempt == ["bg-0"]
+    q = policy("fairway", offload=False)
+    q.restore({}, {}, [], [req("bg-0", "batch", background=True, pool="cpu")])
+    q.add(req("chat-0", "chat"), 1.0)
+    assert q.schedule(1.0, [pool("gpu", slots=0, running=1, backlog=5.0), cpu]).preempt == []

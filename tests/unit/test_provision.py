@@ -60,7 +60,9 @@ def test_who_may_publish_where():
     assert not allowed(grants[GW].write, "amq.default")  # the gateway answers nobody over AMQP
     assert not allowed(grants[SC].write, "fairway.control") and allowed(grants[SC].write, "fairway.scored")
     assert allowed(grants[SH].write, "fairway.work") and not allowed(grants[SH].write, "fairway.events")
+    assert allowed(grants[SH].write, "fairway.control")  # hand-backs of background requests
     assert allowed(grants[WK].write, "fairway.events") and not allowed(grants[WK].write, "fairway.work")
+    assert not allowed(grants[WK].write, "fairway.control")
 
 
 def test_a_tenant_may_only_publish_requests_and_use_its_own_reply_queues():

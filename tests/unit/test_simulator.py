@@ -325,3 +325,27 @@ def test_cli_plots(tmp_path: Path) -> None:
         "latency_cdf_fairway.png",
         "tenant_service_fairway.png",
     ]
+
+
+def test_a_waiting_chat_request_has_the_running_background_request_handed_back() -> None:
+    """On one slot, a chat request that would wait 1.5 s for a batch request's slot has
+    it handed back at the next step: the chat request starts at once, the batch request
+    continues afterwards from the tokens it had (recomputing them as prompt)."""
+    records = [TraceRecord(0.0, 10, 200, tenant="batch"), TraceRecord(0.505, 100, 5, tenant="chat")]
+    finish = {}
+    for preempt in (True, False):
+        requests = make_requests(records, background_tenants=frozenset({"batch"}))
+        config = PolicyConfig(name="fairway", latency=ONE_SLOT, preempt_background=preempt)
+        result = simulate(requests, config, ClusterConfig(gpu_latency=ONE_SLOT))
+        batch, chat = sorted(result.requests, key=lambda r: r.tenant)
+        assert batch.generated == 200 and chat.generated == 5
+        finish[preempt] = (batch, chat)
+    batch, chat = finish[True]
+    assert batch.preemptions == 1 and chat.preemptions == 0
+    # The batch request's next step boundary: its prefill (10 ms) and 50 steps of 10 ms.
+    assert chat.first_dispatch == pytest.approx(0.51)
+    assert chat.finish == pytest.approx(0.51 + 0.1 + 4 * 0.01)  # a prefill, then 4 steps
+    # The batch request recomputes its 10 + 51 tokens (its 52nd token), then 148 steps.
+    assert batch.finish == pytest.approx(chat.finish + 0.061 + 148 * 0.01)
+    batch_alone, chat_waited = finish[False]
+    assert batch_alone.preemptions == 0 and chat_waited.first_dispatch == pytest.approx(2.0)
