@@ -270,6 +270,18 @@ class PolicyConfig:
             raise ValueError("idle_tenant_slots must be >= 0")
 
 
+def remaining_tokens(req: QueuedRequest, quantile: Literal["p50", "p90"] = "p50") -> float:
+    """Predicted output tokens still to generate, ``req.generated`` being those it has. A
+    request that already outlived its prediction is expected to double its length
+    (lengths are heavy-tailed), so a preempted request asks for room to grow instead of
+    thrashing, and a full pool is not expected to free a slot after one more token."""
+    predicted = req.predicted_p90 if quantile == "p90" else req.predicted_p50
+    left = predicted - req.generated
+    if req.generated > 0 and req.generated >= predicted:
+        left = float(req.generated)
+    return min(max(left, 1.0), float(max(req.max_tokens - req.generated, 1)))
+
+
 # --- charging ---------------------------------------------------------------------
 
 
@@ -676,14 +688,7 @@ class SchedulerPolicy:
     def remaining_tokens(
         self, req: QueuedRequest, quantile: Literal["p50", "p90"] = "p50"
     ) -> float:
-        """Predicted output tokens still to generate. A request that already outlived its
-        prediction is expected to double its length (lengths are heavy-tailed), so a
-        preempted request asks for room to grow instead of thrashing."""
-        predicted = req.predicted_p90 if quantile == "p90" else req.predicted_p50
-        left = predicted - req.generated
-        if req.generated > 0 and req.generated >= predicted:
-            left = float(req.generated)
-        return min(max(left, 1.0), float(max(req.max_tokens - req.generated, 1)))
+        return remaining_tokens(req, quantile)
 
     def cost_s(self, req: QueuedRequest) -> float:
         """Predicted service time on the reference model at full batch: the ordering cost."""

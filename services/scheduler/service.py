@@ -29,6 +29,7 @@ from services.scheduler.policy import (
     QueuedRequest,
     ScheduleResult,
     SchedulerPolicy,
+    remaining_tokens,
 )
 from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerStore
 from services.settings import Settings
@@ -103,14 +104,13 @@ def expiry_answer(scored: m.ScoredRequest, reason: str) -> m.FinalAnswer:
 
 
 def backlog_seconds(running: list[InflightRecord], latency: LatencyModel) -> float:
-    """Predicted seconds until the first of ``running`` finishes and frees its slot."""
+    """Predicted seconds until the first of ``running`` finishes and frees its slot (by the
+    policy's rule for what is left of an answer, as the simulator predicts it)."""
     if not running:
         return 0.0
     step_s = latency.decode_step_s(len(running))
-    return min(
-        max(min(r.scored.score.p50, r.scored.request.sampling.max_tokens) - r.charged_output, 1.0)
-        for r in running
-    ) * step_s
+    return min(remaining_tokens(queued_view(r.scored, r.dispatched_at, r.charged_output))
+               for r in running) * step_s
 
 
 def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRecord]) -> list[PoolView]:

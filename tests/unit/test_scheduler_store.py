@@ -8,7 +8,8 @@ import pytest
 
 from services import amqp, keys
 from services import messages as m
-from services.scheduler.service import expiry_answer, pool_views, queued_view
+from services.latency_model import LatencyModel
+from services.scheduler.service import backlog_seconds, expiry_answer, pool_views, queued_view
 from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerStore
 
 
@@ -119,6 +120,21 @@ def test_pool_views_subtract_what_the_policy_reserved():
     assert full.free_slots == 0 and full.backlog_s > 0
     # A record without a reservation counts prompt + predicted p90 output.
     assert full.free_kv_tokens == 800 - 300 - (2 + 8)
+
+
+def test_a_full_pool_expects_an_answer_past_its_prediction_to_double_not_to_end():
+    """The wait for a slot counts what is left of the answer nearest its end by the
+    policy's rule: one past its predicted 4 tokens (at 5 of its 40) has 5 more to go, not
+    one, so a waiting request sees a wait worth handing background work back for."""
+    latency = LatencyModel(decode_base_ms=100.0, decode_per_seq_ms=0.0, max_batch=1)
+    long = scored("long")
+    long.request.sampling.max_tokens = 40
+    running = [InflightRecord(scored=long, pool="cpu", dispatched_at=0.0, charged_output=5)]
+    assert backlog_seconds(running, latency) == pytest.approx(5 * 0.1)
+    running[0].charged_output = 38  # near max_tokens: what is left of it
+    assert backlog_seconds(running, latency) == pytest.approx(2 * 0.1)
+    running.append(InflightRecord(scored=scored("fresh"), pool="cpu", dispatched_at=0.0))
+    assert backlog_seconds(running, latency) == pytest.approx(2 * 0.1)  # the nearest end
 
 
 def test_a_draining_worker_offers_no_free_capacity():
