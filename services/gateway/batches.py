@@ -174,6 +174,11 @@ _FIELDS = ("tenant", "static", "status", "total", "completed", "failed", "errors
 """Every field of a batch's hash but its input (which may be large)."""
 
 
+def _record(batch_id: str, values: list[bytes | None]) -> BatchRecord | None:
+    fields = {name: value for name, value in zip(_FIELDS, values) if value is not None}
+    return BatchRecord.from_fields(batch_id, fields) if "status" in fields else None
+
+
 def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -274,9 +279,17 @@ class BatchStore:
         return await self.load(batch_id)
 
     async def load(self, batch_id: str) -> BatchRecord | None:
-        values = await self.redis.hmget(keys.batch(batch_id), _FIELDS)
-        fields = {name: value for name, value in zip(_FIELDS, values) if value is not None}
-        return BatchRecord.from_fields(batch_id, fields) if "status" in fields else None
+        return _record(batch_id, await self.redis.hmget(keys.batch(batch_id), _FIELDS))
+
+    async def load_many(self, batch_ids: list[str]) -> list[BatchRecord | None]:
+        """Each batch's record (None for one that is gone), in one round trip."""
+        if not batch_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.hmget(keys.batch(batch_id), _FIELDS)
+            rows = await pipe.execute()
+        return [_record(batch_id, values) for batch_id, values in zip(batch_ids, rows, strict=True)]
 
     async def status(self, batch_id: str) -> str | None:
         return _text(await self.redis.hget(keys.batch(batch_id), "status"))
@@ -326,7 +339,7 @@ class BatchStore:
         """The tenant's batches, newest first."""
         index = keys.tenant_batches(tenant)
         ids = [i.decode() for i in await self.redis.zrevrange(index, 0, -1)]
-        records = list(await asyncio.gather(*(self.load(i) for i in ids)))
+        records = await self.load_many(ids)
         gone = [i for i, r in zip(ids, records) if r is None]
         if gone:
             await self.redis.zrem(index, *gone)

@@ -398,7 +398,7 @@ async def read_snapshot(
 async def _active_batches(redis: aioredis.Redis) -> list[BatchRecord]:
     store = BatchStore(redis, ttl_s=0)
     active = sorted(_text(i) for i in await redis.smembers(keys.BATCHES_ACTIVE))[:BATCHES_SHOWN]
-    return [r for r in await asyncio.gather(*(store.load(i) for i in active)) if r is not None]
+    return [r for r in await store.load_many(active) if r is not None]
 
 
 async def _slot_counts(redis: aioredis.Redis, lives: list[bytes]) -> dict[bytes, int]:

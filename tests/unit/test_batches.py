@@ -171,6 +171,17 @@ async def test_a_batch_runs_every_line_once_and_ends_with_its_files(stores, redi
     assert [b.batch_id for b in await store.listed("acme")] == [batch.batch_id]
 
 
+async def test_a_tenants_batches_are_listed_newest_first_and_gone_ones_forgotten(stores, redis_client) -> None:
+    store, _ = stores
+    made = [await new_batch(store, [line("a")]) for _ in range(3)]
+    index = keys.tenant_batches("acme")
+    await redis_client.zadd(index, {b.batch_id: score for score, b in enumerate(made)})
+    await redis_client.delete(keys.batch(made[1].batch_id))  # expired
+    assert [b.batch_id for b in await store.listed("acme")] == [made[2].batch_id, made[0].batch_id]
+    assert await redis_client.zscore(index, made[1].batch_id) is None
+    assert await store.listed("globex") == []
+
+
 async def test_a_tenant_at_its_limit_waits_and_is_tried_again(stores) -> None:
     store, files = stores
     requests = FakeRequests({"a": [429, 503, 200], "b": [400]})
