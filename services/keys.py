@@ -135,6 +135,23 @@ def stored_response(response_id: str) -> str:
     return f"{PREFIX}:responses:{response_id}"
 
 
+def conversation(conversation_id: str) -> str:
+    """Hash of one Responses API conversation: ``tenant``, ``created_at``, ``metadata``
+    (JSON) and ``next`` (the position its next item takes)."""
+    return f"{PREFIX}:conversations:{conversation_id}"
+
+
+def conversation_items(conversation_id: str) -> str:
+    """Hash item id -> item (JSON) of a conversation."""
+    return f"{PREFIX}:conversations:{conversation_id}:items"
+
+
+def conversation_order(conversation_id: str) -> str:
+    """Sorted set: a conversation's item ids by position (all three keys expire together,
+    ``conversations_ttl_s`` after the last write)."""
+    return f"{PREFIX}:conversations:{conversation_id}:order"
+
+
 # --- files and batches (OpenAI's Files and Batch APIs, served by the gateways) ---
 def stored_file(file_id: str) -> str:
     """Hash of one uploaded or batch output file: ``meta`` (JSON: its tenant and file

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     """How long the gateway keeps a Responses API answer stored (``store``, OpenAI's
     default) for ``previous_response_id`` and ``GET /v1/responses/{id}``, in Redis; 0
     stores none (then ``previous_response_id`` is refused)."""
+    conversations_ttl_s: int = Field(default=30 * 24 * 3600, ge=0)
+    """How long a Responses API conversation (``/v1/conversations``) is kept in Redis after
+    its last change; 0 keeps none (then ``conversation`` is refused)."""
     files_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     """How long uploaded files, batch output files and ended batches are kept in Redis."""
     max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

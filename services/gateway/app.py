@@ -36,7 +36,6 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -48,6 +47,15 @@ from services.gateway.auth import AdminAuth, KeyStore, authenticate
 from services.gateway.backend import Backend, Submission
 from services.gateway.batches import BatchBody, BatchRunner, BatchStore
 from services.gateway.batches import install as install_batches
+from services.gateway.bodies import ClientDisconnected, read_body
+from services.gateway.conversations import (
+    ConversationBody,
+    ConversationItemsBody,
+    ConversationStore,
+    ConversationUpdateBody,
+    conversation_id,
+)
+from services.gateway.conversations import install as install_conversations
 from services.gateway.dashboard import Dashboard
 from services.gateway.dashboard import install as install_dashboard
 from services.gateway.errors import (
@@ -142,12 +150,10 @@ class GatewayState:
     """Tenant LoRA adapters; None serves the base model only."""
     responses: ResponseStore = dataclasses.field(default_factory=lambda: ResponseStore(None, 0))
     """Stored Responses API answers."""
+    conversations: ConversationStore = dataclasses.field(default_factory=lambda: ConversationStore(None, 0))
+    """Responses API conversations (``/v1/conversations``)."""
     files: FileStore | None = None
     batches: BatchStore | None = None
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client went away before its answer was complete."""
 
 
 # --- pure request helpers --------------------------------------------------------------
@@ -168,25 +174,6 @@ def check_content_type(content_type: str | None) -> None:
         reason="unsupported_media_type",
         code="unsupported_media_type",
     )
-
-
-def body_too_large(limit: int) -> ApiError:
-    return ApiError(
-        413,
-        f"The request body exceeds {limit} bytes.",
-        reason="too_large",
-        code="request_too_large",
-    )
-
-
-def check_content_length(content_length: str | None, limit: int) -> None:
-    if content_length is None:
-        return
-    text = content_length.strip()
-    if not text.isascii() or not text.isdigit():
-        raise invalid("Invalid Content-Length header.")
-    if int(text) > limit:
-        raise body_too_large(limit)
 
 
 def new_request_id(body: AnyBody) -> str:
@@ -232,17 +219,28 @@ def read_openai_body(raw: bytes, model: type[CompletionBody | ChatCompletionBody
     return Generation(body, new_request_id(body), completion_response, events)
 
 
-async def read_responses_body(raw: bytes, store: ResponseStore, tenant: str) -> Generation:
-    """/v1/responses: run as the chat it means (going on from the stored conversation of
-    its ``previous_response_id``), answered as a ``response``, which is stored."""
+async def read_responses_body(raw: bytes, store: ResponseStore, conversations: ConversationStore,
+                              tenant: str) -> Generation:
+    """/v1/responses: run as the chat it means (going on from its ``conversation``'s items
+    or the stored conversation of its ``previous_response_id``), answered as a
+    ``response``, which is stored and added to its conversation."""
     body = parse_body(raw, ResponsesBody)
+    conversation = conversation_id(body.conversation)
     earlier = None
-    if body.previous_response_id is not None and store.enabled:
+    if conversation is not None:
+        if body.previous_response_id is not None:
+            raise invalid("Give conversation or previous_response_id, not both.", param="conversation")
+        earlier = await conversations.items(conversation, tenant)
+    elif body.previous_response_id is not None and store.enabled:
         earlier = await store.conversation(body.previous_response_id, tenant)
-    request = read_request(body, earlier, store=store.enabled and body.store is not False)
+    request = read_request(body, earlier, store=store.enabled and body.store is not False,
+                           conversation=conversation)
 
     async def keep(response: dict[str, Any]) -> None:
         await store.keep(tenant, request.items, response, request.inputs)
+        if conversation is not None:
+            await conversations.add_turn(conversation, tenant, request.items[len(request.items) - request.inputs:],
+                                         response)
 
     def whole(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict[str, Any]:
         return answered_response(meta, request.echo, answers[0])
@@ -256,22 +254,6 @@ async def read_responses_body(raw: bytes, store: ResponseStore, tenant: str) -> 
 
 
 # --- I/O helpers -----------------------------------------------------------------------
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, at most ``limit`` bytes (413 beyond, also for chunked uploads)."""
-    check_content_length(request.headers.get("content-length"), limit)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise body_too_large(limit)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientDisconnected() from None
-    return b"".join(chunks)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -471,7 +453,7 @@ async def execute_batch_request(state: GatewayState, tenant: str, endpoint: str,
     generation = None
     try:
         if endpoint == "/v1/responses":
-            generation = await read_responses_body(raw, state.responses, tenant)
+            generation = await read_responses_body(raw, state.responses, state.conversations, tenant)
         else:
             model = ChatCompletionBody if endpoint == "/v1/chat/completions" else CompletionBody
             generation = read_openai_body(raw, model)
@@ -576,10 +558,10 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def responses(request: Request) -> Response:
-    store = request.app.state.gateway.responses
+    state: GatewayState = request.app.state.gateway
 
     async def read(raw: bytes, tenant: str) -> Generation:
-        return await read_responses_body(raw, store, tenant)
+        return await read_responses_body(raw, state.responses, state.conversations, tenant)
 
     return await _complete(request, read)
 
@@ -749,7 +731,8 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
             _, defs = models_json_schema(
                 [(model, "validation") for model in (CompletionBody, ChatCompletionBody, ResponsesBody,
                                                      TokenizeCompletionBody, TokenizeChatBody, DetokenizeBody,
-                                                     BatchBody)],
+                                                     BatchBody, ConversationBody, ConversationUpdateBody,
+                                                     ConversationItemsBody)],
                 ref_template="#/components/schemas/{model}",
             )
             components = spec.setdefault("components", {})
@@ -782,7 +765,8 @@ def create_app(settings: Settings) -> FastAPI:
     adapters = AdapterCatalog.from_settings(settings, backend.redis)
     state = GatewayState(settings, keys, backend, gateway_metrics, started_at=int(time.time()),
                          adapters=adapters,
-                         responses=ResponseStore(backend.redis, settings.responses_ttl_s))
+                         responses=ResponseStore(backend.redis, settings.responses_ttl_s),
+                         conversations=ConversationStore(backend.redis, settings.conversations_ttl_s))
     dashboard = Dashboard(settings, keys, backend.redis)
     state.files = FileStore(backend.redis, settings.files_ttl_s)
     state.batches = BatchStore(backend.redis, settings.files_ttl_s)
@@ -860,6 +844,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     install_files(app)
     install_batches(app)
+    install_conversations(app)
     install_adapters(app, adapters, AdminAuth(settings.admin_key, keys))
     install_dashboard(app, dashboard)
 

@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 
 from services import keys
 from services.gateway.auth import authenticate
+from services.gateway.bodies import read_body
 from services.gateway.errors import ApiError, documented_errors, unavailable
 from services.gateway.files import OUTPUT_PURPOSE, FileStore
 from services.gateway.responses import cursor_page
@@ -174,7 +175,7 @@ _FIELDS = ("tenant", "static", "status", "total", "completed", "failed", "errors
 """Every field of a batch's hash but its input (which may be large)."""
 
 
-def _record(batch_id: str, values: list[bytes | None]) -> BatchRecord | None:
+def _batch_record(batch_id: str, values: list[bytes | None]) -> BatchRecord | None:
     fields = {name: value for name, value in zip(_FIELDS, values) if value is not None}
     return BatchRecord.from_fields(batch_id, fields) if "status" in fields else None
 
@@ -279,7 +280,7 @@ class BatchStore:
         return await self.load(batch_id)
 
     async def load(self, batch_id: str) -> BatchRecord | None:
-        return _record(batch_id, await self.redis.hmget(keys.batch(batch_id), _FIELDS))
+        return _batch_record(batch_id, await self.redis.hmget(keys.batch(batch_id), _FIELDS))
 
     async def load_many(self, batch_ids: list[str]) -> list[BatchRecord | None]:
         """Each batch's record (None for one that is gone), in one round trip."""
@@ -289,7 +290,7 @@ class BatchStore:
             for batch_id in batch_ids:
                 pipe.hmget(keys.batch(batch_id), _FIELDS)
             rows = await pipe.execute()
-        return [_record(batch_id, values) for batch_id, values in zip(batch_ids, rows, strict=True)]
+        return [_batch_record(batch_id, values) for batch_id, values in zip(batch_ids, rows, strict=True)]
 
     async def status(self, batch_id: str) -> str | None:
         return _text(await self.redis.hget(keys.batch(batch_id), "status"))
@@ -594,13 +595,7 @@ async def _owned(store: BatchStore, batch_id: str, tenant: str) -> BatchRecord:
 async def create_batch(request: Request) -> Response:
     store, tenant = _batches(request)
     state = request.app.state.gateway
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, "The request body is too large.", reason="too_large",
-                           code="request_too_large")
-    body = parse_body(raw, BatchBody)
+    body = parse_body(await read_body(request, MAX_BODY_BYTES), BatchBody)
     if body.endpoint not in ENDPOINTS:
         raise ApiError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}.", reason="invalid_request",
                        param="endpoint", code="invalid_value")

@@ -18,7 +18,8 @@ An answer is stored (``store``, OpenAI's default) in Redis for the gateway's
 the response. A later request's ``previous_response_id`` continues that conversation (its
 items, then the new input; the earlier ``instructions`` are not carried over, as with
 OpenAI), and ``GET``/``DELETE /v1/responses/{id}`` read and forget it, each for its own
-tenant only. What needs more than that (``conversation`` objects, stored prompts,
+tenant only. A request may instead name a ``conversation`` the server keeps
+(:mod:`services.gateway.conversations`). What needs more than that (stored prompts,
 ``item_reference`` inputs, ``background``) is refused with a 400 that says to send the
 conversation in ``input``. Built-in tools (web search and the like), non-text inputs and
 ``truncation: auto`` are refused too, never silently dropped.
@@ -89,7 +90,6 @@ _PASSED_THROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "log
 """Fields a Responses body may carry as the chat's extensions (vLLM's extra sampling
 fields and Fairway's deadlines), checked as the chat checks them."""
 _KEPT_ELSEWHERE = {
-    "conversation": "A stored conversation",
     "prompt": "A stored prompt template",
 }
 _TEXT_PART_TYPES = ("input_text", "output_text", "text")
@@ -174,10 +174,10 @@ class ResponsesRequest:
 
 
 def read_request(body: ResponsesBody, earlier: list[dict[str, Any]] | None = None,
-                 store: bool = False) -> ResponsesRequest:
+                 store: bool = False, conversation: str | None = None) -> ResponsesRequest:
     """The chat a Responses body means (400 for what this server does not serve);
-    ``earlier``: the items of the conversation its ``previous_response_id`` continues;
-    ``store``: its answer will be stored."""
+    ``earlier``: the items of the conversation it continues (its ``previous_response_id``'s
+    or its ``conversation``'s); ``store``: its answer will be stored."""
     _check_unserved(body)
     if body.previous_response_id is not None and earlier is None:
         raise _not_stored("previous_response_id", "Continuing a stored response")
@@ -212,7 +212,10 @@ def read_request(body: ResponsesBody, earlier: list[dict[str, Any]] | None = Non
         chat = ChatCompletionBody.model_validate(data)
     except ValidationError as exc:
         raise responses_error(from_validation_error(exc)) from None
-    return ResponsesRequest(chat, _echo(body, store), items, len(own))
+    echo = _echo(body, store)
+    if conversation is not None:
+        echo["conversation"] = {"id": conversation}
+    return ResponsesRequest(chat, echo, items, len(own))
 
 
 def responses_error(err: ApiError) -> ApiError:
@@ -238,13 +241,19 @@ def _check_unserved(body: ResponsesBody) -> None:
     if body.truncation == "auto":
         raise unsupported("truncation", 'truncation "auto" (dropping the conversation\'s first '
                            "items to fit the context)")
-    if body.metadata is not None:
-        if len(body.metadata) > MAX_METADATA_KEYS:
-            raise invalid(f"metadata may hold at most {MAX_METADATA_KEYS} keys.", param="metadata")
-        for key, value in body.metadata.items():
-            if len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
-                raise invalid(f"metadata keys may have at most {MAX_METADATA_KEY_CHARS} characters "
-                              f"and values {MAX_METADATA_VALUE_CHARS}.", param="metadata")
+    check_metadata(body.metadata)
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's bounds on ``metadata``: 16 keys of 64 characters, values of 512."""
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise invalid(f"metadata may hold at most {MAX_METADATA_KEYS} keys.", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise invalid(f"metadata keys may have at most {MAX_METADATA_KEY_CHARS} characters "
+                          f"and values {MAX_METADATA_VALUE_CHARS}.", param="metadata")
 
 
 def _field(item: dict[str, Any], key: str, where: str, *, required: bool = True) -> str | None:
@@ -276,19 +285,25 @@ def _text_of(content: Any, where: str) -> str:
     return "".join(texts)
 
 
+def check_items(items: list[Any], name: str) -> None:
+    """400 for a list that is not input items this server can run (errors name ``name``)."""
+    _messages(None, items, name=name)
+
+
 def input_items(value: str | list[Any]) -> list[Any]:
     """The input as items (a string is one user message)."""
     return [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else value
 
 
-def _messages(instructions: str | None, items: list[Any], first: int = 0) -> list[dict[str, Any]]:
+def _messages(instructions: str | None, items: list[Any], first: int = 0,
+              name: str = "input") -> list[dict[str, Any]]:
     """The chat messages of the instructions and the conversation's items (the input's
-    from index ``first``, which errors name)."""
+    from index ``first``, which errors name as ``name``)."""
     messages: list[dict[str, Any]] = []
     if instructions:
         messages.append({"role": "system", "content": instructions})
     for i, item in enumerate(items):
-        where = f"input.{i - first}"
+        where = f"{name}.{i - first}"
         if not isinstance(item, dict):
             raise invalid(f"{where} must be an object (an input item).", param=where)
         kind = item.get("type", "message")

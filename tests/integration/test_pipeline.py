@@ -390,6 +390,49 @@ def test_a_stored_response_is_continued_read_and_forgotten_by_its_tenant_only(cl
         client.responses.retrieve(unkept.id)
 
 
+def test_a_conversation_carries_its_turns_and_is_its_tenants_only(client, system, globex_key):
+    """A conversation (/v1/conversations) holds the items a response that names it ran
+    with: each answer adds its input and output, in order, and the next runs after them;
+    items can be added, read and deleted; another tenant finds none of it."""
+    conversation = client.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "My name is Ada."}], metadata={"app": "test"})
+    assert conversation.metadata == {"app": "test"}
+    first = client.responses.create(model=MODEL, input="Hello", max_output_tokens=4,
+                                    conversation=conversation.id)
+    assert first.conversation.id == conversation.id
+    streamed = list(client.responses.create(model=MODEL, input="And then?", max_output_tokens=3, stream=True,
+                                            conversation={"id": conversation.id}))
+    second = streamed[-1].response
+    alone = client.responses.create(model=MODEL, input="And then?", max_output_tokens=3)
+    assert second.usage.input_tokens > alone.usage.input_tokens  # the earlier turns came with it
+    items = client.conversations.items.list(conversation.id, order="asc").data
+    texts = [(item.role, item.content[0].text) for item in items]
+    assert texts == [("user", "My name is Ada."), ("user", "Hello"), ("assistant", first.output_text),
+                     ("user", "And then?"), ("assistant", second.output_text)]
+    assert items[2].id == first.output[0].id  # an answer's items keep their ids
+    assert [i.id for i in client.conversations.items.list(conversation.id).data] == [i.id for i in items[::-1]]
+    added = client.conversations.items.create(conversation.id, items=[
+        {"type": "message", "role": "user", "content": "Bye."}]).data
+    assert client.conversations.items.retrieve(added[0].id, conversation_id=conversation.id).id == added[0].id
+    client.conversations.items.delete(items[0].id, conversation_id=conversation.id)
+    assert len(client.conversations.items.list(conversation.id).data) == 5
+    assert client.conversations.update(conversation.id, metadata={"app": "x"}).metadata == {"app": "x"}
+    with pytest.raises(openai.BadRequestError) as both:
+        client.responses.create(model=MODEL, input="x", max_output_tokens=2, conversation=conversation.id,
+                                previous_response_id=first.id)
+    assert both.value.body["param"] == "conversation"
+    other = openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=globex_key, max_retries=0)
+    for call in (lambda: other.conversations.retrieve(conversation.id),
+                 lambda: other.conversations.items.list(conversation.id),
+                 lambda: other.responses.create(model=MODEL, input="x", max_output_tokens=2,
+                                                conversation=conversation.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert client.conversations.delete(conversation.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conversation.id)
+
+
 @pytest.mark.parametrize(("constraint", "words"), [
     ({"guided_regex": "(unclosed"}, "the regular expression is not valid"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},
