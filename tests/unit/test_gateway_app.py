@@ -310,3 +310,17 @@ def test_a_sigterm_while_the_gateway_starts_stops_it():
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "stopped"
     assert "stop_requested_while_starting" in run.stderr
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"items": [{"role": "robot", "content": "x"}]}, "items.0.role"),
+    ({"items": [{"role": "user", "content": "x"}] * 21}, "items"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+])
+def test_a_bad_conversation_is_a_400_naming_the_field_before_any_store(client: TestClient, body, param) -> None:
+    error = assert_openai_error(client.post("/v1/conversations", json=body, headers=KEY), 400)
+    assert error["param"] == param
+    assert_openai_error(client.post("/v1/conversations", content=b"{broken", headers=KEY), 400)
+    assert_openai_error(client.post("/v1/conversations", content=b"x" * 3000, headers=KEY), 413)
+    assert_openai_error(client.post("/v1/conversations/conv_1/items", json={"items": []}, headers=KEY), 400)
+    assert_openai_error(client.get("/v1/conversations/conv_1"), 401)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import redis.asyncio as aioredis
 
 from services import keys
 from services.gateway import conversations
 from services.gateway.conversations import ConversationStore, conversation_id
 from services.gateway.errors import ApiError
+from services.localinfra import free_port
 
 USER = {"type": "message", "role": "user", "content": "hello"}
 
@@ -98,3 +100,15 @@ def test_a_bad_conversation_reference_is_a_400_naming_it(value) -> None:
     with pytest.raises(ApiError) as err:
         conversation_id(value)
     assert err.value.status == 400 and err.value.param == "conversation"
+
+
+async def test_an_unreachable_redis_is_a_503_to_retry() -> None:
+    down = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        for call in (ConversationStore(down, 60).create("acme", [USER], None),
+                     ConversationStore(down, 60).items("conv_1", "acme")):
+            with pytest.raises(ApiError) as err:
+                await call
+            assert err.value.status == 503
+    finally:
+        await down.aclose()
