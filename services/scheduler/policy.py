@@ -112,7 +112,8 @@ class PoolView:
     running: int
     latency: LatencyModel
     backlog_s: float = 0.0
-    """Predicted seconds until the pool frees its next slot (0 while it has free slots)."""
+    """Predicted seconds until the first of its running requests ends, freeing a slot and
+    its KV (0 with none running; may be left 0 while the pool has free slots and KV)."""
     kind: str = ""
     """``"gpu"`` or ``"cpu"``; empty means the name is the kind."""
     kv_capacity: int | None = None
@@ -1002,10 +1003,12 @@ class SchedulerPolicy:
         _, service, state, fits, need_here = best
         if fits:
             return state, fits, need_here, 0.0
-        wait_s = state.wait_s
+        # Waiting for KV on a pool with free slots: at least until a running request ends.
+        short_of_kv = state.open and need_here > state.free_kv
+        wait_s = max(state.wait_s, state.view.backlog_s) if short_of_kv else state.wait_s
         # Queue behind this pool: the next request that waits for it starts later.
         state.wait_s += service / max(state.running + state.free_slots, 1)
-        if state.open and need_here > state.free_kv:
+        if short_of_kv:
             state.blocked = True
         return state, fits, need_here, wait_s
 

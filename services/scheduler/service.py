@@ -145,7 +145,7 @@ def pool_views(workers: list[m.WorkerHeartbeat], inflight: dict[str, InflightRec
             free_kv_tokens=max(kv_total - reserved, 0),
             running=len(used),
             latency=latency,
-            backlog_s=0.0 if free_slots else backlog_seconds(used, latency),
+            backlog_s=backlog_seconds(used, latency),
             kv_capacity=max(w.total_kv_tokens for w in members),
             adapters=adapter_shares(members),
         ))

@@ -212,7 +212,7 @@ class VirtualWorker:
             )
             free_kv = max(self.spec.kv_limit - held, 0)
         backlog = 0.0
-        if free_slots == 0 and self.running:
+        if self.running and (free_slots == 0 or self.spec.kv_limit is not None):
             step = lat.decode_step_s(len(self.running), sum(s.kv for s in self.running))
             left = []
             for s in self.running:

@@ -605,3 +605,18 @@ def test_hand_back_is_asked_on_the_pool_the_waiting_request_would_use() -> None:
     q.restore({}, {}, [], [req("bg-0", "batch", background=True, pool="cpu")])
     q.add(req("chat-0", "chat"), 1.0)
     assert q.schedule(1.0, [pool("gpu", slots=0, running=1, backlog=5.0), cpu]).preempt == []
+
+
+def test_a_foreground_request_short_of_kv_has_background_handed_back_too() -> None:
+    """On a pool with free slots whose KV the batch holds, the wait is until a running
+    request ends (its ``backlog_s``): long enough, a background request goes."""
+    p = policy("fairway")
+    running_batch(p, 10, 10)
+    p.add(req("chat-0", "chat", inp=500, out=100), 1.0)
+    short = [pool(slots=2, kv=100, running=2, backlog=3.0)]
+    result = p.schedule(1.0, short)
+    assert result.dispatches == [] and len(result.preempt) == 1
+    q = policy("fairway")
+    running_batch(q, 10, 10)
+    q.add(req("chat-0", "chat", inp=500, out=100), 1.0)
+    assert q.schedule(1.0, [pool(slots=2, kv=100, running=2, backlog=0.2)]).preempt == []

@@ -113,11 +113,12 @@ def test_pool_views_subtract_what_the_policy_reserved():
     }
     (view,) = pool_views([_beat("w1", 500), _beat("w2", 300)], inflight)
     assert view.free_kv_tokens == 800 - 300
-    assert view.free_slots == 1 and view.backlog_s == 0.0
+    assert view.free_slots == 1 and view.backlog_s > 0  # until a running request frees KV
     assert view.kv_capacity == 500
     inflight["d"] = InflightRecord(scored=scored("d"), pool="cpu", dispatched_at=0.0)
     (full,) = pool_views([_beat("w1", 500), _beat("w2", 300)], inflight)
     assert full.free_slots == 0 and full.backlog_s > 0
+    assert pool_views([_beat("w1", 500)], {})[0].backlog_s == 0.0  # nothing running
     # A record without a reservation counts prompt + predicted p90 output.
     assert full.free_kv_tokens == 800 - 300 - (2 + 8)
 
