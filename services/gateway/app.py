@@ -66,6 +66,7 @@ from services.gateway.errors import (
     from_validation_error,
     invalid,
     model_not_found,
+    no_spare_capacity,
     timed_out,
 )
 from services.gateway.files import FileStore
@@ -485,6 +486,16 @@ async def _answer(
     return JSONResponse(whole, headers=headers)
 
 
+def never_started(err: ApiError, submissions: list[Submission], timeout_s: float) -> ApiError:
+    """The error to answer for a timeout: a background request that got no reply at all
+    waited for spare capacity in vain (429, to be tried again), else ``err``."""
+    if err.status != 504 or not all(
+            s.request.background and s.stream.first_token_at is None and s.stream.final is None
+            for s in submissions):
+        return err
+    return no_spare_capacity(timeout_s)
+
+
 async def _collect(request: Request | None, state: GatewayState, submissions: list[Submission],
                    deadline: float) -> list[ChoiceAnswer]:
     """Every choice's whole answer (the submissions closed after); an error one's raised."""
@@ -492,6 +503,8 @@ async def _collect(request: Request | None, state: GatewayState, submissions: li
     try:
         answers = await race_client(request, collect_answer(stream), deadline,
                                     state.settings.request_timeout_s)
+    except ApiError as err:
+        raise never_started(err, submissions, state.settings.request_timeout_s) from None
     finally:
         await close_all(state.backend, submissions, stream)
     for answer in answers:
@@ -516,8 +529,10 @@ async def _stream(
     timeout_s = state.settings.request_timeout_s
     try:
         first = await race_client(request, stream.next(), deadline, timeout_s)
-    except BaseException:
+    except BaseException as exc:
         await close_all(backend, submissions, stream)
+        if isinstance(exc, ApiError):
+            raise never_started(exc, submissions, timeout_s) from None
         raise
     index, reply = first
     if isinstance(reply, FinalAnswer):

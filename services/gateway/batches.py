@@ -13,8 +13,9 @@ input, status and counts; each request's result is written once
 (``keys.batch_results``, ``HSETNX`` by line). One gateway at a time runs a batch, under
 a lease it renews; when it dies, another gateway (or its restart) takes the lease and
 runs the lines with no result yet, so a request cut short runs again and its line is
-answered exactly once. A request that finds its tenant at its admission limit (429) or
-the system unavailable (503) waits and is tried again until the batch's window ends.
+answered exactly once. A request that finds its tenant at its admission limit (429), no
+spare capacity that starts it within the request timeout (429) or the system unavailable
+(503) waits and is tried again until the batch's window ends.
 
 Status as OpenAI's: ``in_progress`` (the input is checked when the batch is created; a
 bad file makes it ``failed`` with the line errors), ``finalizing``, ``completed``;

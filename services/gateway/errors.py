@@ -157,6 +157,19 @@ def unavailable(message: str, reason: str = "unavailable") -> ApiError:
     )
 
 
+def no_spare_capacity(timeout_s: float) -> ApiError:
+    """A background request (``service_tier: "flex"``, a batch's) that nothing started
+    within the timeout: OpenAI answers flex requests short of capacity with 429
+    ``resource_unavailable``, to be tried again (a batch does so itself)."""
+    return ApiError(
+        429,
+        f"No spare capacity started this background request within {timeout_s:g} s; retry later.",
+        reason="no_spare_capacity",
+        code="resource_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def timed_out(timeout_s: float) -> ApiError:
     return ApiError(
         504, f"The request did not finish within {timeout_s:g} s.", reason="timeout", code="timeout"

@@ -7,12 +7,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 
-from services.gateway.app import MAX_HEADER_BYTES, check_content_type, create_app
-from services.gateway.errors import ApiError
+from services.gateway.app import MAX_HEADER_BYTES, check_content_type, create_app, never_started
+from services.gateway.errors import ApiError, timed_out
 from services.localinfra import free_port
 from services.settings import Settings
 
@@ -324,3 +325,20 @@ def test_a_bad_conversation_is_a_400_naming_the_field_before_any_store(client: T
     assert_openai_error(client.post("/v1/conversations", content=b"x" * 3000, headers=KEY), 413)
     assert_openai_error(client.post("/v1/conversations/conv_1/items", json={"items": []}, headers=KEY), 400)
     assert_openai_error(client.get("/v1/conversations/conv_1"), 401)
+
+
+def _submission(background: bool, replied: bool = False) -> SimpleNamespace:
+    stream = SimpleNamespace(first_token_at=1.0 if replied else None, final=None)
+    return SimpleNamespace(request=SimpleNamespace(background=background), stream=stream)
+
+
+def test_a_background_request_nothing_started_in_time_is_a_429_to_retry_not_a_504() -> None:
+    """As OpenAI answers flex requests short of capacity (and a batch tries it again)."""
+    timeout = timed_out(60)
+    err = never_started(timeout, [_submission(True), _submission(True)], 60)
+    assert (err.status, err.code, err.headers["Retry-After"]) == (429, "resource_unavailable", "1")
+    # One that had started, or an interactive request, did time out; other errors stay.
+    assert never_started(timeout, [_submission(True), _submission(True, replied=True)], 60) is timeout
+    assert never_started(timeout, [_submission(False)], 60) is timeout
+    other = ApiError(400, "bad", reason="invalid_request")
+    assert never_started(other, [_submission(True)], 60) is other
