@@ -271,16 +271,22 @@ class PolicyConfig:
             raise ValueError("idle_tenant_slots must be >= 0")
 
 
+def remaining_output(predicted: float, generated: int, max_tokens: int) -> float:
+    """Predicted output tokens still to generate, of an answer predicted ``predicted``
+    long that has ``generated``. One that already outlived its prediction is expected to
+    double its length (lengths are heavy-tailed), so a preempted request asks for room to
+    grow instead of thrashing, and a full pool is not expected to free a slot after one
+    more token."""
+    left = predicted - generated
+    if generated > 0 and generated >= predicted:
+        left = float(generated)
+    return min(max(left, 1.0), float(max(max_tokens - generated, 1)))
+
+
 def remaining_tokens(req: QueuedRequest, quantile: Literal["p50", "p90"] = "p50") -> float:
-    """Predicted output tokens still to generate, ``req.generated`` being those it has. A
-    request that already outlived its prediction is expected to double its length
-    (lengths are heavy-tailed), so a preempted request asks for room to grow instead of
-    thrashing, and a full pool is not expected to free a slot after one more token."""
+    """:func:`remaining_output` of a request, by its predicted median or p90 length."""
     predicted = req.predicted_p90 if quantile == "p90" else req.predicted_p50
-    left = predicted - req.generated
-    if req.generated > 0 and req.generated >= predicted:
-        left = float(req.generated)
-    return min(max(left, 1.0), float(max(req.max_tokens - req.generated, 1)))
+    return remaining_output(predicted, req.generated, req.max_tokens)
 
 
 # --- charging ---------------------------------------------------------------------

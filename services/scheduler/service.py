@@ -29,7 +29,7 @@ from services.scheduler.policy import (
     QueuedRequest,
     ScheduleResult,
     SchedulerPolicy,
-    remaining_tokens,
+    remaining_output,
 )
 from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerStore
 from services.settings import Settings
@@ -109,7 +109,7 @@ def backlog_seconds(running: list[InflightRecord], latency: LatencyModel) -> flo
     if not running:
         return 0.0
     step_s = latency.decode_step_s(len(running))
-    return min(remaining_tokens(queued_view(r.scored, r.dispatched_at, r.charged_output))
+    return min(remaining_output(r.scored.score.p50, r.charged_output, r.scored.request.sampling.max_tokens)
                for r in running) * step_s
 
 
