@@ -921,6 +921,10 @@ class WorkerService:
             await asyncio.sleep(0.05)
         if self.active:
             await self._hand_back_resumable(list(self.active.values()))
+        # Hand-backs to the scheduler under way end first: their acks need the connection.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ENGINE_STOP_TIMEOUT_S):
+                await self._background.wait()
         self.active.clear()
         self.by_engine.clear()
         for task in self._tasks:
