@@ -27,6 +27,11 @@ Scenarios (each runs the production SchedulerPolicy in the simulator):
   always first (not fair), the least latency admission order can give it.
 - ``deadlines``: every request asks to fail once its deadline is lost; attainment and
   expiries, fcfs vs fairway.
+- ``background``: a chat tenant (70% of the requests) beside a batch tenant (30%) at
+  load 0.8 and 1.0, fairway: the batch's requests as ordinary ones, as background ones
+  that keep their slots, and as background ones handed back when a chat request would
+  wait 0.5 s (the default) or any time for room; each tenant's latency, the output
+  throughput and the hand-backs.
 
 Writes ``results.json`` (every figure, the setup and the goal checks) under ``--out``,
 the held-out trace as JSONL (so any run can be repeated with ``fairway simulate``), and
@@ -62,7 +67,7 @@ from services.scheduler.simulator import (
 from services.scheduler.traces import TraceRecord, load_trace, write_jsonl
 
 SLO = Slo(ttft_s=2.0, tpot_s=0.05)
-SECTIONS = ("headline", "predictor", "consolidation", "fairness", "deadlines")
+SECTIONS = ("headline", "predictor", "consolidation", "fairness", "deadlines", "background")
 
 
 def log(msg: str) -> None:
@@ -456,6 +461,32 @@ def deadlines(records: list[TraceRecord]) -> dict:
     return out
 
 
+def background(records: list[TraceRecord]) -> dict:
+    tenants = parse_tenants("chat:0.7,batch:0.3")
+    cluster = ClusterConfig(kv_tokens=LatencyModel().kv_tokens)
+    ordinary = make_requests(records, tenants=tenants, max_tokens=1024)
+    variants = (
+        ("ordinary", False, {}),
+        ("background", True, {"preempt_background": False}),
+        ("background_hand_back", True, {}),
+        ("background_hand_back_at_once", True, {"preempt_after_s": 0.0}),
+    )
+    out: dict = {}
+    for load in (0.8, 1.0):
+        loaded, _ = at_load(ordinary, cluster, load)  # the same arrivals for every variant
+        row = {}
+        for label, batch_in_background, knobs in variants:
+            requests = [replace(r, background=batch_in_background and r.tenant == "batch") for r in loaded]
+            config = PolicyConfig(name="fairway", latency=cluster.gpu_latency, **knobs)
+            summary = simulate(requests, config, cluster).summary(SLO)
+            row[label] = {**brief(summary), "output_tokens_per_s": summary["throughput"]["output_tokens_per_s"]}
+        out[f"load_{load:g}"] = row
+        log(f"background load {load:g}: chat mean e2e / mean ttft / tok/s " + ", ".join(
+            f"{label} {v['tenants']['chat']['mean_e2e_s']:.2f}/{v['tenants']['chat']['mean_ttft_s']:.2f}/"
+            f"{v['output_tokens_per_s']:.0f}" for label, v in row.items()))
+    return out
+
+
 def _fmt(goal: dict) -> str:
     verdict = "PASS" if goal["pass"] else "FAIL"
     return f"{goal['goal']} = {goal['value']:.3f} ({verdict} {goal['target']})"
@@ -524,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         results["fairness"] = fairness(azure)
     if "deadlines" in only:
         results["deadlines"] = deadlines(azure)
+    if "background" in only:
+        results["background"] = background(azure)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {args.out / 'results.json'} in {results['wall_s']} s")
