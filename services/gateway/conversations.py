@@ -33,6 +33,7 @@ from services.gateway.responses import cursor_page
 from services.gateway.responses_api import check_items, check_metadata, listed_item
 from services.gateway.schemas import StrictBody, Text, parse_body
 from services.logs import get_logger
+from services.runtime import BackgroundTasks
 
 log = get_logger(__name__)
 
@@ -46,20 +47,26 @@ REDIS_TIMEOUT_S = 5.0
 _ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 # KEYS: the conversation's hash, items and order. ARGV: TTL (s), the item cap, the
-# tenant, then item id and JSON pairs. Appends the items after the last one (-1: no such
+# tenant, then item id and JSON pairs. Appends the items after the last one, but an id
+# it holds already (an append tried again), and returns how many it added (-1: no such
 # conversation of that tenant; -2: it would hold more than the cap).
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[3] then return -1 end
-local n = (#ARGV - 3) / 2
-if redis.call('ZCARD', KEYS[3]) + n > tonumber(ARGV[2]) then return -2 end
+local new = {}
 for i = 4, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then table.insert(new, i) end
+end
+if redis.call('ZCARD', KEYS[3]) + #new > tonumber(ARGV[2]) then return -2 end
+for _, i in ipairs(new) do
   local position = redis.call('HINCRBY', KEYS[1], 'next', 1)
   redis.call('ZADD', KEYS[3], position, ARGV[i])
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
-return n
+return #new
 """
+TURN_RETRY_S = 300.0
+"""How long an answer's turn is tried again while Redis cannot take it."""
 
 
 def not_found(conversation_id: str) -> ApiError:
@@ -101,10 +108,12 @@ def _with_id(item: dict[str, Any]) -> dict[str, Any]:
 class ConversationStore:
     """Conversations in Redis (see the module doc)."""
 
-    def __init__(self, redis: Any, ttl_s: int) -> None:
+    def __init__(self, redis: Any, ttl_s: int, *, retry_s: float = TURN_RETRY_S) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
+        self.retry_s = retry_s
         self._append = redis.register_script(_APPEND) if redis is not None else None
+        self._retries = BackgroundTasks()
 
     @property
     def enabled(self) -> bool:
@@ -218,16 +227,40 @@ class ConversationStore:
     async def add_turn(self, conversation: str, tenant: str, inputs: list[dict[str, Any]],
                        response: dict[str, Any]) -> None:
         """Append a Responses answer's own input and its output items (not of one that
-        failed). The answer has gone out already: a conversation deleted or full
-        meanwhile, or Redis down, is logged."""
+        failed), in one step. The answer goes out regardless: while Redis cannot take
+        the turn it is tried again in the background for ``retry_s`` (the items' ids
+        are fixed first, so a try that did land is not appended twice); a conversation
+        deleted or full meanwhile is logged."""
         if response.get("status") == "failed":
             return
+        items = [*(_with_id(item) for item in inputs),
+                 *(item if isinstance(item.get("id"), str) else _with_id(item)
+                   for item in response.get("output") or [])]
+        if not await self._try_turn(conversation, tenant, items, response.get("id")):
+            self._retries.spawn(self._retry_turn(conversation, tenant, items, response.get("id")))
+
+    async def _try_turn(self, conversation: str, tenant: str, items: list[dict[str, Any]],
+                        response_id: Any) -> bool:
+        """Whether the turn is settled (appended, or it never can be)."""
         try:
-            await self.append(conversation, tenant, inputs)
-            await self.append(conversation, tenant, response.get("output") or [], new_ids=False)
+            await self.append(conversation, tenant, items, new_ids=False)
         except ApiError as err:
-            log.warning("conversation_not_extended", conversation=conversation, response_id=response.get("id"),
+            log.warning("conversation_not_extended", conversation=conversation, response_id=response_id,
                         error=err.message)
+            return err.status != 503
+        return True
+
+    async def _retry_turn(self, conversation: str, tenant: str, items: list[dict[str, Any]],
+                          response_id: Any) -> None:
+        deadline = time.monotonic() + self.retry_s
+        pause = 0.5
+        while time.monotonic() < deadline:
+            await asyncio.sleep(pause)
+            if await self._try_turn(conversation, tenant, items, response_id):
+                log.info("conversation_extended_late", conversation=conversation, response_id=response_id)
+                return
+            pause = min(pause * 2, 5.0)
+        log.error("conversation_turn_lost", conversation=conversation, response_id=response_id)
 
 
 # --- routes ------------------------------------------------------------------------------

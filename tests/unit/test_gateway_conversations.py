@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 
 from services import keys
 from services.gateway import conversations
-from services.gateway.conversations import ConversationStore, conversation_id
+from services.gateway.conversations import REDIS_TIMEOUT_S, ConversationStore, conversation_id
 from services.gateway.errors import ApiError
-from services.localinfra import free_port
+from services.localinfra import RedisServer, free_port
 
 USER = {"type": "message", "role": "user", "content": "hello"}
 
@@ -112,3 +114,42 @@ async def test_an_unreachable_redis_is_a_503_to_retry() -> None:
             assert err.value.status == 503
     finally:
         await down.aclose()
+
+
+async def test_an_append_tried_again_adds_each_item_once(store) -> None:
+    conv = (await store.create("acme", [], None))["id"]
+    turn = [{**USER, "id": "msg_1"}, {"id": "msg_2", "type": "message", "role": "assistant", "content": "hi"}]
+    await store.append(conv, "acme", turn, new_ids=False)
+    await store.append(conv, "acme", turn, new_ids=False)  # its first try landed after all
+    assert [i["id"] for i in await store.items(conv, "acme")] == ["msg_1", "msg_2"]
+
+
+async def test_a_turn_redis_could_not_take_is_appended_once_it_is_back(tmp_path) -> None:
+    """The answer goes out while Redis is down; its turn lands when Redis is back."""
+    server = RedisServer(workdir=tmp_path / "redis")
+    server.start()
+    client = aioredis.from_url(server.url)
+    try:
+        store = ConversationStore(client, ttl_s=60)
+        conv = (await store.create("acme", [USER], None))["id"]
+        await asyncio.sleep(1.2)  # in the append-only file (fsync every second)
+        server.kill()
+        output = [{"id": "msg_out", "type": "message", "role": "assistant", "content": "hi"}]
+        async with asyncio.timeout(REDIS_TIMEOUT_S + 1):  # not held back until Redis is back
+            await store.add_turn(conv, "acme", [USER], {"id": "resp_1", "status": "completed",
+                                                         "output": output})
+        server.start()
+
+        async def landed() -> list[dict]:
+            while len(items := await store.items(conv, "acme")) < 3:
+                await asyncio.sleep(0.2)
+            return items
+
+        async with asyncio.timeout(20):
+            items = await landed()
+        await asyncio.sleep(1.0)
+        assert [i["id"] for i in await store.items(conv, "acme")] == [i["id"] for i in items]
+        assert len(items) == 3 and items[2]["id"] == "msg_out"
+    finally:
+        await client.aclose()
+        server.stop()
