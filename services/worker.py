@@ -19,8 +19,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -593,7 +594,6 @@ class WorkerService:
         self._forget(active)
         self.engine.abort(active.engine_id)
         await asyncio.gather(*active.publishes, return_exceptions=True)
-        req = active.request
         try:
             async with self._saving_points:  # not beside a periodic write of an older point
                 point = active.resume_point(self.worker_id)
@@ -604,11 +604,8 @@ class WorkerService:
                 await pipe.execute()
             # All this run generated is charged, once: the next run charges past it only.
             generated = max(len(point.output_token_ids) if point else 0, active.output_tokens)
-            await amqp.publish(self.events, m.RequestFinished(
-                request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
-                pool=self.pool, finish_reason="cancelled", prompt_tokens=len(active.item.scored.prompt_token_ids),
-                output_tokens=generated, score=active.item.scored.score, requeue=True),
-                topology.FINISHED_KEY)
+            await self._finished_event(active.item, "cancelled", len(active.item.scored.prompt_token_ids),
+                                       generated, requeue=True)
         except Exception as exc:  # noqa: BLE001 - the broker's redelivery continues it instead
             log.warning("hand_back_to_scheduler_failed", request_id=rid, error=repr(exc))
             prom.worker_handed_back.labels(self.settings.model_name).inc()
@@ -669,11 +666,16 @@ class WorkerService:
     async def _give_up(self, item: m.WorkItem) -> None:
         """A work item that failed on every delivery: its caller got an error answer;
         tell the scheduler it ended so its slot and charge are settled."""
+        await self._finished_event(item, "error", len(item.scored.prompt_token_ids), 0)
+
+    def _finished_event(self, item: m.WorkItem, reason: m.FinishReason, prompt_tokens: int,
+                        output_tokens: int, **extra: Any) -> Awaitable[None]:
+        """Publish a request's completion event: its charge settles, the scorer learns."""
         req = item.scored.request
-        await amqp.publish(self.events, m.RequestFinished(
+        return amqp.publish(self.events, m.RequestFinished(
             request_id=item.request_id, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
-            pool=self.pool, finish_reason="error", prompt_tokens=len(item.scored.prompt_token_ids),
-            output_tokens=0, score=item.scored.score), topology.FINISHED_KEY)
+            pool=self.pool, finish_reason=reason, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+            score=item.scored.score, **extra), topology.FINISHED_KEY)
 
     # --- outputs ---------------------------------------------------------------
 
@@ -739,12 +741,9 @@ class WorkerService:
             finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
             completion_tokens=out.num_output_tokens, cached_tokens=out.num_cached_tokens,
             error=error))
-        event = amqp.publish(self.events, m.RequestFinished(
-            request_id=rid, tenant=req.tenant, worker_id=self.worker_id, model=req.model,
-            pool=self.pool, finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
-            output_tokens=out.num_output_tokens, score=active.item.scored.score,
-            prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS], cached_tokens=out.num_cached_tokens),
-            topology.FINISHED_KEY)
+        event = self._finished_event(active.item, reason, out.num_prompt_tokens, out.num_output_tokens,
+                                     prompt=req.prompt_text()[:FEEDBACK_PROMPT_CHARS],
+                                     cached_tokens=out.num_cached_tokens)
         try:
             await asyncio.gather(final, event, *active.publishes)
         except Exception as exc:  # noqa: BLE001 - logged by emit_failed, then handed back

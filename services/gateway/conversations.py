@@ -131,10 +131,20 @@ class ConversationStore:
             raise unavailable("Conversations cannot be reached now; retry later.") from None
 
     async def _meta(self, conversation: str, tenant: str) -> dict[bytes, bytes]:
-        meta = await self.redis.hgetall(keys.conversation(conversation))
-        if meta.get(b"tenant", b"").decode() != tenant:
-            raise not_found(conversation)
+        meta, = await self._read(conversation, tenant)
         return meta
+
+    async def _read(self, conversation: str, tenant: str, *reads: Any) -> list[Any]:
+        """The conversation's hash and ``reads`` (each ``(command, key, *args)``), in one
+        round trip; 404 unless it is ``tenant``'s."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.conversation(conversation))
+            for command, *args in reads:
+                getattr(pipe, command)(*args)
+            results = await pipe.execute()
+        if results[0].get(b"tenant", b"").decode() != tenant:
+            raise not_found(conversation)
+        return results
 
     @staticmethod
     def _object(conversation: str, meta: dict[bytes, bytes]) -> dict[str, Any]:
@@ -182,10 +192,10 @@ class ConversationStore:
     async def items(self, conversation: str, tenant: str) -> list[dict[str, Any]]:
         """Every item, first to last, as stored (what a Responses request runs after)."""
         async with self._reach():
-            await self._meta(conversation, tenant)
-            ids = await self.redis.zrange(keys.conversation_order(conversation), 0, -1)
-            raw = await self.redis.hmget(keys.conversation_items(conversation), ids) if ids else []
-        return [json.loads(item) for item in raw if item is not None]
+            _, ids, stored = await self._read(conversation, tenant,
+                                              ("zrange", keys.conversation_order(conversation), 0, -1),
+                                              ("hgetall", keys.conversation_items(conversation)))
+        return [json.loads(stored[i]) for i in ids if i in stored]
 
     async def append(self, conversation: str, tenant: str, items: list[dict[str, Any]],
                      *, new_ids: bool = True) -> list[dict[str, Any]]:
@@ -206,8 +216,8 @@ class ConversationStore:
 
     async def item(self, conversation: str, tenant: str, item_id: str) -> dict[str, Any]:
         async with self._reach():
-            await self._meta(conversation, tenant)
-            raw = await self.redis.hget(keys.conversation_items(conversation), item_id)
+            _, raw = await self._read(conversation, tenant,
+                                      ("hget", keys.conversation_items(conversation), item_id))
         if raw is None:
             raise item_not_found(item_id)
         return json.loads(raw)
