@@ -27,7 +27,6 @@ bad file makes it ``failed`` with the line errors), ``finalizing``, ``completed`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import time
@@ -46,10 +45,10 @@ from services.gateway.auth import authenticate
 from services.gateway.bodies import read_body
 from services.gateway.errors import ApiError, documented_errors, unavailable
 from services.gateway.files import OUTPUT_PURPOSE, FileStore
+from services.gateway.leases import RETRIED_STATUSES, LeasedRunner, Leases
 from services.gateway.responses import cursor_page
 from services.gateway.schemas import NonEmptyText, StrictBody, Text, parse_body
 from services.logs import get_logger
-from services.redis_client import RELEASE_LEASE_LUA, RENEW_LEASE_LUA
 
 log = get_logger("gateway.batches")
 
@@ -57,9 +56,6 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 COMPLETION_WINDOW = "24h"
 WINDOW_S = 24 * 3600
 ENDED = ("completed", "failed", "expired", "cancelled")
-RETRIED_STATUSES = (429, 503)
-"""Answers that say "not now" (tenant at its admission limit, system unavailable): the
-request waits and is tried again; any other answer is the request's result."""
 MAX_LINE_ERRORS = 100
 MAX_BODY_BYTES = 64 * 1024
 """A batch's creation body (ids, endpoint, window, a little metadata)."""
@@ -253,8 +249,7 @@ class BatchStore:
         self.ttl_s = ttl_s
         self._transition = redis.register_script(_TRANSITION)
         self._record = redis.register_script(_RECORD)
-        self._renew = redis.register_script(RENEW_LEASE_LUA)
-        self._release = redis.register_script(RELEASE_LEASE_LUA)
+        self.leases = Leases(redis, keys.batch_lease)
 
     async def create(self, tenant: str, static: dict[str, Any], data: bytes,
                      lines: list[BatchLine] | None, errors: list[dict[str, Any]] | None) -> BatchRecord:
@@ -347,16 +342,6 @@ class BatchStore:
             await self.redis.zrem(index, *gone)
         return [r for r in records if r is not None]
 
-    async def take_lease(self, batch_id: str, owner: str, lease_s: float) -> bool:
-        return bool(await self.redis.set(keys.batch_lease(batch_id), owner, nx=True,
-                                         px=int(lease_s * 1000)))
-
-    async def renew_lease(self, batch_id: str, owner: str, lease_s: float) -> bool:
-        return bool(await self._renew(keys=[keys.batch_lease(batch_id)], args=[owner, int(lease_s * 1000)]))
-
-    async def release_lease(self, batch_id: str, owner: str) -> None:
-        await self._release(keys=[keys.batch_lease(batch_id)], args=[owner])
-
 
 # --- running batches ---------------------------------------------------------------------------
 
@@ -406,69 +391,22 @@ class BatchRunner:
         self.store = store
         self.files = files
         self.execute = execute
-        self.owner = owner
         self.max_requests = max_requests
-        self.lease_s = lease_s
         self.poll_s = poll_s
         self.retry_s = retry_s
         self.on_outcome = on_outcome
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._leased = LeasedRunner("batch", store.leases, store.active, self.run, owner=owner,
+                                    lease_s=lease_s, poll_s=poll_s)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._claim_loop(), name="batch-runner")
+        self._leased.start()
 
     async def close(self) -> None:
         """Stop: requests under way are given up (their lines run again wherever the batch
         goes on), and the leases let go so another gateway goes on at once."""
-        tasks = [t for t in (self._task, *self._running.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _claim_loop(self) -> None:
-        failures = 0
-        while True:
-            try:
-                for batch_id in await self.store.active():
-                    if batch_id not in self._running and await self.store.take_lease(
-                            batch_id, self.owner, self.lease_s):
-                        self._running[batch_id] = asyncio.create_task(self._hold(batch_id))
-                failures = 0
-            except (RedisError, OSError) as exc:
-                if failures == 0:
-                    log.warning("batch_claim_failed", error=repr(exc))
-                failures += 1
-            # Redis away: look again less and less often (at most every 30 polls).
-            await asyncio.sleep(self.poll_s * min(2 ** failures, 30) * random.uniform(0.5, 1.5))
-
-    async def _hold(self, batch_id: str) -> None:
-        """Run a batch while the lease is ours; let it go after, also when cancelled."""
-        lost = asyncio.Event()
-        renew = asyncio.create_task(self._renew(batch_id, lost))
-        try:
-            await self.run(batch_id, lost)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Redis down: the lease lapses, someone goes on
-            log.warning("batch_run_interrupted", batch_id=batch_id, error=repr(exc))
-        finally:
-            renew.cancel()
-            self._running.pop(batch_id, None)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.release_lease(batch_id, self.owner))
-
-    async def _renew(self, batch_id: str, lost: asyncio.Event) -> None:
-        while True:
-            await asyncio.sleep(self.lease_s / 3)
-            try:
-                if not await self.store.renew_lease(batch_id, self.owner, self.lease_s):
-                    lost.set()
-                    return
-            except (RedisError, OSError) as exc:
-                log.warning("batch_lease_renew_failed", batch_id=batch_id, error=repr(exc))
+        await self._leased.close()
 
     async def run(self, batch_id: str, lost: asyncio.Event | None = None) -> None:
         """Run the batch's lines that have no result, then finalize it (unless the lease
