@@ -135,6 +135,36 @@ def stored_response(response_id: str) -> str:
     return f"{PREFIX}:responses:{response_id}"
 
 
+def background_response(response_id: str) -> str:
+    """Hash of a background response not yet ended (``background: true``): its tenant,
+    request body, status and runs so far; gone once it ends (its answer is then the
+    ``stored_response``)."""
+    return f"{PREFIX}:responses:{response_id}:job"
+
+
+def background_response_events(response_id: str) -> str:
+    """Stream of a streamed background response's events (``stream`` and ``background``):
+    entry ``0-<n+1>`` holds the SSE bytes of its event of sequence number ``n``, read by
+    ``GET /v1/responses/{id}?stream=true&starting_after=...``; it expires with the response."""
+    return f"{PREFIX}:responses:{response_id}:events"
+
+
+def background_response_lease(response_id: str) -> str:
+    """The gateway that runs a background response (value: its runner id, with TTL)."""
+    return f"{PREFIX}:responses:{response_id}:lease"
+
+
+def tenant_background_responses(tenant: str) -> str:
+    """Sorted set: a tenant's background responses not yet ended, by creation time (its
+    size is what the gateway's per-tenant cap counts)."""
+    return f"{PREFIX}:tenant:{tenant}:background_responses"
+
+
+BACKGROUND_RESPONSES_ACTIVE = f"{PREFIX}:responses:background"
+"""Sorted set: the background responses not yet ended, by creation time: what the
+gateways' runners take leases on, oldest first."""
+
+
 def conversation(conversation_id: str) -> str:
     """Hash of one Responses API conversation: ``tenant``, ``created_at``, ``metadata``
     (JSON) and ``next`` (the position its next item takes)."""

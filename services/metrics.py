@@ -74,6 +74,7 @@ GATEWAY_REAPED = "fairway:dead_gateway_requests_cancelled"
 GATEWAY_IN_FLIGHT = "fairway:gateway_requests_in_flight"
 GATEWAY_BROKER_OUTAGE = "fairway:gateway_broker_outage_streams"
 GATEWAY_BATCH_REQUESTS = "fairway:gateway_batch_requests"
+GATEWAY_BACKGROUND_RESPONSES = "fairway:gateway_background_responses"
 
 # vLLM's buckets for the two latency histograms.
 TTFT_BUCKETS = (

@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     """How long uploaded files, batch output files and ended batches are kept in Redis."""
     max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """The largest file ``POST /v1/files`` takes (it is held in Redis)."""
+    background_response_concurrency: int = Field(default=16, ge=1)
+    """Background responses (Responses API, ``background: true``) one gateway runs at once
+    (their requests take the tenant's admission slots as any request's do)."""
+    background_responses_per_tenant: int = Field(default=256, ge=1)
+    """The most background responses a tenant may have queued or running (429 past it)."""
+    background_response_timeout_s: float = Field(default=3600.0, gt=0)
+    """How long one run of a background response may take before it fails (a request
+    sent and waited on has ``request_timeout_s``)."""
     batch_max_requests: int = Field(default=50_000, ge=1)
     """The most requests one batch input file may hold (OpenAI's limit)."""
     batch_concurrency: int = Field(default=8, ge=1)

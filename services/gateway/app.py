@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import signal
 import threading
@@ -45,6 +46,8 @@ from services.gateway.adapters import adapter_card, resolve_adapter, usable_adap
 from services.gateway.adapters import install as install_adapters
 from services.gateway.auth import AdminAuth, KeyStore, authenticate
 from services.gateway.backend import Backend, Submission
+from services.gateway.background import BackgroundRun, BackgroundRunner, BackgroundStore
+from services.gateway.background import install as install_background
 from services.gateway.batches import BatchBody, BatchRunner, BatchStore
 from services.gateway.batches import install as install_batches
 from services.gateway.bodies import ClientDisconnected, read_body
@@ -87,6 +90,7 @@ from services.gateway.responses_api import (
     ResponsesBody,
     ResponseStore,
     answered_response,
+    queued_events,
     read_request,
     response_events,
     responses_error,
@@ -155,6 +159,8 @@ class GatewayState:
     """Responses API conversations (``/v1/conversations``)."""
     files: FileStore | None = None
     batches: BatchStore | None = None
+    background: BackgroundStore | None = None
+    """Background responses (``background: true``); None runs none."""
 
 
 # --- pure request helpers --------------------------------------------------------------
@@ -205,6 +211,13 @@ class Generation:
     """An error of the body's checks, in the route's own field names."""
     keep: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     """What to do with a whole answer before it goes out (store it)."""
+    answer_id: str | None = None
+    """The id its answer carries where it is not the request's (a background response's)."""
+    answer_created: int | None = None
+    """Its answer's creation time where it is not now (a background response's: queued)."""
+    later: Callable[[ResponseMeta, dict[str, str]], Awaitable[Response]] | None = None
+    """Set: the request is queued to run in the background, and answered at once with
+    what this gives (meta, headers) -> (a background response, ``queued``, or its events)."""
 
 
 def read_openai_body(raw: bytes, model: type[CompletionBody | ChatCompletionBody]) -> Generation:
@@ -221,10 +234,13 @@ def read_openai_body(raw: bytes, model: type[CompletionBody | ChatCompletionBody
 
 
 async def read_responses_body(raw: bytes, store: ResponseStore, conversations: ConversationStore,
-                              tenant: str) -> Generation:
+                              tenant: str, *, background: BackgroundStore | None = None,
+                              run: BackgroundRun | None = None) -> Generation:
     """/v1/responses: run as the chat it means (going on from its ``conversation``'s items
     or the stored conversation of its ``previous_response_id``), answered as a
-    ``response``, which is stored and added to its conversation."""
+    ``response``, which is stored and added to its conversation. ``background``: where a
+    ``background: true`` request is queued (None refuses it, as in a batch); ``run``: a
+    queued background response, run now."""
     body = parse_body(raw, ResponsesBody)
     conversation = conversation_id(body.conversation)
     earlier = None
@@ -235,7 +251,8 @@ async def read_responses_body(raw: bytes, store: ResponseStore, conversations: C
     elif body.previous_response_id is not None and store.enabled:
         earlier = await store.conversation(body.previous_response_id, tenant)
     request = read_request(body, earlier, store=store.enabled and body.store is not False,
-                           conversation=conversation)
+                           conversation=conversation, background=background is not None or run is not None)
+    response_id = run.response_id if run else f"resp_{uuid.uuid4().hex}"
 
     async def keep(response: dict[str, Any]) -> None:
         await store.keep(tenant, request.items, response, request.inputs)
@@ -249,9 +266,26 @@ async def read_responses_body(raw: bytes, store: ResponseStore, conversations: C
     def events(meta: ResponseMeta, stream: ChoiceStream, first: tuple[int, Reply],
                deadline: float, timeout_s: float) -> AsyncIterator[bytes]:
         return response_events(meta, request.echo, stream, first, deadline=deadline,
-                               timeout_s=timeout_s, on_done=keep)
+                               timeout_s=timeout_s, on_done=keep,
+                               first_sequence=run.first_sequence if run else None)
 
-    return Generation(request.chat, f"resp_{uuid.uuid4().hex}", whole, events, responses_error, keep)
+    async def queue(jobs: BackgroundStore, meta: ResponseMeta, headers: dict[str, str]) -> Response:
+        queued, first = queued_events(meta, request.echo)
+        record = store.record(tenant, request.items, queued, request.inputs)
+        if record is None:
+            raise invalid("The conversation is too large to store.", param="input")
+        await jobs.queue(tenant, response_id, raw, record, first if body.stream else None)
+        log.info("background_response_queued", response_id=response_id, tenant=tenant, stream=bool(body.stream))
+        if body.stream:
+            return event_stream(jobs.events(response_id, -1), headers)
+        return JSONResponse(queued, headers=headers)
+
+    later = None
+    if body.background and run is None and background is not None:
+        later = functools.partial(queue, background)
+    return Generation(request.chat, run.request_id if run else response_id, whole, events, responses_error,
+                      keep, answer_id=response_id, answer_created=run.created_at if run else None,
+                      later=later)
 
 
 # --- I/O helpers -----------------------------------------------------------------------
@@ -381,7 +415,8 @@ def prepare_generation(
     completion.background = completion.background or background
     prompts = body.prompt if isinstance(body, CompletionBody) else None
     meta = ResponseMeta(
-        request_id=generation.request_id, kind=request_kind(body), model=body.model, created=int(now),
+        request_id=generation.answer_id or generation.request_id, kind=request_kind(body),
+        model=body.model, created=generation.answer_created or int(now),
         logprobs=completion.sampling.logprobs is not None,
         echo=tuple(p if isinstance(p, str) else None for p in prompts)
         if prompts is not None and body.echo else None, n=body.n or 1,
@@ -412,6 +447,8 @@ async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Gen
         raise generation.named(err) from None
     choices, meta = prepare_generation(state, generation, tenant, now, request.headers.get(DEADLINE_HEADER))
     try:
+        if generation.later is not None:
+            return await generation.later(meta, headers)
         submissions = await state.backend.submit_all(choices, arrived_mono)
         if generation.body.stream:
             return await _stream(
@@ -426,23 +463,59 @@ async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Gen
         return Response(status_code=CLIENT_CLOSED_STATUS, headers=headers)
 
 
-async def answer_whole(state: GatewayState, generation: Generation, tenant: str,
-                       background: bool = False) -> dict[str, Any]:
-    """A generation answered whole with no HTTP client waiting (a batch's request): the
-    same checks, admission and answer as the route's; an error is raised as ApiError."""
-    deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
+async def _submit_unattended(state: GatewayState, generation: Generation, tenant: str,
+                             background: bool = False) -> tuple[list[Submission], ResponseMeta]:
+    """A generation with no HTTP client waiting, checked, admitted and sent as the
+    route's (``background``: from spare capacity only)."""
     arrived_mono, now = time.monotonic(), time.time()
     try:
         await _served_model(state, generation.body.model, tenant)
     except ApiError as err:
         raise generation.named(err) from None
     choices, meta = prepare_generation(state, generation, tenant, now, None, background)
-    submissions = await state.backend.submit_all(choices, arrived_mono)
+    return await state.backend.submit_all(choices, arrived_mono), meta
+
+
+async def answer_whole(state: GatewayState, generation: Generation, tenant: str,
+                       background: bool = False, timeout_s: float | None = None) -> dict[str, Any]:
+    """A generation answered whole with no HTTP client waiting (a batch's request, a
+    background response): the same checks, admission and answer as the route's, within
+    ``timeout_s`` (the request timeout by default); an error is raised as ApiError."""
+    deadline = asyncio.get_running_loop().time() + (timeout_s or state.settings.request_timeout_s)
+    submissions, meta = await _submit_unattended(state, generation, tenant, background)
     answers = await _collect(None, state, submissions, deadline)
     whole = generation.whole(meta, answers)
     if generation.keep is not None:
         await generation.keep(whole)
     return whole
+
+
+async def stream_unattended(state: GatewayState, generation: Generation, tenant: str,
+                            emit: Callable[[bytes], Awaitable[None]], timeout_s: float) -> None:
+    """A generation streamed with no HTTP client waiting (a streamed background
+    response): each piece of its events to ``emit``; an error before its first reply is
+    raised as ApiError, a later one is its stream's last event."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    submissions, meta = await _submit_unattended(state, generation, tenant)
+    stream = ChoiceStream([s.stream for s in submissions])
+    try:
+        first = await _first_reply(None, state, submissions, stream, deadline, timeout_s)
+        async for piece in generation.events(meta, stream, first, deadline, timeout_s):
+            await emit(piece)
+    finally:
+        await close_all(state.backend, submissions, stream)
+
+
+async def run_background_response(state: GatewayState, tenant: str, raw: bytes, run: BackgroundRun,
+                                  store: ResponseStore, emit: Callable[[bytes], Awaitable[None]] | None) -> None:
+    """A queued background response, run now as if its tenant sent it (its ``service_tier``
+    kept) and stored by ``store``: answered whole, or (``emit``) streamed."""
+    generation = await read_responses_body(raw, store, state.conversations, tenant, run=run)
+    timeout_s = state.settings.background_response_timeout_s
+    if emit is None:
+        await answer_whole(state, generation, tenant, timeout_s=timeout_s)
+    else:
+        await stream_unattended(state, generation, tenant, emit, timeout_s)
 
 
 async def execute_batch_request(state: GatewayState, tenant: str, endpoint: str,
@@ -514,19 +587,11 @@ async def _collect(request: Request | None, state: GatewayState, submissions: li
     return answers
 
 
-async def _stream(
-    request: Request,
-    state: GatewayState,
-    submissions: list[Submission],
-    meta: ResponseMeta,
-    events_of: Events,
-    deadline: float,
-    headers: dict[str, str],
-) -> Response:
-    """Wait for the first reply before sending headers, so an early error keeps its status."""
+async def _first_reply(request: Request | None, state: GatewayState, submissions: list[Submission],
+                       stream: ChoiceStream, deadline: float, timeout_s: float) -> tuple[int, Reply]:
+    """A stream's first reply; an error one is raised (and the submissions closed, as on
+    any failure); a final one's submission is closed at once."""
     backend = state.backend
-    stream = ChoiceStream([s.stream for s in submissions])
-    timeout_s = state.settings.request_timeout_s
     try:
         first = await race_client(request, stream.next(), deadline, timeout_s)
     except BaseException as exc:
@@ -541,6 +606,23 @@ async def _stream(
             await close_all(backend, submissions, stream)
             raise error
         await close_submission(backend, submissions[index])
+    return first
+
+
+async def _stream(
+    request: Request,
+    state: GatewayState,
+    submissions: list[Submission],
+    meta: ResponseMeta,
+    events_of: Events,
+    deadline: float,
+    headers: dict[str, str],
+) -> Response:
+    """Wait for the first reply before sending headers, so an early error keeps its status."""
+    backend = state.backend
+    stream = ChoiceStream([s.stream for s in submissions])
+    timeout_s = state.settings.request_timeout_s
+    first = await _first_reply(request, state, submissions, stream, deadline, timeout_s)
 
     async def events() -> AsyncIterator[bytes]:
         async for piece in events_of(meta, stream, first, deadline, timeout_s):
@@ -576,16 +658,32 @@ async def responses(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
 
     async def read(raw: bytes, tenant: str) -> Generation:
-        return await read_responses_body(raw, state.responses, state.conversations, tenant)
+        return await read_responses_body(raw, state.responses, state.conversations, tenant,
+                                         background=state.background)
 
     return await _complete(request, read)
 
 
-async def retrieve_response(request: Request, response_id: str) -> Response:
-    """A stored response (the caller's tenant's)."""
+def event_stream(events: AsyncIterator[bytes], headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def retrieve_response(request: Request, response_id: str, stream: bool = False,
+                            starting_after: int | None = Query(None, ge=0)) -> Response:
+    """A stored response (the caller's tenant's); ``stream``: a streamed background
+    response's events (after ``starting_after``), as they come until it ends."""
     state: GatewayState = request.app.state.gateway
     tenant = authenticate(state.keys, request.headers.get("authorization"))
-    return JSONResponse(await state.responses.get(response_id, tenant))
+    if not stream:
+        return JSONResponse(await state.responses.get(response_id, tenant))
+    response = await state.responses.get(response_id, tenant)
+    if not (response.get("background") and state.background is not None
+            and await state.background.has_events(response_id)):
+        raise invalid(f"Response {response_id!r} was not created with background and stream true: it has "
+                      "no events to stream.", param="stream")
+    return event_stream(state.background.events(response_id, -1 if starting_after is None else starting_after),
+                        {REQUEST_ID_HEADER: response_id})
 
 
 async def list_input_items(request: Request, response_id: str,
@@ -792,16 +890,23 @@ def create_app(settings: Settings) -> FastAPI:
     runner = BatchRunner(state.batches, state.files, execute, owner=backend.incarnation,
                          concurrency=settings.batch_concurrency, max_requests=settings.batch_max_requests,
                          on_outcome=lambda outcome: gateway_metrics.batch_requests.labels(outcome).inc())
+    state.background = BackgroundStore(backend.redis, settings.responses_ttl_s,
+                                       settings.background_responses_per_tenant)
+    background = BackgroundRunner(
+        state.background, state.responses, functools.partial(run_background_response, state),
+        owner=backend.incarnation, concurrency=settings.background_response_concurrency,
+        on_outcome=lambda outcome: gateway_metrics.background_responses.labels(outcome).inc())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         backend.start()
         runner.start()
+        background.start()
         log.info("gateway_started", model=settings.model_name, tenants=len(keys.tenants))
         try:
             yield
         finally:
-            await runner.close()
+            await asyncio.gather(runner.close(), background.close())
             await dashboard.close()
             await backend.close()
             log.info("gateway_stopped")
@@ -835,7 +940,8 @@ def create_app(settings: Settings) -> FastAPI:
     bearer = {"security": [{"bearerAuth": []}]}
     stored_errors = {status: _ERROR_RESPONSES[status] for status in (401, 404, 503)}
     app.add_api_route("/v1/responses/{response_id}", retrieve_response, methods=["GET"],
-                      openapi_extra=bearer, responses=stored_errors, summary="A stored response")
+                      openapi_extra=bearer, responses={**stored_errors, 400: _ERROR_RESPONSES[400]},
+                      summary="A stored response, or a streamed background one's events")
     app.add_api_route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"],
                       openapi_extra=bearer, responses={**stored_errors, 400: _ERROR_RESPONSES[400]},
                       summary="A stored response's input")
@@ -859,6 +965,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     install_files(app)
     install_batches(app)
+    install_background(app)
     install_conversations(app)
     install_adapters(app, adapters, AdminAuth(settings.admin_key, keys))
     install_dashboard(app, dashboard)

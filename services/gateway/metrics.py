@@ -78,6 +78,16 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.background_responses = Counter(
+            names.GATEWAY_BACKGROUND_RESPONSES,
+            "Runs of background responses (Responses API, background true) this gateway made, by "
+            "outcome: completed (answered, completed or incomplete), failed (answered with an "
+            "error), cancelled (by its client while it ran), retried (the tenant was at its "
+            "admission limit or the system unavailable: tried again) or handed_over (this gateway "
+            "lost its lease or stopped: another runs it).",
+            ["outcome"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             names.GATEWAY_IN_FLIGHT,
             "Accepted requests of this gateway without a final answer yet.",

@@ -19,10 +19,11 @@ the response. A later request's ``previous_response_id`` continues that conversa
 items, then the new input; the earlier ``instructions`` are not carried over, as with
 OpenAI), and ``GET``/``DELETE /v1/responses/{id}`` read and forget it, each for its own
 tenant only. A request may instead name a ``conversation`` the server keeps
-(:mod:`services.gateway.conversations`). What needs more than that (stored prompts,
-``item_reference`` inputs, ``background``) is refused with a 400 that says to send the
-conversation in ``input``. Built-in tools (web search and the like), non-text inputs and
-``truncation: auto`` are refused too, never silently dropped.
+(:mod:`services.gateway.conversations`), or be run in the background
+(:mod:`services.gateway.background`). What needs more than that (stored prompts,
+``item_reference`` inputs) is refused with a 400 that says to send the conversation in
+``input``. Built-in tools (web search and the like), non-text inputs and ``truncation:
+auto`` are refused too, never silently dropped.
 """
 
 from __future__ import annotations
@@ -174,11 +175,15 @@ class ResponsesRequest:
 
 
 def read_request(body: ResponsesBody, earlier: list[dict[str, Any]] | None = None,
-                 store: bool = False, conversation: str | None = None) -> ResponsesRequest:
+                 store: bool = False, conversation: str | None = None,
+                 background: bool = False) -> ResponsesRequest:
     """The chat a Responses body means (400 for what this server does not serve);
     ``earlier``: the items of the conversation it continues (its ``previous_response_id``'s
-    or its ``conversation``'s); ``store``: its answer will be stored."""
+    or its ``conversation``'s); ``store``: its answer will be stored; ``background``: it
+    may be run in the background (not a batch's request)."""
     _check_unserved(body)
+    if body.background:
+        _check_background(body, store, background)
     if body.previous_response_id is not None and earlier is None:
         raise _not_stored("previous_response_id", "Continuing a stored response")
     own = input_items(body.input)
@@ -236,12 +241,22 @@ def _check_unserved(body: ResponsesBody) -> None:
     for param, what in _KEPT_ELSEWHERE.items():
         if getattr(body, param) is not None:
             raise _not_stored(param, what)
-    if body.background:
-        raise _not_stored("background", "Running a response in the background")
     if body.truncation == "auto":
         raise unsupported("truncation", 'truncation "auto" (dropping the conversation\'s first '
                            "items to fit the context)")
     check_metadata(body.metadata)
+
+
+def _check_background(body: ResponsesBody, store: bool, allowed: bool) -> None:
+    if not allowed:
+        raise unsupported("background", "A background response in a batch (a batch's requests are "
+                                        "answered in its output file)")
+    if body.store is False:
+        raise invalid("A background response is stored to be read later: background needs store "
+                      "(true, the default).", param="background")
+    if not store:
+        raise invalid("This server stores no responses (its responses_ttl_s is 0), so it runs none "
+                      "in the background.", param="background", code="unsupported")
 
 
 def check_metadata(metadata: dict[str, str] | None) -> None:
@@ -422,7 +437,7 @@ def _echo(body: ResponsesBody, store: bool) -> dict[str, Any]:
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "truncation": "disabled",
         "user": body.user,
-        "background": False,
+        "background": bool(body.background),
     }
 
 
@@ -536,9 +551,13 @@ class ResponseEvents:
     an item opens when the answer turns to it (thinking, text, a call) and closes when
     it turns to another or ends. Each event is one SSE ``event:``/``data:`` pair."""
 
-    def __init__(self, meta: ResponseMeta, echo: dict[str, Any]) -> None:
+    def __init__(self, meta: ResponseMeta, echo: dict[str, Any], first_sequence: int | None = None) -> None:
+        """``first_sequence``: a background response's run, whose ``response.created``
+        went out when it was queued: its events begin at ``response.in_progress``,
+        numbered from there on."""
         self.meta, self.echo = meta, echo
-        self.sequence = 0
+        self.created = first_sequence is None
+        self.sequence = first_sequence or 0
         self.output: list[dict[str, Any]] = []
         self.open: _OpenItem | None = None
         self.response: dict[str, Any] = {}
@@ -553,7 +572,7 @@ class ResponseEvents:
 
     def start(self) -> list[bytes]:
         created = response_object(self.meta, self.echo, "in_progress")
-        return [self.event("response.created", response=created),
+        return [*([self.event("response.created", response=created)] if self.created else []),
                 self.event("response.in_progress", response=created)]
 
     def add(self, delta: Delta) -> list[bytes]:
@@ -602,8 +621,8 @@ class ResponseEvents:
 
     def fail(self, error: ApiError) -> list[bytes]:
         """The event that ends a response an error stopped."""
-        response = response_object(self.meta, self.echo, "failed", output=self.output, error=error)
-        return [self.event("response.failed", response=response)]
+        self.response = response_object(self.meta, self.echo, "failed", output=self.output, error=error)
+        return [self.event("response.failed", response=self.response)]
 
     def _where(self) -> dict[str, Any]:
         assert self.open is not None
@@ -655,16 +674,25 @@ class ResponseEvents:
                                     item=item)]
 
 
+def queued_events(meta: ResponseMeta, echo: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+    """A background response as queued, and (streamed) its first events:
+    ``response.created`` and ``response.queued``."""
+    writer = ResponseEvents(meta, echo)
+    queued = response_object(meta, echo, "queued")
+    return queued, [writer.event("response.created", response=queued),
+                    writer.event("response.queued", response=queued)]
+
+
 async def response_events(meta: ResponseMeta, echo: dict[str, Any], stream: ChoiceStream,
                           first: tuple[int, Reply], *, deadline: float, timeout_s: float,
                           on_done: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
-                          ) -> AsyncIterator[bytes]:
+                          first_sequence: int | None = None) -> AsyncIterator[bytes]:
     """SSE bytes of a response whose first reply was already read (as
     :func:`services.gateway.responses.sse_events`, whose pacing it shares): events whose
     replies were already waiting go out in one write. ``on_done`` gets the finished
     response before its last event goes out (to store it: a client that goes on from it
-    at once finds it)."""
-    writer = ResponseEvents(meta, echo)
+    at once finds it); ``first_sequence``: see :class:`ResponseEvents`."""
+    writer = ResponseEvents(meta, echo, first_sequence)
     answer = ChatAnswerStream(meta)
     events = writer.start()
     async with contextlib.aclosing(replies_in_time(stream, first, deadline)) as replies:
@@ -713,7 +741,10 @@ class ResponseStore:
     def enabled(self) -> bool:
         return self.ttl_s > 0
 
-    async def _record(self, response_id: str, tenant: str) -> dict[str, Any]:
+    async def stored(self, response_id: str, tenant: str) -> dict[str, Any]:
+        """A stored response's record: its ``tenant``, its conversation's ``items`` (the
+        last ``inputs`` of them its own input) and the ``response``; 404 for another
+        tenant's."""
         if not isinstance(response_id, str) or not response_id:
             raise invalid("previous_response_id must be a response's id.", param="previous_response_id")
         try:
@@ -727,36 +758,43 @@ class ResponseStore:
         return record
 
     async def conversation(self, response_id: str, tenant: str) -> list[dict[str, Any]]:
-        """The items of a stored response's conversation, its output last."""
-        record = await self._record(response_id, tenant)
+        """The items of a stored response's conversation, its output last; a background
+        response that has not ended, or did not answer, cannot be gone on from (400)."""
+        record = await self.stored(response_id, tenant)
+        status = record["response"]["status"]
+        if status not in ("completed", "incomplete"):
+            raise invalid(f"Response {response_id!r} is {status}: only a response that answered "
+                          "can be gone on from.", param="previous_response_id")
         return [*record["items"], *record["response"]["output"]]
 
     async def get(self, response_id: str, tenant: str) -> dict[str, Any]:
-        return (await self._record(response_id, tenant))["response"]
+        return (await self.stored(response_id, tenant))["response"]
 
     async def delete(self, response_id: str, tenant: str) -> None:
-        await self._record(response_id, tenant)
+        """Forget a stored response; one running in the background is stopped (its answer
+        is never stored)."""
+        await self.stored(response_id, tenant)
         try:
-            async with asyncio.timeout(READ_TIMEOUT_S):
-                await self.redis.delete(keys.stored_response(response_id))
+            async with asyncio.timeout(READ_TIMEOUT_S), self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.stored_response(response_id), keys.background_response(response_id))
+                pipe.zrem(keys.BACKGROUND_RESPONSES_ACTIVE, response_id)
+                pipe.zrem(keys.tenant_background_responses(tenant), response_id)
+                await pipe.execute()
         except (RedisError, TimeoutError):
             raise unavailable("Stored responses cannot be changed now; retry later.") from None
 
     async def input_items(self, response_id: str, tenant: str) -> list[dict[str, Any]]:
         """A stored response's own input, as OpenAI lists it: items with ids, a message's
         text as content parts."""
-        record = await self._record(response_id, tenant)
+        record = await self.stored(response_id, tenant)
         own = record["items"][len(record["items"]) - record.get("inputs", len(record["items"])):]
         return [listed_item(item) for item in own]
 
-    async def keep(self, tenant: str, items: list[dict[str, Any]], response: dict[str, Any],
-                   inputs: int = 0) -> None:
-        """Store a finished response (one that failed is not: there is nothing to go on
-        from) with its conversation's ``items``, the last ``inputs`` of them its own input
-        (named by ids of their own, as its output items are); a Redis error is logged,
-        the answer goes out all the same."""
-        if not response.get("store") or response.get("status") == "failed":
-            return
+    def record(self, tenant: str, items: list[dict[str, Any]], response: dict[str, Any],
+               inputs: int = 0) -> bytes | None:
+        """A response's stored form, with its conversation's ``items``, the last ``inputs``
+        of them its own input (named by ids of their own where they have none, as its
+        output items are); None (logged) when it is too large to keep."""
         first = len(items) - inputs
         items = [*items[:first], *({"id": _id("msg") if item.get("type", "message") == "message"
                                     else _id("item"), **item} for item in items[first:])]
@@ -764,6 +802,17 @@ class ResponseStore:
                           ensure_ascii=False, separators=(",", ":")).encode()
         if len(data) > MAX_STORED_BYTES:
             log.warning("response_not_stored", response_id=response["id"], bytes=len(data))
+            return None
+        return data
+
+    async def keep(self, tenant: str, items: list[dict[str, Any]], response: dict[str, Any],
+                   inputs: int = 0) -> None:
+        """Store a finished response (one that failed is not: there is nothing to go on
+        from); a Redis error is logged, the answer goes out all the same."""
+        if not response.get("store") or response.get("status") == "failed":
+            return
+        data = self.record(tenant, items, response, inputs)
+        if data is None:
             return
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):

@@ -658,6 +658,62 @@ async def test_gateway_killed_mid_batch(fault_system, checker, http, keys_by_ten
     await fs.wait_workers()
 
 
+async def test_gateway_killed_mid_background_responses(fault_system, checker, http, keys_by_tenant):
+    """kill -9 the gateway while it runs background responses (Responses API, background
+    true), then restart it: once the dead gateway's leases lapse, the restarted one runs
+    each again from its start, under a request id of its own. Every response completes
+    with its whole answer, stored once under the id its client was given; the killed
+    runs were cancelled downstream (or finished with no one to store them)."""
+    RESPONSES, MAX_TOKENS = 4, 60
+    await checker.begin()
+    fs = fault_system
+    tenant, key = next(iter(keys_by_tenant.items()))
+    auth = {"Authorization": f"Bearer {key}"}
+    await fs.wait_workers()
+    ids = []
+    for i in range(RESPONSES):
+        created = await http.post(f"{fs.gateway_url}/v1/responses", headers=auth, timeout=10, json={
+            "model": MODEL, "input": f"{DEFAULT_PROMPT} {i}", "max_output_tokens": MAX_TOKENS,
+            "ignore_eos": True, "background": True})
+        assert created.status_code == 200 and created.json()["status"] == "queued", created.text
+        ids.append(created.json()["id"])
+
+    async def statuses() -> list[str]:
+        return [(await http.get(f"{fs.gateway_url}/v1/responses/{i}", headers=auth, timeout=5)).json()["status"]
+                for i in ids]
+
+    async def running() -> bool:
+        return "queued" not in await statuses() and any(p.startswith(ids[0]) for p in checker.generated)
+    assert await until(running, 120), await statuses()
+    fs.system.signal("gateway", signal.SIGKILL)
+    killed_at = time.monotonic()
+    fs.start("gateway")
+    await fs.wait_workers()
+
+    async def ended() -> bool:
+        return all(s not in ("queued", "in_progress") for s in await statuses())
+    assert await until(ended, 240, interval=0.5), await statuses()
+    took = time.monotonic() - killed_at
+    answers = [(await http.get(f"{fs.gateway_url}/v1/responses/{i}", headers=auth, timeout=5)).json() for i in ids]
+    await checker.quiesce(30.0)
+    runs = Counter()
+    for response in answers:
+        assert response["status"] == "incomplete" and response["usage"]["output_tokens"] == MAX_TOKENS, response
+        own = [rid for rid in checker.finished if rid == response["id"] or rid.startswith(f"{response['id']}-")]
+        runs[len(own)] += 1
+        reruns = [rid for rid in own if rid != response["id"]]
+        assert len(reruns) <= 1, own
+        answered = reruns[0] if reruns else response["id"]
+        assert checker.finished[answered].finish_reason == "length", own
+        log = checker.new(tenant, "background")  # the client's view, for the ledger
+        log.request_id, log.status, log.accepted = answered, 200, True
+        log.final("length", response["usage"]["input_tokens"], response["usage"]["output_tokens"])
+    await checker.verify("gateway kill -9 mid-background-responses, restarted",
+                         note=f"all {RESPONSES} completed {took:.1f} s after the kill, each stored once; "
+                              f"runs per response: {dict(runs)}")
+    assert await checker.admission_slots({tenant}) == {tenant: 0}
+
+
 async def test_background_streams_handed_back_for_interactive_ones(fault_system, checker, http,
                                                                    keys_by_tenant):
     """Flex (background) streams fill the workers; interactive streams then arrive. The

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import openai
 import pytest
 
 from tests.integration.system import TENANT_KEYS, System, own_redis_db, own_vhost
@@ -36,3 +37,14 @@ def acme_key() -> str:
 @pytest.fixture(scope="session")
 def globex_key() -> str:
     return TENANT_KEYS["globex"]
+
+
+@pytest.fixture(scope="session")
+def acme(system, acme_key) -> openai.OpenAI:
+    """The openai client of tenant acme, on the running system."""
+    return openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=acme_key, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def globex(system, globex_key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=globex_key, max_retries=0)

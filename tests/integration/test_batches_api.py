@@ -34,16 +34,6 @@ def lines_of(client: openai.OpenAI, file_id: str) -> list[dict]:
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
 
 
-@pytest.fixture(scope="module")
-def acme(system, acme_key):
-    return openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=acme_key, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def globex(system, globex_key):
-    return openai.OpenAI(base_url=f"{system.gateway_url}/v1", api_key=globex_key, max_retries=0)
-
-
 def test_a_batch_of_chats_is_answered_as_files(acme, globex):
     """Each line runs as the chat it holds; answers in the output file in input order with
     their usage, a request the gateway refuses (unknown model) in the error file."""

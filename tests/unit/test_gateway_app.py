@@ -342,3 +342,34 @@ def test_a_background_request_nothing_started_in_time_is_a_429_to_retry_not_a_50
     assert never_started(timeout, [_submission(False)], 60) is timeout
     other = ApiError(400, "bad", reason="invalid_request")
     assert never_started(other, [_submission(True)], 60) is other
+
+
+def test_a_bad_background_response_is_a_400_before_it_is_queued(client: TestClient) -> None:
+    """What cannot run in the background is refused at once, naming the field; a good one
+    gets as far as Redis (503 here); cancelling needs a key."""
+    for body, param, words in (
+        ({"background": True, "store": False}, "background", "needs store"),
+        ({"background": True, "max_output_tokens": 65}, "max_output_tokens", ""),
+    ):
+        response = client.post("/v1/responses", json={"model": MODEL, "input": "hi", **body}, headers=KEY)
+        error = assert_openai_error(response, 400)
+        assert error["param"] == param and words in error["message"]
+    other = client.post("/v1/responses", json={"model": "other", "input": "hi", "background": True}, headers=KEY)
+    assert_openai_error(other, 404, "model_not_found")
+    response = client.post("/v1/responses", json={"model": MODEL, "input": "hi", "background": True}, headers=KEY)
+    assert_openai_error(response, 503, "service_unavailable")
+    assert response.headers["x-request-id"].startswith("resp_")
+    streamed = client.post("/v1/responses", json={"model": MODEL, "input": "hi", "background": True,
+                                                  "stream": True}, headers=KEY)
+    assert_openai_error(streamed, 503, "service_unavailable")
+    assert_openai_error(client.get("/v1/responses/resp_1?stream=true&starting_after=-2", headers=KEY), 400)
+    assert_openai_error(client.post("/v1/responses/resp_1/cancel"), 401)
+    assert_openai_error(client.post("/v1/responses/resp_1/cancel", headers=KEY), 503)
+
+
+def test_a_server_that_stores_no_responses_runs_none_in_the_background() -> None:
+    settings = Settings(model_name=MODEL, api_keys="acme:key-a", responses_ttl_s=0)
+    client = TestClient(create_app(settings))
+    response = client.post("/v1/responses", json={"model": MODEL, "input": "hi", "background": True}, headers=KEY)
+    error = assert_openai_error(response, 400, "unsupported")
+    assert error["param"] == "background" and "stores no responses" in error["message"]

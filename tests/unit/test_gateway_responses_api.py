@@ -132,7 +132,7 @@ def test_the_wire_request_is_a_chat_with_the_extensions_passed_through() -> None
 
 @pytest.mark.parametrize(("fields", "param", "words"), [
     ({"previous_response_id": "resp_0"}, "previous_response_id", "keeps no such thing"),
-    ({"background": True}, "background", "keeps no such thing"),
+    ({"background": True}, "background", "in a batch"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type", "keeps no such thing"),
     ({"truncation": "auto"}, "truncation", "truncation"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
