@@ -162,7 +162,10 @@ def tenant_background_responses(tenant: str) -> str:
 
 BACKGROUND_RESPONSES_ACTIVE = f"{PREFIX}:responses:background"
 """Sorted set: the background responses not yet ended, by creation time: what the
-gateways' runners take leases on, oldest first."""
+gateways' runners take leases on, oldest first (fairest first among tenants)."""
+
+BACKGROUND_RESPONSES_TENANT = f"{PREFIX}:responses:background:tenants"
+"""Hash response id -> tenant of the background responses not yet ended."""
 
 
 def conversation(conversation_id: str) -> str:

@@ -31,6 +31,7 @@ import json
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,9 @@ QUEUED_EVENTS = 2
 """A streamed background response's first events, written when it is queued:
 ``response.created`` and ``response.queued``; its runs' events come after them."""
 TERMINAL_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
+CANDIDATES = 1024
+"""How many of the oldest waiting responses a runner looks at to take the fairest:
+enough while fewer than this many run at once across the gateways."""
 TAIL_POLL_S = 0.1
 """How often a stream read from another gateway than the one running the response
 looks for more events (the running gateway's own readers are woken at once)."""
@@ -69,12 +73,14 @@ redis.call('HSET', KEYS[1], 'tenant', ARGV[2], 'body', ARGV[3], 'record', ARGV[4
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[7])
+redis.call('HSET', KEYS[6], ARGV[1], ARGV[2])
 for i = 8, #ARGV do redis.call('XADD', KEYS[5], '0-' .. (i - 7), 'e', ARGV[i]) end
 if #ARGV > 7 then redis.call('EXPIRE', KEYS[5], ARGV[7]) end
 return 1
 """
-"""KEYS: job, active, tenant's active, stored response, events; ARGV: id, tenant, body,
-record, created_at, per-tenant cap, TTL, then a streamed one's first events."""
+"""KEYS: job, active, tenant's active, stored response, events, tenants; ARGV: id,
+tenant, body, record, created_at, per-tenant cap, TTL, then a streamed one's first
+events."""
 
 _START = """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('GET', KEYS[3]) ~= ARGV[3] then return {0, ''} end
@@ -104,13 +110,14 @@ if ARGV[3] == '1' then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[3], ARGV[4])
   redis.call('ZREM', KEYS[4], ARGV[4])
+  redis.call('HDEL', KEYS[7], ARGV[4])
   if redis.call('EXISTS', KEYS[6]) == 1 then redis.call('EXPIRE', KEYS[6], ARGV[2]) end
 end
 return 1
 """
 """Write a response not yet ended (``final``: and end it) with its last events, unless
 it ended or (with an owner) its lease is another's. KEYS: job, stored response, active,
-tenant's active, lease, events; ARGV: record, TTL, final (1/0), id, owner ('' for
+tenant's active, lease, events, tenants; ARGV: record, TTL, final (1/0), id, owner ('' for
 any), then entry id and SSE bytes of each event."""
 
 
@@ -198,6 +205,8 @@ class BackgroundStore:
         self._write = redis.register_script(_WRITE)
         self._woken: dict[str, asyncio.Event] = {}
         """Per response: what this gateway's readers of its events wait on."""
+        self.on_queued: Callable[[], None] = lambda: None
+        """Called when this gateway queued a response (its runner looks at once)."""
 
     async def queue(self, tenant: str, response_id: str, body: bytes, record: bytes,
                     events: list[bytes] | None = None) -> None:
@@ -209,17 +218,26 @@ class BackgroundStore:
                 queued = await self._queue(
                     keys=[keys.background_response(response_id), keys.BACKGROUND_RESPONSES_ACTIVE,
                           keys.tenant_background_responses(tenant), keys.stored_response(response_id),
-                          keys.background_response_events(response_id)],
+                          keys.background_response_events(response_id), keys.BACKGROUND_RESPONSES_TENANT],
                     args=[response_id, tenant, body, record, time.time(), self.per_tenant, self.ttl_s,
                           *(events or ())])
         except (RedisError, OSError, TimeoutError):
             raise _unavailable() from None
         if not queued:
             raise too_many_queued(self.per_tenant)
+        self.on_queued()
 
     async def active(self) -> list[str]:
         """The responses not yet ended, oldest first."""
         return [i.decode() for i in await self.redis.zrange(keys.BACKGROUND_RESPONSES_ACTIVE, 0, -1)]
+
+    async def oldest(self, count: int) -> list[tuple[str, str]]:
+        """The ``count`` oldest responses not yet ended, with their tenants."""
+        ids = await self.redis.zrange(keys.BACKGROUND_RESPONSES_ACTIVE, 0, count - 1)
+        if not ids:
+            return []
+        tenants = await self.redis.hmget(keys.BACKGROUND_RESPONSES_TENANT, ids)
+        return [(i.decode(), t.decode() if t is not None else "") for i, t in zip(ids, tenants, strict=True)]
 
     async def job(self, response_id: str) -> Job | None:
         """The response's job, None once it ended (or is gone)."""
@@ -274,7 +292,7 @@ class BackgroundStore:
             keys=[keys.background_response(job.response_id), keys.stored_response(job.response_id),
                   keys.BACKGROUND_RESPONSES_ACTIVE, keys.tenant_background_responses(job.tenant),
                   keys.background_response_lease(job.response_id),
-                  keys.background_response_events(job.response_id)],
+                  keys.background_response_events(job.response_id), keys.BACKGROUND_RESPONSES_TENANT],
             args=[record, self.ttl_s, "1" if final else "0", job.response_id, owner,
                   *(x for seq, event in events for x in (entry_id(seq), event))])
         self._wake(job.response_id)
@@ -379,6 +397,21 @@ class EventLog:
             raise Superseded()
 
 
+def fair_order(waiting: list[tuple[str, str]], running: Counter[str]) -> list[str]:
+    """The order in which to take waiting responses ((id, tenant), oldest first) when
+    ``running`` (per tenant) run here: a tenant's k-th oldest waiting one ranks as if it
+    queued behind the ones of its running here (``running[tenant] + k``), so a tenant
+    with many queued does not take every slot from one with a few; the older first on a
+    tie. (The scheduler orders their requests fairly once they run; this keeps the
+    runner's slots from being the unfair part.)"""
+    seen: Counter[str] = Counter()
+    ranked = []
+    for position, (response_id, tenant) in enumerate(waiting):
+        ranked.append((running[tenant] + seen[tenant], position, response_id))
+        seen[tenant] += 1
+    return [response_id for *_, response_id in sorted(ranked)]
+
+
 Emit = Callable[[bytes], Awaitable[None]]
 RunResponse = Callable[[str, bytes, BackgroundRun, RunStore, Emit | None], Awaitable[Any]]
 """(tenant, body, run, store, emit) -> run the response as if the tenant sent the body:
@@ -402,8 +435,17 @@ class BackgroundRunner:
         self.poll_s = poll_s
         self.retry_s = retry_s
         self.on_outcome = on_outcome
-        self._leased = LeasedRunner("background_response", store.leases, store.active, self.run,
+        self._tenants: dict[str, str] = {}
+        """The tenant of each response this gateway runs."""
+        self._leased = LeasedRunner("background_response", store.leases, self._waiting, self.run,
                                     owner=owner, lease_s=lease_s, poll_s=poll_s, max_jobs=concurrency)
+        store.on_queued = self._leased.wake
+
+    async def _waiting(self) -> list[str]:
+        """The responses to take, fairest first (see :func:`fair_order`)."""
+        running = self._leased.running
+        waiting = [(r, t) for r, t in await self.store.oldest(CANDIDATES) if r not in running]
+        return fair_order(waiting, Counter(t for r, t in self._tenants.items() if r in running))
 
     def start(self) -> None:
         self._leased.start()
@@ -424,6 +466,14 @@ class BackgroundRunner:
         run, last = await self.store.start(job, self.owner)
         if not run:
             return
+        self._tenants[response_id] = job.tenant
+        try:
+            await self._run(job, run, last, lost)
+        finally:
+            self._tenants.pop(response_id, None)
+
+    async def _run(self, job: Job, run: int, last: int, lost: asyncio.Event) -> None:
+        response_id = job.response_id
         log.info("background_response_running", response_id=response_id, tenant=job.tenant, run=run)
         # A request id is used once: a run after a dead gateway's, or a try after "not now",
         # gets one of its own (the first may still be running, or cancelled, downstream).

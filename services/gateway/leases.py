@@ -59,7 +59,8 @@ class LeasedRunner:
     def __init__(self, name: str, leases: Leases, active: Callable[[], Awaitable[list[str]]],
                  run: RunJob, *, owner: str, lease_s: float = 15.0, poll_s: float = 1.0,
                  max_jobs: int | None = None) -> None:
-        """``max_jobs``: the most jobs held at once (None: no limit)."""
+        """``active``: the jobs not yet ended, in the order to take them; ``max_jobs``:
+        the most jobs held at once (None: no limit)."""
         self.name = name
         self.leases = leases
         self.active = active
@@ -70,6 +71,11 @@ class LeasedRunner:
         self.max_jobs = max_jobs
         self.running: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Look for jobs now (one was just made here), not at the next poll."""
+        self._woken.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._claim_loop(), name=f"{self.name}-runner")
@@ -88,9 +94,10 @@ class LeasedRunner:
     async def _claim_loop(self) -> None:
         failures = 0
         while True:
+            self._woken.clear()
             try:
-                for job_id in await self.active():
-                    if self.max_jobs is not None and len(self.running) >= self.max_jobs:
+                for job_id in await self.active() if not self._full() else ():
+                    if self._full():
                         break
                     if job_id not in self.running and await self.leases.take(job_id, self.owner, self.lease_s):
                         self.running[job_id] = asyncio.create_task(self._hold(job_id))
@@ -100,7 +107,12 @@ class LeasedRunner:
                     log.warning("lease_claim_failed", jobs=self.name, error=repr(exc))
                 failures += 1
             # Redis away: look again less and less often (at most every 30 polls).
-            await asyncio.sleep(self.poll_s * min(2 ** failures, 30) * random.uniform(0.5, 1.5))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_s * min(2 ** failures, 30) * random.uniform(0.5, 1.5)):
+                    await self._woken.wait()
+
+    def _full(self) -> bool:
+        return self.max_jobs is not None and len(self.running) >= self.max_jobs
 
     async def _hold(self, job_id: str) -> None:
         """Run a job while the lease is ours; let it go after, also when cancelled."""

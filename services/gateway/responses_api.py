@@ -776,9 +776,11 @@ class ResponseStore:
         await self.stored(response_id, tenant)
         try:
             async with asyncio.timeout(READ_TIMEOUT_S), self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(keys.stored_response(response_id), keys.background_response(response_id))
+                pipe.delete(keys.stored_response(response_id), keys.background_response(response_id),
+                            keys.background_response_events(response_id))
                 pipe.zrem(keys.BACKGROUND_RESPONSES_ACTIVE, response_id)
                 pipe.zrem(keys.tenant_background_responses(tenant), response_id)
+                pipe.hdel(keys.BACKGROUND_RESPONSES_TENANT, response_id)
                 await pipe.execute()
         except (RedisError, TimeoutError):
             raise unavailable("Stored responses cannot be changed now; retry later.") from None

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from services.gateway.background import (
     BackgroundStore,
     cancel,
     event_data,
+    fair_order,
 )
 from services.gateway.errors import ApiError, invalid, too_many_in_flight
 from services.gateway.responses import sse
@@ -340,3 +342,34 @@ async def test_a_streamed_response_that_fails_or_is_cancelled_ends_its_stream(st
     assert not reader.done()
     await cancel(jobs, responses, waiting, "acme")
     assert [e["type"] for e in await asyncio.wait_for(reader, 5)] == ["response.created", "response.queued"]
+
+
+def test_a_tenant_with_many_queued_does_not_take_every_slot_from_one_with_few() -> None:
+    waiting = [("a1", "acme"), ("a2", "acme"), ("a3", "acme"), ("g1", "globex"), ("a4", "acme"), ("g2", "globex")]
+    assert fair_order(waiting, Counter()) == ["a1", "g1", "a2", "g2", "a3", "a4"]
+    assert fair_order(waiting, Counter(acme=2)) == ["g1", "g2", "a1", "a2", "a3", "a4"]
+    assert fair_order(waiting, Counter(acme=1, globex=1)) == ["a1", "g1", "a2", "g2", "a3", "a4"]
+    assert fair_order([], Counter(acme=3)) == []
+
+
+async def test_the_runner_takes_another_tenants_response_before_more_of_a_busy_ones(redis_client) -> None:
+    jobs, responses = BackgroundStore(redis_client, ttl_s=600, per_tenant=10), ResponseStore(redis_client, 600)
+    stores = (jobs, responses)
+    first = [await queue(stores) for _ in range(4)]
+    model = FakeModel(hold=True)
+    one = BackgroundRunner(jobs, responses, model, owner="g1", concurrency=2, poll_s=0.02)
+    one.start()
+    try:
+        async def two_running() -> bool:
+            return len(model.runs) == 2
+        await until(two_running)
+        assert {r.response_id for r in model.runs} == set(first[:2])
+        late = await queue(stores, tenant="globex")  # queued after acme's two waiting ones
+        await cancel(jobs, responses, first[0], "acme")  # a slot frees
+
+        async def three_running() -> bool:
+            return len(model.runs) == 3
+        await until(three_running)
+        assert model.runs[2].response_id == late  # not acme's third
+    finally:
+        await one.close()
