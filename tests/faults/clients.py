@@ -223,18 +223,14 @@ class AmqpTenant:
         return log
 
 
-class BatchJobs:
-    """A tenant's batches through the Batch API: every request of a batch the gateway
-    accepted is one log, owed exactly one line in the batch's output or error file once
-    the batch ends. Creating a batch and reading it are retried while the gateway is
-    away (that is what a batch client does); nothing else is."""
+class PatientClient:
+    """A tenant's client of work the gateways keep (batches, background responses),
+    which reads it again while the gateway is away, as such clients do."""
 
     def __init__(self, http: httpx.AsyncClient, checker: Checker, base_url: str, tenant: str,
                  key: str) -> None:
         self.http, self.checker, self.base_url, self.tenant = http, checker, base_url, tenant
         self.auth = {"Authorization": f"Bearer {key}"}
-        self.batches: dict[str, dict[str, RequestLog]] = {}
-        """Batch id -> custom id -> the log of that request."""
 
     async def _call(self, method: str, path: str, stop: asyncio.Event | None = None,
                     **kw) -> httpx.Response | None:
@@ -250,6 +246,19 @@ class BatchJobs:
                 pass
             await asyncio.sleep(0.5)
         return None
+
+
+
+class BatchJobs(PatientClient):
+    """A tenant's batches through the Batch API: every request of a batch the gateway
+    accepted is one log, owed exactly one line in the batch's output or error file once
+    the batch ends. Creating a batch and reading it are retried while the gateway is
+    away (that is what a batch client does); nothing else is."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.batches: dict[str, dict[str, RequestLog]] = {}
+        """Batch id -> custom id -> the log of that request."""
 
     async def submit(self, lines: int, max_tokens: int, stop: asyncio.Event) -> None:
         rows = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
@@ -315,3 +324,113 @@ class BatchJobs:
             log.final(body["choices"][0]["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"])
         else:
             log.final("error", code=body["error"]["code"], status=response["status_code"])
+
+
+class BackgroundResponses(PatientClient):
+    """A tenant's background responses (Responses API, ``background`` true), polled or
+    streamed: each one the gateway queued is one log, owed its one answer once it ended.
+    A stream cut (a gateway killed) is read on from the last event seen with ``GET
+    ?stream=true&starting_after``, as a client that keeps its place does; its events must
+    come in order, each once (:attr:`problems` says where they did not). Creating is not
+    retried (a create whose answer a fault cut would be a second response)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.responses: dict[str, RequestLog] = {}
+        self.readers: list[asyncio.Task[None]] = []
+        self.problems: list[str] = []
+
+    async def submit(self, max_tokens: int, stream: bool) -> None:
+        body = {"model": MODEL, "input": DEFAULT_PROMPT, "max_output_tokens": max_tokens, "ignore_eos": True,
+                "background": True, "stream": stream}
+        log = self.checker.new(self.tenant, "background")
+        try:
+            if not stream:
+                created = await self.http.post(f"{self.base_url}/v1/responses", headers=self.auth, timeout=10,
+                                               json=body)
+                log.status = created.status_code
+                if created.status_code == 200:
+                    self._queued(log, created.json()["id"])
+                return
+            request = self.http.build_request("POST", f"{self.base_url}/v1/responses", headers=self.auth,
+                                              json=body, timeout=CLIENT_TIMEOUT_S)
+            answer = await self.http.send(request, stream=True)
+        except httpx.HTTPError:
+            return
+        log.status = answer.status_code
+        if answer.status_code != 200:
+            await answer.aclose()
+            return
+        self.readers.append(asyncio.create_task(self._read(log, answer)))
+
+    def _queued(self, log: RequestLog, response_id: str) -> None:
+        log.accepted, log.request_id = True, response_id
+        self.responses[response_id] = log
+        say(f"background response {response_id} queued")
+
+    async def _read(self, log: RequestLog, answer: httpx.Response) -> None:
+        """Read a streamed one's events to its last, on from where a cut left it."""
+        seen = -1
+        while True:
+            try:
+                async for line in answer.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    event = json.loads(line.removeprefix("data: "))
+                    if event["sequence_number"] <= seen:
+                        self.problems.append(f"{log.request_id}: event {event['sequence_number']} after {seen}")
+                    seen = event["sequence_number"]
+                    if event["type"] == "response.created":
+                        self._queued(log, event["response"]["id"])
+                    if event["type"] in ("response.completed", "response.incomplete", "response.failed"):
+                        return
+            except httpx.HTTPError:
+                pass
+            finally:
+                await answer.aclose()
+            if log.request_id is None:
+                return  # cut before it said its id: nothing to read on from
+            while True:  # the gateway is away: try again until it answers
+                try:
+                    request = self.http.build_request(
+                        "GET", f"{self.base_url}/v1/responses/{log.request_id}", headers=self.auth,
+                        params={"stream": "true", "starting_after": seen}, timeout=CLIENT_TIMEOUT_S)
+                    answer = await self.http.send(request, stream=True)
+                    if answer.status_code == 200:
+                        break
+                    await answer.aclose()
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.5)
+
+    async def settle(self, timeout: float) -> dict[str, str]:
+        """Wait for every response to end; log each one's answer with the request id of
+        the run that made it; each one's status."""
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*self.readers)
+            statuses = {}
+            for response_id, log in self.responses.items():
+                while True:
+                    response = (await self._call("GET", f"/v1/responses/{response_id}")).json()
+                    if response["status"] not in ("queued", "in_progress"):
+                        break
+                    await asyncio.sleep(0.5)
+                statuses[response_id] = response["status"]
+                log.ended = time.monotonic()
+                if response["status"] == "failed":
+                    log.final("error", code=response["error"]["code"])
+                elif response["status"] != "cancelled":
+                    usage = response["usage"]
+                    log.final("length" if response["status"] == "incomplete" else "stop", usage["input_tokens"],
+                              usage["output_tokens"])
+            await self.checker.quiesce()
+        for response_id, log in self.responses.items():
+            # Each run of it has a request id of its own (itself, then itself-...): the
+            # answer is the one whose completion is the answer's.
+            done = log.done
+            runs = [rid for rid, event in self.checker.finished.items()
+                    if (rid == response_id or rid.startswith(f"{response_id}-")) and done is not None
+                    and (event.prompt_tokens, event.output_tokens) == (done.prompt_tokens, done.completion_tokens)]
+            if runs:
+                log.request_id = runs[-1]
+        return statuses

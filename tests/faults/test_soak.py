@@ -2,7 +2,8 @@
 
 Where each scenario of ``test_scenarios.py`` breaks one thing at a chosen moment, this
 one keeps clients sending (HTTP streams of two tenants and an AMQP producer, a few at a
-time, of random lengths, and a batch now and then through the Batch API) while it breaks something every few seconds, chosen by a
+time, of random lengths, a batch now and then through the Batch API, and background
+responses, streamed or polled) while it breaks something every few seconds, chosen by a
 seeded random draw: kill -9 or SIGTERM a worker, the scheduler, the scorer or the
 gateway (SIGTERM is a rolling deploy: its streams finish, then it comes back), pause
 one of them or Redis for up to 8 s (SIGSTOP, then SIGCONT: it wakes after its peers may
@@ -37,6 +38,7 @@ import redis.asyncio as aioredis
 from tests.faults.clients import (
     DEFAULT_PROMPT,
     AmqpTenant,
+    BackgroundResponses,
     BatchJobs,
     completion_body,
     http_stream,
@@ -91,6 +93,20 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), client_rng.uniform(20.0, 40.0))
 
+    background_tenant, background_key = tenants[1 % len(tenants)]
+    backgrounds = BackgroundResponses(http, checker, fs.gateway_url, background_tenant, background_key)
+
+    async def background_client() -> None:
+        """A background response every 5-15 s, streamed or polled by turns: a stream a
+        gateway kill cuts is read on from its last event."""
+        client_rng = random.Random(SOAK_SEED * 20_000)
+        stream = False
+        while not stop.is_set():
+            await backgrounds.submit(client_rng.randint(8, 48), stream)
+            stream = not stream
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), client_rng.uniform(5.0, 15.0))
+
     async def amqp_client(producer: AmqpTenant, i: int) -> None:
         client_rng = random.Random(SOAK_SEED * 1000 + i)
         while not stop.is_set():
@@ -104,6 +120,7 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
         clients = [asyncio.create_task(http_client(i)) for i in range(HTTP_CLIENTS)]
         clients += [asyncio.create_task(amqp_client(producer, i)) for i in range(AMQP_CLIENTS)]
         clients.append(asyncio.create_task(batch_client()))
+        clients.append(asyncio.create_task(background_client()))
         deadline = time.monotonic() + SOAK_S
         while time.monotonic() < deadline:
             await asyncio.sleep(rng.uniform(2.0, 6.0))
@@ -113,6 +130,7 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
         async with asyncio.timeout(SETTLE_S):
             await asyncio.gather(*clients)
     batch_statuses = await batches.settle(SETTLE_S)
+    background_statuses = await backgrounds.settle(SETTLE_S)
     cut = 0
     for log in checker.logs:
         if log.transport == "http" and log.accepted and not log.finals and any(
@@ -125,6 +143,7 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     if cut:
         note += f"; {cut} streams cut by the gateway kills (owed no answer)"
     note += f"; batches: {dict(Counter(batch_statuses.values()))}"
+    note += f"; background responses: {dict(Counter(background_statuses.values()))}"
     # Any terminal answer counts as answered; which errors the faults cost is worth seeing.
     errors = Counter(final.code or final.reason for log in checker.logs if log.accepted
                      for final in log.finals if final.reason not in ("stop", "length"))
@@ -134,6 +153,8 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
                                f"(seed {SOAK_SEED})", note=note)
     assert row.answered > len(faults), "too little got through to say anything"
     assert set(batch_statuses.values()) <= {"completed"}, batch_statuses
+    assert set(background_statuses.values()) <= {"completed", "incomplete"}, background_statuses
+    assert not backgrounds.problems, backgrounds.problems
 
 
 WORKER_FAULTS = ("worker_kill", "worker_sigterm", "worker_link_cut", "worker_freeze")
