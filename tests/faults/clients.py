@@ -339,6 +339,10 @@ class BackgroundResponses(PatientClient):
         self.responses: dict[str, RequestLog] = {}
         self.readers: list[asyncio.Task[None]] = []
         self.problems: list[str] = []
+        self.resumed = 0
+        """Streams read on after a cut."""
+        self.runs: dict[str, int] = {}
+        """Per response, how many runs of it (its requests) the workers completed or cut."""
 
     async def submit(self, max_tokens: int, stream: bool) -> None:
         body = {"model": MODEL, "input": DEFAULT_PROMPT, "max_output_tokens": max_tokens, "ignore_eos": True,
@@ -390,6 +394,7 @@ class BackgroundResponses(PatientClient):
                 await answer.aclose()
             if log.request_id is None:
                 return  # cut before it said its id: nothing to read on from
+            self.resumed += 1
             while True:  # the gateway is away: try again until it answers
                 try:
                     request = self.http.build_request(
@@ -427,10 +432,12 @@ class BackgroundResponses(PatientClient):
         for response_id, log in self.responses.items():
             # Each run of it has a request id of its own (itself, then itself-...): the
             # answer is the one whose completion is the answer's.
+            runs = {rid: event for rid, event in self.checker.finished.items()
+                    if rid == response_id or rid.startswith(f"{response_id}-")}
+            self.runs[response_id] = len(runs)
             done = log.done
-            runs = [rid for rid, event in self.checker.finished.items()
-                    if (rid == response_id or rid.startswith(f"{response_id}-")) and done is not None
-                    and (event.prompt_tokens, event.output_tokens) == (done.prompt_tokens, done.completion_tokens)]
-            if runs:
-                log.request_id = runs[-1]
+            answered = [rid for rid, event in runs.items() if done is not None
+                        and (event.prompt_tokens, event.output_tokens) == (done.prompt_tokens, done.completion_tokens)]
+            if answered:
+                log.request_id = answered[-1]
         return statuses

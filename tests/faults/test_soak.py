@@ -143,7 +143,9 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     if cut:
         note += f"; {cut} streams cut by the gateway kills (owed no answer)"
     note += f"; batches: {dict(Counter(batch_statuses.values()))}"
-    note += f"; background responses: {dict(Counter(background_statuses.values()))}"
+    note += (f"; background responses: {dict(Counter(background_statuses.values()))}, runs each "
+             f"{dict(sorted(Counter(backgrounds.runs.values()).items()))}, {backgrounds.resumed} streams read on "
+             "after a cut")
     # Any terminal answer counts as answered; which errors the faults cost is worth seeing.
     errors = Counter(final.code or final.reason for log in checker.logs if log.accepted
                      for final in log.finals if final.reason not in ("stop", "length"))
