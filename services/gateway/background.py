@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 
 from services import keys
 from services.gateway.auth import authenticate
-from services.gateway.errors import ApiError, documented_errors, invalid, unavailable
+from services.gateway.errors import RETRY_AFTER_S, ApiError, documented_errors, invalid, unavailable
 from services.gateway.leases import RETRIED_STATUSES, LeasedRunner, Leases
 from services.gateway.responses import sse
 from services.gateway.responses_api import ResponseStore
@@ -129,7 +129,7 @@ def too_many_queued(limit: int) -> ApiError:
     return ApiError(429, f"Too many background responses queued or running for this API key "
                          f"(limit {limit}); wait for some to end, or cancel them.",
                     reason="background_limit", param="background", code="rate_limit_exceeded",
-                    headers={"Retry-After": "1"})
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _unavailable() -> ApiError:

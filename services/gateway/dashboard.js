@@ -228,12 +228,13 @@ function render(data) {
     swatch.style.background = colorOf(t.name);
     name.prepend(swatch);
     tr.append(name, cell(fmt(t.served_tokens)), cell(fmt(point.rate[t.name], 1)),
-      cell(fmt(t.vtc, 1)), cell(fmt(t.queued)), cell(fmt(t.dispatched)));
-    ["name", "served_tokens", "rate", "vtc", "queued", "dispatched"].forEach((f, i) => {
+      cell(fmt(t.vtc, 1)), cell(fmt(t.queued)), cell(fmt(t.dispatched)), cell(fmt(t.background_responses)));
+    ["name", "served_tokens", "rate", "vtc", "queued", "dispatched", "background_responses"].forEach((f, i) => {
       tr.children[i].dataset.tenant = t.name;
       tr.children[i].dataset.field = f;
     });
     tr.children[1].dataset.value = String(t.served_tokens);
+    tr.children[6].dataset.value = String(t.background_responses);
     return tr;
   }));
 

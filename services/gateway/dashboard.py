@@ -102,6 +102,8 @@ class RawSnapshot:
     """Redis server time of the read, the clock of the gateways' heartbeats."""
     batches: list[BatchRecord] = field(default_factory=list)
     """The batches not yet ended (the first ``BATCHES_SHOWN``), read."""
+    background_tenants: list[bytes] = field(default_factory=list)
+    """The tenant of each background response not yet ended (queued or running)."""
 
 
 def _text(value: bytes | str) -> str:
@@ -297,7 +299,9 @@ def build_dashboard(
     places = [_inflight_place(blob) for blob in raw.inflight]
     dispatched_by_tenant = _count(tenant for tenant, _ in places)
     dispatched_by_pool = _count(pool for _, pool in places)
-    names = sorted(set(tenants) | set(counters) | set(served) | set(queued) | set(dispatched_by_tenant))
+    background = _count(_text(t) for t in raw.background_tenants)
+    names = sorted(set(tenants) | set(counters) | set(served) | set(queued) | set(dispatched_by_tenant)
+                   | set(background))
     workers = _workers(raw, worker_alive_s)
     points = _length_points(raw.length_samples)
     fence = _number(raw.fence) if raw.fence is not None else None
@@ -315,6 +319,7 @@ def build_dashboard(
                 "vtc": counters.get(name, 0.0),
                 "queued": queued.get(name, 0),
                 "dispatched": dispatched_by_tenant.get(name, 0),
+                "background_responses": background.get(name, 0),
             }
             for name in names
         ],
@@ -366,8 +371,9 @@ async def read_snapshot(
         pipe.get(keys.SCHED_FENCE)
         pipe.zrange(keys.GATEWAYS_SEEN, 0, -1, withscores=True)
         pipe.time()
+        pipe.hvals(keys.BACKGROUND_RESPONSES_TENANT)
         (counters, served, queued_total, inflight_total, heartbeats, seen, samples, errors,
-         leader, fence, gateways, (seconds, micros)) = await pipe.execute()  # fmt: skip
+         leader, fence, gateways, (seconds, micros), background) = await pipe.execute()  # fmt: skip
     queued, inflight, slots, batches = await asyncio.gather(
         _hash_values(redis, keys.SCHED_QUEUED, queued_total, scan_limit),
         _hash_values(redis, keys.SCHED_INFLIGHT, inflight_total, scan_limit),
@@ -392,6 +398,7 @@ async def read_snapshot(
         gateway_slots=slots,
         redis_now=seconds + micros / 1e6,
         batches=batches,
+        background_tenants=background,
     )
 
 

@@ -97,12 +97,13 @@ async def test_random_faults_under_steady_load(fault_system, checker, http, keys
     backgrounds = BackgroundResponses(http, checker, fs.gateway_url, background_tenant, background_key)
 
     async def background_client() -> None:
-        """A background response every 5-15 s, streamed or polled by turns: a stream a
-        gateway kill cuts is read on from its last event."""
+        """A background response every 5-15 s, long enough that faults land while it runs,
+        streamed or polled by turns: a stream a gateway kill cuts is read on from its last
+        event."""
         client_rng = random.Random(SOAK_SEED * 20_000)
         stream = False
         while not stop.is_set():
-            await backgrounds.submit(client_rng.randint(8, 48), stream)
+            await backgrounds.submit(client_rng.randint(100, 300), stream)
             stream = not stream
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), client_rng.uniform(5.0, 15.0))

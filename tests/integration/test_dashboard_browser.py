@@ -110,14 +110,18 @@ def start_batch(system: System) -> str:
         return created.json()["id"]
 
 
-def served(driver: WebDriver, tenant: str) -> float | None:
+def tenant_value(driver: WebDriver, tenant: str, field: str) -> float | None:
     # Read in the page in one go: the table is re-rendered on every poll, so an element
     # found first and read after can already be gone.
     value = driver.execute_script(
         "const c = document.querySelector(arguments[0]); return c ? c.dataset.value : null;",
-        f'td[data-tenant="{tenant}"][data-field="served_tokens"]',
+        f'td[data-tenant="{tenant}"][data-field="{field}"]',
     )
     return float(value) if value is not None else None
+
+
+def served(driver: WebDriver, tenant: str) -> float | None:
+    return tenant_value(driver, tenant, "served_tokens")
 
 
 def test_dashboard_shows_live_numbers(system: System, browser: WebDriver, tmp_path: Path) -> None:
@@ -159,6 +163,16 @@ def test_dashboard_shows_live_numbers(system: System, browser: WebDriver, tmp_pa
     ))  # fmt: skip
     httpx.post(f"{system.gateway_url}/v1/batches/{batch_id}/cancel", timeout=10,
                headers={"Authorization": f"Bearer {TENANT_KEYS['acme']}"}).raise_for_status()
+    # A background response queued or running shows in its tenant's row until it ends.
+    auth = {"Authorization": f"Bearer {TENANT_KEYS['globex']}"}
+    queued = httpx.post(f"{system.gateway_url}/v1/responses", headers=auth, timeout=10, json={
+        "model": DEFAULT_MODEL_NAME, "input": "A long tale", "max_output_tokens": 900, "ignore_eos": True,
+        "background": True})
+    queued.raise_for_status()
+    wait_for("globex's background response", lambda: tenant_value(browser, "globex", "background_responses") == 1)
+    httpx.post(f"{system.gateway_url}/v1/responses/{queued.json()['id']}/cancel", headers=auth,
+               timeout=10).raise_for_status()
+    wait_for("it gone once cancelled", lambda: tenant_value(browser, "globex", "background_responses") == 0)
     scatter = browser.find_element(By.ID, "chart-lengths")
     wait_for("points in the length scatter", lambda: int(scatter.get_attribute("data-points") or 0))
     assert "finished requests" in browser.find_element(By.ID, "length-summary").text

@@ -85,6 +85,7 @@ def snapshot() -> RawSnapshot:
                               "path": "/v1/completions", "request_id": "cmpl-1"}).encode()],
         leader=b"scheduler-a",
         fence=b"7",
+        background_tenants=[b"acme", b"acme"],
     )  # fmt: skip
 
 
@@ -95,10 +96,10 @@ def test_builder_aggregates_tenants_queues_and_pools() -> None:
     tenants = {t["name"]: t for t in data["tenants"]}
     assert list(tenants) == ["acme", "globex", "initech"]  # 'bad' has only a NaN counter
     assert tenants["acme"] == {"name": "acme", "served_tokens": 300.0, "vtc": 120.5,
-                               "queued": 2, "dispatched": 1}  # fmt: skip
+                               "queued": 2, "dispatched": 1, "background_responses": 2}  # fmt: skip
     assert tenants["globex"]["queued"] == 1 and tenants["globex"]["dispatched"] == 2
     assert tenants["initech"] == {"name": "initech", "served_tokens": 0.0, "vtc": 0.0,
-                                  "queued": 0, "dispatched": 0}  # fmt: skip
+                                  "queued": 0, "dispatched": 0, "background_responses": 0}  # fmt: skip
     assert data["queue"] == {"queued": 4, "dispatched": 3, "complete": True}
     assert [p["name"] for p in data["pools"]] == ["gpu", "cpu"]  # topology order, once each
     pools = {p["name"]: p for p in data["pools"]}
@@ -260,7 +261,7 @@ async def test_data_endpoint_reads_redis_and_errors_are_logged(redis_client, red
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
         data = (await http.get("/dashboard/data", headers=ADMIN_HEADER)).json()
         assert data["tenants"] == [{"name": "acme", "served_tokens": 42.0, "vtc": 17.5,
-                                    "queued": 1, "dispatched": 0}]  # fmt: skip
+                                    "queued": 1, "dispatched": 0, "background_responses": 0}]  # fmt: skip
         assert [w["id"] for w in data["workers"]] == ["w1"] and data["workers"][0]["alive"]
         assert [(g["id"], g["alive"], g["in_flight"]) for g in data["gateways"]] == [("gw:1", True, 2)]
         assert data["queue"]["queued"] == 1 and data["batches"] == []
