@@ -621,8 +621,8 @@ class ResponseEvents:
 
     def fail(self, error: ApiError) -> list[bytes]:
         """The event that ends a response an error stopped."""
-        self.response = response_object(self.meta, self.echo, "failed", output=self.output, error=error)
-        return [self.event("response.failed", response=self.response)]
+        response = response_object(self.meta, self.echo, "failed", output=self.output, error=error)
+        return [self.event("response.failed", response=response)]
 
     def _where(self) -> dict[str, Any]:
         assert self.open is not None
