@@ -675,9 +675,9 @@ async def retrieve_response(request: Request, response_id: str, stream: bool = F
     response's events (after ``starting_after``), as they come until it ends."""
     state: GatewayState = request.app.state.gateway
     tenant = authenticate(state.keys, request.headers.get("authorization"))
-    if not stream:
-        return JSONResponse(await state.responses.get(response_id, tenant))
     response = await state.responses.get(response_id, tenant)
+    if not stream:
+        return JSONResponse(response)
     if not (response.get("background") and state.background is not None
             and await state.background.has_events(response_id)):
         raise invalid(f"Response {response_id!r} was not created with background and stream true: it has "

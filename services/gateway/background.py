@@ -173,7 +173,10 @@ class Job:
 
     def ended(self, status: str, **fields: Any) -> bytes:
         """The record of the response ended with ``status`` and no answer."""
-        return encode({**self.record, "response": {**self.response, "status": status, **fields}})
+        return encode({**self.record, "response": self.ended_response(status, **fields)})
+
+    def ended_response(self, status: str, **fields: Any) -> dict[str, Any]:
+        return {**self.response, "status": status, **fields}
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,10 +229,6 @@ class BackgroundStore:
         if not queued:
             raise too_many_queued(self.per_tenant)
         self.on_queued()
-
-    async def active(self) -> list[str]:
-        """The responses not yet ended, oldest first."""
-        return [i.decode() for i in await self.redis.zrange(keys.BACKGROUND_RESPONSES_ACTIVE, 0, -1)]
 
     async def oldest(self, count: int) -> list[tuple[str, str]]:
         """The ``count`` oldest responses not yet ended, with their tenants."""
@@ -539,13 +538,13 @@ class BackgroundRunner:
     async def _fail(self, job: Job, events: EventLog | None, error: dict[str, Any]) -> str:
         """End the response as failed with ``error`` (a streamed one with its
         ``response.failed`` event)."""
-        failed = job.ended("failed", error=error)
         last = []
         if events is not None:
-            response = json.loads(failed)["response"]
             last = [(events.next, sse({"type": "response.failed", "sequence_number": events.next,
-                                       "response": response}, event="response.failed"))]
-        if not await self.store.write(job, failed, final=True, owner=self.owner, events=last):
+                                       "response": job.ended_response("failed", error=error)},
+                                      event="response.failed"))]
+        if not await self.store.write(job, job.ended("failed", error=error), final=True, owner=self.owner,
+                                      events=last):
             return "cancelled"
         return "failed"
 

@@ -24,6 +24,7 @@ from services.gateway.background import (
 from services.gateway.errors import ApiError, invalid, too_many_in_flight
 from services.gateway.responses import sse
 from services.gateway.responses_api import ResponseStore
+from tests.waits import until
 
 QUESTION = {"type": "message", "role": "user", "content": "How far is the moon?"}
 
@@ -112,11 +113,9 @@ def runner(stores, model: FakeModel, owner: str = "g1", outcomes: list[str] | No
                             retry_s=0.01, on_outcome=(outcomes if outcomes is not None else []).append)
 
 
-async def until(check, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
+async def waiting(jobs: BackgroundStore) -> list[str]:
+    """The responses not yet ended, oldest first."""
+    return [response_id for response_id, _ in await jobs.oldest(100)]
 
 
 async def test_a_queued_response_runs_once_and_its_answer_is_stored_as_queued(stores, redis_client) -> None:
@@ -125,7 +124,7 @@ async def test_a_queued_response_runs_once_and_its_answer_is_stored_as_queued(st
     queued = await responses.get(response_id, "acme")
     assert queued["status"] == "queued" and queued["background"]
     listed = await responses.input_items(response_id, "acme")
-    assert await jobs.active() == [response_id]
+    assert await waiting(jobs) == [response_id]
     model, outcomes = FakeModel(), []
     await jobs.leases.take(response_id, "g1", 5)
     await runner(stores, model, outcomes=outcomes).run(response_id)
@@ -135,7 +134,7 @@ async def test_a_queued_response_runs_once_and_its_answer_is_stored_as_queued(st
     assert (done["id"], done["created_at"]) == (response_id, queued["created_at"])
     assert await responses.input_items(response_id, "acme") == listed
     assert model.request_ids == [response_id] and outcomes == ["completed"]
-    assert await jobs.active() == [] and not await redis_client.exists(keys.background_response(response_id))
+    assert await waiting(jobs) == [] and not await redis_client.exists(keys.background_response(response_id))
     assert await redis_client.zcard(keys.tenant_background_responses("acme")) == 0
     assert len(await responses.conversation(response_id, "acme")) == 2  # question and answer
 
@@ -156,7 +155,7 @@ async def test_cancelling_is_for_background_responses_of_ones_own_and_idempotent
     cancelled = await cancel(jobs, responses, response_id, "acme")
     assert cancelled["status"] == "cancelled" and (await responses.get(response_id, "acme")) == cancelled
     assert await cancel(jobs, responses, response_id, "acme") == cancelled
-    assert await jobs.active() == []
+    assert await waiting(jobs) == []
     # A runner that took it just before finds nothing to run.
     model = FakeModel()
     await runner(stores, model).run(response_id)
@@ -190,7 +189,7 @@ async def test_a_response_cancelled_while_it_runs_stops_and_its_answer_is_never_
 
         async def stopped() -> bool:
             return model.cancelled == 1 and outcomes == ["cancelled"]
-        await until(stopped)
+        await until(stopped, 10.0)
         assert (await responses.get(response_id, "acme"))["status"] == "cancelled"
     finally:
         await one.close()
@@ -208,9 +207,9 @@ async def test_a_response_deleted_while_it_runs_stops_and_is_not_stored_again(st
 
         async def stopped() -> bool:
             return model.cancelled == 1
-        await until(stopped)
+        await until(stopped, 10.0)
         assert not await redis_client.exists(keys.stored_response(response_id))
-        assert await jobs.active() == [] and await redis_client.zcard(keys.tenant_background_responses("acme")) == 0
+        assert await waiting(jobs) == [] and await redis_client.zcard(keys.tenant_background_responses("acme")) == 0
     finally:
         await one.close()
 
@@ -232,7 +231,7 @@ async def test_not_now_is_tried_again_with_a_new_request_id_and_an_error_fails_i
     failed = await responses.get(second, "acme")
     assert failed["status"] == "failed" and outcomes[-1] == "failed"
     assert failed["error"] == {"code": "context_length_exceeded", "message": "The prompt is too long."}
-    assert await jobs.active() == []
+    assert await waiting(jobs) == []
 
 
 async def test_a_gateway_that_stops_mid_run_hands_it_over_and_it_is_answered_once(stores) -> None:
@@ -253,11 +252,11 @@ async def test_a_gateway_that_stops_mid_run_hands_it_over_and_it_is_answered_onc
 
         async def answered() -> bool:
             return (await responses.get(response_id, "acme"))["status"] == "completed"
-        await until(answered)
+        await until(answered, 10.0)
         assert outcomes_two == ["completed"] and held.cancelled == 1
         # Its request has an id of its own: the first run's may still be under way downstream.
         assert held.request_ids == [response_id] and taker.request_ids[0].startswith(f"{response_id}-")
-        assert await jobs.job(response_id) is None and await jobs.active() == []
+        assert await jobs.job(response_id) is None and await waiting(jobs) == []
     finally:
         await two.close()
 
@@ -274,7 +273,7 @@ async def test_a_run_whose_lease_went_to_another_gateway_stops_without_storing(s
     await run
     assert outcomes == ["handed_over"] and model.cancelled == 1
     assert (await responses.get(response_id, "acme"))["status"] == "in_progress"
-    assert await jobs.active() == [response_id]  # whoever holds the lease goes on
+    assert await waiting(jobs) == [response_id]  # whoever holds the lease goes on
 
 
 async def test_a_streamed_response_keeps_its_events_numbered_for_readers_live_and_late(stores) -> None:
@@ -362,14 +361,14 @@ async def test_the_runner_takes_another_tenants_response_before_more_of_a_busy_o
     try:
         async def two_running() -> bool:
             return len(model.runs) == 2
-        await until(two_running)
+        await until(two_running, 10.0)
         assert {r.response_id for r in model.runs} == set(first[:2])
         late = await queue(stores, tenant="globex")  # queued after acme's two waiting ones
         await cancel(jobs, responses, first[0], "acme")  # a slot frees
 
         async def three_running() -> bool:
             return len(model.runs) == 3
-        await until(three_running)
+        await until(three_running, 10.0)
         assert model.runs[2].response_id == late  # not acme's third
     finally:
         await one.close()
