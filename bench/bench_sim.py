@@ -32,6 +32,10 @@ Scenarios (each runs the production SchedulerPolicy in the simulator):
   that keep their slots, and as background ones handed back when a chat request would
   wait 0.5 s (the default) or any time for room; each tenant's latency, the output
   throughput and the hand-backs.
+- ``priority``: two tenants at equal rates; one of them marks a fifth of its requests
+  (its interactive ones) ``priority`` 0 and the rest (bulk) 1, at load 0.8 and 1.0,
+  fairway with and without the priorities: each class's latency, and the other
+  tenant's (which priorities within a tenant must leave as it was).
 
 Writes ``results.json`` (every figure, the setup and the goal checks) under ``--out``,
 the held-out trace as JSONL (so any run can be repeated with ``fairway simulate``), and
@@ -67,7 +71,8 @@ from services.scheduler.simulator import (
 from services.scheduler.traces import TraceRecord, load_trace, write_jsonl
 
 SLO = Slo(ttft_s=2.0, tpot_s=0.05)
-SECTIONS = ("headline", "predictor", "consolidation", "fairness", "deadlines", "background")
+SECTIONS = ("headline", "predictor", "consolidation", "fairness", "deadlines", "background",
+            "priority")
 
 
 def log(msg: str) -> None:
@@ -487,6 +492,49 @@ def background(records: list[TraceRecord]) -> dict:
     return out
 
 
+def class_latency(requests: list[SimRequest]) -> dict:
+    """Mean and p99 time to first token and end-to-end latency of finished requests."""
+    done = [r for r in requests if r.finish is not None]
+    ttft = np.array([r.first_token - r.arrival for r in done])
+    e2e = np.array([r.finish - r.arrival for r in done])
+    return {
+        "requests": len(done),
+        "mean_ttft_s": float(ttft.mean()),
+        "p99_ttft_s": float(np.percentile(ttft, 99)),
+        "mean_e2e_s": float(e2e.mean()),
+        "p99_e2e_s": float(np.percentile(e2e, 99)),
+    }
+
+
+def priority(records: list[TraceRecord], seed: int = 0) -> dict:
+    tenants = parse_tenants("app:0.5,other:0.5")
+    cluster = ClusterConfig(kv_tokens=LatencyModel().kv_tokens)
+    requests = make_requests(records, tenants=tenants, max_tokens=1024, seed=seed)
+    interactive = np.random.default_rng(seed + 7).random(len(requests)) < 0.2
+    out: dict = {}
+    for load in (0.8, 1.0):
+        loaded, _ = at_load(requests, cluster, load)
+        row = {}
+        for label, prioritized in (("no_priority", False), ("priority", True)):
+            marked = [replace(r, priority=int(prioritized and r.tenant == "app" and not urgent))
+                      for r, urgent in zip(loaded, interactive, strict=True)]
+            config = PolicyConfig(name="fairway", latency=cluster.gpu_latency)
+            result = simulate(marked, config, cluster)
+            urgent_ids = {r.request_id for r, urgent in zip(loaded, interactive, strict=True) if urgent}
+            app = [r for r in result.requests if r.tenant == "app"]
+            row[label] = {
+                "app_interactive": class_latency([r for r in app if r.request_id in urgent_ids]),
+                "app_bulk": class_latency([r for r in app if r.request_id not in urgent_ids]),
+                "other": class_latency([r for r in result.requests if r.tenant == "other"]),
+                "max_service_difference": result.summary(SLO)["fairness"]["max_service_difference"],
+            }
+        out[f"load_{load:g}"] = row
+        log(f"priority load {load:g}: mean ttft interactive/bulk/other " + ", ".join(
+            f"{label} {v['app_interactive']['mean_ttft_s']:.2f}/{v['app_bulk']['mean_ttft_s']:.2f}/"
+            f"{v['other']['mean_ttft_s']:.2f}" for label, v in row.items()))
+    return out
+
+
 def _fmt(goal: dict) -> str:
     verdict = "PASS" if goal["pass"] else "FAIL"
     return f"{goal['goal']} = {goal['value']:.3f} ({verdict} {goal['target']})"
@@ -557,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         results["deadlines"] = deadlines(azure)
     if "background" in only:
         results["background"] = background(azure)
+    if "priority" in only:
+        results["priority"] = priority(azure, args.seed)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {args.out / 'results.json'} in {results['wall_s']} s")

@@ -120,6 +120,9 @@ class StructuredOutput:
         return None
 
 
+MAX_PRIORITY = 2**31 - 1
+"""Bound on a request's ``priority`` either way (a signed 32-bit integer)."""
+
 MAX_LOGIT_BIAS = 1024
 """Most ``logit_bias`` entries one request may carry."""
 MAX_LOGIT_BIAS_VALUE = 100.0
@@ -287,6 +290,9 @@ class CompletionRequest(Message):
     background: bool = False
     """Run only from capacity no other request waits for (a batch's request): the
     scheduler takes it after every request that is not background, of any tenant."""
+    priority: int = 0
+    """vLLM's ``priority``: lower runs first, among its tenant's own requests only (in
+    ``[-MAX_PRIORITY, MAX_PRIORITY]``)."""
     reply_to: str = ""
     prompt_token_ids: list[int] | None = None
     """A completion's prompt as the model's token ids (OpenAI's and vLLM's token-id

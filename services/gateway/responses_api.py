@@ -87,7 +87,7 @@ _PASSED_THROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "log
                    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
                    "stop_token_ids", "deadline_ms", "fail_if_late", "chat_template_kwargs",
                    "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                   "guided_grammar", "service_tier")
+                   "guided_grammar", "service_tier", "priority")
 """Fields a Responses body may carry as the chat's extensions (vLLM's extra sampling
 fields and Fairway's deadlines), checked as the chat checks them."""
 _KEPT_ELSEWHERE = {
@@ -146,6 +146,7 @@ class ResponsesBody(StrictBody):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    priority: Any = None
 
 
 def _not_stored(param: str, what: str) -> ApiError:

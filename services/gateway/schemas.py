@@ -7,7 +7,8 @@ the wire message. Everything here is pure and raises :class:`ApiError` for the c
 Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
 ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms`` header, the
-smaller wins) and ``fail_if_late``. Structured outputs come as OpenAI's
+smaller wins), ``fail_if_late`` and ``priority`` (vLLM's: lower runs first among the
+tenant's own requests). Structured outputs come as OpenAI's
 ``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs``
 (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or its older ``guided_*``
 fields; a chat's ``tools`` with ``tool_choice`` required or named become the same kind
@@ -41,6 +42,7 @@ from services.messages import (
     MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
     MAX_PENALTY,
+    MAX_PRIORITY,
     MAX_TEMPLATE_ARGS,
     MAX_TOOLS,
     ChatMessage,
@@ -217,6 +219,9 @@ class _SamplingFields(StrictBody):
     service_tier: ServiceTier | None = None
     """OpenAI's: ``flex`` runs the request in the background (only from capacity no other
     request waits for, as a batch's); the others are served as ``default``."""
+    priority: int | None = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+    """vLLM's: among the tenant's own queued requests, a lower value runs first (default
+    0); it never moves the request ahead of another tenant's."""
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     min_tokens: int | None = Field(default=None, ge=0)
@@ -794,6 +799,7 @@ def to_completion_request(
         deadline=None if deadline_ms is None else now + deadline_ms / 1000.0,
         fail_if_late=bool(body.fail_if_late),
         background=body.service_tier == "flex",
+        priority=body.priority or 0,
         reply_to=reply_to,
         defaulted=[name for name, given in (
             ("max_tokens", requested_max_tokens(body)), ("temperature", body.temperature),

@@ -28,6 +28,11 @@ be delayed by only ``tail_slack`` of its wait); an operator with a tail SLO can 
 requests precede the (then larger) express tier.
 Deadlines near their latest safe start beat everything inside a tenant.
 
+A request may carry a ``priority`` (vLLM's field: lower first, default 0). It orders a
+tenant's own requests strictly, before all the rules above, which then order requests
+of equal priority; it never moves a request ahead of another tenant's (VTC picks the
+tenant first). A policy that is not fair has one queue, so there it orders all requests.
+
 A *background* request (a batch's) runs only from capacity no other request waits for:
 inside its tenant it comes after every other request, and a tenant with only background
 requests left is served after every tenant with others. It is charged as any request.
@@ -100,6 +105,10 @@ class QueuedRequest:
     """The pool an in-flight request was dispatched to."""
     run_output: int = 0
     """Output tokens its current run reported (in flight): what a hand-back recomputes."""
+    priority: int = 0
+    """Lower goes first, as vLLM's ``priority``: strictly, inside the tenant's queue (or
+    the one queue of a policy that is not fair); deadlines, the tail guard and cost order
+    only order requests of equal priority."""
 
 
 @dataclass(slots=True)
@@ -354,7 +363,10 @@ class _Entry:
     """Id of the schedule call that last took it off its heaps."""
 
 
-_HeapItem = tuple[float, int, _Entry]
+_TimerItem = tuple[float, int, _Entry]
+"""(when, seq, entry): a request waiting to enter a tier, or to expire."""
+_HeapItem = tuple[int, float, int, _Entry]
+"""(priority, key, seq, entry): a request in a tier."""
 _Popped = list[tuple[list[_HeapItem], _HeapItem]]
 
 
@@ -364,17 +376,18 @@ class _Queue:
 
     Requests are taken from the first non-empty tier: ``due`` (deadline near), then
     ``express`` (cheapest share of the work), ``late`` (past the tail guard), ``main``,
-    then ``background``. ``soon_due``/``soon_late`` hold requests until they enter
-    ``due``/``late``.
+    then ``background``; but a request of a lower ``priority`` value in a later tier goes
+    first (only ``background`` waits for every other tier whatever its priorities).
+    ``soon_due``/``soon_late`` hold requests until they enter ``due``/``late``.
     """
 
     main: list[_HeapItem] = field(default_factory=list)
     express: list[_HeapItem] = field(default_factory=list)
     late: list[_HeapItem] = field(default_factory=list)
     due: list[_HeapItem] = field(default_factory=list)
-    soon_late: list[_HeapItem] = field(default_factory=list)
-    soon_due: list[_HeapItem] = field(default_factory=list)
-    expiry: list[_HeapItem] = field(default_factory=list)
+    soon_late: list[_TimerItem] = field(default_factory=list)
+    soon_due: list[_TimerItem] = field(default_factory=list)
+    expiry: list[_TimerItem] = field(default_factory=list)
     background: list[_HeapItem] = field(default_factory=list)
     work: float = 0.0
     """Predicted work queued here (reference-worker seconds), for the tail guard."""
@@ -556,7 +569,7 @@ class SchedulerPolicy:
             if not fits and not req.background and wait_s >= self.config.preempt_after_s:
                 waiting.append(state.view.name)
         for heap, item in popped:
-            if self._live(item[2]):
+            if self._live(item[3]):
                 heapq.heappush(heap, item)
         if offload_only and not dispatches:
             self._offload_idle_until = now + self.config.offload_idle_rescan_s
@@ -800,7 +813,7 @@ class SchedulerPolicy:
                 latest_start = req.deadline - self._typical_service_s(req)
                 urgent_at = latest_start - self.config.urgency_slack_s - wait
                 heapq.heappush(queue.soon_due, (urgent_at, entry.seq, entry))
-        heapq.heappush(tier, (entry.key, entry.seq, entry))
+        heapq.heappush(tier, (req.priority, entry.key, entry.seq, entry))
         if req.deadline is not None and req.fail_if_late:
             lat = self.config.latency
             fastest = lat.prefill_s(req.input_tokens + req.generated)
@@ -892,11 +905,11 @@ class SchedulerPolicy:
             while queue.soon_late and queue.soon_late[0][0] <= now:
                 _, seq, entry = heapq.heappop(queue.soon_late)
                 if self._live(entry):
-                    heapq.heappush(queue.late, (entry.guard, seq, entry))
+                    heapq.heappush(queue.late, (entry.req.priority, entry.guard, seq, entry))
             while queue.soon_due and queue.soon_due[0][0] <= now:
                 _, seq, entry = heapq.heappop(queue.soon_due)
                 if self._live(entry) and entry.req.deadline is not None:
-                    heapq.heappush(queue.due, (entry.req.deadline, seq, entry))
+                    heapq.heappush(queue.due, (entry.req.priority, entry.req.deadline, seq, entry))
             while queue.expiry and queue.expiry[0][0] < now:
                 _, _, entry = heapq.heappop(queue.expiry)
                 if self._live(entry):
@@ -933,16 +946,18 @@ class SchedulerPolicy:
         ref_rate = ref.decode_tokens_per_s(ref.max_batch)
         return lat.decode_tokens_per_s(lat.max_batch) / ref_rate if ref_rate > 0 else 1.0
 
-    def _pop_valid(self, heap: list[_HeapItem], scan: int, popped: _Popped) -> _Entry | None:
+    def _head(self, heap: list[_HeapItem], scan: int, popped: _Popped) -> _HeapItem | None:
+        """The heap's first live item not yet taken this scan (those taken go to
+        ``popped``, to be pushed back when the scan ends; dead ones are dropped)."""
         while heap:
-            item = heapq.heappop(heap)
-            entry = item[2]
+            item = heap[0]
+            entry = item[3]
             if not self._live(entry):
-                continue
-            popped.append((heap, item))
-            if entry.scan != scan:
-                entry.scan = scan
-                return entry
+                heapq.heappop(heap)
+            elif entry.scan == scan:
+                popped.append((heap, heapq.heappop(heap)))
+            else:
+                return item
         return None
 
     def _next_candidate(
@@ -970,17 +985,28 @@ class SchedulerPolicy:
             held[tenant] = self._tenant_queued[tenant]
 
     def _pop_queue(self, queue: _Queue, scan: int, popped: _Popped) -> _Entry | None:
+        """The queue's next request: the first tier's head, unless a later tier's head
+        has a lower priority value; background requests when no other is left."""
         if not self.config.cost_order:
-            tiers: tuple[list[_HeapItem], ...] = (queue.main, queue.background)
+            tiers: tuple[list[_HeapItem], ...] = (queue.main,)
         elif self.config.late_first:
-            tiers = (queue.due, queue.late, queue.express, queue.main, queue.background)
+            tiers = (queue.due, queue.late, queue.express, queue.main)
         else:
-            tiers = (queue.due, queue.express, queue.late, queue.main, queue.background)
+            tiers = (queue.due, queue.express, queue.late, queue.main)
+        best: tuple[int, list[_HeapItem]] | None = None
         for tier in tiers:
-            entry = self._pop_valid(tier, scan, popped)
-            if entry is not None:
-                return entry
-        return None
+            head = self._head(tier, scan, popped)
+            if head is not None and (best is None or head[0] < best[0]):
+                best = (head[0], tier)
+        if best is None:
+            if self._head(queue.background, scan, popped) is None:
+                return None
+            best = (0, queue.background)
+        heap = best[1]
+        item = heapq.heappop(heap)
+        popped.append((heap, item))
+        item[3].scan = scan
+        return item[3]
 
     def _place(
         self, req: QueuedRequest, states: list[_PoolState], busy: bool = False

@@ -77,6 +77,7 @@ def queued_view(scored: m.ScoredRequest, arrival: float, generated: int | None =
         input_charged=generated is not None,
         adapter=scored.adapter,
         background=req.background,
+        priority=req.priority,
     )
 
 

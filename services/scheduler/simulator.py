@@ -63,6 +63,8 @@ class SimRequest:
     fail_if_late: bool = False
     background: bool = False
     """Served from spare capacity only (a batch's request)."""
+    priority: int = 0
+    """Lower first, inside its tenant (the API's ``priority``)."""
     # Outcome.
     generated: int = 0
     first_dispatch: float | None = None
@@ -87,6 +89,7 @@ class SimRequest:
             uncertainty=self.uncertainty,
             generated=self.generated,
             background=self.background,
+            priority=self.priority,
         )
 
 
@@ -820,6 +823,7 @@ def make_requests(
                 deadline=None if relative is None else r.timestamp + relative,
                 fail_if_late=fail_if_late and relative is not None,
                 background=tenant in background_tenants,
+                priority=r.priority or 0,
             )
         )
     return out

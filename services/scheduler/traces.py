@@ -3,7 +3,8 @@
 Azure CSV (``TIMESTAMP,ContextTokens,GeneratedTokens``, wall-clock timestamps with up
 to 7 fractional digits). JSONL: one object per line with ``timestamp`` (seconds),
 ``input_tokens``, ``output_tokens`` and optionally ``tenant``, ``prompt``, ``model``,
-``max_tokens`` and ``deadline_s`` (seconds after arrival). Either may be gzipped.
+``max_tokens``, ``deadline_s`` (seconds after arrival) and ``priority`` (an integer,
+lower first, as the API's). Either may be gzipped.
 Timestamps come back relative to the first arrival, sorted.
 """
 
@@ -35,6 +36,8 @@ class TraceRecord:
     max_tokens: int | None = None
     deadline_s: float | None = None
     """Deadline relative to arrival, in seconds."""
+    priority: int | None = None
+    """The request's ``priority`` (lower first); None: the default, 0."""
 
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -127,6 +130,9 @@ def read_jsonl(path: str | Path) -> list[TraceRecord]:
                 isinstance(deadline, bool) or not isinstance(deadline, int | float)
             ):
                 raise ValueError("deadline_s must be a number")
+            priority = obj.get("priority")
+            if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+                raise ValueError("priority must be an integer")
             records.append(
                 TraceRecord(
                     timestamp=float(timestamp),
@@ -139,6 +145,7 @@ def read_jsonl(path: str | Path) -> list[TraceRecord]:
                     if max_tokens is None
                     else _positive_int(max_tokens, "max_tokens"),
                     deadline_s=None if deadline is None else float(deadline),
+                    priority=priority,
                 )
             )
         except ValueError as exc:
@@ -181,7 +188,7 @@ def write_jsonl(records: list[TraceRecord], path: str | Path) -> None:
                 "input_tokens": r.input_tokens,
                 "output_tokens": r.output_tokens,
             }
-            for name in ("tenant", "prompt", "model", "max_tokens", "deadline_s"):
+            for name in ("tenant", "prompt", "model", "max_tokens", "deadline_s", "priority"):
                 value = getattr(r, name)
                 if value is not None:
                     obj[name] = value

@@ -121,13 +121,15 @@ def test_tools_tool_choice_format_logprobs_and_effort_map_to_the_chats_fields() 
 
 
 def test_the_wire_request_is_a_chat_with_the_extensions_passed_through() -> None:
-    chat = read(input="x", seed=5, top_k=4, stop=["\n"], min_tokens=2, guided_regex="[a-z]+").chat
+    chat = read(input="x", seed=5, top_k=4, stop=["\n"], min_tokens=2, guided_regex="[a-z]+",
+                priority=4).chat
     wire = to_completion_request(chat, request_id="resp_1", tenant="t", now=0.0, reply_to="q",
                                  max_model_len=2048, deadline_ms=None)
     assert wire.kind == "chat" and wire.messages[0].content == "x"
     assert (wire.sampling.seed, wire.sampling.top_k, wire.sampling.stop, wire.sampling.min_tokens) == (
         5, 4, ["\n"], 2)
     assert (wire.sampling.structured.kind, wire.sampling.structured.spec) == ("regex", "[a-z]+")
+    assert wire.priority == 4
 
 
 @pytest.mark.parametrize(("fields", "param", "words"), [

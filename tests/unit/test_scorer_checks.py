@@ -41,6 +41,12 @@ def test_bad_sampling_parameters_are_refused(sampling):
     assert info.value.status == 400
 
 
+def test_priority_beyond_a_32_bit_integer_is_refused():
+    check_fields(m.CompletionRequest(request_id="r", model="tiny", prompt="hi", priority=-(2**31 - 1)))
+    with pytest.raises(RequestRejected, match="priority must be in"):
+        check_fields(m.CompletionRequest(request_id="r", model="tiny", prompt="hi", priority=2**40))
+
+
 def test_chat_roles_are_checked():
     with pytest.raises(RequestRejected):
         check_fields(request("chat", roles=("user", "robot")))

@@ -72,17 +72,18 @@ def test_jsonl_with_optional_fields_sorted_and_relative(tmp_path: Path) -> None:
             "tenant": "b",
             "prompt": "hi",
             "deadline_s": 2,
+            "priority": -1,
         },
         {"timestamp": 100.0, "input_tokens": 5, "output_tokens": 9, "model": "m", "max_tokens": 64},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     first, second = load_trace(path)
     assert first == TraceRecord(0.0, 5, 9, model="m", max_tokens=64)
-    assert second == TraceRecord(5.5, 7, 3, tenant="b", prompt="hi", deadline_s=2.0)
+    assert second == TraceRecord(5.5, 7, 3, tenant="b", prompt="hi", deadline_s=2.0, priority=-1)
 
 
 def test_gzipped_jsonl_round_trips_through_write_jsonl(tmp_path: Path) -> None:
-    records = [TraceRecord(0.0, 5, 9, tenant="a"), TraceRecord(1.25, 6, 2, prompt="why?")]
+    records = [TraceRecord(0.0, 5, 9, tenant="a"), TraceRecord(1.25, 6, 2, prompt="why?", priority=2)]
     plain = tmp_path / "t.jsonl"
     write_jsonl(records, plain)
     packed = tmp_path / "t.jsonl.gz"
@@ -99,6 +100,7 @@ def test_gzipped_jsonl_round_trips_through_write_jsonl(tmp_path: Path) -> None:
         ('{"timestamp": 1, "input_tokens": 1.5, "output_tokens": 1}', "input_tokens"),
         ('{"timestamp": 1, "input_tokens": 1, "output_tokens": -2}', "output_tokens"),
         ('{"timestamp": 1, "input_tokens": 1, "output_tokens": 2, "tenant": 3}', "tenant"),
+        ('{"timestamp": 1, "input_tokens": 1, "output_tokens": 2, "priority": 0.5}', "priority"),
         ("[1, 2]", "JSON object"),
         ("{oops", "invalid JSON"),
     ],
