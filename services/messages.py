@@ -120,8 +120,8 @@ class StructuredOutput:
         return None
 
 
-MAX_PRIORITY = 2**31 - 1
-"""Bound on a request's ``priority`` either way (a signed 32-bit integer)."""
+PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
+"""Bounds of a request's ``priority``: a signed 64-bit integer, as vLLM's."""
 
 MAX_LOGIT_BIAS = 1024
 """Most ``logit_bias`` entries one request may carry."""
@@ -292,7 +292,7 @@ class CompletionRequest(Message):
     scheduler takes it after every request that is not background, of any tenant."""
     priority: int = 0
     """vLLM's ``priority``: lower runs first, among its tenant's own requests only (in
-    ``[-MAX_PRIORITY, MAX_PRIORITY]``)."""
+    ``[PRIORITY_MIN, PRIORITY_MAX]``)."""
     reply_to: str = ""
     prompt_token_ids: list[int] | None = None
     """A completion's prompt as the model's token ids (OpenAI's and vLLM's token-id

@@ -42,7 +42,6 @@ from services.messages import (
     MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
     MAX_PENALTY,
-    MAX_PRIORITY,
     MAX_TEMPLATE_ARGS,
     MAX_TOOLS,
     ChatMessage,
@@ -219,7 +218,7 @@ class _SamplingFields(StrictBody):
     service_tier: ServiceTier | None = None
     """OpenAI's: ``flex`` runs the request in the background (only from capacity no other
     request waits for, as a batch's); the others are served as ``default``."""
-    priority: int | None = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+    priority: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     """vLLM's: among the tenant's own queued requests, a lower value runs first (default
     0); it never moves the request ahead of another tenant's."""
     repetition_penalty: float | None = Field(default=None, gt=0.0)

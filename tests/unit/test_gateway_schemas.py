@@ -110,8 +110,8 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"stream": "yes"}, "stream"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"deadline_ms": 0}, "deadline_ms"),
-        ({"priority": 2**31}, "priority"),
-        ({"priority": -(2**31)}, "priority"),
+        ({"priority": 2**63}, "priority"),
+        ({"priority": -(2**63) - 1}, "priority"),
         ({"priority": 1.5}, "priority"),
         ({"priority": "high"}, "priority"),
         ({"ignore_eos": 1}, "ignore_eos"),
@@ -328,7 +328,8 @@ def test_completion_request_mapping() -> None:
 
 def test_priority_reaches_the_wire_message_and_defaults_to_zero() -> None:
     assert to_request(_check(chat(priority=-3), ChatCompletionBody)).priority == -3
-    assert to_request(_check(completion(priority=2**31 - 1))).priority == 2**31 - 1
+    assert to_request(_check(completion(priority=2**63 - 1))).priority == 2**63 - 1
+    assert to_request(_check(completion(priority=-(2**63)))).priority == -(2**63)
     assert to_request(_check(completion())).priority == 0
 
 

@@ -41,10 +41,10 @@ def test_bad_sampling_parameters_are_refused(sampling):
     assert info.value.status == 400
 
 
-def test_priority_beyond_a_32_bit_integer_is_refused():
-    check_fields(m.CompletionRequest(request_id="r", model="tiny", prompt="hi", priority=-(2**31 - 1)))
+def test_priority_beyond_a_64_bit_integer_is_refused():
+    check_fields(m.CompletionRequest(request_id="r", model="tiny", prompt="hi", priority=-(2**63)))
     with pytest.raises(RequestRejected, match="priority must be in"):
-        check_fields(m.CompletionRequest(request_id="r", model="tiny", prompt="hi", priority=2**40))
+        check_fields(m.CompletionRequest(request_id="r", model="tiny", prompt="hi", priority=2**63))
 
 
 def test_chat_roles_are_checked():
