@@ -321,6 +321,9 @@ class CompletionRequest(Message):
     vLLM treats them: the scorer takes ``temperature``, ``top_p`` and ``top_k`` from the
     model's ``generation_config.json``, and lowers a default ``max_tokens`` to what the
     context leaves after the prompt instead of refusing the request."""
+    return_token_ids: bool = False
+    """The caller wants the answer's token ids and its prompt's (vLLM's ``return_token_ids``):
+    the worker sends the prompt's ids, as the model saw them, with the first tokens."""
     tokenize_only: bool = False
     """Generate nothing: the scorer answers with the prompt's token ids as the model sees
     them (a chat's as its template renders it) and their text (vLLM's ``/tokenize`` and
@@ -348,6 +351,10 @@ class ScoredRequest(Message):
     score: LengthScore
     adapter: str | None = None
     """The tenant LoRA adapter ``request.model`` selects, checked by the scorer; None: base."""
+
+    def prompt_ids_to_return(self) -> list[int] | None:
+        """What a worker sends as ``prompt_token_ids`` with the answer's first tokens."""
+        return self.prompt_token_ids if self.request.return_token_ids else None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -381,6 +388,9 @@ class TokenChunk(Message):
     them. Nothing predicts the first: its entry has only its text (logprob 0, no top)."""
     echoed_prompt: str | None = None
     """The text of a token-id prompt that asked to be echoed, on the answer's first chunk."""
+    prompt_token_ids: list[int] | None = None
+    """The prompt's token ids as the model saw them (its chat template applied), on the
+    answer's first chunk, when the request asked (``return_token_ids``)."""
 
 
 @dataclass(slots=True)
@@ -423,6 +433,8 @@ class FinalAnswer(Message):
     """As ``TokenChunk.prompt_logprobs``, when these are the answer's first tokens."""
     echoed_prompt: str | None = None
     """As ``TokenChunk.echoed_prompt``, when these are the answer's first tokens."""
+    prompt_token_ids: list[int] | None = None
+    """As ``TokenChunk.prompt_token_ids``, when these are the answer's first tokens."""
     finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -56,20 +56,22 @@ class ReplyStream:
             if msg.finish_reason in ("error", "cancelled"):
                 # An abnormal end does not wait for missing chunks: nothing more will come.
                 self._deliver_final(dataclasses.replace(msg, text="", token_ids=[], logprobs=[],
-                                                        prompt_logprobs=[], echoed_prompt=None))
+                                                        prompt_logprobs=[], echoed_prompt=None,
+                                                        prompt_token_ids=None))
                 return
             if msg.token_ids or msg.text:  # the answer's last tokens: a chunk, then the end
                 self.offer(m.TokenChunk(request_id=msg.request_id, token_offset=msg.token_offset,
                                         text_offset=msg.text_offset, text=msg.text,
                                         token_ids=msg.token_ids, logprobs=msg.logprobs,
                                         prompt_logprobs=msg.prompt_logprobs,
-                                        echoed_prompt=msg.echoed_prompt))
+                                        echoed_prompt=msg.echoed_prompt,
+                                        prompt_token_ids=msg.prompt_token_ids))
                 if self.finished:  # that chunk let an end held earlier through
                     return
                 msg = dataclasses.replace(
                     msg, token_offset=msg.token_offset + len(msg.token_ids),
                     text_offset=msg.text_offset + len(msg.text), text="", token_ids=[],
-                    logprobs=[], prompt_logprobs=[], echoed_prompt=None)
+                    logprobs=[], prompt_logprobs=[], echoed_prompt=None, prompt_token_ids=None)
             self._final = self._final or msg
         elif msg.token_offset > self.next_token:
             held = self._ahead.get(msg.token_offset)
@@ -88,10 +90,11 @@ class ReplyStream:
         lies past what was delivered."""
         tokens = chunk.token_ids[self.next_token - chunk.token_offset:]
         text = chunk.text[max(0, self.next_char - chunk.text_offset):]
-        if chunk.prompt_logprobs or chunk.echoed_prompt is not None:
+        if chunk.prompt_logprobs or chunk.echoed_prompt is not None or chunk.prompt_token_ids is not None:
             # Once: a regenerated first chunk carries them again.
             if self.prompt_delivered:
-                chunk = dataclasses.replace(chunk, prompt_logprobs=[], echoed_prompt=None)
+                chunk = dataclasses.replace(chunk, prompt_logprobs=[], echoed_prompt=None,
+                                            prompt_token_ids=None)
             self.prompt_delivered = True
         if tokens or text:
             if len(tokens) < len(chunk.token_ids) or len(text) < len(chunk.text):

@@ -507,7 +507,8 @@ class WorkerService:
             request_id=active.item.request_id, token_offset=0, text_offset=0,
             text=point.streamed_text, token_ids=list(point.output_token_ids),
             logprobs=list(point.output_logprobs), prompt_logprobs=list(point.prompt_logprobs),
-            echoed_prompt=active.request.prompt_to_echo()),
+            echoed_prompt=active.request.prompt_to_echo(),
+            prompt_token_ids=active.item.scored.prompt_ids_to_return()),
             mandatory=True))
         send.add_done_callback(lambda f: self._on_sent(active, f))
         active.unconfirmed.appendleft((send, len(point.output_token_ids), point.streamed_chars))
@@ -706,7 +707,9 @@ class WorkerService:
                 text_offset=active.streamed_chars, text=out.new_text,
                 token_ids=list(out.new_token_ids), logprobs=out.logprobs,
                 prompt_logprobs=out.prompt_logprobs,
-                echoed_prompt=None if active.output_token_ids else active.request.prompt_to_echo()),
+                echoed_prompt=None if active.output_token_ids else active.request.prompt_to_echo(),
+                prompt_token_ids=None if active.output_token_ids
+                else active.item.scored.prompt_ids_to_return()),
                 mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
             active.sent(send, out.new_token_ids, out.new_text, out.logprobs, out.prompt_logprobs)
@@ -738,6 +741,8 @@ class WorkerService:
             logprobs=out.logprobs if done else [],
             prompt_logprobs=out.prompt_logprobs if done else [],
             echoed_prompt=None if active.output_token_ids or not done else req.prompt_to_echo(),
+            prompt_token_ids=None if active.output_token_ids or not done
+            else active.item.scored.prompt_ids_to_return(),
             finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
             completion_tokens=out.num_output_tokens, cached_tokens=out.num_cached_tokens,
             error=error))

@@ -423,6 +423,7 @@ def prepare_generation(
         tool_calling=tool_calling(body, settings.tool_call_parser),
         reasoning_parser=reasoning_parser_for(completion, settings.reasoning_parser),
         service_tier=served_tier(body),
+        token_ids=bool(body.return_token_ids),
     )
     return choice_requests(completion, body.n or 1, prompts), meta
 

@@ -67,6 +67,9 @@ class ResponseMeta:
     service_tier: str | None = None
     """The tier that served it (``flex`` or ``default``), said in every object when the
     request named one (``service_tier``)."""
+    token_ids: bool = False
+    """The client asked for token ids (``return_token_ids``): each choice's and each
+    chunk's output ``token_ids``, and the prompt's ``prompt_token_ids``."""
 
     def head(self, obj: str) -> dict[str, Any]:
         """The fields every response object of the request starts with."""
@@ -112,6 +115,8 @@ class ChoiceAnswer:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     echoed_prompt: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] | None = None
 
 
 def usage(finals: list[FinalAnswer], n: int = 1) -> dict[str, int]:
@@ -259,12 +264,19 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
             choice["message"], choice["finish_reason"] = chat_message(meta, answer)
         else:
             choice["text"] = meta.echoed(index, answer) + answer.text
+        if meta.token_ids:
+            choice["token_ids"] = answer.token_ids
+            if meta.kind != "chat":
+                choice["prompt_token_ids"] = answer.prompt_token_ids
         choices.append(choice)
-    return {
+    body = {
         **meta.head("chat.completion" if meta.kind == "chat" else "text_completion"),
         "choices": choices,
         "usage": usage([answer.final for answer in answers], meta.n),
     }
+    if meta.token_ids and meta.kind == "chat":
+        body["prompt_token_ids"] = answers[0].prompt_token_ids if answers else None
+    return body
 
 
 def stream_chunk(
@@ -278,9 +290,13 @@ def stream_chunk(
     logprobs: dict[str, Any] | None = None,
     calls: list[dict[str, Any]] | None = None,
     reasoning: str = "",
+    token_ids: list[int] | None = None,
+    prompt_token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk: text, tool calls (a chat's ``delta.tool_calls``) and/or a finish
-    reason (chat: ``delta``; the first has the role)."""
+    reason (chat: ``delta``; the first has the role). ``token_ids``: the output tokens it
+    adds, ``prompt_token_ids`` the prompt's (a chat's at the top, a completion's in the
+    choice), when the client asked for them."""
     choice: dict[str, Any] = {"index": index}
     if meta.kind == "chat":
         delta: dict[str, Any] = {}
@@ -301,7 +317,13 @@ def stream_chunk(
         obj = "text_completion"
     choice["logprobs"] = logprobs
     choice["finish_reason"] = finish
+    if meta.token_ids:
+        choice["token_ids"] = token_ids or []
+    if prompt_token_ids is not None and meta.kind != "chat":
+        choice["prompt_token_ids"] = prompt_token_ids
     chunk: dict[str, Any] = {**meta.head(obj), "choices": [choice]}
+    if prompt_token_ids is not None and meta.kind == "chat":
+        chunk["prompt_token_ids"] = prompt_token_ids
     if include_usage:
         chunk["usage"] = None
     return chunk
@@ -339,9 +361,13 @@ async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
     logprobs: list[list[TokenLogprob]] = [[] for _ in stream.streams]
     prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in stream.streams]
     echoed: list[str | None] = [None] * len(stream.streams)
+    token_ids: list[list[int]] = [[] for _ in stream.streams]
+    prompt_ids: list[list[int] | None] = [None] * len(stream.streams)
     finals: dict[int, FinalAnswer] = {}
     while len(finals) < len(stream.streams):
         index, reply = await stream.next()
+        if prompt_ids[index] is None:
+            prompt_ids[index] = reply.prompt_token_ids
         if isinstance(reply, FinalAnswer):
             finals[index] = reply
             if answer_error(reply) is not None:
@@ -351,7 +377,9 @@ async def collect_answer(stream: ChoiceStream) -> list[ChoiceAnswer]:
             logprobs[index].extend(reply.logprobs)
             prompt_logprobs[index].extend(reply.prompt_logprobs)
             echoed[index] = echoed[index] or reply.echoed_prompt
-    return [ChoiceAnswer(final, "".join(parts[i]), logprobs[i], prompt_logprobs[i], echoed[i])
+            token_ids[index].extend(reply.token_ids)
+    return [ChoiceAnswer(final, "".join(parts[i]), logprobs[i], prompt_logprobs[i], echoed[i],
+                         token_ids[i], prompt_ids[i])
             for i, final in sorted(finals.items())]
 
 
@@ -363,18 +391,23 @@ class Delta:
     calls: list[dict[str, Any]] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     reasoning: str = ""
+    token_ids: list[int] | None = None
+    """The output tokens it adds, when the client asked for them: sent even while the
+    parsers hold their text back, so a choice's chunks hold every token once."""
 
     def __bool__(self) -> bool:
-        return bool(self.text or self.calls or self.logprobs or self.reasoning)
+        return bool(self.text or self.calls or self.logprobs or self.reasoning or self.token_ids)
 
     def __add__(self, other: Delta) -> Delta:
+        ids = None if self.token_ids is None and other.token_ids is None else [
+            *(self.token_ids or []), *(other.token_ids or [])]
         return Delta(self.text + other.text, self.calls + other.calls,
-                     self.logprobs + other.logprobs, self.reasoning + other.reasoning)
+                     self.logprobs + other.logprobs, self.reasoning + other.reasoning, ids)
 
     def chunk(self, meta: ResponseMeta, index: int, include_usage: bool) -> dict[str, Any]:
         return stream_chunk(meta, index=index, include_usage=include_usage, text=self.text,
                             calls=self.calls or None, reasoning=self.reasoning,
-                            logprobs=choice_logprobs(meta, self.logprobs))
+                            logprobs=choice_logprobs(meta, self.logprobs), token_ids=self.token_ids)
 
 
 class ToolCallStream:
@@ -502,10 +535,15 @@ async def sse_events(
     events: list[bytes] = []
     n = len(stream.streams)
     if meta.kind == "chat":
-        events.extend(sse(stream_chunk(meta, index=i, role=True, include_usage=include_usage))
+        # A chat's prompt ids go once, at the top of the first chunk: every choice's prompt is the same.
+        prompt_ids = first[1].prompt_token_ids if meta.token_ids else None
+        events.extend(sse(stream_chunk(meta, index=i, role=True, include_usage=include_usage,
+                                       prompt_token_ids=None if i else prompt_ids))
                       for i in range(n))
     text_offsets = [0] * n  # where each choice's next token's text starts (text_offset)
     echoed = [meta.echo is None] * n  # an echoed choice starts with the prompt
+    # A completion's choice's prompt ids go with its first chunk.
+    prompt_sent = [meta.kind == "chat" or not meta.token_ids] * n
     parsed = meta.kind == "chat" and (meta.tool_calling is not None or bool(meta.reasoning_parser))
     answers = [ChatAnswerStream(meta) if parsed else None for _ in range(n)]
     finals: dict[int, FinalAnswer] = {}
@@ -527,24 +565,31 @@ async def sse_events(
                     finish, delta = answer.finish(reply)
                     if delta:
                         events.append(sse(delta.chunk(meta, index, include_usage)))
-                events.append(sse(stream_chunk(meta, index=index, finish=finish,
-                                               include_usage=include_usage)))
+                events.append(sse(stream_chunk(
+                    meta, index=index, finish=finish, include_usage=include_usage,
+                    prompt_token_ids=None if prompt_sent[index] else reply.prompt_token_ids)))
                 if len(finals) == n:
                     if include_usage:
                         events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))
                     break
             elif answer is not None:
                 delta = answer.add(reply.text, reply.logprobs)
+                if meta.token_ids:
+                    delta.token_ids = list(reply.token_ids)
                 if delta:
                     events.append(sse(delta.chunk(meta, index, include_usage)))
-            elif reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]:
+            elif (reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]
+                  or (meta.token_ids and reply.token_ids)):
                 text, prompt = reply.text, None
                 if not echoed[index]:
                     echoed[index] = True
                     text, prompt = meta.echoed(index, reply) + text, reply.prompt_logprobs
                 events.append(sse(stream_chunk(
                     meta, index=index, text=text, include_usage=include_usage,
-                    logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index], prompt))))
+                    logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index], prompt),
+                    token_ids=reply.token_ids,
+                    prompt_token_ids=None if prompt_sent[index] else reply.prompt_token_ids)))
+                prompt_sent[index] = True
                 text_offsets[index] += sum(len(entry.token) for entry in (prompt or []) + reply.logprobs)
             if events and not stream.waiting:
                 yield b"".join(events)

@@ -7,8 +7,8 @@ the wire message. Everything here is pure and raises :class:`ApiError` for the c
 Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
 ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms`` header, the
-smaller wins), ``fail_if_late`` and ``priority`` (vLLM's: lower runs first among the
-tenant's own requests). Structured outputs come as OpenAI's
+smaller wins), ``fail_if_late``, ``return_token_ids`` and ``priority`` (vLLM's: lower
+runs first among the tenant's own requests). Structured outputs come as OpenAI's
 ``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs``
 (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or its older ``guided_*``
 fields; a chat's ``tools`` with ``tool_choice`` required or named become the same kind
@@ -218,6 +218,10 @@ class _SamplingFields(StrictBody):
     service_tier: ServiceTier | None = None
     """OpenAI's: ``flex`` runs the request in the background (only from capacity no other
     request waits for, as a batch's); the others are served as ``default``."""
+    return_token_ids: bool | None = None
+    """vLLM's: the answer's token ids beside its text (``token_ids`` in each choice, and in
+    each streamed chunk its new ones) and the prompt's as the model saw them
+    (``prompt_token_ids``: a completion's choice's; a chat's, at the top, on the first chunk)."""
     priority: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     """vLLM's: among the tenant's own queued requests, a lower value runs first (default
     0); it never moves the request ahead of another tenant's."""
@@ -799,6 +803,7 @@ def to_completion_request(
         fail_if_late=bool(body.fail_if_late),
         background=body.service_tier == "flex",
         priority=body.priority or 0,
+        return_token_ids=bool(body.return_token_ids),
         reply_to=reply_to,
         defaulted=[name for name, given in (
             ("max_tokens", requested_max_tokens(body)), ("temperature", body.temperature),

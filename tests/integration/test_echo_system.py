@@ -73,6 +73,37 @@ def test_echo_streams_the_prompt_back(echo_system, echo_client):
     assert '"engine": "echo"' in echo_system.log("echo-cpu-worker")
 
 
+def test_return_token_ids_brings_the_prompts_and_the_answers_ids(echo_system, echo_client):
+    """vLLM's ``return_token_ids``: a completion's choice has its prompt's ids and its
+    own; streamed, the chunks' ids join to the answer's. A chat's prompt ids are those of
+    its rendered template (as /tokenize gives them)."""
+    prompt = "Fair queues for every tenant"
+    tokenizer = load_tokenizer(resolve_model_path(None, echo_system.cache_dir))
+    ids = tokenizer.encode(prompt)
+    asked = {"ignore_eos": True, "return_token_ids": True}
+    whole = echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt=prompt,
+                                           max_tokens=len(ids), extra_body=asked)
+    choice = whole.choices[0].model_dump()
+    assert (choice["prompt_token_ids"], choice["token_ids"]) == (ids, ids)  # echo answers the prompt
+    chunks = [c.model_dump() for c in echo_client.completions.create(
+        model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=len(ids), stream=True, extra_body=asked)]
+    assert [i for c in chunks for i in c["choices"][0]["token_ids"]] == ids
+    assert [c["choices"][0].get("prompt_token_ids") for c in chunks if c["choices"][0].get(
+        "prompt_token_ids")] == [ids]
+
+    messages = [{"role": "user", "content": prompt}]
+    rendered = httpx.post(f"{echo_system.gateway_url}/tokenize",
+                          json={"model": DEFAULT_MODEL_NAME, "messages": messages},
+                          headers={"Authorization": f"Bearer {TENANT_KEYS['acme']}"}).json()["tokens"]
+    chat = echo_client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages,
+                                               max_tokens=4, extra_body=asked).model_dump()
+    assert chat["prompt_token_ids"] == rendered
+    assert chat["choices"][0]["token_ids"] == rendered[:4]
+    plain = echo_client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages,
+                                                max_tokens=4).model_dump()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+
+
 def test_a_requests_markers_expire_after_the_configured_ttl(echo_system, echo_client):
     """A request leaves one key in Redis, the hash of its markers (done, the scorer's and
     the worker's claims...), which expires within ``FAIRWAY_MARKER_TTL_S``, so Redis holds

@@ -26,12 +26,14 @@ MAX_TOKENS = 12
 PROMPT_TOKEN_IDS = [1, 215, 308, 47, 1022, 96, 513, 77]  # within the tiny model's vocabulary
 
 
-def work_item(request_id: str, reply_to: str, echo_ids: bool = False, **sampling) -> m.WorkItem:
+def work_item(request_id: str, reply_to: str, echo_ids: bool = False, return_token_ids: bool = False,
+              **sampling) -> m.WorkItem:
     """``echo_ids``: the prompt came as token ids and asked to be echoed (the scorer put
-    their text in ``prompt``)."""
+    their text in ``prompt``); ``return_token_ids``: the caller wants the prompt's ids."""
     request = m.CompletionRequest(request_id=request_id, tenant="acme", model="fairway-tiny-llama",
                                   prompt="echo me", reply_to=reply_to,
                                   prompt_token_ids=PROMPT_TOKEN_IDS if echo_ids else None, echo=echo_ids,
+                                  return_token_ids=return_token_ids,
                                   sampling=m.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True,
                                                             **sampling))
     scored = m.ScoredRequest(request_id=request_id, request=request, prompt_token_ids=PROMPT_TOKEN_IDS,
@@ -82,8 +84,10 @@ async def test_a_resumed_request_sends_what_its_caller_was_sent_again_then_the_r
     """With log-probabilities asked for (and a token-id prompt's echo), they come along:
     each token's exactly once, and the prompt's (and its text) once, however the answer
     was cut between workers."""
-    sampling = {"logprobs": 1, "prompt_logprobs": 0, "echo_ids": True} if with_logprobs else {}
+    sampling = ({"logprobs": 1, "prompt_logprobs": 0, "echo_ids": True, "return_token_ids": True}
+                if with_logprobs else {})
     echoed = "echo me" if with_logprobs else None
+    prompt_ids = PROMPT_TOKEN_IDS if with_logprobs else None
     settings = Settings(amqp_url=own_vhost(rabbit_server, "worker-resume"),
                         redis_url=own_redis_db(redis_server, 6), cache_dir=model_cache,
                         engine="echo", echo_tokens_per_s=100.0, instance_id="resume-test",
@@ -104,6 +108,7 @@ async def test_a_resumed_request_sends_what_its_caller_was_sent_again_then_the_r
         assert len(logprobs) == (MAX_TOKENS if with_logprobs else 0)
         assert len(prompt) == (len(PROMPT_TOKEN_IDS) if with_logprobs else 0)
         assert [r.echoed_prompt for r in whole] == [echoed] + [None] * (len(whole) - 1)
+        assert [r.prompt_token_ids for r in whole] == [prompt_ids] + [None] * (len(whole) - 1)
 
         # Another request like it was handed back once its caller had the first chunks
         # (about half the answer).
@@ -122,10 +127,11 @@ async def test_a_resumed_request_sends_what_its_caller_was_sent_again_then_the_r
         resumed = await answer(channel, queue, work_item(rid, queue.name, **sampling))
         first = resumed[0]
         assert (first.token_offset, first.text_offset, first.token_ids, first.text) == (0, 0, sent_tokens, sent)
-        assert (first.logprobs, first.prompt_logprobs, first.echoed_prompt) == (sent_logprobs, prompt, echoed)
+        assert (first.logprobs, first.prompt_logprobs, first.echoed_prompt, first.prompt_token_ids) == (
+            sent_logprobs, prompt, echoed, prompt_ids)
         # The rest is generated after the point, not again (nor the prompt's logprobs).
         assert all(r.token_offset >= len(sent_tokens) and not r.prompt_logprobs
-                   and r.echoed_prompt is None for r in resumed[1:])
+                   and r.echoed_prompt is None and r.prompt_token_ids is None for r in resumed[1:])
         again: list = []
         again_prompt: list = []
         assert delivered(resumed, again, again_prompt) == (tokens, text)

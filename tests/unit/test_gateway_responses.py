@@ -521,3 +521,51 @@ async def test_thinking_streams_as_reasoning_content_then_the_answer_with_its_ca
     [call] = [d["tool_calls"] for d in deltas if "tool_calls" in d]
     assert call[0]["function"]["name"] == "get_time"
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def with_prompt_ids(reply: TokenChunk | FinalAnswer, ids: list[int]) -> TokenChunk | FinalAnswer:
+    return dataclasses.replace(reply, prompt_token_ids=ids)
+
+
+async def test_token_ids_of_a_completion_come_per_choice_with_its_prompts() -> None:
+    """vLLM's ``return_token_ids``: each choice's output ids, and the ids of the prompt it
+    answers; streamed, each chunk its new ids and a choice's first its prompt's."""
+    meta = dataclasses.replace(COMPLETION, token_ids=True, n=1)
+
+    def streams() -> ChoiceStream:
+        return ChoiceStream([child("t-0", with_prompt_ids(tok(0, "a"), [1, 5]), tok(1, "b"), done(2)),
+                             child("t-1", with_prompt_ids(done(0), [1, 9, 9]))])
+
+    body = completion_response(meta, await collect_answer(streams()))
+    assert [(c["token_ids"], c["prompt_token_ids"]) for c in body["choices"]] == [
+        ([0, 1], [1, 5]), ([], [1, 9, 9])]
+    assert "prompt_token_ids" not in body
+    events = await run_sse(meta, streams())
+    ids: dict[int, list[int]] = {0: [], 1: []}
+    prompts: dict[int, list[list[int]]] = {0: [], 1: []}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            ids[choice["index"]] += choice["token_ids"]
+            if "prompt_token_ids" in choice:
+                prompts[choice["index"]].append(choice["prompt_token_ids"])
+    assert ids == {0: [0, 1], 1: []}
+    assert prompts == {0: [[1, 5]], 1: [[1, 9, 9]]}
+    assert "token_ids" not in completion_response(COMPLETION, [ChoiceAnswer(done(1), "a")])["choices"][0]
+
+
+async def test_token_ids_of_a_chat_hold_every_token_once_even_while_parsers_hold_text_back() -> None:
+    """A chat's prompt ids are the response's (on the first chunk, streamed); its chunks'
+    ids, joined, are the answer's even where the reasoning parser holds text back."""
+    for meta in (dataclasses.replace(CHAT, token_ids=True), dataclasses.replace(THINKING, token_ids=True)):
+        text = "<think>Hm.</think>Paris."
+        cuts = [0, 3, 7, 12, 18, len(text)]
+        replies = [tok(i, text[a:b], a) for i, (a, b) in enumerate(itertools.pairwise(cuts))]
+        replies[0] = with_prompt_ids(replies[0], [1, 2, 3])
+        body = completion_response(meta, await collect_answer(ChoiceStream([filled(*replies, done(5))])))
+        assert body["prompt_token_ids"] == [1, 2, 3]
+        assert body["choices"][0]["token_ids"] == [0, 1, 2, 3, 4]
+        events = await run_sse(meta, filled(*replies, done(5)))
+        chunks = events[:-1]
+        assert chunks[0]["prompt_token_ids"] == [1, 2, 3]
+        assert all("prompt_token_ids" not in c for c in chunks[1:])
+        assert [i for c in chunks for i in c["choices"][0]["token_ids"]] == [0, 1, 2, 3, 4]

@@ -114,6 +114,7 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"priority": -(2**63) - 1}, "priority"),
         ({"priority": 1.5}, "priority"),
         ({"priority": "high"}, "priority"),
+        ({"return_token_ids": "yes"}, "return_token_ids"),
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"prompt": []}, "prompt"),
         ({"prompt": ["x"] * 129}, "prompt"),
@@ -324,6 +325,11 @@ def test_completion_request_mapping() -> None:
         "fairway.replies.gw",
     )
     assert decode(encode(req), CompletionRequest) == req
+
+
+def test_return_token_ids_reaches_the_wire_message() -> None:
+    assert to_request(_check(chat(return_token_ids=True), ChatCompletionBody)).return_token_ids
+    assert not to_request(_check(completion())).return_token_ids
 
 
 def test_priority_reaches_the_wire_message_and_defaults_to_zero() -> None:

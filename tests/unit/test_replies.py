@@ -87,22 +87,27 @@ def test_log_probabilities_stay_with_their_tokens_when_a_chunk_is_trimmed():
     assert isinstance(out[-1], m.FinalAnswer) and out[-1].logprobs == []
 
 
-def test_prompt_logprobs_and_echoed_prompt_are_delivered_once_when_the_first_chunk_comes_again():
+def test_prompt_logprobs_echoed_prompt_and_ids_are_delivered_once_when_the_first_chunk_comes_again():
     prompt = [m.TokenLogprob(token="p", logprob=0.0)]
     stream = ReplyStream("r")
-    stream.offer(dataclasses.replace(chunk(0, 2), prompt_logprobs=prompt, echoed_prompt="p"))
+    stream.offer(dataclasses.replace(chunk(0, 2), prompt_logprobs=prompt, echoed_prompt="p",
+                                     prompt_token_ids=[1, 7]))
     # a regeneration
-    stream.offer(dataclasses.replace(chunk(0, 3), prompt_logprobs=prompt, echoed_prompt="p"))
+    stream.offer(dataclasses.replace(chunk(0, 3), prompt_logprobs=prompt, echoed_prompt="p",
+                                     prompt_token_ids=[1, 7]))
     out = drain(stream)
-    assert [(c.prompt_logprobs, c.echoed_prompt) for c in out] == [(prompt, "p"), ([], None)]
+    assert [(c.prompt_logprobs, c.echoed_prompt, c.prompt_token_ids) for c in out] == [
+        (prompt, "p", [1, 7]), ([], None, None)]
     assert [c.token_ids for c in out] == [[0, 1], [2]]
 
 
 def test_an_answer_in_its_final_alone_brings_its_echoed_prompt():
     stream = ReplyStream("r")
-    stream.offer(dataclasses.replace(final(0), token_ids=[0], text="H", echoed_prompt="p"))
+    stream.offer(dataclasses.replace(final(0), token_ids=[0], text="H", echoed_prompt="p",
+                                     prompt_token_ids=[3]))
     out = drain(stream)
-    assert [(type(r).__name__, r.echoed_prompt) for r in out] == [("TokenChunk", "p"), ("FinalAnswer", None)]
+    assert [(type(r).__name__, r.echoed_prompt, r.prompt_token_ids) for r in out] == [
+        ("TokenChunk", "p", [3]), ("FinalAnswer", None, None)]
 
 
 def test_a_gap_is_held_until_filled():
