@@ -42,7 +42,13 @@ from starlette.responses import JSONResponse, Response
 
 from services import keys
 from services.gateway.auth import authenticate
-from services.gateway.errors import RETRY_AFTER_S, ApiError, documented_errors, invalid, unavailable
+from services.gateway.errors import (
+    RETRY_AFTER_S,
+    ApiError,
+    documented_errors,
+    invalid,
+    redis_or_503,
+)
 from services.gateway.leases import RETRIED_STATUSES, LeasedRunner, Leases
 from services.gateway.responses import sse
 from services.gateway.responses_api import ResponseStore
@@ -132,8 +138,7 @@ def too_many_queued(limit: int) -> ApiError:
                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def _unavailable() -> ApiError:
-    return unavailable("Background responses cannot be reached now (Redis is not reachable); retry later.")
+UNREACHABLE = "Background responses cannot be reached now (Redis is not reachable); retry later."
 
 
 def entry_id(sequence: int) -> str:
@@ -216,16 +221,13 @@ class BackgroundStore:
         """Queue a response (429 past the tenant's cap, 503 without Redis); its record
         is stored at once, for ``GET``; ``events``: a streamed one's first events
         (:data:`QUEUED_EVENTS` of them)."""
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                queued = await self._queue(
-                    keys=[keys.background_response(response_id), keys.BACKGROUND_RESPONSES_ACTIVE,
-                          keys.tenant_background_responses(tenant), keys.stored_response(response_id),
-                          keys.background_response_events(response_id), keys.BACKGROUND_RESPONSES_TENANT],
-                    args=[response_id, tenant, body, record, time.time(), self.per_tenant, self.ttl_s,
-                          *(events or ())])
-        except (RedisError, OSError, TimeoutError):
-            raise _unavailable() from None
+        async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+            queued = await self._queue(
+                keys=[keys.background_response(response_id), keys.BACKGROUND_RESPONSES_ACTIVE,
+                      keys.tenant_background_responses(tenant), keys.stored_response(response_id),
+                      keys.background_response_events(response_id), keys.BACKGROUND_RESPONSES_TENANT],
+                args=[response_id, tenant, body, record, time.time(), self.per_tenant, self.ttl_s,
+                      *(events or ())])
         if not queued:
             raise too_many_queued(self.per_tenant)
         self.on_queued()
@@ -251,11 +253,8 @@ class BackgroundStore:
 
     async def has_events(self, response_id: str) -> bool:
         """Whether the response's events are kept (a streamed one's, while it is kept)."""
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                return bool(await self.redis.exists(keys.background_response_events(response_id)))
-        except (RedisError, OSError, TimeoutError):
-            raise _unavailable() from None
+        async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+            return bool(await self.redis.exists(keys.background_response_events(response_id)))
 
     async def forget(self, response_id: str) -> None:
         """No runner takes the response again (it is gone)."""
@@ -567,13 +566,10 @@ async def cancel(store: BackgroundStore, responses: ResponseStore, response_id: 
     if response["status"] not in RUNNING:
         return response
     job = Job(response_id, tenant, b"", record)
-    try:
-        async with asyncio.timeout(REDIS_TIMEOUT_S):
-            if await store.write(job, job.ended("cancelled"), final=True):
-                log.info("background_response_cancelled", response_id=response_id, tenant=tenant)
-                return {**response, "status": "cancelled"}
-    except (RedisError, OSError, TimeoutError):
-        raise _unavailable() from None
+    async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+        if await store.write(job, job.ended("cancelled"), final=True):
+            log.info("background_response_cancelled", response_id=response_id, tenant=tenant)
+            return {**response, "status": "cancelled"}
     return await responses.get(response_id, tenant)  # it ended meanwhile
 
 

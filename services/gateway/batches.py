@@ -37,13 +37,12 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from pydantic import Field
-from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
 
 from services import keys
 from services.gateway.auth import authenticate
 from services.gateway.bodies import read_body
-from services.gateway.errors import ApiError, documented_errors, unavailable
+from services.gateway.errors import ApiError, documented_errors, redis_or_503
 from services.gateway.files import OUTPUT_PURPOSE, FileStore
 from services.gateway.leases import RETRIED_STATUSES, LeasedRunner, Leases
 from services.gateway.responses import cursor_page
@@ -237,8 +236,7 @@ def batch_not_found(batch_id: str) -> ApiError:
                     code="batch_not_found")
 
 
-def _unavailable() -> ApiError:
-    return unavailable("Batches cannot be reached now (Redis is not reachable); retry later.")
+UNREACHABLE = "Batches cannot be reached now (Redis is not reachable); retry later."
 
 
 class BatchStore:
@@ -521,11 +519,8 @@ def _batches(request: Request) -> tuple[BatchStore, str]:
 
 
 async def _owned(store: BatchStore, batch_id: str, tenant: str) -> BatchRecord:
-    try:
-        async with asyncio.timeout(REDIS_TIMEOUT_S):
-            record = await store.load(batch_id)
-    except (RedisError, OSError, TimeoutError):
-        raise _unavailable() from None
+    async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+        record = await store.load(batch_id)
     if record is None or record.tenant != tenant:
         raise batch_not_found(batch_id)
     return record
@@ -563,11 +558,8 @@ async def create_batch(request: Request) -> Response:
     static = {"endpoint": body.endpoint, "input_file_id": body.input_file_id,
               "completion_window": COMPLETION_WINDOW, "created_at": now, "expires_at": now + WINDOW_S,
               "metadata": body.metadata, "model": models[0] if len(models) == 1 else None}
-    try:
-        async with asyncio.timeout(REDIS_TIMEOUT_S):
-            record = await store.create(tenant, static, data, lines, errors)
-    except (RedisError, OSError, TimeoutError):
-        raise _unavailable() from None
+    async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+        record = await store.create(tenant, static, data, lines, errors)
     log.info("batch_created", batch_id=record.batch_id, tenant=tenant, status=record.status,
              requests=record.total)
     return JSONResponse(record.to_openai())
@@ -581,12 +573,9 @@ async def retrieve_batch(request: Request, batch_id: str) -> Response:
 async def cancel_batch(request: Request, batch_id: str) -> Response:
     store, tenant = _batches(request)
     record = await _owned(store, batch_id, tenant)
-    try:
-        async with asyncio.timeout(REDIS_TIMEOUT_S):
-            moved = await store.move(batch_id, ("validating", "in_progress"), "cancelling")
-            record = await store.load(batch_id) or record
-    except (RedisError, OSError, TimeoutError):
-        raise _unavailable() from None
+    async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+        moved = await store.move(batch_id, ("validating", "in_progress"), "cancelling")
+        record = await store.load(batch_id) or record
     if not moved and record.status not in ("cancelling", "cancelled"):
         raise ApiError(409, f"Cannot cancel a batch with status '{record.status}'.", reason="conflict",
                        code="batch_not_cancellable")
@@ -596,11 +585,8 @@ async def cancel_batch(request: Request, batch_id: str) -> Response:
 async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100),
                        after: str | None = None) -> Response:
     store, tenant = _batches(request)
-    try:
-        async with asyncio.timeout(REDIS_TIMEOUT_S):
-            records = await store.listed(tenant)
-    except (RedisError, OSError, TimeoutError):
-        raise _unavailable() from None
+    async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+        records = await store.listed(tenant)
     return JSONResponse(cursor_page([r.to_openai() for r in records], limit, after))
 
 

@@ -22,13 +22,12 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from pydantic import Field
-from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
 
 from services import keys
 from services.gateway.auth import authenticate
 from services.gateway.bodies import read_body
-from services.gateway.errors import ApiError, documented_errors, invalid, unavailable
+from services.gateway.errors import ApiError, documented_errors, invalid, redis_or_503
 from services.gateway.responses import cursor_page
 from services.gateway.responses_api import check_items, check_metadata, listed_item
 from services.gateway.schemas import StrictBody, Text, parse_body
@@ -124,11 +123,8 @@ class ConversationStore:
         if not self.enabled:
             raise invalid("Conversations are not kept by this server (conversations_ttl_s is 0); "
                           "send the whole conversation in input.", param="conversation", code="unsupported")
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                yield
-        except (RedisError, OSError, TimeoutError):
-            raise unavailable("Conversations cannot be reached now; retry later.") from None
+        async with redis_or_503("Conversations cannot be reached now; retry later.", REDIS_TIMEOUT_S):
+            yield
 
     async def _meta(self, conversation: str, tenant: str) -> dict[bytes, bytes]:
         meta, = await self._read(conversation, tenant)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
 RETRY_AFTER_S = 1
@@ -155,6 +159,18 @@ def unavailable(message: str, reason: str = "unavailable") -> ApiError:
         code="service_unavailable",
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
+
+
+@contextlib.asynccontextmanager
+async def redis_or_503(message: str, timeout_s: float) -> AsyncIterator[None]:
+    """Redis calls that a client's answer waits for: an error, or no answer within
+    ``timeout_s``, is a 503 saying ``message`` (an :class:`ApiError` raised inside goes
+    through as it is)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except (RedisError, OSError, TimeoutError):
+        raise unavailable(message) from None
 
 
 def no_spare_capacity(timeout_s: float) -> ApiError:

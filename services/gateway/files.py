@@ -8,7 +8,6 @@ the batch runner writes ``batch_output`` files (a batch's answers and errors).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -16,13 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
-from redis.exceptions import RedisError
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from services import keys
 from services.gateway.auth import authenticate
-from services.gateway.errors import ApiError, documented_errors, invalid, unavailable
+from services.gateway.errors import ApiError, documented_errors, invalid, redis_or_503
 from services.gateway.responses import cursor_page
 
 UPLOAD_PURPOSES = ("batch",)
@@ -37,8 +35,7 @@ def file_not_found(file_id: str) -> ApiError:
                     code="file_not_found")
 
 
-def store_unavailable() -> ApiError:
-    return unavailable("Files cannot be reached now (Redis is not reachable); retry later.")
+UNREACHABLE = "Files cannot be reached now (Redis is not reachable); retry later."
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,24 +62,17 @@ class FileStore:
                 "purpose": purpose, "status": "processed", "status_details": None}
         meta = json.dumps({"tenant": tenant, "file": info}, separators=(",", ":"))
         record = keys.stored_file(info["id"])
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(record, mapping={"meta": meta, "content": content})
-                    pipe.expire(record, self.ttl_s)
-                    pipe.zadd(keys.tenant_files(tenant), {info["id"]: now})
-                    pipe.expire(keys.tenant_files(tenant), self.ttl_s)
-                    await pipe.execute()
-        except (RedisError, OSError, TimeoutError):
-            raise store_unavailable() from None
+        async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S), self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(record, mapping={"meta": meta, "content": content})
+            pipe.expire(record, self.ttl_s)
+            pipe.zadd(keys.tenant_files(tenant), {info["id"]: now})
+            pipe.expire(keys.tenant_files(tenant), self.ttl_s)
+            await pipe.execute()
         return info
 
     async def _meta(self, file_id: str) -> StoredFile | None:
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                raw = await self.redis.hget(keys.stored_file(file_id), "meta")
-        except (RedisError, OSError, TimeoutError):
-            raise store_unavailable() from None
+        async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+            raw = await self.redis.hget(keys.stored_file(file_id), "meta")
         if raw is None:
             return None
         data = json.loads(raw)
@@ -96,39 +86,30 @@ class FileStore:
 
     async def content(self, file_id: str, tenant: str) -> bytes:
         await self.get(file_id, tenant)
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                data = await self.redis.hget(keys.stored_file(file_id), "content")
-        except (RedisError, OSError, TimeoutError):
-            raise store_unavailable() from None
+        async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+            data = await self.redis.hget(keys.stored_file(file_id), "content")
         if data is None:  # expired between the two reads
             raise file_not_found(file_id)
         return data
 
     async def delete(self, file_id: str, tenant: str) -> None:
         await self.get(file_id, tenant)
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                await self.redis.delete(keys.stored_file(file_id))
-                await self.redis.zrem(keys.tenant_files(tenant), file_id)
-        except (RedisError, OSError, TimeoutError):
-            raise store_unavailable() from None
+        async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+            await self.redis.delete(keys.stored_file(file_id))
+            await self.redis.zrem(keys.tenant_files(tenant), file_id)
 
     async def listed(self, tenant: str, purpose: str | None = None) -> list[dict[str, Any]]:
         """The tenant's files, oldest first (ids of expired ones are forgotten)."""
         index = keys.tenant_files(tenant)
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                ids = [i.decode() for i in await self.redis.zrange(index, 0, -1)]
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for file_id in ids:
-                        pipe.hget(keys.stored_file(file_id), "meta")
-                    metas = await pipe.execute()
-                gone = [i for i, meta in zip(ids, metas) if meta is None]
-                if gone:
-                    await self.redis.zrem(index, *gone)
-        except (RedisError, OSError, TimeoutError):
-            raise store_unavailable() from None
+        async with redis_or_503(UNREACHABLE, REDIS_TIMEOUT_S):
+            ids = [i.decode() for i in await self.redis.zrange(index, 0, -1)]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for file_id in ids:
+                    pipe.hget(keys.stored_file(file_id), "meta")
+                metas = await pipe.execute()
+            gone = [i for i, meta in zip(ids, metas) if meta is None]
+            if gone:
+                await self.redis.zrem(index, *gone)
         files = [json.loads(meta)["file"] for meta in metas if meta is not None]
         return [f for f in files if purpose is None or f["purpose"] == purpose]
 

@@ -44,8 +44,8 @@ from services.gateway.errors import (
     ApiError,
     from_validation_error,
     invalid,
+    redis_or_503,
     timed_out,
-    unavailable,
 )
 from services.gateway.replies import ChoiceStream
 from services.gateway.responses import (
@@ -748,11 +748,8 @@ class ResponseStore:
         tenant's."""
         if not isinstance(response_id, str) or not response_id:
             raise invalid("previous_response_id must be a response's id.", param="previous_response_id")
-        try:
-            async with asyncio.timeout(READ_TIMEOUT_S):
-                raw = await self.redis.get(keys.stored_response(response_id))
-        except (RedisError, TimeoutError):
-            raise unavailable("Stored responses cannot be read now; retry later.") from None
+        async with redis_or_503("Stored responses cannot be read now; retry later.", READ_TIMEOUT_S):
+            raw = await self.redis.get(keys.stored_response(response_id))
         record = json.loads(raw) if raw is not None else None
         if record is None or record.get("tenant") != tenant:
             raise not_found(response_id)
@@ -775,16 +772,13 @@ class ResponseStore:
         """Forget a stored response; one running in the background is stopped (its answer
         is never stored)."""
         await self.stored(response_id, tenant)
-        try:
-            async with asyncio.timeout(READ_TIMEOUT_S), self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(keys.stored_response(response_id), keys.background_response(response_id),
-                            keys.background_response_events(response_id))
-                pipe.zrem(keys.BACKGROUND_RESPONSES_ACTIVE, response_id)
-                pipe.zrem(keys.tenant_background_responses(tenant), response_id)
-                pipe.hdel(keys.BACKGROUND_RESPONSES_TENANT, response_id)
-                await pipe.execute()
-        except (RedisError, TimeoutError):
-            raise unavailable("Stored responses cannot be changed now; retry later.") from None
+        async with redis_or_503("Stored responses cannot be changed now; retry later.", READ_TIMEOUT_S), self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.stored_response(response_id), keys.background_response(response_id),
+                        keys.background_response_events(response_id))
+            pipe.zrem(keys.BACKGROUND_RESPONSES_ACTIVE, response_id)
+            pipe.zrem(keys.tenant_background_responses(tenant), response_id)
+            pipe.hdel(keys.BACKGROUND_RESPONSES_TENANT, response_id)
+            await pipe.execute()
 
     async def input_items(self, response_id: str, tenant: str) -> list[dict[str, Any]]:
         """A stored response's own input, as OpenAI lists it: items with ids, a message's
