@@ -248,6 +248,8 @@ class BatchStore:
         self._transition = redis.register_script(_TRANSITION)
         self._record = redis.register_script(_RECORD)
         self.leases = Leases(redis, keys.batch_lease)
+        self.on_created: Callable[[], None] = lambda: None
+        """Called when this gateway made a batch to run (its runner looks at once)."""
 
     async def create(self, tenant: str, static: dict[str, Any], data: bytes,
                      lines: list[BatchLine] | None, errors: list[dict[str, Any]] | None) -> BatchRecord:
@@ -271,6 +273,8 @@ class BatchStore:
             pipe.zadd(keys.tenant_batches(tenant), {batch_id: now})
             pipe.expire(keys.tenant_batches(tenant), max(self.ttl_s, WINDOW_S * 2))
             await pipe.execute()
+        if errors is None:
+            self.on_created()
         return await self.load(batch_id)
 
     async def load(self, batch_id: str) -> BatchRecord | None:
@@ -397,6 +401,7 @@ class BatchRunner:
         self._concurrency = concurrency
         self._leased = LeasedRunner("batch", store.leases, store.active, self.run, owner=owner,
                                     lease_s=lease_s, poll_s=poll_s)
+        store.on_created = self._leased.wake
 
     def start(self) -> None:
         self._leased.start()

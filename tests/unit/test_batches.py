@@ -20,6 +20,7 @@ from services.gateway.batches import (
 )
 from services.gateway.files import FileStore
 from services.gateway.responses import cursor_page as page
+from tests.waits import until
 
 CHAT = "/v1/chat/completions"
 
@@ -237,6 +238,21 @@ async def test_one_runner_at_a_time_holds_a_batch_and_another_goes_on_when_it_st
         assert done.status == "completed" and done.completed == 4
     finally:
         await two.close()
+
+
+async def test_a_batch_made_on_this_gateway_starts_at_once_not_at_the_next_poll(stores) -> None:
+    store, files = stores
+    requests = FakeRequests()
+    idle = runner(store, files, requests)
+    idle.poll_s = idle._leased.poll_s = 30.0  # its first look (empty) came before the batch
+    idle.start()
+    try:
+        await asyncio.sleep(0.05)
+        batch = await new_batch(store, [line("a")])
+        await until(lambda: requests.calls == ["a"], timeout_s=2)
+        assert (await store.load(batch.batch_id)).status in ("in_progress", "finalizing", "completed")
+    finally:
+        await idle.close()
 
 
 async def test_a_cancelled_batch_keeps_the_answers_it_had(stores) -> None:
