@@ -80,6 +80,11 @@ class RequestLog:
     logprob_tokens: int | None = None
     """Tokens the log-probabilities received covered, for an HTTP request that asked for
     them: exactly its completion tokens, each token's once."""
+    output_ids: int | None = None
+    """Output token ids received, for an HTTP completion that asked for them
+    (``return_token_ids``): exactly its completion tokens, each token's once."""
+    prompt_ids: int = 0
+    """How many times the prompt's token ids came (asked for: once)."""
     text: str = ""
     """The answer's text as received (HTTP streams)."""
     finals: list[Final] = field(default_factory=list)
@@ -119,6 +124,9 @@ class RequestLog:
         done = self.done
         if done is not None and self.logprob_tokens not in (None, done.completion_tokens):
             return True  # a token's log-probability repeated or missing
+        if done is not None and self.output_ids is not None and (
+                self.output_ids != done.completion_tokens or self.prompt_ids != 1):
+            return True  # a token id, or the prompt's ids, repeated or missing
         # HTTP events skip chunks with no text, so they can be fewer than the tokens.
         return done is not None and self.tokens > done.completion_tokens
 

@@ -36,8 +36,11 @@ def say(text: str) -> None:
 
 
 def completion_body(prompt: str, max_tokens: int, **extra: object) -> dict:
+    """A streamed completion; it asks for token ids (``return_token_ids``), which must come
+    through the faults exactly once each, the prompt's once."""
     return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}, **extra}
+            "ignore_eos": True, "stream_options": {"include_usage": True}, "return_token_ids": True,
+            **extra}
 
 
 def response_body(prompt: str, max_tokens: int, *, logprobs: bool = False, **extra: object) -> dict:
@@ -62,6 +65,9 @@ def _completion_event(log: RequestLog, event: dict, finish: list[str]) -> list[s
     for choice in event.get("choices", []):
         if log.logprob_tokens is not None and choice.get("logprobs"):
             log.logprob_tokens += len(choice["logprobs"]["tokens"])
+        if log.output_ids is not None:
+            log.output_ids += len(choice.get("token_ids", []))
+            log.prompt_ids += choice.get("prompt_token_ids") is not None
         if choice.get("text"):
             texts.append(choice["text"])
         if choice.get("finish_reason"):
@@ -136,6 +142,8 @@ async def _http_stream(http, log, base_url, key, payload, read_delay_s, leave_af
             index = 0
             if payload.get("logprobs") is not None or payload.get("include"):
                 log.logprob_tokens = 0
+            if payload.get("return_token_ids"):
+                log.output_ids = 0
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue

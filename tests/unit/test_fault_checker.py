@@ -34,6 +34,18 @@ def test_log_probabilities_must_cover_exactly_the_answers_tokens():
     assert not answered([(0, 3)], 3, logprob_tokens=None).duplicated()  # not asked for
 
 
+def test_token_ids_must_be_exactly_the_answers_and_the_prompts_come_once():
+    def with_ids(output_ids: int | None, prompt_ids: int = 1) -> RequestLog:
+        log = answered([(0, 3)], 3)
+        log.output_ids, log.prompt_ids = output_ids, prompt_ids
+        return log
+
+    assert not with_ids(3).duplicated()
+    assert with_ids(4).duplicated() and with_ids(2).duplicated()
+    assert with_ids(3, prompt_ids=2).duplicated() and with_ids(3, prompt_ids=0).duplicated()
+    assert not with_ids(None, prompt_ids=0).duplicated()  # not asked for
+
+
 def test_an_accepted_request_without_an_end_is_lost():
     log = RequestLog(local_id="2", tenant="acme", transport="http", accepted=True)
     assert log.lost()
