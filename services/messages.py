@@ -208,6 +208,8 @@ class SamplingParams:
     with ``logprobs``), sent once, with the first output."""
     structured: StructuredOutput | None = None
     """The language the answer must belong to; None: free text."""
+    include_stop_str_in_output: bool = False
+    """An answer that a stop string ends keeps that string (vLLM's field of that name)."""
 
 
 DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")

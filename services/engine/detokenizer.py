@@ -87,11 +87,13 @@ class IncrementalDetokenizer:
 
 
 class StopStringBuffer:
-    """Accumulates output text, cuts it at the first stop string, and holds back a tail
-    that could still become a stop string so that none of it is ever streamed."""
+    """Accumulates output text, cuts it at the first stop string (after it, with
+    ``keep_stop``), and holds back a tail that could still become a stop string so that
+    none of it is ever streamed past the cut."""
 
-    def __init__(self, stop: list[str]):
+    def __init__(self, stop: list[str], keep_stop: bool = False):
         self.stop = [s for s in stop if s]
+        self.keep_stop = keep_stop
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.text = ""
         self.emitted = 0
@@ -108,9 +110,10 @@ class StopStringBuffer:
         if not self.stop or not check:
             return self._emit(len(self.text)), False
         start = max(previous - self.max_stop_len + 1, self.emitted)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [(i, -len(s)) for s, i in ((s, self.text.find(s, start)) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            at, minus_len = min(hits)  # the earliest; of those there, the longest
+            self.text = self.text[: at - minus_len if self.keep_stop else at]
             self.stopped = True
             return self._emit(len(self.text)), True
         return self._emit(len(self.text) - self._held_back()), False
@@ -152,12 +155,13 @@ def append_token(
 
 def text_state(
     tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
-    resumed_token_ids: Sequence[int] = (), streamed_chars: int = 0,
+    resumed_token_ids: Sequence[int] = (), streamed_chars: int = 0, keep_stop: bool = False,
 ) -> tuple[IncrementalDetokenizer, StopStringBuffer]:
-    """A request's detokenizer and stop-string buffer; for a resumed request, in the state
-    the earlier run left them: its output tokens decoded, its streamed text sent."""
+    """A request's detokenizer and stop-string buffer (``keep_stop``: the answer keeps the
+    stop string that ends it); for a resumed request, in the state the earlier run left
+    them: its output tokens decoded, its streamed text sent."""
     detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
-    buffer = StopStringBuffer(stop)
+    buffer = StopStringBuffer(stop, keep_stop)
     if resumed_token_ids:
         buffer.resume("".join(detokenizer.add(t) for t in resumed_token_ids), streamed_chars)
     return detokenizer, buffer

@@ -278,7 +278,8 @@ class LLMEngine:
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
         detokenizer, text = text_state(self.tokenizer, prompt, params.stop, resumed,
-                                       req.resume.streamed_chars if req.resume else 0)
+                                       req.resume.streamed_chars if req.resume else 0,
+                                       keep_stop=params.include_stop_str_in_output)
         self._requests[req.request_id] = _RequestState(
             seq=seq,
             sampling=params,

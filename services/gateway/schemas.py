@@ -218,6 +218,8 @@ class _SamplingFields(StrictBody):
     service_tier: ServiceTier | None = None
     """OpenAI's: ``flex`` runs the request in the background (only from capacity no other
     request waits for, as a batch's); the others are served as ``default``."""
+    include_stop_str_in_output: bool | None = None
+    """vLLM's: an answer that a stop string ends keeps that string at its end."""
     return_token_ids: bool | None = None
     """vLLM's: the answer's token ids beside its text (``token_ids`` in each choice, and in
     each streamed chunk its new ones) and the prompt's as the model saw them
@@ -242,7 +244,6 @@ class _SamplingFields(StrictBody):
     # would change the answer, rather than drop them as unknown fields.
     guided_whitespace_pattern: Any = None
     use_beam_search: bool | None = None
-    include_stop_str_in_output: Any = None
     skip_special_tokens: Any = None
     spaces_between_special_tokens: Any = None
     allowed_token_ids: Any = None
@@ -254,7 +255,6 @@ class _SamplingFields(StrictBody):
 UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
     "use_beam_search": (False, "Beam search"),
     "guided_whitespace_pattern": (None, "A whitespace pattern of the request's own"),
-    "include_stop_str_in_output": (False, "Keeping the stop string in the output"),
     "skip_special_tokens": (True, "Spelling special tokens out in the text"),
     "spaces_between_special_tokens": (True, "Special tokens without spaces between them"),
     "allowed_token_ids": ([], "allowed_token_ids"),
@@ -791,6 +791,7 @@ def to_completion_request(
         logprobs=requested_logprobs(body),
         prompt_logprobs=body.logprobs if isinstance(body, CompletionBody) and body.echo else None,
         structured=tool_call_constraint(body) or structured_output(body),
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
     )
     request = CompletionRequest(
         request_id=request_id,

@@ -132,6 +132,11 @@ def test_echo_honours_stop_strings(echo_client):
                                          max_tokens=20, stop=[" three"])
     assert out.choices[0].text.endswith("two") and " three" not in out.choices[0].text
     assert out.choices[0].finish_reason == "stop"
+    kept = echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt="one two three four",
+                                          max_tokens=20, stop=[" three"],
+                                          extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == out.choices[0].text + " three"
+    assert kept.choices[0].finish_reason == "stop"
 
 
 def stream_events(echo_system: System, body: dict) -> Iterator[tuple[str, dict]]:

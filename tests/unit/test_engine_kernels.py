@@ -206,6 +206,15 @@ def test_earliest_stop_string_wins():
     assert buf.append("more") == ("", True)
 
 
+def test_a_kept_stop_string_ends_the_answer_with_it():
+    """vLLM's ``include_stop_str_in_output``: cut after the stop string (the earliest; of
+    those there, the longest), still never streaming past it."""
+    buf = StopStringBuffer(["END!"], keep_stop=True)
+    streamed = [buf.append(d) for d in ["Hello E", "ND", "! tail"]]
+    assert streamed == [("Hello ", False), ("", False), ("END!", True)]
+    assert StopStringBuffer(["ear", "earl", "later"], keep_stop=True).append("an earlier") == ("an earl", True)
+
+
 def test_stop_strings_are_not_looked_for_while_unchecked():
     """Before min_tokens: the text streams whole, and a later match never cuts into it."""
     buf = StopStringBuffer(["ab"])

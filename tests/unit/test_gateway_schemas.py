@@ -235,7 +235,7 @@ def test_a_bad_prompt_is_refused_in_words(prompt: Any, words: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "refused"), [
-    ("include_stop_str_in_output", True), ("skip_special_tokens", False),
+    ("skip_special_tokens", False),
     ("spaces_between_special_tokens", False), ("allowed_token_ids", [5, 6]), ("bad_words", ["x"]),
     ("logits_processors", ["m.f"]), ("return_tokens_as_token_ids", True), ("prompt_embeds", "AAAA"),
     ("guided_whitespace_pattern", r"[ ]*"),
@@ -325,6 +325,12 @@ def test_completion_request_mapping() -> None:
         "fairway.replies.gw",
     )
     assert decode(encode(req), CompletionRequest) == req
+
+
+def test_include_stop_str_in_output_reaches_the_sampling_parameters() -> None:
+    assert to_request(_check(completion(include_stop_str_in_output=True))).sampling.include_stop_str_in_output
+    assert not to_request(_check(completion())).sampling.include_stop_str_in_output
+    assert _error(completion(include_stop_str_in_output="yes")).param == "include_stop_str_in_output"
 
 
 def test_return_token_ids_reaches_the_wire_message() -> None:
