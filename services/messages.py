@@ -210,6 +210,9 @@ class SamplingParams:
     """The language the answer must belong to; None: free text."""
     include_stop_str_in_output: bool = False
     """An answer that a stop string ends keeps that string (vLLM's field of that name)."""
+    skip_special_tokens: bool = True
+    """Special tokens the model generates are left out of the text (vLLM's; false spells
+    them out, as the tokenizer names them). A stop token never is: it ends the answer."""
 
 
 DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")

@@ -156,11 +156,13 @@ def append_token(
 def text_state(
     tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
     resumed_token_ids: Sequence[int] = (), streamed_chars: int = 0, keep_stop: bool = False,
+    skip_special_tokens: bool = True,
 ) -> tuple[IncrementalDetokenizer, StopStringBuffer]:
     """A request's detokenizer and stop-string buffer (``keep_stop``: the answer keeps the
-    stop string that ends it); for a resumed request, in the state the earlier run left
-    them: its output tokens decoded, its streamed text sent."""
-    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
+    stop string that ends it; ``skip_special_tokens``: special tokens are not spelled in
+    its text); for a resumed request, in the state the earlier run left them: its output
+    tokens decoded, its streamed text sent."""
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
     buffer = StopStringBuffer(stop, keep_stop)
     if resumed_token_ids:
         buffer.resume("".join(detokenizer.add(t) for t in resumed_token_ids), streamed_chars)

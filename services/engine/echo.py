@@ -149,7 +149,8 @@ class EchoEngine:
         resumed = list(req.resume.token_ids) if req.resume else []
         detokenizer, text = text_state(self.tokenizer, prompt, params.stop, resumed,
                                        req.resume.streamed_chars if req.resume else 0,
-                                       keep_stop=params.include_stop_str_in_output)
+                                       keep_stop=params.include_stop_str_in_output,
+                                       skip_special_tokens=params.skip_special_tokens)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids

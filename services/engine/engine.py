@@ -279,7 +279,8 @@ class LLMEngine:
             stop_ids |= self.eos_token_ids
         detokenizer, text = text_state(self.tokenizer, prompt, params.stop, resumed,
                                        req.resume.streamed_chars if req.resume else 0,
-                                       keep_stop=params.include_stop_str_in_output)
+                                       keep_stop=params.include_stop_str_in_output,
+                                       skip_special_tokens=params.skip_special_tokens)
         self._requests[req.request_id] = _RequestState(
             seq=seq,
             sampling=params,

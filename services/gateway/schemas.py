@@ -220,6 +220,8 @@ class _SamplingFields(StrictBody):
     request waits for, as a batch's); the others are served as ``default``."""
     include_stop_str_in_output: bool | None = None
     """vLLM's: an answer that a stop string ends keeps that string at its end."""
+    skip_special_tokens: bool | None = None
+    """vLLM's: false spells the special tokens the model generates out in the text."""
     return_token_ids: bool | None = None
     """vLLM's: the answer's token ids beside its text (``token_ids`` in each choice, and in
     each streamed chunk its new ones) and the prompt's as the model saw them
@@ -244,7 +246,6 @@ class _SamplingFields(StrictBody):
     # would change the answer, rather than drop them as unknown fields.
     guided_whitespace_pattern: Any = None
     use_beam_search: bool | None = None
-    skip_special_tokens: Any = None
     spaces_between_special_tokens: Any = None
     allowed_token_ids: Any = None
     bad_words: Any = None
@@ -255,7 +256,6 @@ class _SamplingFields(StrictBody):
 UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
     "use_beam_search": (False, "Beam search"),
     "guided_whitespace_pattern": (None, "A whitespace pattern of the request's own"),
-    "skip_special_tokens": (True, "Spelling special tokens out in the text"),
     "spaces_between_special_tokens": (True, "Special tokens without spaces between them"),
     "allowed_token_ids": ([], "allowed_token_ids"),
     "bad_words": ([], "bad_words"),
@@ -792,6 +792,7 @@ def to_completion_request(
         prompt_logprobs=body.logprobs if isinstance(body, CompletionBody) and body.echo else None,
         structured=tool_call_constraint(body) or structured_output(body),
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        skip_special_tokens=body.skip_special_tokens is not False,
     )
     request = CompletionRequest(
         request_id=request_id,

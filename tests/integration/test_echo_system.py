@@ -71,6 +71,13 @@ def test_echo_streams_the_prompt_back(echo_system, echo_client):
     usage = [c.usage for c in chunks if c.usage]
     assert usage[0].completion_tokens == n and usage[0].prompt_tokens == len(ids)
     assert '"engine": "echo"' in echo_system.log("echo-cpu-worker")
+    # The answer echoes the prompt from its BOS, which comes round again: skipped from the
+    # text unless asked.
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.bos_token not in text
+    spelled = echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=n,
+                                             extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert spelled.choices[0].text.count(tokenizer.bos_token) == 2
+    assert spelled.choices[0].text.replace(tokenizer.bos_token, "") == text
 
 
 def test_return_token_ids_brings_the_prompts_and_the_answers_ids(echo_system, echo_client):

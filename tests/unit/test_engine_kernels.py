@@ -22,6 +22,7 @@ from services.engine.detokenizer import (
     StopStringBuffer,
     TokenBytes,
     _backend_decode,
+    text_state,
 )
 from services.models import DEFAULT_MODEL_NAME, load_tokenizer
 
@@ -204,6 +205,19 @@ def test_earliest_stop_string_wins():
     buf = StopStringBuffer(["later", "ear"])
     assert buf.append("an earlier one") == ("an ", True)
     assert buf.append("more") == ("", True)
+
+
+def test_special_tokens_are_spelled_out_only_when_not_skipped(tokenizer):
+    """vLLM's ``skip_special_tokens=false``: a generated special token is in the text."""
+    hello = tokenizer.encode("hello", add_special_tokens=False)
+    output = [*hello, tokenizer.eos_token_id, *hello]
+
+    def text(skip: bool) -> str:
+        detok, buffer = text_state(tokenizer, [tokenizer.bos_token_id], [], skip_special_tokens=skip)
+        return "".join(buffer.append(detok.add(t))[0] for t in output) + buffer.flush()
+
+    assert text(True) == "hellohello"
+    assert text(False) == f"hello{tokenizer.eos_token}hello"
 
 
 def test_a_kept_stop_string_ends_the_answer_with_it():

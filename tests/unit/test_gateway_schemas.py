@@ -235,7 +235,6 @@ def test_a_bad_prompt_is_refused_in_words(prompt: Any, words: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "refused"), [
-    ("skip_special_tokens", False),
     ("spaces_between_special_tokens", False), ("allowed_token_ids", [5, 6]), ("bad_words", ["x"]),
     ("logits_processors", ["m.f"]), ("return_tokens_as_token_ids", True), ("prompt_embeds", "AAAA"),
     ("guided_whitespace_pattern", r"[ ]*"),
@@ -331,6 +330,12 @@ def test_include_stop_str_in_output_reaches_the_sampling_parameters() -> None:
     assert to_request(_check(completion(include_stop_str_in_output=True))).sampling.include_stop_str_in_output
     assert not to_request(_check(completion())).sampling.include_stop_str_in_output
     assert _error(completion(include_stop_str_in_output="yes")).param == "include_stop_str_in_output"
+
+
+def test_skip_special_tokens_defaults_to_true_and_false_reaches_the_worker() -> None:
+    assert not to_request(_check(completion(skip_special_tokens=False))).sampling.skip_special_tokens
+    assert to_request(_check(completion(skip_special_tokens=None))).sampling.skip_special_tokens
+    assert to_request(_check(completion())).sampling.skip_special_tokens
 
 
 def test_return_token_ids_reaches_the_wire_message() -> None:
