@@ -441,6 +441,9 @@ class FinalAnswer(Message):
     prompt_token_ids: list[int] | None = None
     """As ``TokenChunk.prompt_token_ids``, when these are the answer's first tokens."""
     finish_reason: FinishReason
+    stop_reason: str | int | None = None
+    """What ended a ``stop`` answer, as vLLM says it: the stop string matched or the
+    stop token named in the request; None for the model's own end."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0

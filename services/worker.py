@@ -743,7 +743,8 @@ class WorkerService:
             echoed_prompt=None if active.output_token_ids or not done else req.prompt_to_echo(),
             prompt_token_ids=None if active.output_token_ids or not done
             else active.item.scored.prompt_ids_to_return(),
-            finish_reason=reason, prompt_tokens=out.num_prompt_tokens,
+            finish_reason=reason, stop_reason=out.stop_reason if done else None,
+            prompt_tokens=out.num_prompt_tokens,
             completion_tokens=out.num_output_tokens, cached_tokens=out.num_cached_tokens,
             error=error))
         event = self._finished_event(active.item, reason, out.num_prompt_tokens, out.num_output_tokens,

@@ -94,6 +94,8 @@ class StopStringBuffer:
     def __init__(self, stop: list[str], keep_stop: bool = False):
         self.stop = [s for s in stop if s]
         self.keep_stop = keep_stop
+        self.matched: str | None = None
+        """The stop string that ended the text, once one did."""
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.text = ""
         self.emitted = 0
@@ -113,6 +115,7 @@ class StopStringBuffer:
         hits = [(i, -len(s)) for s, i in ((s, self.text.find(s, start)) for s in self.stop) if i >= 0]
         if hits:
             at, minus_len = min(hits)  # the earliest; of those there, the longest
+            self.matched = self.text[at : at - minus_len]
             self.text = self.text[: at - minus_len if self.keep_stop else at]
             self.stopped = True
             return self._emit(len(self.text)), True
@@ -151,6 +154,15 @@ def append_token(
     if may_stop and token in stop_token_ids:
         return "", True
     return text.append(detokenizer.add(token), check=may_stop)
+
+
+def stop_reason(token: int, text: StopStringBuffer, named_stop_ids: Sequence[int]) -> str | int | None:
+    """What ended an answer that stopped at ``token``, as vLLM's ``stop_reason`` says it:
+    the stop string it matched, else the stop token the request named; None for the
+    model's own end (EOS, or a structured answer complete)."""
+    if text.matched is not None:
+        return text.matched
+    return token if token in named_stop_ids else None
 
 
 def text_state(

@@ -35,6 +35,7 @@ from services.engine.detokenizer import (
     IncrementalDetokenizer,
     StopStringBuffer,
     append_token,
+    stop_reason,
     text_state,
 )
 from services.engine.engine import _as_id_set, check_request
@@ -255,6 +256,7 @@ class EchoEngine:
         logprobs: list[TokenLogprob] = []
         text = ""
         reason: str | None = None
+        why: str | int | None = None
         for _ in range(n):
             token = req.prompt[req.generated % len(req.prompt)]
             req.generated += 1
@@ -265,7 +267,7 @@ class EchoEngine:
                                           may_stop=req.generated > req.sampling.min_tokens)
             text += piece
             if stopped:
-                reason = "stop"
+                reason, why = "stop", stop_reason(token, req.text, req.sampling.stop_token_ids)
                 break
         if reason is None and req.generated >= req.sampling.max_tokens:
             reason = "length"
@@ -282,7 +284,7 @@ class EchoEngine:
         if not req.text.stopped:
             text += req.text.append(req.detokenizer.flush())[0]
             text += req.text.flush()
-        return self._final(req, tokens, text, reason, logprobs, prompt_logprobs)
+        return self._final(req, tokens, text, reason, logprobs, prompt_logprobs, why)
 
     def _certain(self, token: int, top: int) -> TokenLogprob:
         """The echo's token is certain: log-probability 0, and the only one at its place."""
@@ -292,7 +294,8 @@ class EchoEngine:
     @staticmethod
     def _final(req: _EchoRequest, tokens: list[int], text: str, reason: str,
                logprobs: list[TokenLogprob] | None = None,
-               prompt_logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+               prompt_logprobs: list[TokenLogprob] | None = None,
+               why: str | int | None = None) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=tokens,
@@ -303,4 +306,5 @@ class EchoEngine:
             num_output_tokens=req.generated,
             logprobs=logprobs or [],
             prompt_logprobs=prompt_logprobs or [],
+            stop_reason=why,
         )

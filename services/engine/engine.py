@@ -29,6 +29,7 @@ from services.engine.detokenizer import (
     StopStringBuffer,
     TokenBytes,
     append_token,
+    stop_reason,
     text_state,
 )
 from services.engine.forward import LlamaStepForward
@@ -589,7 +590,9 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self._release_slot(seq.request_id)
         return self._final(state, [token], text, reason, logprobs=logprobs,
-                           prompt_logprobs=prompt_logprobs)
+                           prompt_logprobs=prompt_logprobs,
+                           stop_reason=stop_reason(token, state.text, state.sampling.stop_token_ids)
+                           if stopped else None)
 
     def _fail(self, state: _RequestState, error: str) -> RequestOutput:
         """End a request with an error: its blocks and slot freed, its final output."""
@@ -602,6 +605,7 @@ class LLMEngine:
     def _final(
         state: _RequestState, tokens: list[int], text: str, reason: str, error: str | None = None,
         logprobs: list[TokenLogprob] | None = None, prompt_logprobs: list[TokenLogprob] | None = None,
+        stop_reason: str | int | None = None,
     ) -> RequestOutput:
         seq = state.seq
         return RequestOutput(
@@ -616,6 +620,7 @@ class LLMEngine:
             logprobs=logprobs or [],
             prompt_logprobs=prompt_logprobs or [],
             num_cached_tokens=min(seq.num_cached_tokens or 0, seq.num_prompt_tokens),
+            stop_reason=stop_reason,
         )
 
     def _record_timing(self, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:

@@ -108,6 +108,8 @@ class RequestOutput:
     (the first entry has no log-probability: nothing predicts it)."""
     num_cached_tokens: int = 0
     """Prompt tokens its first admission found in the prefix cache (final output only)."""
+    stop_reason: str | int | None = None
+    """What stopped an answer that ended ``stop`` (:func:`detokenizer.stop_reason`)."""
 
 
 @dataclass

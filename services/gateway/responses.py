@@ -259,7 +259,8 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
         prompt = answer.prompt_logprobs if meta.echo is not None else None
         choice: dict[str, Any] = {"index": index,
                                   "logprobs": choice_logprobs(meta, answer.logprobs, prompt=prompt),
-                                  "finish_reason": finish_reason(answer.final)}
+                                  "finish_reason": finish_reason(answer.final),
+                                  "stop_reason": answer.final.stop_reason}
         if meta.kind == "chat":
             choice["message"], choice["finish_reason"] = chat_message(meta, answer)
         else:
@@ -292,6 +293,7 @@ def stream_chunk(
     reasoning: str = "",
     token_ids: list[int] | None = None,
     prompt_token_ids: list[int] | None = None,
+    stop_reason: str | int | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk: text, tool calls (a chat's ``delta.tool_calls``) and/or a finish
     reason (chat: ``delta``; the first has the role). ``token_ids``: the output tokens it
@@ -317,6 +319,8 @@ def stream_chunk(
         obj = "text_completion"
     choice["logprobs"] = logprobs
     choice["finish_reason"] = finish
+    if finish is not None:
+        choice["stop_reason"] = stop_reason
     if meta.token_ids:
         choice["token_ids"] = token_ids or []
     if prompt_token_ids is not None and meta.kind != "chat":
@@ -567,7 +571,8 @@ async def sse_events(
                         events.append(sse(delta.chunk(meta, index, include_usage)))
                 events.append(sse(stream_chunk(
                     meta, index=index, finish=finish, include_usage=include_usage,
-                    prompt_token_ids=None if prompt_sent[index] else reply.prompt_token_ids)))
+                    prompt_token_ids=None if prompt_sent[index] else reply.prompt_token_ids,
+                    stop_reason=reply.stop_reason)))
                 if len(finals) == n:
                     if include_usage:
                         events.append(sse(usage_chunk(meta, [finals[i] for i in range(n)])))

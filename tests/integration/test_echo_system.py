@@ -134,7 +134,7 @@ def test_a_requests_markers_expire_after_the_configured_ttl(echo_system, echo_cl
     assert 0 < ttls[keys.request_markers(request_id)] <= MARKER_TTL_S, ttls
 
 
-def test_echo_honours_stop_strings(echo_client):
+def test_echo_honours_stop_strings(echo_system, echo_client):
     out = echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt="one two three four",
                                          max_tokens=20, stop=[" three"])
     assert out.choices[0].text.endswith("two") and " three" not in out.choices[0].text
@@ -144,6 +144,17 @@ def test_echo_honours_stop_strings(echo_client):
                                           extra_body={"include_stop_str_in_output": True})
     assert kept.choices[0].text == out.choices[0].text + " three"
     assert kept.choices[0].finish_reason == "stop"
+    # What stopped it, as vLLM's stop_reason: the string, a named stop token, or nothing.
+    assert out.choices[0].model_dump()["stop_reason"] == " three"
+    tokenizer = load_tokenizer(resolve_model_path(None, echo_system.cache_dir))
+    third = tokenizer.encode("one two three four")[3]
+    by_token = echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt="one two three four",
+                                              max_tokens=20, extra_body={"stop_token_ids": [third]})
+    assert (by_token.choices[0].finish_reason, by_token.choices[0].model_dump()["stop_reason"]) == (
+        "stop", third)
+    cut = echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt="one two three four",
+                                         max_tokens=2)
+    assert (cut.choices[0].finish_reason, cut.choices[0].model_dump()["stop_reason"]) == ("length", None)
 
 
 def stream_events(echo_system: System, body: dict) -> Iterator[tuple[str, dict]]:

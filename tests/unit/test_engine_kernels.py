@@ -22,6 +22,7 @@ from services.engine.detokenizer import (
     StopStringBuffer,
     TokenBytes,
     _backend_decode,
+    stop_reason,
     text_state,
 )
 from services.models import DEFAULT_MODEL_NAME, load_tokenizer
@@ -218,6 +219,14 @@ def test_special_tokens_are_spelled_out_only_when_not_skipped(tokenizer):
 
     assert text(True) == "hellohello"
     assert text(False) == f"hello{tokenizer.eos_token}hello"
+
+
+def test_the_stop_reason_is_the_matched_string_else_a_named_stop_token():
+    buf = StopStringBuffer(["ear", "earl"])
+    buf.append("an earlier")
+    assert stop_reason(5, buf, [5]) == "earl"  # the string, even when the token was named
+    assert stop_reason(5, StopStringBuffer(["x"]), [5, 9]) == 5
+    assert stop_reason(2, StopStringBuffer(["x"]), [5]) is None  # EOS: the model's own end
 
 
 def test_a_kept_stop_string_ends_the_answer_with_it():

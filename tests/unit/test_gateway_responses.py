@@ -88,7 +88,8 @@ def test_completion_body_shape() -> None:
         "object": "text_completion",
         "created": 1700,
         "model": "m",
-        "choices": [{"index": 0, "logprobs": None, "finish_reason": "length", "text": "abc"}],
+        "choices": [{"index": 0, "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                     "text": "abc"}],
         "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
                   "prompt_tokens_details": {"cached_tokens": 0}},
     }
@@ -102,6 +103,7 @@ def test_chat_body_shape() -> None:
             "index": 0,
             "logprobs": None,
             "finish_reason": "stop",
+            "stop_reason": None,
             "message": {"role": "assistant", "content": "hi"},
         }
     ]
@@ -569,3 +571,15 @@ async def test_token_ids_of_a_chat_hold_every_token_once_even_while_parsers_hold
         assert chunks[0]["prompt_token_ids"] == [1, 2, 3]
         assert all("prompt_token_ids" not in c for c in chunks[1:])
         assert [i for c in chunks for i in c["choices"][0]["token_ids"]] == [0, 1, 2, 3, 4]
+
+
+async def test_what_stopped_an_answer_is_said_as_vllms_stop_reason() -> None:
+    """The stop string matched or the stop token named; null for the model's own end."""
+    for why in (" three", 7, None):
+        final = dataclasses.replace(done(1), stop_reason=why)
+        body = completion_response(COMPLETION, [ChoiceAnswer(final, "a")])
+        assert body["choices"][0]["stop_reason"] == why
+        events = await run_sse(CHAT, filled(tok(0, "a"), final))
+        assert [c["choices"][0]["stop_reason"] for c in events[:-1] if c["choices"][0]["finish_reason"]] == [why]
+        assert all("stop_reason" not in c["choices"][0] for c in events[:-1]
+                   if not c["choices"][0]["finish_reason"])
