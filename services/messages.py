@@ -123,6 +123,9 @@ class StructuredOutput:
 PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
 """Bounds of a request's ``priority``: a signed 64-bit integer, as vLLM's."""
 
+MAX_ALLOWED_TOKEN_IDS = 65536
+"""Most ``allowed_token_ids`` one request may name."""
+
 MAX_LOGIT_BIAS = 1024
 """Most ``logit_bias`` entries one request may carry."""
 MAX_LOGIT_BIAS_VALUE = 100.0
@@ -210,6 +213,9 @@ class SamplingParams:
     """The language the answer must belong to; None: free text."""
     include_stop_str_in_output: bool = False
     """An answer that a stop string ends keeps that string (vLLM's field of that name)."""
+    allowed_token_ids: list[int] = field(default_factory=list)
+    """Only these tokens may be sampled (vLLM's ``allowed_token_ids``); empty: any. Not
+    with a structured answer, whose language has its own mask."""
     skip_special_tokens: bool = True
     """Special tokens the model generates are left out of the text (vLLM's; false spells
     them out, as the tokenizer names them). A stop token never is: it ends the answer."""

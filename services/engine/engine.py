@@ -123,6 +123,8 @@ def check_request(
         raise EngineError(f"prompt token ids must be in [0, {vocab_size})")
     if params.logit_bias and max(b.token_id for b in params.logit_bias) >= vocab_size:
         raise EngineError(f"logit_bias token ids must be in [0, {vocab_size})")
+    if params.allowed_token_ids and max(params.allowed_token_ids) >= vocab_size:
+        raise EngineError(f"allowed_token_ids must be in [0, {vocab_size})")
     if resume is not None and resume.token_ids:
         if len(resume.token_ids) >= params.max_tokens:
             raise EngineError("the resumed output already has max_tokens tokens")

@@ -18,6 +18,7 @@ import torch
 
 from services.engine.structured import GrammarState
 from services.messages import (
+    MAX_ALLOWED_TOKEN_IDS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
@@ -76,6 +77,13 @@ def validate_sampling(params: SamplingParams) -> str | None:
         problem = params.structured.problem()
         if problem is not None:
             return problem
+    if params.allowed_token_ids:
+        if len(params.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:
+            return f"allowed_token_ids may hold at most {MAX_ALLOWED_TOKEN_IDS} tokens"
+        if min(params.allowed_token_ids) < 0:
+            return "allowed_token_ids must be >= 0"
+        if params.structured is not None:
+            return "allowed_token_ids cannot be combined with a structured answer (its language is the mask)"
     return _logit_bias_problem(params)
 
 
@@ -98,6 +106,7 @@ def adjusts_logits(params: SamplingParams) -> bool:
     """Whether the request changes the raw logits (bias, minimum length, penalties)."""
     return bool(
         params.logit_bias
+        or params.allowed_token_ids
         or params.min_tokens
         or params.presence_penalty
         or params.frequency_penalty
@@ -111,6 +120,11 @@ def adjust_logits(logits: torch.Tensor, row: SamplingRow) -> None:
     on another worker or recomputed after a preemption gets the same adjustments."""
     params, vocab, dev = row.sampling, logits.shape[-1], logits.device
     tokens, prompt_len = row.token_ids, row.num_prompt_tokens
+    allowed = [t for t in params.allowed_token_ids if t < vocab]
+    if allowed:
+        mask = torch.ones(vocab, dtype=torch.bool, device=dev)
+        mask[torch.tensor(allowed, dtype=torch.long, device=dev)] = False
+        logits[mask] = -math.inf
     if params.logit_bias:
         entries = [b for b in params.logit_bias if b.token_id < vocab]
         ids = torch.tensor([b.token_id for b in entries], dtype=torch.long, device=dev)
@@ -119,7 +133,8 @@ def adjust_logits(logits: torch.Tensor, row: SamplingRow) -> None:
         row.grammar is not None and row.grammar.only_end_allowed()
     ):
         stops = [t for t in row.stop_token_ids if t < vocab]
-        if stops:
+        # Unless the only tokens allowed are stops: then one of them is all there is.
+        if stops and not (allowed and set(allowed) <= set(stops)):
             logits[torch.tensor(stops, dtype=torch.long, device=dev)] = -math.inf
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(tokens, dtype=torch.long, device=dev).unique()

@@ -38,6 +38,7 @@ from pydantic import (
 
 from services.gateway.errors import ApiError, from_validation_error, invalid, model_not_found
 from services.messages import (
+    MAX_ALLOWED_TOKEN_IDS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
@@ -220,6 +221,8 @@ class _SamplingFields(StrictBody):
     request waits for, as a batch's); the others are served as ``default``."""
     include_stop_str_in_output: bool | None = None
     """vLLM's: an answer that a stop string ends keeps that string at its end."""
+    allowed_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_ALLOWED_TOKEN_IDS)
+    """vLLM's: only these tokens may be sampled (null or empty: any)."""
     skip_special_tokens: bool | None = None
     """vLLM's: false spells the special tokens the model generates out in the text."""
     return_token_ids: bool | None = None
@@ -247,7 +250,6 @@ class _SamplingFields(StrictBody):
     guided_whitespace_pattern: Any = None
     use_beam_search: bool | None = None
     spaces_between_special_tokens: Any = None
-    allowed_token_ids: Any = None
     bad_words: Any = None
     logits_processors: Any = None
     return_tokens_as_token_ids: Any = None
@@ -257,7 +259,6 @@ UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
     "use_beam_search": (False, "Beam search"),
     "guided_whitespace_pattern": (None, "A whitespace pattern of the request's own"),
     "spaces_between_special_tokens": (True, "Special tokens without spaces between them"),
-    "allowed_token_ids": ([], "allowed_token_ids"),
     "bad_words": ([], "bad_words"),
     "logits_processors": ([], "Logits processors"),
     "return_tokens_as_token_ids": (False, "Log-probability tokens as token ids"),
@@ -793,6 +794,7 @@ def to_completion_request(
         structured=tool_call_constraint(body) or structured_output(body),
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
         skip_special_tokens=body.skip_special_tokens is not False,
+        allowed_token_ids=list(body.allowed_token_ids or []),
     )
     request = CompletionRequest(
         request_id=request_id,

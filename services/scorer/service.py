@@ -156,6 +156,8 @@ class Scorer:
         vocab = self.vocab_size
         if vocab is not None and any(b.token_id >= vocab for b in request.sampling.logit_bias):
             raise RequestRejected(f"logit_bias token ids must be in [0, {vocab}) for this model")
+        if vocab is not None and any(t >= vocab for t in request.sampling.allowed_token_ids):
+            raise RequestRejected(f"allowed_token_ids must be in [0, {vocab}) for this model")
         ids = self._prompt_ids(request)
         if request.prompt_token_ids is not None:
             request = dataclasses.replace(request, prompt=self._spell(ids))

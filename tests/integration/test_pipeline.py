@@ -114,6 +114,16 @@ def test_penalties_bias_and_min_tokens_reach_the_engine(client, tokenizer):
         client.completions.create(model=MODEL, prompt="x", max_tokens=4,
                                   logit_bias={str(len(tokenizer) + 10): 1})
     assert "logit_bias token ids must be in" in too_big.value.message
+    # vLLM's allowed_token_ids: the answer is sampled from them alone (with their ids back).
+    allowed = tokenizer.encode(" yes no", add_special_tokens=False)
+    only = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=6, temperature=1.5,
+                                     extra_body={"ignore_eos": True, "allowed_token_ids": allowed,
+                                                 "return_token_ids": True})
+    assert set(only.choices[0].model_dump()["token_ids"]) <= set(allowed)
+    with pytest.raises(openai.BadRequestError) as outside:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4,
+                                  extra_body={"allowed_token_ids": [len(tokenizer) + 10]})
+    assert "allowed_token_ids must be in" in outside.value.message
 
 
 def test_logprobs_in_both_apis_streamed_or_not(client, tokenizer):

@@ -306,6 +306,24 @@ def test_logit_bias_and_min_tokens_shape_the_answer(model_path, prompt_ids, refe
     assert run.tokens["min0"] == [eos] and run.final["min0"].finish_reason == "stop"
 
 
+def test_allowed_token_ids_are_all_an_answer_is_sampled_from(model_path, prompt_ids, reference):
+    """vLLM's ``allowed_token_ids``: greedy or hot, every token is one of them (the raw
+    log-probabilities stay the model's). Allowing only the end leaves it to sample even
+    before ``min_tokens`` (rather than nothing); it ends the answer once they allow."""
+    engine = make_engine(model_path, kv_cache_tokens=2048)
+    eos = next(iter(engine.eos_token_ids))
+    allowed = [reference[0][0] + 1, reference[0][0] + 2]
+    engine.add_request(EngineRequest("greedy", prompt_ids[0], greedy(8, allowed_token_ids=allowed)))
+    engine.add_request(EngineRequest("hot", prompt_ids[0], SamplingParams(
+        max_tokens=16, temperature=2.0, seed=3, ignore_eos=True, allowed_token_ids=allowed)))
+    engine.add_request(EngineRequest("end", prompt_ids[0], SamplingParams(
+        max_tokens=8, temperature=0.0, min_tokens=4, allowed_token_ids=[eos])))
+    run = drain(engine)
+    assert len(run.tokens["greedy"]) == 8 and set(run.tokens["greedy"]) <= set(allowed)
+    assert len(run.tokens["hot"]) == 16 and set(run.tokens["hot"]) == set(allowed)
+    assert run.tokens["end"] == [eos] * 5 and run.final["end"].finish_reason == "stop"
+
+
 def test_a_stop_string_does_not_end_the_answer_before_min_tokens(model_path, prompt_ids, tokenizer):
     engine = make_engine(model_path, kv_cache_tokens=2048)
     engine.add_request(EngineRequest("free", prompt_ids[3], greedy(12)))
@@ -431,6 +449,8 @@ def test_a_penalised_request_recomputed_after_preemption_gives_the_same_tokens(
     [
         ([], greedy(4), "empty"),
         ([1, 2], greedy(4, logit_bias=[TokenBias(10**6, 1.0)]), "logit_bias token ids"),
+        ([1, 2], greedy(4, allowed_token_ids=[3, 10**6]), "allowed_token_ids"),
+        ([1, 2], greedy(4, allowed_token_ids=[-1]), "allowed_token_ids"),
         ([1, 2], greedy(4, min_tokens=5), "min_tokens"),
         ([1] * 2000, greedy(100), "maximum context length"),
         ([1] * 300, greedy(10), "KV cache"),

@@ -115,6 +115,8 @@ def test_malformed_json_is_400(raw: bytes) -> None:
         ({"priority": 1.5}, "priority"),
         ({"priority": "high"}, "priority"),
         ({"return_token_ids": "yes"}, "return_token_ids"),
+        ({"allowed_token_ids": [-1]}, "allowed_token_ids.0"),
+        ({"allowed_token_ids": list(range(65537))}, "allowed_token_ids"),
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"prompt": []}, "prompt"),
         ({"prompt": ["x"] * 129}, "prompt"),
@@ -235,7 +237,7 @@ def test_a_bad_prompt_is_refused_in_words(prompt: Any, words: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "refused"), [
-    ("spaces_between_special_tokens", False), ("allowed_token_ids", [5, 6]), ("bad_words", ["x"]),
+    ("spaces_between_special_tokens", False), ("bad_words", ["x"]),
     ("logits_processors", ["m.f"]), ("return_tokens_as_token_ids", True), ("prompt_embeds", "AAAA"),
     ("guided_whitespace_pattern", r"[ ]*"),
 ])
@@ -336,6 +338,11 @@ def test_skip_special_tokens_defaults_to_true_and_false_reaches_the_worker() -> 
     assert not to_request(_check(completion(skip_special_tokens=False))).sampling.skip_special_tokens
     assert to_request(_check(completion(skip_special_tokens=None))).sampling.skip_special_tokens
     assert to_request(_check(completion())).sampling.skip_special_tokens
+
+
+def test_allowed_token_ids_reach_the_sampling_parameters() -> None:
+    assert to_request(_check(completion(allowed_token_ids=[5, 6]))).sampling.allowed_token_ids == [5, 6]
+    assert to_request(_check(completion(allowed_token_ids=None))).sampling.allowed_token_ids == []
 
 
 def test_return_token_ids_reaches_the_wire_message() -> None:

@@ -33,7 +33,8 @@ def request(kind: str = "completion", roles=("user",), **sampling) -> m.Completi
     {"max_tokens": 0}, {"max_tokens": -5}, {"temperature": -0.1}, {"temperature": 2.5},
     {"temperature": math.inf}, {"temperature": math.nan}, {"top_p": 0.0}, {"top_p": 1.5},
     {"top_k": -1}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]},
-    {"stop_token_ids": list(range(257))},
+    {"stop_token_ids": list(range(257))}, {"allowed_token_ids": [-3]},
+    {"allowed_token_ids": [1], "structured": m.StructuredOutput(kind="regex", spec="[ab]+")},
 ])
 def test_bad_sampling_parameters_are_refused(sampling):
     with pytest.raises(RequestRejected) as info:
