@@ -126,6 +126,9 @@ PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
 MAX_ALLOWED_TOKEN_IDS = 65536
 """Most ``allowed_token_ids`` one request may name."""
 
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 128, 256
+"""Most ``bad_words`` one request may name, and the longest."""
+
 MAX_LOGIT_BIAS = 1024
 """Most ``logit_bias`` entries one request may carry."""
 MAX_LOGIT_BIAS_VALUE = 100.0
@@ -216,6 +219,10 @@ class SamplingParams:
     allowed_token_ids: list[int] = field(default_factory=list)
     """Only these tokens may be sampled (vLLM's ``allowed_token_ids``); empty: any. Not
     with a structured answer, whose language has its own mask."""
+    bad_words: list[str] = field(default_factory=list)
+    """Words the answer must not hold (vLLM's ``bad_words``): the engine bans the last
+    token of each (as the tokenizer spells the word, with and without a leading space)
+    wherever the answer's tokens so far end with the ones before it."""
     skip_special_tokens: bool = True
     """Special tokens the model generates are left out of the text (vLLM's; false spells
     them out, as the tokenizer names them). A stop token never is: it ends the answer."""

@@ -136,8 +136,9 @@ class EchoEngine:
         prompt would not hold to its language."""
         if req.sampling.structured is not None:
             raise EngineError("structured outputs need a model; the echo engine answers with the prompt")
-        if req.sampling.allowed_token_ids:
-            raise EngineError("allowed_token_ids need a model; the echo engine answers with the prompt")
+        if req.sampling.allowed_token_ids or req.sampling.bad_words:
+            raise EngineError("allowed_token_ids and bad_words need a model; the echo engine "
+                              "answers with the prompt")
 
     def add_request(self, req: EngineRequest) -> None:
         """Queue a request; raises EngineError when it can never be served (as LLMEngine)."""

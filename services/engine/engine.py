@@ -11,7 +11,7 @@ import heapq
 import inspect
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ from services.engine.kv_cache import (
 )
 from services.engine.lora import LoraConfig, LoraManager, lora_step
 from services.engine.sampling import (
+    bad_word_ids,
     make_generator,
     sample_tokens,
     token_logprobs,
@@ -83,6 +84,8 @@ class _RequestState:
     and they are not sent yet (then None)."""
     grammar: GrammarState | None = None
     """A structured request's place in its language."""
+    bad_word_ids: list[list[int]] = field(default_factory=list)
+    """Its ``bad_words`` as token ids (:func:`sampling.bad_word_ids`)."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -295,6 +298,7 @@ class LLMEngine:
             prompt_logprobs=[self._unscored(prompt[0])]
             if params.prompt_logprobs is not None and not resumed else None,
             grammar=grammar,
+            bad_word_ids=bad_word_ids(self.tokenizer, params.bad_words),
         )
         self.scheduler.add(seq)
 

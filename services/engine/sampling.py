@@ -12,13 +12,15 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from services.engine.structured import GrammarState
 from services.messages import (
     MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
@@ -46,6 +48,8 @@ class SamplingRow(Protocol):
     def stop_token_ids(self) -> frozenset[int]: ...
     @property
     def grammar(self) -> GrammarState | None: ...
+    @property
+    def bad_word_ids(self) -> Sequence[Sequence[int]]: ...
 
 
 def validate_sampling(params: SamplingParams) -> str | None:
@@ -84,7 +88,27 @@ def validate_sampling(params: SamplingParams) -> str | None:
             return "allowed_token_ids must be >= 0"
         if params.structured is not None:
             return "allowed_token_ids cannot be combined with a structured answer (its language is the mask)"
+    if params.bad_words:
+        if len(params.bad_words) > MAX_BAD_WORDS:
+            return f"bad_words may hold at most {MAX_BAD_WORDS} words"
+        if any(not w.strip() or len(w) > MAX_BAD_WORD_CHARS for w in params.bad_words):
+            return f"bad_words must be words of 1 to {MAX_BAD_WORD_CHARS} characters"
+        if params.structured is not None or params.allowed_token_ids:
+            # Either may leave nothing but a banned token to sample.
+            return "bad_words cannot be combined with a structured answer or allowed_token_ids"
     return _logit_bias_problem(params)
+
+
+def bad_word_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
+    """Each bad word's token ids as the tokenizer spells it alone and after a space (how
+    it reads inside a text), without repeats."""
+    found: list[list[int]] = []
+    for word in words:
+        for spelling in (word.lstrip(), " " + word.lstrip()):
+            ids = list(tokenizer.encode(spelling, add_special_tokens=False))
+            if ids and ids not in found:
+                found.append(ids)
+    return found
 
 
 def _logit_bias_problem(params: SamplingParams) -> str | None:
@@ -107,6 +131,7 @@ def adjusts_logits(params: SamplingParams) -> bool:
     return bool(
         params.logit_bias
         or params.allowed_token_ids
+        or params.bad_words
         or params.min_tokens
         or params.presence_penalty
         or params.frequency_penalty
@@ -125,6 +150,12 @@ def adjust_logits(logits: torch.Tensor, row: SamplingRow) -> None:
         mask = torch.ones(vocab, dtype=torch.bool, device=dev)
         mask[torch.tensor(allowed, dtype=torch.long, device=dev)] = False
         logits[mask] = -math.inf
+    if row.bad_word_ids:
+        output = tokens[prompt_len:]
+        banned = [ids[-1] for ids in row.bad_word_ids if ids[-1] < vocab and (
+            len(ids) == 1 or (len(output) >= len(ids) - 1 and list(output[len(output) - len(ids) + 1:]) == ids[:-1]))]
+        if banned:
+            logits[torch.tensor(banned, dtype=torch.long, device=dev)] = -math.inf
     if params.logit_bias:
         entries = [b for b in params.logit_bias if b.token_id < vocab]
         ids = torch.tensor([b.token_id for b in entries], dtype=torch.long, device=dev)

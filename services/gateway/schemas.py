@@ -39,6 +39,7 @@ from pydantic import (
 from services.gateway.errors import ApiError, from_validation_error, invalid, model_not_found
 from services.messages import (
     MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
@@ -223,6 +224,8 @@ class _SamplingFields(StrictBody):
     """vLLM's: an answer that a stop string ends keeps that string at its end."""
     allowed_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_ALLOWED_TOKEN_IDS)
     """vLLM's: only these tokens may be sampled (null or empty: any)."""
+    bad_words: list[Text] | None = Field(default=None, max_length=MAX_BAD_WORDS)
+    """vLLM's: words the answer must not hold."""
     skip_special_tokens: bool | None = None
     """vLLM's: false spells the special tokens the model generates out in the text."""
     return_token_ids: bool | None = None
@@ -250,7 +253,6 @@ class _SamplingFields(StrictBody):
     guided_whitespace_pattern: Any = None
     use_beam_search: bool | None = None
     spaces_between_special_tokens: Any = None
-    bad_words: Any = None
     logits_processors: Any = None
     return_tokens_as_token_ids: Any = None
 
@@ -259,7 +261,6 @@ UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
     "use_beam_search": (False, "Beam search"),
     "guided_whitespace_pattern": (None, "A whitespace pattern of the request's own"),
     "spaces_between_special_tokens": (True, "Special tokens without spaces between them"),
-    "bad_words": ([], "bad_words"),
     "logits_processors": ([], "Logits processors"),
     "return_tokens_as_token_ids": (False, "Log-probability tokens as token ids"),
     "prompt_embeds": ([], "Prompt embeddings"),
@@ -795,6 +796,7 @@ def to_completion_request(
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
         skip_special_tokens=body.skip_special_tokens is not False,
         allowed_token_ids=list(body.allowed_token_ids or []),
+        bad_words=list(body.bad_words or []),
     )
     request = CompletionRequest(
         request_id=request_id,

@@ -124,6 +124,15 @@ def test_penalties_bias_and_min_tokens_reach_the_engine(client, tokenizer):
         client.completions.create(model=MODEL, prompt="x", max_tokens=4,
                                   extra_body={"allowed_token_ids": [len(tokenizer) + 10]})
     assert "allowed_token_ids must be in" in outside.value.message
+    # vLLM's bad_words: a word the greedy answer holds never comes out once banned.
+    ids = client.completions.create(model=MODEL, prompt="x", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True, "return_token_ids": True}
+                                    ).choices[0].model_dump()["token_ids"]
+    token = next(t for t in ids if tokenizer.encode(tokenizer.decode([t]), add_special_tokens=False) == [t])
+    clean = client.completions.create(model=MODEL, prompt="x", max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                  "bad_words": [tokenizer.decode([token])]})
+    assert token not in clean.choices[0].model_dump()["token_ids"]
 
 
 def test_logprobs_in_both_apis_streamed_or_not(client, tokenizer):

@@ -13,6 +13,7 @@ import torch
 
 from services.engine import EngineConfig, EngineError, EngineRequest, LLMEngine, RequestOutput
 from services.engine import engine as engine_module
+from services.engine.sampling import bad_word_ids
 from services.messages import SamplingParams, TokenBias, TokenLogprob
 from services.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer
 
@@ -322,6 +323,25 @@ def test_allowed_token_ids_are_all_an_answer_is_sampled_from(model_path, prompt_
     assert len(run.tokens["greedy"]) == 8 and set(run.tokens["greedy"]) <= set(allowed)
     assert len(run.tokens["hot"]) == 16 and set(run.tokens["hot"]) == set(allowed)
     assert run.tokens["end"] == [eos] * 5 and run.final["end"].finish_reason == "stop"
+
+
+def test_a_bad_word_is_banned_as_spelled_alone_and_after_a_space(tokenizer):
+    alone, spaced = (tokenizer.encode(w, add_special_tokens=False) for w in ("hello", " hello"))
+    assert alone != spaced
+    assert bad_word_ids(tokenizer, ["hello", " hello"]) == [alone, spaced]
+
+
+def test_bad_words_never_come_out(model_path, prompt_ids, reference, tokenizer):
+    """vLLM's ``bad_words``: a word the greedy answer would start with (one token, however
+    the tokenizer spells it) is never generated; the answer takes another token."""
+    word = next(tokenizer.decode([t]) for t in reference[0]
+                if tokenizer.encode(tokenizer.decode([t]), add_special_tokens=False) == [t])
+    banned = {ids[-1] for ids in bad_word_ids(tokenizer, [word])}
+    engine = make_engine(model_path, kv_cache_tokens=2048)
+    engine.add_request(EngineRequest("clean", prompt_ids[0], greedy(12, bad_words=[word])))
+    run = drain(engine)
+    assert len(run.tokens["clean"]) == 12 and not banned & set(run.tokens["clean"])
+    assert run.tokens["clean"] != reference[0][:12]
 
 
 def test_a_stop_string_does_not_end_the_answer_before_min_tokens(model_path, prompt_ids, tokenizer):

@@ -237,7 +237,7 @@ def test_a_bad_prompt_is_refused_in_words(prompt: Any, words: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "refused"), [
-    ("spaces_between_special_tokens", False), ("bad_words", ["x"]),
+    ("spaces_between_special_tokens", False),
     ("logits_processors", ["m.f"]), ("return_tokens_as_token_ids", True), ("prompt_embeds", "AAAA"),
     ("guided_whitespace_pattern", r"[ ]*"),
 ])
@@ -338,6 +338,11 @@ def test_skip_special_tokens_defaults_to_true_and_false_reaches_the_worker() -> 
     assert not to_request(_check(completion(skip_special_tokens=False))).sampling.skip_special_tokens
     assert to_request(_check(completion(skip_special_tokens=None))).sampling.skip_special_tokens
     assert to_request(_check(completion())).sampling.skip_special_tokens
+
+
+def test_bad_words_reach_the_sampling_parameters() -> None:
+    assert to_request(_check(completion(bad_words=["fox", " dog"]))).sampling.bad_words == ["fox", " dog"]
+    assert _error(completion(bad_words=["x"] * 129)).param == "bad_words"
 
 
 def test_allowed_token_ids_reach_the_sampling_parameters() -> None:

@@ -18,7 +18,7 @@ from services.engine.sampling import (
     validate_sampling,
     with_seed,
 )
-from services.messages import MAX_LOGIT_BIAS, SamplingParams, TokenBias
+from services.messages import MAX_LOGIT_BIAS, SamplingParams, StructuredOutput, TokenBias
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Row:
     num_prompt_tokens: int = 1
     stop_token_ids: frozenset[int] = frozenset()
     grammar: None = None
+    bad_word_ids: list[list[int]] = field(default_factory=list)
 
 
 def at(position: int, params: SamplingParams, generator: torch.Generator | None = None) -> Row:
@@ -110,6 +111,27 @@ def test_min_p_changes_what_a_sampled_request_draws():
     gen = make_generator(5, "cpu")
     drawn = {sample_tokens(logits, [at(k, params, gen)])[0] for k in range(300)}
     assert drawn == {0, 1}
+
+
+def test_a_bad_words_last_token_is_banned_where_the_output_ends_with_the_rest():
+    """Single-token words are banned everywhere; a longer one's last token only after
+    the output (not the prompt) ends with its first tokens."""
+    logits = torch.zeros(20)
+    row = Row(SamplingParams(bad_words=["w"]), token_ids=[3, 5, 3], num_prompt_tokens=2,
+              bad_word_ids=[[7], [3, 9], [5, 3, 11], [4, 12]])
+    adjust_logits(logits, row)
+    assert sorted(torch.nonzero(logits == float("-inf")).flatten().tolist()) == [7, 9]
+
+
+@pytest.mark.parametrize(("params", "words"), [
+    (SamplingParams(bad_words=[" "]), "1 to 256 characters"),
+    (SamplingParams(bad_words=["x" * 257]), "1 to 256 characters"),
+    (SamplingParams(bad_words=["x"] * 129), "at most 128"),
+    (SamplingParams(bad_words=["x"], allowed_token_ids=[1]), "cannot be combined"),
+    (SamplingParams(bad_words=["x"], structured=StructuredOutput(kind="regex", spec="a+")), "cannot be combined"),
+])
+def test_bad_words_that_cannot_be_served_are_refused(params, words):
+    assert words in (validate_sampling(params) or "")
 
 
 def test_logit_bias_moves_greedy_and_sampled_choices():
