@@ -87,7 +87,8 @@ _PASSED_THROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "log
                    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
                    "stop_token_ids", "deadline_ms", "fail_if_late", "chat_template_kwargs",
                    "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                   "guided_grammar", "service_tier", "priority")
+                   "guided_grammar", "service_tier", "priority", "include_stop_str_in_output",
+                   "skip_special_tokens", "allowed_token_ids", "bad_words")
 """Fields a Responses body may carry as the chat's extensions (vLLM's extra sampling
 fields and Fairway's deadlines), checked as the chat checks them."""
 _KEPT_ELSEWHERE = {
@@ -147,6 +148,10 @@ class ResponsesBody(StrictBody):
     guided_choice: Any = None
     guided_grammar: Any = None
     priority: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
 
 
 def _not_stored(param: str, what: str) -> ApiError:

@@ -7,12 +7,13 @@ the wire message. Everything here is pure and raises :class:`ApiError` for the c
 Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
 ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms`` header, the
-smaller wins), ``fail_if_late``, ``return_token_ids`` and ``priority`` (vLLM's: lower
-runs first among the tenant's own requests). Structured outputs come as OpenAI's
-``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs``
-(``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or its older ``guided_*``
-fields; a chat's ``tools`` with ``tool_choice`` required or named become the same kind
-of constraint (:func:`tool_call_constraint`). Unknown fields are ignored, as OpenAI
+smaller wins), ``fail_if_late``, and vLLM's ``priority`` (lower runs first among the
+tenant's own requests), ``return_token_ids``, ``include_stop_str_in_output``,
+``skip_special_tokens``, ``allowed_token_ids`` and ``bad_words``. Structured outputs come
+as OpenAI's ``response_format`` (``json_object``, ``json_schema``), vLLM's
+``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or
+its older ``guided_*`` fields; a chat's ``tools`` with ``tool_choice`` required or named
+become the same kind of constraint (:func:`tool_call_constraint`). Unknown fields are ignored, as OpenAI
 servers do; known OpenAI features (and vLLM extensions) that Fairway does not implement
 are refused with a 400 when they would change the answer (``tool_choice`` auto,
 ``suffix``, beam search...) instead of being silently dropped.
