@@ -510,17 +510,17 @@ def priority(records: list[TraceRecord], seed: int = 0) -> dict:
     tenants = parse_tenants("app:0.5,other:0.5")
     cluster = ClusterConfig(kv_tokens=LatencyModel().kv_tokens)
     requests = make_requests(records, tenants=tenants, max_tokens=1024, seed=seed)
-    interactive = np.random.default_rng(seed + 7).random(len(requests)) < 0.2
+    drawn = np.random.default_rng(seed + 7).random(len(requests)) < 0.2
+    urgent_ids = {r.request_id for r, urgent in zip(requests, drawn, strict=True) if urgent}
     out: dict = {}
     for load in (0.8, 1.0):
         loaded, _ = at_load(requests, cluster, load)
         row = {}
         for label, prioritized in (("no_priority", False), ("priority", True)):
-            marked = [replace(r, priority=int(prioritized and r.tenant == "app" and not urgent))
-                      for r, urgent in zip(loaded, interactive, strict=True)]
+            marked = [replace(r, priority=int(prioritized and r.tenant == "app" and r.request_id not in urgent_ids))
+                      for r in loaded]
             config = PolicyConfig(name="fairway", latency=cluster.gpu_latency)
             result = simulate(marked, config, cluster)
-            urgent_ids = {r.request_id for r, urgent in zip(loaded, interactive, strict=True) if urgent}
             app = [r for r in result.requests if r.tenant == "app"]
             row[label] = {
                 "app_interactive": class_latency([r for r in app if r.request_id in urgent_ids]),

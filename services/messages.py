@@ -120,8 +120,8 @@ class StructuredOutput:
         return None
 
 
-PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
-"""Bounds of a request's ``priority``: a signed 64-bit integer, as vLLM's."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""A signed 64-bit integer's bounds: a ``seed``'s and a ``priority``'s, as vLLM's."""
 
 MAX_ALLOWED_TOKEN_IDS = 65536
 """Most ``allowed_token_ids`` one request may name."""
@@ -310,7 +310,7 @@ class CompletionRequest(Message):
     scheduler takes it after every request that is not background, of any tenant."""
     priority: int = 0
     """vLLM's ``priority``: lower runs first, among its tenant's own requests only (in
-    ``[PRIORITY_MIN, PRIORITY_MAX]``)."""
+    ``[INT64_MIN, INT64_MAX]``)."""
     reply_to: str = ""
     prompt_token_ids: list[int] | None = None
     """A completion's prompt as the model's token ids (OpenAI's and vLLM's token-id

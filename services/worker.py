@@ -345,6 +345,14 @@ class Active:
     def request(self) -> m.CompletionRequest:
         return self.item.scored.request
 
+    def prompt_extras(self, first: bool) -> dict[str, Any]:
+        """What a reply carrying the answer's ``first`` tokens brings back about the prompt,
+        when the caller asked: a token-id prompt's text, the prompt's ids. Later ones: nothing."""
+        if not first:
+            return {}
+        return {"echoed_prompt": self.request.prompt_to_echo(),
+                "prompt_token_ids": self.item.scored.prompt_ids_to_return()}
+
 
 class WorkerService:
     def __init__(self, settings: Settings, pool: str, device: str) -> None:
@@ -507,8 +515,7 @@ class WorkerService:
             request_id=active.item.request_id, token_offset=0, text_offset=0,
             text=point.streamed_text, token_ids=list(point.output_token_ids),
             logprobs=list(point.output_logprobs), prompt_logprobs=list(point.prompt_logprobs),
-            echoed_prompt=active.request.prompt_to_echo(),
-            prompt_token_ids=active.item.scored.prompt_ids_to_return()),
+            **active.prompt_extras(first=True)),
             mandatory=True))
         send.add_done_callback(lambda f: self._on_sent(active, f))
         active.unconfirmed.appendleft((send, len(point.output_token_ids), point.streamed_chars))
@@ -707,9 +714,7 @@ class WorkerService:
                 text_offset=active.streamed_chars, text=out.new_text,
                 token_ids=list(out.new_token_ids), logprobs=out.logprobs,
                 prompt_logprobs=out.prompt_logprobs,
-                echoed_prompt=None if active.output_token_ids else active.request.prompt_to_echo(),
-                prompt_token_ids=None if active.output_token_ids
-                else active.item.scored.prompt_ids_to_return()),
+                **active.prompt_extras(first=not active.output_token_ids)),
                 mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))
             active.sent(send, out.new_token_ids, out.new_text, out.logprobs, out.prompt_logprobs)
@@ -740,9 +745,7 @@ class WorkerService:
             text=out.new_text if done else "", token_ids=list(out.new_token_ids) if done else [],
             logprobs=out.logprobs if done else [],
             prompt_logprobs=out.prompt_logprobs if done else [],
-            echoed_prompt=None if active.output_token_ids or not done else req.prompt_to_echo(),
-            prompt_token_ids=None if active.output_token_ids or not done
-            else active.item.scored.prompt_ids_to_return(),
+            **active.prompt_extras(first=done and not active.output_token_ids),
             finish_reason=reason, stop_reason=out.stop_reason if done else None,
             prompt_tokens=out.num_prompt_tokens,
             completion_tokens=out.num_output_tokens, cached_tokens=out.num_cached_tokens,

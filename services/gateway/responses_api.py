@@ -60,8 +60,6 @@ from services.gateway.responses import (
     sse,
 )
 from services.gateway.schemas import (
-    INT64_MAX,
-    INT64_MIN,
     ChatCompletionBody,
     NonEmptyText,
     StrictBody,
@@ -69,7 +67,14 @@ from services.gateway.schemas import (
     unsupported,
 )
 from services.logs import get_logger
-from services.messages import MAX_LOGPROBS, MAX_TOOLS, FinalAnswer, TokenLogprob
+from services.messages import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_LOGPROBS,
+    MAX_TOOLS,
+    FinalAnswer,
+    TokenLogprob,
+)
 from services.replies import Reply
 
 log = get_logger(__name__)

@@ -39,6 +39,8 @@ from pydantic import (
 
 from services.gateway.errors import ApiError, from_validation_error, invalid, model_not_found
 from services.messages import (
+    INT64_MAX,
+    INT64_MIN,
     MAX_ALLOWED_TOKEN_IDS,
     MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
@@ -70,7 +72,6 @@ MAX_PROMPTS = 128
 """Prompts in one completion request (a batch): each is a request of the tenant's."""
 MAX_TOKEN_ID = 2**31 - 1
 MAX_DEADLINE_MS = 24 * 3600 * 1000
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 """OpenAI's default for /v1/completions."""
 DEFAULT_CHAT_MAX_TOKENS = 256

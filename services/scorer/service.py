@@ -111,8 +111,8 @@ def check_fields(request: m.CompletionRequest) -> None:
         problem = f"at most {m.MAX_TEMPLATE_ARGS} chat_template_kwargs are allowed"
     if problem is None and len(request.tools) > m.MAX_TOOLS:
         problem = f"at most {m.MAX_TOOLS} tools are allowed"
-    if problem is None and not m.PRIORITY_MIN <= request.priority <= m.PRIORITY_MAX:
-        problem = f"priority must be in [{m.PRIORITY_MIN}, {m.PRIORITY_MAX}]"
+    if problem is None and not m.INT64_MIN <= request.priority <= m.INT64_MAX:
+        problem = f"priority must be in [{m.INT64_MIN}, {m.INT64_MAX}]"
     if problem is None and not set(request.defaulted) <= set(m.DEFAULTABLE):
         problem = f"defaulted may only name {', '.join(m.DEFAULTABLE)}"
     if problem is not None:

@@ -11,8 +11,6 @@ from services.gateway.errors import ApiError
 from services.gateway.schemas import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
-    INT64_MAX,
-    INT64_MIN,
     UNIMPLEMENTED_FIELDS,
     ChatCompletionBody,
     CompletionBody,
@@ -28,6 +26,8 @@ from services.gateway.schemas import (
     tool_calling,
 )
 from services.messages import (
+    INT64_MAX,
+    INT64_MIN,
     ChatMessage,
     CompletionRequest,
     StructuredOutput,
