@@ -172,6 +172,8 @@ class TokenLogprob:
     raw: bytes = b""
     """The token's own bytes where its text does not spell them: a token that holds part
     of a character decodes to U+FFFD, but its bytes joined with the next token's do."""
+    token_id: int = -1
+    """The token's id in the model's vocabulary (-1 from a worker that predates it)."""
 
     @property
     def token_bytes(self) -> bytes:
@@ -226,6 +228,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     """Special tokens the model generates are left out of the text (vLLM's; false spells
     them out, as the tokenizer names them). A stop token never is: it ends the answer."""
+    spaces_between_special_tokens: bool = True
+    """Spelled-out special tokens are set apart by spaces where the tokenizer's own decode
+    does that (vLLM's; a slow tokenizer of transformers 4 does, a fast one never)."""
 
 
 DEFAULTABLE = ("max_tokens", "temperature", "top_p", "top_k")

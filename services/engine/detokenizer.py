@@ -43,10 +43,13 @@ class IncrementalDetokenizer:
     """
 
     def __init__(
-        self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True
+        self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
     ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
+        # The Rust decoder puts nothing between special tokens, so it never needs the flag.
         self._fast_decode = _backend_decode(tokenizer)
         self.ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self.read_offset = len(self.ids)
@@ -55,8 +58,12 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if self._fast_decode is not None:
             return self._fast_decode(ids, skip_special_tokens=self.skip_special_tokens)
+        # The flag is passed only when it asks for other than the tokenizer's default.
+        unspaced = {} if self.spaces_between_special_tokens else {
+            "spaces_between_special_tokens": False}
         return self.tokenizer.decode(
-            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False,
+            **unspaced,
         )
 
     def add(self, token_id: int) -> str:
@@ -168,13 +175,15 @@ def stop_reason(token: int, text: StopStringBuffer, named_stop_ids: Sequence[int
 def text_state(
     tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
     resumed_token_ids: Sequence[int] = (), streamed_chars: int = 0, keep_stop: bool = False,
-    skip_special_tokens: bool = True,
+    skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True,
 ) -> tuple[IncrementalDetokenizer, StopStringBuffer]:
     """A request's detokenizer and stop-string buffer (``keep_stop``: the answer keeps the
     stop string that ends it; ``skip_special_tokens``: special tokens are not spelled in
-    its text); for a resumed request, in the state the earlier run left them: its output
-    tokens decoded, its streamed text sent."""
-    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
+    its text; ``spaces_between_special_tokens``: as the tokenizer's decode reads it); for a
+    resumed request, in the state the earlier run left them: its output tokens decoded,
+    its streamed text sent."""
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens,
+                                         spaces_between_special_tokens)
     buffer = StopStringBuffer(stop, keep_stop)
     if resumed_token_ids:
         buffer.resume("".join(detokenizer.add(t) for t in resumed_token_ids), streamed_chars)

@@ -154,7 +154,9 @@ class EchoEngine:
         detokenizer, text = text_state(self.tokenizer, prompt, params.stop, resumed,
                                        req.resume.streamed_chars if req.resume else 0,
                                        keep_stop=params.include_stop_str_in_output,
-                                       skip_special_tokens=params.skip_special_tokens)
+                                       skip_special_tokens=params.skip_special_tokens,
+                                       spaces_between_special_tokens=(
+                                           params.spaces_between_special_tokens))
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
@@ -277,7 +279,8 @@ class EchoEngine:
         prompt_logprobs: list[TokenLogprob] = []
         if req.prompt_logprobs_due and tokens:
             req.prompt_logprobs_due = False
-            first = TokenLogprob(token=self.tokenizer.decode([req.prompt[0]]), logprob=0.0)
+            first = TokenLogprob(token=self.tokenizer.decode([req.prompt[0]]), logprob=0.0,
+                                 token_id=req.prompt[0])
             top = req.sampling.prompt_logprobs or 0
             prompt_logprobs = [first, *(self._certain(t, top) for t in req.prompt[1:])]
         if reason is None:
@@ -292,7 +295,8 @@ class EchoEngine:
     def _certain(self, token: int, top: int) -> TokenLogprob:
         """The echo's token is certain: log-probability 0, and the only one at its place."""
         text = self.tokenizer.decode([token])
-        return TokenLogprob(token=text, logprob=0.0, top=[TopLogprob(token, text, 0.0)][:top])
+        return TokenLogprob(token=text, logprob=0.0, top=[TopLogprob(token, text, 0.0)][:top],
+                            token_id=token)
 
     @staticmethod
     def _final(req: _EchoRequest, tokens: list[int], text: str, reason: str,

@@ -286,7 +286,9 @@ class LLMEngine:
         detokenizer, text = text_state(self.tokenizer, prompt, params.stop, resumed,
                                        req.resume.streamed_chars if req.resume else 0,
                                        keep_stop=params.include_stop_str_in_output,
-                                       skip_special_tokens=params.skip_special_tokens)
+                                       skip_special_tokens=params.skip_special_tokens,
+                                       spaces_between_special_tokens=(
+                                           params.spaces_between_special_tokens))
         self._requests[req.request_id] = _RequestState(
             seq=seq,
             sampling=params,
@@ -521,7 +523,7 @@ class LLMEngine:
     def _unscored(self, token: int) -> TokenLogprob:
         """The entry of a prompt's first token, which nothing predicts: its text only."""
         text, raw = self._token_spelling(token)
-        return TokenLogprob(token=text, logprob=0.0, raw=raw)
+        return TokenLogprob(token=text, logprob=0.0, raw=raw, token_id=token)
 
     def _token_logprob(self, token: int, logprob: float, top_ids: list[int],
                        top_logprobs: list[float]) -> TokenLogprob:
@@ -530,7 +532,8 @@ class LLMEngine:
         for i, value in zip(top_ids, top_logprobs, strict=True):
             alt_text, alt_raw = self._token_spelling(i)
             top.append(TopLogprob(i, alt_text, max(value, MIN_LOGPROB), raw=alt_raw))
-        return TokenLogprob(token=text, logprob=max(logprob, MIN_LOGPROB), top=top, raw=raw)
+        return TokenLogprob(token=text, logprob=max(logprob, MIN_LOGPROB), top=top, raw=raw,
+                            token_id=token)
 
     def _slot(self, request_id: str) -> int:
         """The request's slot of the slot caches, the lowest free one on its first step

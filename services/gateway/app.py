@@ -418,6 +418,7 @@ def prepare_generation(
         request_id=generation.answer_id or generation.request_id, kind=request_kind(body),
         model=body.model, created=generation.answer_created or int(now),
         logprobs=completion.sampling.logprobs is not None,
+        tokens_as_ids=bool(body.return_tokens_as_token_ids),
         echo=tuple(p if isinstance(p, str) else None for p in prompts)
         if prompts is not None and body.echo else None, n=body.n or 1,
         tool_calling=tool_calling(body, settings.tool_call_parser),

@@ -28,7 +28,7 @@ from services.gateway.reasoning import ReasoningReader, split_reasoning
 from services.gateway.replies import ChoiceStream
 from services.gateway.schemas import ToolCalling
 from services.gateway.tool_parsers import ToolCallReader, parse_tool_calls
-from services.messages import FinalAnswer, RequestKind, TokenLogprob
+from services.messages import FinalAnswer, RequestKind, TokenLogprob, TopLogprob
 from services.replies import Reply
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -54,6 +54,8 @@ class ResponseMeta:
     created: int
     logprobs: bool = False
     """The client asked for log-probabilities."""
+    tokens_as_ids: bool = False
+    """Their tokens are named ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``)."""
     echo: tuple[str | None, ...] | None = None
     """Each prompt, when a completion asked for it back (``echo``): each of its choices'
     text starts with it, and their log-probabilities with the prompt's. None for a
@@ -184,40 +186,57 @@ def tool_call_message(calling: ToolCalling, text: str,
             called_finish_reason(calling, final))
 
 
+def _named(entry: TokenLogprob | TopLogprob, as_ids: bool) -> tuple[str, bytes]:
+    """A log-probability's token as the client reads it, and its bytes: its own text, or
+    ``token_id:N`` when the client asked for ids (vLLM's ``return_tokens_as_token_ids``:
+    tokens whose text does not tell them apart, such as parts of one character, stay
+    distinct)."""
+    if as_ids:
+        name = f"token_id:{entry.token_id}"
+        return name, name.encode()
+    return entry.token, entry.token_bytes
+
+
 def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0,
-                        unscored_first: bool = False) -> dict[str, Any]:
+                        unscored_first: bool = False, as_ids: bool = False) -> dict[str, Any]:
     """A completion choice's ``logprobs`` for these tokens; ``text_offset`` is where the
     first one starts in the answer's text. ``unscored_first``: the first is the prompt's
-    first token, which nothing predicts (null, as OpenAI and vLLM give it)."""
+    first token, which nothing predicts (null, as OpenAI and vLLM give it). ``as_ids``:
+    tokens named by id (offsets still count the text)."""
     offsets = []
     for entry in entries:
         offsets.append(text_offset)
         text_offset += len(entry.token)
     top: list[dict[str, float] | None] = []
     for entry in entries:
-        alternatives = {alt.token: alt.logprob for alt in entry.top}
-        alternatives.setdefault(entry.token, entry.logprob)
+        alternatives = {_named(alt, as_ids)[0]: alt.logprob for alt in entry.top}
+        alternatives.setdefault(_named(entry, as_ids)[0], entry.logprob)
         top.append(alternatives)
     token_logprobs: list[float | None] = [entry.logprob for entry in entries]
     if unscored_first and entries:
         token_logprobs[0] = top[0] = None
     return {
-        "tokens": [entry.token for entry in entries],
+        "tokens": [_named(entry, as_ids)[0] for entry in entries],
         "token_logprobs": token_logprobs,
         "top_logprobs": top,
         "text_offset": offsets,
     }
 
 
-def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+def chat_logprobs(entries: list[TokenLogprob], as_ids: bool = False) -> dict[str, Any]:
     """A chat choice's ``logprobs`` for these tokens; ``bytes`` are each token's own, so
-    the tokens of a character split between them join into it."""
-    return {"content": [
-        {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token_bytes),
-         "top_logprobs": [{"token": alt.token, "logprob": alt.logprob,
-                           "bytes": list(alt.token_bytes)} for alt in entry.top]}
-        for entry in entries
-    ]}
+    the tokens of a character split between them join into it (``as_ids``: the bytes of
+    its ``token_id:N`` name, as vLLM gives them)."""
+    content = []
+    for entry in entries:
+        name, raw = _named(entry, as_ids)
+        top = []
+        for alt in entry.top:
+            alt_name, alt_raw = _named(alt, as_ids)
+            top.append({"token": alt_name, "logprob": alt.logprob, "bytes": list(alt_raw)})
+        content.append({"token": name, "logprob": entry.logprob, "bytes": list(raw),
+                        "top_logprobs": top})
+    return {"content": content}
 
 
 def choice_logprobs(meta: ResponseMeta, entries: list[TokenLogprob], text_offset: int = 0,
@@ -227,10 +246,11 @@ def choice_logprobs(meta: ResponseMeta, entries: list[TokenLogprob], text_offset
     if not meta.logprobs:
         return None
     if meta.kind == "chat":
-        return chat_logprobs(entries)
+        return chat_logprobs(entries, meta.tokens_as_ids)
     if prompt:
-        return completion_logprobs(prompt + entries, text_offset, unscored_first=True)
-    return completion_logprobs(entries, text_offset)
+        return completion_logprobs(prompt + entries, text_offset, unscored_first=True,
+                                   as_ids=meta.tokens_as_ids)
+    return completion_logprobs(entries, text_offset, as_ids=meta.tokens_as_ids)
 
 
 def chat_message(meta: ResponseMeta, answer: ChoiceAnswer) -> tuple[dict[str, Any], str]:

@@ -93,7 +93,8 @@ _PASSED_THROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "log
                    "stop_token_ids", "deadline_ms", "fail_if_late", "chat_template_kwargs",
                    "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                    "guided_grammar", "service_tier", "priority", "include_stop_str_in_output",
-                   "skip_special_tokens", "allowed_token_ids", "bad_words")
+                   "skip_special_tokens", "spaces_between_special_tokens",
+                   "allowed_token_ids", "bad_words")
 """Fields a Responses body may carry as the chat's extensions (vLLM's extra sampling
 fields and Fairway's deadlines), checked as the chat checks them."""
 _KEPT_ELSEWHERE = {
@@ -155,6 +156,7 @@ class ResponsesBody(StrictBody):
     priority: Any = None
     include_stop_str_in_output: Any = None
     skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
     allowed_token_ids: Any = None
     bad_words: Any = None
 
@@ -505,7 +507,7 @@ def _status(final: FinalAnswer) -> str:
 
 
 def _logprobs(meta: ResponseMeta, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
-    return chat_logprobs(entries)["content"] if meta.logprobs else []
+    return chat_logprobs(entries, meta.tokens_as_ids)["content"] if meta.logprobs else []
 
 
 def _reasoning_item(text: str, status: str) -> dict[str, Any]:

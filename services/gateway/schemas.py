@@ -8,8 +8,9 @@ Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
 ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms`` header, the
 smaller wins), ``fail_if_late``, and vLLM's ``priority`` (lower runs first among the
-tenant's own requests), ``return_token_ids``, ``include_stop_str_in_output``,
-``skip_special_tokens``, ``allowed_token_ids`` and ``bad_words``. Structured outputs come
+tenant's own requests), ``return_token_ids``, ``return_tokens_as_token_ids``,
+``include_stop_str_in_output``, ``skip_special_tokens``,
+``spaces_between_special_tokens``, ``allowed_token_ids`` and ``bad_words``. Structured outputs come
 as OpenAI's ``response_format`` (``json_object``, ``json_schema``), vLLM's
 ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or
 its older ``guided_*`` fields; a chat's ``tools`` with ``tool_choice`` required or named
@@ -230,10 +231,16 @@ class _SamplingFields(StrictBody):
     """vLLM's: words the answer must not hold."""
     skip_special_tokens: bool | None = None
     """vLLM's: false spells the special tokens the model generates out in the text."""
+    spaces_between_special_tokens: bool | None = None
+    """vLLM's: false keeps spelled-out special tokens from being set apart by spaces where
+    the tokenizer's decode would (a slow tokenizer's; a fast one never does)."""
     return_token_ids: bool | None = None
     """vLLM's: the answer's token ids beside its text (``token_ids`` in each choice, and in
     each streamed chunk its new ones) and the prompt's as the model saw them
     (``prompt_token_ids``: a completion's choice's; a chat's, at the top, on the first chunk)."""
+    return_tokens_as_token_ids: bool | None = None
+    """vLLM's: log-probabilities name each token ``token_id:N`` rather than by its text,
+    which does not always tell tokens apart (parts of one character, say)."""
     priority: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     """vLLM's: among the tenant's own queued requests, a lower value runs first (default
     0); it never moves the request ahead of another tenant's."""
@@ -254,17 +261,13 @@ class _SamplingFields(StrictBody):
     # would change the answer, rather than drop them as unknown fields.
     guided_whitespace_pattern: Any = None
     use_beam_search: bool | None = None
-    spaces_between_special_tokens: Any = None
     logits_processors: Any = None
-    return_tokens_as_token_ids: Any = None
 
 
 UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, str]] = {
     "use_beam_search": (False, "Beam search"),
     "guided_whitespace_pattern": (None, "A whitespace pattern of the request's own"),
-    "spaces_between_special_tokens": (True, "Special tokens without spaces between them"),
     "logits_processors": ([], "Logits processors"),
-    "return_tokens_as_token_ids": (False, "Log-probability tokens as token ids"),
     "prompt_embeds": ([], "Prompt embeddings"),
 }
 """vLLM's fields that Fairway does not implement (beam search, ...), with the value it
@@ -797,6 +800,7 @@ def to_completion_request(
         structured=tool_call_constraint(body) or structured_output(body),
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
         skip_special_tokens=body.skip_special_tokens is not False,
+        spaces_between_special_tokens=body.spaces_between_special_tokens is not False,
         allowed_token_ids=list(body.allowed_token_ids or []),
         bad_words=list(body.bad_words or []),
     )

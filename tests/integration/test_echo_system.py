@@ -111,6 +111,33 @@ def test_return_token_ids_brings_the_prompts_and_the_answers_ids(echo_system, ec
     assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
 
 
+def test_return_tokens_as_token_ids_names_each_logprob_token_by_its_id(echo_system, echo_client):
+    """vLLM's ``return_tokens_as_token_ids``: log-probabilities name tokens ``token_id:N``,
+    the echoed prompt's too, in the order of the answer's ids; the text is unchanged."""
+    prompt = "Fair queues for every tenant"
+    tokenizer = load_tokenizer(resolve_model_path(None, echo_system.cache_dir))
+    ids = tokenizer.encode(prompt)
+    named = [f"token_id:{i}" for i in ids]
+    asked = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    plain, whole = (echo_client.completions.create(
+        model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=len(ids), logprobs=1, echo=True,
+        extra_body=extra) for extra in ({"ignore_eos": True}, asked))
+    logprobs = whole.choices[0].logprobs
+    assert logprobs.tokens == named + named  # the echoed prompt, then the answer
+    assert logprobs.top_logprobs[len(ids)] == {named[0]: 0.0}
+    assert whole.choices[0].text == plain.choices[0].text
+    assert logprobs.text_offset == plain.choices[0].logprobs.text_offset  # still of the text
+    assert logprobs.token_logprobs == plain.choices[0].logprobs.token_logprobs
+    chunks = list(echo_client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=4,
+        logprobs=True, top_logprobs=1, stream=True, extra_body=asked))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs
+               for e in c.choices[0].logprobs.content]
+    assert [e.token for e in entries] == [e.top_logprobs[0].token for e in entries]
+    assert all(e.token.startswith("token_id:") and e.bytes == list(e.token.encode()) for e in entries)
+    assert len(entries) == 4
+
+
 def test_a_requests_markers_expire_after_the_configured_ttl(echo_system, echo_client):
     """A request leaves one key in Redis, the hash of its markers (done, the scorer's and
     the worker's claims...), which expires within ``FAIRWAY_MARKER_TTL_S``, so Redis holds

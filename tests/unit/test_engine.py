@@ -405,7 +405,7 @@ def test_logprobs_are_the_models_own_for_the_chosen_and_the_top_tokens(
     expected = model_logprobs(run.tokens["top3"])
     for k, entry in enumerate(run.logprobs["top3"]):
         token = run.tokens["top3"][k]
-        assert entry.token == tokenizer.decode([token])
+        assert (entry.token, entry.token_id) == (tokenizer.decode([token]), token)
         assert entry.logprob == pytest.approx(float(expected[k, token]), abs=1e-4)
         assert [alt.token_id for alt in entry.top] == expected[k].topk(3).indices.tolist()
         assert entry.top[0].token_id == token  # greedy: the most likely one
@@ -438,6 +438,7 @@ def test_prompt_logprobs_are_the_models_own_and_sent_once(
     for i, ids in enumerate(prompt_ids):
         entries = run.prompt_logprobs[f"r{i}"]
         assert [e.token for e in entries] == [tokenizer.decode([t]) for t in ids]
+        assert [e.token_id for e in entries] == ids
         assert entries[0].logprob == 0.0 and entries[0].top == []  # nothing predicts it
         with torch.inference_mode():
             logits = ref_model(torch.tensor([ids])).logits[0, :-1]

@@ -221,6 +221,46 @@ def test_special_tokens_are_spelled_out_only_when_not_skipped(tokenizer):
     assert text(False) == f"hello{tokenizer.eos_token}hello"
 
 
+class _SpacingTokenizer:
+    """A slow tokenizer as transformers 4 has them: its decode sets spelled-out special
+    tokens apart by spaces unless told not to (the real one, wrapped, decodes the rest)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None,
+               spaces_between_special_tokens=True):
+        special, parts, run = set(self.real.all_special_ids), [], []
+        for i in ids:
+            if i not in special:
+                run.append(i)
+                continue
+            if run:
+                parts, run = [*parts, self.real.decode(run)], []
+            if not skip_special_tokens:
+                parts.append(self.real.convert_ids_to_tokens(i))
+        if run:
+            parts.append(self.real.decode(run))
+        return (" " if spaces_between_special_tokens else "").join(parts)
+
+
+def test_spaces_between_special_tokens_false_reaches_a_slow_tokenizers_decode(tokenizer):
+    """vLLM's ``spaces_between_special_tokens``: a slow tokenizer spaces spelled-out special
+    tokens unless told not to; the Rust decoder never does, so the flag changes nothing."""
+    hello = tokenizer.encode("hello", add_special_tokens=False)
+    output = [*hello, tokenizer.eos_token_id, *hello]
+
+    def text(tok, spaces: bool) -> str:
+        detok, buffer = text_state(tok, hello, [], skip_special_tokens=False,
+                                   spaces_between_special_tokens=spaces)
+        return "".join(buffer.append(detok.add(t))[0] for t in output) + buffer.flush()
+
+    slow = _SpacingTokenizer(tokenizer)
+    assert text(slow, True) == f"hello {tokenizer.eos_token} hello"
+    assert text(slow, False) == f"hello{tokenizer.eos_token}hello"
+    assert text(tokenizer, True) == text(tokenizer, False) == f"hello{tokenizer.eos_token}hello"
+
+
 def test_the_stop_reason_is_the_matched_string_else_a_named_stop_token():
     buf = StopStringBuffer(["ear", "earl"])
     buf.append("an earlier")

@@ -418,6 +418,33 @@ async def test_chat_bytes_are_the_tokens_own_where_their_text_is_part_of_a_chara
     assert content[0]["top_logprobs"][0]["bytes"] == [0xE2]
 
 
+async def test_tokens_named_by_id_tell_apart_what_their_text_does_not() -> None:
+    """vLLM's ``return_tokens_as_token_ids``: two halves of one character both read as
+    U+FFFD, and would share one key of a completion's ``top_logprobs``; by id they do
+    not. Offsets still count the text."""
+    first = tok(0, "")
+    first.logprobs = [TokenLogprob(token="\ufffd", logprob=-1.0, raw=b"\xe2\x82", token_id=11,
+                                   top=[TopLogprob(12, "\ufffd", -0.5, raw=b"\xe2")])]
+    second = tok(1, "\u20ac")
+    second.logprobs = [TokenLogprob(token="\ufffd", logprob=-0.5, raw=b"\xac", token_id=13)]
+    answers = await collect_answer(ChoiceStream([filled(first, second, done(2))]))
+    by_text = completion_response(dataclasses.replace(COMPLETION, logprobs=True), answers)
+    assert by_text["choices"][0]["logprobs"]["top_logprobs"][0] == {"\ufffd": -0.5}  # one key of two
+    meta = dataclasses.replace(COMPLETION, logprobs=True, tokens_as_ids=True)
+    assert completion_response(meta, answers)["choices"][0]["logprobs"] == {
+        "tokens": ["token_id:11", "token_id:13"],
+        "token_logprobs": [-1.0, -0.5],
+        "top_logprobs": [{"token_id:12": -0.5, "token_id:11": -1.0}, {"token_id:13": -0.5}],
+        "text_offset": [0, 1],
+    }
+    chat = dataclasses.replace(CHAT, logprobs=True, tokens_as_ids=True)
+    content = completion_response(chat, answers)["choices"][0]["logprobs"]["content"]
+    assert [(c["token"], bytes(c["bytes"])) for c in content] == [
+        ("token_id:11", b"token_id:11"), ("token_id:13", b"token_id:13")]
+    assert content[0]["top_logprobs"] == [{"token": "token_id:12", "logprob": -0.5,
+                                           "bytes": list(b"token_id:12")}]
+
+
 # ---- forced tool calls -----------------------------------------------------------------
 
 NAMED = dataclasses.replace(CHAT, tool_calling=ToolCalling("get_weather"))

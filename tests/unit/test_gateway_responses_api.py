@@ -123,7 +123,7 @@ def test_tools_tool_choice_format_logprobs_and_effort_map_to_the_chats_fields() 
 def test_the_wire_request_is_a_chat_with_the_extensions_passed_through() -> None:
     chat = read(input="x", seed=5, top_k=4, stop=["\n"], min_tokens=2, guided_regex="[a-z]+",
                 priority=4, include_stop_str_in_output=True, skip_special_tokens=False,
-                bad_words=["no"]).chat
+                spaces_between_special_tokens=False, bad_words=["no"]).chat
     wire = to_completion_request(chat, request_id="resp_1", tenant="t", now=0.0, reply_to="q",
                                  max_model_len=2048, deadline_ms=None)
     assert wire.kind == "chat" and wire.messages[0].content == "x"
@@ -133,6 +133,7 @@ def test_the_wire_request_is_a_chat_with_the_extensions_passed_through() -> None
     assert wire.priority == 4
     s = wire.sampling
     assert (s.include_stop_str_in_output, s.skip_special_tokens, s.bad_words) == (True, False, ["no"])
+    assert not s.spaces_between_special_tokens
     assert read(input="x", allowed_token_ids=[3]).chat.allowed_token_ids == [3]
 
 

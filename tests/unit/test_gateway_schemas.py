@@ -237,8 +237,7 @@ def test_a_bad_prompt_is_refused_in_words(prompt: Any, words: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "refused"), [
-    ("spaces_between_special_tokens", False),
-    ("logits_processors", ["m.f"]), ("return_tokens_as_token_ids", True), ("prompt_embeds", "AAAA"),
+    ("logits_processors", ["m.f"]), ("prompt_embeds", "AAAA"),
     ("guided_whitespace_pattern", r"[ ]*"),
 ])
 def test_vllms_fields_that_would_change_the_answer_are_refused_by_name(name: str, refused: Any) -> None:
@@ -338,6 +337,18 @@ def test_skip_special_tokens_defaults_to_true_and_false_reaches_the_worker() -> 
     assert not to_request(_check(completion(skip_special_tokens=False))).sampling.skip_special_tokens
     assert to_request(_check(completion(skip_special_tokens=None))).sampling.skip_special_tokens
     assert to_request(_check(completion())).sampling.skip_special_tokens
+
+
+def test_spaces_between_special_tokens_defaults_to_true_and_false_reaches_the_worker() -> None:
+    sampling = to_request(_check(completion(spaces_between_special_tokens=False))).sampling
+    assert not sampling.spaces_between_special_tokens
+    assert to_request(_check(completion())).sampling.spaces_between_special_tokens
+    assert _error(completion(spaces_between_special_tokens="no")).param == "spaces_between_special_tokens"
+
+
+def test_return_tokens_as_token_ids_is_a_boolean() -> None:
+    assert _check(completion(return_tokens_as_token_ids=True)).return_tokens_as_token_ids
+    assert _error(completion(return_tokens_as_token_ids=3)).param == "return_tokens_as_token_ids"
 
 
 def test_bad_words_reach_the_sampling_parameters() -> None:
