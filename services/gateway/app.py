@@ -90,6 +90,7 @@ from services.gateway.responses_api import (
     ResponsesBody,
     ResponseStore,
     answered_response,
+    input_tokens_chat,
     queued_events,
     read_request,
     response_events,
@@ -116,6 +117,7 @@ from services.gateway.tokenization import (
     TokenizeChatBody,
     TokenizeCompletionBody,
     detokenize_response,
+    input_tokens_response,
     read_detokenize,
     read_tokenize,
     tokenize_response,
@@ -233,6 +235,20 @@ def read_openai_body(raw: bytes, model: type[CompletionBody | ChatCompletionBody
     return Generation(body, new_request_id(body), completion_response, events)
 
 
+async def _conversation_so_far(body: ResponsesBody, conversation: str | None, store: ResponseStore,
+                               conversations: ConversationStore, tenant: str) -> list[dict[str, Any]] | None:
+    """The items a Responses body goes on from: its ``conversation``'s, or the stored
+    conversation of its ``previous_response_id`` (None: it starts afresh, or nothing is
+    stored here)."""
+    if conversation is not None:
+        if body.previous_response_id is not None:
+            raise invalid("Give conversation or previous_response_id, not both.", param="conversation")
+        return await conversations.items(conversation, tenant)
+    if body.previous_response_id is not None and store.enabled:
+        return await store.conversation(body.previous_response_id, tenant)
+    return None
+
+
 async def read_responses_body(raw: bytes, store: ResponseStore, conversations: ConversationStore,
                               tenant: str, *, background: BackgroundStore | None = None,
                               run: BackgroundRun | None = None) -> Generation:
@@ -243,13 +259,7 @@ async def read_responses_body(raw: bytes, store: ResponseStore, conversations: C
     queued background response, run now."""
     body = parse_body(raw, ResponsesBody)
     conversation = conversation_id(body.conversation)
-    earlier = None
-    if conversation is not None:
-        if body.previous_response_id is not None:
-            raise invalid("Give conversation or previous_response_id, not both.", param="conversation")
-        earlier = await conversations.items(conversation, tenant)
-    elif body.previous_response_id is not None and store.enabled:
-        earlier = await store.conversation(body.previous_response_id, tenant)
+    earlier = await _conversation_so_far(body, conversation, store, conversations, tenant)
     request = read_request(body, earlier, store=store.enabled and body.store is not False,
                            conversation=conversation, background=background is not None or run is not None)
     response_id = run.response_id if run else f"resp_{uuid.uuid4().hex}"
@@ -705,18 +715,25 @@ async def delete_response(request: Request, response_id: str) -> Response:
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
-async def _tokenization(request: Request, read: Callable[[bytes], tuple[AnyBody, Answer]]) -> Response:
-    """/tokenize and /detokenize: a request the scorer answers with its tokens (see
-    :mod:`services.gateway.tokenization`), admitted and checked as any other."""
+async def _tokenization(request: Request,
+                        read: Callable[[bytes, str], Awaitable[tuple[AnyBody, Answer]]],
+                        named: Callable[[ApiError], ApiError] = lambda err: err) -> Response:
+    """/tokenize, /detokenize and a response's input tokens: a request the scorer answers
+    with its tokens (see :mod:`services.gateway.tokenization`), admitted and checked as
+    any other (``read``: the body it means, from the request's bytes and tenant;
+    ``named``: its check's errors in the words of the route's own fields)."""
     state: GatewayState = request.app.state.gateway
     deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
     arrived_mono = time.monotonic()
     tenant, raw = await _authorized_body(request, state)
     if raw is None:
         return Response(status_code=CLIENT_CLOSED_STATUS)
-    body, shape = read(raw)
+    body, shape = await read(raw, tenant)
     await _served_model(state, body.model, tenant)
-    check_body(body, state.settings, model_checked=True)
+    try:
+        check_body(body, state.settings, model_checked=True)
+    except ApiError as err:
+        raise named(err) from None
     request_id = f"tokenize-{uuid.uuid4().hex}"
     headers = {REQUEST_ID_HEADER: request_id}
     wire = to_completion_request(body, request_id=request_id, tenant=tenant, now=time.time(),
@@ -741,7 +758,7 @@ Answer = Callable[[FinalAnswer], dict[str, Any]]
 async def tokenize(request: Request) -> Response:
     max_model_len = request.app.state.gateway.settings.max_model_len
 
-    def read(raw: bytes) -> tuple[AnyBody, Answer]:
+    async def read(raw: bytes, _: str) -> tuple[AnyBody, Answer]:
         body, token_strs = read_tokenize(raw)
         return body, lambda final: tokenize_response(final, max_model_len, token_strs)
 
@@ -749,7 +766,25 @@ async def tokenize(request: Request) -> Response:
 
 
 async def detokenize(request: Request) -> Response:
-    return await _tokenization(request, lambda raw: (read_detokenize(raw), detokenize_response))
+    async def read(raw: bytes, _: str) -> tuple[AnyBody, Answer]:
+        return read_detokenize(raw), detokenize_response
+
+    return await _tokenization(request, read)
+
+
+async def response_input_tokens(request: Request) -> Response:
+    """OpenAI's /v1/responses/input_tokens: how many tokens the model would read for a
+    response of this body (its conversation so far, instructions and tools included),
+    exactly the ``input_tokens`` that response would be charged."""
+    state: GatewayState = request.app.state.gateway
+
+    async def read(raw: bytes, tenant: str) -> tuple[AnyBody, Answer]:
+        body = parse_body(raw, ResponsesBody)
+        conversation = conversation_id(body.conversation)
+        earlier = await _conversation_so_far(body, conversation, state.responses, state.conversations, tenant)
+        return input_tokens_chat(body, earlier), input_tokens_response
+
+    return await _tokenization(request, read, responses_error)
 
 
 def _model_card(state: GatewayState) -> dict[str, Any]:
@@ -936,6 +971,8 @@ def create_app(settings: Settings) -> FastAPI:
     for path, handler, model, summary in (
         ("/tokenize", tokenize, TokenizeCompletionBody, "Tokenize a prompt or a chat"),
         ("/detokenize", detokenize, DetokenizeBody, "The text of token ids"),
+        ("/v1/responses/input_tokens", response_input_tokens, ResponsesBody,
+         "Count a response's input tokens"),
     ):
         app.add_api_route(path, handler, methods=["POST"], responses=_ERROR_RESPONSES,
                           openapi_extra=_body_spec(model), summary=summary)

@@ -236,6 +236,16 @@ def read_request(body: ResponsesBody, earlier: list[dict[str, Any]] | None = Non
     return ResponsesRequest(chat, echo, items, len(own))
 
 
+def input_tokens_chat(body: ResponsesBody, earlier: list[dict[str, Any]] | None = None) -> ChatCompletionBody:
+    """The chat whose prompt a response of this body would read, to count its tokens
+    (OpenAI's ``/v1/responses/input_tokens``): the same chat as :func:`read_request`
+    gives, less what only generating reads (how long, streamed, in the background)."""
+    counted = body.model_copy(update={"background": None, "stream": None, "store": False,
+                                      "max_output_tokens": None})
+    chat = read_request(counted, earlier).chat
+    return chat.model_copy(update={"max_completion_tokens": None, "max_tokens": 1})
+
+
 def responses_error(err: ApiError) -> ApiError:
     """An error of the chat's checks, naming the Responses fields it comes from."""
     given = err.param or ""

@@ -1,5 +1,6 @@
 """vLLM's ``/tokenize`` and ``/detokenize``: the model's token ids of a prompt or a chat,
-and the text of token ids, without generating.
+and the text of token ids, without generating; and OpenAI's count of a response's input
+tokens (``/v1/responses/input_tokens``).
 
 The gateway has no tokenizer: a tokenize request is a completion or chat request marked
 ``tokenize_only``, admitted and published like any other (so it is a request of its
@@ -96,6 +97,11 @@ def tokenize_response(final: FinalAnswer, max_model_len: int, token_strs: bool) 
     tokens = _tokenized(final)
     return {"count": len(tokens.token_ids), "max_model_len": max_model_len,
             "tokens": tokens.token_ids, "token_strs": tokens.token_strs if token_strs else None}
+
+
+def input_tokens_response(final: FinalAnswer) -> dict[str, Any]:
+    """OpenAI's answer to /v1/responses/input_tokens."""
+    return {"object": "response.input_tokens", "input_tokens": len(_tokenized(final).token_ids)}
 
 
 def detokenize_response(final: FinalAnswer) -> dict[str, Any]:

@@ -366,6 +366,11 @@ def test_the_responses_api_answers_streams_calls_and_parses(client):
                {"type": "function_call_output", "call_id": call.call_id, "output": "7 degrees"}])
     assert turn.output[0].type == "message"
     assert turn.usage.input_tokens > called.usage.input_tokens  # the call and its output
+    # OpenAI's input-token count: what the same input is charged, tools and instructions in.
+    for asked, charged in (({"input": "Hello", "instructions": "Be brief"}, answer),
+                           ({"input": [question], "tools": [weather], "tool_choice": "required"}, called)):
+        assert client.responses.input_tokens.count(model=MODEL, **asked).input_tokens == (
+            charged.usage.input_tokens)
     parsed = client.responses.parse(model=MODEL, input="Who are you?", text_format=Person,
                                     max_output_tokens=300, extra_body={"seed": 2})
     assert isinstance(parsed.output_parsed, Person)
@@ -384,6 +389,8 @@ def test_a_stored_response_is_continued_read_and_forgotten_by_its_tenant_only(cl
     assert second.previous_response_id == first.id
     alone = client.responses.create(model=MODEL, input="And then?", max_output_tokens=4)
     assert second.usage.input_tokens > alone.usage.input_tokens  # the first turn came with it
+    counted = client.responses.input_tokens.count(model=MODEL, input="And then?", previous_response_id=first.id)
+    assert (counted.object, counted.input_tokens) == ("response.input_tokens", second.usage.input_tokens)
     streamed = list(client.responses.create(model=MODEL, input="More", max_output_tokens=3, stream=True,
                                             previous_response_id=second.id))
     final = streamed[-1].response
@@ -400,6 +407,8 @@ def test_a_stored_response_is_continued_read_and_forgotten_by_its_tenant_only(cl
         other.responses.input_items.list(first.id)
     with pytest.raises(openai.NotFoundError):
         other.responses.create(model=MODEL, input="x", max_output_tokens=2, previous_response_id=first.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.input_tokens.count(model=MODEL, input="x", previous_response_id=first.id)
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)

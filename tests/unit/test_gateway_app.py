@@ -199,6 +199,27 @@ def test_tokenize_and_detokenize_are_checked_then_sent_as_requests(client: TestC
     assert response.headers["x-request-id"].startswith("tokenize-")
 
 
+def test_response_input_tokens_reads_a_responses_body(client: TestClient) -> None:
+    """OpenAI's /v1/responses/input_tokens reads the body a response would have: a bad
+    one is a 400 naming the Responses field, a good one gets as far as the broker."""
+    from services.gateway.responses_api import ResponsesBody, input_tokens_chat
+
+    body = ResponsesBody.model_validate({"model": MODEL, "input": "hi", "instructions": "Be brief",
+                                         "max_output_tokens": 5000, "stream": True, "background": True})
+    chat = input_tokens_chat(body)
+    assert [m.role for m in chat.messages] == ["system", "user"]
+    assert (chat.max_tokens, chat.max_completion_tokens, chat.stream) == (1, None, None)
+    path = "/v1/responses/input_tokens"
+    for body, param in (({"model": MODEL}, "input"),
+                        ({"model": MODEL, "input": "x", "text": {"format": {"type": "bad"}}}, "text.format.type"),
+                        ({"model": MODEL, "input": "x", "conversation": "conv_1", "previous_response_id": "resp_1"},
+                         "conversation")):
+        assert assert_openai_error(client.post(path, json=body, headers=KEY), 400)["param"] == param
+    assert_openai_error(client.post(path, json={"model": "other", "input": "x"}, headers=KEY), 404)
+    assert_openai_error(client.post(path, json={"model": MODEL, "input": "x"}), 401)
+    assert_openai_error(client.post(path, json={"model": MODEL, "input": "x"}, headers=KEY), 503, "service_unavailable")
+
+
 def test_health_and_metrics(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
