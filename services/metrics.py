@@ -53,8 +53,14 @@ NUM_PREEMPTIONS = "vllm:num_preemptions"
 KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"
 PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"
+TIME_PER_OUTPUT_TOKEN = "vllm:request_time_per_output_token_seconds"
+REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
+REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"
 
 TENANT_SERVED_TOKENS = "fairway:tenant_served_tokens"
+TENANT_TIME_TO_FIRST_TOKEN = "fairway:tenant_time_to_first_token_seconds"
+TENANT_E2E_REQUEST_LATENCY = "fairway:tenant_e2e_request_latency_seconds"
+TENANT_QUEUE_TIME = "fairway:tenant_queue_time_seconds"
 TENANT_VIRTUAL_COUNTER = "fairway:tenant_virtual_token_counter"
 QUEUE_DEPTH = "fairway:queue_depth"
 POOL_INFLIGHT = "fairway:pool_requests_inflight"
@@ -85,8 +91,26 @@ E2E_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
     50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
+TPOT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+"""vLLM's buckets for time per output token."""
 LENGTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)
+
+def token_count_buckets(max_model_len: int) -> list[int]:
+    """vLLM's buckets for per-request token counts: 1, 2, 5, 10, 20, 50, ... up to the
+    context length."""
+    buckets, mantissas, exponent = [], (1, 2, 5), 0
+    while True:
+        for m in mantissas:
+            value = m * 10**exponent
+            if value > max_model_len:
+                return buckets
+            buckets.append(value)
+        exponent += 1
+
 
 DEFAULT_PORTS = {"scheduler": 9101, "scorer": 9102, "cpu-worker": 9103, "gpu-worker": 9104}
 WORKER_PORT_STRIDE = 10
@@ -113,6 +137,11 @@ placements = Counter(PLACEMENTS, "Requests dispatched, by worker pool (gpu or cp
 preemptions = Counter(
     PREEMPTIONS, "Running requests a worker handed back to the queue, by pool.", ["pool"],
     registry=REGISTRY,
+)
+tenant_queue_time = Histogram(
+    TENANT_QUEUE_TIME, "Time from a request's arrival at the scheduler to its dispatch to a "
+    "worker, by tenant (a request handed back once it has output is not counted again).",
+    ["tenant"], buckets=TTFT_BUCKETS, registry=REGISTRY,
 )
 requests_expired = Counter(
     REQUESTS_EXPIRED, "Queued requests the scheduler answered with an error instead of running.",

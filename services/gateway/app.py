@@ -910,7 +910,7 @@ def create_app(settings: Settings) -> FastAPI:
             "no_api_keys",
             detail="set FAIRWAY_API_KEYS or FAIRWAY_API_KEYS_FILE; every request gets 401",
         )
-    gateway_metrics = GatewayMetrics(settings.model_name)
+    gateway_metrics = GatewayMetrics(settings.model_name, settings.max_model_len)
     backend = Backend(settings, gateway_metrics)
     adapters = AdapterCatalog.from_settings(settings, backend.redis)
     state = GatewayState(settings, keys, backend, gateway_metrics, started_at=int(time.time()),

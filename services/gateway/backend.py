@@ -590,7 +590,7 @@ class Backend:
             await self.cancel_downstream(request.request_id, request.tenant)
         elif stream.final is not None:
             if not request.tokenize_only:  # no generation to count
-                self.metrics.observe_finished(stream)
+                self.metrics.observe_finished(stream, request.tenant)
             log_finished(request, stream)
         elif not stream.arrived:
             self.metrics.cancelled.inc()

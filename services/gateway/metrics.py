@@ -6,30 +6,40 @@ names and buckets come from :mod:`services.metrics`, where every service's are d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from services import metrics as names
 from services.gateway.replies import TimedReplies
-from services.metrics import E2E_BUCKETS, TTFT_BUCKETS
+from services.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, token_count_buckets
 
 __all__ = ["E2E_BUCKETS", "TTFT_BUCKETS", "GatewayMetrics"]
 
 
 class GatewayMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_model_len: int = 2048) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram(
-            names.TIME_TO_FIRST_TOKEN,
-            "Time from request arrival at the gateway to its first token.",
-            ["model_name"], buckets=TTFT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.e2e = Histogram(
-            names.E2E_REQUEST_LATENCY,
-            "Time from request arrival at the gateway to its final answer.",
-            ["model_name"], buckets=E2E_BUCKETS, registry=r,
-        )  # fmt: skip
+        def histogram(name: str, doc: str, buckets: Sequence[float], *labels: str) -> Histogram:
+            return Histogram(name, doc, ["model_name", *labels], buckets=buckets, registry=r)
+
+        arrival = "Time from request arrival at the gateway to its"
+        self.ttft = histogram(names.TIME_TO_FIRST_TOKEN, f"{arrival} first token.", TTFT_BUCKETS)
+        self.e2e = histogram(names.E2E_REQUEST_LATENCY, f"{arrival} final answer.", E2E_BUCKETS)
+        self.tenant_ttft = histogram(names.TENANT_TIME_TO_FIRST_TOKEN, f"{arrival} first token, by tenant.",
+                                     TTFT_BUCKETS, "tenant")
+        self.tenant_e2e = histogram(names.TENANT_E2E_REQUEST_LATENCY, f"{arrival} final answer, by tenant.",
+                                    E2E_BUCKETS, "tenant")
+        self.time_per_output_token = histogram(
+            names.TIME_PER_OUTPUT_TOKEN,
+            "Time from a request's first token to its final answer, per token after the first.", TPOT_BUCKETS)
+        counts = token_count_buckets(max_model_len)
+        self.request_prompt_tokens = histogram(
+            names.REQUEST_PROMPT_TOKENS, "Prompt tokens of each finished request.", counts)
+        self.request_generation_tokens = histogram(
+            names.REQUEST_GENERATION_TOKENS, "Generated tokens of each finished request.", counts)
         self.prompt_tokens = Counter(
             names.PROMPT_TOKENS, "Prompt tokens of finished requests.", ["model_name"], registry=r
         )
@@ -94,8 +104,9 @@ class GatewayMetrics:
             registry=r,
         )
 
-    def observe_finished(self, stream: TimedReplies) -> None:
-        """Record latency and token counts of a request whose final answer was read."""
+    def observe_finished(self, stream: TimedReplies, tenant: str) -> None:
+        """Record latency and token counts of a request whose final answer was read (its
+        tenant's latency too, which is how an operator sees whether each is served alike)."""
         final = stream.final
         if (
             final is None
@@ -104,12 +115,19 @@ class GatewayMetrics:
         ):
             return
         model = self.model_name
-        if stream.first_token_at is not None:
-            self.ttft.labels(model).observe(stream.first_token_at - stream.opened_at)
-        if stream.final_at is not None:
-            self.e2e.labels(model).observe(stream.final_at - stream.opened_at)
+        first, last = stream.first_token_at, stream.final_at
+        if first is not None:
+            self.ttft.labels(model).observe(first - stream.opened_at)
+            self.tenant_ttft.labels(model, tenant).observe(first - stream.opened_at)
+        if last is not None:
+            self.e2e.labels(model).observe(last - stream.opened_at)
+            self.tenant_e2e.labels(model, tenant).observe(last - stream.opened_at)
+        if first is not None and last is not None and final.completion_tokens > 1:
+            self.time_per_output_token.labels(model).observe((last - first) / (final.completion_tokens - 1))
         self.prompt_tokens.labels(model).inc(final.prompt_tokens)
         self.generation_tokens.labels(model).inc(final.completion_tokens)
+        self.request_prompt_tokens.labels(model).observe(final.prompt_tokens)
+        self.request_generation_tokens.labels(model).observe(final.completion_tokens)
         self.success.labels(model, final.finish_reason).inc()
 
     def reject(self, reason: str) -> None:

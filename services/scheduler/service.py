@@ -543,6 +543,9 @@ class SchedulerService:
         await self._apply(ops)
         for record in records:
             prom.placements.labels(record.pool).inc()
+            if not record.charged_output:
+                prom.tenant_queue_time.labels(record.scored.request.tenant).observe(
+                    max(now - (record.arrival or now), 0.0))
         for _, reason in expired:
             prom.requests_expired.labels(reason).inc()
         return records, expired

@@ -308,7 +308,8 @@ def test_a_redelivered_completion_is_learned_once(echo_system, echo_client):
 VLLM_NAMES = {
     "echo-gateway": ["vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
                      "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
-                     "vllm:request_success_total"],
+                     "vllm:request_success_total", "vllm:request_time_per_output_token_seconds_bucket",
+                     "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket"],
     "echo-cpu-worker": ["vllm:num_requests_running", "vllm:num_requests_waiting",
                         "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
                         "vllm:num_preemptions_total", "vllm:kv_cache_usage_perc",
@@ -319,11 +320,14 @@ FAIRWAY_NAMES = {
     "echo-scheduler": ['fairway:tenant_served_tokens_total{tenant="acme"}',
                        'fairway:tenant_virtual_token_counter{tenant="acme"}',
                        'fairway:queue_depth{tenant="acme"}', 'fairway:pool_requests_inflight{pool="cpu"}',
-                       'fairway:placements_total{pool="cpu"}'],
+                       'fairway:placements_total{pool="cpu"}',
+                       'fairway:tenant_queue_time_seconds_count{tenant="acme"}'],
     "echo-scorer": ["fairway:predicted_output_tokens_bucket", "fairway:actual_output_tokens_bucket",
                     "fairway:output_length_actual_over_predicted_bucket",
                     'fairway:messages_dead_lettered_total{queue="fairway.scorer",reason="invalid_message"}'],
-    "echo-gateway": ["fairway:gateway_requests_in_flight"],
+    "echo-gateway": ["fairway:gateway_requests_in_flight",
+                     'fairway:tenant_time_to_first_token_seconds_count{model_name="fairway-tiny-llama",tenant="acme"}',
+                     'fairway:tenant_e2e_request_latency_seconds_count{model_name="fairway-tiny-llama",tenant="acme"}'],
 }
 
 

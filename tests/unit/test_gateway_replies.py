@@ -52,10 +52,10 @@ def test_metrics_from_a_finished_stream() -> None:
     replies = TimedReplies(ReplyStream("r"), opened_at=10.0)
     replies.first_token_at, replies.final_at = 10.25, 12.0
     replies.final = final(3, "stop", prompt_tokens=5, completion_tokens=3)
-    metrics.observe_finished(replies)
+    metrics.observe_finished(replies, "acme")
     errored = TimedReplies(ReplyStream("e"), opened_at=0.0)
     errored.final = final(0, "error")
-    metrics.observe_finished(errored)  # not a success: nothing recorded
+    metrics.observe_finished(errored, "acme")  # not a success: nothing recorded
 
     def value(name: str, **labels: str) -> float | None:
         return metrics.registry.get_sample_value(name, {"model_name": "m", **labels})
@@ -67,6 +67,22 @@ def test_metrics_from_a_finished_stream() -> None:
     assert value("vllm:generation_tokens_total") == 3.0
     assert value("vllm:request_success_total", finished_reason="stop") == 1.0
     assert value("vllm:request_success_total", finished_reason="error") is None
+    # Per tenant, so an operator sees whether each is served alike.
+    assert value("fairway:tenant_time_to_first_token_seconds_sum", tenant="acme") == 0.25
+    assert value("fairway:tenant_e2e_request_latency_seconds_count", tenant="acme") == 1.0
+    assert value("fairway:tenant_e2e_request_latency_seconds_count", tenant="globex") is None
+    # 1.75 s after the first token for the two tokens after it.
+    assert value("vllm:request_time_per_output_token_seconds_sum") == 0.875
+    assert value("vllm:request_prompt_tokens_bucket", le="5.0") == 1.0
+    assert value("vllm:request_prompt_tokens_bucket", le="2.0") == 0.0
+    assert value("vllm:request_generation_tokens_sum") == 3.0
+
+
+def test_token_count_buckets_are_vllms_1_2_5_up_to_the_context() -> None:
+    from services.metrics import token_count_buckets
+
+    assert token_count_buckets(1024) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+    assert token_count_buckets(1) == [1]
 
 
 def test_each_answered_request_is_logged_once_with_its_outcome_and_times() -> None:
