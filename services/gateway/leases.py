@@ -72,6 +72,7 @@ class LeasedRunner:
         self.running: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._woken = asyncio.Event()
+        self._closing = False
 
     def wake(self) -> None:
         """Look for jobs now (one was just made here), not at the next poll."""
@@ -83,23 +84,27 @@ class LeasedRunner:
     async def close(self) -> None:
         """Stop: jobs under way are given up (whoever takes them next goes on), and the
         leases let go so that another gateway goes on at once."""
-        pending = {t for t in (self._task, *self.running.values()) if t is not None}
-        while pending:
+        self._closing = True
+        while pending := {t for t in (self._task, *self.running.values()) if t is not None and not t.done()}:
             # Again until they end: on Python 3.11 a cancel that lands as a Redis command
-            # (redis-py's asyncio.wait_for) completes can be lost.
+            # (redis-py's asyncio.wait_for) completes can be lost, and a claim loop that
+            # lost one could take a job meanwhile (taken jobs are looked for each time).
             for task in pending:
                 task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+            await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
 
     async def _claim_loop(self) -> None:
         failures = 0
-        while True:
+        while not self._closing:
             self._woken.clear()
             try:
                 for job_id in await self.active() if not self._full() else ():
-                    if self._full():
+                    if self._full() or self._closing:
                         break
                     if job_id not in self.running and await self.leases.take(job_id, self.owner, self.lease_s):
+                        if self._closing:  # a cancel of this loop was lost: give it back
+                            await self.leases.release(job_id, self.owner)
+                            return
                         self.running[job_id] = asyncio.create_task(self._hold(job_id))
                 failures = 0
             except (RedisError, OSError) as exc:
