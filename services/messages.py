@@ -174,6 +174,9 @@ class TokenLogprob:
     of a character decodes to U+FFFD, but its bytes joined with the next token's do."""
     token_id: int = -1
     """The token's id in the model's vocabulary (-1 from a worker that predates it)."""
+    rank: int = 0
+    """Its rank among the position's tokens, 1 the most likely (0: not known; the
+    prompt's first token, which nothing predicts, has none)."""
 
     @property
     def token_bytes(self) -> bytes:

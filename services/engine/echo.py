@@ -296,7 +296,7 @@ class EchoEngine:
         """The echo's token is certain: log-probability 0, and the only one at its place."""
         text = self.tokenizer.decode([token])
         return TokenLogprob(token=text, logprob=0.0, top=[TopLogprob(token, text, 0.0)][:top],
-                            token_id=token)
+                            token_id=token, rank=1)
 
     @staticmethod
     def _final(req: _EchoRequest, tokens: list[int], text: str, reason: str,

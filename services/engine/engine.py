@@ -525,7 +525,7 @@ class LLMEngine:
         text, raw = self._token_spelling(token)
         return TokenLogprob(token=text, logprob=0.0, raw=raw, token_id=token)
 
-    def _token_logprob(self, token: int, logprob: float, top_ids: list[int],
+    def _token_logprob(self, token: int, logprob: float, rank: int, top_ids: list[int],
                        top_logprobs: list[float]) -> TokenLogprob:
         text, raw = self._token_spelling(token)
         top = []
@@ -533,7 +533,7 @@ class LLMEngine:
             alt_text, alt_raw = self._token_spelling(i)
             top.append(TopLogprob(i, alt_text, max(value, MIN_LOGPROB), raw=alt_raw))
         return TokenLogprob(token=text, logprob=max(logprob, MIN_LOGPROB), top=top, raw=raw,
-                            token_id=token)
+                            token_id=token, rank=rank)
 
     def _slot(self, request_id: str) -> int:
         """The request's slot of the slot caches, the lowest free one on its first step

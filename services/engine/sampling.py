@@ -281,17 +281,19 @@ def sample_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int
 
 def token_logprobs(
     logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]
-) -> list[tuple[float, list[int], list[float]]]:
+) -> list[tuple[float, int, list[int], list[float]]]:
     """For rows of raw logits [N, V] and each row's chosen token: the token's
-    log-probability, and the ids and log-probabilities of the row's ``top[i]`` most
-    likely tokens, most likely first."""
+    log-probability and rank (1: the most likely; vLLM's), and the ids and
+    log-probabilities of the row's ``top[i]`` most likely tokens, most likely first."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     index = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)[:, None]
-    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    chosen_values = logprobs.gather(1, index)
+    ranks = ((logprobs > chosen_values).sum(dim=-1) + 1).tolist()
+    chosen = chosen_values[:, 0].tolist()
     k = min(max(top, default=0), logprobs.shape[-1])
     ids: list[list[int]] = [[] for _ in tokens]
     values: list[list[float]] = [[] for _ in tokens]
     if k:
         best, best_ids = logprobs.topk(k, dim=-1)
         ids, values = best_ids.tolist(), best.tolist()
-    return [(chosen[i], ids[i][: top[i]], values[i][: top[i]]) for i in range(len(tokens))]
+    return [(chosen[i], ranks[i], ids[i][: top[i]], values[i][: top[i]]) for i in range(len(tokens))]

@@ -429,6 +429,8 @@ def prepare_generation(
         model=body.model, created=generation.answer_created or int(now),
         logprobs=completion.sampling.logprobs is not None,
         tokens_as_ids=bool(body.return_tokens_as_token_ids),
+        top_logprobs=completion.sampling.logprobs or 0,
+        prompt_logprobs=body.prompt_logprobs,
         echo=tuple(p if isinstance(p, str) else None for p in prompts)
         if prompts is not None and body.echo else None, n=body.n or 1,
         tool_calling=tool_calling(body, settings.tool_call_parser),

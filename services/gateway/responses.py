@@ -20,7 +20,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.gateway.errors import ApiError, timed_out
@@ -56,6 +56,11 @@ class ResponseMeta:
     """The client asked for log-probabilities."""
     tokens_as_ids: bool = False
     """Their tokens are named ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``)."""
+    top_logprobs: int = 0
+    """How many of each position's most likely tokens they list."""
+    prompt_logprobs: int | None = None
+    """The client asked for the prompt's (vLLM's ``prompt_logprobs``), with this many of
+    each position's most likely tokens."""
     echo: tuple[str | None, ...] | None = None
     """Each prompt, when a completion asked for it back (``echo``): each of its choices'
     text starts with it, and their log-probabilities with the prompt's. None for a
@@ -248,9 +253,29 @@ def choice_logprobs(meta: ResponseMeta, entries: list[TokenLogprob], text_offset
     if meta.kind == "chat":
         return chat_logprobs(entries, meta.tokens_as_ids)
     if prompt:
+        if meta.prompt_logprobs is not None:  # they may list more, for a larger prompt_logprobs
+            prompt = [replace(entry, top=entry.top[: meta.top_logprobs]) for entry in prompt]
         return completion_logprobs(prompt + entries, text_offset, unscored_first=True,
                                    as_ids=meta.tokens_as_ids)
     return completion_logprobs(entries, text_offset, as_ids=meta.tokens_as_ids)
+
+
+def prompt_logprobs(meta: ResponseMeta, entries: list[TokenLogprob]) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: for each prompt token, null for the first (nothing
+    predicts it), else the token and its position's most likely ones, keyed by id, each
+    with its log-probability, rank (1: the most likely) and text."""
+    positions: list[dict[str, Any] | None] = []
+    for i, entry in enumerate(entries):
+        if i == 0:
+            positions.append(None)
+            continue
+        position = {str(entry.token_id): {"logprob": entry.logprob, "rank": entry.rank or None,
+                                          "decoded_token": entry.token}}
+        for rank, alt in enumerate(entry.top[: meta.prompt_logprobs], start=1):
+            position.setdefault(str(alt.token_id), {"logprob": alt.logprob, "rank": rank,
+                                                    "decoded_token": alt.token})
+        positions.append(position)
+    return positions
 
 
 def chat_message(meta: ResponseMeta, answer: ChoiceAnswer) -> tuple[dict[str, Any], str]:
@@ -289,6 +314,8 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
             choice["token_ids"] = answer.token_ids
             if meta.kind != "chat":
                 choice["prompt_token_ids"] = answer.prompt_token_ids
+        if meta.prompt_logprobs is not None and meta.kind != "chat":
+            choice["prompt_logprobs"] = prompt_logprobs(meta, answer.prompt_logprobs)
         choices.append(choice)
     body = {
         **meta.head("chat.completion" if meta.kind == "chat" else "text_completion"),
@@ -297,6 +324,8 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
     }
     if meta.token_ids and meta.kind == "chat":
         body["prompt_token_ids"] = answers[0].prompt_token_ids if answers else None
+    if meta.prompt_logprobs is not None and meta.kind == "chat":
+        body["prompt_logprobs"] = prompt_logprobs(meta, answers[0].prompt_logprobs) if answers else None
     return body
 
 

@@ -8,8 +8,8 @@ Extensions accepted in the body (like vLLM's extra fields): ``top_k``, ``min_p``
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
 ``deadline_ms`` (relative deadline; also the ``X-Fairway-Deadline-Ms`` header, the
 smaller wins), ``fail_if_late``, and vLLM's ``priority`` (lower runs first among the
-tenant's own requests), ``return_token_ids``, ``return_tokens_as_token_ids``,
-``include_stop_str_in_output``, ``skip_special_tokens``,
+tenant's own requests), ``prompt_logprobs``, ``return_token_ids``,
+``return_tokens_as_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``spaces_between_special_tokens``, ``allowed_token_ids`` and ``bad_words``. Structured outputs come
 as OpenAI's ``response_format`` (``json_object``, ``json_schema``), vLLM's
 ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or
@@ -241,6 +241,10 @@ class _SamplingFields(StrictBody):
     return_tokens_as_token_ids: bool | None = None
     """vLLM's: log-probabilities name each token ``token_id:N`` rather than by its text,
     which does not always tell tokens apart (parts of one character, say)."""
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """vLLM's: the log-probability and rank of each prompt token and of its position's
+    ``prompt_logprobs`` most likely tokens, in the answer's ``prompt_logprobs`` (not
+    streamed)."""
     priority: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     """vLLM's: among the tenant's own queued requests, a lower value runs first (default
     0); it never moves the request ahead of another tenant's."""
@@ -460,6 +464,8 @@ def check_body(body: AnyBody, settings: Settings, *, model_checked: bool = False
                       param="n" if children == body.n else "prompt")
     if body.stop is not None and len(body.stop) > MAX_STOP_SEQUENCES:
         raise invalid(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.", param="stop")
+    if body.prompt_logprobs is not None and body.stream:
+        raise invalid("prompt_logprobs is not available when streaming.", param="prompt_logprobs")
     if body.stream_options is not None and not body.stream:
         raise invalid("stream_options is only allowed when stream is true.", param="stream_options")
     if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
@@ -711,6 +717,14 @@ def requested_logprobs(body: AnyBody) -> int | None:
     return body.logprobs
 
 
+def requested_prompt_logprobs(body: AnyBody) -> int | None:
+    """How many alternatives per prompt token the answer needs log-probabilities of (vLLM's
+    ``prompt_logprobs``, or an echoed completion's ``logprobs``: the more); None: none."""
+    echoed = body.logprobs if isinstance(body, CompletionBody) and body.echo else None
+    asked = [k for k in (body.prompt_logprobs, echoed) if k is not None]
+    return max(asked) if asked else None
+
+
 def requested_max_tokens(body: AnyBody) -> int | None:
     if isinstance(body, ChatCompletionBody) and body.max_completion_tokens is not None:
         return body.max_completion_tokens
@@ -796,7 +810,7 @@ def to_completion_request(
         min_tokens=body.min_tokens or 0,
         logit_bias=[TokenBias(int(k), v) for k, v in (body.logit_bias or {}).items()],
         logprobs=requested_logprobs(body),
-        prompt_logprobs=body.logprobs if isinstance(body, CompletionBody) and body.echo else None,
+        prompt_logprobs=requested_prompt_logprobs(body),
         structured=tool_call_constraint(body) or structured_output(body),
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
         skip_special_tokens=body.skip_special_tokens is not False,

@@ -189,6 +189,36 @@ def test_echo_with_logprobs_scores_the_prompt(client, tokenizer):
     assert tokens == lp.tokens
 
 
+def test_prompt_logprobs_score_the_prompt_in_vllms_shape(client, tokenizer):
+    """vLLM's ``prompt_logprobs``: each prompt token (the first null) with its position's
+    most likely tokens, by id, ranked; the same log-probabilities an echo gives, which
+    lists only as many alternatives as it asked."""
+    prompt = "The capital of France is Paris"
+    ids = tokenizer.encode(prompt)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, logprobs=1, echo=True,
+                                    extra_body={"prompt_logprobs": 3})
+    scored = out.choices[0].model_extra["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    echoed = out.choices[0].logprobs
+    for position, token in enumerate(ids[1:], start=1):
+        entries = scored[position]
+        own = entries[str(token)]
+        assert own["decoded_token"] == tokenizer.decode([token]) and own["rank"] >= 1
+        assert own["logprob"] == pytest.approx(echoed.token_logprobs[position])
+        ranked = sorted((e["rank"], e["logprob"]) for e in entries.values())
+        assert [rank for rank, _ in ranked if rank <= 3] == [1, 2, 3]  # the three likeliest, and the token
+        assert [v for _, v in ranked] == sorted((v for _, v in ranked), reverse=True)
+        assert len(echoed.top_logprobs[position]) <= 2  # its one alternative, and the token
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                          max_tokens=1, extra_body={"prompt_logprobs": 0})
+    whole = chat.model_extra["prompt_logprobs"]
+    assert len(whole) == chat.usage.prompt_tokens and whole[0] is None
+    assert all(len(entries) == 1 for entries in whole[1:])  # the token alone
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, stream=True,
+                                  extra_body={"prompt_logprobs": 1})
+
+
 def test_n_choices_streamed_or_not(client, tokenizer):
     """n choices come back in one answer, each sampled on its own (seeded: the same again),
     the prompt counted once in the usage."""

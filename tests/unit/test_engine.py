@@ -446,6 +446,11 @@ def test_prompt_logprobs_are_the_models_own_and_sent_once(
         for p, entry in enumerate(entries[1:]):
             assert entry.logprob == pytest.approx(float(expected[p, ids[p + 1]]), abs=1e-4)
             assert [a.token_id for a in entry.top] == expected[p].topk(2).indices.tolist()
+            # vLLM's rank: 1 + how many tokens the model found likelier (up to near-ties
+            # between the engine's arithmetic and the reference's).
+            own = float(expected[p, ids[p + 1]])
+            assert int((expected[p] > own + 1e-4).sum()) + 1 <= entry.rank <= int(
+                (expected[p] > own - 1e-4).sum()) + 1
 
 
 def test_a_penalised_request_recomputed_after_preemption_gives_the_same_tokens(

@@ -405,6 +405,37 @@ async def test_an_echoed_completion_starts_with_the_prompt_and_its_logprobs() ->
         ("Hi!", None), ("", None)]
 
 
+async def test_prompt_logprobs_in_vllms_shape_beside_an_echo_that_lists_fewer() -> None:
+    """vLLM's ``prompt_logprobs``: per prompt token (null for the first), the token and
+    its position's most likely ones by id, with rank and text; a completion's in each
+    choice, a chat's at the top. An echo asking fewer alternatives lists only those."""
+    first = scored(0, "!")
+    first.prompt_logprobs = [
+        TokenLogprob(token="H", logprob=0.0, token_id=5),
+        TokenLogprob(token="i", logprob=-2.0, token_id=6, rank=3,
+                     top=[TopLogprob(3, "o", -1.0), TopLogprob(4, "a", -1.5)]),
+        TokenLogprob(token="!", logprob=-0.1, token_id=8, rank=1,
+                     top=[TopLogprob(8, "!", -0.1), TopLogprob(9, "?", -3.0)]),
+    ]
+    answers = await collect_answer(ChoiceStream([filled(first, done(1))]))
+    expected = [None,
+                {"6": {"logprob": -2.0, "rank": 3, "decoded_token": "i"},
+                 "3": {"logprob": -1.0, "rank": 1, "decoded_token": "o"},
+                 "4": {"logprob": -1.5, "rank": 2, "decoded_token": "a"}},
+                {"8": {"logprob": -0.1, "rank": 1, "decoded_token": "!"},
+                 "9": {"logprob": -3.0, "rank": 2, "decoded_token": "?"}}]
+    meta = dataclasses.replace(COMPLETION, logprobs=True, top_logprobs=1, echo=("Hi!",), prompt_logprobs=2)
+    choice = completion_response(meta, answers)["choices"][0]
+    assert choice["prompt_logprobs"] == expected
+    assert choice["logprobs"]["top_logprobs"][1] == {"o": -1.0, "i": -2.0}  # the echo's one alternative
+    one = dataclasses.replace(COMPLETION, prompt_logprobs=1)
+    assert [list(p or {}) for p in completion_response(one, answers)["choices"][0]["prompt_logprobs"]] == [
+        [], ["6", "3"], ["8"]]
+    chat = completion_response(dataclasses.replace(CHAT, prompt_logprobs=2), answers)
+    assert chat["prompt_logprobs"] == expected and "prompt_logprobs" not in chat["choices"][0]
+    assert "prompt_logprobs" not in completion_response(COMPLETION, answers)["choices"][0]
+
+
 async def test_chat_bytes_are_the_tokens_own_where_their_text_is_part_of_a_character() -> None:
     meta = dataclasses.replace(CHAT, logprobs=True)
     half = tok(0, "")

@@ -346,6 +346,16 @@ def test_spaces_between_special_tokens_defaults_to_true_and_false_reaches_the_wo
     assert _error(completion(spaces_between_special_tokens="no")).param == "spaces_between_special_tokens"
 
 
+def test_prompt_logprobs_reach_the_worker_unstreamed_and_as_many_as_an_echo_needs() -> None:
+    assert to_request(_check(completion(prompt_logprobs=3))).sampling.prompt_logprobs == 3
+    assert to_request(_check(completion(prompt_logprobs=1, echo=True, logprobs=4))).sampling.prompt_logprobs == 4
+    assert to_request(_check(completion(echo=True, logprobs=2))).sampling.prompt_logprobs == 2
+    assert to_request(_check(completion(logprobs=2))).sampling.prompt_logprobs is None
+    assert _error(completion(prompt_logprobs=3, stream=True)).param == "prompt_logprobs"
+    assert _error(completion(prompt_logprobs=21)).param == "prompt_logprobs"
+    assert _error(completion(prompt_logprobs=-1)).param == "prompt_logprobs"
+
+
 def test_return_tokens_as_token_ids_is_a_boolean() -> None:
     assert _check(completion(return_tokens_as_token_ids=True)).return_tokens_as_token_ids
     assert _error(completion(return_tokens_as_token_ids=3)).param == "return_tokens_as_token_ids"
