@@ -417,6 +417,9 @@ class TokenChunk(Message):
     prompt_token_ids: list[int] | None = None
     """The prompt's token ids as the model saw them (its chat template applied), on the
     answer's first chunk, when the request asked (``return_token_ids``)."""
+    prompt_tokens: int = 0
+    """How many tokens the prompt is as the model saw it, on the answer's first chunk (0
+    on the others): what a stream's running usage counts before the final answer."""
 
 
 @dataclass(slots=True)

@@ -65,7 +65,8 @@ class ReplyStream:
                                         token_ids=msg.token_ids, logprobs=msg.logprobs,
                                         prompt_logprobs=msg.prompt_logprobs,
                                         echoed_prompt=msg.echoed_prompt,
-                                        prompt_token_ids=msg.prompt_token_ids))
+                                        prompt_token_ids=msg.prompt_token_ids,
+                                        prompt_tokens=msg.prompt_tokens if msg.token_offset == 0 else 0))
                 if self.finished:  # that chunk let an end held earlier through
                     return
                 msg = dataclasses.replace(

@@ -515,7 +515,7 @@ class WorkerService:
             request_id=active.item.request_id, token_offset=0, text_offset=0,
             text=point.streamed_text, token_ids=list(point.output_token_ids),
             logprobs=list(point.output_logprobs), prompt_logprobs=list(point.prompt_logprobs),
-            **active.prompt_extras(first=True)),
+            prompt_tokens=len(active.item.scored.prompt_token_ids), **active.prompt_extras(first=True)),
             mandatory=True))
         send.add_done_callback(lambda f: self._on_sent(active, f))
         active.unconfirmed.appendleft((send, len(point.output_token_ids), point.streamed_chars))
@@ -714,6 +714,7 @@ class WorkerService:
                 text_offset=active.streamed_chars, text=out.new_text,
                 token_ids=list(out.new_token_ids), logprobs=out.logprobs,
                 prompt_logprobs=out.prompt_logprobs,
+                prompt_tokens=0 if active.output_token_ids else out.num_prompt_tokens,
                 **active.prompt_extras(first=not active.output_token_ids)),
                 mandatory=True))
             send.add_done_callback(lambda f: self._on_sent(active, f))

@@ -103,6 +103,7 @@ from services.gateway.schemas import (
     CompletionBody,
     check_body,
     choice_requests,
+    continuous_usage,
     include_usage,
     parse_body,
     reasoning_parser_for,
@@ -225,12 +226,12 @@ class Generation:
 def read_openai_body(raw: bytes, model: type[CompletionBody | ChatCompletionBody]) -> Generation:
     """/v1/completions and /v1/chat/completions: answered in their own shapes."""
     body = parse_body(raw, model)
-    with_usage = include_usage(body)
+    with_usage, running_usage = include_usage(body), continuous_usage(body)
 
     def events(meta: ResponseMeta, stream: ChoiceStream, first: tuple[int, Reply],
                deadline: float, timeout_s: float) -> AsyncIterator[bytes]:
         return sse_events(meta, stream, first, include_usage=with_usage, deadline=deadline,
-                          timeout_s=timeout_s)
+                          timeout_s=timeout_s, continuous_usage=running_usage)
 
     return Generation(body, new_request_id(body), completion_response, events)
 

@@ -3,8 +3,9 @@
 Completions answer ``text_completion`` objects (streamed as ``text_completion`` chunks);
 chat answers ``chat.completion`` (streamed as ``chat.completion.chunk``, the first chunk
 carrying ``delta.role``). A stream ends with ``data: [DONE]``; with
-``stream_options.include_usage`` every chunk has ``"usage": null`` and one last chunk
-with empty ``choices`` carries the usage. An error after the headers went out is sent as
+``stream_options.include_usage`` every chunk has ``"usage": null`` (with vLLM's
+``continuous_usage_stats`` too, its choice's usage so far) and one last chunk with empty
+``choices`` carries the usage. An error after the headers went out is sent as
 an ``{"error": {...}}`` event before ``[DONE]``, as vLLM does.
 
 Log-probabilities, when asked for, come in each API's own shape: completions the legacy
@@ -329,6 +330,34 @@ def completion_response(meta: ResponseMeta, answers: list[ChoiceAnswer]) -> dict
     return body
 
 
+class RunningUsage:
+    """What each streamed chunk says of usage: nothing without ``include_usage``; with it,
+    null (OpenAI's), or with vLLM's ``continuous_usage_stats`` too, the chunk's choice's
+    tokens so far (its prompt's, and those it generated)."""
+
+    def __init__(self, n: int, included: bool, continuous: bool = False) -> None:
+        self.included = included
+        self.continuous = continuous
+        self.prompt = [0] * n
+        self.completion = [0] * n
+
+    def read(self, index: int, reply: Reply) -> None:
+        """Count what a reply of choice ``index`` tells."""
+        if isinstance(reply, FinalAnswer):
+            prompt, completion = reply.prompt_tokens, reply.completion_tokens
+        else:
+            prompt, completion = reply.prompt_tokens, reply.token_offset + len(reply.token_ids)
+        if prompt:
+            self.prompt[index] = prompt
+        self.completion[index] = max(self.completion[index], completion)
+
+    def of(self, index: int) -> dict[str, int] | None:
+        if not self.continuous:
+            return None
+        prompt, completion = self.prompt[index], self.completion[index]
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def stream_chunk(
     meta: ResponseMeta,
     *,
@@ -336,7 +365,7 @@ def stream_chunk(
     text: str = "",
     role: bool = False,
     finish: str | None = None,
-    include_usage: bool = False,
+    usage: RunningUsage | None = None,
     logprobs: dict[str, Any] | None = None,
     calls: list[dict[str, Any]] | None = None,
     reasoning: str = "",
@@ -377,8 +406,8 @@ def stream_chunk(
     chunk: dict[str, Any] = {**meta.head(obj), "choices": [choice]}
     if prompt_token_ids is not None and meta.kind == "chat":
         chunk["prompt_token_ids"] = prompt_token_ids
-    if include_usage:
-        chunk["usage"] = None
+    if usage is not None and usage.included:
+        chunk["usage"] = usage.of(index)
     return chunk
 
 
@@ -457,8 +486,8 @@ class Delta:
         return Delta(self.text + other.text, self.calls + other.calls,
                      self.logprobs + other.logprobs, self.reasoning + other.reasoning, ids)
 
-    def chunk(self, meta: ResponseMeta, index: int, include_usage: bool) -> dict[str, Any]:
-        return stream_chunk(meta, index=index, include_usage=include_usage, text=self.text,
+    def chunk(self, meta: ResponseMeta, index: int, usage: RunningUsage) -> dict[str, Any]:
+        return stream_chunk(meta, index=index, usage=usage, text=self.text,
                             calls=self.calls or None, reasoning=self.reasoning,
                             logprobs=choice_logprobs(meta, self.logprobs), token_ids=self.token_ids)
 
@@ -574,10 +603,12 @@ async def sse_events(
     include_usage: bool,
     deadline: float,
     timeout_s: float,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[bytes]:
     """SSE bytes for a request whose first reply (``first``: choice index and reply)
     was already read. Each choice ends with its own finish chunk; an error in any ends
-    the stream.
+    the stream. ``continuous_usage``: each chunk's ``usage`` is its choice's so far
+    (vLLM's ``continuous_usage_stats``, with ``include_usage``).
 
     ``deadline`` is in event-loop time; when it passes, an error event ends the stream
     (the caller sees no final answer and cancels downstream).
@@ -587,10 +618,12 @@ async def sse_events(
     """
     events: list[bytes] = []
     n = len(stream.streams)
+    usage = RunningUsage(n, include_usage, continuous_usage)
     if meta.kind == "chat":
         # A chat's prompt ids go once, at the top of the first chunk: every choice's prompt is the same.
         prompt_ids = first[1].prompt_token_ids if meta.token_ids else None
-        events.extend(sse(stream_chunk(meta, index=i, role=True, include_usage=include_usage,
+        usage.prompt = [first[1].prompt_tokens] * n
+        events.extend(sse(stream_chunk(meta, index=i, role=True, usage=usage,
                                        prompt_token_ids=None if i else prompt_ids))
                       for i in range(n))
     text_offsets = [0] * n  # where each choice's next token's text starts (text_offset)
@@ -607,6 +640,7 @@ async def sse_events(
                 break
             index, reply = read
             answer = answers[index]
+            usage.read(index, reply)
             if isinstance(reply, FinalAnswer):
                 error = answer_error(reply)
                 if error is not None:
@@ -617,9 +651,9 @@ async def sse_events(
                 if answer is not None:
                     finish, delta = answer.finish(reply)
                     if delta:
-                        events.append(sse(delta.chunk(meta, index, include_usage)))
+                        events.append(sse(delta.chunk(meta, index, usage)))
                 events.append(sse(stream_chunk(
-                    meta, index=index, finish=finish, include_usage=include_usage,
+                    meta, index=index, finish=finish, usage=usage,
                     prompt_token_ids=None if prompt_sent[index] else reply.prompt_token_ids,
                     stop_reason=reply.stop_reason)))
                 if len(finals) == n:
@@ -631,7 +665,7 @@ async def sse_events(
                 if meta.token_ids:
                     delta.token_ids = list(reply.token_ids)
                 if delta:
-                    events.append(sse(delta.chunk(meta, index, include_usage)))
+                    events.append(sse(delta.chunk(meta, index, usage)))
             elif (reply.text or (meta.logprobs and reply.logprobs) or not echoed[index]
                   or (meta.token_ids and reply.token_ids)):
                 text, prompt = reply.text, None
@@ -639,7 +673,7 @@ async def sse_events(
                     echoed[index] = True
                     text, prompt = meta.echoed(index, reply) + text, reply.prompt_logprobs
                 events.append(sse(stream_chunk(
-                    meta, index=index, text=text, include_usage=include_usage,
+                    meta, index=index, text=text, usage=usage,
                     logprobs=choice_logprobs(meta, reply.logprobs, text_offsets[index], prompt),
                     token_ids=reply.token_ids,
                     prompt_token_ids=None if prompt_sent[index] else reply.prompt_token_ids)))

@@ -194,6 +194,8 @@ class StrictBody(BaseModel):
 
 class StreamOptions(StrictBody):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+    """vLLM's: with ``include_usage``, each chunk's ``usage`` is its choice's so far."""
 
 
 class _SamplingFields(StrictBody):
@@ -873,3 +875,8 @@ def _set_prompt(request: CompletionRequest, prompt: Prompt) -> None:
 
 def include_usage(body: AnyBody) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def continuous_usage(body: AnyBody) -> bool:
+    """vLLM's ``continuous_usage_stats``: usage in every chunk (only with ``include_usage``)."""
+    return include_usage(body) and bool(body.stream_options.continuous_usage_stats)

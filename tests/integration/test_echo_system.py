@@ -80,6 +80,26 @@ def test_echo_streams_the_prompt_back(echo_system, echo_client):
     assert spelled.choices[0].text.replace(tokenizer.bos_token, "") == text
 
 
+def test_continuous_usage_counts_each_chunks_tokens_so_far(echo_system, echo_client):
+    """vLLM's ``continuous_usage_stats``: every chunk's usage is the answer's so far, the
+    chunks' token ids adding up to it; the last chunk's is the request's own usage."""
+    prompt = "Count every token as it streams"
+    n = 12
+    chunks = [c.model_dump() for c in echo_client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=n, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True, "return_token_ids": True})]
+    prompt_tokens = chunks[-1]["usage"]["prompt_tokens"]
+    generated = 0
+    for chunk in chunks[:-1]:
+        generated += len(chunk["choices"][0]["token_ids"])
+        used = {name: chunk["usage"][name] for name in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        assert used == {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                        "total_tokens": prompt_tokens + generated}
+    assert generated == n == chunks[-1]["usage"]["completion_tokens"]
+    assert len(chunks) > 3  # really streamed
+
+
 def test_return_token_ids_brings_the_prompts_and_the_answers_ids(echo_system, echo_client):
     """vLLM's ``return_token_ids``: a completion's choice has its prompt's ids and its
     own; streamed, the chunks' ids join to the answer's. A chat's prompt ids are those of

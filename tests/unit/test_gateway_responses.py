@@ -60,6 +60,7 @@ async def run_sse(
     stream: TimedReplies | ChoiceStream,
     *,
     include_usage: bool = False,
+    continuous_usage: bool = False,
     deadline_in: float = 5.0,
 ):
     """Events of one stream, decoded; ``[DONE]`` stays a string."""
@@ -69,7 +70,8 @@ async def run_sse(
     raw = [
         e
         async for e in sse_events(
-            meta, choices, first, include_usage=include_usage, deadline=deadline, timeout_s=7
+            meta, choices, first, include_usage=include_usage, deadline=deadline, timeout_s=7,
+            continuous_usage=continuous_usage,
         )
     ]
     assert all(write.endswith(b"\n\n") for write in raw)  # whole events only
@@ -115,6 +117,23 @@ async def test_a_named_service_tier_is_said_in_every_object() -> None:
     assert "service_tier" not in completion_response(CHAT, [ChoiceAnswer(done(1), "hi")])
     events = await run_sse(flex, filled(tok(0, "h"), tok(1, "i"), done(2)), include_usage=True)
     assert all(e["service_tier"] == "flex" for e in events if e != "[DONE]") and len(events) > 2
+
+
+async def test_continuous_usage_gives_every_chunk_its_choices_tokens_so_far() -> None:
+    """vLLM's ``continuous_usage_stats``: the role chunk counts the prompt, each later
+    chunk the tokens its choice generated so far, the finish chunk them all."""
+    first = dataclasses.replace(tok(0, "h"), prompt_tokens=4)
+    events = await run_sse(CHAT, filled(first, tok(1, "i"), done(2)), include_usage=True, continuous_usage=True)
+    used = [(e["usage"]["prompt_tokens"], e["usage"]["completion_tokens"], e["usage"]["total_tokens"])
+            for e in events[:-2]]
+    assert used == [(4, 0, 4), (4, 1, 5), (4, 2, 6), (4, 2, 6)]
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 2
+    plain = await run_sse(CHAT, filled(first, tok(1, "i"), done(2)), include_usage=True)
+    assert all(e["usage"] is None for e in plain[:-2])
+    # One step's answer: its first tokens come with the final answer, which counts the prompt.
+    one_step = dataclasses.replace(done(0), token_ids=[5, 6], text="ab", completion_tokens=2)
+    whole = await run_sse(COMPLETION, filled(one_step), include_usage=True, continuous_usage=True)
+    assert [e["usage"]["total_tokens"] for e in whole[:-2]] == [6, 6]
 
 
 def test_answer_error_mapping() -> None:
