@@ -50,6 +50,7 @@ from services.engine.kv_cache import (
 )
 from services.engine.lora import LoraConfig, LoraManager, lora_step
 from services.engine.sampling import (
+    allowed_ids,
     bad_word_ids,
     make_generator,
     sample_tokens,
@@ -86,6 +87,8 @@ class _RequestState:
     """A structured request's place in its language."""
     bad_word_ids: list[list[int]] = field(default_factory=list)
     """Its ``bad_words`` as token ids (:func:`sampling.bad_word_ids`)."""
+    allowed_ids: torch.Tensor | None = None
+    """Its ``allowed_token_ids`` on the engine's device (:func:`sampling.allowed_ids`)."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -301,6 +304,7 @@ class LLMEngine:
             if params.prompt_logprobs is not None and not resumed else None,
             grammar=grammar,
             bad_word_ids=bad_word_ids(self.tokenizer, params.bad_words),
+            allowed_ids=allowed_ids(params, self.device),
         )
         self.scheduler.add(seq)
 

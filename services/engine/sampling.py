@@ -50,6 +50,8 @@ class SamplingRow(Protocol):
     def grammar(self) -> GrammarState | None: ...
     @property
     def bad_word_ids(self) -> Sequence[Sequence[int]]: ...
+    @property
+    def allowed_ids(self) -> torch.Tensor | None: ...
 
 
 def validate_sampling(params: SamplingParams) -> str | None:
@@ -126,6 +128,14 @@ def _logit_bias_problem(params: SamplingParams) -> str | None:
     return None
 
 
+def allowed_ids(params: SamplingParams, device: torch.device | str) -> torch.Tensor | None:
+    """A request's ``allowed_token_ids`` on ``device``, made once for all its steps (a list
+    of thousands would cost milliseconds to turn into a tensor each step); None: any."""
+    if not params.allowed_token_ids:
+        return None
+    return torch.tensor(sorted(set(params.allowed_token_ids)), dtype=torch.long, device=device)
+
+
 def adjusts_logits(params: SamplingParams) -> bool:
     """Whether the request changes the raw logits (bias, minimum length, penalties)."""
     return bool(
@@ -145,11 +155,11 @@ def adjust_logits(logits: torch.Tensor, row: SamplingRow) -> None:
     on another worker or recomputed after a preemption gets the same adjustments."""
     params, vocab, dev = row.sampling, logits.shape[-1], logits.device
     tokens, prompt_len = row.token_ids, row.num_prompt_tokens
-    allowed = [t for t in params.allowed_token_ids if t < vocab]
-    if allowed:
-        mask = torch.ones(vocab, dtype=torch.bool, device=dev)
-        mask[torch.tensor(allowed, dtype=torch.long, device=dev)] = False
-        logits[mask] = -math.inf
+    allowed = row.allowed_ids
+    if allowed is not None:
+        kept = logits.index_select(-1, allowed)
+        logits.fill_(-math.inf)
+        logits.index_copy_(-1, allowed, kept)
     if row.bad_word_ids:
         output = tokens[prompt_len:]
         banned = [ids[-1] for ids in row.bad_word_ids if ids[-1] < vocab and (
@@ -165,7 +175,7 @@ def adjust_logits(logits: torch.Tensor, row: SamplingRow) -> None:
     ):
         stops = [t for t in row.stop_token_ids if t < vocab]
         # Unless the only tokens allowed are stops: then one of them is all there is.
-        if stops and not (allowed and set(allowed) <= set(stops)):
+        if stops and not (allowed is not None and set(params.allowed_token_ids) <= set(stops)):
             logits[torch.tensor(stops, dtype=torch.long, device=dev)] = -math.inf
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(tokens, dtype=torch.long, device=dev).unique()

@@ -10,6 +10,7 @@ import torch
 
 from services.engine.sampling import (
     adjust_logits,
+    allowed_ids,
     apply_min_p,
     apply_top_k_top_p,
     make_generator,
@@ -32,6 +33,7 @@ class Row:
     stop_token_ids: frozenset[int] = frozenset()
     grammar: None = None
     bad_word_ids: list[list[int]] = field(default_factory=list)
+    allowed_ids: torch.Tensor | None = None
 
 
 def at(position: int, params: SamplingParams, generator: torch.Generator | None = None) -> Row:
@@ -152,6 +154,20 @@ def test_min_tokens_masks_the_stop_tokens_until_enough_output():
     assert sample_tokens(logits.clone(), [row])[0] != 2  # 1 output token so far: masked
     row.token_ids = [1, 1, 3, 3]  # 3 output tokens: EOS may come now
     assert sample_tokens(logits.clone(), [row])[0] == 2
+
+
+def test_only_allowed_tokens_keep_their_logits_and_min_tokens_spares_a_stop_that_is_all_there_is():
+    logits = torch.arange(10, dtype=torch.float32)
+    params = SamplingParams(allowed_token_ids=[7, 2, 2, 5])
+    assert allowed_ids(params, "cpu").tolist() == [2, 5, 7] and allowed_ids(SamplingParams(), "cpu") is None
+    adjust_logits(logits, Row(params, allowed_ids=allowed_ids(params, "cpu")))
+    assert logits.tolist() == [-math.inf, -math.inf, 2.0, -math.inf, -math.inf, 5.0, -math.inf, 7.0,
+                               -math.inf, -math.inf]
+    # min_tokens would mask the stop tokens; when they are all that is allowed, one stays.
+    only_stops = SamplingParams(allowed_token_ids=[2], min_tokens=5)
+    logits = torch.zeros(4)
+    adjust_logits(logits, Row(only_stops, stop_token_ids=frozenset({2}), allowed_ids=allowed_ids(only_stops, "cpu")))
+    assert logits.tolist() == [-math.inf, -math.inf, 0.0, -math.inf]
 
 
 def test_frequency_and_presence_penalties_count_output_tokens_only():
