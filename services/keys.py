@@ -232,3 +232,6 @@ LENGTH_SAMPLES_CAP = 500
 RECENT_ERRORS = f"{PREFIX}:recent:errors"
 """List of error answers the gateways sent (status, code, message, tenant, path)."""
 RECENT_ERRORS_CAP = 100
+LATENCY_SAMPLES = f"{PREFIX}:recent:latencies"
+"""List of the requests the gateways answered: tenant, time to first token and end to end."""
+LATENCY_SAMPLES_CAP = 2000

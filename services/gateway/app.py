@@ -921,6 +921,7 @@ def create_app(settings: Settings) -> FastAPI:
                          responses=ResponseStore(backend.redis, settings.responses_ttl_s),
                          conversations=ConversationStore(backend.redis, settings.conversations_ttl_s))
     dashboard = Dashboard(settings, keys, backend.redis)
+    gateway_metrics.on_answered = dashboard.record_latency
     state.files = FileStore(backend.redis, settings.files_ttl_s)
     state.batches = BatchStore(backend.redis, settings.files_ttl_s)
 

@@ -228,13 +228,17 @@ function render(data) {
     swatch.style.background = colorOf(t.name);
     name.prepend(swatch);
     tr.append(name, cell(fmt(t.served_tokens)), cell(fmt(point.rate[t.name], 1)),
-      cell(fmt(t.vtc, 1)), cell(fmt(t.queued)), cell(fmt(t.dispatched)), cell(fmt(t.background_responses)));
-    ["name", "served_tokens", "rate", "vtc", "queued", "dispatched", "background_responses"].forEach((f, i) => {
+      cell(fmt(t.vtc, 1)), cell(fmt(t.queued)), cell(fmt(t.dispatched)), cell(fmt(t.background_responses)),
+      cell(fmt(t.answered)), cell(fmt(t.ttft_p50_ms) + " / " + fmt(t.ttft_p90_ms)),
+      cell(fmt(t.e2e_p50_ms) + " / " + fmt(t.e2e_p90_ms)));
+    ["name", "served_tokens", "rate", "vtc", "queued", "dispatched", "background_responses", "answered",
+      "ttft_ms", "e2e_ms"].forEach((f, i) => {
       tr.children[i].dataset.tenant = t.name;
       tr.children[i].dataset.field = f;
     });
     tr.children[1].dataset.value = String(t.served_tokens);
     tr.children[6].dataset.value = String(t.background_responses);
+    tr.children[7].dataset.value = String(t.answered);
     return tr;
   }));
 

@@ -7,7 +7,8 @@ a configured admin key the data endpoint answers 403; a missing or wrong key is 
 a tenant's key is 403. No cookies, so no CSRF; a strict CSP keeps scripts to our own.
 
 Data path: :func:`read_snapshot` reads Redis (scheduler state, worker and gateway
-heartbeats, the capped lists of recent length samples and errors) into a :class:`RawSnapshot`, and
+heartbeats, the capped lists of recent length samples, latencies and errors) into a
+:class:`RawSnapshot`, and
 :func:`build_dashboard`, plain code, turns it into the JSON the page draws.
 """
 
@@ -53,6 +54,8 @@ BATCHES_SHOWN = 50
 """Batches in progress the page lists (the oldest first)."""
 MESSAGE_CHARS = 300
 REDIS_TIMEOUT_S = 5.0
+LATENCY_WINDOW_S = 60.0
+"""Each tenant's latency percentiles are over the requests answered in this window."""
 
 ASSETS = {
     "/dashboard": ("dashboard.html", "text/html"),
@@ -92,6 +95,7 @@ class RawSnapshot:
     seen: dict[bytes, float] = field(default_factory=dict)
     length_samples: list[bytes] = field(default_factory=list)
     errors: list[bytes] = field(default_factory=list)
+    latencies: list[bytes] = field(default_factory=list)
     leader: bytes | None = None
     fence: bytes | None = None
     gateways: dict[bytes, float] = field(default_factory=dict)
@@ -273,6 +277,35 @@ def length_summary(points: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile (0 < q <= 1) of ``values``; None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+
+
+def tenant_latencies(raw: list[bytes], now: float, window_s: float = LATENCY_WINDOW_S) -> dict[str, dict[str, Any]]:
+    """Per tenant, over the requests answered in the last ``window_s``: how many, and the
+    p50 and p90 of their time to first token and end to end (ms): whether each tenant is
+    answered as fast as the others."""
+    ttft: dict[str, list[float]] = {}
+    e2e: dict[str, list[float]] = {}
+    for entry in decode_entries(raw):
+        tenant, at, total = entry.get("tenant"), _number(entry.get("t")), _number(entry.get("e2e"))
+        if not isinstance(tenant, str) or at is None or total is None or now - at > window_s:
+            continue
+        e2e.setdefault(tenant, []).append(total * 1000)
+        first = _number(entry.get("ttft"))
+        if first is not None:
+            ttft.setdefault(tenant, []).append(first * 1000)
+    return {tenant: {"answered": len(totals),
+                     "ttft_p50_ms": _percentile(ttft.get(tenant, []), 0.5),
+                     "ttft_p90_ms": _percentile(ttft.get(tenant, []), 0.9),
+                     "e2e_p50_ms": _percentile(totals, 0.5), "e2e_p90_ms": _percentile(totals, 0.9)}
+            for tenant, totals in e2e.items()}
+
+
 def _errors(raw: list[bytes]) -> list[dict[str, Any]]:
     out = []
     for entry in decode_entries(raw)[:ERRORS_SHOWN]:
@@ -300,8 +333,10 @@ def build_dashboard(
     dispatched_by_tenant = _count(tenant for tenant, _ in places)
     dispatched_by_pool = _count(pool for _, pool in places)
     background = _count(_text(t) for t in raw.background_tenants)
+    latency = tenant_latencies(raw.latencies, raw.now)
+    unanswered = {"answered": 0, "ttft_p50_ms": None, "ttft_p90_ms": None, "e2e_p50_ms": None, "e2e_p90_ms": None}
     names = sorted(set(tenants) | set(counters) | set(served) | set(queued) | set(dispatched_by_tenant)
-                   | set(background))
+                   | set(background) | set(latency))
     workers = _workers(raw, worker_alive_s)
     points = _length_points(raw.length_samples)
     fence = _number(raw.fence) if raw.fence is not None else None
@@ -320,6 +355,7 @@ def build_dashboard(
                 "queued": queued.get(name, 0),
                 "dispatched": dispatched_by_tenant.get(name, 0),
                 "background_responses": background.get(name, 0),
+                **latency.get(name, unanswered),
             }
             for name in names
         ],
@@ -372,8 +408,9 @@ async def read_snapshot(
         pipe.zrange(keys.GATEWAYS_SEEN, 0, -1, withscores=True)
         pipe.time()
         pipe.hvals(keys.BACKGROUND_RESPONSES_TENANT)
+        pipe.lrange(keys.LATENCY_SAMPLES, 0, keys.LATENCY_SAMPLES_CAP - 1)
         (counters, served, queued_total, inflight_total, heartbeats, seen, samples, errors,
-         leader, fence, gateways, (seconds, micros), background) = await pipe.execute()  # fmt: skip
+         leader, fence, gateways, (seconds, micros), background, latencies) = await pipe.execute()  # fmt: skip
     queued, inflight, slots, batches = await asyncio.gather(
         _hash_values(redis, keys.SCHED_QUEUED, queued_total, scan_limit),
         _hash_values(redis, keys.SCHED_INFLIGHT, inflight_total, scan_limit),
@@ -399,6 +436,7 @@ async def read_snapshot(
         redis_now=seconds + micros / 1e6,
         batches=batches,
         background_tenants=background,
+        latencies=latencies,
     )
 
 
@@ -429,6 +467,7 @@ class Dashboard:
         self.redis = redis
         self.auth = AdminAuth(settings.admin_key, tenants)
         self.errors = RecentLog(redis, keys.RECENT_ERRORS, keys.RECENT_ERRORS_CAP)
+        self.latencies = RecentLog(redis, keys.LATENCY_SAMPLES, keys.LATENCY_SAMPLES_CAP)
         self.snapshot_ttl_s = SNAPSHOT_TTL_S
         self._lock = asyncio.Lock()
         self._cached: dict[str, Any] | None = None
@@ -469,8 +508,12 @@ class Dashboard:
             "request_id": request_id,
         })  # fmt: skip
 
+    def record_latency(self, tenant: str, ttft_s: float | None, e2e_s: float) -> None:
+        """Append an answered request's latency to the shared list (batched, best effort)."""
+        self.latencies.add({"t": time.time(), "tenant": tenant, "ttft": ttft_s, "e2e": e2e_s})
+
     async def close(self) -> None:
-        await self.errors.close()
+        await asyncio.gather(self.errors.close(), self.latencies.close())
 
 
 def _asset_route(filename: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:

@@ -6,7 +6,7 @@ names and buckets come from :mod:`services.metrics`, where every service's are d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -20,6 +20,9 @@ __all__ = ["E2E_BUCKETS", "TTFT_BUCKETS", "GatewayMetrics"]
 class GatewayMetrics:
     def __init__(self, model_name: str, max_model_len: int = 2048) -> None:
         self.model_name = model_name
+        self.on_answered: Callable[[str, float | None, float], None] = lambda tenant, ttft_s, e2e_s: None
+        """Told of each request answered normally: its tenant, time to first token (None
+        without tokens) and end to end, in seconds (the dashboard keeps them)."""
         self.registry = CollectorRegistry()
         r = self.registry
         def histogram(name: str, doc: str, buckets: Sequence[float], *labels: str) -> Histogram:
@@ -122,6 +125,8 @@ class GatewayMetrics:
         if last is not None:
             self.e2e.labels(model).observe(last - stream.opened_at)
             self.tenant_e2e.labels(model, tenant).observe(last - stream.opened_at)
+        if last is not None:
+            self.on_answered(tenant, None if first is None else first - stream.opened_at, last - stream.opened_at)
         if first is not None and last is not None and final.completion_tokens > 1:
             self.time_per_output_token.labels(model).observe((last - first) / (final.completion_tokens - 1))
         self.prompt_tokens.labels(model).inc(final.prompt_tokens)

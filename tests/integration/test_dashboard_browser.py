@@ -147,6 +147,11 @@ def test_dashboard_shows_live_numbers(system: System, browser: WebDriver, tmp_pa
     send_traffic(system, per_tenant=1).join(WAIT_S)
     wait_for("acme's served tokens to grow", lambda: (served(browser, "acme") or 0) > first)
     assert served(browser, "globex") > 0
+    # Each tenant's latency over the last minute, from every gateway's answers.
+    wait_for("globex's answered requests", lambda: (tenant_value(browser, "globex", "answered") or 0) >= 3)
+    ttft = browser.execute_script(
+        "return document.querySelector('td[data-tenant=\"acme\"][data-field=\"ttft_ms\"]').textContent")
+    assert ttft != "– / –" and " / " in ttft
 
     # Workers and gateways from heartbeats, the length scatter, the error list: all live.
     wait_for("an alive worker row", lambda: any(

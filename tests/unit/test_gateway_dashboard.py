@@ -89,6 +89,30 @@ def snapshot() -> RawSnapshot:
     )  # fmt: skip
 
 
+UNANSWERED = {"answered": 0, "ttft_p50_ms": None, "ttft_p90_ms": None, "e2e_p50_ms": None, "e2e_p90_ms": None}
+
+
+def latency(tenant: str, ago_s: float, ttft_s: float | None, e2e_s: float) -> bytes:
+    return encode_entry({"t": NOW - ago_s, "tenant": tenant, "ttft": ttft_s, "e2e": e2e_s}).encode()
+
+
+def test_each_tenants_latency_is_over_the_last_minute_of_answers() -> None:
+    """Percentiles by nearest rank over the window; an answer without tokens counts end to
+    end only; older answers and broken entries are left out."""
+    raw = RawSnapshot(now=NOW, latencies=[
+        *(latency("acme", 1, 0.01 * i, 0.1 * i) for i in range(1, 11)),
+        latency("acme", 120, 9.0, 9.0),  # outside the window
+        latency("globex", 2, None, 0.5), b"{not json", encode_entry({"tenant": "acme", "e2e": "x"}).encode()])
+    tenants = {t["name"]: t for t in build_dashboard(raw, worker_alive_s=10, model="x")["tenants"]}
+    acme = tenants["acme"]
+    assert acme["answered"] == 10
+    assert (acme["ttft_p50_ms"], acme["ttft_p90_ms"]) == (pytest.approx(50.0), pytest.approx(90.0))
+    assert (acme["e2e_p50_ms"], acme["e2e_p90_ms"]) == (pytest.approx(500.0), pytest.approx(900.0))
+    assert tenants["globex"] == {"name": "globex", "served_tokens": 0.0, "vtc": 0.0, "queued": 0, "dispatched": 0,
+                                 "background_responses": 0, "answered": 1, "ttft_p50_ms": None, "ttft_p90_ms": None,
+                                 "e2e_p50_ms": 500.0, "e2e_p90_ms": 500.0}
+
+
 def test_builder_aggregates_tenants_queues_and_pools() -> None:
     data = build_dashboard(snapshot(), tenants={"acme", "initech"}, worker_alive_s=10, model="x")
     assert data["now"] == NOW and data["model"] == "x"
@@ -96,10 +120,10 @@ def test_builder_aggregates_tenants_queues_and_pools() -> None:
     tenants = {t["name"]: t for t in data["tenants"]}
     assert list(tenants) == ["acme", "globex", "initech"]  # 'bad' has only a NaN counter
     assert tenants["acme"] == {"name": "acme", "served_tokens": 300.0, "vtc": 120.5,
-                               "queued": 2, "dispatched": 1, "background_responses": 2}  # fmt: skip
+                               "queued": 2, "dispatched": 1, "background_responses": 2, **UNANSWERED}  # fmt: skip
     assert tenants["globex"]["queued"] == 1 and tenants["globex"]["dispatched"] == 2
     assert tenants["initech"] == {"name": "initech", "served_tokens": 0.0, "vtc": 0.0,
-                                  "queued": 0, "dispatched": 0, "background_responses": 0}  # fmt: skip
+                                  "queued": 0, "dispatched": 0, "background_responses": 0, **UNANSWERED}  # fmt: skip
     assert data["queue"] == {"queued": 4, "dispatched": 3, "complete": True}
     assert [p["name"] for p in data["pools"]] == ["gpu", "cpu"]  # topology order, once each
     pools = {p["name"]: p for p in data["pools"]}
@@ -261,7 +285,7 @@ async def test_data_endpoint_reads_redis_and_errors_are_logged(redis_client, red
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
         data = (await http.get("/dashboard/data", headers=ADMIN_HEADER)).json()
         assert data["tenants"] == [{"name": "acme", "served_tokens": 42.0, "vtc": 17.5,
-                                    "queued": 1, "dispatched": 0, "background_responses": 0}]  # fmt: skip
+                                    "queued": 1, "dispatched": 0, "background_responses": 0, **UNANSWERED}]  # fmt: skip
         assert [w["id"] for w in data["workers"]] == ["w1"] and data["workers"][0]["alive"]
         assert [(g["id"], g["alive"], g["in_flight"]) for g in data["gateways"]] == [("gw:1", True, 2)]
         assert data["queue"]["queued"] == 1 and data["batches"] == []
@@ -289,5 +313,11 @@ async def test_data_endpoint_reads_redis_and_errors_are_logged(redis_client, red
     ]
     assert errors[0]["code"] == "model_not_found" and errors[0]["request_id"] is None
     assert data["tenants"][0]["served_tokens"] == 50.0
+    # An answered request's latency, as the gateway's metrics report it, reaches the table.
+    app.state.gateway.metrics.on_answered("acme", 0.02, 0.4)
+    await app.state.dashboard.latencies.flush()
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        acme = (await http.get("/dashboard/data", headers=ADMIN_HEADER)).json()["tenants"][0]
+    assert (acme["answered"], acme["ttft_p50_ms"], acme["e2e_p90_ms"]) == (1, 20.0, 400.0)
     await app.state.dashboard.close()
     await app.state.gateway.backend.redis.aclose()
