@@ -265,11 +265,8 @@ def prompt_logprobs(meta: ResponseMeta, entries: list[TokenLogprob]) -> list[dic
     """vLLM's ``prompt_logprobs``: for each prompt token, null for the first (nothing
     predicts it), else the token and its position's most likely ones, keyed by id, each
     with its log-probability, rank (1: the most likely) and text."""
-    positions: list[dict[str, Any] | None] = []
-    for i, entry in enumerate(entries):
-        if i == 0:
-            positions.append(None)
-            continue
+    positions: list[dict[str, Any] | None] = [None] if entries else []
+    for entry in entries[1:]:
         position = {str(entry.token_id): {"logprob": entry.logprob, "rank": entry.rank or None,
                                           "decoded_token": entry.token}}
         for rank, alt in enumerate(entry.top[: meta.prompt_logprobs], start=1):
