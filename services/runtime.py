@@ -6,7 +6,7 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from services.logs import get_logger
@@ -78,6 +78,21 @@ class BackgroundTasks:
         """Until every task running now has ended (their failures are logged, not raised)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+CANCEL_AGAIN_S = 1.0
+
+
+async def cancel_until_done(tasks: Callable[[], Iterable[asyncio.Task[Any] | None]],
+                            again_s: float = CANCEL_AGAIN_S) -> None:
+    """Cancel the tasks ``tasks()`` names until none is left running. One cancel is not
+    always enough: on Python 3.11 a cancel that lands as a redis-py command completes
+    (its ``asyncio.wait_for``) can be lost, and the loop goes on. ``tasks`` is asked again
+    each round, for tasks started meanwhile."""
+    while pending := {task for task in tasks() if task is not None and not task.done()}:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=again_s)
 
 
 def start_vital(coro: Coroutine[Any, Any, Any], broken: asyncio.Event) -> asyncio.Task[Any]:

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from services.logs import get_logger
 from services.redis_client import RELEASE_LEASE_LUA, RENEW_LEASE_LUA
+from services.runtime import cancel_until_done
 
 log = get_logger("gateway.leases")
 
@@ -45,8 +46,6 @@ class Leases:
     async def release(self, job_id: str, owner: str) -> None:
         await self._release(keys=[self.key(job_id)], args=[owner])
 
-
-CANCEL_AGAIN_S = 1.0
 
 RunJob = Callable[[str, asyncio.Event], Awaitable[None]]
 """(job id, lost) -> run the job while ``lost`` is not set (the lease went to another)."""
@@ -84,14 +83,8 @@ class LeasedRunner:
     async def close(self) -> None:
         """Stop: jobs under way are given up (whoever takes them next goes on), and the
         leases let go so that another gateway goes on at once."""
-        self._closing = True
-        while pending := {t for t in (self._task, *self.running.values()) if t is not None and not t.done()}:
-            # Again until they end: on Python 3.11 a cancel that lands as a Redis command
-            # (redis-py's asyncio.wait_for) completes can be lost, and a claim loop that
-            # lost one could take a job meanwhile (taken jobs are looked for each time).
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+        self._closing = True  # a claim loop that lost its cancel takes no job meanwhile
+        await cancel_until_done(lambda: (self._task, *self.running.values()))
 
     async def _claim_loop(self) -> None:
         failures = 0

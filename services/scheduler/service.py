@@ -22,7 +22,7 @@ from services import messages as m
 from services import metrics as prom
 from services.latency_model import LatencyModel
 from services.logs import get_logger
-from services.runtime import start_vital
+from services.runtime import cancel_until_done, start_vital
 from services.scheduler.policy import (
     PolicyConfig,
     PoolView,
@@ -252,8 +252,8 @@ class SchedulerService:
         try:
             await self.lost.wait()
         finally:
-            for task in tasks:
-                task.cancel()
+            # Ended, not only cancelled: a loop left running would schedule into the next term.
+            await cancel_until_done(lambda: tasks)
             for queue, tag in tags:
                 with contextlib.suppress(Exception):
                     await queue.cancel(tag)

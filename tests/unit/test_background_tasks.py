@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from services.runtime import BackgroundTasks, start_vital
+from services.runtime import BackgroundTasks, cancel_until_done, start_vital
 
 
 async def fails_after(delay: float) -> None:
@@ -91,3 +91,24 @@ async def test_a_vital_loop_that_ends_on_its_event_or_is_cancelled_is_no_death()
         await asyncio.gather(ends, cancelled, return_exceptions=True)
         await asyncio.sleep(0)
     assert not [e for e in logs if e["event"] == "vital_task_died"]
+
+
+async def test_cancelling_until_done_outlasts_a_lost_cancel_and_takes_tasks_started_meanwhile():
+    """A loop that swallows its first cancel (as one lost in redis-py's wait_for on Python
+    3.11 goes on) and starts another task before it ends: both are ended."""
+    started: list[asyncio.Task[None]] = []
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    async def loses_a_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            started.append(asyncio.create_task(forever()))
+        await asyncio.sleep(3600)
+
+    loop = asyncio.create_task(loses_a_cancel())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_until_done(lambda: (loop, *started), again_s=0.05), 5)
+    assert loop.cancelled() and len(started) == 1 and started[0].cancelled()
