@@ -125,7 +125,6 @@ class GatewayMetrics:
         if last is not None:
             self.e2e.labels(model).observe(last - stream.opened_at)
             self.tenant_e2e.labels(model, tenant).observe(last - stream.opened_at)
-        if last is not None:
             self.on_answered(tenant, None if first is None else first - stream.opened_at, last - stream.opened_at)
         if first is not None and last is not None and final.completion_tokens > 1:
             self.time_per_output_token.labels(model).observe((last - first) / (final.completion_tokens - 1))
