@@ -175,8 +175,9 @@ class TokenLogprob:
     token_id: int = -1
     """The token's id in the model's vocabulary (-1 from a worker that predates it)."""
     rank: int = 0
-    """Its rank among the position's tokens, 1 the most likely (0: not known; the
-    prompt's first token, which nothing predicts, has none)."""
+    """Its rank among the position's tokens, 1 the most likely, for a prompt token (what
+    vLLM's ``prompt_logprobs`` show); 0: not known (an output token's, and the prompt's
+    first, which nothing predicts)."""
 
     @property
     def token_bytes(self) -> bytes:

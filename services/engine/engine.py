@@ -505,11 +505,12 @@ class LLMEngine:
                              targets: list[tuple[_RequestState, int]]) -> None:
         """Extend each request's prompt log-probabilities by the positions computed now
         (``logits`` rows in the order of ``targets``: request, the prompt token predicted)."""
-        found: list[tuple[float, list[int], list[float]]] = []
+        found: list[tuple[float, int, list[int], list[float]]] = []
         for start in range(0, len(targets), PROMPT_LOGPROBS_ROWS):  # bounds the fp32 copy
             part = targets[start : start + PROMPT_LOGPROBS_ROWS]
             found += token_logprobs(logits[start : start + len(part)], [token for _, token in part],
-                                    [state.sampling.prompt_logprobs or 0 for state, _ in part])
+                                    [state.sampling.prompt_logprobs or 0 for state, _ in part],
+                                    ranked=True)
         for (state, token), entry in zip(targets, found, strict=True):
             if state.prompt_logprobs is not None:
                 state.prompt_logprobs.append(self._token_logprob(token, *entry))

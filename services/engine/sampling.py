@@ -290,15 +290,16 @@ def sample_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int
 
 
 def token_logprobs(
-    logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]
+    logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int], ranked: bool = False
 ) -> list[tuple[float, int, list[int], list[float]]]:
     """For rows of raw logits [N, V] and each row's chosen token: the token's
-    log-probability and rank (1: the most likely; vLLM's), and the ids and
-    log-probabilities of the row's ``top[i]`` most likely tokens, most likely first."""
+    log-probability and, when ``ranked``, its rank (1: the most likely, as vLLM's; else
+    0, not known), and the ids and log-probabilities of the row's ``top[i]`` most likely
+    tokens, most likely first. Only the prompt's ranks are shown, so only they are paid for."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     index = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)[:, None]
     chosen_values = logprobs.gather(1, index)
-    ranks = ((logprobs > chosen_values).sum(dim=-1) + 1).tolist()
+    ranks = ((logprobs > chosen_values).sum(dim=-1) + 1).tolist() if ranked else [0] * len(tokens)
     chosen = chosen_values[:, 0].tolist()
     k = min(max(top, default=0), logprobs.shape[-1])
     ids: list[list[int]] = [[] for _ in tokens]
