@@ -103,6 +103,12 @@ def tenant_tokens_total(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:tokens-total"
 
 
+def tenant_rate(tenant: str) -> str:
+    """Hash of a tenant's rate-limit buckets, requests and tokens per minute: each one's
+    level and the Redis time it was measured (:mod:`services.gateway.rate_limits`)."""
+    return f"{PREFIX}:tenant:{tenant}:rate"
+
+
 GATEWAY_INFLIGHT = f"{PREFIX}:gateway:inflight"
 """Sorted set of every tenant's accepted, unfinished requests (global back-pressure)."""
 GATEWAYS_SEEN = f"{PREFIX}:gateways:seen"

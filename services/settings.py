@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     api_keys: str = ""
     """Comma-separated ``tenant:key`` pairs (development); keys are hashed at load."""
     api_keys_file: Path | None = None
-    """JSON file ``{"tenants": {"name": {"key_sha256": "...", "weight": 1.0}}}``."""
+    """JSON file ``{"tenants": {"name": {"key_sha256": "...", "weight": 1.0}}}``; a tenant
+    may also have ``requests_per_minute`` and ``tokens_per_minute`` rate limits."""
     admin_key: str = ""
     max_body_bytes: int = 1_000_000
     max_queued_per_tenant: int = 256
@@ -80,6 +81,12 @@ class Settings(BaseSettings):
     estimate of one token per 4 bytes (the gateway has no tokenizer)."""
     max_queued_total: int = 4096
     """Unfinished requests of all tenants together; beyond it every tenant gets 503."""
+    tenant_requests_per_minute: int = Field(default=0, ge=0)
+    """Each tenant's rate limit in requests per minute (0: none); a tenant of the API
+    keys file may have its own (``requests_per_minute``)."""
+    tenant_tokens_per_minute: int = Field(default=0, ge=0)
+    """Each tenant's rate limit in tokens per minute, counted as admission counts them
+    and settled to the tokens used (0: none; the keys file's ``tokens_per_minute``)."""
     request_timeout_s: float = 600.0
     worker_alive_s: float = 10.0
     broker_outage_grace_s: float = Field(default=DEFAULT_BROKER_OUTAGE_GRACE_S, gt=0)

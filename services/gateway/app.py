@@ -10,8 +10,9 @@ and detokenize): header size (431, on every route), API key (401), Content-Type 
 unless ``application/json`` or ``*+json``; a missing Content-Type is read as JSON), body
 size (413, from Content-Length and while reading), JSON and field types (400), a
 ``previous_response_id`` (404, or 503 without Redis), model (404), settings-dependent
-limits (400), tenant admission (429), publish confirm (503), the first reply (an
-upstream error answers with its own status; 504 on timeout).
+limits (400), tenant admission and rate limits (429; 400 for a request over a minute's
+tokens), publish confirm (503), the first reply (an upstream error answers with its own
+status; 504 on timeout).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from services.gateway.files import FileStore
 from services.gateway.files import install as install_files
 from services.gateway.http import GatewayServer, protocol_options
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.rate_limits import RateLimits, rate_limit_headers
 from services.gateway.replies import ChoiceStream
 from services.gateway.responses import (
     ChoiceAnswer,
@@ -461,10 +463,16 @@ async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Gen
     except ApiError as err:
         raise generation.named(err) from None
     choices, meta = prepare_generation(state, generation, tenant, now, request.headers.get(DEADLINE_HEADER))
+    limits = state.keys.limits_for(tenant)
     try:
         if generation.later is not None:
+            rate = await state.backend.take_rate(tenant, choices, limits)
+            if rate is not None:
+                headers.update(rate_limit_headers(rate))
             return await generation.later(meta, headers)
-        submissions = await state.backend.submit_all(choices, arrived_mono)
+        submissions = await state.backend.submit_all(choices, arrived_mono, limits)
+        if submissions[0].rate is not None:
+            headers.update(rate_limit_headers(submissions[0].rate))
         if generation.body.stream:
             return await _stream(
                 request, state, submissions, meta, generation.events, deadline, headers
@@ -859,7 +867,7 @@ _ERROR_RESPONSES = documented_errors({
     404: "Unknown model",
     413: "Body too large",
     415: "Content-Type is not JSON",
-    429: "Too many requests in flight for this tenant (Retry-After)",
+    429: "Too many requests in flight for this tenant, or past its rate limits (Retry-After, x-ratelimit-*)",
     503: "Broker or Redis unavailable (Retry-After)",
     504: "Timed out",
 })  # fmt: skip
@@ -907,7 +915,9 @@ def create_app(settings: Settings) -> FastAPI:
     """The gateway app; no I/O until its lifespan starts (but reading the served model's
     ``config.json`` for its context length, where the model's files are here)."""
     settings = settings.model_copy(update={"max_model_len": served_max_model_len(settings)})
-    keys = KeyStore.from_config(settings.api_keys, settings.api_keys_file)
+    keys = KeyStore.from_config(
+        settings.api_keys, settings.api_keys_file,
+        RateLimits(settings.tenant_requests_per_minute, settings.tenant_tokens_per_minute))
     if not len(keys):
         log.warning(
             "no_api_keys",

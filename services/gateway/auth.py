@@ -3,9 +3,12 @@
 Two sources, merged: ``settings.api_keys`` (``tenant:key,tenant2:key2``, plain keys for
 development, hashed at load) and ``settings.api_keys_file``::
 
-    {"tenants": {"acme": {"key_sha256": "<64 hex>", "weight": 1.0}}}
+    {"tenants": {"acme": {"key_sha256": "<64 hex>", "weight": 1.0,
+                          "requests_per_minute": 600, "tokens_per_minute": 200000}}}
 
-``key_sha256`` may also be a list, for key rotation. The tenant of a request comes only
+``key_sha256`` may also be a list, for key rotation. The rate limits are optional (0: no
+limit); a tenant without one has the gateway's (``FAIRWAY_TENANT_REQUESTS_PER_MINUTE``,
+``FAIRWAY_TENANT_TOKENS_PER_MINUTE``). The tenant of a request comes only
 from its key; nothing a client writes in the body can change it.
 
 :class:`AdminAuth` guards the admin endpoints (dashboard data, adapter registry) with
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from services.gateway.errors import ApiError, unauthorized
+from services.gateway.rate_limits import NO_LIMITS, RateLimits, parse_limit
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """Tenant names end up in Redis keys and metric labels, so they stay short and plain."""
@@ -71,6 +75,13 @@ class KeyStore:
     _entries: list[_Entry] = field(default_factory=list)
     weights: dict[str, float] = field(default_factory=dict)
     """Tenant weights from the keys file (1.0 for tenants from the env string)."""
+    default_limits: RateLimits = NO_LIMITS
+    """Rate limits of a tenant that has none of its own."""
+    limits: dict[str, RateLimits] = field(default_factory=dict)
+    """Tenants' own rate limits, from the keys file."""
+
+    def limits_for(self, tenant: str) -> RateLimits:
+        return self.limits.get(tenant, self.default_limits)
 
     def add(self, tenant: str, key_sha256: str, weight: float = 1.0) -> None:
         if not TENANT_NAME.match(tenant):
@@ -108,8 +119,9 @@ class KeyStore:
         return found
 
     @classmethod
-    def from_config(cls, api_keys: str = "", api_keys_file: Path | None = None) -> KeyStore:
-        store = cls()
+    def from_config(cls, api_keys: str = "", api_keys_file: Path | None = None,
+                    default_limits: RateLimits = NO_LIMITS) -> KeyStore:
+        store = cls(default_limits=default_limits)
         for tenant, key in parse_api_keys(api_keys):
             store.add(tenant, hash_key(key))
         if api_keys_file is not None:
@@ -155,6 +167,14 @@ def load_keys_file(store: KeyStore, data: Any) -> None:
         weight = spec.get("weight", 1.0)
         for digest in digests:
             store.add(tenant, digest, weight)
+        if "requests_per_minute" in spec or "tokens_per_minute" in spec:
+            default = store.default_limits
+            store.limits[tenant] = RateLimits(
+                parse_limit(spec.get("requests_per_minute", default.requests_per_minute),
+                            f"api keys file: tenant {tenant!r}: requests_per_minute"),
+                parse_limit(spec.get("tokens_per_minute", default.tokens_per_minute),
+                            f"api keys file: tenant {tenant!r}: tokens_per_minute"),
+            )
 
 
 ADMIN_ERRORS = {

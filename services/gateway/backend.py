@@ -60,6 +60,14 @@ from services.gateway.errors import (
     unavailable,
 )
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.rate_limits import (
+    BUCKET_LUA,
+    NO_LIMITS,
+    RateLimits,
+    RateState,
+    over_token_rate,
+    rate_limited,
+)
 from services.gateway.replies import TimedReplies
 from services.logs import get_logger
 from services.messages import CancelRequest, CompletionRequest, MessageError
@@ -78,10 +86,11 @@ SHUTDOWN_CLEANUP_S = 10.0
 
 # Admission in one atomic step, of one request or all of a request's choices (or none).
 # KEYS: tenant set, tenant token hash, tenant token total, global set, this gateway's slot
-# hash. ARGV: now, expires at, max requests, max tokens, max total, key TTL, tenant, then
-# each request's id and token cost. Entries past their expiry (a release that never came)
-# are dropped first.
-_ADMIT_LUA = """
+# hash, tenant rate buckets. ARGV: now, expires at, max requests, max tokens, max total,
+# key TTL, tenant, requests and tokens per minute (0: none), then each request's id and
+# token cost. Entries past their expiry (a release that never came) are dropped first.
+# Returns {verdict, requests left, tokens left}: 'ok' or the limit that refused.
+_ADMIT_LUA = BUCKET_LUA + """
 local now = ARGV[1]
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
 for _, rid in ipairs(stale) do
@@ -93,22 +102,26 @@ for _, rid in ipairs(stale) do
   end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-local count = (#ARGV - 7) / 2
+local count = (#ARGV - 9) / 2
 local total = 0
-for i = 9, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   total = total + tonumber(ARGV[i])
 end
 if redis.call('ZCARD', KEYS[1]) + count > tonumber(ARGV[3]) then
-  return 'requests'
+  return {'requests'}
 end
 local used = math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0'))
 if used + total > tonumber(ARGV[4]) then
-  return 'tokens'
+  return {'tokens'}
 end
 if redis.call('ZCARD', KEYS[4]) + count > tonumber(ARGV[5]) then
-  return 'total'
+  return {'total'}
 end
-for i = 8, #ARGV, 2 do
+local rate = rate_take(KEYS[6], tonumber(ARGV[8]), tonumber(ARGV[9]), 1, total)
+if rate[1] ~= 'ok' then
+  return rate
+end
+for i = 10, #ARGV, 2 do
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i])
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[i])
@@ -118,18 +131,26 @@ redis.call('INCRBY', KEYS[3], total)
 for i = 1, 5 do
   redis.call('EXPIRE', KEYS[i], ARGV[6])
 end
-return 'ok'
+return rate
 """
-# Idempotent: releasing twice, or after the entry expired, changes nothing.
-_RELEASE_LUA = """
+# Idempotent: releasing twice, or after the entry expired, changes nothing (its tokens
+# are settled only by the release that ends its entry). KEYS as admission's; ARGV:
+# request id, tokens per minute, tokens to give back to the rate bucket (< 0: to take).
+_RELEASE_LUA = BUCKET_LUA + """
 redis.call('HDEL', KEYS[5], ARGV[1])
-redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  rate_settle(KEYS[6], tonumber(ARGV[2]), tonumber(ARGV[3]))
+end
 local cost = redis.call('HGET', KEYS[2], ARGV[1])
 if cost then
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('DECRBY', KEYS[3], cost)
 end
 return redis.call('ZREM', KEYS[4], ARGV[1])
+"""
+# KEYS: tenant rate buckets. ARGV: requests and tokens per minute, tokens to take.
+_TAKE_RATE_LUA = BUCKET_LUA + """
+return rate_take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), 1, tonumber(ARGV[3]))
 """
 MAX_PENDING_RELEASES = 100_000
 MAX_ORPHANED = 100_000
@@ -156,7 +177,16 @@ def redis_refusal(exc: BaseException) -> str:
 
 def _slot_keys(tenant: str, incarnation: str) -> list[str]:
     return [keys.tenant_inflight(tenant), keys.tenant_tokens(tenant), keys.tenant_tokens_total(tenant),
-            keys.GATEWAY_INFLIGHT, keys.gateway_slots(incarnation)]
+            keys.GATEWAY_INFLIGHT, keys.gateway_slots(incarnation), keys.tenant_rate(tenant)]
+
+
+def _rate_verdict(limits: RateLimits, verdict: str, levels: list[str], tokens: int) -> RateState | None:
+    """What is left of a tenant's rate limits after a take that ``verdict`` answered
+    (``ok``; else the 429 of the limit that refused), or None when it has none."""
+    rate = RateState(limits, float(levels[0]), float(levels[1]))
+    if verdict != "ok":
+        raise rate_limited(rate, verdict, tokens)
+    return rate if limits.active else None
 
 
 def dead_gateways(seen: dict[str, float], now: float, dead_after_s: float, own: str,
@@ -207,10 +237,14 @@ def log_finished(request: CompletionRequest, stream: TimedReplies) -> None:
 class Submission:
     """One accepted request; :meth:`close` releases its admission slot exactly once."""
 
-    def __init__(self, backend: Backend, request: CompletionRequest, stream: TimedReplies) -> None:
+    def __init__(self, backend: Backend, request: CompletionRequest, stream: TimedReplies,
+                 rate: RateState | None = None) -> None:
         self.backend = backend
         self.request = request
         self.stream = stream
+        self.rate = rate
+        """Its tenant's rate limits it was charged under and what was left of them (None:
+        it was not rate limited)."""
         self._closed = False
 
     @property
@@ -241,6 +275,7 @@ class Backend:
         self.redis: aioredis.Redis = redis_client.connect(settings.redis_url, socket_timeout_s=REDIS_TIMEOUT_S)
         self._admit = self.redis.register_script(_ADMIT_LUA)
         self._release = self.redis.register_script(_RELEASE_LUA)
+        self._take_rate = self.redis.register_script(_TAKE_RATE_LUA)
         self._connection: AbstractRobustConnection | None = None
         self._requests_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
@@ -249,8 +284,9 @@ class Backend:
         self._housekeeping_task: asyncio.Task[None] | None = None
         self._background = BackgroundTasks()
         self._submissions: dict[str, Submission] = {}
-        self._pending_releases: dict[str, str] = {}
-        """Request id -> tenant of admission slots whose release failed; retried later."""
+        self._pending_releases: dict[str, tuple[str, int, int]] = {}
+        """Request id -> tenant, tokens per minute and tokens to settle of admission slots
+        whose release failed; retried later."""
         self._orphaned: dict[str, str] = {}
         """Request id -> tenant of requests to cancel downstream whose cancel marker is not
         written yet (failed by a connection loss, or Redis was unreachable)."""
@@ -339,7 +375,7 @@ class Backend:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for rid, tenant in slots.items():
                     redis_client.set_marker(pipe, rid, keys.MARKER_CANCELLED, "1", self.settings.marker_ttl_s)
-                    await self._release(keys=_slot_keys(tenant, incarnation), args=[rid], client=pipe)
+                    await self._release(keys=_slot_keys(tenant, incarnation), args=[rid, 0, 0], client=pipe)
                 await pipe.execute()
             await asyncio.gather(*(self._broadcast_cancel(rid, tenant) for rid, tenant in slots.items()))
         await self.redis.zrem(keys.GATEWAYS_SEEN, incarnation)
@@ -499,12 +535,13 @@ class Backend:
         return (await self.submit_all([request], arrived_at))[0]
 
     async def submit_all(
-        self, requests: list[CompletionRequest], arrived_at: float
+        self, requests: list[CompletionRequest], arrived_at: float, limits: RateLimits = NO_LIMITS
     ) -> list[Submission]:
         """Submit requests of one tenant together (the n choices of one request): all are
         admitted in one step or none is, so a tenant near its limit gets a 429 before any
         work starts; then each is published with a confirm. If one cannot be published,
-        all are closed (cancelled downstream, their slots freed) and the error raised."""
+        all are closed (cancelled downstream, their slots freed) and the error raised.
+        ``limits``: the tenant's rate limits, which they count against as one request."""
         exchange = self._requests_exchange
         if not self.amqp_connected or exchange is None:
             raise unavailable("The message broker is not reachable; retry later.")
@@ -517,8 +554,9 @@ class Backend:
                         for r in requests]
         except MessageError as exc:  # over the wire-size cap
             raise ApiError(413, str(exc), reason="too_large", code="request_too_large") from None
-        await self._try_admit(requests[0].tenant, {r.request_id: token_cost(r) for r in requests})
-        submissions = [self._open(r, arrived_at) for r in requests]
+        rate = await self._try_admit(
+            requests[0].tenant, {r.request_id: token_cost(r) for r in requests}, limits)
+        submissions = [self._open(r, arrived_at, rate) for r in requests]
         try:
             for submission, message in zip(submissions, messages, strict=True):
                 await self._publish_request(exchange, submission.request, message)
@@ -532,10 +570,10 @@ class Backend:
             raise
         return submissions
 
-    def _open(self, request: CompletionRequest, arrived_at: float) -> Submission:
+    def _open(self, request: CompletionRequest, arrived_at: float, rate: RateState | None) -> Submission:
         """An admitted request's reply stream and its :class:`Submission`."""
         stream = TimedReplies(self.router.open(request.request_id), opened_at=arrived_at)
-        submission = Submission(self, request, stream)
+        submission = Submission(self, request, stream, rate)
         self._submissions[request.request_id] = submission
         self.metrics.in_flight.inc()
         return submission
@@ -595,7 +633,12 @@ class Backend:
         elif not stream.arrived:
             self.metrics.cancelled.inc()
             await self.cancel_downstream(request.request_id, request.tenant)
-        await self._release_slot(request.tenant, request.request_id)
+        tokens_per_minute = submission.rate.limits.tokens_per_minute if submission.rate else 0
+        settle = 0
+        if tokens_per_minute and stream.final is not None:
+            # What its estimate charged over what it used: given back (or, short, taken).
+            settle = token_cost(request) - stream.final.prompt_tokens - stream.final.completion_tokens
+        await self._release_slot(request.tenant, request.request_id, tokens_per_minute, settle)
 
     async def cancel_downstream(self, request_id: str, tenant: str) -> None:
         """Stop the request wherever it is: its cancel marker in Redis (which workers check
@@ -629,10 +672,16 @@ class Backend:
         except Exception as exc:  # noqa: BLE001 - unroutable, timeout, link lost: the marker stays
             log.info("cancel_broadcast_failed", request_id=request_id, error=repr(exc))
 
-    async def _try_admit(self, tenant: str, costs: dict[str, int]) -> None:
-        """Take an admission slot for each request (id -> token cost), all or none, or
-        raise 429 (tenant limits) / 503 (global, Redis down)."""
+    async def _try_admit(self, tenant: str, costs: dict[str, int],
+                         limits: RateLimits = NO_LIMITS) -> RateState | None:
+        """Take an admission slot for each request (id -> token cost), all or none, and
+        (``limits``) one request and their tokens from the tenant's rate limits, or raise
+        429 (tenant limits) / 503 (global, Redis down). Returns what is left of the rate
+        limits (None: the tenant has none)."""
         s = self.settings
+        total = sum(costs.values())
+        if 0 < limits.tokens_per_minute < total:
+            raise over_token_rate(limits, total, len(costs))
         now = time.time()
         # A request ends within request_timeout_s (504 otherwise); its slot counts until then.
         expires = now + s.request_timeout_s + 5
@@ -643,11 +692,12 @@ class Backend:
             raise unavailable(redis_refusal(self._refusing_writes))
         try:
             await self._retry_releases()
-            verdict = await self._admit(
+            reply = await self._admit(
                 keys=_slot_keys(tenant, self.incarnation),
                 args=[repr(now), repr(expires), s.max_queued_per_tenant,
                       s.max_queued_tokens_per_tenant, s.max_queued_total,
                       int(s.request_timeout_s) + 60, tenant,
+                      limits.requests_per_minute, limits.tokens_per_minute,
                       *itertools.chain.from_iterable(costs.items())],
             )
         except (RedisError, OSError) as exc:
@@ -655,11 +705,12 @@ class Backend:
             if redis_client.refuses_writes(exc):
                 self._refusing_writes = exc
             raise unavailable(redis_refusal(exc)) from None
-        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+        verdict, *levels = (v.decode() if isinstance(v, bytes) else v for v in reply)
+        if verdict in ("ok", "rpm", "tpm"):
+            return _rate_verdict(limits, verdict, levels, total)
         if verdict == "requests":
             raise too_many_in_flight(s.max_queued_per_tenant)
         if verdict == "tokens":
-            total = sum(costs.values())
             if total > s.max_queued_tokens_per_tenant:
                 what = (f"The request's max_tokens plus prompt ({total} tokens)" if len(costs) == 1
                         else f"The max_tokens plus prompt of its {len(costs)} choices ({total} tokens)")
@@ -667,21 +718,44 @@ class Backend:
                                     f"{s.max_queued_tokens_per_tenant}.",
                                reason="too_large", param="max_tokens", code="token_budget_exceeded")
             raise token_budget_exceeded(s.max_queued_tokens_per_tenant)
-        if verdict == "total":
-            raise overloaded()
+        raise overloaded()
 
-    async def _release_slot(self, tenant: str, request_id: str) -> None:
+    async def take_rate(self, tenant: str, requests: list[CompletionRequest],
+                        limits: RateLimits) -> RateState | None:
+        """Charge requests that run later (a background response's choices) to their
+        tenant's rate limits now, as one request, at their estimate (never settled); 429
+        when they do not fit. Returns what is left (None: the tenant has no limits)."""
+        if not limits.active:
+            return None
+        total = sum(token_cost(r) for r in requests)
+        if 0 < limits.tokens_per_minute < total:
+            raise over_token_rate(limits, total, len(requests))
         try:
-            await self._release(keys=_slot_keys(tenant, self.incarnation), args=[request_id])
+            reply = await self._take_rate(keys=[keys.tenant_rate(tenant)],
+                                          args=[limits.requests_per_minute, limits.tokens_per_minute, total])
+        except (RedisError, OSError) as exc:
+            log.warning("redis_unavailable", op="take_rate", error=repr(exc))
+            raise unavailable(redis_refusal(exc)) from None
+        verdict, *levels = (v.decode() if isinstance(v, bytes) else v for v in reply)
+        return _rate_verdict(limits, verdict, levels, total)
+
+    async def _release_slot(self, tenant: str, request_id: str, tokens_per_minute: int = 0,
+                            settle: int = 0) -> None:
+        """Free a request's admission slot, and give its tenant's token rate limit (of
+        ``tokens_per_minute``) back ``settle`` tokens (< 0: take them)."""
+        try:
+            await self._release(keys=_slot_keys(tenant, self.incarnation),
+                                args=[request_id, tokens_per_minute, settle])
         except (RedisError, OSError) as exc:
             # Retried with the next admission; the entry's expiry frees it in any case.
             log.warning("redis_unavailable", op="release", tenant=tenant, error=repr(exc))
             if len(self._pending_releases) < MAX_PENDING_RELEASES:
-                self._pending_releases[request_id] = tenant
+                self._pending_releases[request_id] = (tenant, tokens_per_minute, settle)
 
     async def _retry_releases(self) -> None:
-        for request_id, tenant in list(self._pending_releases.items()):
-            await self._release(keys=_slot_keys(tenant, self.incarnation), args=[request_id])
+        for request_id, (tenant, tokens_per_minute, settle) in list(self._pending_releases.items()):
+            await self._release(keys=_slot_keys(tenant, self.incarnation),
+                                args=[request_id, tokens_per_minute, settle])
             self._pending_releases.pop(request_id, None)
 
     # --- readiness -------------------------------------------------------------------

@@ -22,6 +22,7 @@ import redis.asyncio
 from services import amqp, keys, topology
 from services import messages as m
 from services.client import AmqpClient
+from services.gateway.auth import hash_key
 from services.models import load_tokenizer, resolve_model_path
 from services.settings import DEFAULT_MODEL_NAME
 from services.worker import claimant_worker_id
@@ -33,12 +34,21 @@ VHOST = "fairway-echo"
 MARKER_TTL_S = 7200
 
 
+METERED_KEY = "sk-metered-test"
+METERED_LIMITS = {"requests_per_minute": 4, "tokens_per_minute": 1000}
+"""A tenant of the keys file with rate limits of its own (no other tenant has any)."""
+
+
 @pytest.fixture(scope="module")
 def echo_system(rabbit_server, redis_server, model_cache, tmp_path_factory) -> Iterator[System]:
+    keys_file = tmp_path_factory.mktemp("echo-keys") / "keys.json"
+    keys_file.write_text(json.dumps(
+        {"tenants": {"metered": {"key_sha256": hash_key(METERED_KEY), **METERED_LIMITS}}}))
     sys_ = System(amqp_url=own_vhost(rabbit_server, VHOST), redis_url=own_redis_db(redis_server, 1),
                   cache_dir=model_cache, log_dir=tmp_path_factory.mktemp("echo-logs"),
                   extra_env={"FAIRWAY_ENGINE": "echo", "FAIRWAY_ECHO_TOKENS_PER_S": "500",
-                             "FAIRWAY_MARKER_TTL_S": str(MARKER_TTL_S)})
+                             "FAIRWAY_MARKER_TTL_S": str(MARKER_TTL_S),
+                             "FAIRWAY_API_KEYS_FILE": str(keys_file)})
     for service in ("scheduler", "scorer", "cpu-worker", "gateway"):
         sys_.start(service, name=f"echo-{service}")
     try:
@@ -202,6 +212,57 @@ def test_echo_honours_stop_strings(echo_system, echo_client):
     cut = echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt="one two three four",
                                          max_tokens=2)
     assert (cut.choices[0].finish_reason, cut.choices[0].model_dump()["stop_reason"]) == ("length", None)
+
+
+def test_a_metered_tenant_is_told_its_limits_and_refused_past_them(echo_system, echo_client):
+    """Rate limits per tenant (4 requests and 1000 tokens a minute): every answer says
+    what is left; a request's unused tokens come back when it ends; a background response
+    counts when it is queued; past the limit a 429 says when to come back, and other
+    tenants are not held back."""
+    metered = openai.OpenAI(base_url=f"{echo_system.gateway_url}/v1", api_key=METERED_KEY, max_retries=0)
+    prompt = "one two three four"  # counted as 18 // 4 + 1 = 5 tokens, plus max_tokens
+    first = metered.completions.with_raw_response.create(
+        model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=200, stop=[" three"])
+    assert first.parse().choices[0].finish_reason == "stop"  # a few tokens of its 200
+    h = first.headers
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("4", "3")
+    assert h["x-ratelimit-limit-tokens"] == "1000"
+    assert 795 <= int(h["x-ratelimit-remaining-tokens"]) <= 800  # 1000 - 205, and what refilled
+    assert h["x-ratelimit-reset-requests"].endswith("s")
+
+    headers = {"Authorization": f"Bearer {METERED_KEY}"}
+    body = {"model": DEFAULT_MODEL_NAME, "prompt": prompt, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{echo_system.gateway_url}/v1/completions", json=body,
+                      headers=headers, timeout=60) as streamed:
+        assert streamed.status_code == 200
+        assert streamed.headers["x-ratelimit-remaining-requests"] == "2"
+        # The first request's unused ~195 tokens came back as it ended: else about 590.
+        assert int(streamed.headers["x-ratelimit-remaining-tokens"]) >= 780
+        assert any(line == "data: [DONE]" for line in streamed.iter_lines())
+
+    queued = metered.responses.with_raw_response.create(
+        model=DEFAULT_MODEL_NAME, input="Hi", max_output_tokens=8, background=True)
+    assert queued.parse().status == "queued"
+    assert queued.headers["x-ratelimit-remaining-requests"] == "1"
+
+    too_big = httpx.post(f"{echo_system.gateway_url}/v1/completions", headers=headers, timeout=30,
+                         json={"model": DEFAULT_MODEL_NAME, "prompt": prompt, "max_tokens": 1000})
+    assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "tokens_per_minute_exceeded"
+
+    metered.completions.create(model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as refused:
+        metered.completions.create(model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=2)
+    error = refused.value.response
+    assert error.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "4 requests per minute (RPM)" in error.json()["error"]["message"]
+    assert error.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(error.headers["Retry-After"]) <= 15  # one request every 15 s
+    assert echo_client.completions.create(model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=2).choices
+    unlimited = echo_client.completions.with_raw_response.create(
+        model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=2)
+    assert not any(name.startswith("x-ratelimit") for name in unlimited.headers)
+    assert 'fairway:gateway_requests_rejected_total{reason="rate_limit_requests"} 1.0' in scrape(
+        echo_system, "echo-gateway")
 
 
 def stream_events(echo_system: System, body: dict) -> Iterator[tuple[str, dict]]:

@@ -165,7 +165,7 @@ async def test_a_failed_release_is_retried_with_the_next_admission(redis_client,
         b._release = _raise_connection_error  # type: ignore[assignment]
         await b._release_slot("acme", "r1")  # Redis unreachable at that moment
         b._release = real  # type: ignore[assignment]
-        assert b._pending_releases == {"r1": "acme"}
+        assert b._pending_releases == {"r1": ("acme", 0, 0)}
         assert await admit(b, "acme", "r2") is None
         assert b._pending_releases == {}
     finally:
