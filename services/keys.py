@@ -27,6 +27,13 @@ SCHED_SERVED = f"{PREFIX}:sched:served"
 SCHED_POOL_RESERVED = f"{PREFIX}:sched:pool_reserved"
 """Hash pool -> requests dispatched but not yet seen running by a worker heartbeat."""
 
+
+def usage_bucket(width: str, start: int) -> str:
+    """Hash of the token usage of the ``width`` bucket (``1m``, ``1h``, ``1d``) starting at
+    unix time ``start``: tenant, model and measure (tab-separated) -> count
+    (:mod:`services.usage`)."""
+    return f"{PREFIX}:usage:{width}:{start}"
+
 # --- tenant LoRA adapters ---
 ADAPTERS = f"{PREFIX}:adapters"
 """Hash adapter name -> JSON spec (path, owner, shared_with) registered by an admin."""

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
 
     # Scheduler
     policy: Literal["fcfs", "vtc", "rtlm", "fairway"] = "fairway"
+    usage_retention_days: int = Field(default=400, ge=1)
+    """How long each day's token usage per tenant and model is kept in Redis (minute
+    buckets are kept two days, hour buckets 32; :mod:`services.usage`)."""
     vtc_w_in: float = 1.0
     vtc_w_out: float = 2.0
     vtc_w_cached: float = Field(default=0.1, ge=0)

@@ -125,6 +125,8 @@ from services.gateway.tokenization import (
     read_tokenize,
     tokenize_response,
 )
+from services.gateway.usage import UsageReader
+from services.gateway.usage import install as install_usage
 from services.logs import get_logger
 from services.messages import CompletionRequest, FinalAnswer
 from services.models import served_max_model_len
@@ -1022,6 +1024,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_conversations(app)
     install_adapters(app, adapters, AdminAuth(settings.admin_key, keys))
     install_dashboard(app, dashboard)
+    install_usage(app, UsageReader(backend.redis, keys, dashboard.auth))
 
     def answer(request: Request, err: ApiError) -> Response:
         """Count the error, log it for the dashboard, answer it."""

@@ -33,6 +33,7 @@ from services.scheduler.policy import (
 )
 from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerStore
 from services.settings import Settings
+from services.usage import Usage
 
 log = get_logger(__name__)
 
@@ -415,8 +416,11 @@ class SchedulerService:
             self.policy.on_finished(rid, event.tenant, event.output_tokens, now)
             # The completing run's cache hits, once (the record is gone for a redelivery);
             # a resumed run's prompt holds output, charged w_out: only the prompt counts.
-            self.policy.on_cached_input(event.tenant, cached_prompt_tokens(event, record.scored))
+            cached = cached_prompt_tokens(event, record.scored)
+            self.policy.on_cached_input(event.tenant, cached)
             ops.mark_done(rid)
+            used = Usage(len(record.scored.prompt_token_ids), cached, event.output_tokens)
+            ops.usage(event.tenant, record.scored.request.model, used, now, self.settings.usage_retention_days)
         ops.counters(self.policy.counters, self.policy.served, {event.tenant})
 
     async def on_control(self, msg: m.Message, message: AbstractIncomingMessage) -> None:

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from services import keys
 from services import messages as m
 from services.redis_client import RELEASE_LEASE_LUA, RENEW_LEASE_LUA
+from services.usage import Usage, record_commands
 
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -32,7 +33,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER')
 end
 local ops = cmsgpack.unpack(ARGV[2])
-local allowed = {HSET=true, HDEL=true, EXPIRE=true}
+local allowed = {HSET=true, HDEL=true, EXPIRE=true, HINCRBY=true}
 -- Redis does not roll back a failed script: check every op before the first write.
 for _, op in ipairs(ops) do
   if not allowed[op[1]] then
@@ -144,6 +145,10 @@ class Ops:
         key = keys.request_markers(request_id)
         self.ops.append(["HSET", key, marker, "1"])
         self.ops.append(["EXPIRE", key, str(self.marker_ttl_s)])
+
+    def usage(self, tenant: str, model: str, used: Usage, at: float, retention_days: int) -> None:
+        """Add a finished request's usage to its buckets (:mod:`services.usage`)."""
+        self.ops.extend(record_commands(tenant, model, used, at, retention_days))
 
     def counters(self, counters: dict[str, float], served: dict[str, float], tenants: set[str]) -> None:
         for tenant in tenants:

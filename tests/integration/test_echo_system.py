@@ -26,7 +26,7 @@ from services.gateway.auth import hash_key
 from services.models import load_tokenizer, resolve_model_path
 from services.settings import DEFAULT_MODEL_NAME
 from services.worker import claimant_worker_id
-from tests.integration.system import TENANT_KEYS, System, own_redis_db, own_vhost
+from tests.integration.system import ADMIN_KEY, TENANT_KEYS, System, own_redis_db, own_vhost
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +37,16 @@ MARKER_TTL_S = 7200
 METERED_KEY = "sk-metered-test"
 METERED_LIMITS = {"requests_per_minute": 4, "tokens_per_minute": 1000}
 """A tenant of the keys file with rate limits of its own (no other tenant has any)."""
+BILLED_KEY = "sk-billed-test"
+"""A tenant only the usage test sends for."""
 
 
 @pytest.fixture(scope="module")
 def echo_system(rabbit_server, redis_server, model_cache, tmp_path_factory) -> Iterator[System]:
     keys_file = tmp_path_factory.mktemp("echo-keys") / "keys.json"
     keys_file.write_text(json.dumps(
-        {"tenants": {"metered": {"key_sha256": hash_key(METERED_KEY), **METERED_LIMITS}}}))
+        {"tenants": {"metered": {"key_sha256": hash_key(METERED_KEY), **METERED_LIMITS},
+                     "billed": {"key_sha256": hash_key(BILLED_KEY)}}}))
     sys_ = System(amqp_url=own_vhost(rabbit_server, VHOST), redis_url=own_redis_db(redis_server, 1),
                   cache_dir=model_cache, log_dir=tmp_path_factory.mktemp("echo-logs"),
                   extra_env={"FAIRWAY_ENGINE": "echo", "FAIRWAY_ECHO_TOKENS_PER_S": "500",
@@ -263,6 +266,37 @@ def test_a_metered_tenant_is_told_its_limits_and_refused_past_them(echo_system, 
     assert not any(name.startswith("x-ratelimit") for name in unlimited.headers)
     assert 'fairway:gateway_requests_rejected_total{reason="rate_limit_requests"} 1.0' in scrape(
         echo_system, "echo-gateway")
+
+
+def test_usage_counts_what_each_tenant_was_served(echo_system):
+    """The usage API: the tokens of each request a tenant sent (each choice a model
+    request), as the answers told them, for the admin and for the tenant's own key."""
+    billed = openai.OpenAI(base_url=f"{echo_system.gateway_url}/v1", api_key=BILLED_KEY, max_retries=0)
+    started = int(time.time())
+    answers = [billed.completions.create(model=DEFAULT_MODEL_NAME, prompt="usage one", max_tokens=3),
+               billed.chat.completions.create(model=DEFAULT_MODEL_NAME, max_tokens=4, n=2,
+                                              messages=[{"role": "user", "content": "usage two"}])]
+    expected = {"input_tokens": answers[0].usage.prompt_tokens + 2 * answers[1].usage.prompt_tokens,
+                "output_tokens": sum(a.usage.completion_tokens for a in answers),
+                "num_model_requests": 3}
+    url = f"{echo_system.gateway_url}/v1/organization/usage/completions"
+    query = {"start_time": started - 60, "bucket_width": "1m", "group_by": "tenant", "tenants": "billed"}
+
+    def totals(key: str) -> dict[str, int]:
+        answer = httpx.get(url, params=query, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        results = [r for bucket in answer.json()["data"] for r in bucket["results"]]
+        assert all(r["tenant"] == "billed" for r in results)
+        return {k: sum(r[k] for r in results) for k in expected}
+
+    deadline = time.monotonic() + 15  # the scheduler records a request as its worker reports it
+    while totals(ADMIN_KEY) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert totals(ADMIN_KEY) == expected
+    assert totals(BILLED_KEY) == expected
+    asked_for_another = httpx.get(url, params={**query, "tenants": "acme"},
+                                  headers={"Authorization": f"Bearer {BILLED_KEY}"}, timeout=10)
+    assert asked_for_another.status_code == 403
 
 
 def stream_events(echo_system: System, body: dict) -> Iterator[tuple[str, dict]]:

@@ -296,3 +296,13 @@ async def test_a_completed_requests_cached_prompt_tokens_are_repriced_once(redis
     await service._batched(service._take_event, finished("r2", 4, 48))  # resumed: 8 were output
     assert await served() - before == pytest.approx(w_in * 40 + w_out * 4 - (w_in - w_cached) * 40)
     assert float(await redis_client.hget(keys.SCHED_SERVED, "acme")) == w_in * 80 + w_out * 9
+    # The usage record counts each completed request once, with all of its runs' output:
+    # neither the hand-back's event nor the redelivery adds to it.
+    days = [key async for key in redis_client.scan_iter(match=keys.usage_bucket("1d", 0)[:-1] + "*")]
+    totals: dict[str, int] = {}
+    for day in days:
+        for name, value in (await redis_client.hgetall(day)).items():
+            totals[name.decode()] = totals.get(name.decode(), 0) + int(value)
+    model = scored("r1").request.model
+    assert totals == {f"acme\t{model}\tinput_tokens": 80, f"acme\t{model}\tinput_cached_tokens": 56,
+                      f"acme\t{model}\toutput_tokens": 9, f"acme\t{model}\tnum_model_requests": 2}
