@@ -81,6 +81,7 @@ GATEWAY_IN_FLIGHT = "fairway:gateway_requests_in_flight"
 GATEWAY_BROKER_OUTAGE = "fairway:gateway_broker_outage_streams"
 GATEWAY_BATCH_REQUESTS = "fairway:gateway_batch_requests"
 GATEWAY_BACKGROUND_RESPONSES = "fairway:gateway_background_responses"
+TENANTS_FILE_RELOADS = "fairway:tenants_file_reloads"
 
 # vLLM's buckets for the two latency histograms.
 TTFT_BUCKETS = (
@@ -142,6 +143,11 @@ tenant_queue_time = Histogram(
     TENANT_QUEUE_TIME, "Time from a request's arrival at the scheduler to its dispatch to a "
     "worker, by tenant (a request handed back once it has output is not counted again).",
     ["tenant"], buckets=TTFT_BUCKETS, registry=REGISTRY,
+)
+tenants_file_reloads = Counter(
+    TENANTS_FILE_RELOADS, "Times the scheduler read the changed API keys file again (its tenant "
+    "weights), by outcome: ok, or failed (it did not parse; the weights read before stay).",
+    ["outcome"], registry=REGISTRY,
 )
 requests_expired = Counter(
     REQUESTS_EXPIRED, "Queued requests the scheduler answered with an error instead of running.",

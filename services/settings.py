@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     """JSON file ``{"tenants": {"name": {"key_sha256": "...", "weight": 1.0}}}``; a tenant
     may also have ``requests_per_minute`` and ``tokens_per_minute`` rate limits."""
+    tenants_reload_s: float = Field(default=5.0, ge=0)
+    """How often the gateway and the scheduler look whether ``api_keys_file`` changed, to
+    read its tenants, keys, weights and limits again (0: never)."""
     admin_key: str = ""
     max_body_bytes: int = 1_000_000
     max_queued_per_tenant: int = 256

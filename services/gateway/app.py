@@ -131,8 +131,9 @@ from services.logs import get_logger
 from services.messages import CompletionRequest, FinalAnswer
 from services.models import served_max_model_len
 from services.replies import Reply
-from services.runtime import STOP_SIGNALS, early_stops, freeze_heap
+from services.runtime import STOP_SIGNALS, BackgroundTasks, early_stops, freeze_heap
 from services.settings import Settings
+from services.tenants import watch_file
 
 log = get_logger(__name__)
 
@@ -950,15 +951,30 @@ def create_app(settings: Settings) -> FastAPI:
         owner=backend.incarnation, concurrency=settings.background_response_concurrency,
         on_outcome=lambda outcome: gateway_metrics.background_responses.labels(outcome).inc())
 
+    def reload_tenants() -> None:
+        """The keys file read again; ValueError (nothing changed) when it does not parse
+        or gives a tenant the admin key."""
+        fresh = KeyStore.from_config(settings.api_keys, settings.api_keys_file, keys.default_limits)
+        dashboard.auth.check_tenants(fresh)
+        keys.replace_with(fresh)
+        log.info("tenants_loaded", tenants=len(keys.tenants), keys=len(keys))
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         backend.start()
         runner.start()
         background.start()
+        watch, tasks = None, BackgroundTasks()
+        if settings.api_keys_file is not None and settings.tenants_reload_s > 0:
+            watch = tasks.spawn(watch_file(
+                settings.api_keys_file, settings.tenants_reload_s, reload_tenants,
+                lambda outcome: gateway_metrics.tenants_file_reloads.labels(outcome).inc()))
         log.info("gateway_started", model=settings.model_name, tenants=len(keys.tenants))
         try:
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
             await asyncio.gather(runner.close(), background.close())
             await dashboard.close()
             await backend.close()

@@ -1,14 +1,9 @@
 """API keys -> tenants. Keys are kept only as SHA-256 digests and compared in constant time.
 
 Two sources, merged: ``settings.api_keys`` (``tenant:key,tenant2:key2``, plain keys for
-development, hashed at load) and ``settings.api_keys_file``::
-
-    {"tenants": {"acme": {"key_sha256": "<64 hex>", "weight": 1.0,
-                          "requests_per_minute": 600, "tokens_per_minute": 200000}}}
-
-``key_sha256`` may also be a list, for key rotation. The rate limits are optional (0: no
-limit); a tenant without one has the gateway's (``FAIRWAY_TENANT_REQUESTS_PER_MINUTE``,
-``FAIRWAY_TENANT_TOKENS_PER_MINUTE``). The tenant of a request comes only
+development, hashed at load) and ``settings.api_keys_file`` (:mod:`services.tenants`:
+key digests, weights and rate limits), which the gateway reads again when it changes
+(``FAIRWAY_TENANTS_RELOAD_S``). The tenant of a request comes only
 from its key; nothing a client writes in the body can change it.
 
 :class:`AdminAuth` guards the admin endpoints (dashboard data, adapter registry) with
@@ -19,18 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from services.gateway.errors import ApiError, unauthorized
-from services.gateway.rate_limits import NO_LIMITS, RateLimits, parse_limit
-
-TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-"""Tenant names end up in Redis keys and metric labels, so they stay short and plain."""
+from services.tenants import (
+    NO_LIMITS,
+    TENANT_NAME,
+    RateLimits,
+    TenantEntry,
+    check_weight,
+    parse_tenants,
+    read_tenants_file,
+)
 
 _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -89,10 +87,7 @@ class KeyStore:
         digest_hex = key_sha256.lower()
         if not _HEX_DIGEST.match(digest_hex):
             raise ValueError(f"tenant {tenant!r}: key_sha256 must be 64 hex characters")
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
-            raise ValueError(f"tenant {tenant!r}: weight must be a number")  # noqa: TRY004 - bad config
-        if not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"tenant {tenant!r}: weight must be finite and > 0")
+        weight = check_weight(tenant, weight)
         digest = bytes.fromhex(digest_hex)
         for entry in self._entries:
             if hmac.compare_digest(entry.digest, digest) and entry.tenant != tenant:
@@ -100,7 +95,21 @@ class KeyStore:
                     f"one API key is configured for tenants {entry.tenant!r} and {tenant!r}"
                 )
         self._entries.append(_Entry(digest, tenant))
-        self.weights[tenant] = float(weight)
+        self.weights[tenant] = weight
+
+    def add_tenants(self, tenants: dict[str, TenantEntry]) -> None:
+        """Add the tenants of a keys file, with their weights and own rate limits."""
+        for tenant, entry in tenants.items():
+            for digest in entry.key_digests:
+                self.add(tenant, digest, entry.weight)
+            if entry.limits is not None:
+                self.limits[tenant] = entry.limits
+
+    def replace_with(self, other: KeyStore) -> None:
+        """Take ``other``'s keys, weights and limits at once (a reloaded keys file): every
+        holder of this store sees the new ones from the next request on."""
+        self._entries, self.weights, self.limits = other._entries, other.weights, other.limits
+        self.default_limits = other.default_limits
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -125,7 +134,7 @@ class KeyStore:
         for tenant, key in parse_api_keys(api_keys):
             store.add(tenant, hash_key(key))
         if api_keys_file is not None:
-            load_keys_file(store, json.loads(Path(api_keys_file).read_text(encoding="utf-8")))
+            store.add_tenants(read_tenants_file(api_keys_file, default_limits))
         return store
 
 
@@ -146,35 +155,7 @@ def parse_api_keys(spec: str) -> list[tuple[str, str]]:
 
 def load_keys_file(store: KeyStore, data: Any) -> None:
     """Add the tenants of a parsed keys file to ``store``; raises ValueError on a bad shape."""
-    tenants = data.get("tenants") if isinstance(data, dict) else None
-    if not isinstance(tenants, dict):
-        # A bad file shape is the ValueError this function promises, wrong types included.
-        raise ValueError('api keys file: expected {"tenants": {name: {"key_sha256": ...}}}')  # noqa: TRY004
-    for tenant, spec in tenants.items():
-        if not isinstance(spec, dict):
-            raise ValueError(f"api keys file: tenant {tenant!r} must map to an object")  # noqa: TRY004 - ditto
-        digests = spec.get("key_sha256")
-        if isinstance(digests, str):
-            digests = [digests]
-        if (
-            not isinstance(digests, list)
-            or not digests
-            or not all(isinstance(d, str) for d in digests)
-        ):
-            raise ValueError(
-                f"api keys file: tenant {tenant!r} needs key_sha256 (a hex string or a list)"
-            )
-        weight = spec.get("weight", 1.0)
-        for digest in digests:
-            store.add(tenant, digest, weight)
-        if "requests_per_minute" in spec or "tokens_per_minute" in spec:
-            default = store.default_limits
-            store.limits[tenant] = RateLimits(
-                parse_limit(spec.get("requests_per_minute", default.requests_per_minute),
-                            f"api keys file: tenant {tenant!r}: requests_per_minute"),
-                parse_limit(spec.get("tokens_per_minute", default.tokens_per_minute),
-                            f"api keys file: tenant {tenant!r}: tokens_per_minute"),
-            )
+    store.add_tenants(parse_tenants(data, store.default_limits))
 
 
 ADMIN_ERRORS = {
@@ -198,8 +179,13 @@ class AdminAuth:
 
     def __init__(self, admin_key: str, tenants: KeyStore) -> None:
         self._digest = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
+        self._admin_key = admin_key
         self._tenants = tenants
-        if admin_key and tenants.lookup(admin_key) is not None:
+        self.check_tenants(tenants)
+
+    def check_tenants(self, tenants: KeyStore) -> None:
+        """ValueError when a tenant holds the admin key."""
+        if self._admin_key and tenants.lookup(self._admin_key) is not None:
             raise ValueError("FAIRWAY_ADMIN_KEY must differ from every tenant's API key")
 
     @property

@@ -101,6 +101,14 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.tenants_file_reloads = Counter(
+            names.TENANTS_FILE_RELOADS,
+            "Times this gateway read the changed API keys file again (keys, weights, rate limits), "
+            "by outcome: ok, or failed (it did not parse, or gave a tenant the admin key; the keys "
+            "read before stay).",
+            ["outcome"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             names.GATEWAY_IN_FLIGHT,
             "Accepted requests of this gateway without a final answer yet.",

@@ -21,6 +21,10 @@ import math
 from dataclasses import dataclass
 
 from services.gateway.errors import ApiError
+from services.tenants import NO_LIMITS, RateLimits
+
+__all__ = ["NO_LIMITS", "RateLimits", "RateState", "format_duration", "over_token_rate",
+           "rate_limit_headers", "rate_limited"]
 
 WINDOW_S = 60.0
 """A bucket holds one window's limit and refills over one window."""
@@ -69,21 +73,6 @@ end
 
 
 @dataclass(frozen=True, slots=True)
-class RateLimits:
-    """A tenant's limits per minute; 0 is no limit."""
-
-    requests_per_minute: int = 0
-    tokens_per_minute: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.requests_per_minute > 0 or self.tokens_per_minute > 0
-
-
-NO_LIMITS = RateLimits()
-
-
-@dataclass(frozen=True, slots=True)
 class RateState:
     """A tenant's buckets right after its request was admitted (levels may be fractional,
     and a settled-down one negative)."""
@@ -91,13 +80,6 @@ class RateState:
     limits: RateLimits
     requests_left: float
     tokens_left: float
-
-
-def parse_limit(value: object, what: str) -> int:
-    """A per-minute limit from config: a whole number >= 0 (0: no limit)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} must be a whole number >= 0 (0: no limit)")
-    return value
 
 
 def refill_s(limit: int, missing: float) -> float:

@@ -22,7 +22,7 @@ from services import messages as m
 from services import metrics as prom
 from services.latency_model import LatencyModel
 from services.logs import get_logger
-from services.runtime import cancel_until_done, start_vital
+from services.runtime import BackgroundTasks, cancel_until_done, start_vital
 from services.scheduler.policy import (
     PolicyConfig,
     PoolView,
@@ -33,6 +33,7 @@ from services.scheduler.policy import (
 )
 from services.scheduler.store import InflightRecord, NotLeader, Ops, SchedulerStore
 from services.settings import Settings
+from services.tenants import read_tenants_file, watch_file
 from services.usage import Usage
 
 log = get_logger(__name__)
@@ -54,6 +55,14 @@ def parse_weights(spec: str) -> dict[str, float]:
         name, _, weight = item.rpartition(":")
         weights[name] = float(weight)
     return weights
+
+
+def tenant_weights(settings: Settings) -> dict[str, float]:
+    """VTC weights: the API keys file's (:mod:`services.tenants`), each overridden by
+    ``FAIRWAY_TENANT_WEIGHTS``. ValueError or OSError when the file cannot be read."""
+    weights = {} if settings.api_keys_file is None else {
+        tenant: entry.weight for tenant, entry in read_tenants_file(settings.api_keys_file).items()}
+    return weights | parse_weights(settings.tenant_weights)
 
 
 def queued_view(scored: m.ScoredRequest, arrival: float, generated: int | None = None) -> QueuedRequest:
@@ -187,6 +196,21 @@ class SchedulerService:
         self._workers: list[m.WorkerHeartbeat] = []
         self._workers_at = 0.0
         self._metrics_at = 0.0
+        self._background = BackgroundTasks()
+        self._watch: asyncio.Task | None = None
+        try:
+            self.reload_weights()
+        except (ValueError, OSError) as exc:
+            # The file is the gateway's first; the scheduler goes on with the env's weights.
+            log.error("tenant_weights_unreadable", path=str(settings.api_keys_file), error=str(exc))
+
+    def reload_weights(self) -> None:
+        """Take the tenants' weights from the keys file again (in place: the policy reads
+        this dict); ValueError or OSError, nothing changed, when it cannot be read."""
+        weights = tenant_weights(self.settings)
+        self.config.tenant_weights.clear()
+        self.config.tenant_weights.update(weights)
+        log.info("tenant_weights", weights=weights)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -194,11 +218,17 @@ class SchedulerService:
         self.redis = redis_client.connect(self.settings.redis_url)
         self.store = SchedulerStore(self.redis, self.settings.instance_id, self.settings.lease_ttl_s)
         self.connection = await amqp.connect(self.settings, "scheduler")
+        if self.settings.api_keys_file is not None and self.settings.tenants_reload_s > 0:
+            self._watch = self._background.spawn(watch_file(
+                self.settings.api_keys_file, self.settings.tenants_reload_s, self.reload_weights,
+                lambda outcome: prom.tenants_file_reloads.labels(outcome).inc()))
         self._runner = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
         self.stopping.set()
         self.lost.set()
+        if self._watch is not None:
+            self._watch.cancel()
         if self._runner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._runner, 10)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aio_pika
 import httpx
@@ -51,7 +53,7 @@ def echo_system(rabbit_server, redis_server, model_cache, tmp_path_factory) -> I
                   cache_dir=model_cache, log_dir=tmp_path_factory.mktemp("echo-logs"),
                   extra_env={"FAIRWAY_ENGINE": "echo", "FAIRWAY_ECHO_TOKENS_PER_S": "500",
                              "FAIRWAY_MARKER_TTL_S": str(MARKER_TTL_S),
-                             "FAIRWAY_API_KEYS_FILE": str(keys_file)})
+                             "FAIRWAY_API_KEYS_FILE": str(keys_file), "FAIRWAY_TENANTS_RELOAD_S": "0.3"})
     for service in ("scheduler", "scorer", "cpu-worker", "gateway"):
         sys_.start(service, name=f"echo-{service}")
     try:
@@ -297,6 +299,45 @@ def test_usage_counts_what_each_tenant_was_served(echo_system):
     asked_for_another = httpx.get(url, params={**query, "tenants": "acme"},
                                   headers={"Authorization": f"Bearer {BILLED_KEY}"}, timeout=10)
     assert asked_for_another.status_code == 403
+
+
+def test_a_changed_keys_file_is_read_again_without_a_restart(echo_system):
+    """A tenant added to the keys file can send at once, with its weight at the scheduler;
+    a file that does not parse changes nothing (and is counted); the file put back is
+    read again."""
+    path = Path(echo_system.extra_env["FAIRWAY_API_KEYS_FILE"])
+    original = path.read_text()
+    url = f"{echo_system.gateway_url}/v1/completions"
+    body = {"model": DEFAULT_MODEL_NAME, "prompt": "newcomer", "max_tokens": 2}
+    as_newcomer = {"Authorization": "Bearer sk-newcomer-test"}
+
+    def replace(text: str) -> None:
+        fresh = path.with_suffix(".new")
+        fresh.write_text(text)
+        os.replace(fresh, path)
+
+    def until(check, what: str) -> None:
+        deadline = time.monotonic() + 15
+        while not check():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    assert httpx.post(url, json=body, headers=as_newcomer, timeout=30).status_code == 401
+    tenants = json.loads(original)["tenants"]
+    try:
+        replace(json.dumps({"tenants": {**tenants, "newcomer": {"key_sha256": hash_key("sk-newcomer-test"),
+                                                                 "weight": 3.5}}}))
+        until(lambda: httpx.post(url, json=body, headers=as_newcomer, timeout=30).status_code == 200,
+              "the gateway never took the new key")
+        until(lambda: '"newcomer": 3.5' in echo_system.log("echo-scheduler"), "the scheduler never read its weight")
+        replace("{not json")
+        until(lambda: 'fairway:tenants_file_reloads_total{outcome="failed"} 1.0' in scrape(
+            echo_system, "echo-gateway"), "the broken file was not noticed")
+        assert httpx.post(url, json=body, headers=as_newcomer, timeout=30).status_code == 200  # still in force
+    finally:
+        replace(original)
+    until(lambda: httpx.post(url, json=body, headers=as_newcomer, timeout=30).status_code == 401,
+          "the newcomer's key outlived the file that named it")
 
 
 def stream_events(echo_system: System, body: dict) -> Iterator[tuple[str, dict]]:

@@ -21,6 +21,7 @@ from services.adapters import (
 from services.gateway.app import create_app
 from services.scorer.service import RequestRejected, check_model
 from services.settings import Settings
+from services.tenants import NO_LIMITS, RateLimits
 
 BASE = "test-model"
 ADMIN = "sk-admin-adapters"
@@ -131,6 +132,7 @@ class FakeStream:
 
 class FakeSubmission:
     closed = True  # nothing to release
+    rate = None  # not rate limited
 
     def __init__(self, request: m.CompletionRequest) -> None:
         self.request = request
@@ -149,7 +151,8 @@ async def gateway(tmp_path: Path, redis_url: str, redis_client):
     app = create_app(settings)  # the lifespan (AMQP) never starts
     submitted: list[m.CompletionRequest] = []
 
-    async def submit_all(requests: list[m.CompletionRequest], arrived_at: float) -> list[FakeSubmission]:
+    async def submit_all(requests: list[m.CompletionRequest], arrived_at: float,
+                         limits: RateLimits = NO_LIMITS) -> list[FakeSubmission]:
         submitted.extend(requests)
         return [FakeSubmission(request) for request in requests]
 

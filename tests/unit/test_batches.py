@@ -328,7 +328,7 @@ async def test_a_batch_request_runs_as_the_same_request_sent_over_http_but_in_th
     app = create_app(Settings(model_name="tiny", api_keys="acme:key-acme", redis_url=redis_url))
     submitted = []
 
-    async def submit_all(requests, arrived_at):
+    async def submit_all(requests, arrived_at, limits=None):
         submitted.extend(requests)
         return [FakeSubmission(request) for request in requests]
 
