@@ -226,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("provision", help="RabbitMQ users, permissions and topology through the "
                                      "management API, from FAIRWAY_PROVISION_* (see services/provision.py)")
 
+    from services import tenant_admin
+
+    tenant_admin.add_arguments(sub.add_parser(
+        "tenants", help="add tenants, rotate and revoke their keys, set weights and rate limits"))
+
     p_pred = sub.add_parser("predictor", help="train and evaluate the output-length predictor")
     pred_sub = p_pred.add_subparsers(dest="predictor_command", required=True)
     from services.scorer import evaluate
@@ -274,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         return up(args)
     if args.command == "amqp-user":
         return amqp_user(args)
+    if args.command == "tenants":
+        from services import tenant_admin
+
+        return tenant_admin.run(args)
     if args.command == "provision":
         from services import provision
 

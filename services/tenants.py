@@ -20,6 +20,7 @@ read before stays in force.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import re
@@ -35,6 +36,11 @@ log = get_logger(__name__)
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """Tenant names end up in Redis keys and metric labels, so they stay short and plain."""
 _HEX_DIGEST = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def hash_key(key: str) -> str:
+    """Hex SHA-256 of an API key, the only form in which keys are stored."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,16 +26,12 @@ from services.tenants import (
     RateLimits,
     TenantEntry,
     check_weight,
+    hash_key,
     parse_tenants,
     read_tenants_file,
 )
 
 _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-def hash_key(key: str) -> str:
-    """Hex SHA-256 of an API key, the only form in which keys are stored."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def bearer_token(authorization: str | None) -> str | None:
