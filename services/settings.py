@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     """Each tenant's rate limit in tokens per minute, counted as admission counts them
     and settled to the tokens used (0: none; the keys file's ``tokens_per_minute``)."""
     request_timeout_s: float = 600.0
+    stream_keepalive_s: float = Field(default=15.0, ge=0)
+    """A streamed request with no reply yet after this long gets its response headers and
+    then an SSE comment this often until its first reply, so that proxies with an idle
+    timeout (often 60 s) do not cut it while it waits in the queue (0: never)."""
     worker_alive_s: float = 10.0
     broker_outage_grace_s: float = Field(default=DEFAULT_BROKER_OUTAGE_GRACE_S, gt=0)
     """How long the gateway's open streams wait for a lost broker connection to come back

@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services import __version__
 from services.adapters import AdapterCatalog
+from services.amqp import error_answer
 from services.gateway.adapters import adapter_card, resolve_adapter, usable_adapters
 from services.gateway.adapters import install as install_adapters
 from services.gateway.auth import AdminAuth, KeyStore, authenticate
@@ -614,13 +615,23 @@ async def _collect(request: Request | None, state: GatewayState, submissions: li
 
 
 async def _first_reply(request: Request | None, state: GatewayState, submissions: list[Submission],
-                       stream: ChoiceStream, deadline: float, timeout_s: float) -> tuple[int, Reply]:
-    """A stream's first reply; an error one is raised (and the submissions closed, as on
-    any failure); a final one's submission is closed at once."""
+                       stream: ChoiceStream, deadline: float, timeout_s: float,
+                       pending: asyncio.Future[tuple[int, Reply]] | None = None,
+                       wait_s: float | None = None) -> tuple[int, Reply] | None:
+    """A stream's first reply (``pending``: the read of it already started); an error one
+    is raised (and the submissions closed, as on any failure); a final one's submission
+    is closed at once. With ``wait_s``: None when it did not come within that, and
+    ``pending`` still waits for it."""
     backend = state.backend
+    pending = pending or asyncio.ensure_future(stream.next())
     try:
-        first = await race_client(request, stream.next(), deadline, timeout_s)
+        if wait_s is not None:
+            await race_client(request, asyncio.wait((pending,), timeout=wait_s), deadline, timeout_s)
+            if not pending.done():
+                return None
+        first = await race_client(request, pending, deadline, timeout_s)
     except BaseException as exc:
+        pending.cancel()
         await close_all(backend, submissions, stream)
         if isinstance(exc, ApiError):
             raise never_started(exc, submissions, timeout_s) from None
@@ -644,26 +655,66 @@ async def _stream(
     deadline: float,
     headers: dict[str, str],
 ) -> Response:
-    """Wait for the first reply before sending headers, so an early error keeps its status."""
+    """Wait for the first reply before sending headers, so an early error keeps its status;
+    but no longer than ``stream_keepalive_s``: a request still queued then gets its
+    headers and an SSE comment every ``stream_keepalive_s`` until its first reply, so
+    that no proxy between the client and the gateway takes the quiet stream for dead
+    (an error then ends the stream as an error event, as one after the first token does)."""
     backend = state.backend
     stream = ChoiceStream([s.stream for s in submissions])
     timeout_s = state.settings.request_timeout_s
-    first = await _first_reply(request, state, submissions, stream, deadline, timeout_s)
+    keepalive_s = state.settings.stream_keepalive_s
+    pending = asyncio.ensure_future(stream.next())
+    first = await _first_reply(request, state, submissions, stream, deadline, timeout_s, pending,
+                               wait_s=keepalive_s or None)
+    loop = asyncio.get_running_loop()
 
     async def events() -> AsyncIterator[bytes]:
-        async for piece in events_of(meta, stream, first, deadline, timeout_s):
+        first_reply = first
+        if first_reply is None:
+            while not pending.done() and loop.time() < deadline:
+                await asyncio.wait((pending,), timeout=min(keepalive_s, deadline - loop.time()))
+                if not pending.done():
+                    yield KEEPALIVE
+            first_reply = committed_first(submissions, pending, timeout_s)
+        async for piece in events_of(meta, stream, first_reply, deadline, timeout_s):
             for submission in submissions:
                 if submission.stream.final is not None and not submission.closed:
                     # Its final answer is read: free the slot before the last bytes go out.
                     await close_submission(backend, submission)
             yield piece
 
+    async def close() -> None:
+        pending.cancel()  # a stream closed while it waited for its first reply
+        await close_all(backend, submissions, stream)
+
     return SubmissionStreamingResponse(
         events(),
-        on_close=lambda: close_all(backend, submissions, stream),
+        on_close=close,
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+KEEPALIVE = b": keep-alive\n\n"
+"""An SSE comment: every client ignores it, and the connection is not idle."""
+
+
+def committed_first(submissions: list[Submission], pending: asyncio.Future[tuple[int, Reply]],
+                    timeout_s: float) -> tuple[int, Reply]:
+    """The first reply of a stream whose headers went out before it came; an error (the
+    request's, or not having started in time) as an error answer, which the route's
+    events write as their error event."""
+    if pending.done():
+        try:
+            return pending.result()
+        except ApiError as exc:
+            err = exc
+    else:
+        pending.cancel()
+        err = never_started(timed_out(timeout_s), submissions, timeout_s)
+    request_id = submissions[0].request.request_id
+    return 0, error_answer(request_id, err.message, status=err.status, type_=err.type, code=err.code)
 
 
 async def completions(request: Request) -> Response:
