@@ -27,6 +27,14 @@ function fmt(value, digits = 0) {
   return Number(value).toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
 }
 
+// What is left of a tenant's rate limits: "requests left / limit · tokens left / limit".
+function rateLeft(limits) {
+  if (!limits) return "none";
+  const part = (left, limit, unit) => limit ? fmt(left) + " / " + fmt(limit) + " " + unit : null;
+  return [part(limits.requests_left, limits.requests_per_minute, "req"),
+    part(limits.tokens_left, limits.tokens_per_minute, "tok")].filter(Boolean).join(" · ");
+}
+
 function pct(value) { return fmt(100 * value, 0) + " %"; }
 
 function clock(t) { return new Date(t * 1000).toLocaleTimeString("en-GB"); }
@@ -230,15 +238,17 @@ function render(data) {
     tr.append(name, cell(fmt(t.served_tokens)), cell(fmt(point.rate[t.name], 1)),
       cell(fmt(t.vtc, 1)), cell(fmt(t.queued)), cell(fmt(t.dispatched)), cell(fmt(t.background_responses)),
       cell(fmt(t.answered)), cell(fmt(t.ttft_p50_ms) + " / " + fmt(t.ttft_p90_ms)),
-      cell(fmt(t.e2e_p50_ms) + " / " + fmt(t.e2e_p90_ms)));
+      cell(fmt(t.e2e_p50_ms) + " / " + fmt(t.e2e_p90_ms)),
+      cell(fmt(t.tokens_today) + " (" + fmt(t.requests_today) + ")"), cell(rateLeft(t.rate_limits)));
     ["name", "served_tokens", "rate", "vtc", "queued", "dispatched", "background_responses", "answered",
-      "ttft_ms", "e2e_ms"].forEach((f, i) => {
+      "ttft_ms", "e2e_ms", "tokens_today", "rate_limits"].forEach((f, i) => {
       tr.children[i].dataset.tenant = t.name;
       tr.children[i].dataset.field = f;
     });
     tr.children[1].dataset.value = String(t.served_tokens);
     tr.children[6].dataset.value = String(t.background_responses);
     tr.children[7].dataset.value = String(t.answered);
+    tr.children[10].dataset.value = String(t.tokens_today);
     return tr;
   }));
 

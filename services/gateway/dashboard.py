@@ -37,9 +37,11 @@ from services.gateway.auth import (  # AdminAuth: shared with /admin/adapters
 )
 from services.gateway.batches import BatchRecord, BatchStore
 from services.gateway.errors import ApiError, documented_errors, unavailable
+from services.gateway.rate_limits import NO_LIMITS, RateLimits, bucket_level
 from services.logs import get_logger
 from services.recent import RecentLog, decode_entries
 from services.settings import Settings
+from services.usage import bucket_start
 
 log = get_logger(__name__)
 
@@ -108,6 +110,10 @@ class RawSnapshot:
     """The batches not yet ended (the first ``BATCHES_SHOWN``), read."""
     background_tenants: list[bytes] = field(default_factory=list)
     """The tenant of each background response not yet ended (queued or running)."""
+    usage_today: dict[bytes, bytes] = field(default_factory=dict)
+    """Today's usage bucket (:mod:`services.usage`): tenant, model, measure -> count."""
+    rate_buckets: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    """Each rate-limited tenant's buckets (:func:`keys.tenant_rate`), as stored."""
 
 
 def _text(value: bytes | str) -> str:
@@ -322,11 +328,39 @@ def _errors(raw: list[bytes]) -> list[dict[str, Any]]:
     return out
 
 
+def _usage_today(fields: dict[bytes, bytes]) -> dict[str, dict[str, int]]:
+    """Tenant -> today's tokens (input and output) and model requests, over its models."""
+    today: dict[str, dict[str, int]] = {}
+    for name, value in fields.items():
+        tenant, _model, measure = _text(name).split("\t")
+        row = today.setdefault(tenant, {"tokens_today": 0, "requests_today": 0})
+        if measure in ("input_tokens", "output_tokens"):
+            row["tokens_today"] += int(value)
+        elif measure == "num_model_requests":
+            row["requests_today"] += int(value)
+    return today
+
+
+def _rate_left(limits: RateLimits, bucket: dict[bytes, bytes], now: float | None) -> dict[str, Any] | None:
+    """A tenant's rate limits and what is left of each at ``now`` (Redis time)."""
+    if not limits.active:
+        return None
+    fields = {_text(k): float(v) for k, v in bucket.items()}
+    out: dict[str, Any] = {}
+    for name, field_, limit in (("requests", "r", limits.requests_per_minute),
+                                ("tokens", "t", limits.tokens_per_minute)):
+        out[f"{name}_per_minute"] = limit or None
+        out[f"{name}_left"] = None if not limit else max(0, math.floor(bucket_level(
+            limit, fields.get(f"{field_}l"), fields.get(f"{field_}t"), now)))
+    return out
+
+
 def build_dashboard(
     raw: RawSnapshot, *, tenants: Iterable[str] = (), worker_alive_s: float, model: str,
-    gateway_dead_after_s: float = 15.0,
+    gateway_dead_after_s: float = 15.0, limits: Callable[[str], RateLimits] = lambda _: NO_LIMITS,
 ) -> dict[str, Any]:
-    """The page's JSON from one Redis snapshot; ``tenants`` are listed even without traffic."""
+    """The page's JSON from one Redis snapshot; ``tenants`` are listed even without traffic,
+    each with its rate ``limits``."""
     counters, served = _floats(raw.counters), _floats(raw.served)
     queued = _count(_scored_tenant(blob) for blob in raw.queued)
     places = [_inflight_place(blob) for blob in raw.inflight]
@@ -334,6 +368,7 @@ def build_dashboard(
     dispatched_by_pool = _count(pool for _, pool in places)
     background = _count(_text(t) for t in raw.background_tenants)
     latency = tenant_latencies(raw.latencies, raw.now)
+    today = _usage_today(raw.usage_today)
     unanswered = {"answered": 0, "ttft_p50_ms": None, "ttft_p90_ms": None, "e2e_p50_ms": None, "e2e_p90_ms": None}
     names = sorted(set(tenants) | set(counters) | set(served) | set(queued) | set(dispatched_by_tenant)
                    | set(background) | set(latency))
@@ -356,6 +391,8 @@ def build_dashboard(
                 "dispatched": dispatched_by_tenant.get(name, 0),
                 "background_responses": background.get(name, 0),
                 **latency.get(name, unanswered),
+                **today.get(name, {"tokens_today": 0, "requests_today": 0}),
+                "rate_limits": _rate_left(limits(name), raw.rate_buckets.get(name, {}), raw.redis_now),
             }
             for name in names
         ],
@@ -391,9 +428,12 @@ async def _hash_values(redis: aioredis.Redis, key: str, total: int, limit: int) 
 
 
 async def read_snapshot(
-    redis: aioredis.Redis, now: float, scan_limit: int = QUEUE_SCAN_LIMIT
+    redis: aioredis.Redis, now: float, scan_limit: int = QUEUE_SCAN_LIMIT,
+    limited: Iterable[str] = (),
 ) -> RawSnapshot:
-    """Everything the dashboard shows, in two round trips for a normal queue size."""
+    """Everything the dashboard shows, in two round trips for a normal queue size
+    (``limited``: the tenants whose rate-limit buckets to read)."""
+    limited = sorted(limited)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.SCHED_COUNTERS)
         pipe.hgetall(keys.SCHED_SERVED)
@@ -409,8 +449,12 @@ async def read_snapshot(
         pipe.time()
         pipe.hvals(keys.BACKGROUND_RESPONSES_TENANT)
         pipe.lrange(keys.LATENCY_SAMPLES, 0, keys.LATENCY_SAMPLES_CAP - 1)
+        pipe.hgetall(keys.usage_bucket("1d", bucket_start(now, "1d")))
+        for tenant in limited:
+            pipe.hgetall(keys.tenant_rate(tenant))
         (counters, served, queued_total, inflight_total, heartbeats, seen, samples, errors,
-         leader, fence, gateways, (seconds, micros), background, latencies) = await pipe.execute()  # fmt: skip
+         leader, fence, gateways, (seconds, micros), background, latencies, usage_today,
+         *rate_buckets) = await pipe.execute()  # fmt: skip
     queued, inflight, slots, batches = await asyncio.gather(
         _hash_values(redis, keys.SCHED_QUEUED, queued_total, scan_limit),
         _hash_values(redis, keys.SCHED_INFLIGHT, inflight_total, scan_limit),
@@ -437,6 +481,8 @@ async def read_snapshot(
         batches=batches,
         background_tenants=background,
         latencies=latencies,
+        usage_today=usage_today,
+        rate_buckets=dict(zip(limited, rate_buckets, strict=True)),
     )
 
 
@@ -480,7 +526,8 @@ class Dashboard:
                 return self._cached
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT_S):
-                    raw = await read_snapshot(self.redis, time.time())
+                    raw = await read_snapshot(self.redis, time.time(), limited=[
+                        t for t in self.tenants.tenants if self.tenants.limits_for(t).active])
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("redis_unavailable", op="dashboard", error=repr(exc))
                 raise unavailable("Redis is not reachable; retry later.") from None
@@ -490,6 +537,7 @@ class Dashboard:
                 worker_alive_s=self.settings.worker_alive_s,
                 model=self.settings.model_name,
                 gateway_dead_after_s=self.settings.gateway_dead_after_s,
+                limits=self.tenants.limits_for,
             )
             self._cached_at = time.monotonic()
             return self._cached

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from services.gateway.errors import ApiError
 from services.tenants import NO_LIMITS, RateLimits
 
-__all__ = ["NO_LIMITS", "RateLimits", "RateState", "format_duration", "over_token_rate",
+__all__ = ["NO_LIMITS", "RateLimits", "RateState", "bucket_level", "format_duration", "over_token_rate",
            "rate_limit_headers", "rate_limited"]
 
 WINDOW_S = 60.0
@@ -80,6 +80,14 @@ class RateState:
     limits: RateLimits
     requests_left: float
     tokens_left: float
+
+
+def bucket_level(limit: int, level: float | None, measured_at: float | None, now: float | None) -> float:
+    """What a bucket holds at ``now`` (Redis time), from its stored level and the time it
+    was measured: the Lua scripts' ``bucket_level``, for reading it (the dashboard)."""
+    if level is None or measured_at is None or now is None:
+        return float(limit)
+    return min(float(limit), level + max(0.0, now - measured_at) * limit / WINDOW_S)
 
 
 def refill_s(limit: int, missing: float) -> float:

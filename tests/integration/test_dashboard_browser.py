@@ -152,6 +152,11 @@ def test_dashboard_shows_live_numbers(system: System, browser: WebDriver, tmp_pa
     ttft = browser.execute_script(
         "return document.querySelector('td[data-tenant=\"acme\"][data-field=\"ttft_ms\"]').textContent")
     assert ttft != "– / –" and " / " in ttft
+    # Today's usage, as the scheduler recorded it; no tenant of this system has rate limits.
+    wait_for("acme's tokens today", lambda: (tenant_value(browser, "acme", "tokens_today") or 0) > 0)
+    limits = browser.execute_script(
+        "return document.querySelector('td[data-tenant=\"acme\"][data-field=\"rate_limits\"]').textContent")
+    assert limits == "none"
 
     # Workers and gateways from heartbeats, the length scatter, the error list: all live.
     wait_for("an alive worker row", lambda: any(

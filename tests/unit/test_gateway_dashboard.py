@@ -20,6 +20,7 @@ from services.gateway.dashboard import (
     length_summary,
 )
 from services.gateway.errors import ApiError
+from services.gateway.rate_limits import NO_LIMITS, RateLimits
 from services.recent import encode_entry
 from services.scheduler.store import InflightRecord
 from services.settings import Settings
@@ -89,7 +90,8 @@ def snapshot() -> RawSnapshot:
     )  # fmt: skip
 
 
-UNANSWERED = {"answered": 0, "ttft_p50_ms": None, "ttft_p90_ms": None, "e2e_p50_ms": None, "e2e_p90_ms": None}
+UNANSWERED = {"answered": 0, "ttft_p50_ms": None, "ttft_p90_ms": None, "e2e_p50_ms": None, "e2e_p90_ms": None,
+              "tokens_today": 0, "requests_today": 0, "rate_limits": None}
 
 
 def latency(tenant: str, ago_s: float, ttft_s: float | None, e2e_s: float) -> bytes:
@@ -110,7 +112,8 @@ def test_each_tenants_latency_is_over_the_last_minute_of_answers() -> None:
     assert (acme["e2e_p50_ms"], acme["e2e_p90_ms"]) == (pytest.approx(500.0), pytest.approx(900.0))
     assert tenants["globex"] == {"name": "globex", "served_tokens": 0.0, "vtc": 0.0, "queued": 0, "dispatched": 0,
                                  "background_responses": 0, "answered": 1, "ttft_p50_ms": None, "ttft_p90_ms": None,
-                                 "e2e_p50_ms": 500.0, "e2e_p90_ms": 500.0}
+                                 "e2e_p50_ms": 500.0, "e2e_p90_ms": 500.0, "tokens_today": 0, "requests_today": 0,
+                                 "rate_limits": None}
 
 
 def test_builder_aggregates_tenants_queues_and_pools() -> None:
@@ -229,6 +232,24 @@ def test_admin_key_must_not_be_a_tenant_key() -> None:
 
 
 # --- routes ----------------------------------------------------------------------------
+
+
+def test_each_tenant_shows_its_usage_today_and_what_is_left_of_its_rate_limits() -> None:
+    raw = RawSnapshot(now=NOW, redis_now=NOW, usage_today={
+        b"acme\tx\tinput_tokens": b"30", b"acme\tx\toutput_tokens": b"12", b"acme\tx\tinput_cached_tokens": b"10",
+        b"acme\tx\tnum_model_requests": b"1", b"acme\ty\tnum_model_requests": b"2",
+    }, rate_buckets={"acme": {b"rl": b"3.5", b"rt": repr(NOW - 6).encode(), b"tl": b"-100", b"tt": repr(NOW).encode()},
+                     "initech": {}})
+    limits = {"acme": RateLimits(60, 6000), "initech": RateLimits(0, 500)}
+    rows = {t["name"]: t for t in build_dashboard(
+        raw, tenants={"acme", "globex", "initech"}, worker_alive_s=10, model="x",
+        limits=lambda tenant: limits.get(tenant, NO_LIMITS))["tenants"]}
+    assert (rows["acme"]["tokens_today"], rows["acme"]["requests_today"]) == (42, 3)  # cached are input
+    assert rows["acme"]["rate_limits"] == {"requests_per_minute": 60, "requests_left": 9,  # 3.5 + 6 s refill
+                                           "tokens_per_minute": 6000, "tokens_left": 0}  # in debt: none left
+    assert rows["initech"]["rate_limits"] == {"requests_per_minute": None, "requests_left": None,
+                                              "tokens_per_minute": 500, "tokens_left": 500}  # untouched: full
+    assert rows["globex"]["rate_limits"] is None and rows["globex"]["tokens_today"] == 0
 
 
 @pytest.fixture
