@@ -47,7 +47,7 @@ from services.amqp import error_answer
 from services.gateway.adapters import adapter_card, resolve_adapter, usable_adapters
 from services.gateway.adapters import install as install_adapters
 from services.gateway.auth import AdminAuth, KeyStore, authenticate
-from services.gateway.backend import Backend, Submission
+from services.gateway.backend import Backend, Submission, token_cost
 from services.gateway.background import BackgroundRun, BackgroundRunner, BackgroundStore
 from services.gateway.background import install as install_background
 from services.gateway.batches import BatchBody, BatchRunner, BatchStore
@@ -470,10 +470,7 @@ async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Gen
     limits = state.keys.limits_for(tenant)
     try:
         if generation.later is not None:
-            rate = await state.backend.take_rate(tenant, choices, limits)
-            if rate is not None:
-                headers.update(rate_limit_headers(rate))
-            return await generation.later(meta, headers)
+            return await _queue_later(state, generation.later, tenant, choices, limits, meta, headers)
         submissions = await state.backend.submit_all(choices, arrived_mono, limits)
         if submissions[0].rate is not None:
             headers.update(rate_limit_headers(submissions[0].rate))
@@ -488,6 +485,21 @@ async def _complete(request: Request, read: Callable[[bytes, str], Awaitable[Gen
     except ClientDisconnected:
         log.info("client_disconnected", request_id=request_id, tenant=tenant)
         return Response(status_code=CLIENT_CLOSED_STATUS, headers=headers)
+
+
+async def _queue_later(state: GatewayState, later: Callable[[ResponseMeta, dict[str, str]], Awaitable[Response]],
+                       tenant: str, choices: list[CompletionRequest], limits: RateLimits,
+                       meta: ResponseMeta, headers: dict[str, str]) -> Response:
+    """Queue a generation to run later (a background response), charged to its tenant's
+    rate limits now; a refusal to queue it gives the charge back."""
+    rate = await state.backend.take_rate(tenant, choices, limits)
+    if rate is None:
+        return await later(meta, headers)
+    try:
+        return await later(meta, {**headers, **rate_limit_headers(rate)})
+    except ApiError:
+        await state.backend.give_back_rate(tenant, rate, sum(token_cost(c) for c in choices))
+        raise
 
 
 async def _submit_unattended(state: GatewayState, generation: Generation, tenant: str,

@@ -139,7 +139,7 @@ return rate
 _RELEASE_LUA = BUCKET_LUA + """
 redis.call('HDEL', KEYS[5], ARGV[1])
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  rate_settle(KEYS[6], tonumber(ARGV[2]), tonumber(ARGV[3]))
+  rate_settle(KEYS[6], 0, tonumber(ARGV[2]), 0, tonumber(ARGV[3]))
 end
 local cost = redis.call('HGET', KEYS[2], ARGV[1])
 if cost then
@@ -151,6 +151,10 @@ return redis.call('ZREM', KEYS[4], ARGV[1])
 # KEYS: tenant rate buckets. ARGV: requests and tokens per minute, tokens to take.
 _TAKE_RATE_LUA = BUCKET_LUA + """
 return rate_take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), 1, tonumber(ARGV[3]))
+"""
+# KEYS: tenant rate buckets. ARGV: requests and tokens per minute, tokens to give back.
+_GIVE_BACK_RATE_LUA = BUCKET_LUA + """
+rate_settle(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), 1, tonumber(ARGV[3]))
 """
 MAX_PENDING_RELEASES = 100_000
 MAX_ORPHANED = 100_000
@@ -276,6 +280,7 @@ class Backend:
         self._admit = self.redis.register_script(_ADMIT_LUA)
         self._release = self.redis.register_script(_RELEASE_LUA)
         self._take_rate = self.redis.register_script(_TAKE_RATE_LUA)
+        self._give_back_rate = self.redis.register_script(_GIVE_BACK_RATE_LUA)
         self._connection: AbstractRobustConnection | None = None
         self._requests_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
@@ -738,6 +743,16 @@ class Backend:
             raise unavailable(redis_refusal(exc)) from None
         verdict, *levels = (v.decode() if isinstance(v, bytes) else v for v in reply)
         return _rate_verdict(limits, verdict, levels, total)
+
+    async def give_back_rate(self, tenant: str, rate: RateState, tokens: int) -> None:
+        """Undo a :meth:`take_rate` of one request and ``tokens`` whose request was then
+        refused after all (best effort: a Redis error leaves the charge)."""
+        limits = rate.limits
+        try:
+            await self._give_back_rate(keys=[keys.tenant_rate(tenant)],
+                                       args=[limits.requests_per_minute, limits.tokens_per_minute, tokens])
+        except (RedisError, OSError) as exc:
+            log.warning("redis_unavailable", op="give_back_rate", tenant=tenant, error=repr(exc))
 
     async def _release_slot(self, tenant: str, request_id: str, tokens_per_minute: int = 0,
                             settle: int = 0) -> None:

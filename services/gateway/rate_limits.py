@@ -62,12 +62,17 @@ local function rate_take(key, rpm, tpm, requests, tokens)
   if tpm > 0 then bucket_set(key, 't', t - tokens, now) end
   return {'ok', tostring(r - requests), tostring(t - tokens)}
 end
--- Give back `delta` tokens (a negative one takes them), within one window either way.
-local function rate_settle(key, tpm, delta)
-  if tpm <= 0 or delta == 0 then return end
-  local now = redis_now()
-  local t = bucket_level(key, 't', tpm, now)
-  bucket_set(key, 't', math.max(-tpm, math.min(tpm, t + delta)), now)
+-- Give back `requests` and `tokens` (negative ones take them) to the buckets whose limit
+-- is set, each within one window either way.
+local function rate_settle(key, rpm, tpm, requests, tokens)
+  local now = nil
+  for _, b in ipairs({{'r', rpm, requests}, {'t', tpm, tokens}}) do
+    if b[2] > 0 and b[3] ~= 0 then
+      now = now or redis_now()
+      local level = bucket_level(key, b[1], b[2], now)
+      bucket_set(key, b[1], math.max(-b[2], math.min(b[2], level + b[3])), now)
+    end
+  end
 end
 """.replace("$WINDOW_S", repr(WINDOW_S)).replace("$BUCKET_TTL_S", str(BUCKET_TTL_S))
 

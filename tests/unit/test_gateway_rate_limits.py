@@ -12,7 +12,7 @@ import pytest
 from services import keys
 from services import messages as m
 from services.gateway.auth import KeyStore, hash_key, load_keys_file
-from services.gateway.backend import Backend
+from services.gateway.backend import Backend, token_cost
 from services.gateway.errors import ApiError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.rate_limits import (
@@ -251,5 +251,9 @@ async def test_a_background_response_is_charged_when_it_is_queued(redis_client, 
         with pytest.raises(ApiError) as too_big:
             await b.take_rate("acme", [request("huge", 700)], limits)
         assert too_big.value.status == 400
+        # A response refused after its charge (its tenant's background queue was full) gets it back.
+        await b.give_back_rate("acme", state, token_cost(request("bg", 100)))
+        after = await b.take_rate("acme", [request("again", 100)], limits)
+        assert round(after.requests_left) == 0 and 497 <= after.tokens_left <= 501
     finally:
         await b.redis.aclose()
