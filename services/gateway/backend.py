@@ -633,7 +633,7 @@ class Backend:
             await self.cancel_downstream(request.request_id, request.tenant)
         elif stream.final is not None:
             if not request.tokenize_only:  # no generation to count
-                self.metrics.observe_finished(stream, request.tenant)
+                self.metrics.observe_finished(stream, request.tenant, request.background)
             log_finished(request, stream)
         elif not stream.arrived:
             self.metrics.cancelled.inc()

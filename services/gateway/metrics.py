@@ -31,9 +31,9 @@ class GatewayMetrics:
         arrival = "Time from request arrival at the gateway to its"
         self.ttft = histogram(names.TIME_TO_FIRST_TOKEN, f"{arrival} first token.", TTFT_BUCKETS)
         self.e2e = histogram(names.E2E_REQUEST_LATENCY, f"{arrival} final answer.", E2E_BUCKETS)
-        self.tenant_ttft = histogram(names.TENANT_TIME_TO_FIRST_TOKEN, f"{arrival} first token, by tenant.",
+        self.tenant_ttft = histogram(names.TENANT_TIME_TO_FIRST_TOKEN, f"{arrival} first token, by tenant (not batch or flex requests).",
                                      TTFT_BUCKETS, "tenant")
-        self.tenant_e2e = histogram(names.TENANT_E2E_REQUEST_LATENCY, f"{arrival} final answer, by tenant.",
+        self.tenant_e2e = histogram(names.TENANT_E2E_REQUEST_LATENCY, f"{arrival} final answer, by tenant (not batch or flex requests).",
                                     E2E_BUCKETS, "tenant")
         self.time_per_output_token = histogram(
             names.TIME_PER_OUTPUT_TOKEN,
@@ -115,9 +115,11 @@ class GatewayMetrics:
             registry=r,
         )
 
-    def observe_finished(self, stream: TimedReplies, tenant: str) -> None:
+    def observe_finished(self, stream: TimedReplies, tenant: str, background: bool = False) -> None:
         """Record latency and token counts of a request whose final answer was read (its
-        tenant's latency too, which is how an operator sees whether each is served alike)."""
+        tenant's latency too, which is how an operator sees whether each is served alike;
+        not for a ``background`` one, a batch's or flex request, which waits for spare
+        capacity by design and would hide how the tenant's interactive requests fare)."""
         final = stream.final
         if (
             final is None
@@ -129,11 +131,14 @@ class GatewayMetrics:
         first, last = stream.first_token_at, stream.final_at
         if first is not None:
             self.ttft.labels(model).observe(first - stream.opened_at)
-            self.tenant_ttft.labels(model, tenant).observe(first - stream.opened_at)
+            if not background:
+                self.tenant_ttft.labels(model, tenant).observe(first - stream.opened_at)
         if last is not None:
             self.e2e.labels(model).observe(last - stream.opened_at)
-            self.tenant_e2e.labels(model, tenant).observe(last - stream.opened_at)
-            self.on_answered(tenant, None if first is None else first - stream.opened_at, last - stream.opened_at)
+            if not background:
+                self.tenant_e2e.labels(model, tenant).observe(last - stream.opened_at)
+                self.on_answered(tenant, None if first is None else first - stream.opened_at,
+                                 last - stream.opened_at)
         if first is not None and last is not None and final.completion_tokens > 1:
             self.time_per_output_token.labels(model).observe((last - first) / (final.completion_tokens - 1))
         self.prompt_tokens.labels(model).inc(final.prompt_tokens)

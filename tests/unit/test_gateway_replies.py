@@ -76,6 +76,13 @@ def test_metrics_from_a_finished_stream() -> None:
     assert value("vllm:request_prompt_tokens_bucket", le="5.0") == 1.0
     assert value("vllm:request_prompt_tokens_bucket", le="2.0") == 0.0
     assert value("vllm:request_generation_tokens_sum") == 3.0
+    # A batch's or flex request counts for the model, not in its tenant's latency.
+    answered: list[str] = []
+    metrics.on_answered = lambda tenant, ttft, e2e: answered.append(tenant)
+    metrics.observe_finished(replies, "acme", background=True)
+    assert value("vllm:e2e_request_latency_seconds_count") == 2.0
+    assert value("fairway:tenant_e2e_request_latency_seconds_count", tenant="acme") == 1.0
+    assert answered == []
 
 
 def test_token_count_buckets_are_vllms_1_2_5_up_to_the_context() -> None:
