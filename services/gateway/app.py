@@ -637,11 +637,13 @@ async def _first_reply(request: Request | None, state: GatewayState, submissions
     backend = state.backend
     pending = pending or asyncio.ensure_future(stream.next())
     try:
-        if wait_s is not None:
+        if wait_s is None:
+            first = await race_client(request, pending, deadline, timeout_s)
+        else:
             await race_client(request, asyncio.wait((pending,), timeout=wait_s), deadline, timeout_s)
             if not pending.done():
                 return None
-        first = await race_client(request, pending, deadline, timeout_s)
+            first = pending.result()
     except BaseException as exc:
         pending.cancel()
         await close_all(backend, submissions, stream)
