@@ -172,6 +172,7 @@ class Checker:
         self._tap_connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._tap_queue: aio_pika.abc.AbstractQueue | None = None
         self._served_before: dict[str, float] = {}
+        self._usage_before: Counter[str] = Counter()
         self._vtc_before: dict[str, float] = {}
 
     # --- recording -------------------------------------------------------------------
@@ -235,6 +236,7 @@ class Checker:
         self.completions = Counter()
         self.generated = {}
         self._served_before, self._vtc_before = await self._counters()
+        self._usage_before = await self._usage_requests()
 
     # --- checking --------------------------------------------------------------------
 
@@ -247,6 +249,21 @@ class Checker:
             await redis.aclose()
         decode = lambda h: {k.decode(): float(v) for k, v in h.items()}
         return decode(served), decode(vtc)
+
+    async def _usage_requests(self) -> Counter[str]:
+        """Each tenant's model requests in the usage records (every day bucket)."""
+        redis = aioredis.from_url(self.redis_url)
+        counts: Counter[str] = Counter()
+        try:
+            pattern = keys.usage_bucket("1d", 0).removesuffix("0") + "*"
+            async for key in redis.scan_iter(match=pattern):
+                for name, value in (await redis.hgetall(key)).items():
+                    tenant, _model, measure = name.decode().split("\t")
+                    if measure == "num_model_requests":
+                        counts[tenant] += int(value)
+        finally:
+            await redis.aclose()
+        return counts
 
     async def quiesce(self, timeout: float = 30.0) -> None:
         """Wait until the scheduler holds no queued or in-flight work and events are in."""
@@ -344,6 +361,13 @@ class Checker:
                 vtc_grew = vtc.get(tenant, 0.0) - self._vtc_before.get(tenant, 0.0)
                 if vtc_grew + 1e-6 < min(want, grew) / 8:  # tenant weights are at most 8
                     problems.append(f"VTC counter of {tenant} grew by {vtc_grew} for {want} served")
+            # The usage records count each finished request once, as the counters charge it.
+            usage = await self._usage_requests()
+            finished = Counter(event.tenant for event in self.finished.values())
+            for tenant in set(usage) | set(finished):
+                recorded = usage[tenant] - self._usage_before.get(tenant, 0)
+                if recorded != finished[tenant]:
+                    problems.append(f"usage of {tenant} recorded {recorded} requests, {finished[tenant]} finished")
         leaked = {t: n for t, n in (await self.admission_slots(tenants)).items() if n}
         if leaked:
             problems.append(f"admission slots still held: {leaked}")
