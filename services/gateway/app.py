@@ -81,6 +81,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.rate_limits import RateLimits, rate_limit_headers
 from services.gateway.replies import ChoiceStream
 from services.gateway.responses import (
+    KEEPALIVE,
     ChoiceAnswer,
     ResponseMeta,
     answer_error,
@@ -710,10 +711,6 @@ async def _stream(
     )
 
 
-KEEPALIVE = b": keep-alive\n\n"
-"""An SSE comment: every client ignores it, and the connection is not idle."""
-
-
 def committed_first(submissions: list[Submission], pending: asyncio.Future[tuple[int, Reply]],
                     timeout_s: float) -> tuple[int, Reply]:
     """The first reply of a stream whose headers went out before it came; an error (the
@@ -1010,7 +1007,7 @@ def create_app(settings: Settings) -> FastAPI:
                          concurrency=settings.batch_concurrency, max_requests=settings.batch_max_requests,
                          on_outcome=lambda outcome: gateway_metrics.batch_requests.labels(outcome).inc())
     state.background = BackgroundStore(backend.redis, settings.responses_ttl_s,
-                                       settings.background_responses_per_tenant)
+                                       settings.background_responses_per_tenant, settings.stream_keepalive_s)
     background = BackgroundRunner(
         state.background, state.responses, functools.partial(run_background_response, state),
         owner=backend.incarnation, concurrency=settings.background_response_concurrency,

@@ -50,7 +50,7 @@ from services.gateway.errors import (
     redis_or_503,
 )
 from services.gateway.leases import RETRIED_STATUSES, LeasedRunner, Leases
-from services.gateway.responses import sse
+from services.gateway.responses import KEEPALIVE, sse
 from services.gateway.responses_api import ResponseStore
 from services.logs import get_logger
 
@@ -200,12 +200,15 @@ class BackgroundStore:
     """Background responses in Redis: queued, taken, written and ended once; a streamed
     one's events kept and read."""
 
-    def __init__(self, redis: Any, ttl_s: int, per_tenant: int) -> None:
+    def __init__(self, redis: Any, ttl_s: int, per_tenant: int, keepalive_s: float = 0.0) -> None:
         """``ttl_s``: how long a response is kept (the gateway's ``responses_ttl_s``);
-        ``per_tenant``: the most a tenant may have queued or running."""
+        ``per_tenant``: the most a tenant may have queued or running; ``keepalive_s``: how
+        long a reader of a response's events may go without bytes before an SSE comment
+        (the gateway's ``stream_keepalive_s``; 0: never)."""
         self.redis = redis
         self.ttl_s = ttl_s
         self.per_tenant = per_tenant
+        self.keepalive_s = keepalive_s
         self.leases = Leases(redis, keys.background_response_lease)
         self._queue = redis.register_script(_QUEUE)
         self._start = redis.register_script(_START)
@@ -306,12 +309,15 @@ class BackgroundStore:
         until its last (or, cancelled or deleted, until it ended)."""
         key = keys.background_response_events(response_id)
         cursor = entry_id(after)
+        loop = asyncio.get_running_loop()
+        said_at = loop.time()
         try:
             while True:
                 woken = self._woken.setdefault(response_id, asyncio.Event())
                 entries = await self.redis.xrange(key, min=f"({cursor}", max="+", count=256)
                 for entry, fields in entries:
                     cursor = entry.decode()
+                    said_at = loop.time()
                     yield fields[b"e"]
                     if event_kind(fields[b"e"]) in TERMINAL_EVENTS:
                         return
@@ -324,6 +330,9 @@ class BackgroundStore:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(TAIL_POLL_S):
                         await woken.wait()
+                if self.keepalive_s and loop.time() - said_at >= self.keepalive_s:
+                    said_at = loop.time()
+                    yield KEEPALIVE  # queued, or between events: not idle to a proxy
         finally:
             self._woken.pop(response_id, None)  # another reader of it sets its own again
 

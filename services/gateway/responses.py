@@ -424,6 +424,11 @@ line breaks: clients that split an SSE stream that way (httpx's ``aiter_lines``,
 one) would cut an event in two when a model generates one, so they are escaped."""
 
 
+KEEPALIVE = b": keep-alive\n\n"
+"""An SSE comment: every client skips it, and the connection is not idle (a proxy with an
+idle timeout does not cut a stream that waits)."""
+
+
 def sse(payload: dict[str, Any], event: str = "") -> bytes:
     """One ``data:`` event (named by an ``event:`` line when ``event`` is given). Text is
     valid UTF-8 here: it was decoded from msgpack."""

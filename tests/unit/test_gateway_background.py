@@ -19,10 +19,11 @@ from services.gateway.background import (
     BackgroundStore,
     cancel,
     event_data,
+    event_kind,
     fair_order,
 )
 from services.gateway.errors import ApiError, invalid, too_many_in_flight
-from services.gateway.responses import sse
+from services.gateway.responses import KEEPALIVE, sse
 from services.gateway.responses_api import ResponseStore
 from tests.waits import until
 
@@ -253,6 +254,8 @@ async def test_a_gateway_that_stops_mid_run_hands_it_over_and_it_is_answered_onc
         async def answered() -> bool:
             return (await responses.get(response_id, "acme"))["status"] == "completed"
         await until(answered, 10.0)
+        # The run counts its outcome just after it stored the answer.
+        await until(lambda: outcomes_two != [], 5.0)
         assert outcomes_two == ["completed"] and held.cancelled == 1
         # Its request has an id of its own: the first run's may still be under way downstream.
         assert held.request_ids == [response_id] and taker.request_ids[0].startswith(f"{response_id}-")
@@ -297,6 +300,34 @@ async def test_a_streamed_response_keeps_its_events_numbered_for_readers_live_an
     # A reader that comes back later gets the events after the last it had, and the end.
     assert [e["sequence_number"] for e in await read_events(jobs, response_id, after=5)] == [6, 7, 8]
     assert await read_events(jobs, response_id, after=8) == []
+
+
+async def test_a_reader_of_a_queued_response_gets_keep_alives_until_it_runs(redis_client) -> None:
+    """A streamed response waits in the queue for spare capacity: its reader gets an SSE
+    comment every keepalive_s meanwhile (no proxy takes the stream for dead), then the
+    events."""
+    jobs = BackgroundStore(redis_client, ttl_s=600, per_tenant=3, keepalive_s=0.1)
+    stores = jobs, ResponseStore(redis_client, ttl_s=600)
+    response_id = await queue(stores, stream=True)
+    pieces: list[bytes] = []
+
+    async def read() -> None:
+        async for piece in jobs.events(response_id, -1):
+            pieces.append(piece)
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.45)  # queued: nothing runs it yet
+    waited = list(pieces)
+    assert [event_kind(p) for p in waited[:2]] == [b"response.created", b"response.queued"]
+    assert 3 <= waited.count(KEEPALIVE) <= 5 and set(waited[2:]) == {KEEPALIVE}
+    one = runner(stores, FakeModel(words=2))
+    one.start()
+    try:
+        await asyncio.wait_for(reader, 10)
+    finally:
+        await one.close()
+    assert event_kind(pieces[-1]) == b"response.completed"
+    assert [event_data(p)["type"] for p in pieces if p != KEEPALIVE][2] == "response.in_progress"
 
 
 async def test_a_streamed_response_run_again_goes_on_with_its_last_event_only(stores) -> None:
