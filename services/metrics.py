@@ -82,6 +82,7 @@ GATEWAY_BROKER_OUTAGE = "fairway:gateway_broker_outage_streams"
 GATEWAY_BATCH_REQUESTS = "fairway:gateway_batch_requests"
 GATEWAY_BACKGROUND_RESPONSES = "fairway:gateway_background_responses"
 TENANTS_FILE_RELOADS = "fairway:tenants_file_reloads"
+TENANT_RATE_LIMITED = "fairway:tenant_rate_limited_requests"
 
 # vLLM's buckets for the two latency histograms.
 TTFT_BUCKETS = (

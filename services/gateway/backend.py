@@ -184,15 +184,6 @@ def _slot_keys(tenant: str, incarnation: str) -> list[str]:
             keys.GATEWAY_INFLIGHT, keys.gateway_slots(incarnation), keys.tenant_rate(tenant)]
 
 
-def _rate_verdict(limits: RateLimits, verdict: str, levels: list[str], tokens: int) -> RateState | None:
-    """What is left of a tenant's rate limits after a take that ``verdict`` answered
-    (``ok``; else the 429 of the limit that refused), or None when it has none."""
-    rate = RateState(limits, float(levels[0]), float(levels[1]))
-    if verdict != "ok":
-        raise rate_limited(rate, verdict, tokens)
-    return rate if limits.active else None
-
-
 def dead_gateways(seen: dict[str, float], now: float, dead_after_s: float, own: str,
                   owns_instance: bool, beating_s: float) -> list[str]:
     """Gateway incarnations (``instance_id:boot_id``) whose slots to free and requests to
@@ -712,7 +703,7 @@ class Backend:
             raise unavailable(redis_refusal(exc)) from None
         verdict, *levels = (v.decode() if isinstance(v, bytes) else v for v in reply)
         if verdict in ("ok", "rpm", "tpm"):
-            return _rate_verdict(limits, verdict, levels, total)
+            return self._rate_state(tenant, limits, verdict, levels, total)
         if verdict == "requests":
             raise too_many_in_flight(s.max_queued_per_tenant)
         if verdict == "tokens":
@@ -742,7 +733,17 @@ class Backend:
             log.warning("redis_unavailable", op="take_rate", error=repr(exc))
             raise unavailable(redis_refusal(exc)) from None
         verdict, *levels = (v.decode() if isinstance(v, bytes) else v for v in reply)
-        return _rate_verdict(limits, verdict, levels, total)
+        return self._rate_state(tenant, limits, verdict, levels, total)
+
+    def _rate_state(self, tenant: str, limits: RateLimits, verdict: str, levels: list[str],
+                    tokens: int) -> RateState | None:
+        """What is left of a tenant's rate limits after a take that ``verdict`` answered
+        (``ok``; else the 429 of the limit that refused, counted), or None when it has none."""
+        rate = RateState(limits, float(levels[0]), float(levels[1]))
+        if verdict != "ok":
+            self.metrics.rate_limited.labels(tenant, "requests" if verdict == "rpm" else "tokens").inc()
+            raise rate_limited(rate, verdict, tokens)
+        return rate if limits.active else None
 
     async def give_back_rate(self, tenant: str, rate: RateState, tokens: int) -> None:
         """Undo a :meth:`take_rate` of one request and ``tokens`` whose request was then

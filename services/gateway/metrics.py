@@ -101,6 +101,13 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            names.TENANT_RATE_LIMITED,
+            "Requests refused (429) for being past their tenant's rate limit, by tenant and by "
+            "the limit that refused them: requests or tokens per minute.",
+            ["tenant", "limit"],
+            registry=r,
+        )
         self.tenants_file_reloads = Counter(
             names.TENANTS_FILE_RELOADS,
             "Times this gateway read the changed API keys file again (keys, weights, rate limits), "

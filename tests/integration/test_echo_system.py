@@ -266,8 +266,9 @@ def test_a_metered_tenant_is_told_its_limits_and_refused_past_them(echo_system, 
     unlimited = echo_client.completions.with_raw_response.create(
         model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=2)
     assert not any(name.startswith("x-ratelimit") for name in unlimited.headers)
-    assert 'fairway:gateway_requests_rejected_total{reason="rate_limit_requests"} 1.0' in scrape(
-        echo_system, "echo-gateway")
+    metrics = scrape(echo_system, "echo-gateway")
+    assert 'fairway:gateway_requests_rejected_total{reason="rate_limit_requests"} 1.0' in metrics
+    assert 'fairway:tenant_rate_limited_requests_total{limit="requests",tenant="metered"} 1.0' in metrics
 
 
 def test_usage_counts_what_each_tenant_was_served(echo_system):

@@ -125,6 +125,8 @@ async def test_requests_per_minute_refuse_past_the_burst_and_spare_other_tenants
         assert [round(x) for x in left] == [2, 1, 0]
         err = await refused(b, "acme", {"r3": 10}, limits)
         assert err.status == 429 and err.reason == "rate_limit_requests"
+        assert b.metrics.registry.get_sample_value(
+            "fairway:tenant_rate_limited_requests_total", {"tenant": "acme", "limit": "requests"}) == 1.0
         assert 19 <= int(err.headers["retry-after-ms"]) / 1000 <= 20  # one request per 20 s
         assert await b._try_admit("globex", {"g": 10}, limits) is not None
         # Its admission slots were not taken for the refused request either.
